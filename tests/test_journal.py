@@ -1,0 +1,157 @@
+"Journal: WAL + synchronous=FULL, migrations, idempotent inserts (also across processes), newer schema refused."
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cryptobot.journal import (SCHEMA_VERSION, ClosedTrade, Journal, JournalError, MIGRATIONS)
+
+T0 = 1_704_067_200.0  # 2024-01-01 00:00 UTC
+
+
+def _trade(key, pnl, h=0, equity_after=None):
+    return ClosedTrade(trade_key=key, symbol="BTC/USDT", entry_time=T0 + h * 3600, exit_time=T0 + h * 3600 + 1800,
+                       entry_price=100.0, exit_price=100.0 + pnl, amount=1.0, fees=0.2, pnl=pnl,
+                       exit_reason="model", equity_after=equity_after)
+
+
+def test_wal_and_full_sync_and_busy_timeout(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    assert j.journal_mode == "wal"
+    assert j.synchronous == 2  # FULL
+    assert j._con.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    j.log_event("start", "hello")
+    j.close()
+    # WAL is persistent in the file header: a plain connection sees it too
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
+
+def test_migration_from_empty_file(tmp_path):
+    p = tmp_path / "empty.sqlite"
+    p.write_bytes(b"")
+    j = Journal(p)
+    assert j.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    tables = {r[0] for r in j._con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"events", "intents", "orders", "fills", "trades", "decisions", "redemptions", "locks", "unlocks",
+            "marks", "reconciliations", "poll_errors", "feature_rows"} <= tables
+    assert not j.has_history()
+    j.close()
+    # reopening does not re-run migrations (would fail on CREATE TABLE) and keeps the version
+    assert Journal(p).schema_version == SCHEMA_VERSION
+
+
+def test_refuses_newer_schema_in_one_line(tmp_path):
+    p = tmp_path / "new.sqlite"
+    Journal(p).close()
+    con = sqlite3.connect(p)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 3}")
+    con.commit()
+    con.close()
+    with pytest.raises(JournalError, match="newer than this cryptobot knows") as e:
+        Journal(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(JournalError, match="newer"):
+        Journal(p, readonly=True)
+
+
+def test_not_a_database_is_one_line(tmp_path):
+    p = tmp_path / "junk.sqlite"
+    p.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(JournalError, match="not a usable SQLite database") as e:
+        Journal(p)
+    assert "\n" not in str(e.value)
+
+
+def test_idempotent_inserts(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    kw = dict(client_order_id="cb-e-1", symbol="BTC/USDT", side="buy", type="market", amount=0.5, price=100.0,
+              stop_price=98.5, purpose="entry", candle_time=T0)
+    assert j.record_intent(**kw) and not j.record_intent(**kw)
+    with pytest.raises(JournalError, match="different price"):
+        j.record_intent(**{**kw, "price": 101.0})
+    assert j.record_fill("f1", "cb-e-1", 100.0, 0.5, fee=0.05) and not j.record_fill("f1", "cb-e-1", 100.0, 0.5, fee=0.05)
+    with pytest.raises(JournalError, match="different"):
+        j.record_fill("f1", "cb-e-1", 100.0, 0.4, fee=0.05)
+    assert j.record_trade(_trade("cb-e-1", -1.0)) and not j.record_trade(_trade("cb-e-1", -1.0))
+    with pytest.raises(JournalError, match="different .*pnl"):
+        j.record_trade(_trade("cb-e-1", -2.0))
+    assert j.record_feature_row(T0, "fp", {"a": 1.0}) and not j.record_feature_row(T0, "fp", {"a": 1.0})
+    assert j.record_redemption("ap1", "cb-e-2") and not j.record_redemption("ap1", "cb-e-2")
+    assert not j.record_redemption("ap2", "cb-e-2")  # same client order id through another approval
+    counts = {t: j._con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+              for t in ("intents", "fills", "trades", "feature_rows", "redemptions")}
+    assert counts == {"intents": 1, "fills": 1, "trades": 1, "feature_rows": 1, "redemptions": 1}
+    # a failed (conflicting) insert rolled back completely: no orphan event lines
+    kinds = [e["kind"] for e in j.last_events(100)]
+    assert kinds == ["intent", "fill", "trade", "features", "redeem"]
+
+
+def test_open_intents_final_statuses(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    for i, purpose in enumerate(["entry", "stop", "exit", "emergency_exit"]):
+        j.record_intent(f"c{i}", "BTC/USDT", "buy" if purpose == "entry" else "sell", "market", 1.0, purpose=purpose)
+    j.record_order_status("c0", "closed", filled=1.0, average=100.0)
+    j.record_order_status("c1", "open", filled=0.0)
+    j.record_order_status("c2", "CANCELED")
+    assert [r["client_order_id"] for r in j.open_intents()] == ["c1", "c3"]
+    assert j.open_intents("ETH/USDT") == []
+    assert [p["client_order_id"] for p in j.open_positions()] == ["c0"]
+
+
+def test_rebuild_break_even_and_unlock(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    for k, pnl in [("a", 3.0), ("b", -1.0), ("c", 0.0)]:
+        j.record_trade(_trade(k, pnl))
+    s = j.rebuild_guardian_state(day="2024-01-01")
+    assert s["consecutive_losses"] == 2 and s["pnl"]["total"] == 2.0 and s["pnl"]["day_pnl"] == 2.0
+    j.record_lock("manual")
+    j.record_lock("second lock keeps the first since/reason")
+    s = j.rebuild_guardian_state(day="2024-01-01")
+    assert s["lock"]["locked"] and s["lock"]["reason"] == "manual"
+    j.record_unlock("ops", "checked")
+    j.record_trade(_trade("d", -1.0))
+    s = j.rebuild_guardian_state(day="2024-01-01")
+    assert s["consecutive_losses"] == 1 and not s["lock"]["locked"] and s["trades"] == 4
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from cryptobot.journal import Journal
+    j = Journal(sys.argv[1])
+    w = int(sys.argv[2])
+    for i in range(100):
+        j.record_intent(f"own-{w}-{i}", "BTC/USDT", "buy", "market", 1.0, purpose="entry")
+        j.record_intent(f"shared-{i}", "BTC/USDT", "sell", "market", 1.0, purpose="exit")  # every writer replays it
+        j.record_fill(f"t-{i}", f"shared-{i}", 100.0, 1.0)
+    print("ok")
+""")
+
+
+def test_concurrent_processes_no_duplicates(tmp_path):
+    p = tmp_path / "j.sqlite"
+    Journal(p).close()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(p), str(w)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in range(4)]
+    outs = [pr.communicate(timeout=60) for pr in procs]
+    assert all(pr.returncode == 0 for pr in procs), outs
+    j = Journal(p)
+    q = lambda sql: j._con.execute(sql).fetchone()[0]
+    assert q("SELECT COUNT(*) FROM intents") == 400 + 100
+    assert q("SELECT COUNT(*) FROM fills") == 100
+    assert q("SELECT COUNT(*) FROM events") == 600
+    assert q("PRAGMA integrity_check") == "ok"
+
+
+def test_readonly_refuses_unmigrated_and_missing(tmp_path):
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal(tmp_path / "nope.sqlite", readonly=True)
+    (tmp_path / "old.sqlite").write_bytes(b"")
+    with pytest.raises(JournalError, match="expects 1; open it read-write once"):
+        Journal(tmp_path / "old.sqlite", readonly=True)
+    with pytest.raises(JournalError, match="read-only"):
+        Journal(tmp_path / "old.sqlite").close() or Journal(tmp_path / "old.sqlite", readonly=True).log_event("x")
