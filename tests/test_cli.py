@@ -1,0 +1,137 @@
+"""The `cryptobot` command end to end, as a user runs it: real subprocesses, a real state dir, the emulator."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+SPOT = SHARED / "binance-spot_BTCUSDT_1h_2019-12-10_2020-12-10.csv"
+CRYPTOBOT = str(Path(sys.executable).parent / "cryptobot")
+
+
+def run(args, cwd, env=None, timeout=120):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_", "GO_LIVE"))}
+    e.update(env or {})
+    return subprocess.run([CRYPTOBOT, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(r, command):
+    "The last stderr line is the one clear error line, prefixed with the command."
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines, "no error printed"
+    assert lines[-1].startswith(f"cryptobot {command}: "), lines[-1]
+    assert "Traceback" not in r.stderr
+    return lines[-1]
+
+
+@pytest.mark.skipif(not SPOT.exists(), reason=f"shared data absent: {SPOT}")
+def test_import_real_spot_file(tmp_path):
+    r = run(["import", str(SPOT), "--symbol", "BTC/USDT", "--timeframe", "1h"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"gaps\s+6\b", r.stdout) and "longest 6h" in r.stdout
+    assert (tmp_path / "data/raw/binance_BTC-USDT_1h.parquet").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "empty"),
+    ("timestamp,open,high,low,close,volume\n", "no candle rows"),
+    ("timestamp,open,high,low,close\n2020-01-01 00:00:00,1,2,0.5,1\n", "volume"),
+    ("timestamp,open,high,low,close,volume\n2020-01-01 00:00:00,1,0.5,2,1,1\n", "high < low"),
+    ("timestamp,open,high,low,close,volume\nnot-a-time,1,2,0.5,1,1\n", "timestamp"),
+])
+def test_import_malformed_is_one_line_and_writes_nothing(tmp_path, content, needle):
+    f = tmp_path / "in.csv"
+    f.write_text(content)
+    r = run(["import", str(f), "--symbol", "BTC/USDT", "--timeframe", "1h"], tmp_path)
+    assert r.returncode == 1
+    line = one_error_line(r, "import")
+    assert "in.csv" in line and needle in line.lower(), line
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.parquet"))
+
+
+def test_missing_file(tmp_path):
+    r = run(["import", "nope.csv", "--symbol", "BTC/USDT", "--timeframe", "1h"], tmp_path)
+    assert r.returncode == 1 and "nope.csv" in one_error_line(r, "import")
+
+
+@pytest.mark.parametrize("env,key", [({"CRYPTOBOT_RISK_PCT": "5"}, "CRYPTOBOT_RISK_PCT"),
+                                     ({"CRYPTOBOT_LEVERAGE": "3"}, "CRYPTOBOT_LEVERAGE"),
+                                     ({"CRYPTOBOT_RISK_PCNT": "1"}, "CRYPTOBOT_RISK_PCNT")])
+def test_bad_setting_exits_78_with_one_line(tmp_path, env, key):
+    r = run(["status"], tmp_path, env=env)
+    assert r.returncode == 78, r.stderr
+    assert key in one_error_line(r, "status")
+
+
+def test_secrets_never_printed(tmp_path):
+    secret = "SECRETsecretSECRET0123456789"
+    env = {"BINANCE_API_KEY": "KEYkeyKEY0123456789", "BINANCE_API_SECRET": secret, "CRYPTOBOT_RISK_PCT": "9"}
+    r = run(["config"], tmp_path, env=env)
+    assert r.returncode == 78 and secret not in r.stdout + r.stderr
+    r = run(["config", "--json"], tmp_path, env={k: v for k, v in env.items() if k != "CRYPTOBOT_RISK_PCT"})
+    assert r.returncode == 0, r.stderr
+    assert secret not in r.stdout and "KEYkeyKEY0123456789" not in r.stdout
+
+
+def test_status_and_unlock_on_a_real_state_dir(tmp_path):
+    from cryptobot.config import load_settings
+    from cryptobot.guardian import Guardian
+    from cryptobot.journal import Journal
+
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "var")}
+    r = run(["status", "--json"], tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["locked"] is False
+    # lock the bot the way the kill switch does, in this process, then read it from a fresh one
+    s = load_settings(env=env, dotenv_path=tmp_path / "absent.env")
+    g = Guardian(s, s.state_dir, Journal(s.state_dir / "journal.sqlite"))
+    for i in range(s.kill_switch_losses):
+        g.record_trade({"trade_key": f"t{i}", "symbol": "BTC/USDT", "entry_time": f"2024-01-01T0{i}:00:00+00:00",
+                        "exit_time": f"2024-01-01T0{i}:30:00+00:00", "entry_price": 100.0, "exit_price": 98.0,
+                        "amount": 1.0, "fees": 0.2, "pnl": -2.2, "exit_reason": "stop"})
+    assert g.locked
+    r = run(["status"], tmp_path, env=env)
+    assert r.returncode == 0 and "LOCKED" in r.stdout.upper()
+    r = run(["unlock", "--reason", "  "], tmp_path, env=env)
+    assert r.returncode == 1 and "reason" in one_error_line(r, "unlock").lower()
+    r = run(["unlock", "--reason", "reviewed the three losses; market regime changed"], tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(run(["status", "--json"], tmp_path, env=env).stdout)["locked"] is False
+
+
+def test_download_from_the_emulator_cli(tmp_path):
+    "Two real processes: `cryptobot emulator` serving, `cryptobot download` fetching through ccxt on loopback."
+    port = _free_port()
+    emu = subprocess.Popen([CRYPTOBOT, "emulator", "--port", str(port), "--speed", "1"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = emu.stdout.readline()
+        assert line.startswith(f"emulator ready: http://127.0.0.1:{port}"), line
+        r = run(["download", "--url", f"http://127.0.0.1:{port}", "--since", "2020-01-01", "--quiet"], tmp_path)
+        assert r.returncode == 0, r.stderr
+        n = int(re.search(r"(\d+) new closed candles", r.stdout).group(1))
+        assert n >= 999  # the emulator starts 1000 bars in; the forming one is not stored
+        again = run(["download", "--url", f"http://127.0.0.1:{port}", "--quiet"], tmp_path)  # resumes
+        assert again.returncode == 0 and int(re.search(r"(\d+) new", again.stdout).group(1)) < n
+    finally:
+        emu.terminate()
+        emu.wait(timeout=20)
+    assert emu.returncode == 0
+
+
+def test_download_refuses_a_non_loopback_url(tmp_path):
+    r = run(["download", "--url", "http://10.1.2.3:8765", "--since", "2020-01-01"], tmp_path)
+    assert r.returncode == 1 and "loopback" in one_error_line(r, "download")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
