@@ -36,7 +36,17 @@ sync: $(STAMP)
 nbtest: $(STAMP)
 	@$(BIN)/nbdev-test --n-workers 2
 
-pytest: $(STAMP)
+# The dashboard's browser test drives Debian's Chromium through playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "installing Debian chromium for the browser test (needs root; ~30 s)"
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	{ $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
+	|| { echo "FAIL: could not install chromium (apt-get install chromium fonts-liberation); the browser test needs it"; exit 1; }
+
+browser: $(CHROMIUM)
+
+pytest: $(STAMP) $(CHROMIUM)
 	@$(BIN)/python -m pytest -q
 
 test: sync nbtest pytest
