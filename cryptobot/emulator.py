@@ -29,7 +29,7 @@ from aiohttp import web
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
            'DEFAULT_FILTERS', 'ORDER_TYPES', 'LOOPBACK', 'Q8', 'FAULT_KINDS', 'EmulatorError', 'BinanceError', 'Fault',
-           'Faults', 'Emulator', 'load_market', 'run_emulator']
+           'Faults', 'Emulator', 'load_market', 'run_emulator', 'MatchingEngine']
 
 # %% ../nbs/09_emulator.ipynb #5b61f818
 log = logging.getLogger("cryptobot.emulator")
@@ -191,6 +191,28 @@ class _Tape:
         if closed:
             self._rows[i] = row
         return row
+
+    # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
+    def set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
+        "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
+        self._writable()
+        self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
+        self._rows.pop(i, None)
+
+    def _writable(self) -> None:
+        for k in ("t", "o", "h", "l", "c", "v"):
+            a = getattr(self, k)
+            if not a.flags.writeable:          # pandas hands out read-only views (copy-on-write)
+                setattr(self, k, a.copy())
+
+    def append(self, t_ms: int, o: float, h: float, l: float, c: float, v: float) -> int:
+        "Add a candle opening at `t_ms` after the last one; returns its index."
+        if len(self.t) and t_ms <= int(self.t[-1]):
+            raise EmulatorError(f"candle at {t_ms} ms does not follow the last one ({int(self.t[-1])} ms)")
+        self.t = np.append(self.t, np.int64(t_ms))
+        for k, x in (("o", o), ("h", h), ("l", l), ("c", c), ("v", v)):
+            setattr(self, k, np.append(getattr(self, k), float(x)))
+        return len(self.t) - 1
 
 # %% ../nbs/09_emulator.ipynb #94fa294b
 FAULT_KINDS = ("rate_limit", "ban", "server_error", "internal_error", "slow", "drop", "lost", "partial")
@@ -914,6 +936,13 @@ class Emulator:
         except BinanceError as e:
             return e.status, {"code": e.code, "msg": e.msg}
 
+    def dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
+        "One request in process (no HTTP, no faults): `(status, JSON body)` exactly as the server would send them."
+        status, payload = self._dispatch(method.upper(), path, headers or {}, query or "", body or "")
+        if status == 404:
+            return 404, b'{"code":-1000,"msg":"Unknown endpoint."}'
+        return status, payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
+
     # -- handlers: market data -------------------------------------------------------
     def _tape(self, p: dict, required: bool = True) -> _Tape | None:
         sid = p.get("symbol")
@@ -1348,3 +1377,159 @@ def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api
     msg = (f"emulator ready: {{url}} ({symbol} {emu.timeframe}, {source} candles x{len(candles)}, "
            f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds})")
     emu.serve(ready_message=msg)
+
+# %% ../nbs/09_emulator.ipynb #67391c6b
+def _candle_fields(candle) -> tuple[int, float, float, float, float, float]:
+    "(open time ms, o, h, l, c, v) from a Series row (name = open time), a dict with 'timestamp', or a tuple."
+    if isinstance(candle, pd.Series):
+        t, get = candle.name, candle.get
+    elif isinstance(candle, dict):
+        t, get = candle.get("timestamp", candle.get("time")), candle.get
+    else:
+        t, o, h, l, c, *v = candle
+        return _ts_ms(t), float(o), float(h), float(l), float(c), float(v[0]) if v else 0.0
+    return _ts_ms(t), float(get("open")), float(get("high")), float(get("low")), float(get("close")), \
+        float(get("volume", 0.0) or 0.0)
+
+
+def _ts_ms(t) -> int:
+    if t is None:
+        raise EmulatorError("a candle needs its open time (Series name, 'timestamp' or the first tuple item)")
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        return int(t) if t > 10**11 else int(t) * 1000       # ms or s
+    ts = pd.Timestamp(t)
+    ts = ts.tz_localize("UTC") if ts.tz is None else ts
+    return int(ts.value // 1_000_000)
+
+
+_ORDER_DEC = ("qty", "price", "stop_price", "quote_order_qty", "executed", "cum_quote", "locked")
+_TRADE_DEC = ("price", "qty", "quoteQty", "commission")
+
+
+class MatchingEngine:
+    "The emulator's book and fill rules in process, fed with candles as they close (see the table above)."
+
+    def __init__(self, candles: pd.DataFrame, price: float | None = None, *, symbol: str = DEFAULT_SYMBOL,
+                 timeframe: str = "1h", balances: dict | None = None, fee_pct: float = 0.1,
+                 slippage_pct: float = 0.05, filters: dict | None = None, unique_client_ids: bool = True,
+                 state: dict | None = None):
+        if not isinstance(candles, pd.DataFrame) or len(candles) < 1:
+            raise EmulatorError("MatchingEngine needs at least one closed candle (a canonical candle frame)")
+        tf = _tf_ms(timeframe)
+        last = _candle_fields(candles.iloc[-1])
+        if state is not None:
+            t0, o0 = int(state["forming"]["t"]), float(state["forming"]["o"])
+            prev = (t0 - tf, o0, o0, o0, o0, 0.0)
+        else:
+            t0, o0 = last[0] + tf, float(last[4] if price is None else price)
+            prev = last
+        idx = pd.DatetimeIndex([pd.Timestamp(prev[0], unit="ms", tz="UTC"), pd.Timestamp(t0, unit="ms", tz="UTC")],
+                               name="timestamp")
+        frame = pd.DataFrame({"open": [prev[1], o0], "high": [prev[2], o0], "low": [prev[3], o0],
+                              "close": [prev[4], o0], "volume": [prev[5], 0.0]}, index=idx)
+        key, secret = "paper-" + secrets.token_hex(8), secrets.token_hex(16)   # in-process only, never on a network
+        self._emu = Emulator(frame, symbol=symbol, timeframe=timeframe,
+                             balances=DEFAULT_BALANCES if balances is None else balances, api_key=key,
+                             api_secret=secret, clock="stepped", start=1, fee_pct=fee_pct, slippage_pct=slippage_pct,
+                             filters=filters, unique_client_ids=unique_client_ids)
+        self._tape = next(iter(self._emu.tapes.values()))
+        self.symbol, self.timeframe, self.tf_ms = symbol, timeframe, tf
+        if state is not None:
+            self._restore(state)
+            rows = candles[candles.index.as_unit("ms").asi8 >= t0] if isinstance(candles.index, pd.DatetimeIndex) \
+                else candles
+            for k in range(len(rows)):          # replay bars that closed while the process was down
+                nxt = float(rows["open"].iloc[k + 1]) if k + 1 < len(rows) else price
+                self.close_bar(rows.iloc[k], next_open=nxt)
+
+    def __repr__(self):
+        return f"MatchingEngine({self.symbol} {self.timeframe}, forming {self.now}, open {self.price:g})"
+
+    # -- the market ---------------------------------------------------------------------------------
+    @property
+    def now(self) -> pd.Timestamp:
+        "Market time: the forming bar's open (orders placed now are dated then, as on the stepped emulator)."
+        return self._emu.now
+
+    @property
+    def price(self) -> float:
+        "The forming bar's open: market orders fill at this × (1 ± slippage)."
+        with self._emu._lock:
+            return float(self._tape.o[-1])
+
+    def close_bar(self, candle, next_open: float | None = None) -> bool:
+        "The forming bar closed as `candle`: trigger stops/limits, open the next bar. False if already closed."
+        t, o, h, l, c, v = _candle_fields(candle)
+        emu, tape = self._emu, self._tape
+        with emu._lock:
+            i = len(tape) - 1
+            forming = int(tape.t[i])
+            if t < forming:
+                return False
+            if t > forming:                                  # a gap: the provisional bar is re-timed
+                log.warning("event=paper_gap forming=%s candle=%s", forming, t)
+                tape._writable()
+                tape.t[i] = t
+                emu._clock_ms = emu._processed_ms = t
+            if not (l <= min(o, c) and h >= max(o, c) and l > 0):
+                raise EmulatorError(f"candle at {pd.Timestamp(t, unit='ms', tz='UTC')} is not a valid OHLC bar")
+            tape.set_bar(i, o, h, l, c, v)
+            p = c if next_open is None else float(next_open)
+            tape.append(t + tape.tf, p, p, p, p, 0.0)
+            emu.end_ms = t + 2 * tape.tf
+            emu.set_time(pd.Timestamp(t + tape.tf, unit="ms", tz="UTC"))
+            return True
+
+    # -- requests and snapshots -----------------------------------------------------------------------
+    def dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
+        "One Binance REST request in process: `(status, JSON bytes)`."
+        return self._emu.dispatch(method, path, query, body, headers)
+
+    api_key = property(lambda self: self._emu.api_key)
+    api_secret = property(lambda self: self._emu.api_secret)
+    orders = property(lambda self: self._emu.orders)
+    trades = property(lambda self: self._emu.trades)
+    balances = property(lambda self: self._emu.balances)
+    orders_created = property(lambda self: self._emu.orders_created)
+    faults = property(lambda self: self._emu.faults)
+
+    def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
+        return self._emu.order(order_id, client_order_id)
+
+    def state(self) -> dict:
+        "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
+        emu = self._emu
+        with emu._lock:
+            b = emu._book
+            orders = []
+            for o in b.orders.values():
+                d = {k: getattr(o, k) for k in o.__dataclass_fields__}
+                for k in _ORDER_DEC:
+                    d[k] = str(d[k])
+                d["fills"] = [dict(f) for f in o.fills]
+                orders.append(d)
+            trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
+            return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
+                    "forming": {"t": int(self._tape.t[-1]), "o": float(self._tape.o[-1])},
+                    "free": {a: str(x) for a, x in b.free.items()}, "locked": {a: str(x) for a, x in b.locked.items()},
+                    "orders": orders, "trades": trades, "next_order_id": b.next_order_id,
+                    "next_trade_id": b.next_trade_id, "orders_created": b.orders_created}
+
+    def _restore(self, d: dict) -> None:
+        if d.get("version") != 1 or d.get("symbol") != self.symbol or d.get("timeframe") != self.timeframe:
+            raise EmulatorError(f"matching-engine state is for {d.get('symbol')} {d.get('timeframe')} (version "
+                                f"{d.get('version')}), not {self.symbol} {self.timeframe}; move it aside to start fresh")
+        b = self._emu._book
+        b.free = {a: Decimal(x) for a, x in d["free"].items()}
+        b.locked = {a: Decimal(x) for a, x in d["locked"].items()}
+        b.orders, b.by_client = {}, {}
+        for od in d["orders"]:
+            od = dict(od)
+            for k in _ORDER_DEC:
+                od[k] = Decimal(od[k])
+            o = _Order(**od)
+            b.orders[o.order_id] = o
+            b.by_client.setdefault(o.client_order_id, []).append(o.order_id)
+        b.trades = [{k: (Decimal(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in d["trades"]]
+        b.next_order_id, b.next_trade_id = int(d["next_order_id"]), int(d["next_trade_id"])
+        b.orders_created = int(d["orders_created"])
