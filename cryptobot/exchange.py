@@ -344,48 +344,6 @@ class Position:
     stop_intents: int = 0                # stop orders ever journaled for this position
     pending: tuple = ()                  # client ids of sell intents without a final status
 
-
-class _Ledger:
-    "Read-only journal queries the executor needs (adapter over Journal._query)."
-
-    def __init__(self, journal):
-        self.j = journal
-
-    def q(self, sql, args=()):
-        return self.j._query(sql, args)
-
-    def intent(self, cid: str) -> dict | None:
-        rows = self.q("SELECT * FROM intents WHERE client_order_id = ?", (cid,))
-        return rows[0] if rows else None
-
-    def last_order(self, cid: str) -> dict | None:
-        rows = self.q("SELECT * FROM orders WHERE client_order_id = ? ORDER BY id DESC LIMIT 1", (cid,))
-        return rows[0] if rows else None
-
-    def fills(self, cid: str) -> list[dict]:
-        return self.q("SELECT * FROM fills WHERE client_order_id = ? ORDER BY ts, id", (cid,))
-
-    def intents_after(self, symbol: str, intent_id: int) -> list[dict]:
-        return self.q("SELECT i.*, o.status AS last_status, o.filled AS last_filled FROM intents i LEFT JOIN orders o "
-                      "ON o.id = (SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) "
-                      "WHERE i.symbol = ? AND i.id > ? AND i.purpose != 'entry' ORDER BY i.id", (symbol, intent_id))
-
-    def known_cids(self, symbol: str) -> set[str]:
-        return {r["client_order_id"] for r in self.q("SELECT client_order_id FROM intents WHERE symbol = ?", (symbol,))}
-
-    def plan_for(self, cid: str) -> dict | None:
-        rows = self.q("SELECT plan FROM decisions WHERE client_order_id = ? AND approved = 1 ORDER BY id DESC LIMIT 1",
-                      (cid,))
-        return json.loads(rows[0]["plan"]) if rows and rows[0]["plan"] else None
-
-    def exit_reason(self, cid: str) -> str | None:
-        rows = self.q("SELECT data FROM events WHERE kind = 'exit_reason' ORDER BY id DESC LIMIT 50")
-        for r in rows:
-            d = json.loads(r["data"]) if r["data"] else {}
-            if d.get("client_order_id") == cid:
-                return d.get("reason")
-        return None
-
 # %% ../nbs/10_exchange.ipynb #47c4d657
 @dataclass(frozen=True)
 class EntryResult:
@@ -460,7 +418,6 @@ class Executor:
         self.retry = {"retries": 5, "base_delay": 0.5, "max_delay": 30.0, "ban_pause": 120.0, **(retry or {})}
         self._market = market
         self._ccxt_market: dict | None = None
-        self._ledger = _Ledger(journal)
         self._lock = threading.RLock()
         self.reconciled = False
         self.unknown_orders: tuple = ()
@@ -529,7 +486,7 @@ class Executor:
         for n in range(1000):
             strat = self.strategy if n == 0 else f"{self.strategy}#{n}"
             cid = client_order_id(strat, self.symbol, candle_time, side, purpose)
-            if self._ledger.intent(cid) is None:
+            if self.journal.intent(cid) is None:
                 return cid
         raise ExecutorError(f"no free client order id for {purpose} at {candle_time}; the journal is inconsistent")
 
@@ -604,7 +561,7 @@ class Executor:
         filled = float(o.get("filled") or 0.0)
         if filled <= 0:
             return o
-        have = sum(f["amount"] for f in self._ledger.fills(cid))
+        have = sum(f["amount"] for f in self.journal.fills(cid))
         if have >= filled - 1e-12:
             return o
         inline = [t for t in (o.get("trades") or []) if t.get("id") is not None and t.get("fee")]
@@ -639,8 +596,8 @@ class Executor:
         self._ensure_markets()
         r = rows[-1]
         cid = r["client_order_id"]
-        ent = self._ledger.intent(cid)
-        fills = self._ledger.fills(cid)
+        ent = self.journal.intent(cid)
+        fills = self.journal.fills(cid)
         if fills:
             G = sum(_frac(f["amount"]) for f in fills)
             C = sum(_frac(f["amount"]) * _frac(f["price"]) for f in fills)
@@ -650,7 +607,7 @@ class Executor:
         else:                                  # fills not journaled yet (reconcile fetches them): estimate
             G, C = _frac(r["amount"]), _frac(r["amount"]) * _frac(r["entry_price"] or 0.0)
             fb, fq, t0 = G * _frac(self.settings.fee_pct) / 100, Fraction(0), None
-        plan = self._ledger.plan_for(cid) or {}
+        plan = self.journal.approved_plan(cid) or {}
         S = float(ent["stop_price"] or plan.get("stop_price"))
         L = plan.get("stop_limit_price")
         if L is None:
@@ -661,7 +618,7 @@ class Executor:
         sold = proceeds = xfee = Fraction(0)
         last_t = last_p = stop_cid = None
         pending, n_stops = [], 0
-        for it in self._ledger.intents_after(self.symbol, ent["id"]):
+        for it in self.journal.intents_after(self.symbol, ent["id"]):
             if it["side"] != "sell":
                 continue
             n_stops += it["purpose"] == "stop"
@@ -671,7 +628,7 @@ class Executor:
                     stop_cid = it["client_order_id"]
                 else:
                     pending.append(it["client_order_id"])
-            for f in self._ledger.fills(it["client_order_id"]):
+            for f in self.journal.fills(it["client_order_id"]):
                 sold += _frac(f["amount"])
                 proceeds += _frac(f["amount"]) * _frac(f["price"])
                 xfee += _frac(f["fee"]) if f["fee_currency"] == self.quote else _frac(f["fee"]) * _frac(f["price"])
@@ -694,7 +651,7 @@ class Executor:
         if pos.sold <= 0:
             self._log("close_impossible", logging.ERROR, entry=pos.entry_cid, why="nothing was sold")
             return None
-        reason = reason or self._ledger.exit_reason(pos.entry_cid) or {
+        reason = reason or self.journal.exit_reason(pos.entry_cid) or {
             "stop": "stop", "exit": "model", "emergency_exit": "emergency"}.get(pos.last_exit_purpose, "exit")
         E, H, G, fb = _frac(pos.entry_price), _frac(pos.sold), _frac(pos.gross), _frac(pos.fee_base)
         entry_fee = E * H * fb / (G - fb) if G > fb else Fraction(0)
@@ -938,19 +895,19 @@ class Executor:
                         self._mark_not_sent(cid, "reconcile: the exchange has no such order")
                         actions.append(f"{cid} not sent")
                     else:
-                        before = self._ledger.last_order(cid)
+                        before = self.journal.last_order(cid)
                         self._settle(cid, o)
-                        after = self._ledger.last_order(cid)
+                        after = self.journal.last_order(cid)
                         if before is None or before["id"] != after["id"]:
                             actions.append(f"{cid} {o.get('status')} filled={o.get('filled')}")
-                known = self._ledger.known_cids(self.symbol)
+                known = self.journal.known_client_ids(self.symbol)
                 for o in self._call(self.venue.fetch_open_orders, self.symbol, what="fetch_open_orders"):
                     if o.get("clientOrderId") not in known:
                         unknown.append({k: o.get(k) for k in ("id", "clientOrderId", "side", "type", "amount",
                                                               "price", "triggerPrice", "status")})
-                n_before = self.journal._query("SELECT COUNT(*) AS n FROM intents")[0]["n"]
+                n_before = self.journal.intent_count()
                 what = self._check_position(self._candle_now())
-                if self.journal._query("SELECT COUNT(*) AS n FROM intents")[0]["n"] != n_before or what == "closed":
+                if self.journal.intent_count() != n_before or what == "closed":
                     actions.append(f"position: {what}")
                 pos = self.position()
                 bal = self._call(self.venue.fetch_balance, what="fetch_balance")

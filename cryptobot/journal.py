@@ -580,7 +580,60 @@ def _open_positions(self) -> list[dict]:
         "AND NOT EXISTS (SELECT 1 FROM trades t WHERE t.trade_key = i.client_order_id) ORDER BY i.id")
 
 
-for _f in (_has_history, _open_intents, _trades, _decisions, _last_events, _is_redeemed, _open_positions):
+def _intent(self, client_order_id: str) -> dict | None:
+    "The journaled intent for a client order id, or None."
+    rows = self._query("SELECT * FROM intents WHERE client_order_id = ?", (client_order_id,))
+    return rows[0] if rows else None
+
+
+def _last_order(self, client_order_id: str) -> dict | None:
+    "The latest order status row for a client order id, or None."
+    rows = self._query("SELECT * FROM orders WHERE client_order_id = ? ORDER BY id DESC LIMIT 1", (client_order_id,))
+    return rows[0] if rows else None
+
+
+def _fills(self, client_order_id: str) -> list[dict]:
+    "The fills of one order, in time order."
+    return self._query("SELECT * FROM fills WHERE client_order_id = ? ORDER BY ts, id", (client_order_id,))
+
+
+def _intents_after(self, symbol: str, intent_id: int) -> list[dict]:
+    "Non-entry intents (stops, exits) journaled after intent `intent_id`, each with its latest status and fill."
+    return self._query(
+        "SELECT i.*, o.status AS last_status, o.filled AS last_filled FROM intents i LEFT JOIN orders o "
+        "ON o.id = (SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) "
+        "WHERE i.symbol = ? AND i.id > ? AND i.purpose != 'entry' ORDER BY i.id", (symbol, intent_id))
+
+
+def _known_client_ids(self, symbol: str) -> set[str]:
+    "Every client order id ever journaled for `symbol`."
+    return {r["client_order_id"] for r in self._query("SELECT client_order_id FROM intents WHERE symbol = ?", (symbol,))}
+
+
+def _intent_count(self) -> int:
+    "How many intents the journal holds."
+    return self._query("SELECT COUNT(*) AS n FROM intents")[0]["n"]
+
+
+def _approved_plan(self, client_order_id: str) -> dict | None:
+    "The plan of the latest approved Guardian decision for a client order id, or None."
+    rows = self._query("SELECT plan FROM decisions WHERE client_order_id = ? AND approved = 1 ORDER BY id DESC LIMIT 1",
+                       (client_order_id,))
+    return json.loads(rows[0]["plan"]) if rows and rows[0]["plan"] else None
+
+
+def _exit_reason(self, client_order_id: str, scan: int = 50) -> str | None:
+    "The exit reason journaled (event `exit_reason`) for a position's entry client id, among the last `scan` such events."
+    for r in self._query("SELECT data FROM events WHERE kind = 'exit_reason' ORDER BY id DESC LIMIT ?", (int(scan),)):
+        d = json.loads(r["data"]) if r["data"] else {}
+        if d.get("client_order_id") == client_order_id:
+            return d.get("reason")
+    return None
+
+
+for _f in (_has_history, _open_intents, _trades, _decisions, _last_events, _is_redeemed, _open_positions,
+           _intent, _last_order, _fills, _intents_after, _known_client_ids, _intent_count, _approved_plan,
+           _exit_reason):
     setattr(Journal, _f.__name__[1:], _f)
 del _f
 
