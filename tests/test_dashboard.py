@@ -1,0 +1,109 @@
+"""`serve_dashboard` / `start_dashboard`: the real Voila process, loopback only, no API keys in its environment,
+a busy port is an error, Ctrl-C stops Voila and its kernels. (The page itself: test_dashboard_browser.py.)"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cryptobot.config import Settings
+from cryptobot.monitor import MonitorError, serve_dashboard, start_dashboard, voila_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "dashboard.example.com"])
+def test_non_loopback_host_refused_before_anything_starts(host, tmp_path):
+    with pytest.raises(MonitorError, match="refusing to serve the dashboard"):
+        serve_dashboard(tmp_path, port=free_port(), host=host, settings=Settings(state_dir=tmp_path))
+
+
+def test_loopback_hosts_accepted():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert f"--Voila.ip={host}" in voila_command("nb.ipynb", 8866, host)
+
+
+def test_child_environment_has_no_api_keys_and_the_resolved_state_dir(tmp_path):
+    sd = tmp_path / "state"
+    env = dict(os.environ, BINANCE_API_KEY="cbFAKEkeyAAAA1111", BINANCE_API_SECRET="cbFAKEsecretBBBB2222")
+    srv = start_dashboard(Settings(state_dir=sd, reports_dir=tmp_path / "r", testnet=True), free_port(), env=env,
+                          log_path=tmp_path / "voila.log")
+    try:
+        srv.wait_ready(30)
+        raw = Path(f"/proc/{srv.proc.pid}/environ").read_bytes().split(b"\0")
+        child = dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+        assert "BINANCE_API_KEY" not in child and "BINANCE_API_SECRET" not in child
+        assert child["CRYPTOBOT_STATE_DIR"] == str(sd.resolve()) and child["BINANCE_TESTNET"] == "true"
+        assert child["GO_LIVE"] == "false"
+    finally:
+        srv.stop()
+    assert srv.proc.poll() is not None and not sd.exists()
+
+
+def test_busy_port_is_an_error_not_a_silent_move(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        srv = start_dashboard(Settings(state_dir=tmp_path), port, log_path=tmp_path / "voila.log")
+        try:
+            with pytest.raises(MonitorError, match="voila exited"):
+                srv.wait_ready(30)
+        finally:
+            srv.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_dashboard_serves_the_monitor_and_stops_on_a_signal(tmp_path, sig):
+    "The real entry point `cryptobot dashboard` calls, in a child process: page served; Ctrl-C / SIGTERM exit 0, Voila gone."
+    port, sd = free_port(), tmp_path / "state"
+    sd.mkdir()
+    code = (f"import sys; from cryptobot.config import Settings; from cryptobot.monitor import serve_dashboard; "
+            f"sys.exit(serve_dashboard({str(sd)!r}, port={port}, settings=Settings(reports_dir={str(tmp_path)!r})))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        seen = []
+        for line in p.stdout:                      # voila's own log lines come first, on the same stream
+            seen.append(line)
+            if line.startswith("dashboard:") or len(seen) > 200:
+                break
+        assert line.startswith(f"dashboard: http://127.0.0.1:{port}/"), "".join(seen[-20:])
+        assert str(sd.resolve()) in line
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as r:   # runs the notebook in a kernel
+            body = r.read().decode()
+        assert r.status == 200 and "Traceback" not in body
+        print(f"\nGET / (kernel start + notebook run) {time.monotonic() - t0:.1f} s")
+        p.send_signal(sig)
+        assert p.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not port_open(port), "voila still listening after Ctrl-C"
+        assert list(sd.iterdir()) == []
+    finally:
+        if p.poll() is None:                       # let serve_dashboard stop its Voila (own process group) first
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
