@@ -178,7 +178,14 @@ class ClosedTrade:
 # %% ../nbs/07_journal.ipynb #713bc984
 def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection:
     if readonly:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s,
+        # A plain read-only open of a WAL database creates `-wal` and `-shm` beside it when they are absent. Run
+        # as another user (root running `cryptobot status`), those files would belong to that user and the bot
+        # could then fail to open its own journal. No `-wal` file means no writer has the database open (the
+        # last writer checkpointed and removed it), so the reader opens it immutable and creates nothing. With a
+        # live writer the files exist already and the normal read-only open is used.
+        wal = path.with_name(path.name + "-wal")
+        flags = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=timeout_s,
                               isolation_level=None, check_same_thread=False)
     else:
         con = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
