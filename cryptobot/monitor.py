@@ -26,10 +26,10 @@ from .guardian import JOURNAL_FILE, STATE_FILE, status_report
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'AUDIT_STALE_DAYS', 'TIMEFRAME_S', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
-           'MonitorError', 'dashboard_settings', 'parse_verdict', 'AuditInfo', 'latest_audit', 'freshness',
-           'reading_dir', 'snapshot', 'example_state', 'status_html', 'position_html', 'tables_html', 'audit_html',
-           'equity_series', 'equity_figure', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command',
-           'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
+           'MonitorError', 'dashboard_settings', 'parse_verdict', 'AuditInfo', 'latest_audit', 'freshness', 'snapshot',
+           'example_state', 'status_html', 'position_html', 'tables_html', 'audit_html', 'equity_series',
+           'equity_figure', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command', 'dashboard_env',
+           'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/15_monitor.ipynb #5cc97ade
 class MonitorError(RuntimeError):
@@ -188,56 +188,11 @@ def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
     return out
 
 
-_COPIES: dict[str, Any] = {}     # state dir -> (TemporaryDirectory, source signature)
-
-
-def _signature(paths) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = p.stat()
-            out.append((p.name, st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:
-            out.append((p.name, None, None))
-    return tuple(out)
-
-
-def reading_dir(state_dir) -> Path:
-    """A directory whose `journal.sqlite` can be opened `mode=ro` without creating anything in `state_dir`.
-
-    `state_dir` itself while the bot's writer has the WAL files open (both `-wal` and `-shm` exist); otherwise a private
-    temporary copy of the journal (and its `-wal`, if left by a crash), with `state.json` linked to the real one."""
-    sd = Path(state_dir)
-    jp = sd / JOURNAL_FILE
-    wal, shm = sd / (JOURNAL_FILE + "-wal"), sd / (JOURNAL_FILE + "-shm")
-    if not jp.exists() or (wal.exists() and shm.exists()):
-        return sd
-    import shutil
-    import tempfile
-    key = str(sd.resolve())
-    sig = _signature([jp, wal])
-    tmp, old = _COPIES.get(key, (None, None))
-    if tmp is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cryptobot-monitor-")
-    d = Path(tmp.name)
-    if old != sig:
-        for name in (JOURNAL_FILE, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm", STATE_FILE):
-            (d / name).unlink(missing_ok=True)
-        shutil.copyfile(jp, d / JOURNAL_FILE)
-        if wal.exists():
-            shutil.copyfile(wal, d / (JOURNAL_FILE + "-wal"))
-        (d / STATE_FILE).symlink_to((sd / STATE_FILE).resolve())      # always the live state.json (may dangle)
-    _COPIES[key] = (tmp, sig)
-    return d
-
-
 def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
     "Everything the monitor shows, read-only, as one dict (see the table above for each field's source)."
     now = time.time() if now is None else float(now)
     sd = Path(settings.state_dir)
-    rd = reading_dir(sd)
-    st = status_report(settings if rd == sd else replace(settings, state_dir=rd), now=now)
-    st["state_path"], st["journal_path"] = str(sd / STATE_FILE), str(sd / JOURNAL_FILE)
+    st = status_report(settings, now=now)
     snap: dict[str, Any] = {
         "now": now, "symbol": settings.symbol, "timeframe": settings.timeframe, "mode": settings.mode,
         "state_dir": str(sd), "state_dir_exists": sd.is_dir(), "max_data_age_s": settings.max_data_age_s,
@@ -247,7 +202,7 @@ def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
     for k in ("state_error", "journal_error"):
         if st.get(k):
             snap["problems"].append(f"{k.replace('_', ' ')}: {st[k]}")
-    jp = rd / JOURNAL_FILE
+    jp = sd / JOURNAL_FILE
     if jp.exists() and not st.get("journal_error"):
         try:
             snap.update(_journal_view(jp, settings, now, n_rows))
