@@ -135,3 +135,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_env_file_option(tmp_path):
+    env_file = tmp_path / "cryptobot.env"
+    env_file.write_text("CRYPTOBOT_RISK_PCT=0.5\nBINANCE_API_SECRET=FILEsecretFILE123456\n")
+    env_file.chmod(0o600)
+    r = run(["--env-file", str(env_file), "config", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["risk_pct"] == 0.5 and "FILEsecretFILE123456" not in r.stdout
+    env_file.write_text("CRYPTOBOT_RISK_PCT=7\n")
+    r = run(["--env-file", str(env_file), "config"], tmp_path)
+    assert r.returncode == 78 and "CRYPTOBOT_RISK_PCT" in one_error_line(r, "config")
