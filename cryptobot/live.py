@@ -206,7 +206,7 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
                                    f"{feature_fingerprint()[:12]}: retrain the model with the current features")
         else:
             path = Path(model) if model else M.latest_model(Path(settings.data_dir) / "models")
-            art = M.load_artifact(path, check_fingerprint=True)
+            art = M.load_artifact(path, check_fingerprint=True, lean=True)   # no scikit-learn on the live path
     except M.ModelError as e:
         raise StartupRefused(f"model refused: {e}") from None
     m = art.manifest

@@ -20,16 +20,14 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
-import sklearn
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import brier_score_loss, roc_auc_score
 
 # %% auto #0
 __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
-           'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'REQUIRED_KEYS', 'ModelError', 'Strategy', 'round_trip_cost',
-           'make_labels', 'Fold', 'walk_forward_folds', 'oos_metrics', 'ConstantModel', 'fit_classifier',
-           'current_feature_spec', 'data_fingerprint', 'TrainResult', 'train_walk_forward', 'data_spec',
-           'candles_from_spec', 'check_same_candles', 'save_artifact', 'Artifact', 'load_artifact', 'latest_model']
+           'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS', 'ModelError',
+           'Strategy', 'round_trip_cost', 'make_labels', 'Fold', 'walk_forward_folds', 'oos_metrics', 'ConstantModel',
+           'fit_classifier', 'current_feature_spec', 'data_fingerprint', 'TrainResult', 'train_walk_forward',
+           'data_spec', 'candles_from_spec', 'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact',
+           'load_artifact', 'latest_model']
 
 # %% ../nbs/04_model.ipynb #71dc3f6b
 class ModelError(ValueError):
@@ -151,6 +149,7 @@ def walk_forward_folds(trainable: np.ndarray, predictable: np.ndarray, horizon: 
 # %% ../nbs/04_model.ipynb #779a8e38
 def oos_metrics(y, proba, entry_threshold: float) -> dict:
     "AUC, precision at the entry threshold, Brier, positive rate, n (labelled rows only); NaN + note if undefined."
+    from sklearn.metrics import brier_score_loss, roc_auc_score
     y, p = np.asarray(y, float), np.asarray(proba, float)
     m = ~np.isnan(y) & ~np.isnan(p)
     y, p = y[m], p[m]
@@ -187,8 +186,14 @@ class ConstantModel:
         return np.column_stack([np.full(n, 1 - self.p), np.full(n, self.p)])
 
 
+def _sklearn_version() -> str:
+    import sklearn
+    return sklearn.__version__
+
+
 def fit_classifier(X: np.ndarray, y: np.ndarray, params: dict | None = None):
     "A `HistGradientBoostingClassifier` with `DEFAULT_PARAMS` updated by `params` (constant model if one class)."
+    from sklearn.ensemble import HistGradientBoostingClassifier
     if len(np.unique(y)) < 2:
         return ConstantModel(float(y[0]) if len(y) else 0.5, X.shape[1])
     return HistGradientBoostingClassifier(**{**DEFAULT_PARAMS, **(params or {})}).fit(X, y)
@@ -232,10 +237,12 @@ class TrainResult:
     manifest: dict
     last_fold_model: object = None
     last_fold_test: np.ndarray | None = None   # positions of the last fold's test rows (permutation importance)
+    check_X: np.ndarray | None = None          # training rows the lean predictor must reproduce (see TreeEnsemble)
 
     def save(self, models_dir, model_id: str | None = None) -> Path:
         "Write `<models_dir>/<id>/` atomically (temp dir + rename); returns the artifact directory."
-        return save_artifact(self.model, self.manifest, self.oos, models_dir, model_id=model_id)
+        return save_artifact(self.model, self.manifest, self.oos, models_dir, model_id=model_id,
+                             check_X=self.check_X)
 
 
 def _slug(s: str) -> str:
@@ -312,11 +319,12 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
         "metrics": {"folds": json.loads(fold_df.reset_index().to_json(orient="records")),
                     "overall": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in overall.items()}},
-        "versions": {"python": platform.python_version(), "sklearn": sklearn.__version__,
+        "versions": {"python": platform.python_version(), "sklearn": _sklearn_version(),
                      "pandas": pd.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
                      "cryptobot": cryptobot.__version__},
     }
-    return TrainResult(final, oos, fold_df, overall, manifest, last_fold_model, last_test)
+    return TrainResult(final, oos, fold_df, overall, manifest, last_fold_model, last_test,
+                       check_X=X[tr[-CHECK_ROWS:]])
 
 # %% ../nbs/04_model.ipynb #61dd9d84
 def data_spec(data: str | None = "synthetic", timeframe: str = "1h", n_synthetic: int = 4000, seed: int = 7,
@@ -358,6 +366,96 @@ def check_same_candles(candles: pd.DataFrame, manifest: dict) -> pd.DataFrame:
                          f"({d['source']}, {d['rows']} rows): load them with its data spec {d['spec']}")
     return span
 
+# %% ../nbs/04_model.ipynb #e8bc00ac
+CHECK_ROWS = 256          # training rows the lean predictor must reproduce, at save and at every load
+LEAN_TOL = 1e-12          # largest allowed |p_lean - p_sklearn|
+TREES_FILE = "trees.npz"
+
+
+class TreeEnsemble:
+    "A binary gradient-boosted tree ensemble as numpy arrays (sklearn's HistGradientBoostingClassifier, no sklearn)."
+    ARRAYS = ("feature", "threshold", "missing_left", "left", "right", "is_leaf", "value", "roots")
+
+    def __init__(self, baseline: float, n_features: int, feature, threshold, missing_left, left, right, is_leaf,
+                 value, roots, constant: float | None = None):
+        self.baseline, self.n_features_in_, self.constant = float(baseline), int(n_features), constant
+        self.feature, self.threshold = np.asarray(feature, np.int64), np.asarray(threshold, np.float64)
+        self.missing_left, self.is_leaf = np.asarray(missing_left, bool), np.asarray(is_leaf, bool)
+        self.left, self.right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+        self.value, self.roots = np.asarray(value, np.float64), np.asarray(roots, np.int64)
+        self.classes_ = np.array([0.0, 1.0])
+
+    @classmethod
+    def from_model(cls, model) -> "TreeEnsemble":
+        "Convert a fitted binary HistGradientBoostingClassifier (or ConstantModel); refuse anything else."
+        if isinstance(model, ConstantModel):
+            e = np.zeros(0)
+            return cls(0.0, model.n_features_in_, e, e, e, e, e, e, e, e, constant=model.p)
+        if type(model).__name__ != "HistGradientBoostingClassifier" or model.n_trees_per_iteration_ != 1:
+            raise ModelError(f"no lean predictor for {type(model).__name__}: only binary HistGradientBoosting models")
+        parts, roots, offset = [], [], 0
+        for (tree,) in model._predictors:
+            nodes = tree.nodes
+            if nodes["is_categorical"].any():
+                raise ModelError("no lean predictor for categorical splits")
+            leaf = nodes["is_leaf"].astype(bool)
+            parts.append((nodes, leaf, offset))
+            roots.append(offset)
+            offset += len(nodes)
+        cat = lambda f: np.concatenate([f(n, l, o) for n, l, o in parts]) if parts else np.zeros(0)
+        return cls(float(np.ravel(model._baseline_prediction)[0]), model.n_features_in_,
+                   cat(lambda n, l, o: n["feature_idx"]), cat(lambda n, l, o: n["num_threshold"]),
+                   cat(lambda n, l, o: n["missing_go_to_left"].astype(bool)),
+                   cat(lambda n, l, o: np.where(l, -1, n["left"].astype(np.int64) + o)),
+                   cat(lambda n, l, o: np.where(l, -1, n["right"].astype(np.int64) + o)),
+                   cat(lambda n, l, o: l), cat(lambda n, l, o: n["value"]), roots)
+
+    def raw(self, X) -> np.ndarray:
+        "Raw scores (log-odds) for the rows of `X`."
+        X = np.asarray(X, np.float64)
+        n, out = len(X), np.full(len(X), self.baseline)
+        if not len(self.roots):
+            return out
+        idx = np.tile(self.roots, (n, 1))                       # (rows, trees): current node of each tree
+        rows = np.arange(n)[:, None]
+        active = ~self.is_leaf[idx]
+        while active.any():
+            i = idx[active]
+            x = X[np.broadcast_to(rows, idx.shape)[active], self.feature[i]]
+            go_left = np.where(np.isnan(x), self.missing_left[i], x <= self.threshold[i])
+            idx[active] = np.where(go_left, self.left[i], self.right[i])
+            active = ~self.is_leaf[idx]
+        leaves = self.value[idx]
+        for k in range(leaves.shape[1]):                        # tree by tree, as sklearn adds them
+            out += leaves[:, k]
+        return out
+
+    def predict_proba(self, X) -> np.ndarray:
+        "Columns P(0), P(1), like sklearn."
+        if self.constant is not None:
+            p = np.full(len(X), float(self.constant))
+        else:
+            p = 1.0 / (1.0 + np.exp(-self.raw(X)))
+        return np.column_stack([1.0 - p, p])
+
+    def save(self, path, check_X, check_p) -> None:
+        np.savez(path, baseline=self.baseline, n_features=self.n_features_in_,
+                 constant=np.nan if self.constant is None else self.constant,
+                 check_X=np.asarray(check_X, np.float64), check_p=np.asarray(check_p, np.float64),
+                 **{a: getattr(self, a) for a in self.ARRAYS})
+
+    @classmethod
+    def load(cls, path) -> "TreeEnsemble":
+        "Load `trees.npz` and prove it still reproduces the stored sklearn probabilities; ModelError otherwise."
+        with np.load(path) as z:
+            c = float(z["constant"])
+            ens = cls(float(z["baseline"]), int(z["n_features"]), *(z[a] for a in cls.ARRAYS),
+                      constant=None if math.isnan(c) else c)
+            check_X, check_p = z["check_X"], z["check_p"]
+        if len(check_X) == 0 or np.max(np.abs(ens.predict_proba(check_X)[:, 1] - check_p)) > LEAN_TOL:
+            raise ModelError(f"{path}: the lean predictor does not reproduce the model's stored predictions; retrain")
+        return ens
+
 # %% ../nbs/04_model.ipynb #13e819dd
 REQUIRED_KEYS = ("manifest_version", "model_id", "created_utc", "feature_fingerprint", "feature_names", "lookback",
                  "symbol", "timeframe", "data", "training_span", "label", "strategy", "params", "metrics",
@@ -372,8 +470,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model, manifest: dict, oos: pd.DataFrame, models_dir, model_id: str | None = None) -> Path:
-    "Write model + manifest + OOS probabilities to `<models_dir>/<model_id>/` atomically; return that path."
+def save_artifact(model, manifest: dict, oos: pd.DataFrame, models_dir, model_id: str | None = None,
+                  check_X: np.ndarray | None = None) -> Path:
+    "Write model + manifest + OOS probabilities (+ the lean trees, checked on `check_X`) atomically; return the path."
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
@@ -387,6 +486,15 @@ def save_artifact(model, manifest: dict, oos: pd.DataFrame, models_dir, model_id
         joblib.dump(model, tmp / MODEL_FILE)
         oos.to_parquet(tmp / OOS_FILE)
         manifest["files"] = {MODEL_FILE: _sha256(tmp / MODEL_FILE), OOS_FILE: _sha256(tmp / OOS_FILE)}
+        if check_X is not None and len(check_X):
+            check_X = np.asarray(check_X, np.float64)
+            check_p = model.predict_proba(check_X)[:, 1]
+            lean = TreeEnsemble.from_model(model)
+            diff = float(np.max(np.abs(lean.predict_proba(check_X)[:, 1] - check_p)))
+            if diff > LEAN_TOL:
+                raise ModelError(f"lean predictor differs from the model by {diff:.3g} on training rows: not saved")
+            lean.save(tmp / TREES_FILE, check_X, check_p)
+            manifest["files"][TREES_FILE] = _sha256(tmp / TREES_FILE)
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(manifest, f, indent=1, default=str)
             f.flush(); os.fsync(f.fileno())
@@ -430,8 +538,10 @@ class Artifact:
         return f"Artifact({self.model_id!r}, path={str(self.path)!r}, oos_rows={len(self.oos)})"
 
 
-def load_artifact(path, check_fingerprint: bool = True, verify_files: bool = True) -> Artifact:
-    "Load and check `<models_dir>/<id>/`; raises `ModelError` (one line) if missing, corrupt or mismatched."
+def load_artifact(path, check_fingerprint: bool = True, verify_files: bool = True, lean: bool = False) -> Artifact:
+    """Load and check `<models_dir>/<id>/`; raises `ModelError` (one line) if missing, corrupt or mismatched.
+
+    `lean=True` (the live runner) predicts with the artifact's `TreeEnsemble` and never imports scikit-learn."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model artifact {path} not found: train one first (cryptobot train)")
@@ -450,14 +560,18 @@ def load_artifact(path, check_fingerprint: bool = True, verify_files: bool = Tru
     if manifest["manifest_version"] != MANIFEST_VERSION:
         raise ModelError(f"model artifact {path}: manifest version {manifest['manifest_version']!r} unsupported "
                          f"(this code reads {MANIFEST_VERSION}); retrain it")
+    if lean and not (path / TREES_FILE).is_file():
+        raise ModelError(f"model artifact {path} has no lean predictor ({TREES_FILE}); retrain it with this version")
     if verify_files:
-        for name in (MODEL_FILE, OOS_FILE):
+        for name in (MODEL_FILE, OOS_FILE) + ((TREES_FILE,) if lean else ()):
             if _sha256(path / name) != manifest["files"].get(name):
                 raise ModelError(f"model artifact {path}: {name} does not match its manifest checksum "
                                  "(corrupt or altered); retrain it")
     try:
-        model = joblib.load(path / MODEL_FILE)
+        model = TreeEnsemble.load(path / TREES_FILE) if lean else joblib.load(path / MODEL_FILE)
         oos = pd.read_parquet(path / OOS_FILE)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"model artifact {path}: cannot read model/oos ({type(e).__name__}); retrain it") from None
     if getattr(model, "n_features_in_", None) != len(manifest["feature_names"]):

@@ -56,8 +56,9 @@ def test_refuses_a_model_from_other_feature_code(market, emu, tmp_path):
     m = json.loads((path / "manifest.json").read_text())
     bad = tmp_path / "badmodel"
     bad.mkdir()
-    for f in ("model.joblib", "oos.parquet"):
-        (bad / f).write_bytes((path / f).read_bytes())
+    for f in path.iterdir():                      # the same artifact, files and all, but another fingerprint
+        if f.name != "manifest.json":
+            (bad / f.name).write_bytes(f.read_bytes())
     (bad / "manifest.json").write_text(json.dumps({**m, "feature_fingerprint": "0" * 64}))
     s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET)
     rc, out = _run(s, bad, max_candles=1)

@@ -263,3 +263,25 @@ def test_strategy_decisions_exhaustive():
         for held in range(1, 8):
             want = "exit" if (p < 0.4 or held >= 5) else "hold"
             assert s.decide(p, True, held) == want
+
+
+def test_lean_artifact_predicts_like_sklearn_without_importing_it(tmp_path):
+    "The live runner's load path: numpy trees, same probabilities, scikit-learn never imported."
+    from cryptobot.data import synthetic_candles
+    from cryptobot.features import build_features
+
+    candles = synthetic_candles(3_000, seed=4)
+    path = train_walk_forward(candles, n_folds=2, params={"max_iter": 40}).save(tmp_path)
+    feats = build_features(candles).iloc[-400:]
+    feats.to_parquet(tmp_path / "feats.parquet")
+    full = load_artifact(path).predict_proba(feats)
+    code = ("import sys, pandas as pd; from cryptobot.model import load_artifact; "
+            f"a = load_artifact({str(path)!r}, lean=True); "
+            f"p = a.predict_proba(pd.read_parquet({str(tmp_path / 'feats.parquet')!r})); "
+            f"p.to_frame().to_parquet({str(tmp_path / 'lean.parquet')!r}); "
+            "print(type(a.model).__name__, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["TreeEnsemble", "False"], out
+    lean = pd.read_parquet(tmp_path / "lean.parquet")["proba"]
+    assert full.notna().sum() > 100
+    np.testing.assert_allclose(lean.to_numpy(), full.to_numpy(), rtol=0, atol=1e-12)
