@@ -186,11 +186,12 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
               and free_quote >= settings.min_balance_usd):
         out.append(f"free {settings.symbol.split('/')[1]} balance {free_quote:,.2f} is below the floor "
                    f"{settings.min_balance_usd:,.2f} (CRYPTOBOT_MIN_BALANCE_USD)")
-    if audit is not None:
-        try:
-            out.extend(str(b) for b in (audit(settings) or []))
-        except Exception as e:  # noqa: BLE001 - an audit that cannot run is a blocker, never a pass
-            out.append(f"readiness audit failed to run ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+    if audit is None:
+        from cryptobot.audit import gate_blockers as audit
+    try:
+        out.extend(str(b) for b in (audit(settings) or []))
+    except Exception as e:  # noqa: BLE001 - an audit that cannot run is a blocker, never a pass
+        out.append(f"readiness audit failed to run ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
     return out
 
 # %% ../nbs/11_live.ipynb #b4f15851

@@ -1,0 +1,375 @@
+"""The readiness audit: verdict logic both ways, the checks against real artefacts (a small synthetic model, a replay's
+state dir, an empty state dir, planted secrets, a loose .env, a committed .env, a tampered state.json), the approval
+gate exercised for real, PSI against a hand-computed value, and the papermill workflow through `audit_main`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cryptobot import audit as A
+from cryptobot.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
+
+
+def fake_key(seed: int = 1) -> str:
+    "A Binance-shaped key built at run time (64 mixed-case letters and digits), so this file holds no key literal."
+    import random
+    r = random.Random(seed)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return "Aa1" + "".join(r.choice(alphabet) for _ in range(61))
+
+
+def settings_for(root: Path, **kw) -> Settings:
+    return Settings(state_dir=root / "var", data_dir=root / "data", reports_dir=root / "reports", **kw)
+
+
+def by_name(checks) -> dict:
+    return {c.name: c for c in checks}
+
+
+# ------------------------------------------------------------------------------------------------ verdict logic
+GOOD = [A.Check(d, n, A.PASS, f"{n} measured fine") for n, d in A.CHECK_NAMES.items()]
+
+
+def test_all_good_evidence_passes():
+    result, blockers = A.verdict(GOOD)
+    assert (result, blockers) == (A.PASS, [])
+    risk, per = A.score(GOOD)
+    assert risk == 0.0 and set(per.values()) == {A.PASS}
+    md = A.render_markdown(GOOD, date="2026-01-01")
+    assert A.parse_verdict(md) == (A.PASS, f"all {len(GOOD)} checks pass (0 warnings); risk score 0/100")
+
+
+@pytest.mark.parametrize("name", list(A.CHECK_NAMES))
+def test_one_failing_check_flips_the_verdict_and_is_named(name):
+    checks = [A.Check(c.domain, c.name, A.FAIL, "measured badly", f"{name} is broken") if c.name == name else c
+              for c in GOOD]
+    result, blockers = A.verdict(checks)
+    assert result == A.FAIL and blockers == [f"{A.CHECK_NAMES[name]}/{name}: {name} is broken"]
+    md = A.render_markdown(checks, date="2026-01-01")
+    word, summary = A.parse_verdict(md)
+    assert word == A.FAIL and f"{name}: {name} is broken" in summary
+    risk, per = A.score(checks)
+    d = A.CHECK_NAMES[name]
+    n_in_domain = sum(1 for x in A.CHECK_NAMES.values() if x == d)
+    assert per[d] == A.FAIL and risk == round(A.DOMAINS[d][1] / n_in_domain, 1)
+
+
+def test_warn_does_not_block_and_a_missing_check_does():
+    warned = [A.Check(c.domain, c.name, A.WARN, "so-so") if c.name == "feature_psi" else c for c in GOOD]
+    assert A.verdict(warned)[0] == A.PASS and A.score(warned)[1]["drift"] == A.WARN
+    result, blockers = A.verdict([c for c in GOOD if c.name != "approval_gate"])
+    assert result == A.FAIL and blockers == ["execution/approval_gate: the check did not run (no evidence)"]
+
+
+def test_a_crashing_check_is_a_fail(monkeypatch, tmp_path):
+    def boom(ev):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setitem(A.CHECKS, "rate_limit", boom)
+    c = A.run_check("rate_limit", A.Evidence(settings_for(tmp_path)))
+    assert c.status == A.FAIL and "disk on fire" in c.evidence
+
+
+def test_psi_hand_computed():
+    # expected 0..99 in 5 bins of 20 %; actual shares 10/30/20/20/20 %:
+    # 0.1*ln(0.5) ... = (0.1-0.2) ln(0.1/0.2) + (0.3-0.2) ln(0.3/0.2) = 0.1*0.693147 + 0.1*0.405465 = 0.1098612
+    exp = list(range(100))
+    act = [5] * 10 + [30] * 30 + [50] * 20 + [70] * 20 + [90] * 20
+    assert abs(A.psi(exp, act, bins=5) - 0.10986123) < 1e-7
+    assert A.psi(exp, exp, bins=5) == 0.0
+    assert A.psi_status(0.05) == A.PASS and A.psi_status(0.10986) == A.WARN and A.psi_status(0.3) == A.FAIL
+
+
+def test_audit_module_is_lean():
+    code = ("import sys, cryptobot.audit as a; heavy = [m for m in ('vectorbt', 'papermill', 'plotly', 'sklearn', "
+            "'matplotlib', 'ccxt', 'pandas') if m in sys.modules]; print(heavy); assert not heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gate_blockers_read_the_latest_verdict(tmp_path):
+    s = settings_for(tmp_path)
+    assert "no readiness audit" in A.gate_blockers(s)[0]
+    now = time.time()
+    today = A.utc_date(now)
+    A.write_report_md(GOOD, s.reports_dir, date=today)
+    assert A.gate_blockers(s, now=now) == []
+    bad = [A.Check(c.domain, c.name, A.FAIL, "x", "dotenv is 0644") if c.name == "dotenv_mode" else c for c in GOOD]
+    A.write_report_md(bad, s.reports_dir, date=today)
+    assert "dotenv is 0644" in A.gate_blockers(s, now=now)[0]
+    A.write_report_md(GOOD, s.reports_dir, date=today)
+    assert "days old" in A.gate_blockers(s, now=now + 10 * 86400)[0]
+
+
+# ------------------------------------------------------------------------------------------------ security checks
+def test_dotenv_mode_0644_fails_0600_passes(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("BINANCE_API_KEY=\n")
+    env.chmod(0o644)
+    c = A.run_check("dotenv_mode", A.Evidence(settings_for(tmp_path), env_files=[env]))
+    assert c.status == A.FAIL and "0644" in c.evidence and "chmod 600" in c.detail
+    env.chmod(0o600)
+    assert A.run_check("dotenv_mode", A.Evidence(settings_for(tmp_path), env_files=[env])).status == A.PASS
+
+
+def test_key_planted_in_a_report_fails_and_is_not_shown(tmp_path):
+    s = settings_for(tmp_path)
+    s.reports_dir.mkdir(parents=True)
+    (s.reports_dir / "backtest-x.html").write_text("<html>plotly " + "x9+/" * 500 + "</html>")
+    assert A.run_check("secrets_in_outputs", A.Evidence(s)).status == A.PASS
+    key = fake_key()
+    (s.reports_dir / "train-x.md").write_text(f"debug: headers X-MBX-APIKEY: {key}\n")
+    c = A.run_check("secrets_in_outputs", A.Evidence(s))
+    assert c.status == A.FAIL and "train-x.md" in c.detail and "key-like" in c.detail
+    assert key not in c.evidence + c.detail
+
+
+def test_configured_secret_in_the_journal_fails(tmp_path):
+    from cryptobot.journal import Journal
+    secret = "not-a-real-secret-" + "7" * 10
+    s = settings_for(tmp_path, api_key="some-key-123456", api_secret=secret)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        j.record_poll_error(f"signed request failed: secret={secret}")
+    c = A.run_check("secrets_in_outputs", A.Evidence(s))
+    assert c.status == A.FAIL and "configured BINANCE_API_SECRET" in c.detail and secret not in c.evidence + c.detail
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+def test_repo_scan_and_dotenv_history(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / ".gitignore").write_text(".env\n")
+    (repo / "code.py").write_text("import os\nKEY = os.environ['BINANCE_API_KEY']\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "clean")
+    s = settings_for(tmp_path)
+    ev = lambda: A.Evidence(s, repo_dir=repo)
+    assert A.run_check("keys_in_repo", ev()).status == A.PASS
+    assert A.run_check("dotenv_git", ev()).status == A.PASS
+    (repo / "config.py").write_text(f"api_key = '{fake_key(2)}'\n")
+    _git(repo, "add", "config.py")
+    c = A.run_check("keys_in_repo", ev())
+    assert c.status == A.FAIL and "config.py" in c.detail
+    (repo / ".env").write_text("BINANCE_API_KEY=x\n")
+    _git(repo, "add", "-f", ".env")
+    _git(repo, "commit", "-qm", "oops")
+    _git(repo, "rm", "-q", "--cached", ".env")
+    _git(repo, "commit", "-qm", "remove it again")
+    c = A.run_check("dotenv_git", ev())
+    assert c.status == A.FAIL and "in the git history" in c.detail and "2 commits" in c.evidence
+    (repo / ".gitignore").write_text("")
+    c = A.run_check("dotenv_git", ev())
+    assert "not git-ignored" in c.detail
+
+
+def test_unit_without_restart_always_fails(tmp_path):
+    unit = tmp_path / "cryptobot.service"
+    unit.write_text((ROOT / "deployment" / "cryptobot.service").read_text().replace("Restart=always", "Restart=on-failure"))
+    s = settings_for(tmp_path)
+    assert A.run_check("restart_always", A.Evidence(s, unit_path=ROOT / "deployment" / "cryptobot.service")).status == A.PASS
+    c = A.run_check("restart_always", A.Evidence(s, unit_path=unit))
+    assert c.status == A.FAIL and "Restart=on-failure" in c.evidence
+
+
+# ------------------------------------------------------------------------------------------------ exercised gates
+def test_forged_approvals_are_refused_by_the_real_guardian():
+    ok, steps = A.exercise_approval_gate(Settings())
+    text = "; ".join(steps)
+    assert ok, text
+    for what in ("forged Approval(...) construction: refused", "duck-typed impostor: refused",
+                 "amount x10: refused", "another Guardian: refused", "genuine approval: accepted once",
+                 "replay of the redeemed approval: refused"):
+        assert what in text
+
+
+def test_approval_gate_check_fails_when_the_guardian_accepts_anything(monkeypatch):
+    from cryptobot import guardian as G
+    real = G.Guardian.redeem
+    monkeypatch.setattr(G.Guardian, "redeem", lambda self, a: a.plan if hasattr(a, "plan") else real(self, a))
+    ok, steps = A.exercise_approval_gate(Settings())
+    assert not ok and any("ACCEPTED" in s for s in steps)
+    assert A.run_check("approval_gate", A.Evidence(Settings())).status == A.FAIL
+
+
+def test_lock_persistence_is_read_back_from_disk():
+    ok, txt = A.exercise_lock_persistence(Settings(kill_switch_losses=2))
+    assert ok and "state.json read back: locked=True" in txt and "2 losing trades" in txt
+
+
+# ------------------------------------------------------------------------------------------------ journal evidence
+def test_entry_without_approval_and_position_without_stop_fail(tmp_path):
+    from cryptobot.journal import Journal
+    s = settings_for(tmp_path)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        j.record_intent("cbe-rogue", s.symbol, "buy", "market", 0.01, purpose="entry", candle_time=time.time())
+        j.record_order_status("cbe-rogue", "closed", exchange_id="1", filled=0.01, average=50_000.0)
+    c = A.run_check("orders_approved", A.Evidence(s))
+    assert c.status == A.FAIL and "cbe-rogue" in c.detail
+    c = A.run_check("stops_on_exchange", A.Evidence(s))
+    assert c.status == A.FAIL and "cbe-rogue" in c.detail and "journal evidence only" in c.evidence
+
+
+def test_candle_age_fresh_passes_stale_fails(tmp_path):
+    from cryptobot.guardian import Guardian
+    from cryptobot.journal import Journal
+    s = settings_for(tmp_path)
+    now = time.time()
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        Guardian(s, s.state_dir, j).note_candle(now - 120, 10_000.0)
+    assert A.run_check("candle_age", A.Evidence(s, now=now)).status == A.PASS
+    assert A.run_check("state_valid", A.Evidence(s, now=now)).status == A.PASS
+    assert A.run_check("candle_age", A.Evidence(s, now=now + 3 * 3600)).status == A.FAIL
+
+
+def test_risk_settings_looser_fail_tighter_warn(tmp_path):
+    assert A.run_check("risk_limits", A.Evidence(settings_for(tmp_path))).status == A.PASS
+    assert A.run_check("risk_limits", A.Evidence(settings_for(tmp_path, stop_loss_pct=3.0))).status == A.FAIL
+    assert A.run_check("risk_limits", A.Evidence(settings_for(tmp_path, leverage=0.5))).status == A.WARN
+
+
+def test_backtest_threshold_both_ways(tmp_path):
+    "The after-cost rule on given backtest stats (the real backtest runs in the demo test below)."
+    class R:
+        def __init__(self, ret, n):
+            self.stats = dict(start="2025-01-01", end="2025-06-01", fee=0.001, slippage=0.0005, total_return=ret,
+                              max_drawdown=-0.05, sharpe=1.0, trades=n, win_rate=0.5, fees_paid=10.0,
+                              buy_and_hold_return=0.1)
+
+    class Art:
+        manifest = {"data": {"source": "real:x"}}
+
+    for ret, n, want in ((0.12, 80, A.PASS), (-0.01, 80, A.FAIL), (0.0, 80, A.FAIL), (0.05, 10, A.WARN)):
+        ev = A.Evidence(settings_for(tmp_path))
+        ev._cache.update(oos_backtest=(R(ret, n), None), artifact=(Art(), None))
+        assert A.run_check("oos_backtest", ev).status == want, (ret, n)
+
+
+# ------------------------------------------------------------------------------------------------ demo artefacts
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    "What `make demo` leaves: a small model trained on the SYNTHETIC market and a paper replay's state dir."
+    from cryptobot import data as D, features as F, model as M
+    from cryptobot.live import replay
+    root = tmp_path_factory.mktemp("demo")
+    spec = M.data_spec("synthetic", n_synthetic=3000)
+    c = M.candles_from_spec(spec)
+    D.save_candles(c, D.raw_path(root / "data", "BTC/USDT", "1h", exchange="synthetic"))
+    res = M.train_walk_forward(c, F.build_features(c), data_spec=spec, n_folds=2, params={"max_iter": 30})
+    art = res.save(root / "data" / "models")
+    r = replay(c, M.load_artifact(art), n_candles=200, fills="exchange", state_dir=root / "var")
+    return dict(root=root, artifact=art, replay=r)
+
+
+def test_demo_artefacts_fail_with_synthetic_and_paper_only_blockers(demo):
+    s = settings_for(demo["root"])
+    t0 = time.perf_counter()
+    checks = by_name(A.run_checks(s, repo_dir=ROOT))
+    print(f"run_checks on the demo artefacts: {time.perf_counter() - t0:.1f} s")
+    for c in checks.values():
+        print(f"{c.status:4} {c.domain}/{c.name}: {c.evidence[:140]} -> {c.detail[:100]}")
+    result, blockers = A.verdict(list(checks.values()))
+    assert result == A.FAIL
+    text = "\n".join(blockers)
+    assert "strategy/training_data" in text and "SYNTHETIC" in text
+    assert "test_phase/testnet_round_trip" in text and "paper-only history" in text
+    assert "test_phase/paper_trades" in text                        # 200 candles: far from 14 days / 20 trades
+    # what the replay did right is recognised too
+    n = len(demo["replay"].trades)
+    assert checks["orders_approved"].status == A.PASS and f"{n} entry intents, {n} with" in checks["orders_approved"].evidence
+    assert checks["state_matches_journal"].status == A.PASS
+    assert checks["approval_gate"].status == A.PASS and checks["lock_persists"].status == A.PASS
+    assert checks["paper_vs_backtest"].status == A.PASS, checks["paper_vs_backtest"].evidence
+    assert checks["model_fingerprint"].status == A.PASS and checks["logging"].status == A.PASS
+    assert checks["feature_psi"].status == A.WARN and "inside the training span" in checks["feature_psi"].detail
+
+
+def test_tampered_state_json_fails(demo, tmp_path):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(demo["root"] / "var", root / "var")
+    st = json.loads((root / "var" / "state.json").read_text())
+    st["pnl"]["total"] += 50.0
+    st["consecutive_losses"] = 0 if st["consecutive_losses"] else 1
+    (root / "var" / "state.json").write_text(json.dumps(st))
+    c = A.run_check("state_matches_journal", A.Evidence(settings_for(root)))
+    assert c.status == A.FAIL and "pnl.total" in c.detail and "loss streak" in c.detail
+
+
+def test_empty_state_dir_fails_honestly(demo, tmp_path):
+    s = settings_for(tmp_path)
+    checks = by_name(A.run_checks(s, model=demo["artifact"], repo_dir=ROOT, backtest=False))
+    result, blockers = A.verdict(list(checks.values()))
+    assert result == A.FAIL
+    for name in ("candle_age", "state_valid", "paper_trades", "testnet_round_trip", "training_data", "logging"):
+        assert checks[name].status == A.FAIL, name
+    assert checks["oos_backtest"].status == A.WARN                    # skipped, said so
+
+
+def test_audit_main_runs_the_workflow_and_writes_both_files(demo, capsys):
+    s = settings_for(demo["root"])
+    date = "2026-11-24"
+    t0 = time.perf_counter()
+    rc = A.audit_main(s, model="latest", repo_dir=ROOT, date=date)
+    print(f"audit_main (papermill): {time.perf_counter() - t0:.1f} s")
+    out = capsys.readouterr().out
+    md, html, js = A.report_paths(s.reports_dir, date)
+    assert rc == 1 and out.startswith("Verdict: FAIL — ") and str(html) in out
+    assert md.exists() and html.exists() and js.exists()
+    word, summary = A.parse_verdict(md.read_text())
+    assert word == A.FAIL and "training_data" in summary and "testnet_round_trip" in summary
+    assert json.loads(js.read_text())["verdict"] == A.FAIL
+    page = html.read_text()
+    assert "Verdict: FAIL" in page and "Go-live steps" in page and "systemctl enable --now cryptobot" in page
+    assert A.latest_verdict(s.reports_dir).verdict == A.FAIL
+
+
+def test_audit_main_fails_closed_when_the_workflow_breaks(tmp_path, monkeypatch, capsys):
+    from cryptobot import reports
+    s = settings_for(tmp_path)
+    date = A.utc_date()
+    A.write_report_md(GOOD, s.reports_dir, date=date)                   # an earlier PASS today …
+    def broken(*a, **k):
+        raise reports.WorkflowError("audit workflow failed in cell 3: KeyError")
+    monkeypatch.setattr(reports, "run_workflow", broken)
+    assert A.audit_main(s, date=date) == 1
+    assert A.latest_verdict(s.reports_dir).verdict == A.FAIL              # … can never open the gate afterwards
+    assert "did not complete" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not REAL.exists(), reason=f"real data file {REAL} absent (../shared/data)")
+def test_real_data_model_passes_training_data_but_is_stale(tmp_path):
+    from cryptobot import data as D, model as M
+    spec = M.data_spec(str(REAL), start="2024-06-01")
+    c = M.candles_from_spec(spec)
+    res = M.train_walk_forward(c, data_spec=spec, n_folds=2, params={"max_iter": 30})
+    art = res.save(tmp_path / "models")
+    ev = A.Evidence(settings_for(tmp_path), model=art)
+    c1, c2 = A.run_check("training_data", ev), A.run_check("model_freshness", ev)
+    assert c1.status == A.PASS and "real:" in c1.evidence
+    assert c2.status == A.FAIL and "stale" in c2.detail                # the file ends 2025-09
+
+
+def test_verdict_format_is_the_monitors():
+    "The monitor (cryptobot.monitor.latest_audit) reads the same line the audit writes."
+    monitor = pytest.importorskip("cryptobot.monitor")
+    bad = [A.Check(c.domain, c.name, A.FAIL, "x", "synthetic data") if c.name == "training_data" else c for c in GOOD]
+    for checks in (GOOD, bad):
+        md = A.render_markdown(checks, date="2026-01-01")
+        assert monitor.parse_verdict(md) == A.parse_verdict(md) is not None
