@@ -25,11 +25,10 @@ from .journal import Journal, JournalError, iso
 from .guardian import JOURNAL_FILE, STATE_FILE, status_report
 
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'AUDIT_STALE_DAYS', 'TIMEFRAME_S', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
-           'MonitorError', 'dashboard_settings', 'parse_verdict', 'AuditInfo', 'latest_audit', 'freshness', 'snapshot',
-           'example_state', 'status_html', 'position_html', 'tables_html', 'audit_html', 'equity_series',
-           'equity_figure', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command', 'dashboard_env',
-           'DashboardServer', 'start_dashboard', 'serve_dashboard']
+__all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS', 'MonitorError',
+           'dashboard_settings', 'freshness', 'snapshot', 'example_state', 'status_html', 'position_html',
+           'tables_html', 'audit_html', 'equity_series', 'equity_figure', 'MonitorApp', 'launch', 'dashboard_notebook',
+           'voila_command', 'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/15_monitor.ipynb #5cc97ade
 class MonitorError(RuntimeError):
@@ -42,7 +41,6 @@ class MonitorError(RuntimeError):
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
 MARK_EVENT = "candle"          # journal.log_event("candle", msg, {"symbol": s, "candle_time": close_epoch, "close": px})
 MARK_EVENTS = (MARK_EVENT, "candle_done")   # the live runner's per-candle event counts too once its data has "close"
-AUDIT_STALE_DAYS = 2
 TIMEFRAME_S = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400}
 
 # %% ../nbs/15_monitor.ipynb #caa1c8a7
@@ -60,59 +58,8 @@ def dashboard_settings(state_dir=None, reports_dir=None, env: Mapping[str, str] 
     return s
 
 # %% ../nbs/15_monitor.ipynb #c0da482a
-_VERDICT_RE = re.compile(r"^[\s*_`#>]*Verdict[\s*_`]*:[\s*_`]*([A-Za-z]+)\b[\s*_`]*(?:[-—–:]\s*)?(.*?)\s*$")
-_AUDIT_NAME_RE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.md$")
-
-
-def parse_verdict(text: str) -> tuple[str, str] | None:
-    "('PASS'|'FAIL'|'UNREADABLE', summary) from the first `Verdict:` line of an audit .md; None if there is none."
-    for line in str(text).splitlines():
-        m = _VERDICT_RE.match(line)
-        if m:
-            word, rest = m.group(1), m.group(2).strip().strip("*_` ").strip()
-            if word in ("PASS", "FAIL"):
-                return word, rest
-            return "UNREADABLE", f"verdict word {word!r} is not PASS or FAIL"
-    return None
-
-
-@dataclass(frozen=True)
-class AuditInfo:
-    "The newest audit report: its date, verdict, summary and files."
-    date: str
-    verdict: str                 # PASS | FAIL | UNREADABLE
-    summary: str
-    md_path: Path
-    html_path: Path | None
-    age_days: float
-
-
-def latest_audit(reports_dir, now: float | None = None) -> AuditInfo | None:
-    "The newest `audit-<YYYY-MM-DD>.md` in `reports_dir` with its parsed verdict; None when there is no audit."
-    d = Path(reports_dir)
-    if not d.is_dir():
-        return None
-    found = []
-    for p in d.glob("audit-*.md"):
-        m = _AUDIT_NAME_RE.match(p.name)
-        if m and p.is_file():
-            try:
-                found.append((m.group(1), p.stat().st_mtime, p))
-            except OSError:
-                continue
-    if not found:
-        return None
-    date, _mt, md = max(found)
-    now = time.time() if now is None else now
-    age = (now - datetime.fromisoformat(date).replace(tzinfo=timezone.utc).timestamp()) / 86400
-    try:
-        parsed = parse_verdict(md.read_text(encoding="utf-8", errors="replace"))
-    except OSError as e:
-        parsed = ("UNREADABLE", f"cannot read {md.name} ({e.strerror or e})")
-    if parsed is None:
-        parsed = ("UNREADABLE", f"{md.name} has no 'Verdict: PASS|FAIL' line")
-    h = md.with_suffix(".html")
-    return AuditInfo(date, parsed[0], parsed[1], md, h if h.is_file() else None, round(age, 2))
+from .audit import AUDIT_MAX_AGE_DAYS, AuditInfo, parse_verdict
+from .audit import latest_verdict as latest_audit
 
 # %% ../nbs/15_monitor.ipynb #a3e6ead4
 def _num(x) -> float | None:
@@ -498,7 +445,7 @@ def audit_html(audit: AuditInfo | None, max_inline_bytes: int = 8_000_000) -> st
         return "".join(parts)
     lvl = {"PASS": "ok", "FAIL": "bad"}.get(audit.verdict, "bad")
     word = audit.verdict if audit.verdict != "UNREADABLE" else "unreadable audit"
-    stale = audit.age_days > AUDIT_STALE_DAYS
+    stale = audit.age_days > AUDIT_MAX_AGE_DAYS
     detail = (f'{_e(audit.summary)}<br>{_e(audit.md_path.name)} · {audit.date}'
               + (f' · <b>stale: {audit.age_days:.0f} days old</b>' if stale else ""))
     parts.append('<div class="cards">' + _card("latest audit", f'<span id="cbm-audit">{_e(word)}</span>', detail,

@@ -364,12 +364,3 @@ def test_real_data_model_passes_training_data_but_is_stale(tmp_path):
     c1, c2 = A.run_check("training_data", ev), A.run_check("model_freshness", ev)
     assert c1.status == A.PASS and "real:" in c1.evidence
     assert c2.status == A.FAIL and "stale" in c2.detail                # the file ends 2025-09
-
-
-def test_verdict_format_is_the_monitors():
-    "The monitor (cryptobot.monitor.latest_audit) reads the same line the audit writes."
-    monitor = pytest.importorskip("cryptobot.monitor")
-    bad = [A.Check(c.domain, c.name, A.FAIL, "x", "synthetic data") if c.name == "training_data" else c for c in GOOD]
-    for checks in (GOOD, bad):
-        md = A.render_markdown(checks, date="2026-01-01")
-        assert monitor.parse_verdict(md) == A.parse_verdict(md) is not None
