@@ -426,12 +426,16 @@ class Evidence:
     def candle_sources(self) -> list[tuple[str, Any]]:
         "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
         def load():
+            import pandas as pd
             from cryptobot import data as D
             out = []
             c = self.candles_arg
-            if c is not None:
-                df = c if hasattr(c, "index") else D.load_candles(c)
-                out.append((f"given candles ({df.attrs.get('source', '?')})", df))
+            if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
+                try:
+                    df = c if isinstance(c, pd.DataFrame) else D.load_candles(c)
+                    out.append((f"given candles ({df.attrs.get('source', '?')})", df))
+                except Exception:  # noqa: BLE001 - unreadable given candles are not a source; the others still are
+                    pass
             for ex in ("binance", "synthetic"):
                 p = D.raw_path(self.settings.data_dir, self.settings.symbol, self.settings.timeframe, exchange=ex)
                 if p.exists():

@@ -552,8 +552,12 @@ def _garch(z: np.ndarray, alpha: float = 0.06, beta: float = 0.92) -> np.ndarray
 
 
 def synthetic_candles(n: int = 43_776, seed: int = 7, start="2020-01-01", timeframe: str = "1h",
-                      start_price: float = 10_000.0) -> pd.DataFrame:
-    "A seeded, realistic synthetic market in the canonical frame (see the list above); `attrs['source']='synthetic'`."
+                      start_price: float = 10_000.0, price_decimals: int = 2) -> pd.DataFrame:
+    """A seeded, realistic synthetic market in the canonical frame (see the list above); `attrs['source']='synthetic'`.
+
+    Prices sit on the exchange's price grid (`price_decimals`, 2 = a 0.01 tick, like Binance BTC/USDT), as every real
+    exchange's candles do: otherwise the same candles served by an exchange (the emulator) would differ from the
+    stored ones in the last digits, and the runner's features would drift from the backtest's."""
     tf = timeframe_delta(timeframe)
     if int(n) < 1 or not (start_price > 0):
         raise ValueError(f"synthetic_candles needs n >= 1 and start_price > 0 (got n={n}, start_price={start_price})")
@@ -582,6 +586,7 @@ def synthetic_candles(n: int = 43_776, seed: int = 7, start="2020-01-01", timefr
     shock = np.abs(z) * np.sqrt(g)                                            # |standardised return|
     volume = (1_200.0 * bar_h * vseason * _REG_VOLU[reg] * (0.5 + 0.5 * shock / 0.8)
               * np.exp(0.5 * rng.standard_normal(n)))
+    open_, high, low, close = (np.round(x, price_decimals) for x in (open_, high, low, close))   # monotonic: OHLC order kept
     df = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close, "volume": volume},
                       index=idx, columns=OHLCV)
     df.attrs["source"] = "synthetic"

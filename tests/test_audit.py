@@ -364,3 +364,13 @@ def test_real_data_model_passes_training_data_but_is_stale(tmp_path):
     c1, c2 = A.run_check("training_data", ev), A.run_check("model_freshness", ev)
     assert c1.status == A.PASS and "real:" in c1.evidence
     assert c2.status == A.FAIL and "stale" in c2.detail                # the file ends 2025-09
+
+
+def test_candles_given_as_a_path_are_a_source(tmp_path):
+    "Regression: a candle file path (a str, which has .index too) must be loaded, not mistaken for a frame."
+    from cryptobot.config import Settings
+    from cryptobot.data import save_candles, synthetic_candles
+    path = save_candles(synthetic_candles(800, seed=1), tmp_path / "c.parquet")
+    ev = A.Evidence(Settings(state_dir=tmp_path / "st", data_dir=tmp_path / "d"), candles=str(path))
+    sources = ev.candle_sources()
+    assert [len(df) for label, df in sources if label.startswith("given candles")] == [800]
