@@ -386,7 +386,7 @@ class Evidence:
 
     def q(self, sql: str, args=()) -> list[dict]:
         j, _err = self.journal()
-        return j._query(sql, args) if j is not None else []
+        return j.select(sql, args) if j is not None else []
 
     def state(self):
         "(state dict | None, why not)."

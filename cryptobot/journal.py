@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import sqlite3
 import threading
@@ -286,6 +287,15 @@ class Journal:
     def _query(self, sql: str, args=()) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self._con.execute(sql, args).fetchall()]
+
+    def select(self, sql: str, args=()) -> list[dict]:
+        """Rows (as dicts) of a read-only query against the documented schema.
+
+        For readers that must look at the evidence themselves (the audit, the monitor, parity); a statement that is
+        not a SELECT is refused, so no reader can change the journal through this door."""
+        if not re.match(r"\s*(SELECT|WITH)\b", sql, re.I) or ";" in sql.rstrip().rstrip(";"):
+            raise JournalError("Journal.select runs one SELECT statement only")
+        return self._query(sql, args)
 
 # %% ../nbs/07_journal.ipynb #101f171e
 def _same(existing: Mapping, new: Mapping, keys: Iterable[str]) -> list[str]:

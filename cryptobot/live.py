@@ -764,7 +764,7 @@ def parity(settings: Settings, candles=None, *, journal_path=None, since=None, u
     if until is not None:
         sql += " AND candle_time <= ?"; args.append(to_epoch(until, "until"))
     with Journal(jp, readonly=True) as j:
-        rows = j._query(sql + " ORDER BY candle_time", tuple(args))
+        rows = j.select(sql + " ORDER BY candle_time", tuple(args))
     rep = ParityReport(rows=len(rows), candles_source=str(candles.attrs.get("source", "?")))
     if not rows:
         return rep
@@ -941,7 +941,7 @@ def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, 
         last_i = emu.bar - 1
         trades = journal_trades(runner.journal, s.symbol, s.timeframe, pos, float(candles["close"].iloc[last_i]),
                                 candles.index[last_i])
-        sig = runner.journal._query("SELECT data FROM events WHERE kind = 'signal' ORDER BY id")
+        sig = runner.journal.select("SELECT data FROM events WHERE kind = 'signal' ORDER BY id")
         sigs = pd.DataFrame([json.loads(r["data"]) for r in sig]) if sig else pd.DataFrame(
             columns=["candle_time", "proba", "action", "reason", "bars_held", "position"])
         if len(sigs):

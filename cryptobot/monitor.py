@@ -79,7 +79,7 @@ def freshness(last_candle: float | None, now: float, timeframe: str, max_data_ag
 def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
     out: dict[str, Any] = {}
     with Journal(jp, readonly=True) as j:
-        q = j._query
+        q = j.select
         out["trades"] = j.trades()
         out["equity_points"] = q(
             "SELECT t, equity, src FROM (SELECT COALESCE(candle_time, ts) AS t, equity, 'mark' AS src, event_id FROM marks "

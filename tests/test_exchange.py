@@ -107,10 +107,10 @@ def assert_consistent(e, start_usdt=10_000.0):
     emu, j = e.emu, e.j
     by = emu_by_cid(emu)
     assert all(len(v) == 1 for v in by.values()), "a client order id was used twice"
-    intents = {r["client_order_id"]: r for r in j._query("SELECT * FROM intents")}
+    intents = {r["client_order_id"]: r for r in j.select("SELECT * FROM intents")}
     assert set(by) <= set(intents), f"orders on the exchange the journal does not know: {set(by) - set(intents)}"
     for cid, it in intents.items():
-        last = j._query("SELECT * FROM orders WHERE client_order_id = ? ORDER BY id DESC LIMIT 1", (cid,))
+        last = j.select("SELECT * FROM orders WHERE client_order_id = ? ORDER BY id DESC LIMIT 1", (cid,))
         if cid not in by:
             assert last and last[0]["status"] == "rejected", f"{cid} never reached the exchange but is {last}"
             continue
@@ -119,7 +119,7 @@ def assert_consistent(e, start_usdt=10_000.0):
                 "EXPIRED": "expired"}[o["status"]]
         assert last and last[0]["status"] == want, (cid, o["status"], last)
         assert abs((last[0]["filled"] or 0.0) - o["executed_qty"]) < 1e-12
-    fills = {r["trade_id"]: r for r in j._query("SELECT * FROM fills")}
+    fills = {r["trade_id"]: r for r in j.select("SELECT * FROM fills")}
     assert len(fills) == len(emu.trades)
     for t in emu.trades:
         f = fills[f"BTCUSDT-{t['id']}"]
@@ -336,7 +336,7 @@ def test_restart_after_a_lost_entry_response_reconciles_once(tmp_path, emu, df):
     assert pos is not None and pos.entry_cid == a.client_order_id and pos.stop_cid
     assert emu.orders_created == 2                             # entry + exactly one stop
     assert_consistent(e2)
-    counts = lambda: [e2.j._query(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in ("intents", "orders", "fills", "trades")]
+    counts = lambda: [e2.j.select(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in ("intents", "orders", "fills", "trades")]
     before = counts()
     rep2 = e2.ex.reconcile()
     assert rep2.ok and rep2.actions == () and counts() == before and emu.orders_created == 2
@@ -421,7 +421,7 @@ def test_order_queue_serialises_per_symbol_and_never_blocks(tmp_path):
     f = q.submit("BTC/USDT", boom)
     with pytest.raises(ccxt.ExchangeError):
         f.result(2)
-    err = j._query("SELECT * FROM poll_errors")
+    err = j.select("SELECT * FROM poll_errors")
     assert len(err) == 1 and err[0]["kind"] == "order_job" and "abcdef0123456789" not in err[0]["message"]
 
     running = q.submit("BTC/USDT", job, "BTC", 10, 0.3)

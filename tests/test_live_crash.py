@@ -144,8 +144,8 @@ def check_invariants(emu, state_dir: Path) -> list[str]:
         problems.append(f"orders_created {emu.orders_created} != {len(orders)} orders in the book")
     j = Journal(state_dir / "journal.sqlite", readonly=True)
     try:
-        intents = {r["client_order_id"]: r for r in j._query("SELECT * FROM intents")}
-        status = {r["client_order_id"]: r["status"] for r in j._query(
+        intents = {r["client_order_id"]: r for r in j.select("SELECT * FROM intents")}
+        status = {r["client_order_id"]: r["status"] for r in j.select(
             "SELECT client_order_id, status FROM orders WHERE id IN (SELECT MAX(id) FROM orders GROUP BY client_order_id)")}
         want = {"FILLED": "closed", "NEW": "open", "PARTIALLY_FILLED": "open", "CANCELED": "canceled", "EXPIRED": "expired"}
         for o in orders:
@@ -154,7 +154,7 @@ def check_invariants(emu, state_dir: Path) -> list[str]:
                 problems.append(f"emulator order {cid} ({o['side']} {o['type']}) was never journaled")
             elif status.get(cid) != want[o["status"]]:
                 problems.append(f"{cid}: emulator {o['status']}, journal {status.get(cid)}")
-        fills = {r["trade_id"] for r in j._query("SELECT trade_id FROM fills")}
+        fills = {r["trade_id"] for r in j.select("SELECT trade_id FROM fills")}
         lost = [t["id"] for t in emu.trades if f"BTCUSDT-{t['id']}" not in fills]
         if lost:
             problems.append(f"{len(lost)} emulator fills missing from the journal (trade ids {lost[:5]})")
