@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .files import atomic_write
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import LIMITS, Settings
@@ -1480,20 +1482,6 @@ def render_markdown(checks: list[Check], *, date: str, settings: Settings | None
     L.append(verdict_line(result, blockers, f"all {len(checks)} checks pass ({n_warn} warnings); risk score {risk:g}/100"))
     return "\n".join(L) + "\n"
 
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def report_paths(reports_dir, date: str) -> tuple[Path, Path, Path]:
     "(`audit-<date>.md`, `.html`, `.json`) in `reports_dir`."
     d = Path(reports_dir)
@@ -1509,7 +1497,7 @@ def write_report_md(checks: list[Check], reports_dir, *, date: str | None = None
     "Write `reports_dir/audit-<date>.md` atomically; return its path."
     date = date or utc_date()
     md, _h, _j = report_paths(reports_dir, date)
-    return _write_atomic(md, render_markdown(checks, date=date, settings=settings, meta=meta))
+    return atomic_write(md, render_markdown(checks, date=date, settings=settings, meta=meta))
 
 
 def report_json(checks: list[Check], date: str) -> dict:
@@ -1537,14 +1525,14 @@ def audit_main(settings: Settings, *, model: str | None = "latest", models_dir=N
         rep = run_workflow("audit", params, reports_dir, stamp=date, progress=progress, title=f"Readiness audit {date}")
     except (WorkflowError, Exception) as e:  # noqa: BLE001 - a failed audit is a FAIL, loudly
         msg = _line(e)[:400]
-        _write_atomic(md, f"# Go-live readiness audit — {date}\n\nThe audit workflow failed: {msg}\n\n"
+        atomic_write(md, f"# Go-live readiness audit — {date}\n\nThe audit workflow failed: {msg}\n\n"
                           f"{verdict_line(FAIL, [f'the audit did not complete: {msg}'])}\n")
         print_(f"Verdict: FAIL — the audit did not complete: {msg}")
         print_(f"report: {md}")
         return 1
     parsed = parse_verdict(md.read_text(encoding="utf-8")) if md.exists() else None
     if parsed is None:
-        _write_atomic(md, f"# Go-live readiness audit — {date}\n\n"
+        atomic_write(md, f"# Go-live readiness audit — {date}\n\n"
                           f"{verdict_line(FAIL, ['the audit workflow wrote no verdict'])}\n")
         parsed = (FAIL, "the audit workflow wrote no verdict")
     print_(f"Verdict: {parsed[0]} — {parsed[1]}")

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import atomic_file
+
 import numpy as np
 import pandas as pd
 
@@ -624,19 +626,6 @@ def _check_canonical(df: pd.DataFrame, where: str):
                               "use load_candles / canonicalize first")
 
 
-def _fsync_dir(d: Path):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_candles(df: pd.DataFrame, path) -> Path:
     "Write a canonical frame to parquet atomically (temp file in the same folder, fsync, `os.replace`)."
     path = Path(path)
@@ -645,23 +634,14 @@ def save_candles(df: pd.DataFrame, path) -> Path:
     out = df.copy()
     out.index = out.index.rename("timestamp")
     out.attrs = {"source": str(df.attrs.get("source", "unknown"))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:        # temp file, fsync, rename, fsync the folder
             out.to_parquet(f, engine="pyarrow", index=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, Exception) and not isinstance(e, CandleDataError):
             raise CandleDataError(f"{_src(path)}: could not write candles ({type(e).__name__}: {e}); "
                                   "the previous file is unchanged") from e
         raise
-    _fsync_dir(path.parent)
     return path
 
 

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait as _wait_futures
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+
+from .files import atomic_write
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -204,23 +206,6 @@ def _filters(market: Market | None) -> dict | None:
         out["max_notional"] = f(market.max_notional)
     return out
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class _EngineAdapter:
     "A `requests` transport adapter that answers from a MatchingEngine (import of requests kept lazy)."
 
@@ -280,7 +265,7 @@ class PaperVenue:
     def _save(self) -> None:
         if self.state_path is not None:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.state_path, json.dumps(self.engine.state(), sort_keys=True))
+            atomic_write(self.state_path, json.dumps(self.engine.state(), sort_keys=True))
 
     # market data in
     def feed(self, candle, price: float | None = None) -> bool:

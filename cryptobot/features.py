@@ -366,25 +366,9 @@ def write_features(candles: pd.DataFrame, path) -> Path:
              "rows": str(len(feats))}
     meta.update({(_META_PREFIX + k).encode(): v.encode() for k, v in extra.items()})
     table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:                                   # make the rename durable (best effort; not possible on every OS)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    from cryptobot.files import atomic_file   # here, not at the top: the feature code stays self-contained
+    with atomic_file(path) as f:            # temp file, fsync, rename, fsync the folder
+        pq.write_table(table, f)
     return path
 
 

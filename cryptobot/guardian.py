@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+from .files import atomic_write, fsync_dir
 from typing import Any, Callable, Mapping
 
 from .journal import ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
@@ -265,32 +267,10 @@ def read_state(path) -> dict:
     return validate_state(d)
 
 
-def _fsync_dir(d: Path):
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_state_atomic(path, state: dict) -> None:
     "Validate, then write `state` atomically: temp file in the same dir, fsync, os.replace, fsync the dir."
     path = Path(path)
-    data = (json.dumps(validate_state(state), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, (json.dumps(validate_state(state), indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 @contextmanager
@@ -511,7 +491,7 @@ def _unlock(self, reason: str, who: str | None = None) -> str:
                 stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
                 moved = self.state_path.with_name(f"{STATE_FILE}.corrupt-{stamp}")
                 os.replace(self.state_path, moved)
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
             self._state_error = None
             rb = self.journal.rebuild_guardian_state(now=self.clock())
             st.clear()

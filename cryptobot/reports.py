@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cryptobot
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['WorkflowError', 'project_root', 'workflows_dir', 'utc_stamp', 'render_html', 'Report', 'run_workflow']
@@ -57,15 +58,7 @@ def render_html(ipynb: Path, html: Path | None = None, title: str | None = None)
                             exclude_output_prompt=True, embed_images=True)
     body, _ = exporter.from_notebook_node(nb)
     body = _EXTERNAL_SCRIPT.sub("", body)
-    fd, tmp = tempfile.mkstemp(dir=html.parent, prefix=f".{html.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-        os.replace(tmp, html)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return html
+    return atomic_write(html, body)
 
 # %% ../nbs/12_reports.ipynb #9029d9f4
 def _ipc_kernel_manager():
