@@ -1313,41 +1313,17 @@ def _strip_signature(raw: str) -> str:
     return "&".join(part for part in raw.split("&") if not part.startswith("signature="))
 
 # %% ../nbs/09_emulator.ipynb #82e227a5
-def _fallback_synthetic(n: int = 43_776, seed: int = 7, start: str = "2020-01-01") -> pd.DataFrame:
-    "A small geometric random walk, used only while `cryptobot.data` is not available."
-    rng = np.random.default_rng(seed)
-    close = 10_000.0 * np.exp(np.cumsum(rng.normal(0, 0.006, n)))
-    open_ = np.concatenate([[10_000.0], close[:-1]])
-    wick = np.abs(rng.normal(0, 0.003, (2, n)))
-    df = pd.DataFrame({"open": open_, "high": np.maximum(open_, close) * (1 + wick[0]),
-                       "low": np.minimum(open_, close) * (1 - wick[1]), "close": close,
-                       "volume": rng.gamma(2.0, 50.0, n)},
-                      index=pd.date_range(start, periods=n, freq="1h", tz="UTC", name="timestamp"))
-    df.attrs["source"] = "synthetic"
-    return df
-
-
 def load_market(data=None) -> pd.DataFrame:
-    "Candles for the emulator: a DataFrame as is, a file via `cryptobot.data.load_candles`, None → synthetic."
+    "Candles for the emulator: a DataFrame as is, a file via `cryptobot.data.load_candles`, None → the synthetic market."
+    from cryptobot import data as D
     if isinstance(data, pd.DataFrame):
         return data
-    try:
-        from cryptobot import data as D
-    except ImportError:
-        D = None
     if data is None:
-        return D.synthetic_candles() if D is not None else _fallback_synthetic()
+        return D.synthetic_candles()
     path = Path(data)
     if not path.exists():
         raise EmulatorError(f"candle file {path} does not exist; pass --data with a CSV or parquet of candles")
-    if D is not None:
-        return D.load_candles(path)
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, index_col=0)
-    df.index = pd.to_datetime(df.index, utc=True)
-    df = df[["open", "high", "low", "close", "volume"]].astype("float64").sort_index()
-    df = df[~df.index.duplicated(keep="last")]
-    df.attrs["source"] = f"real:{path.name}"
-    return df
+    return D.load_candles(path)
 
 
 def _parse_balances(balances) -> dict:

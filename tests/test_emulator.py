@@ -14,21 +14,13 @@ import pandas as pd
 import pytest
 
 from cryptobot.client import UnknownOutcome, call_with_retry, is_ban, make_client
-from cryptobot.emulator import (DEFAULT_API_KEY, DEFAULT_API_SECRET, Emulator, EmulatorError, _fallback_synthetic)
+from market import N, frame
+from cryptobot.emulator import (DEFAULT_API_KEY, DEFAULT_API_SECRET, Emulator, EmulatorError, load_market)
 
 SYM = "BTC/USDT"
-N = 1100          # bars; the emulator starts at bar 1000 (just opened)
 KEY, SECRET = "test-key-7f3a", "test-secret-Zq91xv"
 
 
-def frame(n: int = N) -> pd.DataFrame:
-    "Quiet hourly candles around 30 000 (lows never 1.5 % below the open unless a test shapes a bar)."
-    idx = pd.date_range("2024-01-01", periods=n, freq="1h", tz="UTC", name="timestamp")
-    p = np.round(30_000 * (1 + 0.002 * np.sin(np.arange(n) / 7)), 2)
-    df = pd.DataFrame({"open": p, "high": p * 1.003, "low": p * 0.997, "close": p * 1.001,
-                       "volume": np.full(n, 12.0)}, index=idx)
-    df.attrs["source"] = "test"
-    return df
 
 
 def shape(df: pd.DataFrame, i: int, **ohlc) -> pd.DataFrame:
@@ -525,10 +517,9 @@ def test_run_emulator_cli_entry_serves_until_sigterm(tmp_path):
             proc.kill()
 
 
-def test_fallback_synthetic_is_labelled():
-    df = _fallback_synthetic(n=50)
-    assert df.attrs["source"] == "synthetic" and len(df) == 50
-    assert (df.high >= df[["open", "close"]].max(axis=1)).all() and (df.low <= df[["open", "close"]].min(axis=1)).all()
+def test_default_market_is_the_labelled_synthetic_one():
+    df = load_market()
+    assert df.attrs["source"] == "synthetic" and len(df) == 43_776
 
 
 def test_revoked_key_after_success_is_reported_by_ccxt_as_ddos(emu, ex):

@@ -15,6 +15,7 @@ import pytest
 from cryptobot.client import make_client
 from cryptobot.config import Settings
 from cryptobot.emulator import Emulator
+from market import N, frame
 from cryptobot.exchange import (BinanceExecutor, EntryRefused, ExchangeAuthError, Executor, OrderQueue,
                                 PaperExecutor, Position, floor_step)
 from cryptobot.guardian import Approval, Denial, Guardian, Reason, Signal
@@ -24,17 +25,8 @@ from cryptobot.risk import RiskEngine
 SYM = "BTC/USDT"
 KEY, SECRET = "exch-key-5b1c", "exch-secret-Qw81ppZ"
 FP = "f" * 64
-N = 1100
 
 
-def frame(n: int = N) -> pd.DataFrame:
-    "Quiet hourly candles around 30 000: lows 0.3 % under the open, so the 1.5 % stop holds unless a test shapes a bar."
-    idx = pd.date_range("2024-01-01", periods=n, freq="1h", tz="UTC", name="timestamp")
-    p = np.round(30_000 * (1 + 0.002 * np.sin(np.arange(n) / 7)), 2)
-    df = pd.DataFrame({"open": p, "high": p * 1.003, "low": p * 0.997, "close": p * 1.001,
-                       "volume": np.full(n, 12.0)}, index=idx)
-    df.attrs["source"] = "test"
-    return df
 
 
 def shape(df, i, emu=None, **ohlc):

@@ -10,6 +10,7 @@ from cryptobot.exchange import PaperExecutor
 from cryptobot.guardian import Approval, Guardian, Signal
 from cryptobot.journal import Journal
 from cryptobot.risk import RiskEngine
+from test_exchange import df, emu  # noqa: F401 - shared fixtures
 from test_exchange import (FP, KEY, SECRET, SYM, MarketClock, approve, assert_consistent, env_for, frame, shape,
                            step)
 
@@ -53,15 +54,6 @@ class Hook:
         return self._c.fetch_my_trades(symbol, since, limit, params)
 
 
-@pytest.fixture
-def df():
-    return frame()
-
-
-@pytest.fixture
-def emu(df):
-    with Emulator(df, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000}) as em:
-        yield em
 
 
 @pytest.mark.parametrize("when", ["entry", "stop", "sell", "cancel"])
