@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -977,18 +977,22 @@ class Emulator:
             "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
         }
 
+    def _symbols_param(self, p: dict) -> list:
+        """The tapes named by a `symbols=["BTCUSDT",...]` parameter, with Binance's errors for bad input."""
+        try:
+            wanted = json.loads(p["symbols"])
+        except ValueError:
+            raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
+        if any(s not in self.tapes for s in wanted):
+            raise BinanceError(-1121, "Invalid symbol.")
+        return [self.tapes[s] for s in wanted]
+
     def _exchange_info(self, p: dict, now: int) -> dict:
         tapes = list(self.tapes.values())
         if "symbol" in p:
             tapes = [self._tape(p)]
         elif "symbols" in p:
-            try:
-                wanted = json.loads(p["symbols"])
-            except ValueError:
-                raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
-            if any(s not in self.tapes for s in wanted):
-                raise BinanceError(-1121, "Invalid symbol.")
-            tapes = [self.tapes[s] for s in wanted]
+            tapes = self._symbols_param(p)
         return {"timezone": "UTC", "serverTime": now,
                 "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
                                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
@@ -1045,13 +1049,7 @@ class Emulator:
         if "symbol" in p:
             return fn(self._tape(p), now)
         if "symbols" in p:
-            try:
-                wanted = json.loads(p["symbols"])
-            except ValueError:
-                raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
-            if any(s not in self.tapes for s in wanted):
-                raise BinanceError(-1121, "Invalid symbol.")
-            return [fn(self.tapes[s], now) for s in wanted]
+            return [fn(t, now) for t in self._symbols_param(p)]
         return [fn(t, now) for t in self.tapes.values()]
 
     def _ticker_24hr(self, p, now):

@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as _wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 from .files import atomic_write
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 import ccxt

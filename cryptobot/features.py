@@ -9,8 +9,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np

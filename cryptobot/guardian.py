@@ -14,7 +14,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import threading
 import time
 from contextlib import contextmanager

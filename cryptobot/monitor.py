@@ -9,20 +9,19 @@ import html
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from .config import Settings, load_settings
 from .journal import Journal, JournalError, iso
-from .guardian import JOURNAL_FILE, STATE_FILE, status_report
+from .guardian import JOURNAL_FILE, status_report
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS', 'MonitorError',
@@ -58,7 +57,7 @@ def dashboard_settings(state_dir=None, reports_dir=None, env: Mapping[str, str] 
     return s
 
 # %% ../nbs/15_monitor.ipynb #c0da482a
-from .audit import AUDIT_MAX_AGE_DAYS, AuditInfo, parse_verdict
+from .audit import AUDIT_MAX_AGE_DAYS, AuditInfo
 from .audit import latest_verdict as latest_audit
 
 # %% ../nbs/15_monitor.ipynb #a3e6ead4

@@ -11,7 +11,7 @@ from fractions import Fraction
 from numbers import Real
 from typing import TYPE_CHECKING
 
-from .config import LIMITS, MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, ConfigError, check_limit
+from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, check_limit
 
 if TYPE_CHECKING:
     from cryptobot.config import Settings
