@@ -8,20 +8,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test sync nbtest pytest install clean browser
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing cryptobot and its dependencies into $(VENV) (first run: ~1-3 min)"
-	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@touch $(STAMP)
+# The install is keyed on pyproject.toml's *content*, not its mtime: nbdev-export rewrites the file
+# (same bytes, new mtime) on every run, so an mtime rule would reinstall on every `make test`.
+install:
+	@sum="$$(sha1sum pyproject.toml | cut -d' ' -f1)"; \
+	if [ -x $(BIN)/python ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$sum" ]; then exit 0; fi; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || exit 1; \
+	echo "installing cryptobot and its dependencies into $(VENV) (first run: ~1-3 min)"; \
+	$(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(BIN)/python -m pip install --quiet -e ".[dev]" && \
+	echo "$$sum" > $(STAMP)
 
-install: $(STAMP)
-
-demo: $(STAMP)
+demo: install
 	@$(BIN)/cryptobot demo
 
 # Notebooks, package and README in sync and clean: export + clean + README render must change nothing.
-sync: $(STAMP)
+sync: install
 	@snap() { git diff -- nbs cryptobot README.md | sha1sum; git status --porcelain -- nbs cryptobot README.md; }; \
 	before="$$(snap)"; \
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean --fname nbs || exit 1; \
@@ -33,20 +35,23 @@ sync: $(STAMP)
 	if [ -n "$$CI" ] && ! git diff --quiet -- nbs cryptobot README.md; then echo "FAIL: uncommitted changes in nbs/ or cryptobot/ under CI"; exit 1; fi; \
 	echo "sync: notebooks and package in step"
 
-nbtest: $(STAMP)
+nbtest: install
 	@$(BIN)/nbdev-test --n-workers 2
 
 # The dashboard's browser test drives Debian's Chromium through playwright (never `playwright install`).
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
-	@echo "installing Debian chromium for the browser test (needs root; ~30 s)"
-	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	{ $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
-	|| { echo "FAIL: could not install chromium (apt-get install chromium fonts-liberation); the browser test needs it"; exit 1; }
+	@echo "installing Debian chromium for the browser test (needs root or sudo; ~30 s)"
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "FAIL: chromium is missing and this user is neither root nor has sudo: install it (apt-get install chromium fonts-liberation) or run as root"; exit 1; fi; \
+	{ $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
+	|| { echo "FAIL: could not install chromium (apt-get install chromium fonts-liberation); the browser test needs it"; exit 1; }; \
+	test -x /usr/bin/chromium || { echo "FAIL: apt-get finished but /usr/bin/chromium is missing"; exit 1; }
 
 browser: $(CHROMIUM)
 
-pytest: $(STAMP) $(CHROMIUM)
+pytest: install $(CHROMIUM)
 	@$(BIN)/python -m pytest -q
 
 test: sync nbtest pytest
