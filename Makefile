@@ -42,7 +42,7 @@ nbtest: install
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	@echo "installing Debian chromium for the browser test (needs root or sudo; ~30 s)"
-	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; \
 	else echo "FAIL: chromium is missing and this user is neither root nor has sudo: install it (apt-get install chromium fonts-liberation) or run as root"; exit 1; fi; \
 	{ $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
