@@ -257,8 +257,9 @@ def read_state(path) -> dict:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise
-    except OSError as e:
-        raise StateError(f"cannot read ({e.strerror or e})") from None
+    except OSError as e:          # permissions or the mount, not a damaged file: name the path and the errno
+        raise StateError(f"cannot read {path}: [Errno {e.errno} {errno.errorcode.get(e.errno, '?')}] "
+                         f"{e.strerror or e} (as uid {os.getuid()}; fix access, the file itself may be fine)") from None
     if not raw.strip():
         raise StateError("file is empty (truncated write?)")
     try:

@@ -188,12 +188,15 @@ def _os_problem(path: Path, readonly: bool) -> OSError | None:
     try:
         if readonly or path.exists():
             os.close(os.open(path, os.O_RDONLY if readonly else os.O_RDWR))
-        if not readonly:          # SQLite creates the journal, its -wal and its -shm in the same folder
+    except OSError as e:
+        return e
+    if not readonly:              # SQLite creates the journal, its -wal and its -shm in the same folder
+        try:
             fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".cryptobot-probe-")
             os.close(fd)
             os.unlink(probe)
-    except OSError as e:
-        return e
+        except OSError as e:
+            return OSError(e.errno, e.strerror, f"folder {path.parent} (SQLite creates {path.name}-wal/-shm there)")
     return None
 
 
@@ -206,11 +209,11 @@ def open_error(path, readonly: bool, e: sqlite3.DatabaseError) -> JournalError:
     how = "for reading" if readonly else "for writing"
     oe = _os_problem(path, readonly)
     if oe is not None:
-        code = errno.errorcode.get(oe.errno, "?")
+        code, on = errno.errorcode.get(oe.errno, "?"), oe.filename or path
         fix = ("the file system is mounted read-only: remount it read-write" if oe.errno == errno.EROFS else
-               f"give the runner's user access (owner/mode of {oe.filename or path})")
-        return JournalError(f"journal {path} cannot be opened {how}: {oe.filename or path}: [Errno {oe.errno} {code}] "
-                            f"{oe.strerror}; {fix}. The journal is not damaged: do not move it aside")
+               "give the user who runs this command access (owner or mode)")
+        return JournalError(f"journal {path} cannot be opened {how}: [Errno {oe.errno} {code}] {oe.strerror} on {on}; "
+                            f"{fix}. The journal is not damaged: do not move it aside")
     return JournalError(f"journal {path} cannot be opened {how} ({e}; {name}); not a sign of corruption: check "
                         f"disk space, permissions and the mount, and do not move it aside")
 
