@@ -456,7 +456,7 @@ class Guardian:
             if not (last and last[0]["message"] == g.discrepancy):
                 self.journal.record_lock(g.discrepancy)
             st["lock"] = dict(self.journal.rebuild_guardian_state(now=self.clock())["lock"])
-        self._state = self._cross_check(st)
+        self._state = self._cross_check(st, None if g.discrepancy else g.rebuild)
         if g.discrepancy:
             self._save(self._state)
 
@@ -464,8 +464,10 @@ class Guardian:
         self._state = self._locked_state(error)
         self._state_error = error
 
-    def _cross_check(self, st: dict) -> dict:
-        rb = self.journal.rebuild_guardian_state(day=st["pnl"]["day"] or utc_day(self.clock()))
+    def _cross_check(self, st: dict, rb: dict | None = None) -> dict:
+        day = st["pnl"]["day"] or utc_day(self.clock())
+        if rb is None or rb["pnl"]["day"] != day:           # the gate's rebuild is for today; state.json's day may differ
+            rb = self.journal.rebuild_guardian_state(day=day)
         changes = {}
         if rb["lock"]["locked"] and not st["lock"]["locked"]:
             changes["lock"] = (st["lock"], rb["lock"])
