@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
-import errno
 import hmac
 import json
 import math
