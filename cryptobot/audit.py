@@ -643,17 +643,21 @@ def check_approval_gate(ev: Evidence) -> Check:
 
 # %% ../nbs/16_audit.ipynb #054c6243
 def check_state_valid(ev: Evidence) -> Check:
+    "state.json validates and is current, and the entry gate (the runner's own answer) allows entries."
+    from cryptobot.guardian import entry_gate
+    gate = entry_gate(ev.state_dir, now=ev.now)
+    refused = "entries REFUSED: " + "; ".join(gate.reasons) if not gate else "entries allowed"
     st, err = ev.state()
-    if st is None:
-        why = "missing" if "FileNotFound" in (err or "") else "unreadable"
-        return Check("guardian", "state_valid", FAIL, f"{ev.state_path}: {why} ({err})",
+    if st is None or gate.journal_error or gate.state_problem:
+        why = "missing" if "FileNotFound" in (err or "") else "unreadable" if st is None else "untrustworthy"
+        return Check("guardian", "state_valid", FAIL, f"{ev.state_path}: {why} ({err or 'valid'}); {refused}",
                      "no trustworthy Guardian state: the runner would start locked (or has never run)")
     age = ev.now - st["updated_at"]
-    lk = st["lock"]
-    txt = (f"{ev.state_path} valid (schema {st['schema_version']}); updated {_age(age)} ago; lock "
-           f"{'LOCKED: ' + str(lk['reason']) if lk['locked'] else 'open'}; loss streak {st['consecutive_losses']}")
-    if lk["locked"]:
-        return Check("guardian", "state_valid", WARN, txt, "the kill switch is locked: review, then cryptobot unlock")
+    txt = (f"{ev.state_path} valid (schema {st['schema_version']}); updated {_age(age)} ago; {refused}; loss streak "
+           f"{st['consecutive_losses']}")
+    if not gate:
+        return Check("guardian", "state_valid", WARN, txt, "the runner refuses entries (kill switch or a state problem): "
+                     "review, then cryptobot unlock")
     if age > ev.tf_s + ev.settings.max_data_age_s:
         return Check("guardian", "state_valid", WARN, txt, "state.json is not current: the runner has not updated it "
                      "for more than a candle")

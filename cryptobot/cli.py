@@ -239,8 +239,12 @@ def cmd_config(a) -> int:
 
 
 def cmd_run(a, mode=None) -> int:
+    "The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID)."
+    from cryptobot.guardian import runner_lock
     from cryptobot.live import run
-    return run(_settings(), mode=mode, model=a.model, max_candles=a.max_candles)
+    s = _settings()
+    with runner_lock(s.state_dir):
+        return run(s, mode=mode, model=a.model, max_candles=a.max_candles)
 
 
 def cmd_paper(a) -> int:

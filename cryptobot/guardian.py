@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
-import getpass
 import hashlib
 import hmac
 import json
 import math
 import os
+import pwd
 import secrets
 import threading
 import time
@@ -28,10 +29,11 @@ from .journal import ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
 from .risk import Market, Plan, RiskEngine
 
 # %% auto #0
-__all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'GuardianError', 'ApprovalError', 'StateError',
-           'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval', 'Denial', 'fresh_state',
-           'validate_state', 'read_state', 'write_state_atomic', 'state_lock', 'update_state', 'Guardian',
-           'status_report', 'format_status', 'unlock_cli']
+__all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'RUNNER_LOCK_FILE', 'GuardianError',
+           'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
+           'Denial', 'fresh_state', 'validate_state', 'read_state', 'write_state_atomic', 'state_lock', 'update_state',
+           'Gate', 'unreadable_reason', 'entry_gate', 'Guardian', 'status_report', 'format_status', 'unlock_cli',
+           'RunnerLocked', 'runner_lock']
 
 # %% ../nbs/08_guardian.ipynb #72762770
 def _one_line(s) -> str:
@@ -255,8 +257,9 @@ def read_state(path) -> dict:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise
-    except OSError as e:
-        raise StateError(f"cannot read ({e.strerror or e})") from None
+    except OSError as e:          # permissions or the mount, not a damaged file: name the path and the errno
+        raise StateError(f"cannot read {path}: [Errno {e.errno} {errno.errorcode.get(e.errno, '?')}] "
+                         f"{e.strerror or e} (as uid {os.getuid()}; fix access, the file itself may be fine)") from None
     if not raw.strip():
         raise StateError("file is empty (truncated write?)")
     try:
@@ -301,14 +304,98 @@ def update_state(state_dir, mutate: Callable[[dict], None], clock=time.time) -> 
         write_state_atomic(path, st)
         return st
 
-# %% ../nbs/08_guardian.ipynb #00f0dfb4
+# %% ../nbs/08_guardian.ipynb #cd03baf0
 def _whoami() -> str:
+    "Who runs this process: the OS account of its real uid (not $USER, which anyone can set), and $SUDO_USER beside it."
+    uid = os.getuid()
     try:
-        return getpass.getuser()
-    except Exception:   # no passwd entry in some containers
-        return os.environ.get("USER") or f"uid-{os.getuid()}"
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:                  # no passwd entry (some containers)
+        name = f"uid-{uid}"
+    sudo = os.environ.get("SUDO_USER", "").strip()
+    return f"{name} (uid {uid}, SUDO_USER={_one_line(sudo)})" if sudo else f"{name} (uid {uid})"
+
+# %% ../nbs/08_guardian.ipynb #4c613d5b
+@dataclass(frozen=True)
+class Gate:
+    "May the bot open a position (`allowed`), and every reason why not, from state.json and the journal."
+    allowed: bool
+    reasons: tuple[str, ...]
+    state: dict | None = None            # state.json as read (None: missing or unreadable)
+    rebuild: dict | None = None          # journal.rebuild_guardian_state() (None: no usable journal)
+    history: bool = False                # the journal has rows (an earlier run)
+    state_problem: str | None = None     # why state.json cannot be trusted (the runner locks with it)
+    journal_error: str | None = None
+    discrepancy: str | None = None       # state.json claims less than the journal proves
+    never_run: bool = False
+
+    def __bool__(self):
+        return self.allowed
+
+    def __str__(self):
+        return "entries allowed" if self.allowed else "LOCKED: " + "; ".join(self.reasons)
 
 
+def unreadable_reason(problem: str) -> str:
+    "The lock reason for a state.json that cannot be trusted (the runner journals exactly this)."
+    return f"state.json unreadable: {problem}; investigate, then cryptobot unlock --reason TEXT"
+
+
+def _journal_facts(j: Journal, now: float):
+    return j.rebuild_guardian_state(now=now), j.has_history()
+
+# %% ../nbs/08_guardian.ipynb #c29ad8c4
+def _discrepancy(st: dict, rb: dict) -> str | None:
+    "What state.json claims less than the journal proves, if it was saved after the journal's last change."
+    lower = []
+    if st["consecutive_losses"] < rb["consecutive_losses"]:
+        lower.append(f"loss streak {st['consecutive_losses']} in state.json, {rb['consecutive_losses']} in the journal")
+    if rb["lock"]["locked"] and not st["lock"]["locked"]:
+        lower.append("unlocked in state.json, locked in the journal (no unlock journaled)")
+    if not lower or (rb["changed_at"] is not None and st["updated_at"] < rb["changed_at"]):
+        return None              # agrees, or saved before the journal's last change (a crash between the writes)
+    return ("state.json disagrees with the journal although it was saved after the journal's last trade/lock/unlock ("
+            + "; ".join(lower) + "): edited by hand or damaged; investigate, then cryptobot unlock --reason TEXT")
+
+
+def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
+    "Read-only: may the bot open a position, and why not. `journal`: the runner's own; None opens it read-only."
+    sd = Path(state_dir)
+    sp, jp = sd / STATE_FILE, sd / JOURNAL_FILE
+    now = time.time() if now is None else to_epoch(now, "now")
+    rb, history, jerr, st, problem, reasons = None, False, None, None, None, []
+    if journal is not None:
+        rb, history = _journal_facts(journal, now)
+    elif jp.exists():
+        try:
+            with Journal(jp, readonly=True) as j:
+                rb, history = _journal_facts(j, now)
+        except JournalError as e:
+            jerr = str(e)
+    try:
+        st = read_state(sp)
+    except FileNotFoundError:
+        if history:
+            problem = "state.json is missing but the journal shows earlier runs"
+    except StateError as e:
+        problem = str(e)
+    if jerr:
+        reasons.append(jerr)
+    elif (st is not None or problem) and not history:
+        problem = problem or "state.json exists but the journal is empty or missing (journal lost or replaced)"
+    if problem:
+        reasons.append(unreadable_reason(problem))
+    if st is not None and st["lock"]["locked"]:
+        reasons.append(st["lock"]["reason"])
+    if rb is not None and rb["lock"]["locked"] and rb["lock"]["reason"] not in reasons:
+        reasons.append(rb["lock"]["reason"])
+    why = _discrepancy(st, rb) if st is not None and rb is not None and not problem else None
+    if why and why not in reasons:
+        reasons.append(why)
+    return Gate(not reasons, tuple(reasons), st, rb, history, problem, jerr, why,
+                never_run=not reasons and st is None and not history)
+
+# %% ../nbs/08_guardian.ipynb #00f0dfb4
 class Guardian:
     "Pre-trade checks, single-use approvals, kill switch and PnL state for one state dir."
 
@@ -343,7 +430,7 @@ class Guardian:
         st["consecutive_losses"] = rb["consecutive_losses"]
         st["pnl"] = dict(rb["pnl"])
         st["equity_high_water"], st["last_candle"] = rb["equity_high_water"], rb["last_candle"]
-        reason = f"state.json unreadable: {error}; investigate, then cryptobot unlock --reason TEXT"
+        reason = unreadable_reason(error)
         last = self.journal.last_events(1, kind="lock")
         if not (rb["lock"]["locked"] and last and last[0]["message"] == reason):
             self.journal.record_lock(reason)     # journaled once per distinct problem, never silently
@@ -352,29 +439,35 @@ class Guardian:
         return st
 
     def _load(self):
-        "Read state.json (caller holds the file lock), fail closed, cross-check with the journal."
-        try:
-            st = read_state(self.state_path)
-            if not self.journal.has_history():
-                raise StateError("state.json exists but the journal is empty (journal lost or replaced)")
-        except FileNotFoundError:
-            if self.journal.has_history():
-                return self._fail("state.json is missing but the journal shows earlier runs")
+        "Read state.json (caller holds the file lock) through `entry_gate`: fail closed, lock on a hand edit, repair."
+        g = entry_gate(self.state_dir, journal=self.journal, now=self.clock())
+        if g.state_problem:
+            return self._fail(g.state_problem)
+        st = g.state
+        if st is None:                          # the first run: no state.json and an empty journal
             st = fresh_state(self.clock())
             self.journal.log_event("state_initialised", f"first run: fresh {self.state_path}")
             write_state_atomic(self.state_path, st)
             self._state, self._state_error = st, None
             return
-        except StateError as e:
-            return self._fail(str(e))
-        self._state, self._state_error = self._cross_check(st), None
+        self._state_error = None
+        if g.discrepancy:                       # state.json claims less than the journal proves: lock, journaled once
+            last = self.journal.last_events(1, kind="lock")
+            if not (last and last[0]["message"] == g.discrepancy):
+                self.journal.record_lock(g.discrepancy)
+            st["lock"] = dict(self.journal.rebuild_guardian_state(now=self.clock())["lock"])
+        self._state = self._cross_check(st, None if g.discrepancy else g.rebuild)
+        if g.discrepancy:
+            self._save(self._state)
 
     def _fail(self, error: str):
         self._state = self._locked_state(error)
         self._state_error = error
 
-    def _cross_check(self, st: dict) -> dict:
-        rb = self.journal.rebuild_guardian_state(day=st["pnl"]["day"] or utc_day(self.clock()))
+    def _cross_check(self, st: dict, rb: dict | None = None) -> dict:
+        day = st["pnl"]["day"] or utc_day(self.clock())
+        if rb is None or rb["pnl"]["day"] != day:           # the gate's rebuild is for today; state.json's day may differ
+            rb = self.journal.rebuild_guardian_state(day=day)
         changes = {}
         if rb["lock"]["locked"] and not st["lock"]["locked"]:
             changes["lock"] = (st["lock"], rb["lock"])
@@ -521,9 +614,12 @@ def _checks(self, signal, plan, ctx, st) -> list[Failure]:
     symbol = getattr(signal, "symbol", None)
     market = getattr(ctx, "market", None)
 
-    def lock():
-        if st["lock"]["locked"]:
-            return [F(Reason.KILL_SWITCH, st["lock"]["reason"])]
+    def lock():          # the same entry_gate that status, the dashboard and the audit show
+        why = list(entry_gate(self.state_dir, journal=self.journal, now=self.clock()).reasons)
+        if st["lock"]["locked"] and st["lock"]["reason"] not in why:
+            why.insert(0, st["lock"]["reason"])
+        if why:
+            return [F(Reason.KILL_SWITCH, "; ".join(why))]
 
     def mode():
         if getattr(ctx, "mode", None) != s.mode:
@@ -699,50 +795,39 @@ Guardian._checks, Guardian.approve, Guardian.redeem = _checks, _approve, _redeem
 
 # %% ../nbs/08_guardian.ipynb #1d64df3f
 def status_report(settings, now: float | None = None) -> dict:
-    "Mode, lock, loss streak, realised PnL, open positions, last candle and its age, file paths — read-only."
+    "Mode, the entry gate (locked and why), loss streak, realised PnL, open positions, last candle — read-only."
     now = time.time() if now is None else to_epoch(now, "now")
     sd = Path(settings.state_dir)
     sp, jp = sd / STATE_FILE, sd / JOURNAL_FILE
+    g = entry_gate(sd, now=now)
     d = {"mode": settings.mode, "symbol": settings.symbol, "state_path": str(sp), "journal_path": str(jp),
-         "state_error": None, "journal_error": None, "open_positions": [], "kill_switch_losses": settings.kill_switch_losses}
-    rb, history = None, False
-    if jp.exists():
+         "state_error": g.state_problem, "journal_error": g.journal_error, "open_positions": [],
+         "kill_switch_losses": settings.kill_switch_losses, "entries_allowed": g.allowed,
+         "lock_reasons": list(g.reasons), "never_run": g.never_run}
+    if g.rebuild is not None and jp.exists():
         try:
             with Journal(jp, readonly=True) as j:
-                rb, history = j.rebuild_guardian_state(now=now), j.has_history()
-                d["open_positions"] = j.open_positions()
-                d["open_orders"] = len(j.open_intents())
+                d["open_positions"], d["open_orders"] = j.open_positions(), len(j.open_intents())
         except JournalError as e:
             d["journal_error"] = str(e)
-    st = None
-    try:
-        st = read_state(sp)
-    except FileNotFoundError:
-        if history or d["journal_error"]:
-            d["state_error"] = "state.json is missing but the journal shows earlier runs"
-    except StateError as e:
-        d["state_error"] = str(e)
-    if st is None and d["state_error"] is None:
-        d.update(never_run=True, locked=False, lock_reason=None, lock_since=None, consecutive_losses=0,
-                 pnl_day=0.0, pnl_day_date=utc_day(now), pnl_total=0.0, equity_high_water=None, last_candle=None,
-                 last_candle_age_s=None)
-        return d
-    if st is None:
-        st = {"lock": {"locked": True, "since": None,
-                       "reason": f"state.json unreadable: {d['state_error']}; investigate, then cryptobot unlock --reason TEXT"},
-              "consecutive_losses": rb["consecutive_losses"] if rb else None,
-              "pnl": dict(rb["pnl"]) if rb else {"day": None, "day_pnl": None, "total": None},
-              "equity_high_water": rb and rb["equity_high_water"], "last_candle": rb and rb["last_candle"]}
-    lock = dict(st["lock"])
-    if rb and rb["lock"]["locked"] and not lock["locked"]:
-        lock = dict(rb["lock"])          # the journal says locked: show the stricter view
+    st, rb = g.state, g.rebuild
+    lock = (st or {}).get("lock") or {}
+    since = lock.get("since") if lock.get("locked") else (rb or {}).get("lock", {}).get("since")
+    both = [x for x in (st, rb) if x is not None]
+    top = lambda k: max((x[k] for x in both if x[k] is not None), default=None)
     today = utc_day(now)
-    day_pnl = st["pnl"]["day_pnl"] if st["pnl"]["day"] == today else 0.0
-    last = st["last_candle"]
-    d.update(never_run=False, locked=lock["locked"], lock_reason=lock["reason"], lock_since=iso(lock["since"]),
-             consecutive_losses=st["consecutive_losses"], pnl_day=day_pnl, pnl_day_date=today,
-             pnl_total=st["pnl"]["total"], equity_high_water=st["equity_high_water"], last_candle=iso(last),
-             last_candle_age_s=None if last is None else round(now - last, 1))
+    if rb is not None:
+        day_pnl, total = rb["pnl"]["day_pnl"], rb["pnl"]["total"]
+    elif st is not None:
+        day_pnl, total = (st["pnl"]["day_pnl"] if st["pnl"]["day"] == today else 0.0), st["pnl"]["total"]
+    else:
+        day_pnl = total = 0.0 if g.never_run else None
+    last = top("last_candle")
+    d.update(locked=not g.allowed, lock_reason="; ".join(g.reasons) or None,
+             lock_since=iso(since) if not g.allowed else None,
+             consecutive_losses=top("consecutive_losses") if both else (0 if g.never_run else None),
+             pnl_day=day_pnl, pnl_day_date=today, pnl_total=total, equity_high_water=top("equity_high_water"),
+             last_candle=iso(last), last_candle_age_s=None if last is None else round(now - last, 1))
     return d
 
 
@@ -751,13 +836,14 @@ def format_status(d: dict) -> str:
     def money(x):
         return "?" if x is None else f"{x:+,.2f}"
     lines = [f"cryptobot  mode {d['mode']}  symbol {d.get('symbol', '?')}"]
-    if d.get("never_run"):
-        lines.append("state      never run (no journal, no state.json yet)")
-    elif d["locked"]:
-        lines.append(f"LOCKED     since {d['lock_since'] or '?'}: {d['lock_reason']}")
+    if d["locked"]:
+        lines.append(f"LOCKED     entries refused since {d['lock_since'] or '?'}: {d['lock_reason']}")
+    elif d.get("never_run"):
+        lines.append("state      never run (no journal, no state.json yet): entries allowed on the first run")
     else:
         lines.append("lock       unlocked: entries allowed")
-    lines.append(f"losses     {d['consecutive_losses']} in a row (kill switch at {d['kill_switch_losses']})")
+    n = d["consecutive_losses"]
+    lines.append(f"losses     {'?' if n is None else n} in a row (kill switch at {d['kill_switch_losses']})")
     hw = d.get("equity_high_water")
     lines.append(f"pnl        today ({d['pnl_day_date']}) {money(d['pnl_day'])}   total {money(d['pnl_total'])}"
                  + (f"   equity high-water {hw:,.2f}" if hw is not None else ""))
@@ -783,3 +869,45 @@ def unlock_cli(settings, reason: str, who: str | None = None) -> str:
     sd = Path(settings.state_dir)
     with Journal(sd / JOURNAL_FILE) as j:
         return Guardian(settings, sd, j).unlock(reason, who or _whoami())
+
+# %% ../nbs/08_guardian.ipynb #0eb2065e
+RUNNER_LOCK_FILE = "runner.lock"
+
+
+class RunnerLocked(GuardianError):
+    "Another runner holds the state dir."
+
+
+def _holder(fd: int, tries: int = 20) -> str:
+    "The PID written in the lock file by its holder (it writes it right after taking the lock)."
+    for _ in range(tries):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "unknown"
+
+
+@contextmanager
+def runner_lock(state_dir):
+    "Hold `state_dir/runner.lock` (exclusive flock, our PID inside) for the block; `RunnerLocked` if another runner has it."
+    sd = Path(state_dir)
+    p = sd / RUNNER_LOCK_FILE
+    try:
+        sd.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise GuardianError(f"cannot take the runner lock {e.filename or p}: [Errno {e.errno} "
+                            f"{errno.errorcode.get(e.errno, '?')}] {e.strerror}; the state dir must be writable by "
+                            f"the runner's user") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunnerLocked(f"another runner (pid {_holder(fd)}) holds state dir {sd} ({p}); one runner per "
+                               f"state dir: stop that one first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield p
+    finally:
+        os.close(fd)                  # closing the only descriptor releases the flock

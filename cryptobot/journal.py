@@ -5,10 +5,13 @@
 # %% ../nbs/07_journal.ipynb #3b2d8c6f
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import math
 import sqlite3
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from typing import Iterable, Mapping
 
 # %% auto #0
 __all__ = ['PURPOSES', 'FINAL_STATUSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso', 'utc_day',
-           'ClosedTrade', 'Journal']
+           'ClosedTrade', 'open_error', 'Journal']
 
 # %% ../nbs/07_journal.ipynb #3776c1a5
 class JournalError(RuntimeError):
@@ -176,6 +179,44 @@ class ClosedTrade:
         "Net pnl ≤ 0 counts as a loss (a break-even trade after fees earned nothing; the kill switch counts it)."
         return self.pnl <= 0
 
+# %% ../nbs/07_journal.ipynb #3bb4fcbe
+_CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
+
+def _os_problem(path: Path, readonly: bool) -> OSError | None:
+    "The OS error that keeps this process from opening `path` (and, to write, creating files beside it), or None."
+    try:
+        if readonly or path.exists():
+            os.close(os.open(path, os.O_RDONLY if readonly else os.O_RDWR))
+    except OSError as e:
+        return e
+    if not readonly:              # SQLite creates the journal, its -wal and its -shm in the same folder
+        try:
+            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".cryptobot-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return OSError(e.errno, e.strerror, f"folder {path.parent} (SQLite creates {path.name}-wal/-shm there)")
+    return None
+
+
+def open_error(path, readonly: bool, e: sqlite3.DatabaseError) -> JournalError:
+    "One line for a journal that SQLite would not open: corruption (move it aside) vs permissions/mount (do not)."
+    path, name = Path(path), getattr(e, "sqlite_errorname", None) or type(e).__name__
+    if name.startswith(_CORRUPT):
+        return JournalError(f"journal {path} is not a usable SQLite database ({e}; {name}): the file is damaged; "
+                            f"move it aside (keep it as evidence) and investigate")
+    how = "for reading" if readonly else "for writing"
+    oe = _os_problem(path, readonly)
+    if oe is not None:
+        code, on = errno.errorcode.get(oe.errno, "?"), oe.filename or path
+        fix = ("the file system is mounted read-only: remount it read-write" if oe.errno == errno.EROFS else
+               "give the user who runs this command access (owner or mode)")
+        return JournalError(f"journal {path} cannot be opened {how}: [Errno {oe.errno} {code}] {oe.strerror} on {on}; "
+                            f"{fix}. The journal is not damaged: do not move it aside")
+    return JournalError(f"journal {path} cannot be opened {how} ({e}; {name}); not a sign of corruption: check "
+                        f"disk space, permissions and the mount, and do not move it aside")
+
 # %% ../nbs/07_journal.ipynb #713bc984
 def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection:
     if readonly:
@@ -216,8 +257,7 @@ class Journal:
             self._con.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise JournalError(f"journal {self.path} is not a usable SQLite database ({e}); "
-                               f"move it aside and investigate") from None
+            raise open_error(self.path, readonly, e) from None
 
     # -- plumbing
     def _migrate(self):
@@ -680,9 +720,11 @@ def _rebuild_guardian_state(self, day: str | None = None, now: float | None = No
     hw = self._query("SELECT MAX(e) AS hw FROM (SELECT MAX(equity) AS e FROM marks UNION ALL "
                      "SELECT MAX(equity_after) FROM trades)")[0]["hw"]
     last = self._query("SELECT MAX(candle_time) AS t FROM marks")[0]["t"]
+    # when the last event that moves the streak or the lock was written: a state.json saved after it must agree
+    changed = self._query("SELECT MAX(ts) AS t FROM events WHERE kind IN ('trade', 'lock', 'unlock')")[0]["t"]
     return {"consecutive_losses": losses, "lock": {"locked": locked, "since": since, "reason": reason},
             "pnl": {"day": day, "day_pnl": day_pnl, "total": total}, "equity_high_water": hw,
-            "last_candle": last, "trades": n}
+            "last_candle": last, "trades": n, "changed_at": changed}
 
 
 Journal.rebuild_guardian_state = _rebuild_guardian_state

@@ -374,3 +374,34 @@ def test_candles_given_as_a_path_are_a_source(tmp_path):
     ev = A.Evidence(Settings(state_dir=tmp_path / "st", data_dir=tmp_path / "d"), candles=str(path))
     sources = ev.candle_sources()
     assert [len(df) for label, df in sources if label.startswith("given candles")] == [800]
+
+
+@pytest.mark.parametrize("damage", ["none", "journal_deleted", "streak_lowered_by_hand"])
+def test_state_valid_reports_the_runners_entry_gate(tmp_path, damage):
+    "The audit's state_valid check asks the same entry gate as the runner: it cannot PASS a state the runner refuses."
+    from cryptobot.guardian import Guardian, entry_gate
+    from cryptobot.journal import ClosedTrade, Journal
+    s = settings_for(tmp_path)
+    now, t0 = time.time(), time.time() - 7200
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        g = Guardian(s, s.state_dir, j)
+        for i in range(2):
+            g.record_trade(ClosedTrade(f"t{i}", "BTC/USDT", t0 + i, t0 + 60 + i, 100.0, 98.0, 1.0, 0.2, -2.2, "stop"))
+        g.note_candle(now - 60, 10_000.0)
+    if damage == "journal_deleted":
+        for p in s.state_dir.glob("journal.sqlite*"):
+            p.unlink()
+    elif damage == "streak_lowered_by_hand":
+        st = json.loads((s.state_dir / "state.json").read_text())
+        st["consecutive_losses"] = 0
+        (s.state_dir / "state.json").write_text(json.dumps(st))
+    c = A.run_check("state_valid", A.Evidence(s, now=now))
+    gate = entry_gate(s.state_dir, now=now)
+    if damage == "none":
+        assert gate and c.status == A.PASS and "entries allowed" in c.evidence, c
+        return
+    assert not gate and c.status in (A.WARN, A.FAIL) and "entries REFUSED: " + "; ".join(gate.reasons) in c.evidence, c
+    assert c.status == (A.FAIL if damage == "journal_deleted" else A.WARN)
+    if damage == "streak_lowered_by_hand":
+        with Journal(s.state_dir / "journal.sqlite") as j:                    # the runner agrees
+            assert Guardian(s, s.state_dir, j).state["lock"]["reason"] == gate.reasons[0]

@@ -147,3 +147,80 @@ def test_env_file_option(tmp_path):
     env_file.write_text("CRYPTOBOT_RISK_PCT=7\n")
     r = run(["--env-file", str(env_file), "config"], tmp_path)
     assert r.returncode == 78 and "CRYPTOBOT_RISK_PCT" in one_error_line(r, "config")
+
+
+def test_second_runner_on_one_state_dir_is_refused_naming_the_first(tmp_path):
+    "Two real `cryptobot run` processes on one state dir: the second exits non-zero with one line naming the first's"
+    "PID; `cryptobot status` keeps working while the first runs; SIGTERM ends the first and frees the state dir."
+    import signal
+    from cryptobot import data as D, model as M
+    from cryptobot.emulator import Emulator
+    from cryptobot.guardian import RUNNER_LOCK_FILE, runner_lock
+    c = D.synthetic_candles(n=2_200, seed=9)
+    model = M.train_walk_forward(c.iloc[:1_900], n_folds=2, params={"max_iter": 20}).save(tmp_path / "models")
+    emu = Emulator(c, clock="accelerated", speed=60.0, start=2_000, api_key="k-7f3a9c", api_secret="s-b81d2e")
+    emu.start()
+    sd = tmp_path / "var"
+    env = {"CRYPTOBOT_STATE_DIR": str(sd), "CRYPTOBOT_EXCHANGE_URL": emu.base_url,
+           "BINANCE_API_KEY": "k-7f3a9c", "BINANCE_API_SECRET": "s-b81d2e"}
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_", "GO_LIVE"))}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([CRYPTOBOT, "run", "--model", str(model)], cwd=tmp_path, env={**e, **env},
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.time() + 90
+        while "event=candle " not in (tmp_path / "first.log").read_text():      # trading: reconciled, one candle done
+            assert first.poll() is None and time.time() < end, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        second = run(["run", "--model", str(model), "--max-candles", "1"], tmp_path, env=env, timeout=60)
+        assert second.returncode != 0 and second.stdout == "", second.stdout[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0] == one_error_line(second, "run"), second.stderr
+        assert f"another runner (pid {first.pid}) holds state dir {sd}" in lines[0], lines[0]
+        st = run(["status", "--json"], tmp_path, env=env)
+        assert st.returncode == 0 and json.loads(st.stdout)["entries_allowed"] is True, st.stderr
+        assert first.poll() is None                                              # the first runner is untouched
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-2000:]
+        with runner_lock(sd):                                                    # released with the process
+            assert (sd / RUNNER_LOCK_FILE).read_text().strip() == str(os.getpid())
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+        emu.stop()
+
+
+def test_status_says_locked_for_a_hand_lowered_streak_and_unlock_records_the_account(tmp_path):
+    "`cryptobot status` (a fresh process) says LOCKED where the runner would refuse; `cryptobot unlock` records the"
+    "OS account of its uid (not $USER) and $SUDO_USER beside it."
+    import pwd
+    from cryptobot.config import load_settings
+    from cryptobot.guardian import Guardian
+    from cryptobot.journal import Journal
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "var")}
+    s = load_settings(env=env, dotenv_path=tmp_path / "absent.env")
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        g = Guardian(s, s.state_dir, j)
+        for i in range(s.kill_switch_losses - 1):
+            g.record_trade({"trade_key": f"t{i}", "symbol": "BTC/USDT", "entry_time": f"2024-01-01T0{i}:00:00+00:00",
+                            "exit_time": f"2024-01-01T0{i}:30:00+00:00", "entry_price": 100.0, "exit_price": 98.0,
+                            "amount": 1.0, "fees": 0.2, "pnl": -2.2, "exit_reason": "stop"})
+        g.note_candle(time.time() - 60, 10_000.0)
+    before = run(["status"], tmp_path, env=env)
+    assert before.returncode == 0 and before.stdout.splitlines()[1].startswith("lock       unlocked"), before.stdout
+    st = json.loads((s.state_dir / "state.json").read_text())
+    st["consecutive_losses"] = 0                                          # lowered by hand
+    (s.state_dir / "state.json").write_text(json.dumps(st))
+    r = run(["status"], tmp_path, env=env)
+    head = r.stdout.splitlines()[1]
+    assert r.returncode == 0 and head.startswith("LOCKED") and "entries allowed" not in r.stdout, r.stdout
+    assert f"loss streak 0 in state.json, {s.kill_switch_losses - 1} in the journal" in head, head
+    assert json.loads(run(["status", "--json"], tmp_path, env=env).stdout)["entries_allowed"] is False
+    r = run(["unlock", "--reason", "reviewed the edit"], tmp_path, env={**env, "USER": "mallory", "LOGNAME": "mallory",
+                                                                        "SUDO_USER": "alice"})
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert r.returncode == 0 and f"unlocked by {me} (uid {os.getuid()}, SUDO_USER=alice)" in r.stdout, r.stdout + r.stderr
+    with Journal(s.state_dir / "journal.sqlite", readonly=True) as j:
+        assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER=alice)"
+    assert run(["status"], tmp_path, env=env).stdout.splitlines()[1] == "lock       unlocked: entries allowed"

@@ -107,3 +107,40 @@ def test_serve_dashboard_serves_the_monitor_and_stops_on_a_signal(tmp_path, sig)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
+
+
+@pytest.mark.parametrize("damage", ["journal_deleted", "journal_corrupt", "streak_lowered_by_hand"])
+def test_page_says_locked_where_the_runner_refuses(tmp_path, damage):
+    "The dashboard's kill-switch card comes from the same entry gate as `cryptobot status` and the runner's Guardian."
+    import json
+    from cryptobot.guardian import Guardian, entry_gate
+    from cryptobot.journal import ClosedTrade, Journal, JournalError
+    from cryptobot.monitor import snapshot, status_html
+    s = Settings(state_dir=tmp_path)
+    t0 = time.time() - 7200
+    with Journal(tmp_path / "journal.sqlite") as j:
+        g = Guardian(s, tmp_path, j)
+        for i in range(2):
+            g.record_trade(ClosedTrade(f"t{i}", "BTC/USDT", t0 + i, t0 + 60 + i, 100.0, 98.0, 1.0, 0.2, -2.2, "stop"))
+        g.note_candle(time.time() - 60, 10_000.0)
+    if damage == "journal_deleted":
+        for p in tmp_path.glob("journal.sqlite*"):
+            p.unlink()
+    elif damage == "journal_corrupt":
+        (tmp_path / "journal.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    else:
+        st = json.loads((tmp_path / "state.json").read_text())
+        st["consecutive_losses"] = 0
+        (tmp_path / "state.json").write_text(json.dumps(st))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    snap = snapshot(s)
+    html = status_html(snap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files                 # the page wrote nothing
+    assert '<span id="cbm-lock">LOCKED</span>' in html and "entries allowed" not in html, html[:2000]
+    reason = snap["status"]["lock_reason"]
+    assert reason == "; ".join(entry_gate(tmp_path).reasons) and reason
+    try:                                                                       # what the runner decides
+        with Journal(tmp_path / "journal.sqlite") as j:
+            assert Guardian(s, tmp_path, j).locked
+    except JournalError as e:
+        assert str(e) == reason

@@ -14,7 +14,7 @@ from cryptobot import guardian as G
 from cryptobot.config import Settings
 from cryptobot.guardian import (Approval, ApprovalError, Context, Denial, Guardian, GuardianError, Reason, Signal,
                                 client_order_id, format_status, read_state, status_report, unlock_cli)
-from cryptobot.journal import ClosedTrade, Journal
+from cryptobot.journal import ClosedTrade, Journal, JournalError
 from cryptobot.risk import Market, Plan, RiskEngine
 
 T = 1_704_070_800.0  # 2024-01-01 01:00 UTC, a candle close
@@ -377,6 +377,7 @@ def test_state_behind_journal_takes_stricter_side(env):
     older = json.loads(json.dumps(good))
     older.update(consecutive_losses=0, lock={"locked": False, "since": None, "reason": None})
     older["pnl"]["total"] = 0.0
+    older["updated_at"] = env.j.last_events(1, kind="trade")[0]["ts"] - 1     # saved before the last journaled trade
     G.write_state_atomic(env.dir / "state.json", older)
     g2 = Guardian(env.s, env.dir, env.j, clock=env.clock)
     st = g2.state
@@ -516,3 +517,102 @@ def test_cli_status_and_unlock(tmp_path, monkeypatch, capsys):
     assert "unlocked by" in capsys.readouterr().out
     assert cli.main(["status"]) == 0
     assert "unlocked: entries allowed" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- one entry gate
+def _runner_decision(e):
+    "What the runner decides: a new process's Journal and Guardian on the state dir (as start_runner builds them),"
+    "asked to approve an entry. A Denial/Approval, or the one line the runner stops with when it cannot start."
+    e.clock.t += 1
+    try:
+        j = Journal(e.dir / "journal.sqlite", clock=e.clock)
+    except JournalError as err:
+        return str(err)
+    try:
+        close = e.clock.t - 10                                        # a fresh candle, so only the gate can deny
+        return Guardian(e.s, e.dir, j, clock=e.clock).approve(R(e.sig, candle_time=close), e.plan,
+                                                              R(e.ctx, now=e.clock.t, last_candle_close=close))
+    finally:
+        j.close()
+
+
+def _headline(d):
+    return format_status(d).splitlines()[1]
+
+
+def test_status_and_runner_agree_when_the_journal_is_deleted(tmp_path):
+    e = make_env(tmp_path)
+    e.g.record_trade(trade("w", 5.0))
+    e.j.close()
+    for p in tmp_path.glob("journal.sqlite*"):
+        p.unlink()
+    d = status_report(e.s, now=e.clock.t)
+    assert d["locked"] and not d["entries_allowed"] and _headline(d).startswith("LOCKED"), _headline(d)
+    assert "journal is empty or missing" in d["lock_reason"] and not (tmp_path / "journal.sqlite").exists()
+    dec = _runner_decision(e)
+    assert isinstance(dec, Denial) and dec.reasons == (Reason.KILL_SWITCH,)
+    assert dec.failures[0].detail == d["lock_reason"]                 # the same words, from the same function
+    assert status_report(e.s, now=e.clock.t)["lock_reason"] == d["lock_reason"]
+
+
+def test_status_and_runner_agree_when_the_journal_is_corrupt(tmp_path):
+    e = make_env(tmp_path)
+    e.j.close()
+    for p in tmp_path.glob("journal.sqlite-*"):
+        p.unlink()
+    (tmp_path / "journal.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    d = status_report(e.s, now=e.clock.t)
+    assert d["locked"] and _headline(d).startswith("LOCKED") and "entries allowed" not in format_status(d)
+    dec = _runner_decision(e)                                         # the runner cannot even open it
+    assert isinstance(dec, str) and "not a usable SQLite database" in dec and d["lock_reason"] == dec
+
+
+def test_hand_lowered_loss_streak_locks_status_and_runner(tmp_path):
+    e = make_env(tmp_path)                                            # kill switch at 3
+    _lock(e, 2)
+    e.clock.t += 3600
+    e.g.note_candle(T + 3600, 10_000.0)                               # state.json saved after the last trade
+    st = read_state(tmp_path / "state.json")
+    st["consecutive_losses"] = 0                                      # "fixed" by hand
+    (tmp_path / "state.json").write_text(json.dumps(st))
+    d = status_report(e.s, now=e.clock.t)
+    assert d["locked"] and _headline(d).startswith("LOCKED") and d["consecutive_losses"] == 2
+    assert "loss streak 0 in state.json, 2 in the journal" in d["lock_reason"] and "edited by hand" in d["lock_reason"]
+    dec = _runner_decision(e)
+    assert isinstance(dec, Denial) and dec.reasons == (Reason.KILL_SWITCH,) and dec.failures[0].detail == d["lock_reason"]
+    st = read_state(tmp_path / "state.json")                          # the runner repaired and locked, journaled once
+    assert st["consecutive_losses"] == 2 and st["lock"]["reason"] == d["lock_reason"]
+    assert [x["message"] for x in e.j.last_events(5, kind="lock")] == [d["lock_reason"]]
+    assert status_report(e.s, now=e.clock.t)["lock_reason"] == d["lock_reason"]
+    assert "unlocked by" in unlock_cli(e.s, "looked at the edit", who="ops")
+    assert not status_report(e.s, now=e.clock.t)["locked"] and isinstance(_runner_decision(e), Approval)
+
+
+def test_state_saved_before_the_last_trade_is_repaired_not_locked(tmp_path):
+    "A crash between the journal write and the state write leaves an OLDER state.json: repaired, entries allowed."
+    e = make_env(tmp_path)
+    _lock(e, 1)
+    older = read_state(tmp_path / "state.json")
+    e.clock.t += 60
+    e.g.record_trade(trade("L1", -1.0))
+    G.write_state_atomic(tmp_path / "state.json", older)              # the second trade's state write never happened
+    d = status_report(e.s, now=e.clock.t)
+    assert not d["locked"] and d["consecutive_losses"] == 2 and _headline(d) == "lock       unlocked: entries allowed"
+    assert isinstance(_runner_decision(e), Approval)
+    assert read_state(tmp_path / "state.json")["consecutive_losses"] == 2
+
+
+def test_unlock_records_the_uid_account_not_USER(env, monkeypatch):
+    import pwd
+    _lock(env, 3)
+    me = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("USER", "mallory")
+    monkeypatch.setenv("LOGNAME", "mallory")
+    monkeypatch.setenv("SUDO_USER", "alice")
+    msg = unlock_cli(env.s, "reviewed the losses")
+    who = env.j.last_events(1, kind="unlock")[0]["data"]["who"]
+    assert who == f"{me} (uid {os.getuid()}, SUDO_USER=alice)" and "mallory" not in who and f"unlocked by {who}" in msg
+    _lock(env, 6)
+    monkeypatch.delenv("SUDO_USER")
+    unlock_cli(env.s, "again")
+    assert env.j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()})"

@@ -155,3 +155,94 @@ def test_readonly_refuses_unmigrated_and_missing(tmp_path):
         Journal(tmp_path / "old.sqlite", readonly=True)
     with pytest.raises(JournalError, match="read-only"):
         Journal(tmp_path / "old.sqlite").close() or Journal(tmp_path / "old.sqlite", readonly=True).log_event("x")
+
+
+# ------------------------------------------------------------------ read-only / foreign state dir vs a corrupt journal
+def _state_dir_with_history():
+    "A real journal with a lock on record, in a fresh folder under /tmp that other users may traverse (pytest's are 0700)."
+    import os
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="cb-ro-"))
+    os.chmod(d, 0o755)
+    sd = d / "var"
+    sd.mkdir()
+    with Journal(sd / "journal.sqlite") as j:
+        j.record_trade(_trade("a", -1.0))
+        j.record_lock("kill switch: evidence that must not be thrown away")
+    return d, sd
+
+
+OPEN_RW = "from cryptobot.journal import Journal, JournalError\ntry:\n    Journal({p!r})\nexcept JournalError as e:\n    print(e)\n"
+
+
+def _as_other_user(code):
+    """Run `code` in a fresh interpreter that, when we are root (root ignores file permissions), first imports what it
+    needs and then drops to user nobody (the interpreter itself lives under /root, which nobody may not read)."""
+    import os
+    if os.geteuid() == 0:
+        code = ("import os, sqlite3, cryptobot.journal\nos.setgroups([])\nos.setgid(65534)\nos.setuid(65534)\n"
+                "assert os.getuid() == 65534\n" + code)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("case", ["dir_0555", "file_0444_in_0555_dir"])
+def test_permission_denied_is_not_called_corruption(case):
+    "A state dir the runner's user may not write: the message names the path and errno and keeps the journal."
+    import os
+    import shutil
+    d, sd = _state_dir_with_history()
+    p = sd / "journal.sqlite"
+    try:
+        os.chmod(p, 0o666 if case == "dir_0555" else 0o444)       # dir_0555: the file is writable, its folder is not
+        os.chmod(sd, 0o555)
+        r = _as_other_user(OPEN_RW.format(p=str(p)))
+        msg = r.stdout.strip()
+        assert r.returncode == 0 and msg, r.stderr
+        assert "[Errno 13 EACCES] Permission denied" in msg and "not a usable SQLite database" not in msg, msg
+        assert "do not move it aside" in msg and "keep it as evidence" not in msg, msg
+        assert (str(sd) if case == "dir_0555" else str(p)) in msg, msg
+        # the reader (status, dashboard, audit) still reads it, as that other user, and creates nothing
+        r = _as_other_user(f"from cryptobot.journal import Journal\nprint(Journal({str(p)!r}, readonly=True)"
+                           f".rebuild_guardian_state()['lock']['locked'])")
+        assert r.stdout.strip() == "True", r.stderr
+        assert sorted(x.name for x in sd.iterdir()) == ["journal.sqlite"]
+    finally:
+        os.chmod(sd, 0o755)
+        shutil.rmtree(d)
+
+
+def test_read_only_mount_is_not_called_corruption():
+    "A state dir on a read-only mount (a private bind mount in its own namespace): EROFS, named, journal kept."
+    import os
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private read-only bind mount")
+    d, sd = _state_dir_with_history()
+    ro = d / "ro"
+    ro.mkdir()
+    try:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {sd} {ro} && touch {ro}/x"],
+                               capture_output=True, text=True)
+        if "Read-only file system" not in probe.stderr:
+            pytest.skip(f"no private read-only bind mount here: {probe.stderr.strip()[:200]}")
+        p = ro / "journal.sqlite"
+        r = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind -o ro {sd} {ro} && exec "$0" "$@"',
+                            sys.executable, "-c", OPEN_RW.format(p=str(p))], capture_output=True, text=True, timeout=60)
+        msg = r.stdout.strip()
+        assert "[Errno 30 EROFS] Read-only file system" in msg and str(p) in msg, (msg, r.stderr)
+        assert "remount it read-write" in msg and "do not move it aside" in msg, msg
+        assert "not a usable SQLite database" not in msg
+    finally:
+        shutil.rmtree(d)
+
+
+def test_really_corrupt_journal_still_says_move_it_aside(tmp_path):
+    p = tmp_path / "journal.sqlite"
+    p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)          # a real header, garbage after it
+    for ro in (False, True):
+        with pytest.raises(JournalError) as e:
+            Journal(p, readonly=ro)
+        msg = str(e.value)
+        assert "not a usable SQLite database" in msg and "move it aside (keep it as evidence)" in msg, msg
+        assert "do not move" not in msg and str(p) in msg
