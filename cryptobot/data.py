@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['log', 'OHLCV', 'PRICES', 'CandleDataError', 'timeframe_delta', 'parse_candles', 'canonicalize', 'load_candles',
-           'CandleReport', 'validate_candles', 'closed_only', 'synthetic_candles', 'raw_path', 'save_candles',
-           'import_candles', 'DownloadError', 'download_candles']
+__all__ = ['log', 'OHLCV', 'PRICES', 'CandleDataError', 'timeframe_delta', 'parse_candles', 'check_finite', 'canonicalize',
+           'load_candles', 'CandleReport', 'validate_candles', 'closed_only', 'synthetic_candles', 'raw_path',
+           'save_candles', 'import_candles', 'DownloadError', 'download_candles']
 
 # %% ../nbs/01_data.ipynb #1025171d
 log = logging.getLogger("cryptobot.data")
@@ -219,23 +219,30 @@ def _order(idx: pd.DatetimeIndex) -> tuple[str, int]:
     return "unordered", back
 
 
-def _non_finite(df: pd.DataFrame) -> tuple[int, pd.Timestamp | None, str | None]:
-    "OHLCV cells holding +-inf (a CSV's `inf` or `1e400`): (count, first open time in UTC, its column)."
-    bad = np.isinf(df[OHLCV].to_numpy(dtype="float64"))
+def _non_finite(df: pd.DataFrame, nan: bool = False) -> tuple[int, pd.Timestamp | None, str | None]:
+    "OHLCV cells holding +-inf (a CSV's `inf` or `1e400`; also NaN if `nan`): (count, first open time (UTC), 'col=value')."
+    a = df[OHLCV].to_numpy(dtype="float64")
+    bad = ~np.isfinite(a) if nan else np.isinf(a)
     if not bad.any():
         return 0, None, None
     rows = np.flatnonzero(bad.any(axis=1))
     k = int(rows[np.argmin(df.index[rows].asi8)])
-    return int(bad.sum()), pd.Timestamp(df.index[k]).tz_convert("UTC"), OHLCV[int(np.flatnonzero(bad[k])[0])]
+    j = int(np.flatnonzero(bad[k])[0])
+    return int(bad.sum()), pd.Timestamp(df.index[k]).tz_convert("UTC"), f"{OHLCV[j]}={a[k, j]}"
+
+
+def check_finite(df: pd.DataFrame, where: str = "candles", fix: str = "no exchange prints one: fix the source",
+                 nan: bool = True) -> None:
+    "Raise a one-line `CandleDataError` if an OHLCV cell is +-inf (or NaN, unless `nan=False`); the first one named."
+    n, at, cell = _non_finite(df, nan)
+    if n:
+        raise CandleDataError(f"{where}: {n} non-finite value(s) (first {at:%Y-%m-%d %H:%M} UTC: {cell}); {fix}")
 
 
 def canonicalize(raw: pd.DataFrame, where: str | None = None) -> pd.DataFrame:
     "Sort by open time, collapse exact duplicates, refuse conflicting ones and non-finite values; records what it did."
     where = where or raw.attrs.get("source", "candles")
-    n_inf, at, col = _non_finite(raw)
-    if n_inf:
-        raise CandleDataError(f"{where}: {n_inf} non-finite value(s) (inf; first {at:%Y-%m-%d %H:%M} UTC, {col}); "
-                              "no exchange prints one: fix the source")
+    check_finite(raw, where, nan=False)       # NaN cells are kept for validate_candles to count and refuse
     n_conf, first = _conflicts(raw)
     if n_conf:
         raise CandleDataError(f"{where}: {n_conf} open time(s) appear twice with different values (first "

@@ -601,3 +601,14 @@ def test_a_fifo_is_refused_not_read(tmp_path):
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
     assert all(str(fifo) in l and "not a regular file" in l for l in lines), lines
     assert files_under(tmp_path / "data") == []
+
+
+def test_check_finite_is_one_line_and_names_the_first_cell():
+    df = grid(6)
+    D.check_finite(df, "ok")                                               # finite: silent
+    df.loc[df.index[4], "volume"] = np.nan
+    df.loc[df.index[2], "low"] = -np.inf
+    with pytest.raises(CandleDataError) as e:
+        D.check_finite(df, "poll", "no trade")
+    assert str(e.value) == "poll: 2 non-finite value(s) (first 2024-03-01 02:00 UTC: low=-inf); no trade"
+    D.check_finite(df.drop(df.index[2]), "nan allowed", nan=False)         # canonicalize leaves NaN to the report
