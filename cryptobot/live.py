@@ -437,6 +437,8 @@ class Runner:
             _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
                    last_done=iso(self.last_done), now=iso(close_t))
         bad = self._bad_candles(closed, next_open)
+        if next_open is not None and not math.isfinite(next_open):
+            next_open = None                                # never a (paper) fill price; reported in `bad`
         proba, usable = None, len(closed) >= LOOKBACK and bad is None
         if usable:
             window = closed.iloc[-LOOKBACK:]
