@@ -308,8 +308,8 @@ def cmd_bench(a) -> int:
 # %% ../nbs/14_cli.ipynb #ecea65b2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cryptobot", description="Research-to-production crypto trading system.")
-    p.add_argument("--env-file", default=".env", metavar="PATH",
-                   help="settings file read after the environment (default .env; the environment wins)")
+    p.add_argument("--env-file", metavar="PATH",
+                   help="settings file read after the environment (default .env if present; the environment wins)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help):
@@ -417,7 +417,12 @@ def main(argv=None) -> int:
     "Entry point of the `cryptobot` command."
     global ENV_FILE
     args = build_parser().parse_args(argv)
-    ENV_FILE = args.env_file
+    ENV_FILE = args.env_file or ".env"
+    if args.env_file is not None and not Path(args.env_file).is_file():    # named on purpose: it must be there
+        what = "does not exist" if not Path(args.env_file).exists() else "is not a regular file"
+        print(redact(f"cryptobot {args.command}: --env-file {args.env_file} {what}; pass the path of your settings "
+                     "file (or omit --env-file to use ./.env if present)"), file=sys.stderr)
+        return EX_CONFIG
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

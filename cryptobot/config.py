@@ -9,11 +9,11 @@ import dataclasses
 import difflib
 import hmac
 import io
+import logging
 import math
 import os
 import re
 import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 # %% auto #0
 __all__ = ['LIMITS', 'MIN_STOP_LOSS_PCT', 'MAX_STOP_LOSS_PCT', 'MAX_RISK_PCT', 'MAX_LEVERAGE', 'MIN_BALANCE_FLOOR_USD',
            'MAX_STOP_LIMIT_BUFFER_PCT', 'TIMEFRAMES', 'USD_QUOTES', 'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'SETTINGS_KEYS',
-           'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'ConfigError', 'Limit', 'check_limit', 'Secret', 'Settings',
-           'InsecureDotenvWarning', 'dotenv_permission_warning', 'load_settings']
+           'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'log', 'ConfigError', 'Limit', 'check_limit', 'Secret', 'Settings',
+           'dotenv_permission_warning', 'load_settings']
 
 # %% ../nbs/00_config.ipynb #e71716f1
 class ConfigError(ValueError):
@@ -320,12 +320,12 @@ class Settings:
         return "\n".join(lines + blockers + [f"warning: {w}" for w in self.warnings])
 
 # %% ../nbs/00_config.ipynb #5196cafa
-class InsecureDotenvWarning(UserWarning):
-    "The .env file is readable by group or others."
+log = logging.getLogger("cryptobot.config")
+_WARNED: set[str] = set()     # permission warnings already printed by this process (each once)
 
-
-_NUM_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-_INT_RE = re.compile(r"[+-]?\d+")
+# ASCII digits only: `\d` would also take full-width '１.０' or Arabic-Indic '٠.٥', which float() then accepts
+_NUM_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
 def _closest(key: str) -> str:
@@ -353,6 +353,8 @@ def _read_dotenv(path: Path) -> dict[str, str | None]:
     from dotenv.parser import parse_stream
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a .env file; pass the file's path", None)
+    if not path.is_file():               # a FIFO would block the read forever
+        raise ConfigError(f"{path} is not a regular file (a FIFO, socket or device); pass a .env file", None)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -462,6 +464,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
         raise ConfigError(f"CRYPTOBOT_MODE={asserted} but GO_LIVE={str(s.go_live).lower()} and BINANCE_TESTNET="
                           f"{str(s.testnet).lower()} give mode {s.mode}; make them agree or remove CRYPTOBOT_MODE",
                           "CRYPTOBOT_MODE")
-    for n in notes:
-        warnings.warn(n, InsecureDotenvWarning, stacklevel=2)
+    for n in notes:                       # one clean line (logging's last-resort handler prints the message only)
+        if n not in _WARNED:
+            _WARNED.add(n)
+            log.warning("warning: %s", n)
     return s

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['log', 'OHLCV', 'PRICES', 'CandleDataError', 'timeframe_delta', 'parse_candles', 'canonicalize', 'load_candles',
-           'CandleReport', 'validate_candles', 'closed_only', 'synthetic_candles', 'raw_path', 'save_candles',
-           'import_candles', 'DownloadError', 'download_candles']
+__all__ = ['log', 'OHLCV', 'PRICES', 'CandleDataError', 'timeframe_delta', 'parse_candles', 'check_finite', 'canonicalize',
+           'load_candles', 'CandleReport', 'validate_candles', 'closed_only', 'synthetic_candles', 'raw_path',
+           'save_candles', 'import_candles', 'DownloadError', 'download_candles']
 
 # %% ../nbs/01_data.ipynb #1025171d
 log = logging.getLogger("cryptobot.data")
@@ -129,6 +129,8 @@ def _read_table(p: Path) -> tuple[pd.DataFrame, str]:
         raise CandleDataError(f"{where}: file not found")
     if p.is_dir():
         raise CandleDataError(f"{where}: is a directory, not a candle file")
+    if not p.is_file():                  # a FIFO would block open() forever; a device or socket is no candle file
+        raise CandleDataError(f"{where}: not a regular file (a FIFO, socket or device); pass a CSV or parquet file")
     try:
         with open(p, "rb") as f:
             head = f.read(8192)
@@ -217,9 +219,30 @@ def _order(idx: pd.DatetimeIndex) -> tuple[str, int]:
     return "unordered", back
 
 
+def _non_finite(df: pd.DataFrame, nan: bool = False) -> tuple[int, pd.Timestamp | None, str | None]:
+    "OHLCV cells holding +-inf (a CSV's `inf` or `1e400`; also NaN if `nan`): (count, first open time (UTC), 'col=value')."
+    a = df[OHLCV].to_numpy(dtype="float64")
+    bad = ~np.isfinite(a) if nan else np.isinf(a)
+    if not bad.any():
+        return 0, None, None
+    rows = np.flatnonzero(bad.any(axis=1))
+    k = int(rows[np.argmin(df.index[rows].asi8)])
+    j = int(np.flatnonzero(bad[k])[0])
+    return int(bad.sum()), pd.Timestamp(df.index[k]).tz_convert("UTC"), f"{OHLCV[j]}={a[k, j]}"
+
+
+def check_finite(df: pd.DataFrame, where: str = "candles", fix: str = "no exchange prints one: fix the source",
+                 nan: bool = True) -> None:
+    "Raise a one-line `CandleDataError` if an OHLCV cell is +-inf (or NaN, unless `nan=False`); the first one named."
+    n, at, cell = _non_finite(df, nan)
+    if n:
+        raise CandleDataError(f"{where}: {n} non-finite value(s) (first {at:%Y-%m-%d %H:%M} UTC: {cell}); {fix}")
+
+
 def canonicalize(raw: pd.DataFrame, where: str | None = None) -> pd.DataFrame:
-    "Sort by open time, collapse exact duplicates, refuse conflicting ones; records what it did in attrs['ingest']."
+    "Sort by open time, collapse exact duplicates, refuse conflicting ones and non-finite values; records what it did."
     where = where or raw.attrs.get("source", "candles")
+    check_finite(raw, where, nan=False)       # NaN cells are kept for validate_candles to count and refuse
     n_conf, first = _conflicts(raw)
     if n_conf:
         raise CandleDataError(f"{where}: {n_conf} open time(s) appear twice with different values (first "
@@ -270,6 +293,7 @@ class CandleReport:
     longest_gap_missing: int = 0
     gap_list: list = field(default_factory=list)   # [(first missing open time, missing candles)], in time order
     nan_cells: int = 0
+    non_finite: int = 0                       # cells holding inf or -inf (a CSV's `inf`, `1e400`) (hard)
     non_positive: int = 0                     # rows with a price <= 0
     negative_volume: int = 0
     high_lt_low: int = 0
@@ -298,6 +322,7 @@ class CandleReport:
     def hard(self) -> dict:
         "Hard defects with a non-zero count: {label: count}."
         items = {"no candle rows": int(self.rows == 0), "NaN cells": self.nan_cells,
+                 "non-finite values (inf)": self.non_finite,
                  "non-positive prices": self.non_positive, "negative volumes": self.negative_volume,
                  "high < low": self.high_lt_low, "close outside [low, high]": self.close_outside,
                  "open outside [low, high]": self.open_outside,
@@ -335,7 +360,7 @@ class CandleReport:
     def refusal(self) -> str:
         "One line listing the hard defects with their counts and first occurrence."
         parts = []
-        keys = {"NaN cells": "nan", "non-positive prices": "non_positive", "negative volumes": "negative_volume",
+        keys = {"NaN cells": "nan", "non-finite values (inf)": "non_finite", "non-positive prices": "non_positive", "negative volumes": "negative_volume",
                 "high < low": "high_lt_low", "close outside [low, high]": "close_outside",
                 "open outside [low, high]": "open_outside", "conflicting duplicate times": "conflicting_duplicates",
                 "candles in the future": "future", "times off the timeframe grid": "misaligned"}
@@ -359,7 +384,8 @@ class CandleReport:
                  f"rows      {self.rows:,}   {span}",
                  f"status    {status}" + (f", {len(self.warnings)} warning(s)" if self.warnings else ""),
                  "hard defects (any one refuses the data):"]
-        checks = [("NaN cells", self.nan_cells, "nan"), ("non-positive prices", self.non_positive, "non_positive"),
+        checks = [("NaN cells", self.nan_cells, "nan"), ("non-finite values (inf)", self.non_finite, "non_finite"),
+                  ("non-positive prices", self.non_positive, "non_positive"),
                   ("negative volumes", self.negative_volume, "negative_volume"),
                   ("high < low", self.high_lt_low, "high_lt_low"),
                   ("close outside [low, high]", self.close_outside, "close_outside"),
@@ -491,6 +517,9 @@ def validate_candles(df: pd.DataFrame, timeframe: str = "1h", now=None) -> Candl
     r.nan_cells = int(np.isnan(v.to_numpy()).sum())
     if r.nan_cells:
         first["nan"] = idx[np.isnan(v.to_numpy()).any(axis=1)].min()
+    r.non_finite, at, _ = _non_finite(df)
+    if r.non_finite:
+        first["non_finite"] = at
     r.non_positive = count("non_positive", (v[PRICES].to_numpy() <= 0).any(axis=1))
     r.negative_volume = count("negative_volume", vol < 0)
     r.high_lt_low = count("high_lt_low", h < lo)
@@ -620,6 +649,8 @@ def _check_canonical(df: pd.DataFrame, where: str):
         why = "index is not sorted and unique"
     elif not (df.dtypes == "float64").all():
         why = "columns are not all float64"
+    elif _non_finite(df)[0]:
+        why = "it holds non-finite values (inf)"
     if why:
         raise CandleDataError(f"{where}: refusing to save a non-canonical candle frame ({why}); "
                               "use load_candles / canonicalize first")

@@ -665,8 +665,8 @@ def _check_candles(df, name: str) -> None:
         raise EmulatorError(f"candles for {name} lack columns {missing}; expected open, high, low, close, volume")
     if len(df) < 2 or not idx.is_monotonic_increasing or not idx.is_unique:
         raise EmulatorError(f"candles for {name} must hold >= 2 rows, sorted by open time, no duplicates")
-    if df[["open", "high", "low", "close", "volume"]].isna().any().any():
-        raise EmulatorError(f"candles for {name} contain NaN prices or volumes; clean them first")
+    if not np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy(dtype="float64")).all():
+        raise EmulatorError(f"candles for {name} contain NaN or infinite prices or volumes; clean them first")
 
 
 class Emulator:

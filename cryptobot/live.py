@@ -368,6 +368,17 @@ class Runner:
         later = frame["open"][frame.index > closed.index[-1]] if len(closed) else frame["open"]
         return closed, (float(later.iloc[0]) if len(later) else None)
 
+    def _bad_candles(self, closed: pd.DataFrame, next_open: float | None) -> str | None:
+        "One line if the feature window or the forming candle's open holds inf/NaN (then: no trade), else None."
+        from cryptobot.data import CandleDataError, check_finite
+        where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
+        try:
+            check_finite(closed.iloc[-LOOKBACK:], where, fix)
+        except CandleDataError as e:
+            return str(e)
+        return None if next_open is None or math.isfinite(next_open) else \
+            f"{where}: the forming candle opens at {next_open}; {fix}"
+
     # ------------------------------------------------------------------ start-up
     def start(self) -> "Runner":
         "Build the executor and reconcile with the exchange before anything else."
@@ -401,6 +412,7 @@ class Runner:
         if self.fills == "paper":
             forming = ex.venue.engine.now
             missed = closed[(closed.index >= forming)].iloc[:-1]
+            missed = missed[np.isfinite(missed.to_numpy()).all(axis=1)]        # a non-finite candle is never fed
             for k in range(len(missed)):
                 ex.venue.feed(missed.iloc[k], float(closed["open"].loc[closed.index > missed.index[k]].iloc[0]))
             return ex.on_candle(closed.iloc[-1], price=next_open)
@@ -424,7 +436,10 @@ class Runner:
         if self.last_done is not None and close_t - self.last_done > self.tf_s + 0.5:
             _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
                    last_done=iso(self.last_done), now=iso(close_t))
-        proba, usable = None, len(closed) >= LOOKBACK
+        bad = self._bad_candles(closed, next_open)
+        if next_open is not None and not math.isfinite(next_open):
+            next_open = None                                # never a (paper) fill price; reported in `bad`
+        proba, usable = None, len(closed) >= LOOKBACK and bad is None
         if usable:
             window = closed.iloc[-LOOKBACK:]
             if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
@@ -436,15 +451,19 @@ class Runner:
                 self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
                 self.crash.hit("features")
                 proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
-        if not usable:
+        if bad is not None:
+            self.journal.record_poll_error(bad, kind="data")
+            _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
+        elif not usable:
             msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
                   f"need {LOOKBACK} contiguous ones"
             self.journal.record_poll_error(msg, kind="data")
             _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
-        stop = self._feed(closed, next_open)
+        stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
+            self.executor.sync(close_t)                     # an inf/NaN candle is not fed; the stop is still checked
         if not self.executor.reconciled:
             self.executor.reconcile()
-        tick = Tick(close_t, close, proba, "none" if usable else "skip", stop=stop)
+        tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
         t_out = None
         ctx = None
         if decide and usable:

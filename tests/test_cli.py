@@ -224,3 +224,64 @@ def test_status_says_locked_for_a_hand_lowered_streak_and_unlock_records_the_acc
     with Journal(s.state_dir / "journal.sqlite", readonly=True) as j:
         assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER=alice)"
     assert run(["status"], tmp_path, env=env).stdout.splitlines()[1] == "lock       unlocked: entries allowed"
+
+
+# ------------------------------------------------------------------ issue 9: fail closed (items 1, 2, 7)
+_ROWS = "".join(f"2020-01-01 {h:02d}:00:00,100,101,99,100.5,5\n" for h in range(5))
+
+
+@pytest.mark.parametrize("last", ["1e400,1e400,99,1e400,5", "inf,inf,99,inf,5", "-inf,101,-inf,-inf,5",
+                                  "100,101,99,100.5,inf", "100,101,99,100.5,1e400", "100,101,99,100.5,-inf"])
+def test_import_non_finite_is_refused_and_writes_nothing(tmp_path, last):
+    f = tmp_path / "in.csv"
+    f.write_text("timestamp,open,high,low,close,volume\n" + _ROWS + f"2020-01-01 05:00:00,{last}\n")
+    r = run(["import", str(f), "--symbol", "BTC/USDT", "--timeframe", "1h"], tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_error_line(r, "import")
+    assert "in.csv" in line and "non-finite" in line and "2020-01-01 05:00" in line and "nothing written" in line
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.parquet"))
+
+
+def test_import_of_a_fifo_returns_at_once_with_one_line(tmp_path):
+    fifo = tmp_path / "candles.csv"
+    os.mkfifo(fifo)
+    r = run(["import", str(fifo), "--symbol", "BTC/USDT", "--timeframe", "1h"], tmp_path, timeout=30)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    line = one_error_line(r, "import")
+    assert str(fifo) in line and "not a regular file" in line, line
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "directory", "fifo"])
+def test_env_file_that_is_not_a_file_exits_78(tmp_path, what):
+    p = tmp_path / "cryptobot.env"
+    if what == "directory":
+        p.mkdir()
+    elif what == "fifo":
+        os.mkfifo(p)
+    r = run(["--env-file", str(p), "config"], tmp_path, timeout=30)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    line = one_error_line(r, "config")
+    assert "--env-file" in line and str(p) in line, line
+
+
+@pytest.mark.parametrize("value", ["１.０", "٠.٥", "１", "1.٥"])
+def test_non_ascii_digits_exit_78_naming_the_key(tmp_path, value):
+    r = run(["config"], tmp_path, env={"CRYPTOBOT_RISK_PCT": value})
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert "CRYPTOBOT_RISK_PCT" in one_error_line(r, "config")
+
+
+def test_dotenv_permission_warning_is_one_line(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("CRYPTOBOT_RISK_PCT=0.5\n")
+    env_file.chmod(0o644)
+    r = run(["config"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr                                   # no source-code line after it
+    assert "chmod 600" in lines[0] and "mode 644" in lines[0] and lines[0].startswith("warning: "), lines
+    assert "load_settings" not in r.stderr and ".py:" not in r.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptobot.config import (LIMITS, SETTINGS_KEYS, ConfigError, InsecureDotenvWarning, Secret, Settings,
+from cryptobot.config import (LIMITS, SETTINGS_KEYS, ConfigError, Secret, Settings,
                               load_settings)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,11 @@ BAD = [  # (env, key, fragment of the allowed range / hint)
     ({"CRYPTOBOT_STOPLOSS_PCT": "1"}, "CRYPTOBOT_STOPLOSS_PCT", "did you mean CRYPTOBOT_STOP_LOSS_PCT?"),
     ({"cryptobot_go_live": "true"}, "cryptobot_go_live", "(did you mean GO_LIVE?)"),
     ({"CRYPTOBOT_APIKEY": "x"}, "CRYPTOBOT_APIKEY", "(did you mean BINANCE_API_KEY?)"),
+    ({"CRYPTOBOT_RISK_PCT": "１.０"}, "CRYPTOBOT_RISK_PCT", "not a plain decimal number"),        # full-width
+    ({"CRYPTOBOT_RISK_PCT": "٠.٥"}, "CRYPTOBOT_RISK_PCT", "not a plain decimal number"),          # Arabic-Indic
+    ({"CRYPTOBOT_LEVERAGE": "1.٠"}, "CRYPTOBOT_LEVERAGE", "not a plain decimal number"),
+    ({"CRYPTOBOT_MAX_DATA_AGE_S": "１２０"}, "CRYPTOBOT_MAX_DATA_AGE_S", "not a whole number"),
+    ({"CRYPTOBOT_KILL_SWITCH_LOSSES": "৩"}, "CRYPTOBOT_KILL_SWITCH_LOSSES", "not a whole number"),   # Bengali 3
 ]
 
 
@@ -280,21 +285,34 @@ def test_secret_type():
 
 
 # ---------------------------------------------------------------------------------------------------- permissions
-def test_group_readable_dotenv_warns(tmp_path):
+def test_group_readable_dotenv_warns(tmp_path, caplog):
     p = write_env(tmp_path, f"BINANCE_API_KEY={FAKE_KEY}\nBINANCE_API_SECRET={FAKE_SECRET}\nGO_LIVE=true\n", mode=0o644)
-    with pytest.warns(InsecureDotenvWarning, match=re.escape(f"chmod 600 {p}")):
+    with caplog.at_level("WARNING", logger="cryptobot.config"):
         s = load_settings({}, p)
+    logged = [r.getMessage() for r in caplog.records if r.name == "cryptobot.config"]
+    assert len(logged) == 1 and f"chmod 600 {p}" in logged[0] and "DISTINCTIVE" not in logged[0]
     assert len(s.warnings) == 1 and "mode 644" in s.warnings[0] and "DISTINCTIVE" not in s.warnings[0]
     assert any("chmod 600" in b for b in s.live_blockers())                 # keys in an exposed file block live
     assert "warning:" in s.summary()
 
 
-def test_private_dotenv_is_quiet(tmp_path):
+def test_dotenv_permission_warning_is_one_stderr_line(tmp_path):
+    "Printed once per process as one line, with no source-code line (a warnings.warn would add one)."
+    write_env(tmp_path, "CRYPTOBOT_RISK_PCT=0.5\n", mode=0o640)
+    code = "from cryptobot.config import load_settings; load_settings(); load_settings(); print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("warning: .env is accessible"), r.stderr
+    assert "chmod 600 .env" in r.stderr and "load_settings" not in r.stderr
+
+
+def test_private_dotenv_is_quiet(tmp_path, caplog):
     p = write_env(tmp_path, f"BINANCE_API_KEY={FAKE_KEY}\nBINANCE_API_SECRET={FAKE_SECRET}\nGO_LIVE=true\n", mode=0o600)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="cryptobot.config"):
         warnings.simplefilter("error")
         s = load_settings({}, p)
-    assert s.warnings == () and s.live_blockers() == []
+    assert s.warnings == () and s.live_blockers() == [] and caplog.records == []
 
 
 # ---------------------------------------------------------------------------------------------------- subprocess

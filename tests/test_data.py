@@ -1,6 +1,8 @@
 """cryptobot.data: loading, validation, the store, import, the synthetic market, and the real shared files."""
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -539,3 +541,74 @@ def test_time_arguments():
     assert D._utc("1577836800000") == D._utc(1577836800) == pd.Timestamp("2020-01-01", tz="UTC")
     with pytest.raises(CandleDataError, match="since 'last tuesday' is not a time"):
         D._utc("last tuesday", "since")
+
+
+# ------------------------------------------------------------------ non-finite values (issue 9, item 1)
+_GOOD_ROWS = "".join(f"2024-03-01 {h:02d}:00:00,100,101,99,100.5,5\n" for h in range(5))
+NON_FINITE = {                                   # the last row's values; each must be refused
+    "prices_1e400": "2024-03-01 05:00:00,1e400,1e400,99,1e400,5\n",
+    "prices_inf": "2024-03-01 05:00:00,inf,inf,99,inf,5\n",
+    "high_inf": "2024-03-01 05:00:00,100,inf,99,100.5,5\n",
+    "low_minus_inf": "2024-03-01 05:00:00,100,101,-inf,100.5,5\n",
+    "volume_inf": "2024-03-01 05:00:00,100,101,99,100.5,inf\n",
+    "volume_1e400": "2024-03-01 05:00:00,100,101,99,100.5,1e400\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NON_FINITE))
+def test_non_finite_values_are_refused_everywhere(tmp_path, name):
+    src = tmp_path / f"{name}.csv"
+    src.write_text(HEADER + _GOOD_ROWS + NON_FINITE[name])
+    last = pd.Timestamp("2024-03-01 05:00", tz="UTC")
+    rep = D.validate_candles(D.parse_candles(src), "1h", now=NOW)
+    assert rep.non_finite >= 1 and not rep.ok and rep.first_at["non_finite"] == last
+    assert "non-finite" in rep.refusal() and "non-finite" in rep.summary()
+    with pytest.raises(CandleDataError) as e:              # import: one line, nothing written
+        D.import_candles(src, "BTC/USDT", "1h", tmp_path / "data", now=NOW)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("refusing to import") and "non-finite" in msg and "nothing written" in msg
+    assert files_under(tmp_path / "data") == []
+    with pytest.raises(CandleDataError, match="non-finite") as e:   # every loader refuses it (emulator, backtest, ...)
+        D.load_candles(src)
+    assert "\n" not in str(e.value) and src.name in str(e.value) and "2024-03-01 05:00" in str(e.value)
+    frame = D.parse_candles(src)
+    with pytest.raises(CandleDataError, match="non-finite"):
+        D.canonicalize(frame)
+    ok = tmp_path / "ok.csv"
+    ok.write_text(HEADER + _GOOD_ROWS)
+    bad = D.load_candles(ok)
+    bad.loc[bad.index[-1], "volume"] = np.inf
+    with pytest.raises(CandleDataError, match="non-finite"):       # and the store never accepts one
+        D.save_candles(bad, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_finite_values_still_pass():
+    rep = D.validate_candles(grid(8), "1h", now=NOW)
+    assert rep.ok and rep.non_finite == 0 and "non_finite" not in rep.first_at
+
+
+def test_a_fifo_is_refused_not_read(tmp_path):
+    "A FIFO (or any non-regular file) is refused at once: reading one would block forever (run in a subprocess)."
+    fifo = tmp_path / "candles.csv"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom cryptobot import data as D\n"
+            "for f in (D.load_candles, lambda p: D.import_candles(p, 'BTC/USDT', '1h', sys.argv[2])):\n"
+            "    try:\n        f(sys.argv[1])\n    except D.CandleDataError as e:\n        print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(fifo), str(tmp_path / "data")], capture_output=True,
+                       text=True, timeout=30)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    assert all(str(fifo) in l and "not a regular file" in l for l in lines), lines
+    assert files_under(tmp_path / "data") == []
+
+
+def test_check_finite_is_one_line_and_names_the_first_cell():
+    df = grid(6)
+    D.check_finite(df, "ok")                                               # finite: silent
+    df.loc[df.index[4], "volume"] = np.nan
+    df.loc[df.index[2], "low"] = -np.inf
+    with pytest.raises(CandleDataError) as e:
+        D.check_finite(df, "poll", "no trade")
+    assert str(e.value) == "poll: 2 non-finite value(s) (first 2024-03-01 02:00 UTC: low=-inf); no trade"
+    D.check_finite(df.drop(df.index[2]), "nan allowed", nan=False)         # canonicalize leaves NaN to the report

@@ -115,6 +115,10 @@ def make_handler(market: Market):
             rows = market.rows(q.get("startTime"), min(int(q.get("limit", 500)), 1000))
             if fault == "bad" and rows:
                 rows[0][2], rows[0][3] = rows[0][3], rows[0][2]      # high < low
+            if fault == "inf" and rows:
+                rows[-1][1] = rows[-1][2] = rows[-1][4] = "1e400"   # open, high, close overflow to inf
+            if fault == "inf_volume" and rows:
+                rows[-1][5] = "inf"
             return self.send(200, rows)
 
     return Handler
@@ -233,6 +237,17 @@ def test_defective_page_is_refused(server, tmp_path):
     with pytest.raises(DownloadError, match="defective candles: 1 high < low") as e:
         download(server, tmp_path)
     assert e.value.report is not None and e.value.report.high_lt_low == 1
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", ["inf", "inf_volume"])
+def test_non_finite_page_is_refused(server, tmp_path, fault):
+    server.faults = [None, fault]                                     # page 2's last candle is infinite
+    with pytest.raises(DownloadError, match=r"defective candles: [13] non-finite value") as e:
+        download(server, tmp_path)
+    assert "\n" not in str(e.value) and "nothing written" in str(e.value)
+    assert e.value.report is not None and e.value.report.non_finite >= 1
+    assert e.value.report.first_at["non_finite"] == T0 + pd.Timedelta(hours=1_999)
     assert listing(tmp_path) == []
 
 
