@@ -241,13 +241,13 @@ def validate_state(d) -> dict:
         raise StateError(f"updated_at={d['updated_at']!r} is not a number")
     return d
 
-# %% ../nbs/08_guardian.ipynb #9c8ba053
+# %% ../nbs/08_guardian.ipynb #adedbdc6
 class TradingState(StrEnum):
     "The kill switch: may the Guardian approve new entries at all (every other check still runs)."
     ACTIVE = "active"
     LOCKED = "locked"     # denies every entry until `Guardian.unlock(reason)`
 
-
+# %% ../nbs/08_guardian.ipynb #06d558cf
 @dataclass(frozen=True)
 class GuardianState:
     "The Guardian's state, typed and immutable; `to_json()`/`from_json()` read and write state.json (schema 1)."
@@ -498,7 +498,7 @@ def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
     return Gate(not reasons, tuple(reasons), st, rb, history, problem, jerr, why,
                 never_run=not reasons and st is None and not history)
 
-# %% ../nbs/08_guardian.ipynb #b19cb09a
+# %% ../nbs/08_guardian.ipynb #71188d50
 class Guardian:
     "Pre-trade checks, single-use approvals, kill switch and PnL state for one state dir."
 
@@ -565,21 +565,6 @@ class Guardian:
             self._load()
             yield self._state
 
-    @property
-    def current_state(self) -> GuardianState:
-        "The current state (re-read from disk and cross-checked with the journal)."
-        with self._transaction() as st:
-            return st
-
-    @property
-    def state(self) -> dict:
-        "`current_state` as the schema-1 dict (compatibility for readers that still index `['lock']['locked']`)."
-        return self.current_state.as_dict()
-
-    @property
-    def locked(self) -> bool:
-        return self.current_state.locked
-
 # %% ../nbs/08_guardian.ipynb #7f662937
 def _locked_state(self, error: str) -> GuardianState:
     "A locked in-memory state for an untrustworthy state.json: numbers from the journal, the lock set."
@@ -625,6 +610,25 @@ def _cross_check(self, st: GuardianState, rb: dict | None = None) -> GuardianSta
 
 Guardian._cross_check = _cross_check
 del _cross_check
+
+# %% ../nbs/08_guardian.ipynb #22e8033a
+def _current_state(self) -> GuardianState:
+    "The current state (re-read from disk and cross-checked with the journal)."
+    with self._transaction() as st:
+        return st
+
+
+def _state_dict(self) -> dict:
+    "`current_state` as the schema-1 dict (compatibility for readers that still index `['lock']['locked']`)."
+    return self.current_state.as_dict()
+
+
+def _locked(self) -> bool:
+    return self.current_state.locked
+
+
+Guardian.current_state, Guardian.state, Guardian.locked = property(_current_state), property(_state_dict), property(_locked)
+del _current_state, _state_dict, _locked
 
 # %% ../nbs/08_guardian.ipynb #36d5caa6
 def _record_trade(self, trade) -> bool:
@@ -1011,7 +1015,7 @@ def unlock_cli(settings, reason: str, who: str | None = None) -> str:
     with Journal(sd / JOURNAL_FILE) as j:
         return Guardian(settings, sd, j).unlock(reason, who or _whoami())
 
-# %% ../nbs/08_guardian.ipynb #0eb2065e
+# %% ../nbs/08_guardian.ipynb #fe4442d3
 RUNNER_LOCK_FILE = "runner.lock"
 
 
@@ -1028,7 +1032,7 @@ def _holder(fd: int, tries: int = 20) -> str:
         time.sleep(0.05)
     return "unknown"
 
-
+# %% ../nbs/08_guardian.ipynb #a4c33a2d
 @contextmanager
 def runner_lock(state_dir):
     "Hold `state_dir/runner.lock` (exclusive flock, our PID inside) for the block; `RunnerLocked` if another runner has it."

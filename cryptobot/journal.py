@@ -235,7 +235,7 @@ def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection
     con.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     return con
 
-# %% ../nbs/07_journal.ipynb #e80765fc
+# %% ../nbs/07_journal.ipynb #2db00723
 class Journal:
     "The SQLite journal in `path` (WAL, synchronous=FULL, one transaction per event, versioned schema)."
 
@@ -306,18 +306,15 @@ class Journal:
             else:
                 self._con.execute("COMMIT")
 
-    def close(self):
-        with self._lock:
-            self._con.close()
+# %% ../nbs/07_journal.ipynb #0acc2815
+def _close(self):
+    with self._lock:
+        self._con.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self):
-        return f"Journal({str(self.path)!r}, schema={SCHEMA_VERSION})"
+Journal.close, Journal.__enter__, Journal.__exit__ = _close, lambda self: self, lambda self, *exc: self.close()
+Journal.__repr__ = lambda self: f"Journal({str(self.path)!r}, schema={SCHEMA_VERSION})"
+del _close
 
 # %% ../nbs/07_journal.ipynb #794b4a21
 def _event(self, con, kind: str, message: str = "", data=None, ts=None) -> int:
@@ -448,7 +445,7 @@ def _record_fill(self, trade_id, client_order_id: str | None, price: float, amou
 
 Journal.record_fill = _record_fill
 
-# %% ../nbs/07_journal.ipynb #84b77c79
+# %% ../nbs/07_journal.ipynb #a043a86c
 _TRADE_FIELDS = ("symbol", "entry_time", "exit_time", "entry_price", "exit_price", "amount", "fees", "pnl",
                  "return_pct", "exit_reason", "equity_after")
 
@@ -481,6 +478,9 @@ def _insert_lock(self, con, reason: str, ts=None) -> int:
     return eid
 
 
+Journal.record_trade, Journal._insert_lock = _record_trade, _insert_lock
+
+# %% ../nbs/07_journal.ipynb #722f904a
 def _record_lock(self, reason: str, ts=None) -> int:
     "Journal a kill-switch lock (the Guardian's; also 'state.json unreadable' locks)."
     if not str(reason).strip():
@@ -501,10 +501,9 @@ def _record_unlock(self, who: str, reason: str, ts=None) -> int:
         return eid
 
 
-Journal.record_trade, Journal._insert_lock = _record_trade, _insert_lock
 Journal.record_lock, Journal.record_unlock = _record_lock, _record_unlock
 
-# %% ../nbs/07_journal.ipynb #bca1f6a8
+# %% ../nbs/07_journal.ipynb #7d565241
 def _record_decision(self, decision_id: str, approved: bool, reasons: list, symbol: str | None = None,
                      side: str | None = None, candle_time=None, plan=None, client_order_id: str | None = None,
                      mode: str | None = None, equity: float | None = None, expires_at: float | None = None,
@@ -527,6 +526,9 @@ def _record_decision(self, decision_id: str, approved: bool, reasons: list, symb
         return eid
 
 
+Journal.record_decision = _record_decision
+
+# %% ../nbs/07_journal.ipynb #cc37f6f1
 def _record_redemption(self, approval_id: str, client_order_id: str, intent: Mapping | None = None, ts=None) -> bool:
     "Mark an approval used, with its order intent, in one transaction. False if the approval or its client id was used."
     with self._tx() as con:
@@ -542,7 +544,7 @@ def _record_redemption(self, approval_id: str, client_order_id: str, intent: Map
         return True
 
 
-Journal.record_decision, Journal.record_redemption = _record_decision, _record_redemption
+Journal.record_redemption = _record_redemption
 
 # %% ../nbs/07_journal.ipynb #118d35c3
 def _record_mark(self, equity: float | None, candle_time=None, ts=None) -> int | None:
@@ -602,7 +604,7 @@ def _log_event(self, kind: str, message: str = "", data=None, ts=None) -> int:
 
 Journal.record_feature_row, Journal.log_event = _record_feature_row, _log_event
 
-# %% ../nbs/07_journal.ipynb #00c2bf38
+# %% ../nbs/07_journal.ipynb #87b86c57
 def _has_history(self) -> bool:
     "True once anything has been journaled (the Guardian uses this to tell a first run from a lost state.json)."
     return bool(self._query("SELECT 1 FROM events LIMIT 1"))
@@ -618,6 +620,9 @@ def _open_intents(self, symbol: str | None = None) -> list[dict]:
     return self._query(sql, (symbol,) if symbol else ())
 
 
+Journal.has_history, Journal.open_intents = _has_history, _open_intents
+
+# %% ../nbs/07_journal.ipynb #17001d22
 def _trades(self, symbol: str | None = None, limit: int | None = None) -> list[dict]:
     "Closed trades, oldest first (the last `limit` if given)."
     sql = "SELECT * FROM trades" + (" WHERE symbol = ?" if symbol else "") + " ORDER BY event_id DESC"
@@ -644,8 +649,7 @@ def _last_events(self, n: int = 50, kind: str | None = None) -> list[dict]:
     return rows
 
 
-Journal.has_history, Journal.open_intents, Journal.trades = _has_history, _open_intents, _trades
-Journal.decisions, Journal.last_events = _decisions, _last_events
+Journal.trades, Journal.decisions, Journal.last_events = _trades, _decisions, _last_events
 
 # %% ../nbs/07_journal.ipynb #cf7058c1
 def _is_redeemed(self, approval_id: str | None = None, client_order_id: str | None = None) -> bool:
