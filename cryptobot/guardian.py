@@ -31,11 +31,11 @@ from .risk import Market, Plan, RiskEngine
 # %% auto #0
 __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'RUNNER_LOCK_FILE', 'GuardianError',
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
-           'Denial', 'fresh_state', 'validate_state', 'read_state', 'write_state_atomic', 'state_lock', 'update_state',
-           'Gate', 'unreadable_reason', 'entry_gate', 'Guardian', 'status_report', 'format_status', 'unlock_cli',
-           'RunnerLocked', 'runner_lock']
+           'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
+           'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
+           'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
 
-# %% ../nbs/08_guardian.ipynb #72762770
+# %% ../nbs/08_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
     return " ".join(str(s).split())
 
@@ -54,7 +54,7 @@ class ApprovalError(GuardianError):
 class StateError(GuardianError):
     "state.json cannot be trusted (missing, truncated, not JSON, wrong types, unknown schema version)."
 
-
+# %% ../nbs/08_guardian.ipynb #5e21a3fa
 class Reason(StrEnum):
     "Named reasons for a denial."
     KILL_SWITCH = "kill_switch_locked"
@@ -125,7 +125,7 @@ def client_order_id(strategy: str, symbol: str, candle_time, side: str, purpose:
     key = f"{strategy}|{symbol.upper()}|{t}|{side}|{purpose}"
     return f"cb{_PURPOSE_CODE[purpose]}-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
-# %% ../nbs/08_guardian.ipynb #f185b749
+# %% ../nbs/08_guardian.ipynb #c1c3f379
 _MINT = object()   # module-private: only Guardian.approve passes it
 
 
@@ -174,7 +174,7 @@ class Approval:
         return (f"Approval({self.approval_id[:8]}… {self.side} {self.amount:g} {self.symbol} @ {self.price:g} "
                 f"stop {self.stop_price:g} cid={self.client_order_id} expires {iso(self.expires_at)})")
 
-
+# %% ../nbs/08_guardian.ipynb #40ef77bb
 def _payload(a: Approval) -> bytes:
     "Canonical bytes of everything an approval binds (all fields but the signature; the plan field by field)."
     d = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name not in ("signature", "plan")}
@@ -199,17 +199,9 @@ class Denial:
     def __str__(self):
         return "denied: " + "; ".join(str(f) for f in self.failures)
 
-# %% ../nbs/08_guardian.ipynb #944945d0
+# %% ../nbs/08_guardian.ipynb #6f0a4129
 STATE_SCHEMA_VERSION = 1
 STATE_FILE, LOCK_FILE, JOURNAL_FILE = "state.json", "state.lock", "journal.sqlite"
-
-
-def fresh_state(now: float) -> dict:
-    "The state of a bot that has never traded."
-    return {"schema_version": STATE_SCHEMA_VERSION, "consecutive_losses": 0,
-            "lock": {"locked": False, "since": None, "reason": None},
-            "pnl": {"day": utc_day(now), "day_pnl": 0.0, "total": 0.0},
-            "equity_high_water": None, "last_candle": None, "updated_at": float(now)}
 
 
 def _is_num(x, allow_none=False) -> bool:
@@ -219,7 +211,7 @@ def _is_num(x, allow_none=False) -> bool:
 
 
 def validate_state(d) -> dict:
-    "Return `d` if it is a valid state (schema 1), else raise `StateError` saying what is wrong."
+    "Return `d` if it is a valid state.json dict (schema 1), else raise `StateError` saying what is wrong."
     if not isinstance(d, dict):
         raise StateError(f"top level is {type(d).__name__}, not an object")
     v = d.get("schema_version")
@@ -249,8 +241,114 @@ def validate_state(d) -> dict:
         raise StateError(f"updated_at={d['updated_at']!r} is not a number")
     return d
 
+# %% ../nbs/08_guardian.ipynb #adedbdc6
+class TradingState(StrEnum):
+    "The kill switch: may the Guardian approve new entries at all (every other check still runs)."
+    ACTIVE = "active"
+    LOCKED = "locked"     # denies every entry until `Guardian.unlock(reason)`
 
-def read_state(path) -> dict:
+# %% ../nbs/08_guardian.ipynb #06d558cf
+@dataclass(frozen=True)
+class GuardianState:
+    "The Guardian's state, typed and immutable; `to_json()`/`from_json()` read and write state.json (schema 1)."
+    consecutive_losses: int = 0
+    trading: TradingState = TradingState.ACTIVE
+    locked_since: float | None = None
+    lock_reason: str | None = None
+    day: str | None = None            # the UTC day `day_pnl` is for
+    day_pnl: float = 0.0
+    total_pnl: float = 0.0
+    equity_high_water: float | None = None
+    last_candle: float | None = None
+    updated_at: float = 0.0
+
+    def __post_init__(self):
+        if self.trading not in tuple(TradingState):
+            raise StateError(f"trading={self.trading!r} is not one of {', '.join(TradingState)}")
+        object.__setattr__(self, "trading", TradingState(self.trading))
+        validate_state(self.as_dict())
+
+    @property
+    def locked(self) -> bool:
+        return self.trading is TradingState.LOCKED
+
+    def as_dict(self) -> dict:
+        "The schema-1 dict of state.json."
+        return {"schema_version": STATE_SCHEMA_VERSION, "consecutive_losses": self.consecutive_losses,
+                "lock": {"locked": self.locked, "since": self.locked_since, "reason": self.lock_reason},
+                "pnl": {"day": self.day, "day_pnl": self.day_pnl, "total": self.total_pnl},
+                "equity_high_water": self.equity_high_water, "last_candle": self.last_candle,
+                "updated_at": self.updated_at}
+
+    @classmethod
+    def from_dict(cls, d) -> "GuardianState":
+        "From a schema-1 dict; `StateError` saying what is wrong if it is not one."
+        d = validate_state(d)
+        lock, pnl = d["lock"], d["pnl"]
+        return cls(consecutive_losses=d["consecutive_losses"],
+                   trading=TradingState.LOCKED if lock["locked"] else TradingState.ACTIVE,
+                   locked_since=lock["since"], lock_reason=lock["reason"], day=pnl["day"], day_pnl=pnl["day_pnl"],
+                   total_pnl=pnl["total"], equity_high_water=d["equity_high_water"], last_candle=d["last_candle"],
+                   updated_at=d["updated_at"])
+
+# %% ../nbs/08_guardian.ipynb #af9cdc91
+def _to_json(self) -> str:
+    "The text of state.json for this state."
+    return json.dumps(self.as_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _from_json(cls, text: str | bytes) -> "GuardianState":
+    "Parse state.json text strictly (no NaN/Infinity); `StateError` saying why it cannot be trusted."
+    if isinstance(text, str):
+        text = text.encode()
+    if not text.strip():
+        raise StateError("file is empty (truncated write?)")
+    try:
+        d = json.loads(text.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StateError(f"not valid JSON ({_one_line(e)[:120]})") from None
+    return cls.from_dict(d)
+
+
+GuardianState.to_json, GuardianState.from_json = _to_json, classmethod(_from_json)
+del _to_json, _from_json
+
+# %% ../nbs/08_guardian.ipynb #60f745ee
+def _fresh(cls, now: float) -> "GuardianState":
+    "The state of a bot that has never traded."
+    return cls(day=utc_day(now), updated_at=float(now))
+
+
+def _from_rebuild(cls, rb: Mapping, now: float) -> "GuardianState":
+    "The state `journal.rebuild_guardian_state()` proves: streak, lock, PnL, high-water mark and last candle."
+    return cls(consecutive_losses=rb["consecutive_losses"], day=rb["pnl"]["day"], day_pnl=rb["pnl"]["day_pnl"],
+               total_pnl=rb["pnl"]["total"], equity_high_water=rb["equity_high_water"], last_candle=rb["last_candle"],
+               updated_at=float(now), **_lock_fields(rb["lock"]))
+
+
+def _lock_fields(lock: Mapping) -> dict:
+    "GuardianState fields for a schema-1 `lock` dict {locked, since, reason}."
+    return dict(trading=TradingState.LOCKED if lock["locked"] else TradingState.ACTIVE, locked_since=lock["since"],
+                lock_reason=lock["reason"])
+
+
+def _locked_by(self, reason: str, since: float | None) -> "GuardianState":
+    "This state with the kill switch set."
+    return dataclasses.replace(self, trading=TradingState.LOCKED, locked_since=since, lock_reason=reason)
+
+
+def _unlocked(self) -> "GuardianState":
+    "This state after an unlock: entries allowed again and the loss streak reset to 0 (the operator reviewed it)."
+    return dataclasses.replace(self, trading=TradingState.ACTIVE, locked_since=None, lock_reason=None,
+                               consecutive_losses=0)
+
+
+GuardianState.fresh, GuardianState.from_rebuild = classmethod(_fresh), classmethod(_from_rebuild)
+GuardianState.locked_by, GuardianState.unlocked = _locked_by, _unlocked
+del _fresh, _from_rebuild, _locked_by, _unlocked
+
+# %% ../nbs/08_guardian.ipynb #5486c2cd
+def load_state(path) -> GuardianState:
     "Read and validate `state.json`; `FileNotFoundError` if absent, `StateError` if it cannot be trusted."
     path = Path(path)
     try:
@@ -260,21 +358,26 @@ def read_state(path) -> dict:
     except OSError as e:          # permissions or the mount, not a damaged file: name the path and the errno
         raise StateError(f"cannot read {path}: [Errno {e.errno} {errno.errorcode.get(e.errno, '?')}] "
                          f"{e.strerror or e} (as uid {os.getuid()}; fix access, the file itself may be fine)") from None
-    if not raw.strip():
-        raise StateError("file is empty (truncated write?)")
-    try:
-        d = json.loads(raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StateError(f"not valid JSON ({_one_line(e)[:120]})") from None
-    return validate_state(d)
+    return GuardianState.from_json(raw)
 
 
-def write_state_atomic(path, state: dict) -> None:
+def read_state(path) -> dict:
+    "`load_state(path)` as the schema-1 dict (compatibility for readers that index it)."
+    return load_state(path).as_dict()
+
+
+def fresh_state(now: float) -> dict:
+    "The schema-1 dict of a bot that has never traded (`GuardianState.fresh(now).as_dict()`)."
+    return GuardianState.fresh(now).as_dict()
+
+
+def write_state_atomic(path, state: GuardianState | dict) -> None:
     "Validate, then write `state` atomically: temp file in the same dir, fsync, os.replace, fsync the dir."
-    path = Path(path)
-    atomic_write(path, (json.dumps(validate_state(state), indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+    if not isinstance(state, GuardianState):
+        state = GuardianState.from_dict(state)
+    atomic_write(Path(path), state.to_json().encode())
 
-
+# %% ../nbs/08_guardian.ipynb #3434da80
 @contextmanager
 def state_lock(state_dir):
     "Exclusive `fcntl.flock` on `state_dir/state.lock` for one read-modify-write of state.json (blocks until free)."
@@ -295,7 +398,7 @@ def state_lock(state_dir):
 
 
 def update_state(state_dir, mutate: Callable[[dict], None], clock=time.time) -> dict:
-    "Read-modify-write state.json under the file lock; `mutate(state)` edits in place. Refuses an unreadable file."
+    "Read-modify-write state.json under the file lock; `mutate(state)` edits the schema-1 dict in place. Refuses an unreadable file."
     path = Path(state_dir) / STATE_FILE
     with state_lock(state_dir):
         st = read_state(path)
@@ -315,13 +418,13 @@ def _whoami() -> str:
     sudo = os.environ.get("SUDO_USER", "").strip()
     return f"{name} (uid {uid}, SUDO_USER={_one_line(sudo)})" if sudo else f"{name} (uid {uid})"
 
-# %% ../nbs/08_guardian.ipynb #4c613d5b
+# %% ../nbs/08_guardian.ipynb #7fa67fe1
 @dataclass(frozen=True)
 class Gate:
     "May the bot open a position (`allowed`), and every reason why not, from state.json and the journal."
     allowed: bool
     reasons: tuple[str, ...]
-    state: dict | None = None            # state.json as read (None: missing or unreadable)
+    state: GuardianState | None = None   # state.json as read (None: missing or unreadable)
     rebuild: dict | None = None          # journal.rebuild_guardian_state() (None: no usable journal)
     history: bool = False                # the journal has rows (an earlier run)
     state_problem: str | None = None     # why state.json cannot be trusted (the runner locks with it)
@@ -344,20 +447,20 @@ def unreadable_reason(problem: str) -> str:
 def _journal_facts(j: Journal, now: float):
     return j.rebuild_guardian_state(now=now), j.has_history()
 
-# %% ../nbs/08_guardian.ipynb #c29ad8c4
-def _discrepancy(st: dict, rb: dict) -> str | None:
+# %% ../nbs/08_guardian.ipynb #28e3f200
+def _discrepancy(st: GuardianState, rb: dict) -> str | None:
     "What state.json claims less than the journal proves, if it was saved after the journal's last change."
     lower = []
-    if st["consecutive_losses"] < rb["consecutive_losses"]:
-        lower.append(f"loss streak {st['consecutive_losses']} in state.json, {rb['consecutive_losses']} in the journal")
-    if rb["lock"]["locked"] and not st["lock"]["locked"]:
+    if st.consecutive_losses < rb["consecutive_losses"]:
+        lower.append(f"loss streak {st.consecutive_losses} in state.json, {rb['consecutive_losses']} in the journal")
+    if rb["lock"]["locked"] and not st.locked:
         lower.append("unlocked in state.json, locked in the journal (no unlock journaled)")
-    if not lower or (rb["changed_at"] is not None and st["updated_at"] < rb["changed_at"]):
+    if not lower or (rb["changed_at"] is not None and st.updated_at < rb["changed_at"]):
         return None              # agrees, or saved before the journal's last change (a crash between the writes)
     return ("state.json disagrees with the journal although it was saved after the journal's last trade/lock/unlock ("
             + "; ".join(lower) + "): edited by hand or damaged; investigate, then cryptobot unlock --reason TEXT")
 
-
+# %% ../nbs/08_guardian.ipynb #1924b216
 def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
     "Read-only: may the bot open a position, and why not. `journal`: the runner's own; None opens it read-only."
     sd = Path(state_dir)
@@ -373,7 +476,7 @@ def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
         except JournalError as e:
             jerr = str(e)
     try:
-        st = read_state(sp)
+        st = load_state(sp)
     except FileNotFoundError:
         if history:
             problem = "state.json is missing but the journal shows earlier runs"
@@ -385,8 +488,8 @@ def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
         problem = problem or "state.json exists but the journal is empty or missing (journal lost or replaced)"
     if problem:
         reasons.append(unreadable_reason(problem))
-    if st is not None and st["lock"]["locked"]:
-        reasons.append(st["lock"]["reason"])
+    if st is not None and st.locked:
+        reasons.append(st.lock_reason)
     if rb is not None and rb["lock"]["locked"] and rb["lock"]["reason"] not in reasons:
         reasons.append(rb["lock"]["reason"])
     why = _discrepancy(st, rb) if st is not None and rb is not None and not problem else None
@@ -395,7 +498,7 @@ def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
     return Gate(not reasons, tuple(reasons), st, rb, history, problem, jerr, why,
                 never_run=not reasons and st is None and not history)
 
-# %% ../nbs/08_guardian.ipynb #00f0dfb4
+# %% ../nbs/08_guardian.ipynb #71188d50
 class Guardian:
     "Pre-trade checks, single-use approvals, kill switch and PnL state for one state dir."
 
@@ -411,32 +514,15 @@ class Guardian:
         self.__key = secrets.token_bytes(32)
         self._redeemed: set[str] = set()
         self._mutex = threading.RLock()
-        self._state: dict = {}
+        self._state: GuardianState | None = None
         self._state_error: str | None = None
         with self._mutex, state_lock(self.state_dir):
             self._load()
 
     def __repr__(self):
-        lk = self._state.get("lock", {})
-        return f"Guardian(id={self.id}, state={str(self.state_path)!r}, locked={lk.get('locked')}, " \
-               f"losses={self._state.get('consecutive_losses')})"
-
-    # ---------------------------------------------------------------- state
-    def _locked_state(self, error: str) -> dict:
-        "A locked in-memory state for an untrustworthy state.json: numbers from the journal, the lock set."
-        now = self.clock()
-        rb = self.journal.rebuild_guardian_state(now=now)
-        st = fresh_state(now)
-        st["consecutive_losses"] = rb["consecutive_losses"]
-        st["pnl"] = dict(rb["pnl"])
-        st["equity_high_water"], st["last_candle"] = rb["equity_high_water"], rb["last_candle"]
-        reason = unreadable_reason(error)
-        last = self.journal.last_events(1, kind="lock")
-        if not (rb["lock"]["locked"] and last and last[0]["message"] == reason):
-            self.journal.record_lock(reason)     # journaled once per distinct problem, never silently
-            rb = self.journal.rebuild_guardian_state(now=now)
-        st["lock"] = {"locked": True, "since": rb["lock"]["since"], "reason": reason}
-        return st
+        st = self._state
+        return f"Guardian(id={self.id}, state={str(self.state_path)!r}, locked={st.locked if st else None}, " \
+               f"losses={st.consecutive_losses if st else None})"
 
     def _load(self):
         "Read state.json (caller holds the file lock) through `entry_gate`: fail closed, lock on a hand edit, repair."
@@ -445,7 +531,7 @@ class Guardian:
             return self._fail(g.state_problem)
         st = g.state
         if st is None:                          # the first run: no state.json and an empty journal
-            st = fresh_state(self.clock())
+            st = GuardianState.fresh(self.clock())
             self.journal.log_event("state_initialised", f"first run: fresh {self.state_path}")
             write_state_atomic(self.state_path, st)
             self._state, self._state_error = st, None
@@ -455,7 +541,7 @@ class Guardian:
             last = self.journal.last_events(1, kind="lock")
             if not (last and last[0]["message"] == g.discrepancy):
                 self.journal.record_lock(g.discrepancy)
-            st["lock"] = dict(self.journal.rebuild_guardian_state(now=self.clock())["lock"])
+            st = dataclasses.replace(st, **_lock_fields(self.journal.rebuild_guardian_state(now=self.clock())["lock"]))
         self._state = self._cross_check(st, None if g.discrepancy else g.rebuild)
         if g.discrepancy:
             self._save(self._state)
@@ -464,37 +550,13 @@ class Guardian:
         self._state = self._locked_state(error)
         self._state_error = error
 
-    def _cross_check(self, st: dict, rb: dict | None = None) -> dict:
-        day = st["pnl"]["day"] or utc_day(self.clock())
-        if rb is None or rb["pnl"]["day"] != day:           # the gate's rebuild is for today; state.json's day may differ
-            rb = self.journal.rebuild_guardian_state(day=day)
-        changes = {}
-        if rb["lock"]["locked"] and not st["lock"]["locked"]:
-            changes["lock"] = (st["lock"], rb["lock"])
-            st["lock"] = dict(rb["lock"])
-        if rb["consecutive_losses"] > st["consecutive_losses"]:
-            changes["consecutive_losses"] = (st["consecutive_losses"], rb["consecutive_losses"])
-            st["consecutive_losses"] = rb["consecutive_losses"]
-        for k in ("day_pnl", "total"):
-            if not math.isclose(st["pnl"][k], rb["pnl"][k], rel_tol=1e-9, abs_tol=1e-9):
-                changes[f"pnl.{k}"] = (st["pnl"][k], rb["pnl"][k])
-                st["pnl"][k] = rb["pnl"][k]
-        for k in ("equity_high_water", "last_candle"):
-            if rb[k] is not None and (st[k] is None or rb[k] > st[k]):
-                changes[k] = (st[k], rb[k])
-                st[k] = rb[k]
-        if changes:
-            self.journal.log_event("state_repaired", "state.json disagreed with the journal; took the stricter side",
-                                   {k: list(v) for k, v in changes.items()})
-            self._save(st)
+    def _save(self, st: GuardianState) -> GuardianState:
+        "Make `st` current and write it to state.json (caller holds the file lock) — never over an unreadable file."
+        if self._state_error is None:
+            st = dataclasses.replace(st, updated_at=float(self.clock()))
+            write_state_atomic(self.state_path, st)
+        self._state = st
         return st
-
-    def _save(self, st: dict):
-        "Write state.json (caller holds the file lock) — never over an unreadable file; unlock() handles that."
-        if self._state_error is not None:
-            return
-        st["updated_at"] = float(self.clock())
-        write_state_atomic(self.state_path, st)
 
     @contextmanager
     def _transaction(self):
@@ -503,17 +565,72 @@ class Guardian:
             self._load()
             yield self._state
 
-    @property
-    def state(self) -> dict:
-        "A copy of the current state (re-read from disk)."
-        with self._transaction() as st:
-            return json.loads(json.dumps(st))
+# %% ../nbs/08_guardian.ipynb #7f662937
+def _locked_state(self, error: str) -> GuardianState:
+    "A locked in-memory state for an untrustworthy state.json: numbers from the journal, the lock set."
+    now = self.clock()
+    rb = self.journal.rebuild_guardian_state(now=now)
+    reason = unreadable_reason(error)
+    last = self.journal.last_events(1, kind="lock")
+    if not (rb["lock"]["locked"] and last and last[0]["message"] == reason):
+        self.journal.record_lock(reason)     # journaled once per distinct problem, never silently
+        rb = self.journal.rebuild_guardian_state(now=now)
+    return GuardianState.from_rebuild(rb, now).locked_by(reason, rb["lock"]["since"])
 
-    @property
-    def locked(self) -> bool:
-        return self.state["lock"]["locked"]
 
-# %% ../nbs/08_guardian.ipynb #1fafad10
+Guardian._locked_state = _locked_state
+del _locked_state
+
+# %% ../nbs/08_guardian.ipynb #13a1547c
+def _cross_check(self, st: GuardianState, rb: dict | None = None) -> GuardianState:
+    day = st.day or utc_day(self.clock())
+    if rb is None or rb["pnl"]["day"] != day:           # the gate's rebuild is for today; state.json's day may differ
+        rb = self.journal.rebuild_guardian_state(day=day)
+    changes, new = {}, {}
+    if rb["lock"]["locked"] and not st.locked:
+        changes["lock"] = (st.as_dict()["lock"], rb["lock"])
+        new.update(_lock_fields(rb["lock"]))
+    if rb["consecutive_losses"] > st.consecutive_losses:
+        changes["consecutive_losses"] = (st.consecutive_losses, rb["consecutive_losses"])
+        new["consecutive_losses"] = rb["consecutive_losses"]
+    for k, f in (("day_pnl", "day_pnl"), ("total", "total_pnl")):
+        if not math.isclose(getattr(st, f), rb["pnl"][k], rel_tol=1e-9, abs_tol=1e-9):
+            changes[f"pnl.{k}"] = (getattr(st, f), rb["pnl"][k])
+            new[f] = rb["pnl"][k]
+    for k in ("equity_high_water", "last_candle"):
+        if rb[k] is not None and (getattr(st, k) is None or rb[k] > getattr(st, k)):
+            changes[k] = (getattr(st, k), rb[k])
+            new[k] = rb[k]
+    if changes:
+        self.journal.log_event("state_repaired", "state.json disagreed with the journal; took the stricter side",
+                               {k: list(v) for k, v in changes.items()})
+        st = self._save(dataclasses.replace(st, **new))
+    return st
+
+
+Guardian._cross_check = _cross_check
+del _cross_check
+
+# %% ../nbs/08_guardian.ipynb #22e8033a
+def _current_state(self) -> GuardianState:
+    "The current state (re-read from disk and cross-checked with the journal)."
+    with self._transaction() as st:
+        return st
+
+
+def _state_dict(self) -> dict:
+    "`current_state` as the schema-1 dict (compatibility for readers that still index `['lock']['locked']`)."
+    return self.current_state.as_dict()
+
+
+def _locked(self) -> bool:
+    return self.current_state.locked
+
+
+Guardian.current_state, Guardian.state, Guardian.locked = property(_current_state), property(_state_dict), property(_locked)
+del _current_state, _state_dict, _locked
+
+# %% ../nbs/08_guardian.ipynb #36d5caa6
 def _record_trade(self, trade) -> bool:
     "Update PnL and the loss streak from a CLOSED trade; set the kill-switch lock at the limit. False if already recorded."
     if isinstance(trade, Mapping):
@@ -522,60 +639,68 @@ def _record_trade(self, trade) -> bool:
         raise GuardianError(f"record_trade needs a ClosedTrade (a closed round trip), got {type(trade).__name__}")
     k = self.settings.kill_switch_losses
     with self._transaction() as st:
-        losses = st["consecutive_losses"] + 1 if trade.is_loss else 0
+        losses = st.consecutive_losses + 1 if trade.is_loss else 0
         lock_reason = None
-        if losses >= k and not st["lock"]["locked"]:
+        if losses >= k and not st.locked:
             lock_reason = (f"kill switch: {losses} consecutive losing trades (limit {k}); "
                            f"investigate, then cryptobot unlock --reason TEXT")
         if not self.journal.record_trade(trade, lock_reason=lock_reason):
             return False
-        st["consecutive_losses"] = losses
+        new = dict(consecutive_losses=losses, total_pnl=st.total_pnl + trade.pnl)
         day = utc_day(trade.exit_time)
-        if st["pnl"]["day"] == day:
-            st["pnl"]["day_pnl"] += trade.pnl
-        elif st["pnl"]["day"] is None or day > st["pnl"]["day"]:
-            st["pnl"]["day"], st["pnl"]["day_pnl"] = day, trade.pnl
-        st["pnl"]["total"] += trade.pnl
-        if trade.equity_after is not None and (st["equity_high_water"] is None or trade.equity_after > st["equity_high_water"]):
-            st["equity_high_water"] = trade.equity_after
+        if st.day == day:
+            new["day_pnl"] = st.day_pnl + trade.pnl
+        elif st.day is None or day > st.day:
+            new["day"], new["day_pnl"] = day, trade.pnl
+        if trade.equity_after is not None and (st.equity_high_water is None or trade.equity_after > st.equity_high_water):
+            new["equity_high_water"] = trade.equity_after
+        st = dataclasses.replace(st, **new)
         if lock_reason:
-            st["lock"] = {"locked": True, "since": self.journal.rebuild_guardian_state()["lock"]["since"],
-                          "reason": lock_reason}
+            st = st.locked_by(lock_reason, self.journal.rebuild_guardian_state()["lock"]["since"])
         self._save(st)
         return True
 
 
+Guardian.record_trade = _record_trade
+del _record_trade
+
+# %% ../nbs/08_guardian.ipynb #eb5a40f7
 def _note_candle(self, candle_close, equity: float | None = None) -> None:
     "Record that the runner processed the candle closing at `candle_close` (and the equity then): status + high-water."
     with self._transaction() as st:
-        self._mark(st, candle_close, equity)
-        self._save(st)
+        self._save(self._mark(st, candle_close, equity))
 
 
-def _mark(self, st: dict, candle_close, equity) -> None:
+def _mark(self, st: GuardianState, candle_close, equity) -> GuardianState:
     try:
         ct = to_epoch(candle_close, "candle_close") if candle_close is not None else None
     except JournalError:
         ct = None
     eq = equity if _is_num(equity) and equity > 0 else None
     if ct is None and eq is None:
-        return
+        return st
     self.journal.record_mark(eq, ct)
-    if ct is not None and (st["last_candle"] is None or ct > st["last_candle"]):
-        st["last_candle"] = ct
-    if eq is not None and (st["equity_high_water"] is None or eq > st["equity_high_water"]):
-        st["equity_high_water"] = float(eq)
+    new = {}
+    if ct is not None and (st.last_candle is None or ct > st.last_candle):
+        new["last_candle"] = ct
+    if eq is not None and (st.equity_high_water is None or eq > st.equity_high_water):
+        new["equity_high_water"] = float(eq)
+    return dataclasses.replace(st, **new)
 
 
+Guardian.note_candle, Guardian._mark = _note_candle, _mark
+del _note_candle, _mark
+
+# %% ../nbs/08_guardian.ipynb #af438030
 def _unlock(self, reason: str, who: str | None = None) -> str:
     "Lift the lock (journaled: who, when, why) and reset the loss streak to 0. Refuses a blank reason."
     reason, who = _one_line(reason or ""), _one_line(who or _whoami())
     if not reason:
         raise GuardianError("unlock needs a reason: say what you checked, e.g. cryptobot unlock --reason 'reviewed losses'")
     with self._transaction() as st:
-        if not st["lock"]["locked"]:
+        if not st.locked:
             return "not locked: nothing to unlock (the loss streak is unchanged)"
-        was, losses = st["lock"]["reason"], st["consecutive_losses"]
+        was, losses = st.lock_reason, st.consecutive_losses
         self.journal.record_unlock(who, reason)
         moved = None
         if self._state_error is not None:
@@ -585,39 +710,27 @@ def _unlock(self, reason: str, who: str | None = None) -> str:
                 os.replace(self.state_path, moved)
                 fsync_dir(self.state_dir)
             self._state_error = None
-            rb = self.journal.rebuild_guardian_state(now=self.clock())
-            st.clear()
-            st.update(fresh_state(self.clock()))
-            st["pnl"] = dict(rb["pnl"])
-            st["equity_high_water"], st["last_candle"] = rb["equity_high_water"], rb["last_candle"]
-        st["lock"] = {"locked": False, "since": None, "reason": None}
-        st["consecutive_losses"] = 0
-        self._save(st)
+            st = GuardianState.from_rebuild(self.journal.rebuild_guardian_state(now=self.clock()), self.clock())
+        self._save(st.unlocked())
     msg = f"unlocked by {who} at {iso(self.clock())}: {reason} (was: {was}; loss streak {losses} -> 0)"
     if moved:
         msg += f"; the unreadable state file was kept as {moved.name}"
     return msg
 
 
-Guardian.record_trade, Guardian.note_candle, Guardian._mark, Guardian.unlock = _record_trade, _note_candle, _mark, _unlock
+Guardian.unlock = _unlock
+del _unlock
 
-# %% ../nbs/08_guardian.ipynb #e8461933
-def _checks(self, signal, plan, ctx, st) -> list[Failure]:
-    s, F, out = self.settings, Failure, []
-
-    def run(fn):
-        try:
-            out.extend(fn() or [])
-        except Exception as e:   # a malformed input must deny, never crash past the Guardian
-            out.append(F(Reason.INVALID_INPUT, f"{fn.__name__}: {type(e).__name__}: {_one_line(e)[:160]}"))
-
-    symbol = getattr(signal, "symbol", None)
-    market = getattr(ctx, "market", None)
+# %% ../nbs/08_guardian.ipynb #c78d3386
+def _signal_checks(self, signal, plan, ctx, st: GuardianState) -> list[Callable]:
+    "Checks on the kill switch, the mode, the data's freshness and the signal itself (closures, in order)."
+    s, F = self.settings, Failure
+    symbol, market = getattr(signal, "symbol", None), getattr(ctx, "market", None)
 
     def lock():          # the same entry_gate that status, the dashboard and the audit show
         why = list(entry_gate(self.state_dir, journal=self.journal, now=self.clock()).reasons)
-        if st["lock"]["locked"] and st["lock"]["reason"] not in why:
-            why.insert(0, st["lock"]["reason"])
+        if st.locked and st.lock_reason not in why:
+            why.insert(0, st.lock_reason)
         if why:
             return [F(Reason.KILL_SWITCH, "; ".join(why))]
 
@@ -659,6 +772,18 @@ def _checks(self, signal, plan, ctx, st) -> list[Failure]:
             q = ctx.free_quote
             if not _is_num(q) or q < s.min_balance_usd:
                 return [F(Reason.BALANCE_FLOOR, f"free quote balance {q!r} < floor {s.min_balance_usd:g}")]
+
+    return [lock, mode, freshness, signal_candle, side, symbols, fingerprint, balance]
+
+
+Guardian._signal_checks = _signal_checks
+del _signal_checks
+
+# %% ../nbs/08_guardian.ipynb #bcee239c
+def _book_checks(self, signal, plan, ctx) -> list[Callable]:
+    "Checks on positions, unreconciled orders, the plan's bounds and an entry already sent (closures, in order)."
+    s, F = self.settings, Failure
+    symbol, market = getattr(signal, "symbol", None), getattr(ctx, "market", None)
 
     def position():
         mk = market or Market(symbol=symbol)
@@ -719,12 +844,28 @@ def _checks(self, signal, plan, ctx, st) -> list[Failure]:
         if self.journal.is_redeemed(client_order_id=cid):
             return [F(Reason.DUPLICATE_ORDER, f"an entry for this candle was already sent ({cid}); reconcile it")]
 
-    for fn in (lock, mode, freshness, signal_candle, side, symbols, fingerprint, balance, position, orders,
-               plan_bounds, duplicate):
-        run(fn)
+    return [position, orders, plan_bounds, duplicate]
+
+
+Guardian._book_checks = _book_checks
+del _book_checks
+
+# %% ../nbs/08_guardian.ipynb #ff0b82b7
+def _checks(self, signal, plan, ctx, st: GuardianState) -> list[Failure]:
+    "Every check, in order; an exception in one is an `invalid_input` failure naming the check."
+    out = []
+    for fn in self._signal_checks(signal, plan, ctx, st) + self._book_checks(signal, plan, ctx):
+        try:
+            out.extend(fn() or [])
+        except Exception as e:   # a malformed input must deny, never crash past the Guardian
+            out.append(Failure(Reason.INVALID_INPUT, f"{fn.__name__}: {type(e).__name__}: {_one_line(e)[:160]}"))
     return out
 
 
+Guardian._checks = _checks
+del _checks
+
+# %% ../nbs/08_guardian.ipynb #b9d9d473
 def _approve(self, signal, plan, context) -> Approval | Denial:
     "Run every check; journal the decision (approved or denied, all failing reasons); an `Approval` or a `Denial`."
     with self._transaction() as st:
@@ -754,11 +895,14 @@ def _approve(self, signal, plan, context) -> Approval | Denial:
             self.journal.record_decision(result.approval_id, True, [], symbol=symbol, side=side, candle_time=ct,
                                          plan=plan_d, client_order_id=cid, mode=context.mode, equity=equity,
                                          expires_at=result.expires_at)
-        self._mark(st, getattr(context, "last_candle_close", None), equity)
-        self._save(st)
+        self._save(self._mark(st, getattr(context, "last_candle_close", None), equity))
         return result
 
 
+Guardian.approve = _approve
+del _approve
+
+# %% ../nbs/08_guardian.ipynb #0ba3eb07
 def _redeem(self, approval) -> Plan:
     "Verify `approval` (issuer, signature, expiry, single use, lock) and return its plan; journals the entry intent."
     if type(approval) is not Approval:
@@ -777,8 +921,8 @@ def _redeem(self, approval) -> Plan:
             raise ApprovalError(f"approval {aid} expired at {iso(approval.expires_at)} ({now - approval.expires_at:.0f} s "
                                 f"ago); ask the Guardian again")
         with self._transaction() as st:
-            if st["lock"]["locked"]:
-                raise ApprovalError(f"approval {aid} refused: the kill switch is locked ({st['lock']['reason']})")
+            if st.locked:
+                raise ApprovalError(f"approval {aid} refused: the kill switch is locked ({st.lock_reason})")
             p = approval.plan
             intent = dict(client_order_id=approval.client_order_id, symbol=p.symbol, side=p.side, type="market",
                           amount=p.amount, price=p.entry_price, stop_price=p.stop_price, purpose="entry",
@@ -791,9 +935,10 @@ def _redeem(self, approval) -> Plan:
         return p
 
 
-Guardian._checks, Guardian.approve, Guardian.redeem = _checks, _approve, _redeem
+Guardian.redeem = _redeem
+del _redeem
 
-# %% ../nbs/08_guardian.ipynb #1d64df3f
+# %% ../nbs/08_guardian.ipynb #c98b7bc4
 def status_report(settings, now: float | None = None) -> dict:
     "Mode, the entry gate (locked and why), loss streak, realised PnL, open positions, last candle — read-only."
     now = time.time() if now is None else to_epoch(now, "now")
@@ -811,15 +956,15 @@ def status_report(settings, now: float | None = None) -> dict:
         except JournalError as e:
             d["journal_error"] = str(e)
     st, rb = g.state, g.rebuild
-    lock = (st or {}).get("lock") or {}
-    since = lock.get("since") if lock.get("locked") else (rb or {}).get("lock", {}).get("since")
-    both = [x for x in (st, rb) if x is not None]
-    top = lambda k: max((x[k] for x in both if x[k] is not None), default=None)
+    since = st.locked_since if st is not None and st.locked else (rb or {}).get("lock", {}).get("since")
+    both = st is not None or rb is not None
+    top = lambda k: max((v for v in ((getattr(st, k) if st is not None else None), (rb or {}).get(k)) if v is not None),
+                        default=None)
     today = utc_day(now)
     if rb is not None:
         day_pnl, total = rb["pnl"]["day_pnl"], rb["pnl"]["total"]
     elif st is not None:
-        day_pnl, total = (st["pnl"]["day_pnl"] if st["pnl"]["day"] == today else 0.0), st["pnl"]["total"]
+        day_pnl, total = (st.day_pnl if st.day == today else 0.0), st.total_pnl
     else:
         day_pnl = total = 0.0 if g.never_run else None
     last = top("last_candle")
@@ -830,7 +975,7 @@ def status_report(settings, now: float | None = None) -> dict:
              last_candle=iso(last), last_candle_age_s=None if last is None else round(now - last, 1))
     return d
 
-
+# %% ../nbs/08_guardian.ipynb #65447f7b
 def format_status(d: dict) -> str:
     "A compact human screen for `status_report()`."
     def money(x):
@@ -861,7 +1006,7 @@ def format_status(d: dict) -> str:
     lines += [f"journal    {d['journal_path']}", f"state      {d['state_path']}"]
     return "\n".join(lines)
 
-
+# %% ../nbs/08_guardian.ipynb #1b13891f
 def unlock_cli(settings, reason: str, who: str | None = None) -> str:
     "`cryptobot unlock --reason TEXT`: lift the lock for the configured state dir; the message to print."
     if not _one_line(reason or ""):
@@ -870,7 +1015,7 @@ def unlock_cli(settings, reason: str, who: str | None = None) -> str:
     with Journal(sd / JOURNAL_FILE) as j:
         return Guardian(settings, sd, j).unlock(reason, who or _whoami())
 
-# %% ../nbs/08_guardian.ipynb #0eb2065e
+# %% ../nbs/08_guardian.ipynb #fe4442d3
 RUNNER_LOCK_FILE = "runner.lock"
 
 
@@ -887,7 +1032,7 @@ def _holder(fd: int, tries: int = 20) -> str:
         time.sleep(0.05)
     return "unknown"
 
-
+# %% ../nbs/08_guardian.ipynb #a4c33a2d
 @contextmanager
 def runner_lock(state_dir):
     "Hold `state_dir/runner.lock` (exclusive flock, our PID inside) for the block; `RunnerLocked` if another runner has it."

@@ -22,9 +22,9 @@ from typing import Iterable, Mapping
 
 # %% auto #0
 __all__ = ['PURPOSES', 'FINAL_STATUSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso', 'utc_day',
-           'ClosedTrade', 'open_error', 'Journal']
+           'ClosedTrade', 'open_error', 'Journal', 'select']
 
-# %% ../nbs/07_journal.ipynb #3776c1a5
+# %% ../nbs/07_journal.ipynb #a574eb41
 class JournalError(RuntimeError):
     "The journal cannot be used as asked (newer schema, conflicting replay, bad input). One line."
 
@@ -51,7 +51,7 @@ def to_epoch(t, what: str = "time") -> float:
         return t.timestamp()
     raise JournalError(f"{what}={t!r} ({type(t).__name__}) is not a time")
 
-
+# %% ../nbs/07_journal.ipynb #c49ad585
 def iso(t: float | None) -> str | None:
     "ISO-8601 UTC text for unix seconds (None stays None)."
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
@@ -61,7 +61,7 @@ def utc_day(t: float) -> str:
     "The UTC calendar day `YYYY-MM-DD` of unix seconds `t`."
     return datetime.fromtimestamp(t, timezone.utc).date().isoformat()
 
-
+# %% ../nbs/07_journal.ipynb #54231e7f
 def _num(x, what: str, *, positive=False, allow_none=False):
     if x is None and allow_none:
         return None
@@ -217,7 +217,7 @@ def open_error(path, readonly: bool, e: sqlite3.DatabaseError) -> JournalError:
     return JournalError(f"journal {path} cannot be opened {how} ({e}; {name}); not a sign of corruption: check "
                         f"disk space, permissions and the mount, and do not move it aside")
 
-# %% ../nbs/07_journal.ipynb #713bc984
+# %% ../nbs/07_journal.ipynb #97ff247c
 def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection:
     if readonly:
         # A plain read-only open of a WAL database creates `-wal` and `-shm` beside it when they are absent. Run
@@ -235,7 +235,7 @@ def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection
     con.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     return con
 
-
+# %% ../nbs/07_journal.ipynb #2db00723
 class Journal:
     "The SQLite journal in `path` (WAL, synchronous=FULL, one transaction per event, versioned schema)."
 
@@ -306,38 +306,42 @@ class Journal:
             else:
                 self._con.execute("COMMIT")
 
-    def _event(self, con, kind: str, message: str = "", data=None, ts=None) -> int:
-        ts = self.clock() if ts is None else to_epoch(ts, "ts")
-        return con.execute("INSERT INTO events (ts, kind, message, data) VALUES (?, ?, ?, ?)",
-                           (ts, kind, " ".join(str(message).split()), _dumps(data))).lastrowid
+# %% ../nbs/07_journal.ipynb #0acc2815
+def _close(self):
+    with self._lock:
+        self._con.close()
 
-    def close(self):
-        with self._lock:
-            self._con.close()
 
-    def __enter__(self):
-        return self
+Journal.close, Journal.__enter__, Journal.__exit__ = _close, lambda self: self, lambda self, *exc: self.close()
+Journal.__repr__ = lambda self: f"Journal({str(self.path)!r}, schema={SCHEMA_VERSION})"
+del _close
 
-    def __exit__(self, *exc):
-        self.close()
+# %% ../nbs/07_journal.ipynb #794b4a21
+def _event(self, con, kind: str, message: str = "", data=None, ts=None) -> int:
+    ts = self.clock() if ts is None else to_epoch(ts, "ts")
+    return con.execute("INSERT INTO events (ts, kind, message, data) VALUES (?, ?, ?, ?)",
+                       (ts, kind, " ".join(str(message).split()), _dumps(data))).lastrowid
 
-    def __repr__(self):
-        return f"Journal({str(self.path)!r}, schema={SCHEMA_VERSION})"
 
-    def _query(self, sql: str, args=()) -> list[dict]:
-        with self._lock:
-            return [dict(r) for r in self._con.execute(sql, args).fetchall()]
+def _query(self, sql: str, args=()) -> list[dict]:
+    with self._lock:
+        return [dict(r) for r in self._con.execute(sql, args).fetchall()]
 
-    def select(self, sql: str, args=()) -> list[dict]:
-        """Rows (as dicts) of a read-only query against the documented schema.
 
-        For readers that must look at the evidence themselves (the audit, the monitor, parity); a statement that is
-        not a SELECT is refused, so no reader can change the journal through this door."""
-        if not re.match(r"\s*(SELECT|WITH)\b", sql, re.I) or ";" in sql.rstrip().rstrip(";"):
-            raise JournalError("Journal.select runs one SELECT statement only")
-        return self._query(sql, args)
+def select(self, sql: str, args=()) -> list[dict]:
+    """Rows (as dicts) of a read-only query against the documented schema.
 
-# %% ../nbs/07_journal.ipynb #101f171e
+    For readers that must look at the evidence themselves (the audit, the monitor, parity); a statement that is
+    not a SELECT is refused, so no reader can change the journal through this door."""
+    if not re.match(r"\s*(SELECT|WITH)\b", sql, re.I) or ";" in sql.rstrip().rstrip(";"):
+        raise JournalError("Journal.select runs one SELECT statement only")
+    return self._query(sql, args)
+
+
+Journal._event, Journal._query, Journal.select = _event, _query, select
+del _event, _query, select
+
+# %% ../nbs/07_journal.ipynb #2cbf30a7
 def _same(existing: Mapping, new: Mapping, keys: Iterable[str]) -> list[str]:
     "Fields whose stored value differs from the new one (floats compared to 1e-12 relative)."
     out = []
@@ -351,7 +355,7 @@ def _same(existing: Mapping, new: Mapping, keys: Iterable[str]) -> list[str]:
             out.append(k)
     return out
 
-
+# %% ../nbs/07_journal.ipynb #b5f33eaf
 def _record_intent(self, client_order_id: str, symbol: str, side: str, type: str, amount: float,
                    price: float | None = None, stop_price: float | None = None, purpose: str = "entry",
                    candle_time=None, approval_id: str | None = None, ts=None) -> bool:
@@ -389,6 +393,9 @@ def _insert_intent(self, con, row: dict, ts=None) -> bool:
     return True
 
 
+Journal.record_intent, Journal._insert_intent = _record_intent, _insert_intent
+
+# %% ../nbs/07_journal.ipynb #065f573f
 def _record_order_status(self, client_order_id: str, status: str, exchange_id: str | None = None,
                          filled: float | None = None, average: float | None = None,
                          raw_status: str | None = None, ts=None) -> bool:
@@ -412,6 +419,9 @@ def _record_order_status(self, client_order_id: str, status: str, exchange_id: s
         return True
 
 
+Journal.record_order_status = _record_order_status
+
+# %% ../nbs/07_journal.ipynb #7d4f3c9f
 def _record_fill(self, trade_id, client_order_id: str | None, price: float, amount: float, fee: float = 0.0,
                  fee_currency: str | None = None, ts=None, symbol: str | None = None, side: str | None = None) -> bool:
     "Journal one exchange fill. Idempotent on the exchange's `trade_id`."
@@ -433,6 +443,9 @@ def _record_fill(self, trade_id, client_order_id: str | None, price: float, amou
         return True
 
 
+Journal.record_fill = _record_fill
+
+# %% ../nbs/07_journal.ipynb #a043a86c
 _TRADE_FIELDS = ("symbol", "entry_time", "exit_time", "entry_price", "exit_price", "amount", "fees", "pnl",
                  "return_pct", "exit_reason", "equity_after")
 
@@ -465,6 +478,9 @@ def _insert_lock(self, con, reason: str, ts=None) -> int:
     return eid
 
 
+Journal.record_trade, Journal._insert_lock = _record_trade, _insert_lock
+
+# %% ../nbs/07_journal.ipynb #722f904a
 def _record_lock(self, reason: str, ts=None) -> int:
     "Journal a kill-switch lock (the Guardian's; also 'state.json unreadable' locks)."
     if not str(reason).strip():
@@ -485,6 +501,9 @@ def _record_unlock(self, who: str, reason: str, ts=None) -> int:
         return eid
 
 
+Journal.record_lock, Journal.record_unlock = _record_lock, _record_unlock
+
+# %% ../nbs/07_journal.ipynb #7d565241
 def _record_decision(self, decision_id: str, approved: bool, reasons: list, symbol: str | None = None,
                      side: str | None = None, candle_time=None, plan=None, client_order_id: str | None = None,
                      mode: str | None = None, equity: float | None = None, expires_at: float | None = None,
@@ -507,6 +526,9 @@ def _record_decision(self, decision_id: str, approved: bool, reasons: list, symb
         return eid
 
 
+Journal.record_decision = _record_decision
+
+# %% ../nbs/07_journal.ipynb #cc37f6f1
 def _record_redemption(self, approval_id: str, client_order_id: str, intent: Mapping | None = None, ts=None) -> bool:
     "Mark an approval used, with its order intent, in one transaction. False if the approval or its client id was used."
     with self._tx() as con:
@@ -522,6 +544,9 @@ def _record_redemption(self, approval_id: str, client_order_id: str, intent: Map
         return True
 
 
+Journal.record_redemption = _record_redemption
+
+# %% ../nbs/07_journal.ipynb #118d35c3
 def _record_mark(self, equity: float | None, candle_time=None, ts=None) -> int | None:
     "Journal an equity/candle mark (the equity high-water mark and the last processed candle come from these)."
     ok = isinstance(equity, (int, float)) and not isinstance(equity, bool) and math.isfinite(equity) and equity > 0
@@ -553,6 +578,10 @@ def _record_poll_error(self, message: str, kind: str = "poll", ts=None) -> int:
         return eid
 
 
+Journal.record_mark, Journal.record_reconciliation = _record_mark, _record_reconciliation
+Journal.record_poll_error = _record_poll_error
+
+# %% ../nbs/07_journal.ipynb #538ab046
 def _record_feature_row(self, candle_time, fingerprint: str, features: Mapping, source: str = "live", ts=None) -> bool:
     "Journal the feature row the live runner fed the model (parity check hook). Idempotent per candle/fingerprint/source."
     ct = to_epoch(candle_time, "candle_time")
@@ -573,14 +602,9 @@ def _log_event(self, kind: str, message: str = "", data=None, ts=None) -> int:
         return self._event(con, kind, message, data, ts)
 
 
-Journal._insert_intent, Journal._insert_lock = _insert_intent, _insert_lock      # helpers inside a transaction
-for _f in (_record_intent, _record_order_status, _record_fill, _record_trade, _record_lock, _record_unlock,
-           _record_decision, _record_redemption, _record_mark, _record_reconciliation, _record_poll_error,
-           _record_feature_row, _log_event):
-    setattr(Journal, _f.__name__[1:], _f)                                        # _record_x -> Journal.record_x
-del _f
+Journal.record_feature_row, Journal.log_event = _record_feature_row, _log_event
 
-# %% ../nbs/07_journal.ipynb #451641f0
+# %% ../nbs/07_journal.ipynb #87b86c57
 def _has_history(self) -> bool:
     "True once anything has been journaled (the Guardian uses this to tell a first run from a lost state.json)."
     return bool(self._query("SELECT 1 FROM events LIMIT 1"))
@@ -596,6 +620,9 @@ def _open_intents(self, symbol: str | None = None) -> list[dict]:
     return self._query(sql, (symbol,) if symbol else ())
 
 
+Journal.has_history, Journal.open_intents = _has_history, _open_intents
+
+# %% ../nbs/07_journal.ipynb #17001d22
 def _trades(self, symbol: str | None = None, limit: int | None = None) -> list[dict]:
     "Closed trades, oldest first (the last `limit` if given)."
     sql = "SELECT * FROM trades" + (" WHERE symbol = ?" if symbol else "") + " ORDER BY event_id DESC"
@@ -622,6 +649,9 @@ def _last_events(self, n: int = 50, kind: str | None = None) -> list[dict]:
     return rows
 
 
+Journal.trades, Journal.decisions, Journal.last_events = _trades, _decisions, _last_events
+
+# %% ../nbs/07_journal.ipynb #cf7058c1
 def _is_redeemed(self, approval_id: str | None = None, client_order_id: str | None = None) -> bool:
     "Whether an approval (or any approval for this client order id) has been redeemed."
     return bool(self._query("SELECT 1 FROM redemptions WHERE approval_id = ? OR client_order_id = ?",
@@ -654,6 +684,10 @@ def _fills(self, client_order_id: str) -> list[dict]:
     return self._query("SELECT * FROM fills WHERE client_order_id = ? ORDER BY ts, id", (client_order_id,))
 
 
+Journal.is_redeemed, Journal.open_positions, Journal.intent = _is_redeemed, _open_positions, _intent
+Journal.last_order, Journal.fills = _last_order, _fills
+
+# %% ../nbs/07_journal.ipynb #ecdedb82
 def _intents_after(self, symbol: str, intent_id: int) -> list[dict]:
     "Non-entry intents (stops, exits) journaled after intent `intent_id`, each with its latest status and fill."
     return self._query(
@@ -688,11 +722,8 @@ def _exit_reason(self, client_order_id: str, scan: int = 50) -> str | None:
     return None
 
 
-for _f in (_has_history, _open_intents, _trades, _decisions, _last_events, _is_redeemed, _open_positions,
-           _intent, _last_order, _fills, _intents_after, _known_client_ids, _intent_count, _approved_plan,
-           _exit_reason):
-    setattr(Journal, _f.__name__[1:], _f)
-del _f
+Journal.intents_after, Journal.known_client_ids, Journal.intent_count = _intents_after, _known_client_ids, _intent_count
+Journal.approved_plan, Journal.exit_reason = _approved_plan, _exit_reason
 
 # %% ../nbs/07_journal.ipynb #9663f306
 def _rebuild_guardian_state(self, day: str | None = None, now: float | None = None) -> dict:

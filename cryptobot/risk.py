@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'RiskEngine']
 
-# %% ../nbs/06_risk.ipynb #9d0c3b21
+# %% ../nbs/06_risk.ipynb #039623a5
 class MarketError(ValueError):
     "A market description is missing or inconsistent (one line)."
 
@@ -36,7 +36,7 @@ def _frac(x) -> Fraction:
 def _is_multiple(x: float, step: Fraction) -> bool:
     return _frac(x) % step == 0
 
-
+# %% ../nbs/06_risk.ipynb #e379d48d
 @dataclass(frozen=True)
 class Market:
     "One spot market's precision and limits (Binance BTC/USDT defaults)."
@@ -75,39 +75,43 @@ class Market:
     def tick(self) -> Fraction:
         return _frac(self.price_tick)
 
-    @classmethod
-    def from_ccxt(cls, market: dict, precision_mode: int = 4) -> "Market":
-        "From a ccxt unified market dict (`exchange.market(symbol)`); `precision_mode` 4 = TICK_SIZE, 2 = DECIMAL_PLACES."
-        symbol = market.get("symbol") or "?"
-        if market.get("active") is False:
-            raise MarketError(f"market {symbol} is not active (trading halted or delisted); refusing to size an order")
-        if market.get("spot") is False:
-            raise MarketError(f"market {symbol} is not a spot market; cryptobot trades spot only")
-        prec, limits = market.get("precision") or {}, market.get("limits") or {}
+# %% ../nbs/06_risk.ipynb #a4604b67
+def _from_ccxt(cls, market: dict, precision_mode: int = 4) -> "Market":
+    "From a ccxt unified market dict (`exchange.market(symbol)`); `precision_mode` 4 = TICK_SIZE, 2 = DECIMAL_PLACES."
+    symbol = market.get("symbol") or "?"
+    if market.get("active") is False:
+        raise MarketError(f"market {symbol} is not active (trading halted or delisted); refusing to size an order")
+    if market.get("spot") is False:
+        raise MarketError(f"market {symbol} is not a spot market; cryptobot trades spot only")
+    prec, limits = market.get("precision") or {}, market.get("limits") or {}
 
-        def step(name):
-            v = prec.get(name)
-            if v is None:
-                raise MarketError(f"market {symbol} has no {name} precision; reload markets from the exchange")
-            v = float(v)
-            if precision_mode == 2:        # DECIMAL_PLACES: number of decimals
-                return float(Fraction(1, 10 ** int(v)))
-            if precision_mode != 4:
-                raise MarketError(f"precision mode {precision_mode} is not supported (use 4=TICK_SIZE or 2=DECIMAL_PLACES)")
-            return v
+    def step(name):
+        v = prec.get(name)
+        if v is None:
+            raise MarketError(f"market {symbol} has no {name} precision; reload markets from the exchange")
+        v = float(v)
+        if precision_mode == 2:        # DECIMAL_PLACES: number of decimals
+            return float(Fraction(1, 10 ** int(v)))
+        if precision_mode != 4:
+            raise MarketError(f"precision mode {precision_mode} is not supported (use 4=TICK_SIZE or 2=DECIMAL_PLACES)")
+        return v
 
-        def lim(group, key):
-            v = (limits.get(group) or {}).get(key)
-            return None if v is None else float(v)
+    def lim(group, key):
+        v = (limits.get(group) or {}).get(key)
+        return None if v is None else float(v)
 
-        amount_step, price_tick = step("amount"), step("price")
-        mins = [v for v in (lim("amount", "min"), lim("market", "min")) if v]
-        maxs = [v for v in (lim("amount", "max"), lim("market", "max")) if v]   # a market buy obeys MARKET_LOT_SIZE too
-        return cls(symbol=symbol, amount_step=amount_step, price_tick=price_tick,
-                   min_amount=max(mins) if mins else amount_step, min_notional=lim("cost", "min") or 0.0,
-                   max_amount=min(maxs) if maxs else math.inf, max_notional=lim("cost", "max") or math.inf)
+    amount_step, price_tick = step("amount"), step("price")
+    mins = [v for v in (lim("amount", "min"), lim("market", "min")) if v]
+    maxs = [v for v in (lim("amount", "max"), lim("market", "max")) if v]   # a market buy obeys MARKET_LOT_SIZE too
+    return cls(symbol=symbol, amount_step=amount_step, price_tick=price_tick,
+               min_amount=max(mins) if mins else amount_step, min_notional=lim("cost", "min") or 0.0,
+               max_amount=min(maxs) if maxs else math.inf, max_notional=lim("cost", "max") or math.inf)
 
-# %% ../nbs/06_risk.ipynb #12468bbd
+
+Market.from_ccxt = classmethod(_from_ccxt)
+del _from_ccxt
+
+# %% ../nbs/06_risk.ipynb #43031ca5
 REJECTION_REASONS = (
     "invalid_input",        # a price/equity/balance that is not a positive finite number, or a symbol mismatch
     "stop_rounds_to_zero",  # the stop or stop-limit price rounds to 0 on the tick grid
@@ -133,7 +137,7 @@ class Plan:
     equity: float
     limited_by: str = "risk" # which cap set the size: risk | leverage | cash | max_amount | max_notional
 
-
+# %% ../nbs/06_risk.ipynb #da31c23d
 @dataclass(frozen=True)
 class Rejection:
     "No trade: `reason` is one of `REJECTION_REASONS`, `detail` says why in one line."
@@ -146,7 +150,7 @@ class Rejection:
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
-# %% ../nbs/06_risk.ipynb #427d4811
+# %% ../nbs/06_risk.ipynb #6d0d69c5
 def _positive_finite(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
@@ -168,7 +172,7 @@ def _floor_float_exact(amount: Fraction, step: Fraction) -> tuple[Fraction, Frac
         amount = _floor_to(amount, step)
     return amount, step
 
-
+# %% ../nbs/06_risk.ipynb #93b4a071
 class RiskEngine:
     "Stop, size and precision for long spot entries, within the safety ceilings."
 
@@ -193,111 +197,141 @@ class RiskEngine:
         return (f"RiskEngine(stop_loss_pct={self.stop_loss_pct:g}, risk_pct={self.risk_pct:g}, leverage={self.leverage:g}, "
                 f"stop_limit_buffer_pct={self.stop_limit_buffer_pct:g}, fee_pct={self.fee_pct:g})")
 
-    # -- float guard: the Plan's float fields against the caps, as a caller comparing them would compute
-    def _float_ok(self, amount: Fraction, entry: Fraction, stop: Fraction, equity: float, free_quote: float,
-                  market: Market) -> bool:
-        notional, risk = float(amount * entry), float(amount * (entry - stop))
-        return (notional <= equity * self.leverage and notional * (1 + self.fee_pct / 100) <= free_quote
-                and risk <= equity * self.risk_pct / 100 and notional <= market.max_notional
-                and float(amount) <= market.max_amount)
+# %% ../nbs/06_risk.ipynb #6260564f
+def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fraction] | Rejection:
+    "(entry, stop, stop-limit price) on the tick grid for a long entry at `price`, or the `Rejection` saying why not."
+    tick = market.tick
+    entry = _ceil_to(_frac(price), tick)
+    stop = _floor_to(entry * (1 - self._s), tick)
+    if stop <= 0:
+        return Rejection("stop_rounds_to_zero", f"stop for {price!r} rounds to 0 on tick {market.price_tick!r}")
+    if stop >= entry:
+        return Rejection("stop_not_below_entry", f"stop {float(stop)!r} is not below entry {float(entry)!r}")
+    if (entry - stop) / entry > Fraction(MAX_STOP_LOSS_PCT) / 100:
+        return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop {float((entry - stop) / entry * 100):.3g}% "
+                                            f"below {float(entry)!r}, beyond the {MAX_STOP_LOSS_PCT:g}% ceiling")
+    stop_limit = _floor_to(stop * (1 - self._b), tick)
+    if stop_limit <= 0:
+        return Rejection("stop_rounds_to_zero", f"stop-limit price for stop {float(stop)!r} rounds to 0 on tick {market.price_tick!r}")
+    if (entry - stop_limit) / entry > Fraction(MAX_STOP_LOSS_PCT + MAX_STOP_LIMIT_BUFFER_PCT) / 100:
+        return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop-limit price too far below the entry")
+    return entry, stop, stop_limit
 
-    def plan(self, price, equity, free_quote, market: Market = Market(), symbol: str | None = None) -> Plan | Rejection:
-        "Size a long entry at `price` for `equity`, affordable with `free_quote`; a `Plan`, or a `Rejection` saying why not."
-        for name, v in (("price", price), ("equity", equity), ("free_quote", free_quote)):
-            if not _positive_finite(v):
-                return Rejection("invalid_input", f"{name}={v!r} is not a positive finite number")
-        if not isinstance(market, Market):
-            return Rejection("invalid_input", f"market must be a Market, got {type(market).__name__}")
-        symbol = market.symbol if symbol is None else symbol
-        if symbol != market.symbol:
-            return Rejection("invalid_input", f"symbol {symbol} does not match market {market.symbol}")
-        P, E, Q = _frac(price), _frac(equity), _frac(free_quote)
-        tick, step = market.tick, market.step
 
-        entry = _ceil_to(P, tick)
-        stop = _floor_to(entry * (1 - self._s), tick)
-        if stop <= 0:
-            return Rejection("stop_rounds_to_zero", f"stop for {price!r} rounds to 0 on tick {market.price_tick!r}")
-        if stop >= entry:
-            return Rejection("stop_not_below_entry", f"stop {float(stop)!r} is not below entry {float(entry)!r}")
-        if (entry - stop) / entry > Fraction(MAX_STOP_LOSS_PCT) / 100:
-            return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop {float((entry - stop) / entry * 100):.3g}% "
-                                                f"below {float(entry)!r}, beyond the {MAX_STOP_LOSS_PCT:g}% ceiling")
-        stop_limit = _floor_to(stop * (1 - self._b), tick)
-        if stop_limit <= 0:
-            return Rejection("stop_rounds_to_zero", f"stop-limit price for stop {float(stop)!r} rounds to 0 on tick {market.price_tick!r}")
-        if (entry - stop_limit) / entry > Fraction(MAX_STOP_LOSS_PCT + MAX_STOP_LIMIT_BUFFER_PCT) / 100:
-            return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop-limit price too far below the entry")
+RiskEngine._plan_prices = _plan_prices
+del _plan_prices
 
-        caps = {"risk": E * self._r / (entry - stop),
-                "leverage": E * self._lev / entry,
-                "cash": Q / (entry * (1 + self._fee)),
-                "max_amount": _frac(market.max_amount) if math.isfinite(market.max_amount) else None,
-                "max_notional": _frac(market.max_notional) / entry if math.isfinite(market.max_notional) else None}
-        limited_by = min((k for k in caps if caps[k] is not None), key=lambda k: caps[k])
-        amount, step = _floor_float_exact(caps[limited_by], step)
+# %% ../nbs/06_risk.ipynb #f23e2a3a
+def _float_ok(self, amount: Fraction, entry: Fraction, stop: Fraction, equity: float, free_quote: float,
+              market: Market) -> bool:
+    "The Plan's float fields against the caps, as a caller comparing them would compute them."
+    notional, risk = float(amount * entry), float(amount * (entry - stop))
+    return (notional <= equity * self.leverage and notional * (1 + self.fee_pct / 100) <= free_quote
+            and risk <= equity * self.risk_pct / 100 and notional <= market.max_notional
+            and float(amount) <= market.max_amount)
 
-        fentry, fstop = float(entry), float(stop)
-        for _ in range(3):   # float guard: step down if a float product lands a hair over a cap (exact ties)
-            if amount <= 0 or self._float_ok(amount, entry, stop, float(equity), float(free_quote), market):
-                break
-            amount -= step
-        else:
-            return Rejection("below_min_amount", "float guard could not fit the amount under the caps")
 
-        if amount <= 0 or amount < _frac(market.min_amount):
-            return Rejection("below_min_amount", f"amount {float(amount)!r} (limited by {limited_by}) is below the minimum "
-                                                 f"{market.min_amount!r} for {market.symbol}")
-        notional = amount * entry
-        if notional < _frac(market.min_notional):
-            return Rejection("below_min_notional", f"order value {float(notional):.8g} (limited by {limited_by}) is below the "
-                                                   f"minimum {market.min_notional!r} for {market.symbol}")
-        return Plan(symbol=symbol, side="buy", entry_price=fentry, amount=float(amount), stop_price=fstop,
-                    stop_limit_price=float(stop_limit), notional=float(notional),
-                    risk_amount=float(amount * (entry - stop)), equity=float(equity), limited_by=limited_by)
+def _size(self, entry: Fraction, stop: Fraction, equity, free_quote, market: Market) -> tuple[Fraction, str] | Rejection:
+    "(amount, the cap that set it): the smallest cap, floored exactly, then stepped down past float rounding."
+    E, Q = _frac(equity), _frac(free_quote)
+    caps = {"risk": E * self._r / (entry - stop),
+            "leverage": E * self._lev / entry,
+            "cash": Q / (entry * (1 + self._fee)),
+            "max_amount": _frac(market.max_amount) if math.isfinite(market.max_amount) else None,
+            "max_notional": _frac(market.max_notional) / entry if math.isfinite(market.max_notional) else None}
+    limited_by = min((k for k in caps if caps[k] is not None), key=lambda k: caps[k])
+    amount, step = _floor_float_exact(caps[limited_by], market.step)
+    for _ in range(3):   # float guard: step down if a float product lands a hair over a cap (exact ties)
+        if amount <= 0 or self._float_ok(amount, entry, stop, float(equity), float(free_quote), market):
+            return amount, limited_by
+        amount -= step
+    return Rejection("below_min_amount", "float guard could not fit the amount under the caps")
 
-    def check(self, plan, market: Market = Market(), free_quote=None) -> Rejection | None:
-        "Re-validate a plan against this engine's ceilings and `market` (and `free_quote` if given): `None` if it holds."
-        def bad(msg):
-            return Rejection("plan_invalid", msg)
-        if not isinstance(plan, Plan):
-            return bad(f"expected a Plan, got {type(plan).__name__}")
-        if plan.side != "buy":
-            return bad(f"side {plan.side!r}: only long entries are planned")
-        if plan.symbol != market.symbol:
-            return bad(f"plan symbol {plan.symbol} does not match market {market.symbol}")
-        for name in ("entry_price", "amount", "stop_price", "stop_limit_price", "notional", "risk_amount", "equity"):
-            if not _positive_finite(getattr(plan, name)):
-                return bad(f"{name}={getattr(plan, name)!r} is not a positive finite number")
-        tick, step = market.tick, market.step
-        for name in ("entry_price", "stop_price", "stop_limit_price"):
-            if not _is_multiple(getattr(plan, name), tick):
-                return bad(f"{name}={getattr(plan, name)!r} is not a multiple of the tick {market.price_tick!r}")
-        if not _is_multiple(plan.amount, step):
-            return bad(f"amount={plan.amount!r} is not a multiple of the step {market.amount_step!r}")
-        if not plan.stop_limit_price < plan.stop_price < plan.entry_price:
-            return bad("prices are not ordered stop_limit < stop < entry")
-        dist = (plan.entry_price - plan.stop_price) / plan.entry_price
-        if not (self.stop_loss_pct / 100 - 1e-12 <= dist <= MAX_STOP_LOSS_PCT / 100 + 1e-12):
-            return bad(f"stop distance {dist * 100:.4g}% is outside {self.stop_loss_pct:g}..{MAX_STOP_LOSS_PCT:g}%")
-        if plan.stop_limit_price < plan.stop_price * (1 - MAX_STOP_LIMIT_BUFFER_PCT / 100) - float(tick):
-            return bad("stop-limit price is further below the stop than the buffer ceiling allows")
-        E, rel = plan.equity, 1e-9
-        if not math.isclose(plan.notional, plan.amount * plan.entry_price, rel_tol=rel):
-            return bad("notional is not amount × entry_price")
-        if not math.isclose(plan.risk_amount, plan.amount * (plan.entry_price - plan.stop_price), rel_tol=1e-6):
-            return bad("risk_amount is not amount × (entry − stop)")
-        if plan.risk_amount > E * self.risk_pct / 100 * (1 + rel):
-            return bad(f"risk {plan.risk_amount:.8g} exceeds {self.risk_pct:g}% of equity {E:.8g}")
-        if plan.notional > E * self.leverage * (1 + rel):
-            return bad(f"notional {plan.notional:.8g} exceeds {self.leverage:g}× equity {E:.8g}")
-        if plan.amount < market.min_amount or plan.amount > market.max_amount:
-            return bad(f"amount {plan.amount!r} is outside {market.min_amount!r}..{market.max_amount!r}")
-        if plan.notional < market.min_notional or plan.notional > market.max_notional:
-            return bad(f"notional {plan.notional:.8g} is outside the market's {market.min_notional!r}..{market.max_notional!r}")
-        if free_quote is not None:
-            if not (isinstance(free_quote, Real) and math.isfinite(free_quote)):
-                return bad(f"free_quote={free_quote!r} is not a finite number")
-            if plan.notional * (1 + self.fee_pct / 100) > free_quote * (1 + rel):
-                return bad(f"notional {plan.notional:.8g} plus {self.fee_pct:g}% fee exceeds free quote {free_quote:.8g}")
-        return None
+
+RiskEngine._float_ok, RiskEngine._size = _float_ok, _size
+del _float_ok, _size
+
+# %% ../nbs/06_risk.ipynb #2e3c583c
+def _plan(self, price, equity, free_quote, market: Market = Market(), symbol: str | None = None) -> Plan | Rejection:
+    "Size a long entry at `price` for `equity`, affordable with `free_quote`; a `Plan`, or a `Rejection` saying why not."
+    for name, v in (("price", price), ("equity", equity), ("free_quote", free_quote)):
+        if not _positive_finite(v):
+            return Rejection("invalid_input", f"{name}={v!r} is not a positive finite number")
+    if not isinstance(market, Market):
+        return Rejection("invalid_input", f"market must be a Market, got {type(market).__name__}")
+    symbol = market.symbol if symbol is None else symbol
+    if symbol != market.symbol:
+        return Rejection("invalid_input", f"symbol {symbol} does not match market {market.symbol}")
+    prices = self._plan_prices(price, market)
+    if isinstance(prices, Rejection):
+        return prices
+    entry, stop, stop_limit = prices
+    sized = self._size(entry, stop, equity, free_quote, market)
+    if isinstance(sized, Rejection):
+        return sized
+    amount, limited_by = sized
+    if amount <= 0 or amount < _frac(market.min_amount):
+        return Rejection("below_min_amount", f"amount {float(amount)!r} (limited by {limited_by}) is below the minimum "
+                                             f"{market.min_amount!r} for {market.symbol}")
+    notional = amount * entry
+    if notional < _frac(market.min_notional):
+        return Rejection("below_min_notional", f"order value {float(notional):.8g} (limited by {limited_by}) is below the "
+                                               f"minimum {market.min_notional!r} for {market.symbol}")
+    return Plan(symbol=symbol, side="buy", entry_price=float(entry), amount=float(amount), stop_price=float(stop),
+                stop_limit_price=float(stop_limit), notional=float(notional),
+                risk_amount=float(amount * (entry - stop)), equity=float(equity), limited_by=limited_by)
+
+
+RiskEngine.plan = _plan
+del _plan
+
+# %% ../nbs/06_risk.ipynb #13bce3d1
+def _check(self, plan, market: Market = Market(), free_quote=None) -> Rejection | None:
+    "Re-validate a plan against this engine's ceilings and `market` (and `free_quote` if given): `None` if it holds."
+    def bad(msg):
+        return Rejection("plan_invalid", msg)
+    if not isinstance(plan, Plan):
+        return bad(f"expected a Plan, got {type(plan).__name__}")
+    if plan.side != "buy":
+        return bad(f"side {plan.side!r}: only long entries are planned")
+    if plan.symbol != market.symbol:
+        return bad(f"plan symbol {plan.symbol} does not match market {market.symbol}")
+    for name in ("entry_price", "amount", "stop_price", "stop_limit_price", "notional", "risk_amount", "equity"):
+        if not _positive_finite(getattr(plan, name)):
+            return bad(f"{name}={getattr(plan, name)!r} is not a positive finite number")
+    tick, step = market.tick, market.step
+    for name in ("entry_price", "stop_price", "stop_limit_price"):
+        if not _is_multiple(getattr(plan, name), tick):
+            return bad(f"{name}={getattr(plan, name)!r} is not a multiple of the tick {market.price_tick!r}")
+    if not _is_multiple(plan.amount, step):
+        return bad(f"amount={plan.amount!r} is not a multiple of the step {market.amount_step!r}")
+    if not plan.stop_limit_price < plan.stop_price < plan.entry_price:
+        return bad("prices are not ordered stop_limit < stop < entry")
+    dist = (plan.entry_price - plan.stop_price) / plan.entry_price
+    if not (self.stop_loss_pct / 100 - 1e-12 <= dist <= MAX_STOP_LOSS_PCT / 100 + 1e-12):
+        return bad(f"stop distance {dist * 100:.4g}% is outside {self.stop_loss_pct:g}..{MAX_STOP_LOSS_PCT:g}%")
+    if plan.stop_limit_price < plan.stop_price * (1 - MAX_STOP_LIMIT_BUFFER_PCT / 100) - float(tick):
+        return bad("stop-limit price is further below the stop than the buffer ceiling allows")
+    E, rel = plan.equity, 1e-9
+    if not math.isclose(plan.notional, plan.amount * plan.entry_price, rel_tol=rel):
+        return bad("notional is not amount × entry_price")
+    if not math.isclose(plan.risk_amount, plan.amount * (plan.entry_price - plan.stop_price), rel_tol=1e-6):
+        return bad("risk_amount is not amount × (entry − stop)")
+    if plan.risk_amount > E * self.risk_pct / 100 * (1 + rel):
+        return bad(f"risk {plan.risk_amount:.8g} exceeds {self.risk_pct:g}% of equity {E:.8g}")
+    if plan.notional > E * self.leverage * (1 + rel):
+        return bad(f"notional {plan.notional:.8g} exceeds {self.leverage:g}× equity {E:.8g}")
+    if plan.amount < market.min_amount or plan.amount > market.max_amount:
+        return bad(f"amount {plan.amount!r} is outside {market.min_amount!r}..{market.max_amount!r}")
+    if plan.notional < market.min_notional or plan.notional > market.max_notional:
+        return bad(f"notional {plan.notional:.8g} is outside the market's {market.min_notional!r}..{market.max_notional!r}")
+    if free_quote is not None:
+        if not (isinstance(free_quote, Real) and math.isfinite(free_quote)):
+            return bad(f"free_quote={free_quote!r} is not a finite number")
+        if plan.notional * (1 + self.fee_pct / 100) > free_quote * (1 + rel):
+            return bad(f"notional {plan.notional:.8g} plus {self.fee_pct:g}% fee exceeds free quote {free_quote:.8g}")
+    return None
+
+
+RiskEngine.check = _check
+del _check

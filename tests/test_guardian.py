@@ -616,3 +616,39 @@ def test_unlock_records_the_uid_account_not_USER(env, monkeypatch):
     monkeypatch.delenv("SUDO_USER")
     unlock_cli(env.s, "again")
     assert env.j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()})"
+
+
+# ----------------------------------------------------------------------------------------------- typed state
+# state.json exactly as the dict-based Guardian (before GuardianState) wrote it: json.dumps(indent=1, sort_keys=True)
+LEGACY_STATE = ('{\n "consecutive_losses": 3,\n "equity_high_water": 10100.0,\n "last_candle": 1704070800.0,\n'
+                ' "lock": {\n  "locked": true,\n  "reason": "kill switch: 3 consecutive losing trades (limit 3); '
+                'investigate, then cryptobot unlock --reason TEXT",\n  "since": 1704070810.0\n },\n "pnl": {\n'
+                '  "day": "2024-01-01",\n  "day_pnl": -3.0,\n  "total": -3.0\n },\n "schema_version": 1,\n'
+                ' "updated_at": 1704070810.0\n}\n')
+
+
+def test_state_json_written_by_the_dict_guardian_loads_typed_and_writes_back_identically(tmp_path):
+    (tmp_path / "state.json").write_text(LEGACY_STATE)
+    st = G.load_state(tmp_path / "state.json")
+    assert isinstance(st, G.GuardianState) and st.trading is G.TradingState.LOCKED and st.locked
+    assert (st.consecutive_losses, st.total_pnl, st.day, st.locked_since) == (3, -3.0, "2024-01-01", 1_704_070_810.0)
+    assert st.to_json() == LEGACY_STATE and G.GuardianState.from_json(st.to_json()) == st
+    assert read_state(tmp_path / "state.json") == json.loads(LEGACY_STATE) == st.as_dict()
+    G.write_state_atomic(tmp_path / "again.json", st)
+    assert (tmp_path / "again.json").read_text() == LEGACY_STATE
+
+
+def test_guardian_state_is_a_frozen_typed_object_with_a_dict_accessor(env):
+    _lock(env, 3)
+    st = env.g.current_state
+    assert isinstance(st, G.GuardianState) and st.trading is G.TradingState.LOCKED and st.consecutive_losses == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.consecutive_losses = 0
+    assert env.g.state == st.as_dict() == read_state(env.dir / "state.json")      # the dict readers still work
+    assert env.g.state["lock"]["locked"] is True
+    env.g.unlock("reviewed", who="ops")
+    assert env.g.current_state.trading is G.TradingState.ACTIVE and st.locked        # the old object did not change
+    with pytest.raises(G.StateError, match="lock is set without a reason"):
+        G.GuardianState(trading=G.TradingState.LOCKED)
+    with pytest.raises(G.StateError, match="schema_version 2"):
+        G.GuardianState.from_json(LEGACY_STATE.replace('"schema_version": 1', '"schema_version": 2'))
