@@ -62,7 +62,7 @@ def imported_heavy(module: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     return [m for m in out.split(",") if m]
 
-# %% ../nbs/13_bench.ipynb #3fa8993a
+# %% ../nbs/13_bench.ipynb #9ed89ec7
 def bench_candles(data: str | Path | None = None, cwd: str | Path | None = None):
     "The candles to measure on: (`candles`, `source`, `data_file` — the absolute path used, or None if synthetic)."
     from cryptobot import data as D

@@ -379,6 +379,31 @@ def test_negative_control_a_blind_resend_doubles_the_entry_under_binance_rules(t
                 assert_consistent(e)
 
 
+def test_restart_after_a_crash_between_an_orders_status_and_its_fills_loses_no_fill(tmp_path, emu, df):
+    "Found by the multi-seed SIGKILL soak: a final status journaled before its fills hid them from reconciliation."
+    e = env_for(tmp_path, emu)
+    a = approve(e)
+    e.ex.enter(a)
+    shape(df, 1001, emu, low=a.stop_price - 100)              # the stop fills when bar 1001 closes
+
+    class Crash(BaseException):
+        pass
+
+    def die(*_a, **_k):
+        raise Crash()                                          # the process dies as it journals the stop's fills
+    e.j.record_fill = die
+    assert step(e, df) == ["protected"]
+    with pytest.raises(Crash):
+        step(e, df)
+    e.j.close()
+    e2 = env_for(tmp_path, emu, reconcile=False)               # a new process on the same state dir
+    rep = e2.ex.reconcile()
+    assert rep.ok, rep
+    assert e2.ex.position() is None and [t["exit_reason"] for t in e2.j.trades()] == ["stop"]
+    assert emu.orders_created == 2                             # entry + stop: no replacement stop, no emergency sell
+    assert_consistent(e2)
+
+
 def test_restart_after_a_crash_before_the_send_marks_the_intent_not_sent(tmp_path, emu):
     e = env_for(tmp_path, emu)
     a = approve(e)
