@@ -6,7 +6,14 @@ The emulator (stepped clock) lives in the test process on a thread and outlives 
 processes forked from a pre-imported server process (a fresh interpreter costs ~2 s of imports; a fork ~0.3 s), each
 running `cryptobot.live.run` against the emulator over HTTP with the real ccxt client. Kills come two ways: fault
 points inside the runner (`crash_at=`: e.g. right after the exchange accepted an order and before the journal
-recorded it) chosen at random, and SIGKILL from this test at a random moment after the clock moved."""
+recorded it) chosen at random, and SIGKILL from this test at a random moment after the clock moved.
+
+The emulator runs Binance's client-order-id rule (an id is refused only while an earlier order with it is open), so a
+runner that resent instead of looking an order up would double it here, and the check below would say so.
+
+Any seed works: a runner whose crash point is not reached within PATIENCE bars is killed by the harness, and the
+candles are sized from the plan (`bars_needed`). `make test` runs 5 seeds; a longer soak by hand:
+    SOAK_SEEDS=20 SOAK_KILLS=25 SOAK_BARS=50 pytest -s tests/test_live_crash.py -k soak"""
 from __future__ import annotations
 
 import json
@@ -257,6 +264,7 @@ def crash_run(market, tmp: Path, *, min_kills: int, min_bars: int, seed: int, br
         f"{len(c) - START} candles to replay; this plan needs {bars_needed(min_kills, min_bars, patience)}"
     rng = random.Random(seed)
     emu = Emulator(c, clock="stepped", start=START, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000})
+    assert not emu._book.unique_client_ids, "the crash test must run on Binance's client-order-id rule"
     emu.start()
     fs = forks or ForkServer(tmp)
     state = tmp / "state"
