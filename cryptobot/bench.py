@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'default_data', 'best_of', 'fresh_import_s', 'imported_heavy', 'run_bench']
+__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'shared_data_dir', 'default_data', 'best_of', 'fresh_import_s',
+           'imported_heavy', 'bench_candles', 'run_bench']
 
 # %% ../nbs/13_bench.ipynb #d463a890
 N_CANDLES = 43_776
@@ -24,11 +25,15 @@ TARGETS = {"features_s": 0.25, "backtest_s": 1.0, "import_features_s": 1.5, "liv
            "import_live_s": 1.5, "live_rss_mb": 250.0}
 
 
-def default_data() -> Path | None:
-    "The 5-year file from the shared data folder beside the project (or `$CRYPTOBOT_SHARED_DATA`), if present."
-    from cryptobot.reports import project_root
-    base = Path(os.environ.get("CRYPTOBOT_SHARED_DATA") or project_root().parent / "shared" / "data")
-    p = base / FIVE_YEAR_FILE
+def shared_data_dir(cwd: str | Path | None = None) -> Path:
+    "`$CRYPTOBOT_SHARED_DATA`, else `../shared/data` beside the working directory (the checkout you run from)."
+    env = os.environ.get("CRYPTOBOT_SHARED_DATA")
+    return Path(env) if env else Path(cwd or Path.cwd()).resolve().parent / "shared" / "data"
+
+
+def default_data(cwd: str | Path | None = None) -> Path | None:
+    "The 5-year file in `shared_data_dir(cwd)`, if present (never the folder beside the installed package)."
+    p = shared_data_dir(cwd) / FIVE_YEAR_FILE
     return p if p.exists() else None
 
 
@@ -57,20 +62,24 @@ def imported_heavy(module: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     return [m for m in out.split(",") if m]
 
+# %% ../nbs/13_bench.ipynb #9ed89ec7
+def bench_candles(data: str | Path | None = None, cwd: str | Path | None = None):
+    "The candles to measure on: (`candles`, `source`, `data_file` — the absolute path used, or None if synthetic)."
+    from cryptobot import data as D
+    src = Path(data) if data else default_data(cwd)
+    if src is None:
+        return D.synthetic_candles(n=N_CANDLES), "SYNTHETIC (shared data absent)", None
+    return D.load_candles(src).iloc[-N_CANDLES:], f"real: {src.name}", str(src.resolve())
+
+
 # %% ../nbs/13_bench.ipynb #218385ae
 def run_bench(data: str | None = None, out: str | None = None, progress=print) -> dict:
     "Measure every figure; write them as JSON to `out` if given; return them."
-    from cryptobot import data as D, features as F
+    from cryptobot import features as F
 
-    src = Path(data) if data else default_data()
-    if src is not None:
-        candles = D.load_candles(src).iloc[-N_CANDLES:]
-        source = f"real: {src.name}"
-    else:
-        candles = D.synthetic_candles(n=N_CANDLES)
-        source = "SYNTHETIC (shared data absent)"
-    progress(f"bench on {len(candles)} candles, {source}")
-    r: dict = {"candles": len(candles), "data": source, "python": platform.python_version(),
+    candles, source, data_file = bench_candles(data)
+    progress(f"bench on {len(candles)} candles, {source}" + (f" ({data_file})" if data_file else ""))
+    r: dict = {"candles": len(candles), "data": source, "data_file": data_file, "python": platform.python_version(),
                "machine": f"{os.cpu_count()} cpu, {platform.machine()}"}
 
     F.build_features(candles)  # warm-up

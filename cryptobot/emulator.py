@@ -676,7 +676,7 @@ class Emulator:
                  balances: dict | None = None, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, clock: str = "stepped", speed: float = 1.0,
                  start=None, fee_pct: float = 0.1, slippage_pct: float = 0.05, filters: dict | None = None,
-                 unique_client_ids: bool = True, host: str = "127.0.0.1", port: int = 0):
+                 unique_client_ids: bool = False, host: str = "127.0.0.1", port: int = 0):
         frames = candles if isinstance(candles, dict) else {symbol: candles}
         for name, df in frames.items():
             if "/" not in name:
@@ -1385,7 +1385,7 @@ class MatchingEngine:
 
     def __init__(self, candles: pd.DataFrame, price: float | None = None, *, symbol: str = DEFAULT_SYMBOL,
                  timeframe: str = "1h", balances: dict | None = None, fee_pct: float = 0.1,
-                 slippage_pct: float = 0.05, filters: dict | None = None, unique_client_ids: bool = True,
+                 slippage_pct: float = 0.05, filters: dict | None = None, unique_client_ids: bool = False,
                  state: dict | None = None):
         if not isinstance(candles, pd.DataFrame) or len(candles) < 1:
             raise EmulatorError("MatchingEngine needs at least one closed candle (a canonical candle frame)")

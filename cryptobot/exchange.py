@@ -516,7 +516,8 @@ class Executor:
             except (ccxt.ExchangeError, ccxt.DDoSProtection) as e:
                 return self._rejected(cid, purpose, e, unknown)
             if o is not None:
-                self._record_order(cid, o)
+                if not float(o.get("filled") or 0.0):      # a fill's status is journaled by _settle, after its fills
+                    self._record_order(cid, o)
                 return _Sent(order=o, unknown=unknown)
             if not (attempt == 0 and resend_ok()):
                 break
@@ -539,14 +540,15 @@ class Executor:
                                                 filled=o.get("filled"), average=o.get("average"), raw_status=raw)
 
     def _settle(self, cid: str, o: dict) -> dict:
-        "Journal the order's status and, if it filled anything, its fills (exact prices and fees from myTrades)."
-        self._record_order(cid, o)
+        """Journal the order's fills (exact prices and fees from myTrades), THEN its status: a crash in between
+        leaves the intent open, so reconciliation reads the fills again (a final status never hides missing fills)."""
         filled = float(o.get("filled") or 0.0)
-        if filled <= 0:
-            return o
-        have = sum(f["amount"] for f in self.journal.fills(cid))
-        if have >= filled - 1e-12:
-            return o
+        if filled > 0 and sum(f["amount"] for f in self.journal.fills(cid)) < filled - 1e-12:
+            self._journal_fills(cid, o, filled)
+        self._record_order(cid, o)
+        return o
+
+    def _journal_fills(self, cid: str, o: dict, filled: float) -> None:
         inline = [t for t in (o.get("trades") or []) if t.get("id") is not None and t.get("fee")]
         if inline and abs(sum(float(t["amount"]) for t in inline) - filled) < 1e-12 and o.get("timestamp"):
             # a new order's FULL response carries its fills with exact prices and commissions: no extra request
@@ -554,7 +556,7 @@ class Executor:
                 self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
                                          fee=float(t["fee"].get("cost") or 0.0), fee_currency=t["fee"].get("currency"),
                                          ts=o["timestamp"] / 1000.0, symbol=self.symbol, side=o.get("side"))
-            return o
+            return
         for attempt in range(3):
             trades = self._call(self.venue.fetch_my_trades, self.symbol, None, None, {"orderId": o["id"]},
                                 what="fetch_my_trades")
@@ -565,10 +567,9 @@ class Executor:
                                          fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
                                          ts=t["timestamp"] / 1000.0, symbol=self.symbol, side=t.get("side"))
             if sum(float(t["amount"]) for t in mine) >= filled - 1e-12:
-                return o
+                return
             self.sleep(self.settle_s)
         self._log("fills_incomplete", logging.ERROR, cid=cid, filled=filled)
-        return o
 
     # ------------------------------------------------------------------ position
     def position(self) -> Position | None:

@@ -304,23 +304,38 @@ def test_order_errors_map_to_ccxt_exceptions(emu, ex, call, exc, text):
     assert emu.orders_created == 0
 
 
-def test_duplicate_client_order_id_strict_and_binance_rule():
-    with Emulator(frame(), api_key=KEY, api_secret=SECRET) as emu:          # strict default: never reuse
+def test_client_order_id_reuse_follows_binance_by_default(emu, ex):
+    "Binance: a newClientOrderId is refused only while an earlier order with it is open (NEW, PARTIALLY_FILLED)."
+    def reuse(cid, price=20_000):
+        return ex.create_order(SYM, "limit", "buy", 0.01, price, {"clientOrderId": cid})
+    ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-filled"})        # FILLED at once
+    assert reuse("dup-filled")["status"] == "open"                                             # accepted again
+    with pytest.raises(ccxt.InvalidOrder, match="Duplicate order sent."):                      # ... and now NEW
+        reuse("dup-filled")
+    emu.faults.add("partial", fraction=0.5)
+    r = ex.create_order(SYM, "limit", "buy", 0.02, 31_000, {"clientOrderId": "dup-partial"})   # marketable, half fills
+    assert emu.order(client_order_id="dup-partial")["status"] == "PARTIALLY_FILLED"
+    with pytest.raises(ccxt.InvalidOrder, match="Duplicate order sent."):
+        reuse("dup-partial")
+    ex.cancel_order(r["id"], SYM)                                                              # CANCELED: not open
+    assert reuse("dup-partial")["status"] == "open"
+    emu.faults.add("partial", fraction=0.4)
+    assert ex.create_order(SYM, "market", "buy", 0.05, params={"clientOrderId": "dup-exp"})["status"] == "expired"
+    assert reuse("dup-exp")["status"] == "open"                                                # EXPIRED: not open
+    with pytest.raises(ccxt.BadRequest, match="newClientOrderId"):
+        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "has space"})
+    by = [o["client_order_id"] for o in emu.orders]
+    assert {c: by.count(c) for c in set(by)} == {"dup-filled": 2, "dup-partial": 2, "dup-exp": 2}
+    assert emu.orders_created == 6
+
+
+def test_client_order_id_never_reused_is_an_explicit_opt_in():
+    with Emulator(frame(), api_key=KEY, api_secret=SECRET, unique_client_ids=True) as emu:
         ex = client(emu)
-        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-1"})
+        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-1"})      # FILLED
         with pytest.raises(ccxt.InvalidOrder, match="Duplicate order sent."):
             ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-1"})
-        with pytest.raises(ccxt.BadRequest, match="newClientOrderId"):
-            ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "has space"})
         assert emu.orders_created == 1
-    with Emulator(frame(), api_key=KEY, api_secret=SECRET, unique_client_ids=False) as emu:
-        ex = client(emu)
-        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-2"})   # closed at once
-        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "dup-2"})   # allowed (Binance)
-        ex.create_order(SYM, "limit", "buy", 0.01, 20_000, {"clientOrderId": "dup-3"})   # rests: open
-        with pytest.raises(ccxt.InvalidOrder, match="Duplicate order sent."):
-            ex.create_order(SYM, "limit", "buy", 0.01, 20_000, {"clientOrderId": "dup-3"})
-        assert emu.orders_created == 3
 
 
 # ---------------------------------------------------------------- faults
@@ -368,16 +383,16 @@ def test_dropped_connection_does_not_execute(emu, ex):
         ex.fetch_order(None, SYM, {"clientOrderId": "drop-1"})
 
 
-def test_lost_response_executes_and_a_blind_retry_is_refused(emu, ex):
+def test_lost_response_executes_and_a_blind_retry_doubles_it(emu, ex):
+    "Binance accepts a filled order's client id again: a blind resend after a lost response is a second order."
     emu.faults.add("lost", endpoint="order", method="POST")
     with pytest.raises(UnknownOutcome):
         call_with_retry(ex.create_order, SYM, "market", "buy", 0.01, params={"clientOrderId": "lost-1"},
                         idempotent=False, sleep=lambda s: None)
     assert emu.orders_created == 1 and emu.requests["POST /api/v3/order"] == 1
-    with pytest.raises(ccxt.InvalidOrder, match="Duplicate order sent."):
-        ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "lost-1"})
-    assert emu.orders_created == 1                                      # nothing doubled
-    assert ex.fetch_order(None, SYM, {"clientOrderId": "lost-1"})["filled"] == 0.01
+    assert ex.fetch_order(None, SYM, {"clientOrderId": "lost-1"})["filled"] == 0.01   # look it up: it filled
+    ex.create_order(SYM, "market", "buy", 0.01, params={"clientOrderId": "lost-1"})   # the blind resend
+    assert emu.orders_created == 2 and emu.balances["BTC"]["free"] == pytest.approx(0.02 * 0.999)
 
 
 def test_partial_market_fill_expires_the_rest(emu, ex):

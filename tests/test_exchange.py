@@ -67,7 +67,7 @@ def approve(e, price=None, equity=None):
     ct = e.emu.now.timestamp()
     price = price if price is not None else last_close(e)
     ctx = e.ex.context(now=ct + 5, last_candle_close=ct, feature_fingerprint=FP, price=price)
-    plan = RiskEngine.from_settings(e.s).plan(price, ctx.equity, ctx.free_quote, e.ex.market)
+    plan = RiskEngine.from_settings(e.s).plan(price, equity or ctx.equity, ctx.free_quote, e.ex.market)
     a = e.g.approve(Signal(SYM, "buy", ct, FP), plan, ctx)
     assert isinstance(a, Approval), a
     return a
@@ -334,6 +334,74 @@ def test_restart_after_a_lost_entry_response_reconciles_once(tmp_path, emu, df):
     assert rep2.ok and rep2.actions == () and counts() == before and emu.orders_created == 2
     stop_cid = pos.stop_cid
     assert e2.ex.sync() == "protected" and e2.ex.position().stop_cid == stop_cid
+    # the restarted runner decides on the same candle again: refused by the Guardian, not by the exchange
+    ct = emu.now.timestamp()
+    ctx = e2.ex.context(now=ct + 5, last_candle_close=ct, feature_fingerprint=FP, price=last_close(e2))
+    d = e2.g.approve(Signal(SYM, "buy", ct, FP), RiskEngine.from_settings(e2.s).plan(
+        last_close(e2), ctx.equity, ctx.free_quote, e2.ex.market), ctx)
+    assert isinstance(d, Denial) and emu.orders_created == 2 and emu.requests["POST /api/v3/order"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ client order ids
+# The emulator follows Binance: a client order id is refused only while an earlier order with it is open, so a
+# filled entry's id is accepted again. These show the executor never relies on the exchange to refuse a resend.
+def _lost_entry(tmp_path, emu, naive: bool):
+    "Enter while the entry's response is lost (the order is accepted and fills; the executor hears nothing)."
+    e = env_for(tmp_path, emu)
+    if naive:                    # negative control: resend on an unknown outcome without looking the id up first
+        e.ex._lookup = lambda cid: None
+    a = approve(e, equity=4_000.0)          # sized small enough that the balance would pay for a second buy
+    emu.faults.add("lost", endpoint="order", method="POST")
+    return e, a, e.ex.enter(a)
+
+
+def test_lost_entry_response_is_looked_up_not_resent_under_binance_rules(tmp_path, emu):
+    assert emu.orders == [] and not emu._book.unique_client_ids          # the default: Binance's rule
+    e, a, res = _lost_entry(tmp_path, emu, naive=False)
+    assert res.filled == a.amount and res.stop_client_order_id
+    assert [o["client_order_id"] for o in emu.orders if o["side"] == "BUY"] == [a.client_order_id]
+    assert emu.requests["POST /api/v3/order"] == 2 and emu.orders_created == 2    # the entry once, the stop once
+    assert_consistent(e)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_negative_control_a_blind_resend_doubles_the_entry_under_binance_rules(tmp_path, df, strict):
+    """The check above can fail: an executor that resends instead of looking up buys twice on Binance's rule; the
+    emulator's opt-in never-reuse rule refuses that resend and so would hide the bug."""
+    with Emulator(df, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000}, unique_client_ids=strict) as emu:
+        e, a, res = _lost_entry(tmp_path, emu, naive=True)
+        buys = [o["client_order_id"] for o in emu.orders if o["side"] == "BUY"]
+        if strict:
+            assert buys == [a.client_order_id]                            # refused "Duplicate order sent."
+        else:
+            assert buys == [a.client_order_id] * 2                        # accepted: a second position
+            with pytest.raises(AssertionError, match="used twice"):
+                assert_consistent(e)
+
+
+def test_restart_after_a_crash_between_an_orders_status_and_its_fills_loses_no_fill(tmp_path, emu, df):
+    "Found by the multi-seed SIGKILL soak: a final status journaled before its fills hid them from reconciliation."
+    e = env_for(tmp_path, emu)
+    a = approve(e)
+    e.ex.enter(a)
+    shape(df, 1001, emu, low=a.stop_price - 100)              # the stop fills when bar 1001 closes
+
+    class Crash(BaseException):
+        pass
+
+    def die(*_a, **_k):
+        raise Crash()                                          # the process dies as it journals the stop's fills
+    e.j.record_fill = die
+    assert step(e, df) == ["protected"]
+    with pytest.raises(Crash):
+        step(e, df)
+    e.j.close()
+    e2 = env_for(tmp_path, emu, reconcile=False)               # a new process on the same state dir
+    rep = e2.ex.reconcile()
+    assert rep.ok, rep
+    assert e2.ex.position() is None and [t["exit_reason"] for t in e2.j.trades()] == ["stop"]
+    assert emu.orders_created == 2                             # entry + stop: no replacement stop, no emergency sell
+    assert_consistent(e2)
 
 
 def test_restart_after_a_crash_before_the_send_marks_the_intent_not_sent(tmp_path, emu):

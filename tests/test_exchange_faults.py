@@ -59,6 +59,7 @@ class Hook:
 @pytest.mark.parametrize("when", ["entry", "stop", "sell", "cancel"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_fault_never_duplicates_never_leaves_a_position_unprotected(tmp_path, emu, df, fault, when):
+    assert not emu._book.unique_client_ids                 # Binance's rule: a filled order's id is accepted again
     e = env_for(tmp_path, emu, timeout_ms=300)
     kind, opts = FAULTS[fault]
     e.ex.venue = Hook(e.client, emu, when, kind, opts)
