@@ -590,7 +590,10 @@ def _cross_check(self, st: GuardianState, rb: dict | None = None) -> GuardianSta
     if rb["lock"]["locked"] and not st.locked:
         changes["lock"] = (st.as_dict()["lock"], rb["lock"])
         new.update(_lock_fields(rb["lock"]))
-    if rb["consecutive_losses"] > st.consecutive_losses:
+    # state.json saved before the journal's last trade/lock/unlock: a crash fell between the two writes, and the
+    # journal (always written first) is the truth, also when its streak is *shorter* (a win journaled, not saved)
+    stale = rb.get("changed_at") is not None and st.updated_at < rb["changed_at"]
+    if rb["consecutive_losses"] > st.consecutive_losses or (stale and rb["consecutive_losses"] != st.consecutive_losses):
         changes["consecutive_losses"] = (st.consecutive_losses, rb["consecutive_losses"])
         new["consecutive_losses"] = rb["consecutive_losses"]
     for k, f in (("day_pnl", "day_pnl"), ("total", "total_pnl")):
@@ -602,7 +605,7 @@ def _cross_check(self, st: GuardianState, rb: dict | None = None) -> GuardianSta
             changes[k] = (getattr(st, k), rb[k])
             new[k] = rb[k]
     if changes:
-        self.journal.log_event("state_repaired", "state.json disagreed with the journal; took the stricter side",
+        self.journal.log_event("state_repaired", "state.json disagreed with the journal; took the stricter side (the journal's, when state.json was older)",
                                {k: list(v) for k, v in changes.items()})
         st = self._save(dataclasses.replace(st, **new))
     return st

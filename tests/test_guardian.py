@@ -602,6 +602,22 @@ def test_state_saved_before_the_last_trade_is_repaired_not_locked(tmp_path):
     assert read_state(tmp_path / "state.json")["consecutive_losses"] == 2
 
 
+def test_state_saved_before_a_win_takes_the_journals_shorter_streak(tmp_path):
+    "A kill between journaling a WIN and saving state.json leaves an older state.json with a longer streak: the journal"
+    "(written first) is the truth, so the streak converges to it instead of staying too high for ever (found by the soak)."
+    e = make_env(tmp_path)
+    _lock(e, 2)                                                     # two losses: streak 2, not locked
+    older = read_state(tmp_path / "state.json")
+    e.clock.t += 60
+    e.g.record_trade(trade("W1", +1.0))                             # a win resets the streak in the journal ...
+    G.write_state_atomic(tmp_path / "state.json", older)            # ... but its state write never happened
+    assert e.j.rebuild_guardian_state()["consecutive_losses"] == 0
+    d = status_report(e.s, now=e.clock.t)
+    assert not d["locked"], d
+    assert isinstance(_runner_decision(e), Approval)
+    assert read_state(tmp_path / "state.json")["consecutive_losses"] == 0
+
+
 def test_unlock_records_the_uid_account_not_USER(env, monkeypatch):
     import pwd
     _lock(env, 3)
