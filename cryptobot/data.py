@@ -833,7 +833,7 @@ def _fetch_pages(call, client, symbol: str, timeframe: str, cursor: int, end_ms:
         raise failed(e, cursor) from e
     return rows, pages
 
-# %% ../nbs/01_data.ipynb #2121402c
+# %% ../nbs/01_data.ipynb #72260562
 def _store_download(rows: list, path: Path, exchange: str, timeframe: str, now: pd.Timestamp, what: str,
                     pages: int) -> int:
     "Validate downloaded klines (hard defects refuse, nothing written) and merge them into the store: the new count."
