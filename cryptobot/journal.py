@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 # %% auto #0
 __all__ = ['PURPOSES', 'FINAL_STATUSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso', 'utc_day',
-           'ClosedTrade', 'open_error', 'Journal', 'select']
+           'ClosedTrade', 'open_error', 'Journal']
 
 # %% ../nbs/07_journal.ipynb #a574eb41
 class JournalError(RuntimeError):
@@ -328,7 +328,7 @@ def _query(self, sql: str, args=()) -> list[dict]:
         return [dict(r) for r in self._con.execute(sql, args).fetchall()]
 
 
-def select(self, sql: str, args=()) -> list[dict]:
+def _select(self, sql: str, args=()) -> list[dict]:
     """Rows (as dicts) of a read-only query against the documented schema.
 
     For readers that must look at the evidence themselves (the audit, the monitor, parity); a statement that is
@@ -338,8 +338,8 @@ def select(self, sql: str, args=()) -> list[dict]:
     return self._query(sql, args)
 
 
-Journal._event, Journal._query, Journal.select = _event, _query, select
-del _event, _query, select
+Journal._event, Journal._query, Journal.select = _event, _query, _select
+del _event, _query, _select
 
 # %% ../nbs/07_journal.ipynb #2cbf30a7
 def _same(existing: Mapping, new: Mapping, keys: Iterable[str]) -> list[str]:
