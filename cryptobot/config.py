@@ -390,7 +390,7 @@ def _summary(self) -> str:
 Settings.public_dict = _public_dict
 Settings.summary = _summary
 
-# %% ../nbs/00_config.ipynb #5d9dd56b
+# %% ../nbs/00_config.ipynb #ea469cb5
 _NUM_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 
@@ -423,7 +423,7 @@ def _from_text(key: str, raw: str | None):
         return _one_of(MODES, "a mode")(v)
     return Path(v) if kind == "path" else v
 
-# %% ../nbs/00_config.ipynb #d683b394
+# %% ../nbs/00_config.ipynb #f252d380
 @functools.cache
 def _env_model():
     "The `BaseSettings` class reading every key of `SETTINGS_KEYS` (built once, on first use)."
@@ -452,7 +452,7 @@ def _env_model():
     model.Source = Source
     return model
 
-# %% ../nbs/00_config.ipynb #6f94ed94
+# %% ../nbs/00_config.ipynb #692c9e48
 def _closest(key: str) -> str:
     "' (did you mean KNOWN_KEY?)' for the nearest known key, compared without the CRYPTOBOT_/BINANCE_ prefixes."
     strip = lambda k: k.upper().removeprefix("CRYPTOBOT_").removeprefix("BINANCE_")
@@ -475,7 +475,7 @@ def _unknown_keys(env: Mapping[str, str], file_vals: Mapping[str, Any], path) ->
             out.append(ConfigError(f"{key} in the environment is not a cryptobot setting{_closest(key)}; fix or unset it", key))
     return out
 
-# %% ../nbs/00_config.ipynb #8088ad15
+# %% ../nbs/00_config.ipynb #52daa280
 def dotenv_permission_warning(path) -> str | None:
     "A warning text if the file at `path` is readable or writable by group or others, else None."
     try:
@@ -510,7 +510,7 @@ def _read_dotenv(path: Path) -> dict[str, str | None]:
         out[b.key] = b.value
     return out
 
-# %% ../nbs/00_config.ipynb #5c734596
+# %% ../nbs/00_config.ipynb #eb371483
 log = logging.getLogger("cryptobot.config")
 _WARNED: set[str] = set()     # permission warnings already printed by this process (each once)
 
@@ -532,7 +532,7 @@ def _read_env(env: Mapping[str, str], file_vals: Mapping[str, Any], path) -> tup
         return {}, _problems(e, where, {**file_vals, **env})
     return {n: getattr(m, n) for n in m.model_fields_set}, []
 
-# %% ../nbs/00_config.ipynb #01bd137e
+# %% ../nbs/00_config.ipynb #2fdcbf83
 def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env") -> Settings:
     "Settings from `.env` (if it exists) overridden by `env` (default `os.environ`); `ConfigError` (one line) if unsafe."
     env = os.environ if env is None else env
