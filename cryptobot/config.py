@@ -299,8 +299,8 @@ def _key(name: str) -> str:
 
 
 def _problems(err: ValidationError, where: Mapping[str, str] = {}, raw: Mapping[str, Any] = {}) -> list[ConfigError]:
-    "One one-line `ConfigError` per key in a pydantic `ValidationError` (secrets never quoted). `where`: key -> how to"
-    "fix it; `raw`: key -> the text as given (pydantic reports the parsed value)."
+    """One one-line `ConfigError` per key in a pydantic `ValidationError` (secrets never quoted).
+    `where`: key -> how to fix it; `raw`: key -> the text as given (pydantic reports the parsed value)."""
     out: dict[str, ConfigError] = {}
     for d in err.errors(include_url=False):
         cause = (d.get("ctx") or {}).get("error")
