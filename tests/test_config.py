@@ -178,6 +178,14 @@ BAD = [  # (env, key, fragment of the allowed range / hint)
     ({"CRYPTOBOT_LEVERAGE": "1.٠"}, "CRYPTOBOT_LEVERAGE", "not a plain decimal number"),
     ({"CRYPTOBOT_MAX_DATA_AGE_S": "１２０"}, "CRYPTOBOT_MAX_DATA_AGE_S", "not a whole number"),
     ({"CRYPTOBOT_KILL_SWITCH_LOSSES": "৩"}, "CRYPTOBOT_KILL_SWITCH_LOSSES", "not a whole number"),   # Bengali 3
+    ({"GO_LIVE": "t"}, "GO_LIVE", "is not a boolean"),                                # pydantic alone would take these
+    ({"BINANCE_TESTNET": "y"}, "BINANCE_TESTNET", "is not a boolean"),
+    ({"CRYPTOBOT_STOP_ORDER": "stop"}, "CRYPTOBOT_STOP_ORDER", "is not a stop order type (allowed: auto, market, limit)"),
+    ({"CRYPTOBOT_STOP_ORDER": ""}, "CRYPTOBOT_STOP_ORDER", "is empty"),
+    ({"CRYPTOBOT_STOP_CHECK_S": "4"}, "CRYPTOBOT_STOP_CHECK_S", "outside the allowed range 5..300"),
+    ({"CRYPTOBOT_STOP_CHECK_S": "301"}, "CRYPTOBOT_STOP_CHECK_S", "outside the allowed range 5..300"),
+    ({"CRYPTOBOT_STOP_CHECK_S": "60.5"}, "CRYPTOBOT_STOP_CHECK_S", "not a whole number"),
+    ({"CRYPTOBOT_STOP_CHECK_S": "６０"}, "CRYPTOBOT_STOP_CHECK_S", "not a whole number"),
 ]
 
 
@@ -359,3 +367,63 @@ def test_config_import_is_lean():
             " if m in sys.modules]\nprint(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_clean_env())
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- pydantic (issue 10)
+def test_stop_order_and_stop_check_s():
+    s = load_settings({}, None)
+    assert (s.stop_order, s.stop_check_s) == ("auto", 60) and isinstance(s.stop_check_s, int)
+    s = load_settings({"CRYPTOBOT_STOP_ORDER": " limit ", "CRYPTOBOT_STOP_CHECK_S": "300"}, None)
+    assert (s.stop_order, s.stop_check_s) == ("limit", 300)
+    assert load_settings({"CRYPTOBOT_STOP_ORDER": "market", "CRYPTOBOT_STOP_CHECK_S": "5"}, None).stop_check_s == 5
+    assert "CRYPTOBOT_STOP_ORDER=limit" in s.summary() and s.public_dict()["stop_check_s"] == 300
+    for kw in (dict(stop_check_s=4), dict(stop_check_s=301), dict(stop_check_s=60.5), dict(stop_order="Market")):
+        with pytest.raises(ConfigError):
+            Settings(**kw)
+    assert LIMITS["stop_check_s"].text == "5..300" and SETTINGS_KEYS["CRYPTOBOT_STOP_ORDER"][0] == "stop_order"
+
+
+def test_fields_are_pydantic_with_the_ceilings_as_bounds():
+    "The bounds live on the pydantic fields, taken from LIMITS; the env reader is a pydantic-settings BaseSettings."
+    from pydantic import SecretStr
+    from pydantic_settings import BaseSettings
+    from cryptobot.config import _env_model
+    for name, lim in LIMITS.items():
+        meta = {type(m).__name__: m for m in Settings.__pydantic_fields__[name].metadata}
+        assert (meta["Ge"].ge, meta["Le"].le) == (lim.lo, lim.hi), name
+    assert issubclass(_env_model(), BaseSettings)
+    s = load_settings({"BINANCE_API_KEY": FAKE_KEY}, None)
+    assert isinstance(s.api_key, SecretStr) and isinstance(s.api_key, Secret) and s.api_key.get_secret_value() == FAKE_KEY
+    # strict: text, booleans and non-ASCII digits are not numbers for the constructor (only load_settings reads text)
+    for kw in (dict(risk_pct="1"), dict(risk_pct="１.０"), dict(leverage=True), dict(max_data_age_s="300")):
+        with pytest.raises(ConfigError):
+            Settings(**kw)
+    # a whole float is still a count, and replace() re-validates and raises ConfigError, one line
+    assert Settings(max_data_age_s=120.0).max_data_age_s == 120
+    with pytest.raises(ConfigError) as ei:
+        dataclasses.replace(Settings(), risk_pct=3.0, api_key=FAKE_KEY + " x")
+    assert "\n" not in str(ei.value) and "DISTINCTIVE" not in str(ei.value) + repr(ei.value.__cause__)
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__      # pydantic's text (with inputs) not chained
+
+
+def test_pydantic_settings_debug_log_masks_secrets(tmp_path):
+    "PYDANTIC_SETTINGS_DEBUG logs every source's values: the keys must reach it as Secret('****') only."
+    write_env(tmp_path, f"BINANCE_API_SECRET={FAKE_SECRET}\n")
+    code = ("import logging; logging.basicConfig(level=logging.DEBUG)\n"
+            "from cryptobot.config import load_settings; s = load_settings(); print(s.api_key.reveal() == "
+            f"{FAKE_KEY!r}, s.api_secret.reveal() == {FAKE_SECRET!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env=_clean_env(PYDANTIC_SETTINGS_DEBUG="1", BINANCE_API_KEY=FAKE_KEY))
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True"], r.stderr
+    assert "Resolving settings" in r.stderr and "Secret('****')" in r.stderr, r.stderr     # the debug log ran
+    assert "DISTINCTIVE" not in r.stderr + r.stdout
+
+
+def test_pydantic_is_a_declared_dependency_at_the_installed_version():
+    import tomllib
+    from importlib.metadata import version
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for pkg in ("pydantic", "pydantic-settings"):
+        spec = next(d for d in deps if re.fullmatch(rf"{pkg}>=[0-9.]+", d))
+        lower = tuple(int(x) for x in spec.split(">=")[1].split("."))
+        assert tuple(int(x) for x in version(pkg).split(".")[:len(lower)]) >= lower, (pkg, version(pkg))
