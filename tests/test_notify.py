@@ -78,8 +78,7 @@ def closed_port():
 
 
 def events(journal, kind):
-    return [dict(r, data=json.loads(r["data"]) if r["data"] else None)
-            for r in journal._query("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))]
+    return journal.last_events(1000, kind)
 
 
 FACTS = {
@@ -229,7 +228,7 @@ def test_no_url_secret_in_journal_logs_reprs_or_errors(receiver, journal, caplog
     assert "nosuchscheme://****" in str(e.value)
     assert receiver.got and receiver.got[0][0] == "/ok/T0KENok"                   # the secrets were really used
     assert "JSON POST URL" in caplog.text and "****" in caplog.text                 # apprise did log the URL, scrubbed
-    rows = journal._query("SELECT kind, message, data FROM events")
+    rows = journal.last_events(1000)
     assert [r["kind"] for r in rows] == ["notify_failed"]
     texts = {"journal": json.dumps(rows), "logs": caplog.text, "repr": repr(n), "error": str(e.value),
              "stats": str(n.stats), "targets": str(n.targets)}
