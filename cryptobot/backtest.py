@@ -20,7 +20,8 @@ from .strategy import Strategy as BaseStrategy, checked_signals
 
 # %% auto #0
 __all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals', 'simulate', 'orders_from_trades', 'portfolio',
-           'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt', 'plot_equity', 'plot_trades']
+           'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt', 'plot_equity', 'plot_trades',
+           'backtest', 'result_json', 'report_html']
 
 # %% ../nbs/05_backtest.ipynb #7766985e
 class BacktestError(ValueError):
@@ -176,6 +177,14 @@ def simulate_signals(candles: pd.DataFrame, enter, exit_, risk_engine: RiskEngin
                      take_profit_pct: float | None = None, kill_switch: int | None = None, after_lock="stay",
                      min_balance: float = 0.0, end: str = "open") -> pd.DataFrame:
     "THE FILL RULES on per-bar `enter`/`exit` booleans (the numba kernel); one row per trade (`TRADE_COLUMNS`)."
+    return _simulate(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing, max_hold,
+                     take_profit_pct, kill_switch, after_lock, min_balance, end)[0]
+
+
+def _simulate(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, slippage=SLIPPAGE, initial_cash=10_000.0,
+              sizing="risk", max_hold=None, take_profit_pct=None, kill_switch=None, after_lock="stay",
+              min_balance=0.0, end="open"):
+    "(trades, equity array, locks frame): the kernel's three outputs."
     risk_engine, market = risk_engine or RiskEngine(), market or Market()
     o, h, l, c = _ohlc(candles)
     en, ex = np.asarray(enter, dtype=np.bool_), np.asarray(exit_, dtype=np.bool_)
@@ -207,31 +216,31 @@ def _after_lock_bars(after_lock) -> int:
     return k
 
 # %% ../nbs/05_backtest.ipynb #564681c6
-def _trade_frame(candles, T, eq, locks, cnt, **attrs) -> pd.DataFrame:
-    ts = candles.index
-    names = ["entry_bar", "entry_price", "amount", "stop_price", "exit_bar", "exit_price", "reason", "entry_fee",
-             "exit_fee", "stop_limit_price", "signal_price", "pnl", "cash_after"]
-    tr = pd.DataFrame(T, columns=names)
-    for k in ("entry_bar", "exit_bar"):
-        tr[k] = tr[k].astype("int64")
-    tr["exit_reason"] = np.asarray(EXIT_REASONS, dtype=object)[tr.pop("reason").astype(int).to_numpy()]
-    tr["fees"] = tr["entry_fee"] + tr["exit_fee"]
-    tr["return"] = tr["pnl"] / (tr["amount"] * tr["entry_price"])
-    tr["entry_time"], tr["exit_time"] = ts[tr["entry_bar"].to_numpy()], ts[tr["exit_bar"].to_numpy()]
-    # closes seen while holding: at the exit decision for closed trades (so max_hold exits show max_hold), up to
-    # the last close for one still held at the end; a stop in the entry bar shows 0
-    tr["bars_held"] = tr["exit_bar"] - tr["entry_bar"] + tr["exit_reason"].isin(["open", "end"]).astype("int64")
-    held = tr.iloc[-1:][tr.iloc[-1:]["exit_reason"] == "open"]
-    final_cash = float(eq[-1] - (held["amount"] * candles["close"].iloc[-1]).sum()) if len(eq) else attrs["initial_cash"]
-    lk = pd.DataFrame(locks, columns=["lock_bar", "unlock_bar", "losses"]).astype("int64")
-    lk.insert(0, "locked_at", ts[lk["lock_bar"].to_numpy()])
-    lk.insert(1, "unlocked_at", [ts[b] if b >= 0 else None for b in lk["unlock_bar"]])
-    tr = tr[TRADE_COLUMNS]
-    tr.attrs.update(attrs, final_cash=final_cash, final_equity=float(eq[-1]) if len(eq) else attrs["initial_cash"],
-                    rejections=int(cnt[0]), resized_entries=int(cnt[1]), skipped_entries=int(cnt[2]),
-                    denied_locked=int(cnt[3]), denied_floor=int(cnt[4]),
-                    pending_at_end=(None, "buy", "sell")[int(cnt[5])], equity=eq, locks=lk)
-    return tr
+def _trade_frame(candles, T, eq, locks, cnt, **attrs):
+    "The kernel's outputs as (trades frame, equity array, locks frame); numpy first (pandas copies `attrs` per op)."
+    ts, n = candles.index, len(candles)
+    eb, xb = T[:, 0].astype(np.int64), T[:, 4].astype(np.int64)
+    why = np.asarray(EXIT_REASONS, dtype=object)[T[:, 6].astype(np.int64)]
+    held_at_end = T[:, 6] >= _REASON_CODE["end"]
+    cols = {"entry_time": ts[eb], "entry_price": T[:, 1], "amount": T[:, 2], "stop_price": T[:, 3],
+            "exit_time": ts[xb], "exit_price": T[:, 5], "exit_reason": why, "fees": T[:, 7] + T[:, 8],
+            "pnl": T[:, 11], "return": T[:, 11] / (T[:, 2] * T[:, 1]), "entry_bar": eb, "exit_bar": xb,
+            # closes seen while holding: at the exit decision for closed trades (so max_hold exits show max_hold),
+            # up to the last close for one held at the end; a stop in the entry bar shows 0
+            "bars_held": xb - eb + held_at_end, "entry_fee": T[:, 7], "exit_fee": T[:, 8],
+            "stop_limit_price": T[:, 9], "signal_price": T[:, 10]}
+    tr = pd.DataFrame(cols, columns=TRADE_COLUMNS)
+    is_open = len(T) and T[-1, 6] == _REASON_CODE["open"]
+    final_eq = float(eq[-1]) if n else float(attrs["initial_cash"])
+    lk = pd.DataFrame({"locked_at": ts[locks[:, 0].astype(np.int64)],
+                       "unlocked_at": [ts[int(b)] if b >= 0 else None for b in locks[:, 1]],
+                       "lock_bar": locks[:, 0].astype(np.int64), "unlock_bar": locks[:, 1].astype(np.int64),
+                       "losses": locks[:, 2].astype(np.int64)})
+    tr.attrs.update(attrs, final_cash=final_eq - (T[-1, 2] * candles["close"].iloc[-1] if is_open else 0.0),
+                    final_equity=final_eq, rejections=int(cnt[0]), resized_entries=int(cnt[1]),
+                    skipped_entries=int(cnt[2]), denied_locked=int(cnt[3]), denied_floor=int(cnt[4]),
+                    pending_at_end=(None, "buy", "sell")[int(cnt[5])], kill_switch_locks=len(lk))
+    return tr, eq, lk
 
 # %% ../nbs/05_backtest.ipynb #94219b7c
 def simulate(candles: pd.DataFrame, proba, strategy: Strategy, risk_engine: RiskEngine | None = None,
@@ -337,45 +346,48 @@ def _drawdown(v: pd.Series) -> pd.Series:
 def _exposure(trades: pd.DataFrame, n: int) -> float:
     "Share of closes at which a position is held (entry bar's close .. the close before the exit bar)."
     d = np.zeros(n + 1)
-    last = trades["exit_reason"].isin(["open", "end"]).to_numpy()
+    last = np.isin(trades["exit_reason"].to_numpy(), ["open", "end"])
     np.add.at(d, trades["entry_bar"].to_numpy(), 1.0)
     np.add.at(d, np.where(last, n, trades["exit_bar"].to_numpy()), -1.0)
     return float((np.cumsum(d[:n]) > 0).mean()) if n else float("nan")
 
 
+def _max_dd(v: np.ndarray) -> float:
+    return float((v / np.maximum.accumulate(v) - 1.0).min()) if len(v) else float("nan")
+
+
 def summarize(equity: pd.Series, trades: pd.DataFrame, candles: pd.DataFrame, initial_cash: float, fee: float,
               slippage: float) -> tuple[dict, pd.Series]:
-    "Stats dict and the buy-and-hold series, computed directly (no vectorbt)."
-    close = candles["close"]
-    bench = (close * (initial_cash / (candles["open"].iloc[0] * (1 + slippage) * (1 + fee)))).rename("buy_and_hold")
+    "Stats dict and the buy-and-hold series, computed directly with numpy (no vectorbt)."
+    close, eq = candles["close"].to_numpy(), equity.to_numpy()
+    bh = close * (initial_cash / (candles["open"].iloc[0] * (1 + slippage) * (1 + fee)))
     step = candles.index[1] - candles.index[0] if len(candles) > 1 else pd.Timedelta(0)
     years = len(candles) * step / pd.Timedelta(days=365.25)
-    final = float(equity.iloc[-1])
-    closed = trades[~trades["exit_reason"].isin(["open"])]
-    rets = equity.pct_change().dropna()
+    final = float(eq[-1])
+    why, pnl, ret = (trades[k].to_numpy() for k in ("exit_reason", "pnl", "return"))
+    closed = why != "open"
+    rets = eq[1:] / eq[:-1] - 1.0
     per_year = pd.Timedelta(days=365) / step if len(candles) > 1 else np.nan
-    sharpe = float(rets.mean() / rets.std() * np.sqrt(per_year)) if len(rets) > 1 and rets.std() > 0 else np.nan
-    why = trades["exit_reason"].value_counts()
+    sd = rets.std(ddof=1) if len(rets) > 1 else 0.0
     stats = {
         "start": candles.index[0].isoformat(), "end": candles.index[-1].isoformat(), "bars": int(len(candles)),
         "initial_cash": float(initial_cash), "final_equity": final, "total_return": final / initial_cash - 1.0,
         "cagr": (final / initial_cash) ** (1 / years) - 1.0 if years > 0 and final > 0 else np.nan,
-        "max_drawdown": float(_drawdown(equity).min()), "sharpe": sharpe,
-        "trades": int(len(trades)), "closed_trades": int(len(closed)),
-        "win_rate": float((closed["pnl"] > 0).mean()) if len(closed) else np.nan,
-        "avg_trade_return": float(closed["return"].mean()) if len(closed) else np.nan,
-        "exposure": _exposure(trades, len(candles)), "fees_paid": float(trades["fees"].sum()),
-        **{f"exits_{k}": int(why.get(k, 0)) for k in ("stop", "signal", "max_hold", "take_profit", "end")},
-        "open_trades": int(why.get("open", 0)),
-        "buy_and_hold_return": float(bench.iloc[-1] / initial_cash - 1.0),
-        "buy_and_hold_max_drawdown": float(_drawdown(bench).min()),
+        "max_drawdown": _max_dd(eq), "sharpe": float(rets.mean() / sd * np.sqrt(per_year)) if sd > 0 else np.nan,
+        "trades": int(len(why)), "closed_trades": int(closed.sum()),
+        "win_rate": float((pnl[closed] > 0).mean()) if closed.any() else np.nan,
+        "avg_trade_return": float(ret[closed].mean()) if closed.any() else np.nan,
+        "exposure": _exposure(trades, len(candles)), "fees_paid": float(trades["fees"].to_numpy().sum()),
+        **{f"exits_{k}": int((why == k).sum()) for k in ("stop", "signal", "max_hold", "take_profit", "end")},
+        "open_trades": int((why == "open").sum()),
+        "buy_and_hold_return": float(bh[-1] / initial_cash - 1.0), "buy_and_hold_max_drawdown": _max_dd(bh),
         "risk_rejections": int(trades.attrs.get("rejections", 0)),
-        "kill_switch_locks": int(len(trades.attrs["locks"])) if "locks" in trades.attrs else 0,
+        "kill_switch_locks": int(trades.attrs.get("kill_switch_locks", 0)),
         "entries_denied_locked": int(trades.attrs.get("denied_locked", 0)),
         "entries_denied_floor": int(trades.attrs.get("denied_floor", 0)),
         "fee": fee, "slippage": slippage,
     }
-    return stats, bench
+    return stats, pd.Series(bh, index=candles.index, name="buy_and_hold")
 
 # %% ../nbs/05_backtest.ipynb #d63247b9
 def run_backtest(candles: pd.DataFrame, proba: pd.Series, strategy: Strategy,
@@ -397,15 +409,19 @@ def run_backtest(candles: pd.DataFrame, proba: pd.Series, strategy: Strategy,
         raise BacktestError(f"{(1 - covered):.1%} of the probabilities have no candle: these are not the candles "
                             "the model was trained on")
     t0 = time.perf_counter()
-    trades = simulate(span, proba, strategy, risk_engine, market, fee, slippage, initial_cash, **guardian)
-    return _result(span, trades, fee, slippage, initial_cash, t0, vectorbt)
+    with np.errstate(invalid="ignore"):
+        p = proba.reindex(span.index).to_numpy("float64")
+        enter, exit_ = p >= strategy.entry_threshold, p < strategy.exit_threshold
+    out = _simulate(span, enter, exit_, risk_engine, market, fee, slippage, initial_cash,
+                    max_hold=int(strategy.max_hold), **guardian)
+    return _result(span, *out, fee, slippage, initial_cash, t0, vectorbt)
 
 
-def _result(span, trades, fee, slippage, initial_cash, t0, vectorbt=False) -> BacktestResult:
+def _result(span, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt=False) -> BacktestResult:
     t1 = time.perf_counter()
-    equity = pd.Series(trades.attrs["equity"], index=span.index, name="equity")
+    equity = pd.Series(eq, index=span.index, name="equity")
     stats, bench = summarize(equity, trades, span, initial_cash, fee, slippage)
-    res = BacktestResult(stats, trades, equity, bench, None, {}, trades.attrs.get("locks"), span)
+    res = BacktestResult(stats, trades, equity, bench, None, {}, locks, span)
     t2 = time.perf_counter()
     if vectorbt:
         res.vbt()
@@ -467,3 +483,87 @@ def plot_trades(candles: pd.DataFrame, trades: pd.DataFrame, title: str = "Trade
                                  marker=dict(symbol="triangle-down", size=8, color=colors.get(why, "black"))))
     fig.update_layout(title=title, height=500, hovermode="closest")
     return fig
+
+# %% ../nbs/05_backtest.ipynb #83cb4743
+def backtest(candles: pd.DataFrame, strategy: BaseStrategy, sizing: str = "risk", fee: float = FEE,
+             slippage: float = SLIPPAGE, initial_cash: float = 10_000.0, features: pd.DataFrame | None = None,
+             risk_engine: RiskEngine | None = None, market: Market | None = None, kill_switch: int | None = None,
+             after_lock="stay", min_balance: float = 0.0, end: str = "open", vectorbt: bool = False) -> BacktestResult:
+    """Backtest a `cryptobot.strategy.Strategy` on `candles` with THE FILL RULES (numba kernel).
+
+    `sizing`: 'risk' (the RiskEngine's plan: 1 % of equity at risk at the 1.5 % stop) or 'full' (all the cash).
+    `fee`, `slippage`: fractions per side. `kill_switch`: N consecutive losing trades lock new entries (None: off);
+    `after_lock`: 'stay' (locked to the end, like the real bot) or K bars; `min_balance`: the Guardian's floor on
+    free cash for an entry. `end`: 'open' (last trade marked to the last close) or 'exit' (sold there, with fee)."""
+    if not isinstance(strategy, BaseStrategy):
+        raise BacktestError(f"strategy must be a cryptobot.strategy.Strategy, got {type(strategy).__name__}: "
+                            "build one with cryptobot.strategy.make_strategy")
+    t0 = time.perf_counter()
+    if strategy.uses_features and features is None:
+        from cryptobot.features import build_features
+        features = build_features(candles)
+    enter, exit_ = checked_signals(strategy, candles, features)
+    trades, eq, locks = _simulate(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing,
+                                  strategy.max_hold, strategy.take_profit_pct, kill_switch, after_lock, min_balance, end)
+    trades.attrs.update(strategy=repr(strategy), strategy_fingerprint=strategy.fingerprint())
+    res = _result(candles, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt)
+    res.stats.update(strategy=repr(strategy), sizing=sizing, kill_switch=kill_switch or "off",
+                     after_lock=after_lock if kill_switch else None)
+    return res
+
+# %% ../nbs/05_backtest.ipynb #52162e83
+def _json_safe(v):
+    if isinstance(v, (float, np.floating)):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    return v
+
+
+def result_json(res: BacktestResult, would_lock_after: int | None = None) -> dict:
+    "The JSON summary: stats, `exits` by reason, every kill-switch lock, and where `would_lock_after` losses would lock."
+    tr = res.trades
+    out = {k: _json_safe(v) for k, v in res.stats.items()}
+    out["exits"] = {k: int(v) for k, v in tr["exit_reason"].value_counts().items()}
+    out["kill_switch_locks"] = [{"locked_at": _json_safe(r.locked_at), "losses": int(r.losses),
+                                 "unlocked_at": _json_safe(r.unlocked_at) if r.unlocked_at is not None else None}
+                                for r in (res.locks if res.locks is not None else pd.DataFrame()).itertuples()]
+    if would_lock_after:
+        out["kill_switch_would_lock"] = _would_lock(tr, would_lock_after)
+    out["strategy_fingerprint"] = tr.attrs.get("strategy_fingerprint")
+    return out
+
+
+def _would_lock(trades: pd.DataFrame, n: int):
+    "Exit time of the trade after which `n` consecutive losses (pnl <= 0) would first lock, if ever."
+    closed = trades[trades["exit_reason"] != "open"]
+    run = 0
+    for t, pnl in zip(closed["exit_time"], closed["pnl"]):
+        run = run + 1 if pnl <= 0 else 0
+        if run >= n:
+            return {"after_losses": n, "at": t.isoformat()}
+    return None
+
+# %% ../nbs/05_backtest.ipynb #aee66f21
+def report_html(res: BacktestResult, path, title: str = "cryptobot backtest") -> Path:
+    "A self-contained HTML report (plotly inlined, no CDN, no papermill): stats, exits, locks, equity, trades."
+    import plotly.io as pio
+    from html import escape
+    from cryptobot.files import atomic_write
+    figs = [plot_equity(res, title="Equity vs buy-and-hold")]
+    if res.candles is not None and len(res.trades):
+        figs.append(plot_trades(res.candles, res.trades, title="Trades on price (last 2000)"))
+    divs = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    js = result_json(res)
+    rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in js.items()
+                   if k not in ("kill_switch_locks", "exits"))
+    locks = "".join(f"<li>{escape(str(x))}</li>" for x in js["kill_switch_locks"]) or "<li>none</li>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>"
+            f"<h1>{escape(title)}</h1><h2>Stats</h2><table>{rows}</table><h2>Exits</h2><p>{escape(str(js['exits']))}"
+            f"</p><h2>Kill-switch locks</h2><ul>{locks}</ul>{''.join(divs)}<h2>Last trades</h2>"
+            f"{res.trades.tail(50).to_html(index=False)}</body></html>")
+    path = Path(path)
+    atomic_write(path, page)
+    return path
