@@ -116,7 +116,7 @@ def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_
                 p_sell = 3
             elif exit_[t]:
                 p_sell = 1
-        elif enter[t] and not exit_[t] and t + 1 < n:
+        elif enter[t] and not exit_[t]:
             if locked:
                 denied_lock += 1
             elif cash < floor:

@@ -88,6 +88,12 @@ def test_last_trade_stays_open_marked_to_last_close():
     assert pf.final_value() == pytest.approx(tr.attrs["final_equity"], rel=1e-12)
 
 
+def test_entry_decided_at_the_last_close_is_pending_not_filled():
+    cd = bars([(100, 100, 100, 100), (100, 101, 99.9, 100.5)])
+    tr = simulate(cd, [0.5, 0.7], S, RE, MK)
+    assert tr.empty and tr.attrs["pending_at_end"] == "buy"
+
+
 def test_fees_charged_both_sides_and_pnl():
     cd = bars([(100, 101, 99.5, 100), (100.5, 101, 100, 100.8), (100.8, 101.5, 100.5, 101), (101.2, 102, 101, 101.5)])
     for fee, slip in [(0.001, 0.0005), (0.0, 0.0), (0.002, 0.001)]:
