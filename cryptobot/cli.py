@@ -14,9 +14,10 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'redact', 'say', 'resolve_candles',
-           'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'cmd_demo',
-           'cmd_status', 'cmd_unlock', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live', 'cmd_parity', 'cmd_replay',
-           'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'build_parser', 'main']
+           'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
+           'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_unlock', 'cmd_config', 'cmd_run', 'cmd_paper',
+           'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench',
+           'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -151,6 +152,8 @@ def cmd_train(a) -> int:
 
 
 def cmd_backtest(a) -> int:
+    if getattr(a, "strategy", None):
+        return cmd_backtest_strategy(a)
     s = _settings()
     # Without --data the workflow reloads exactly the candles named in the model's manifest (and checks them).
     data = None if a.data is None else _data_param(a.data, s)
@@ -160,6 +163,63 @@ def cmd_backtest(a) -> int:
     result = run_job("backtest", params, s.reports_dir, progress=not a.quiet)
     if result.get("stats"):
         say("  " + ", ".join(f"{k} {v}" for k, v in result["stats"].items()))
+    return 0
+
+# %% ../nbs/14_cli.ipynb #1bf0b5c2
+def backtest_args(sp) -> None:
+    "The options of `cryptobot backtest` for a rule strategy (`--strategy`)."
+    sp.add_argument("--strategy", help="ema_cross, rsi_reversion, or module:Class (omit: the model's workflow)")
+    sp.add_argument("--sizing", choices=["risk", "full"], default="risk", help="risk: the RiskEngine plan; full: all cash")
+    sp.add_argument("--fee", type=float, help="percent per side (default: CRYPTOBOT_FEE_PCT)")
+    sp.add_argument("--slippage", type=float, help="percent per market fill (default: CRYPTOBOT_SLIPPAGE_PCT)")
+    sp.add_argument("--cash", type=float, default=10_000.0, help="initial quote balance (default 10000)")
+    sp.add_argument("--kill-switch", default="off", metavar="off|on|N", help="simulate the kill switch (default off)")
+    sp.add_argument("--after-lock", default="stay", metavar="stay|K", help="after a lock: stay locked, or unlock after K bars")
+    sp.add_argument("--end", choices=["open", "exit"], default="open", help="last trade: marked open, or sold at the last close")
+    sp.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    sp.add_argument("--html", metavar="OUT", help="report path (default reports/backtest-<strategy>-<utc>.html)")
+
+
+def _kill_switch(v: str, s) -> int | None:
+    v = str(v).strip().lower()
+    if v == "off":
+        return None
+    if v == "on":
+        return int(s.kill_switch_losses)
+    if v.isdigit() and int(v) >= 1:
+        return int(v)
+    raise ValueError(f"--kill-switch {v!r}: use off, on (the settings' {s.kill_switch_losses}) or a number >= 1")
+
+# %% ../nbs/14_cli.ipynb #6dc66ac3
+def cmd_backtest_strategy(a) -> int:
+    from cryptobot.backtest import backtest, report_html, result_json
+    from cryptobot.risk import RiskEngine
+    from cryptobot.strategy import make_strategy
+    from cryptobot.files import atomic_write
+    s = _settings()
+    strategy = make_strategy(a.strategy, _params(a.param))
+    ks = _kill_switch(a.kill_switch, s)
+    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
+    fee = s.fee_pct if a.fee is None else a.fee
+    slip = s.slippage_pct if a.slippage is None else a.slippage
+    for name, v in (("--fee", fee), ("--slippage", slip)):
+        if not (0 <= v <= 5):
+            raise ValueError(f"{name} {v}: a percent per side between 0 and 5 (0.1 means 0.1 %)")
+    res = backtest(candles, strategy, sizing=a.sizing, fee=fee / 100, slippage=slip / 100, initial_cash=a.cash,
+                   risk_engine=RiskEngine.from_settings(s), kill_switch=ks, after_lock=a.after_lock,
+                   min_balance=s.min_balance_usd, end=a.end)
+    out = result_json(res, would_lock_after=s.kill_switch_losses)
+    from cryptobot.reports import utc_stamp
+    html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
+    if a.json:
+        atomic_write(a.json, json.dumps(out, indent=2) + "\n")
+    st = res.stats
+    say(f"{strategy!r} on {st['bars']} candles ({st['start'][:10]} .. {st['end'][:10]}): {st['trades']} trades, "
+        f"total return {st['total_return']:+.2%} (buy-and-hold {st['buy_and_hold_return']:+.2%}), max drawdown "
+        f"{st['max_drawdown']:.2%}, exits {out['exits']}, kill-switch locks {len(out['kill_switch_locks'])}",
+        f"report: {out['report']}" + (f"; JSON: {a.json}" if a.json else ""))
     return 0
 
 # %% ../nbs/14_cli.ipynb #936d470a
@@ -347,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         market_args(sp)
         if name == "backtest":
             sp.add_argument("--model", default="latest", help="model artifact folder, or 'latest'")
+            backtest_args(sp)
         sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra workflow parameter")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -23,11 +23,13 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
-           'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS', 'ModelError',
-           'Strategy', 'round_trip_cost', 'make_labels', 'Fold', 'walk_forward_folds', 'oos_metrics', 'ConstantModel',
-           'fit_classifier', 'current_feature_spec', 'data_fingerprint', 'TrainResult', 'train_walk_forward',
-           'data_spec', 'candles_from_spec', 'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact',
-           'load_artifact', 'latest_model']
+           'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS',
+           'POLICY_QUANTILES', 'EXIT_QUANTILES', 'ModelError', 'Strategy', 'round_trip_cost', 'make_labels', 'Fold',
+           'walk_forward_folds', 'oos_metrics', 'ConstantModel', 'fit_classifier', 'current_feature_spec',
+           'data_fingerprint', 'TrainResult', 'train_walk_forward', 'data_spec', 'candles_from_spec',
+           'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact', 'load_artifact', 'latest_model',
+           'policy_grid', 'after_cost_return', 'choose_policy', 'fit_calibrator', 'cost_aware_policy', 'policy_signals',
+           'policy_backtest']
 
 # %% ../nbs/04_model.ipynb #71dc3f6b
 class ModelError(ValueError):
@@ -605,3 +607,105 @@ def latest_model(models_dir) -> Path:
     if best is None:
         raise ModelError(f"no model artifact in {models_dir}: train one first (cryptobot train)")
     return best[1]
+
+# %% ../nbs/04_model.ipynb #c2b5c4fe
+POLICY_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # entry-threshold candidates (quantiles of the probabilities)
+EXIT_QUANTILES = (0.3, 0.5)                          # exit-threshold candidates, plus exit == entry
+
+
+def policy_grid(p) -> list[tuple[float, float]]:
+    "(entry, exit) threshold pairs from quantiles of `p` (models differ in scale, so fixed numbers would not do)."
+    p = np.asarray(p, float)
+    p = p[~np.isnan(p)]
+    if len(p) == 0:
+        return []
+    ent = np.quantile(p, POLICY_QUANTILES)
+    ext = np.quantile(p, EXIT_QUANTILES)
+    return sorted({(float(e), float(min(x, e))) for e in ent for x in (*ext, e)})
+
+
+def after_cost_return(candles, proba: pd.Series, entry: float, exit_: float, max_hold: int, fee: float,
+                      slippage: float, risk_engine=None) -> tuple[float, int]:
+    "Total return after costs (and trades) of thresholds `entry`/`exit_` on the span `proba` covers."
+    from cryptobot.backtest import simulate_signals       # lazy: the backtest imports this module
+    span = candles.loc[proba.index[0]:proba.index[-1]]
+    p = proba.reindex(span.index).to_numpy("float64")
+    with np.errstate(invalid="ignore"):
+        tr = simulate_signals(span, p >= entry, p < exit_, risk_engine, None, fee, slippage, 10_000.0,
+                              max_hold=max_hold)
+    return tr.attrs["final_equity"] / 10_000.0 - 1.0, len(tr)
+
+# %% ../nbs/04_model.ipynb #e4a510d0
+def choose_policy(candles, proba: pd.Series, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
+                  slippage: float = SLIPPAGE, risk_engine=None) -> dict:
+    "The grid pair with the best after-cost return on `proba`'s span, or flat (`trade=False`) if none beats 0."
+    proba = proba.dropna()
+    best = {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
+            "candidates": 0}
+    if len(proba) < 2:
+        return best
+    grid = policy_grid(proba)
+    best["candidates"] = len(grid)
+    for e, x in grid:
+        ret, n = after_cost_return(candles, proba, e, x, max_hold, fee, slippage, risk_engine)
+        if n > 0 and ret > best["train_return"]:
+            best.update(trade=True, entry_threshold=e, exit_threshold=x, train_return=ret, train_trades=n)
+    return best
+
+
+def fit_calibrator(proba, y):
+    "Isotonic calibration map (raw probability -> observed frequency), clipped outside the fitted range."
+    from sklearn.isotonic import IsotonicRegression
+    m = ~np.isnan(np.asarray(proba, float)) & ~np.isnan(np.asarray(y, float))
+    return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(np.asarray(proba)[m], np.asarray(y)[m])
+
+# %% ../nbs/04_model.ipynb #0637f3b0
+def cost_aware_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, max_hold: int = DEFAULT_HORIZON,
+                      fee: float = FEE, slippage: float = SLIPPAGE, risk_engine=None):
+    "Per fold: calibrate and choose thresholds on the earlier folds only. Returns (folds table, oos + policy, final)."
+    oos = oos.copy()
+    for c in ("proba_cal", "entry_threshold", "exit_threshold"):
+        oos[c] = np.nan
+    pos = pd.Series(np.arange(len(candles)), index=candles.index)
+    rows = []
+    for k in sorted(oos["fold"].unique()):
+        test = oos["fold"] == k
+        start = oos.index[test][0]
+        start_pos = pos[start]
+        prior = oos[(oos["fold"] < k) & (pos.reindex(oos.index).to_numpy() + horizon < start_pos)]
+        pol = choose_policy(candles, prior["proba"], max_hold, fee, slippage, risk_engine) if len(prior) else \
+            {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
+             "candidates": 0}
+        if len(prior) and prior["label"].notna().any():
+            oos.loc[test, "proba_cal"] = fit_calibrator(prior["proba"], prior["label"]).predict(
+                oos.loc[test, "proba"].fillna(0.5).to_numpy()) * np.where(oos.loc[test, "proba"].isna(), np.nan, 1)
+        if pol["trade"]:
+            oos.loc[test, "entry_threshold"] = pol["entry_threshold"]
+            oos.loc[test, "exit_threshold"] = pol["exit_threshold"]
+        rows.append({"fold": int(k), "test_start": start, "prior_rows": len(prior), **pol,
+                     "decision": "trade" if pol["trade"] else "flat: no threshold beat costs on earlier folds"
+                     if len(prior) else "flat: no earlier out-of-sample evidence"})
+    final = choose_policy(candles, oos["proba"], max_hold, fee, slippage, risk_engine)
+    return pd.DataFrame(rows).set_index("fold"), oos, final
+
+# %% ../nbs/04_model.ipynb #467fb414
+def policy_signals(oos: pd.DataFrame, candles: pd.DataFrame):
+    "Per-bar enter/exit booleans of a `cost_aware_policy` frame on `candles`' index (flat where no threshold)."
+    o = oos.reindex(candles.index)
+    p, e, x = (o[c].to_numpy("float64") for c in ("proba", "entry_threshold", "exit_threshold"))
+    with np.errstate(invalid="ignore"):
+        enter = (p >= e) & ~np.isnan(e)
+        exit_ = (p < x) | (np.isnan(e) & ~np.isnan(p))           # a flat fold also closes what is open
+    return enter, exit_
+
+
+def policy_backtest(candles, oos: pd.DataFrame, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
+                    slippage: float = SLIPPAGE, risk_engine=None, **kw):
+    "Out-of-sample backtest (cryptobot.backtest result) of the per-fold policy, on the span the OOS rows cover."
+    from cryptobot.backtest import _result, _simulate
+    import time as _t
+    span = candles.loc[oos.index[0]:oos.index[-1]]
+    enter, exit_ = policy_signals(oos, span)
+    t0 = _t.perf_counter()
+    out = _simulate(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
+    return _result(span, *out, fee, slippage, 10_000.0, t0)

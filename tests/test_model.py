@@ -285,3 +285,59 @@ def test_lean_artifact_predicts_like_sklearn_without_importing_it(tmp_path):
     lean = pd.read_parquet(tmp_path / "lean.parquet")["proba"]
     assert full.notna().sum() > 100
     np.testing.assert_allclose(lean.to_numpy(), full.to_numpy(), rtol=0, atol=1e-12)
+
+
+# --- the cost-aware policy ---------------------------------------------------------------------------------------
+
+def _oos(c, proba, n_folds=4, start=500):
+    "An OOS frame like train_walk_forward's: folds of equal length after `start`, labels with horizon 12."
+    idx = c.index[start:]
+    fold = np.minimum((np.arange(len(idx)) * n_folds) // len(idx), n_folds - 1)
+    y = M.make_labels(c).reindex(idx)
+    return pd.DataFrame({"proba": np.asarray(proba)[start:], "fold": fold, "label": y}, index=idx)
+
+
+def test_policy_never_trades_a_fold_without_an_after_cost_edge_on_earlier_folds():
+    c, _ = random_market(6000, seed=3)
+    p = np.random.default_rng(3).uniform(0.3, 0.7, len(c))             # no information at all
+    tab, pol, final = M.cost_aware_policy(c, _oos(c, p))
+    res = M.policy_backtest(c, pol)
+    assert tab.loc[0, "trade"] == False and "no earlier" in tab.loc[0, "decision"]   # noqa: E712
+    for k, row in tab.iterrows():
+        in_k = res.trades["entry_time"].isin(pol.index[pol["fold"] == k])
+        if not row["trade"]:
+            assert not in_k.any() and row["train_return"] == 0.0
+        else:
+            assert row["train_return"] > 0
+    fixed = M.Strategy()
+    from cryptobot.backtest import run_backtest
+    assert res.stats["trades"] < run_backtest(c, _oos(c, p)["proba"], fixed, vectorbt=False).stats["trades"]
+
+
+def test_no_trade_when_nothing_beats_costs():
+    "Constant probabilities on a falling market: every candidate pair means 'always in', which loses: stay flat."
+    c, _ = random_market(4000, seed=5, drift=-0.0003)
+    tab, pol, final = M.cost_aware_policy(c, _oos(c, np.full(len(c), 0.5)))
+    assert not tab["trade"].any() and final["trade"] is False
+    assert M.policy_backtest(c, pol).stats["trades"] == 0
+
+
+def test_a_folds_policy_depends_only_on_earlier_folds():
+    c, _ = random_market(6000, seed=7, drift=0.0004)                      # drift: some thresholds beat costs
+    rng = np.random.default_rng(7)
+    p = np.clip(0.5 + 0.1 * rng.standard_normal(len(c)), 0, 1)
+    o = _oos(c, p)
+    tab, pol, _ = M.cost_aware_policy(c, o)
+    k = 2
+    later = o["fold"] >= k
+    o2 = o.copy()
+    o2.loc[later, "proba"] = rng.uniform(0, 1, later.sum())                # rewrite fold k's and later probabilities
+    c2 = c.copy()
+    cut = c.index.get_loc(o.index[later][0])
+    c2.iloc[cut:, :4] = c2.iloc[cut:, :4] * 1.5                             # and fold k's prices
+    tab2, _, _ = M.cost_aware_policy(c2, o2)
+    cols = ["trade", "entry_threshold", "exit_threshold", "train_return", "train_trades"]
+    pd.testing.assert_frame_equal(tab2.loc[:k, cols], tab.loc[:k, cols])
+    assert tab.loc[:k, "trade"].any()                                      # the check is about a real choice
+    assert not tab2.loc[k + 1:, cols].equals(tab.loc[k + 1:, cols])         # ...and the rewrite did matter later
+    assert pol["proba_cal"].between(0, 1).all() or pol["proba_cal"].isna().any()
