@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 # %% auto #0
 __all__ = ['LIMITS', 'MIN_STOP_LOSS_PCT', 'MAX_STOP_LOSS_PCT', 'MAX_RISK_PCT', 'MAX_LEVERAGE', 'MIN_BALANCE_FLOOR_USD',
-           'MAX_STOP_LIMIT_BUFFER_PCT', 'TIMEFRAMES', 'USD_QUOTES', 'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'SETTINGS_KEYS',
-           'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'ConfigError', 'Limit', 'check_limit', 'Secret', 'Settings',
-           'InsecureDotenvWarning', 'dotenv_permission_warning', 'load_settings']
+           'MAX_STOP_LIMIT_BUFFER_PCT', 'TIMEFRAMES', 'USD_QUOTES', 'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'STOP_ORDERS',
+           'SETTINGS_KEYS', 'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'ConfigError', 'Limit', 'check_limit', 'Secret',
+           'Settings', 'InsecureDotenvWarning', 'dotenv_permission_warning', 'load_settings']
 
 # %% ../nbs/00_config.ipynb #e71716f1
 class ConfigError(ValueError):
@@ -61,6 +61,7 @@ LIMITS: dict[str, Limit] = {
     "slippage_pct": Limit(0.0, 2.0, "percent slippage assumed on market fills"),
     "stop_limit_buffer_pct": Limit(0.05, 5.0, "percent below the stop trigger for the stop-limit order's limit price"),
     "paper_balance_usd": Limit(100.0, 1e9, "starting quote balance (USD) of the paper executor; at least the 100 floor"),
+    "stop_check_s": Limit(5, 300, "seconds between checks of the exchange stop between candle closes", integer=True),
 }
 
 MIN_STOP_LOSS_PCT, MAX_STOP_LOSS_PCT = LIMITS["stop_loss_pct"].lo, LIMITS["stop_loss_pct"].hi
@@ -144,6 +145,7 @@ class Secret:
 # %% ../nbs/00_config.ipynb #e175bb2b
 MODES = ("paper", "testnet", "live")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+STOP_ORDERS = ("auto", "market", "limit")      # CRYPTOBOT_STOP_ORDER: stop-market (STOP_LOSS) or stop-limit
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 # env key -> (field, kind, default text, description)
@@ -169,6 +171,9 @@ SETTINGS_KEYS: dict[str, tuple[str, str, str, str]] = {
     "CRYPTOBOT_EXCHANGE_URL": ("exchange_url", "url", "", "local emulator base URL (loopback only)"),
     "CRYPTOBOT_PAPER_BALANCE_USD": ("paper_balance_usd", "float", "10000", LIMITS["paper_balance_usd"].what),
     "CRYPTOBOT_LOG_LEVEL": ("log_level", "log_level", "INFO", "log level"),
+    "CRYPTOBOT_STOP_CHECK_S": ("stop_check_s", "int", "60", LIMITS["stop_check_s"].what),
+    "CRYPTOBOT_STOP_ORDER": ("stop_order", "stop_order", "auto", "the stop's order type: auto (stop-market where the "
+                             "symbol lists STOP_LOSS, else stop-limit), market (STOP_LOSS) or limit (STOP_LOSS_LIMIT)"),
     "CRYPTOBOT_MODE": ("", "mode", "", "optional assertion: paper | testnet | live; must agree with GO_LIVE/BINANCE_TESTNET"),
 }
 FIELD_KEYS = {f: k for k, (f, *_ignored) in SETTINGS_KEYS.items() if f}
@@ -232,6 +237,8 @@ class Settings:
     exchange_url: str | None = None
     paper_balance_usd: float = 10_000.0
     log_level: str = "INFO"
+    stop_check_s: int = 60
+    stop_order: str = "auto"
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
     secrets_file_insecure: bool = field(default=False, compare=False, repr=False)
 
@@ -251,6 +258,9 @@ class Settings:
         if self.timeframe not in TIMEFRAMES:
             raise _field_error("timeframe", self.timeframe, f"is not a supported timeframe (allowed: {', '.join(TIMEFRAMES)}); "
                                "fix it in .env or the environment")
+        if self.stop_order not in STOP_ORDERS:
+            raise _field_error("stop_order", self.stop_order, f"is not a stop order choice (allowed: "
+                               f"{', '.join(STOP_ORDERS)}); fix it in .env or the environment")
         if self.log_level not in LOG_LEVELS:
             raise _field_error("log_level", self.log_level, f"is not a log level (allowed: {', '.join(LOG_LEVELS)}); "
                                "fix it in .env or the environment")

@@ -146,12 +146,32 @@ class ExchangeClock:
         self._base: float | None = None
         self._mono = 0.0
         self.skew_s: float | None = None          # server minus local wall clock at the last sync
+        self._seen: list[tuple[float, float]] = []  # (server s, monotonic s) of the recent syncs
 
     def sync(self) -> float:
         ms = call_with_retry(self.client.fetch_time, what="fetch_time", **self.retry)
         self._base, self._mono = float(ms) / 1000.0, time.monotonic()
         self.skew_s = self._base - time.time()
+        self._seen = (self._seen + [(self._base, self._mono)])[-64:]
         return self._base
+
+    @property
+    def rate(self) -> float | None:
+        "Exchange seconds per wall second over the recent syncs (1 on Binance; the emulator's speed); None: unknown."
+        if len(self._seen) < 2:
+            return None
+        e1, m1 = self._seen[-1]
+        older = [p for p in self._seen if m1 - p[1] >= 0.2]          # over at least 0.2 s of wall time if we can
+        e0, m0 = older[-1] if older else self._seen[0]
+        return max(0.0, (e1 - e0) / (m1 - m0)) if m1 - m0 >= 0.02 else None
+
+    def wall(self, exchange_s: float, floor: float = 0.002, cap: float = 10.0, unknown: float = 1.0) -> float:
+        "Wall seconds to sleep for `exchange_s` of exchange time at the observed rate (`unknown` if not known yet)."
+        if exchange_s <= 0:
+            return 0.0
+        r = self.rate
+        w = unknown if not r else exchange_s / r
+        return min(cap, max(floor, w))
 
     def __call__(self) -> float:
         if self._base is None:
@@ -225,7 +245,8 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
     return art
 
 # %% ../nbs/11_live.ipynb #aa412888
-CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")
+CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done",
+                "check")
 
 
 def _sigkill_self(point: str) -> None:
@@ -328,7 +349,7 @@ class Runner:
                  settle_s: float = 2.0, poll_s: float = 10.0, min_poll_s: float = 1.0,
                  stop_event: threading.Event | None = None, crash: CrashPoints | None = None,
                  after_candle: Callable | None = None, order_timeout_s: float = 300.0,
-                 retry: dict | None = None):
+                 retry: dict | None = None, stop_check_s: float | None = None):
         self.settings, self.artifact = settings, artifact
         self.data_client, self.journal, self.guardian, self.clock = data_client, journal, guardian, clock
         self._make_exec, self.fills = make_exec, fills
@@ -350,6 +371,11 @@ class Runner:
         self.last_done: float | None = None
         self.ticks = 0
         self.started = False
+        self.stop_check_s = float(stop_check_s if stop_check_s is not None else settings.stop_check_s)
+        self.last_check: float | None = None       # exchange time of the last stop check (at a close or between)
+        self.next_check: float | None = None       # the next one between candle closes (None: flat)
+        self.unknown_since: float | None = None    # stop checks failing since (exchange time)
+        self.check_ms: list[float] = []            # duration of each stop check between closes (bench)
 
     def __repr__(self):
         return (f"Runner({self.symbol} {self.tf}, model={self.artifact.model_id}, fills={self.fills}, "
@@ -380,12 +406,14 @@ class Runner:
             self.executor = self._make_exec(closed, nxt)
         self.crash.install(self.journal, self.executor.venue)
         self.net.install(self.executor.venue)
+        self.executor.market                               # markets + the stop's order type: refused here if impossible
         rep = self.executor.reconcile()
         _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
                actions=len(rep.actions), problems="; ".join(rep.problems) or None,
                position=rep.position.entry_cid if rep.position else "flat")
         done = self.journal.last_events(1, kind="candle_done")
         self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
+        self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
         self.started = True
         return self
 
@@ -473,6 +501,7 @@ class Runner:
         tick.net_ms = (self.net.total - net0) * 1000.0
         tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
         self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
+        self._checked(stop)                               # the close's stop check counts; schedule the next one
         self.crash.hit("done")
         self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
                                {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
@@ -520,19 +549,30 @@ class Runner:
         return "exited"
 
     # ------------------------------------------------------------------ the loop
-    def _wait(self) -> None:
-        "Sleep until the next candle close + settle by the exchange's clock (polling it), or until stopped."
-        try:
-            now = self.clock.sync()
-        except NETWORK_ERRORS as e:
-            self._poll_error("fetch_time", e)
-            self.stop_event.wait(self.poll_s)
-            return
-        base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
-        target = base + self.tf_s + self.settle_s
-        if target <= now:                                  # the candle is late at the exchange: poll again soon
-            target = now + self.min_poll_s
-        self.stop_event.wait(min(self.poll_s, max(0.0, target - now)))
+    def _wait(self) -> str:
+        "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
+        first = True
+        while not self.stop_event.is_set():
+            try:
+                now = self.clock.sync()
+            except NETWORK_ERRORS as e:
+                self._poll_error("fetch_time", e)
+                self.stop_event.wait(self.min_poll_s)
+                return "candle"
+            base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
+            target = base + self.tf_s + self.settle_s
+            if target <= now:                              # the candle is due: on the first pass it is late at the
+                if first:                                  # exchange (step found none): poll again soon
+                    self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
+                                                         unknown=self.min_poll_s))
+                return "candle"
+            if self.next_check is not None:
+                if self.next_check <= now:
+                    return "check"
+                target = min(target, self.next_check)
+            self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
+            first = False
+        return "candle"
 
     def _poll_error(self, what: str, e: BaseException) -> None:
         msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -547,21 +587,24 @@ class Runner:
         "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
         if not self.started:
             self.start()
-        n = 0
+        n, why = 0, "candle"
         try:
             while not self.stop_event.is_set():
-                try:
-                    tick = self.step()
-                except NETWORK_ERRORS as e:
-                    self._poll_error("tick", e)
-                    self.stop_event.wait(self.min_poll_s)
-                    continue
-                if tick is not None:
-                    n += 1
-                    if max_candles is not None and n >= max_candles:
-                        break
-                    continue
-                self._wait()
+                if why == "check":
+                    self.check_stop()                      # between candle closes (see the stop watch below)
+                else:
+                    try:
+                        tick = self.step()
+                    except NETWORK_ERRORS as e:
+                        self._poll_error("tick", e)
+                        self.stop_event.wait(self.min_poll_s)
+                        continue
+                    if tick is not None:
+                        n += 1
+                        if max_candles is not None and n >= max_candles:
+                            break
+                        continue
+                why = self._wait()
         finally:
             self.close()
         return EX_OK
@@ -579,6 +622,69 @@ class Runner:
             pass
         _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
                stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
+
+# %% ../nbs/11_live.ipynb #1e68aba5
+def _checked(self, what: str, ms: float | None = None) -> None:
+    "Journal one stop check (`stop_check` event) and schedule the next one between closes (none while flat)."
+    now = float(self.clock())
+    pos = self.executor.position() if self.executor is not None else None
+    if what != "flat" or pos is not None:
+        self.last_check = now
+        self.journal.log_event("stop_check", f"{what} at {iso(now)}",
+                               {"t": now, "result": what, "entry": pos.entry_cid if pos else None,
+                                "stop": pos.stop_cid if pos else None, "interval_s": self.stop_check_s,
+                                "stop_type": getattr(self.executor, "stop_type", None),
+                                "ms": None if ms is None else round(ms, 3)})
+    self.next_check = now + self.stop_check_s if pos is not None else None
+
+
+def _check_stop(self) -> str:
+    "One stop check between candle closes (see the table above); returns what it found."
+    pos = self.executor.position()
+    if pos is None:
+        self.next_check = None
+        return "flat"
+    now = float(self.clock())
+    self.crash.hit("check")
+    t0 = time.perf_counter()
+    try:
+        what = self.queue.submit(self.symbol, self.executor.sync).result(self.order_timeout_s)
+    except ExchangeAuthError:
+        raise
+    except (*NETWORK_ERRORS, ccxt.BaseError, ExecutorError, TimeoutError) as e:
+        return self._check_unknown(now, e)
+    ms = (time.perf_counter() - t0) * 1000.0
+    self.check_ms = (self.check_ms + [ms])[-1000:]
+    if self.unknown_since is not None:
+        _event("stop_check_recovered", after_s=round(now - self.unknown_since, 1))
+        self.unknown_since = None
+    self._checked(what, ms=ms)
+    if what not in ("protected", "flat"):
+        _event("stop_check", logging.WARNING, result=what, entry=pos.entry_cid, stop=pos.stop_cid)
+    return what
+
+
+def _check_unknown(self, now: float, e: BaseException) -> str:
+    "A stop check that could not tell: retry soon; after two intervals lock new entries and say why."
+    if self.unknown_since is None:
+        self.unknown_since = now
+    age = now - self.unknown_since
+    err = _SIG_RE.sub(r"\1****", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    self.journal.log_event("stop_check", f"unknown at {iso(now)}: {err}",
+                           {"t": now, "result": "unknown", "error": err, "since": self.unknown_since,
+                            "interval_s": self.stop_check_s, "stop_type": getattr(self.executor, "stop_type", None)})
+    _event("stop_check_failed", logging.WARNING, error=type(e).__name__, unknown_s=round(age, 1))
+    if age >= 2 * self.stop_check_s and self.executor.reconciled:
+        self.executor.reconciled = False                 # the Guardian denies entries (not_reconciled) until fixed
+        why = (f"the exchange stop's state has been unknown for {age:.0f} s (stop checks fail: {type(e).__name__}); "
+               f"new entries are locked until a stop check and a reconciliation succeed; check the network")
+        self.journal.log_event("stop_unknown", why, {"since": self.unknown_since, "seconds": age, "error": err})
+        _event("entries_locked", logging.ERROR, reason=why)
+    self.next_check = now + max(5.0, self.stop_check_s / 4)
+    return "unknown"
+
+
+Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_stop, _check_unknown
 
 # %% ../nbs/11_live.ipynb #4a5381aa
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",

@@ -1,0 +1,198 @@
+"""The stop between candle closes (issue 14): stop-market where the symbol lists STOP_LOSS, the runner's stop watch on
+the emulator's accelerated clock (a gap through a stop-limit mid-candle, a stop-market fill mid-candle and the kill
+switch, a stop cancelled by hand), with the real ccxt client, real SQLite and the real runner loop."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from cryptobot.client import make_client
+from cryptobot.config import Settings
+from cryptobot.emulator import ORDER_TYPES, ORDER_TYPES_STOP_MARKET, Emulator
+from cryptobot.exchange import ExecutorError
+from cryptobot.live import start_runner
+from market import frame
+
+KEY, SECRET = "stop-key-71c2", "stop-secret-Zx90qq"
+SPEED = 360.0            # one 1h candle every 10 s of wall time; a 60 s check every 1/6 s
+CHECK_S = 60
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from cryptobot import data as D, model as M
+    c = D.synthetic_candles(n=1_200, seed=5)
+    res = M.train_walk_forward(c, n_folds=2, params={"max_iter": 20})
+    return res.save(tmp_path_factory.mktemp("models"))
+
+
+class Rig:
+    "An accelerated emulator, a runner in a thread (the real `run` loop), an always-long strategy."
+
+    def __init__(self, tmp, model, *, stop_market: bool, stop_order: str = "auto", kill: int = 3):
+        from cryptobot.model import Strategy
+        self.df = frame(1_300)
+        start = self.df.index[1_100] + pd.Timedelta(minutes=40)
+        self.emu = Emulator(self.df, clock="accelerated", speed=SPEED, start=start, api_key=KEY, api_secret=SECRET,
+                            order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
+        self.emu.start()
+        self.s = Settings(state_dir=tmp / "st", exchange_url=self.emu.base_url, api_key=KEY, api_secret=SECRET,
+                          stop_check_s=CHECK_S, stop_order=stop_order, kill_switch_losses=kill)
+        self.stop_event = threading.Event()
+        self.runner = start_runner(self.s, "paper", model, strategy=Strategy(0.0, 0.0, 1000),
+                                   stop_event=self.stop_event, max_model_age_days=None, rate_limit_ms=1.0)
+        self.thread = threading.Thread(target=self.runner.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop_event.set()
+        self.thread.join(60)
+        self.emu.stop()
+
+    def wait_for(self, cond, what: str, wall_s: float = 60.0):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < wall_s:
+            v = cond()
+            if v:
+                return v
+            time.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}; events: {self.events()[-15:]}")
+
+    def events(self, kind=None):
+        import sqlite3
+        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            sql = "SELECT ts, kind, message, data FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
+            rows = con.execute(sql, (kind,) if kind else ()).fetchall()
+        finally:
+            con.close()
+        return [(ts, k, m, json.loads(d) if d else None) for ts, k, m, d in rows]
+
+    def rows(self, sql):
+        "Rows from the journal through a read-only connection of the test's own (the runner keeps writing)."
+        import sqlite3
+        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute(sql).fetchall()]
+        finally:
+            con.close()
+
+    def stop_order(self):
+        "The first stop the emulator accepted (after the entry), or None."
+        st = [o for o in self.emu.orders if o["type"] in ("STOP_LOSS", "STOP_LOSS_LIMIT")]
+        return st[0] if st else None
+
+    def crash_next_bar(self, stop: dict):
+        "Reshape the bar after the one the stop was placed in: a down bar whose path crosses the stop mid-candle."
+        tape = next(iter(self.emu.tapes.values()))
+        with self.emu._lock:
+            i = tape.bar_at(stop["time"]) + 1
+            o = float(tape.c[i - 1])
+            low = stop["stop_price"] * 0.97
+            tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
+        return i, int(tape.t[i]) / 1000.0
+
+
+@pytest.fixture
+def rig_factory(tmp_path, model):
+    rigs = []
+
+    def make(**kw):
+        r = Rig(tmp_path / f"r{len(rigs)}", model, **kw)
+        rigs.append(r)
+        return r
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def test_stop_market_where_listed_stop_limit_otherwise(rig_factory):
+    "auto: STOP_LOSS when orderTypes list it, STOP_LOSS_LIMIT otherwise; the journal keeps the type."
+    for market, want in ((True, "STOP_LOSS"), (False, "STOP_LOSS_LIMIT")):
+        r = rig_factory(stop_market=market)
+        st = r.wait_for(r.stop_order, "the stop after the entry")
+        assert st["type"] == want and r.runner.executor.stop_type == ("market" if market else "limit")
+        intent = r.runner.journal.select("SELECT type, price FROM intents WHERE purpose = 'stop'")[0]
+        assert intent["type"] == want.lower() and (intent["price"] is None) == market
+        r.close()
+
+
+def test_forced_stop_type_refused_when_not_listed(tmp_path, model):
+    "CRYPTOBOT_STOP_ORDER=market on a symbol without STOP_LOSS: refused at start, one line, nothing sent."
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET)
+    emu.start()
+    try:
+        s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                     stop_order="market")
+        from cryptobot.live import StartupRefused
+        with pytest.raises(StartupRefused, match="does not list STOP_LOSS"):
+            start_runner(s, "paper", model, max_model_age_days=None, rate_limit_ms=1.0)
+        assert emu.orders_created == 0
+    finally:
+        emu.stop()
+
+
+def test_gap_through_stop_limit_mid_candle_ends_in_emergency_exit(rig_factory):
+    "A stop-limit triggers mid-candle without filling: the watch sells at market within one check interval."
+    r = rig_factory(stop_market=False)
+    st = r.wait_for(r.stop_order, "the stop after the entry")
+    r.emu.faults.add("stop_unfilled")
+    i, bar_open = r.crash_next_bar(st)
+    unp = r.wait_for(lambda: r.events("unprotected"), "the emergency exit", 60)
+    d = unp[0][3]
+    assert d["cause"] == "stop_unfilled"
+    stop_now = r.emu.order(client_order_id=st["client_order_id"])
+    trigger = stop_now["update_time"] / 1000.0
+    assert bar_open < trigger < bar_open + 3600                      # it triggered inside the candle
+    exits = [o for o in r.emu.orders if o["client_order_id"] != st["client_order_id"] and o["side"] == "SELL"]
+    assert len(exits) == 1 and exits[0]["type"] == "MARKET" and exits[0]["status"] == "FILLED"
+    exit_t = exits[0]["time"] / 1000.0
+    assert exit_t < bar_open + 3600                                   # before the candle closed
+    # within one check interval of exchange time (+ the exchange time one loop pass takes at this speed)
+    assert exit_t - trigger <= CHECK_S * 1.5, (exit_t - trigger)
+    assert abs(d["seconds"] - (d["end"] - d["start"])) < 1e-6 and d["seconds"] <= CHECK_S * 1.5
+    trade = r.runner.journal.trades()[0]
+    assert trade["exit_reason"] == "stop_unfilled"
+
+
+def test_stop_market_fills_at_the_trigger_and_updates_the_kill_switch(rig_factory):
+    "The same candle with a stop-market: filled at the stop, no unprotected time, kill switch set before the close."
+    r = rig_factory(stop_market=True, kill=1)
+    st = r.wait_for(r.stop_order, "the stop after the entry")
+    assert st["type"] == "STOP_LOSS"
+    i, bar_open = r.crash_next_bar(st)
+    locks = r.wait_for(lambda: r.rows("SELECT * FROM locks"), "the kill switch", 60)
+    fill = r.emu.order(client_order_id=st["client_order_id"])
+    assert fill["status"] == "FILLED" and abs(fill["average"] - st["stop_price"]) < 1e-6   # at the trigger
+    trade = r.runner.journal.trades()[0]
+    assert trade["exit_reason"] == "stop" and trade["pnl"] < 0
+    assert bar_open < trade["exit_time"] < bar_open + 3600
+    assert locks[0]["ts"] < bar_open + 3600                          # the kill switch, before the candle closed
+    assert r.runner.guardian.locked and "kill switch" in r.runner.guardian.state["lock"]["reason"]
+    assert r.events("unprotected") == []
+    checks = [e for e in r.events("stop_check") if e[3]["result"] == "stopped_out"]
+    assert checks and bar_open < checks[0][3]["t"] < bar_open + 3600
+
+
+def test_stop_cancelled_by_hand_is_replaced_within_one_interval(rig_factory):
+    r = rig_factory(stop_market=True)
+    st = r.wait_for(r.stop_order, "the stop after the entry")
+    hand = make_client(api_key=KEY, api_secret=SECRET, base_url=r.emu.base_url)
+    hand.load_markets()
+    hand.cancel_order(None, "BTC/USDT", {"clientOrderId": st["client_order_id"]})
+    cancelled = r.emu.order(client_order_id=st["client_order_id"])
+    assert cancelled["status"] == "CANCELED"
+    unp = r.wait_for(lambda: r.events("unprotected"), "the replacement stop", 60)
+    d = unp[0][3]
+    new = r.emu.order(client_order_id=d["stop"])
+    assert d["cause"] == "stop_cancelled" and new["status"] == "NEW" and new["type"] == "STOP_LOSS"
+    assert abs(d["start"] - cancelled["update_time"] / 1000.0) < 1e-6
+    assert new["time"] / 1000.0 - d["start"] <= CHECK_S * 1.5, new["time"] / 1000.0 - d["start"]
+    assert r.runner.journal.last_events(1, kind="stop_replaced")
+    intent = r.runner.journal.intent(d["stop"])
+    assert intent["purpose"] == "stop" and intent["type"] == "stop_loss"
