@@ -196,3 +196,42 @@ def test_stop_cancelled_by_hand_is_replaced_within_one_interval(rig_factory):
     assert r.runner.journal.last_events(1, kind="stop_replaced")
     intent = r.runner.journal.intent(d["stop"])
     assert intent["purpose"] == "stop" and intent["type"] == "stop_loss"
+
+
+def test_unknown_stop_state_is_retried_then_locks_entries(tmp_path, model):
+    """Stop checks that fail (5xx on GET order): retried; after two intervals new entries are locked, and why; a check
+    that succeeds again reconciles and lifts it."""
+    from cryptobot.model import Strategy
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET,
+                   order_types=ORDER_TYPES_STOP_MARKET).start()
+    try:
+        s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                     stop_check_s=CHECK_S)
+        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 1000), max_model_age_days=None,
+                         rate_limit_ms=1.0, executor_kw={"settle_s": 0.0, "sleep": lambda _s: None,
+                                                         "retry": {"retries": 1}})
+        assert r.step().outcome == "entered" and r.next_check is not None
+        emu.set_time(emu.now + pd.Timedelta(seconds=CHECK_S))
+        r.clock.sync()                                                     # the run loop's wait syncs before a check
+        assert r.check_stop() == "protected" and r.last_check == pytest.approx(emu.now.timestamp(), abs=5)
+        emu.faults.add("server_error", count=1000, endpoint="order", method="GET")
+        for k in range(1, 4):
+            emu.set_time(emu.now + pd.Timedelta(seconds=CHECK_S))
+            r.clock.sync()
+            assert r.check_stop() == "unknown"
+            assert r.next_check - r.clock() <= CHECK_S / 4 + 1e-6       # retried sooner than the interval
+        assert r.executor.reconciled is False                            # entries are locked ...
+        why = r.journal.last_events(1, kind="stop_unknown")[0]["message"]
+        assert "unknown for 120 s" in why and "new entries are locked" in why   # ... and it says why
+        ctx = r.executor.context(now=r.clock(), last_candle_close=r.last_done, feature_fingerprint=r.fp, price=30_000)
+        assert ctx.reconciled is False
+        emu.faults.clear()
+        emu.set_time(emu.now + pd.Timedelta(seconds=CHECK_S))
+        r.clock.sync()
+        assert r.check_stop() == "protected" and r.executor.reconciled is True and r.unknown_since is None
+        results = [e["data"]["result"] for e in r.journal.last_events(10, kind="stop_check")]
+        assert results[-5:] == ["protected", "unknown", "unknown", "unknown", "protected"]
+        r.close()
+        r.journal.close()
+    finally:
+        emu.stop()
