@@ -221,8 +221,13 @@ def cmd_demo(a) -> int:
 # %% ../nbs/14_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
     from cryptobot.guardian import format_status, status_report
-    report = status_report(_settings())
-    say(json.dumps(report, indent=2, default=str) if a.json else format_status(report))
+    from cryptobot.live import format_stop, stop_report
+    s = _settings()
+    report = status_report(s)
+    report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
+                                 interval_s=s.stop_check_s)
+    say(json.dumps(report, indent=2, default=str) if a.json else
+        format_status(report) + "\nstop       " + format_stop(report["stop"]))
     return 0
 
 

@@ -39,10 +39,11 @@ from .risk import Plan, RiskEngine
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS', 'LiveError',
-           'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
-           'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'start_runner', 'run', 'ParityReport',
-           'parity', 'ReplayResult', 'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'bench_live']
+           'NETWORK_ERRORS', 'CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS', 'BINANCE_WEIGHTS',
+           'LiveError', 'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
+           'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop',
+           'start_runner', 'run', 'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay',
+           'compare_trades', 'format_comparison', 'bench_live', 'bench_stop_check']
 
 # %% ../nbs/11_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -686,6 +687,50 @@ def _check_unknown(self, now: float, e: BaseException) -> str:
 
 Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_stop, _check_unknown
 
+# %% ../nbs/11_live.ipynb #a7ee3687
+def stop_report(journal_path, now: float | None = None, since: float | None = None, until: float | None = None,
+                interval_s: float | None = None) -> dict:
+    "The stop's type, the last stop check and the unprotected intervals (in [since, until]) from the journal."
+    jp = Path(journal_path)
+    d = {"stop_type": None, "stop": None, "last_check": None, "last_check_age_s": None, "last_result": None,
+         "interval_s": interval_s, "unprotected": [], "unprotected_max_s": 0.0, "unprotected_total_s": 0.0}
+    if not jp.exists():
+        return d
+    with Journal(jp, readonly=True) as j:
+        last = j.last_events(1, kind="stop_check")
+        stops = j.select("SELECT client_order_id, type FROM intents WHERE purpose = 'stop' ORDER BY id DESC LIMIT 1")
+        rows = j.select("SELECT data FROM events WHERE kind = 'unprotected' ORDER BY id")
+    if stops:
+        d["stop"], d["stop_type"] = stops[0]["client_order_id"], stops[0]["type"].upper()
+    if last and last[0]["data"]:
+        c = last[0]["data"]
+        d["last_check"], d["last_result"] = c.get("t"), c.get("result")
+        d["interval_s"] = interval_s if interval_s is not None else c.get("interval_s")
+        if now is not None and c.get("t") is not None:
+            d["last_check_age_s"] = float(now) - float(c["t"])
+    for r in rows:
+        u = json.loads(r["data"]) if r["data"] else {}
+        if (since is None or u.get("end", 0) >= since) and (until is None or u.get("start", 0) <= until):
+            d["unprotected"].append(u)
+    secs = [float(u.get("seconds") or 0.0) for u in d["unprotected"]]
+    d["unprotected_max_s"], d["unprotected_total_s"] = max(secs, default=0.0), sum(secs)
+    return d
+
+
+def format_stop(d: dict) -> str:
+    "One status line: the stop's type, the last check, the unprotected time."
+    kind = {"STOP_LOSS": "STOP_LOSS (stop-market)", "STOP_LOSS_LIMIT": "STOP_LOSS_LIMIT (stop-limit)"}.get(
+        d.get("stop_type"), "none placed yet")
+    check = ("never checked" if d.get("last_check") is None else
+             f"last check {iso(d['last_check'])} {d.get('last_result')}"
+             + (f" ({d['last_check_age_s']:,.0f} s ago)" if d.get("last_check_age_s") is not None else "")
+             + (f", every {d['interval_s']:g} s" if d.get("interval_s") else ""))
+    u = d.get("unprotected") or []
+    unp = ("never unprotected" if not u else
+           f"UNPROTECTED {len(u)}x, longest {d['unprotected_max_s']:,.0f} s (last: {u[-1].get('cause')} "
+           f"from {iso(u[-1].get('start'))})")
+    return f"{kind}; {check}; {unp}"
+
 # %% ../nbs/11_live.ipynb #4a5381aa
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",
              "testnet": "set BINANCE_TESTNET=true (and not GO_LIVE)", "live": "set GO_LIVE=true"}
@@ -978,7 +1023,7 @@ def _model_candles(candles):
 def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, fills: str = "exchange",
            settings: Settings | None = None, strategy=None, balance_usd: float = 10_000.0, clock: str = "stepped",
            speed: float = 36_000.0, unlock_kill_switch: bool = False, max_model_age_days: float | None = None,
-           logs: bool = False, progress: Callable | None = None) -> ReplayResult:
+           logs: bool = False, progress: Callable | None = None, order_types=None) -> ReplayResult:
     "Run the runner against the emulator on `candles` for `n_candles` decisions; the trades and the journal path."
     from cryptobot.emulator import Emulator                         # lazy: aiohttp server, not on the live path
     import secrets as _secrets
@@ -997,7 +1042,7 @@ def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, 
     quote = base.symbol.split("/")[1]
     emu = Emulator(candles, symbol=base.symbol, timeframe=base.timeframe, balances={quote: balance_usd},
                    api_key=key, api_secret=secret, clock=clock, speed=speed, start=int(start),
-                   fee_pct=base.fee_pct, slippage_pct=base.slippage_pct)
+                   fee_pct=base.fee_pct, slippage_pct=base.slippage_pct, order_types=order_types)
     emu.start()
     s = dataclasses.replace(base, state_dir=state_dir, exchange_url=emu.base_url, go_live=False, testnet=False,
                             api_key=key if fills == "exchange" else None,
@@ -1228,6 +1273,48 @@ def bench_live(n_candles: int = 500) -> dict:
     out = {"live_tick_ms": statistics.median(ticks), "live_tick_ms_p90": float(np.percentile(ticks, 90)),
            "ticks": len(ticks), "live_rss_mb": res["rss"], "import_live_s": statistics.median(runs),
            "orders": emu.orders_created, "candles": n_candles, "run_s": time.perf_counter() - t0}
+    out.update(bench_stop_check(path, c))
     out["targets"] = dict(LIVE_TARGETS)
     out["ok"] = all(out[k] <= v for k, v in LIVE_TARGETS.items())
     return out
+
+# %% ../nbs/11_live.ipynb #a25f85bc
+# Binance spot REQUEST_WEIGHT of the endpoints a stop check can call (its limit: 6 000 a minute per IP)
+BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/myTrades": 20,
+                   "GET /api/v3/openOrders": 6, "GET /api/v3/account": 20, "GET /api/v3/exchangeInfo": 20,
+                   "POST /api/v3/order": 1, "DELETE /api/v3/order": 1, "GET /api/v3/klines": 2}
+
+
+def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
+    "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
+    from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
+    from cryptobot.model import Strategy
+    key, secret = "bench-stop-key-01", "bench-stop-secret-01"
+    emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
+                   order_types=ORDER_TYPES_STOP_MARKET).start()
+    tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-stop-"))
+    handler = logging.NullHandler()
+    logging.getLogger("cryptobot").addHandler(handler)
+    try:
+        s = Settings(state_dir=tmp, exchange_url=emu.base_url, api_key=key, api_secret=secret,
+                     stop_check_s=stop_check_s)
+        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 10_000), max_model_age_days=None,
+                         settle_s=0.0, rate_limit_ms=1.0, executor_kw={"settle_s": 0.0})
+        if r.step().outcome != "entered":
+            raise LiveError("bench_stop_check: the runner did not enter; nothing to check")
+        before = emu.requests
+        for _ in range(n_checks):                       # one check per interval of exchange time, inside the candle
+            emu.set_time(emu.now + pd.Timedelta(seconds=3600 / (n_checks + 1)))
+            r.clock.sync()
+            if r.check_stop() != "protected":
+                raise LiveError("bench_stop_check: the stop was not found protected")
+        used = emu.requests - before - Counter({"GET /api/v3/time": n_checks})   # the bench's own syncs
+        r.close()
+        r.journal.close()
+    finally:
+        logging.getLogger("cryptobot").removeHandler(handler)
+        emu.stop()
+    per_check = sum(BINANCE_WEIGHTS.get(k, 1) * v for k, v in used.items()) / n_checks
+    return {"stop_check_ms": statistics.median(r.check_ms), "stop_check_ms_p90": float(np.percentile(r.check_ms, 90)),
+            "stop_check_weight": per_check, "stop_check_weight_per_hour": per_check * 3600 / stop_check_s,
+            "stop_check_requests": {k: v / n_checks for k, v in used.items()}, "stop_check_s": stop_check_s}

@@ -235,3 +235,54 @@ def test_unknown_stop_state_is_retried_then_locks_entries(tmp_path, model):
         r.journal.close()
     finally:
         emu.stop()
+
+
+def _journal_with_unprotected(tmp_path, seconds: float, now: float):
+    from cryptobot.journal import Journal
+    s = Settings(state_dir=tmp_path / "st", stop_check_s=CHECK_S)
+    s.state_dir.mkdir(parents=True)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        j.record_intent("cbs-1", s.symbol, "sell", "stop_loss_limit", 0.01, price=29_000.0, stop_price=29_100.0,
+                        purpose="stop", candle_time=now - 7200)
+        j.log_event("stop_check", "protected", {"t": now - 30, "result": "protected", "interval_s": CHECK_S,
+                                                "stop_type": "limit"})
+        j.log_event("unprotected", "x", {"entry": "cbe-1", "cause": "stop_unfilled", "start": now - 3600,
+                                         "end": now - 3600 + seconds, "seconds": seconds, "stop": None})
+    return s
+
+
+@pytest.mark.parametrize("seconds,fails", [(90.0, False), (2 * CHECK_S + 1, True)])
+def test_audit_fails_on_unprotected_longer_than_two_intervals(tmp_path, seconds, fails):
+    from cryptobot import audit as A
+    now = time.time()
+    s = _journal_with_unprotected(tmp_path, seconds, now)
+    c = A.run_check("stops_on_exchange", A.Evidence(s, now=now, ask_exchange=False))
+    assert (c.status == A.FAIL) == fails, c
+    if fails:
+        assert "cbe-1 stop_unfilled 121 s" in c.evidence and "two stop-check intervals (120 s)" in c.evidence
+
+
+def test_status_and_dashboard_show_the_stop(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from cryptobot.monitor import snapshot, status_html
+    now = time.time()
+    s = _journal_with_unprotected(tmp_path, 300.0, now)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_"))}
+    out = subprocess.run([str(Path(sys.executable).parent / "cryptobot"), "status"], cwd=tmp_path, text=True,
+                         env=dict(env, CRYPTOBOT_STATE_DIR=str(s.state_dir)), capture_output=True, check=True).stdout
+    line = [l for l in out.splitlines() if l.startswith("stop ")][0]
+    assert "STOP_LOSS_LIMIT (stop-limit)" in line and "protected" in line and "every 60 s" in line
+    assert "UNPROTECTED 1x, longest 300 s (last: stop_unfilled" in line
+    html = status_html(snapshot(s, now=now))
+    assert 'id="cbm-stop">STOP_LOSS_LIMIT<' in html and "unprotected 1x, longest 5 min" in html
+
+
+def test_bench_reports_the_cost_of_a_stop_check(model):
+    from cryptobot.live import bench_stop_check
+    b = bench_stop_check(model, frame(1_300), n_checks=20)
+    assert b["stop_check_requests"] == {"GET /api/v3/order": 1.0}      # one order query per check, nothing else
+    assert b["stop_check_weight"] == 4 and b["stop_check_weight_per_hour"] == 240.0
+    assert b["stop_check_ms"] > 0
