@@ -154,6 +154,7 @@ def test_gap_through_stop_limit_mid_candle_ends_in_emergency_exit(rig_factory):
     exit_t = exits[0]["time"] / 1000.0
     assert exit_t < bar_open + 3600                                   # before the candle closed
     # within one check interval of exchange time (+ the exchange time one loop pass takes at this speed)
+    print(f"stop-limit gap: trigger -> emergency exit {exit_t - trigger:.1f} s of exchange time (check every {CHECK_S} s)")
     assert exit_t - trigger <= CHECK_S * 1.5, (exit_t - trigger)
     assert abs(d["seconds"] - (d["end"] - d["start"])) < 1e-6 and d["seconds"] <= CHECK_S * 1.5
     trade = r.runner.journal.trades()[0]
@@ -173,6 +174,8 @@ def test_stop_market_fills_at_the_trigger_and_updates_the_kill_switch(rig_factor
     assert trade["exit_reason"] == "stop" and trade["pnl"] < 0
     assert bar_open < trade["exit_time"] < bar_open + 3600
     assert locks[0]["ts"] < bar_open + 3600                          # the kill switch, before the candle closed
+    print(f"stop-market fill {trade['exit_time'] - bar_open:.0f} s into the candle -> kill switch "
+          f"{locks[0]['ts'] - trade['exit_time']:.1f} s later, {bar_open + 3600 - locks[0]['ts']:.0f} s before the close")
     assert r.runner.guardian.locked and "kill switch" in r.runner.guardian.state["lock"]["reason"]
     assert r.events("unprotected") == []
     checks = [e for e in r.events("stop_check") if e[3]["result"] == "stopped_out"]
@@ -192,6 +195,7 @@ def test_stop_cancelled_by_hand_is_replaced_within_one_interval(rig_factory):
     new = r.emu.order(client_order_id=d["stop"])
     assert d["cause"] == "stop_cancelled" and new["status"] == "NEW" and new["type"] == "STOP_LOSS"
     assert abs(d["start"] - cancelled["update_time"] / 1000.0) < 1e-6
+    print(f"cancelled by hand -> new stop {new['time'] / 1000.0 - d['start']:.1f} s of exchange time")
     assert new["time"] / 1000.0 - d["start"] <= CHECK_S * 1.5, new["time"] / 1000.0 - d["start"]
     assert r.runner.journal.last_events(1, kind="stop_replaced")
     intent = r.runner.journal.intent(d["stop"])
