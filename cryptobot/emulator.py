@@ -1393,7 +1393,8 @@ def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api
     creds = "default fake credentials emulator-key/emulator-secret" if (
         api_key == DEFAULT_API_KEY and api_secret == DEFAULT_API_SECRET) else "custom credentials"
     msg = (f"emulator ready: {{url}} ({symbol} {emu.timeframe}, {source} candles x{len(candles)}, "
-           f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds})")
+           f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds}, "
+           f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 
 # %% ../nbs/09_emulator.ipynb #67391c6b

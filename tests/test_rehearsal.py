@@ -35,10 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rehearse(tmp: Path, model: Path, speed: float | None, n_candles: int) -> list[dict]:
+def _rehearse(tmp: Path, model: Path, speed: float | None, n_candles: int, stop_market: bool = False):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_", "GO_LIVE"))}
     args = [CLI, "emulator", "--port", str(port)] + ([] if speed is None else ["--speed", str(speed)])
+    args += ["--stop-market"] if stop_market else []
     emu = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp)
     try:
         line = emu.stdout.readline()
@@ -57,15 +58,16 @@ def _rehearse(tmp: Path, model: Path, speed: float | None, n_candles: int) -> li
         done = [json.loads(d) for (d,) in con.execute("SELECT data FROM events WHERE kind = 'candle_done' ORDER BY id")]
         denials = [json.loads(r) for (r,) in con.execute("SELECT reasons FROM decisions WHERE approved = 0")]
         approved = con.execute("SELECT COUNT(*) FROM decisions WHERE approved = 1").fetchone()[0]
+        stops = {t for (t,) in con.execute("SELECT type FROM intents WHERE purpose = 'stop'")}
     finally:
         con.close()
-    return done, denials, approved
+    return done, denials, approved, stops
 
 
 @pytest.mark.parametrize("speed", [None, 360.0], ids=["default-speed", "speed-360"])
 def test_rehearsal_processes_every_candle_with_fresh_data(tmp_path, lax_model, speed):
     n = 16 if speed is None else 5
-    done, denials, approved = _rehearse(tmp_path, lax_model, speed, n)
+    done, denials, approved, stops = _rehearse(tmp_path, lax_model, speed, n, stop_market=speed is not None)
     times = [d["candle_time"] for d in done]
     assert len(times) == n
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -73,4 +75,5 @@ def test_rehearsal_processes_every_candle_with_fresh_data(tmp_path, lax_model, s
     # the candles that closed while the runner started (1-2 at 3600x) are late; every one after them is fresh
     stale = [r for r in denials[2:] if any("stale" in x for x in r)]
     assert stale == [], stale
-    assert approved >= (n - 2) // 2 - 1, denials                             # it traded: enter, exit, enter, ...                                      # it traded: enter, exit, enter, ...
+    assert approved >= (n - 2) // 2 - 1, denials                             # it traded: enter, exit, enter, ...
+    assert stops == ({"stop_loss"} if speed is not None else {"stop_loss_limit"})   # emulator --stop-market
