@@ -630,7 +630,7 @@ def _checked(self, what: str, ms: float | None = None) -> None:
     "Journal one stop check (`stop_check` event) and schedule the next one between closes (none while flat)."
     now = float(self.clock())
     pos = self.executor.position() if self.executor is not None else None
-    if what != "flat" or pos is not None:
+    if what != "flat":                      # flat: nothing was checked (an entry after it is protected by enter())
         self.last_check = now
         self.journal.log_event("stop_check", f"{what} at {iso(now)}",
                                {"t": now, "result": what, "entry": pos.entry_cid if pos else None,
