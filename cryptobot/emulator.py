@@ -105,19 +105,35 @@ def _path(o: float, h: float, l: float, c: float):
     return fr, px
 
 
+def _fine_path(t0: int, tf: int, ft, fo, fh, fl, fc, ftf: int):
+    """The path of one bar through its finer candles (open time `ft` ms, each `ftf` ms long): each one's own
+    O→L→H→C / O→H→L→C inside its slice of the bar. None when they do not cover the bar exactly."""
+    if len(ft) != tf // ftf or len(ft) == 0 or int(ft[0]) != t0:
+        return None
+    fr, px = [], []
+    for j in range(len(ft)):
+        f, p = _path(fo[j], fh[j], fl[j], fc[j])
+        a = (int(ft[j]) - t0) / tf
+        for k in range(0 if j == 0 else 1, 4):          # the next candle's open continues from this close
+            fr.append(a + f[k] * ftf / tf)
+            px.append(p[k])
+    fr[-1] = 1.0
+    return fr, px
+
+
 def _price_at(fr, px, f: float) -> float:
     if f <= 0:
         return px[0]
-    for i in range(3):
+    for i in range(len(px) - 1):
         if f <= fr[i + 1]:
             span = fr[i + 1] - fr[i]
             return px[i + 1] if span <= 0 else px[i] + (px[i + 1] - px[i]) * (f - fr[i]) / span
-    return px[3]
+    return px[-1]
 
 
 def _extremes(fr, px, f0: float, f1: float) -> tuple[float, float]:
     "(low, high) of the path between fractions f0 and f1."
-    vals = [_price_at(fr, px, f0), _price_at(fr, px, f1)] + [px[i] for i in range(4) if f0 < fr[i] < f1]
+    vals = [_price_at(fr, px, f0), _price_at(fr, px, f1)] + [px[i] for i in range(len(px)) if f0 < fr[i] < f1]
     return min(vals), max(vals)
 
 
@@ -126,7 +142,7 @@ def _first_cross(fr, px, f0: float, level: float, down: bool) -> float:
     p0 = _price_at(fr, px, f0)
     if (p0 <= level) if down else (p0 >= level):
         return f0
-    for i in range(3):
+    for i in range(len(px) - 1):
         a, b = max(fr[i], f0), fr[i + 1]
         if b <= f0:
             continue
@@ -150,6 +166,14 @@ class _Tape:
         self.tf = tf_ms
         self.source = str(candles.attrs.get("source", "unlabelled"))
         self._rows: dict[int, bytes] = {}
+        self.fine = None                     # (t, o, h, l, c, tf) of finer candles that shape the intrabar path
+        self._paths: dict[int, tuple] = {}
+
+    def set_fine(self, fine: pd.DataFrame, tf_ms: int) -> None:
+        "Drive the intrabar path with finer candles (a bar they do not cover exactly keeps the 4-point path)."
+        self.fine = (fine.index.as_unit("ms").asi8.astype(np.int64),
+                     *(fine[k].to_numpy(np.float64) for k in ("open", "high", "low", "close")), tf_ms)
+        self._paths.clear()
 
     def __len__(self):
         return len(self.t)
@@ -159,7 +183,21 @@ class _Tape:
         return int(np.searchsorted(self.t, now, side="right")) - 1
 
     def path(self, i: int):
-        return _path(self.o[i], self.h[i], self.l[i], self.c[i])
+        if self.fine is None:
+            return _path(self.o[i], self.h[i], self.l[i], self.c[i])
+        p = self._paths.get(i)
+        if p is None:
+            ft, fo, fh, fl, fc, ftf = self.fine
+            t0 = int(self.t[i])
+            a, b = np.searchsorted(ft, t0), np.searchsorted(ft, t0 + self.tf)
+            p = _fine_path(t0, self.tf, ft[a:b], fo[a:b], fh[a:b], fl[a:b], fc[a:b], ftf)
+            same = lambda x, y: abs(x - y) <= 1e-9 * abs(y) + 1e-9
+            if p is not None and not (same(p[1][0], self.o[i]) and same(p[1][-1], self.c[i])
+                                      and same(min(p[1]), self.l[i]) and same(max(p[1]), self.h[i])):
+                p = None                         # the finer candles disagree with the bar: keep the bar's own path
+            p = p or _path(self.o[i], self.h[i], self.l[i], self.c[i])
+            self._paths[i] = p
+        return p
 
     def frac(self, i: int, now: int) -> float:
         return min(1.0, max(0.0, (now - int(self.t[i])) / self.tf))
@@ -197,6 +235,7 @@ class _Tape:
     # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
     def set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
         "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
+        self._paths.pop(i, None)
         self._writable()
         self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
         self._rows.pop(i, None)
@@ -702,7 +741,8 @@ class Emulator:
                  balances: dict | None = None, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, clock: str = "stepped", speed: float = 1.0,
                  start=None, fee_pct: float = 0.1, slippage_pct: float = 0.05, filters: dict | None = None,
-                 unique_client_ids: bool = True, host: str = "127.0.0.1", port: int = 0, order_types=None):
+                 unique_client_ids: bool = True, host: str = "127.0.0.1", port: int = 0, order_types=None,
+                 path_candles=None):
         frames = candles if isinstance(candles, dict) else {symbol: candles}
         for name, df in frames.items():
             if "/" not in name:
@@ -712,6 +752,14 @@ class Emulator:
         tf = _tf_ms(timeframe) if timeframe else int(pd.Series(np.diff(first.index.as_unit("ms").asi8)).mode()[0])
         self.timeframe = _tf_name(tf)
         self.tapes = {t.id: t for t in (_Tape(s, df, tf) for s, df in frames.items())}
+        fines = {} if path_candles is None else (path_candles if isinstance(path_candles, dict)
+                                                 else {next(iter(frames)): path_candles})
+        for name, fine in fines.items():           # a finer timeframe shapes the path inside each bar
+            _check_candles(fine, f"{name} (path)")
+            ftf = int(pd.Series(np.diff(fine.index.as_unit("ms").asi8)).mode()[0])
+            if ftf >= tf or tf % ftf:
+                raise EmulatorError(f"path candles for {name} every {ftf} ms do not divide the {self.timeframe} bars")
+            self.tapes[name.replace("/", "")].set_fine(fine, ftf)
         if clock not in ("stepped", "accelerated"):
             raise EmulatorError(f"clock must be 'stepped' or 'accelerated', got {clock!r}")
         if not speed > 0:

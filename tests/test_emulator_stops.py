@@ -3,6 +3,7 @@ along the intrabar path on the clock (a stop triggers mid-candle), and the `stop
 from __future__ import annotations
 
 import ccxt
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -114,3 +115,36 @@ def test_market_order_mid_candle_fills_at_the_path_price(rig):
     tape = next(iter(emu.tapes.values()))
     assert later["average"] == pytest.approx(tape.last_price(int(emu.now.value // 10**6)) * 0.9995, rel=1e-8)
     assert later["average"] < at_open["average"] * 0.99
+
+
+def test_finer_candles_shape_the_path_inside_a_bar(rig):
+    "path_candles (1m under 1h): a stop triggers in the minute whose candle crosses it, not where the 4-point path would."
+    n_h = 1_100
+    idx = pd.date_range("2024-01-01", periods=n_h * 60, freq="1min", tz="UTC", name="timestamp")
+    px = np.full(len(idx), 30_000.0)
+    k = 1_001 * 60 + 37                                  # minute 37 of bar 1001 dips 3 %, the rest is flat
+    px[k] = 29_100.0
+    m = pd.DataFrame({"open": px, "high": px, "low": px, "close": px, "volume": 1.0}, index=idx)
+    m.iloc[k, m.columns.get_loc("open")] = 30_000.0
+    m.iloc[k + 1, m.columns.get_loc("open")] = 29_100.0
+    m["high"], m["low"] = m[["open", "close"]].max(axis=1), m[["open", "close"]].min(axis=1)
+    hr = m.resample("1h").agg({"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum"})
+    emu = Emulator(hr, api_key=KEY, api_secret=SECRET, order_types=ORDER_TYPES_STOP_MARKET, path_candles=m).start()
+    try:
+        ex = make_client(api_key=KEY, api_secret=SECRET, base_url=emu.base_url)
+        ex.load_markets()
+        ex.create_order(SYM, "market", "buy", 0.01)
+        o = ex.create_order(SYM, "market", "sell", 0.00999, None, {"stopLossPrice": 29_500.0})
+        emu.advance(1)
+        bar_open = emu.now
+        emu.set_time(bar_open + pd.Timedelta(minutes=37))
+        assert ex.fetch_order(o["id"], SYM)["status"] == "open"          # not before minute 37
+        emu.set_time(bar_open + pd.Timedelta(minutes=38))
+        got = ex.fetch_order(o["id"], SYM)
+        trig = pd.Timestamp(got["info"]["workingTime"], unit="ms", tz="UTC")
+        assert got["status"] == "closed" and got["average"] == pytest.approx(29_500.0)
+        assert bar_open + pd.Timedelta(minutes=37) <= trig < bar_open + pd.Timedelta(minutes=38)
+    finally:
+        emu.stop()
+    with pytest.raises(EmulatorError, match="do not divide"):
+        Emulator(hr, path_candles=hr.resample("2h").first().dropna())
