@@ -28,15 +28,15 @@ from .config import LIMITS, Settings
 __all__ = ['PASS', 'WARN', 'FAIL', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN',
            'POLL_ERRORS_FAIL', 'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN',
            'PSI_FAIL', 'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS',
-           'AUC_FAIL', 'AUC_WARN', 'MIN_BACKTEST_TRADES', 'AUDIT_MAX_AGE_DAYS', 'THRESHOLDS', 'CHECKS', 'GO_LIVE_STEPS',
-           'AuditError', 'Check', 'score', 'verdict', 'verdict_line', 'parse_verdict', 'AuditInfo', 'latest_verdict',
-           'gate_blockers', 'psi', 'psi_status', 'key_like', 'secret_hits', 'default_env_files', 'default_repo',
-           'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age', 'check_poll_errors',
-           'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate', 'check_state_valid',
-           'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
-           'check_paper_trades', 'check_testnet_round_trip', 'check_logging', 'compare_paper_backtest',
-           'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity', 'feature_psi',
-           'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
+           'AUC_FAIL', 'AUC_WARN', 'MIN_BACKTEST_TRADES', 'AUDIT_MAX_AGE_DAYS', 'THRESHOLDS', 'STOP_REVIEW_DAYS',
+           'CHECKS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'verdict_line', 'parse_verdict',
+           'AuditInfo', 'latest_verdict', 'gate_blockers', 'psi', 'psi_status', 'key_like', 'secret_hits',
+           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
+           'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate',
+           'check_state_valid', 'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds',
+           'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip', 'check_logging',
+           'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity',
+           'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
            'check_lock_persists', 'check_last_reconciliation', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
            'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
            'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'run_check',
@@ -796,11 +796,34 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
     return None, "no exchange configured (no keys / no emulator URL): journal evidence only"
 
 
+STOP_REVIEW_DAYS = 14          # the stop watch's unprotected intervals are reviewed over this many days
+
+
+def _unprotected_check(ev: Evidence) -> Check | None:
+    "FAIL when a position went unprotected for longer than two stop-check intervals in the reviewed period."
+    from cryptobot.live import format_stop, stop_report
+    d = stop_report(ev.journal_path, now=ev.now, since=ev.now - STOP_REVIEW_DAYS * 86400,
+                    interval_s=ev.settings.stop_check_s)
+    lim = 2 * ev.settings.stop_check_s
+    long_ = [u for u in d["unprotected"] if float(u.get("seconds") or 0) > lim]
+    if not long_:
+        return None
+    txt = (f"{len(long_)} unprotected interval(s) longer than two stop-check intervals ({lim:g} s) in the last "
+           f"{STOP_REVIEW_DAYS} days: " + "; ".join(f"{u.get('entry')} {u.get('cause')} {float(u['seconds']):.0f} s "
+                                                   f"from {_iso(u.get('start'))}" for u in long_[:5])
+           + f" [stop: {format_stop(d)}]")
+    return Check("capital", "stops_on_exchange", FAIL, txt, "a position was without a working stop for too long: "
+                 "check the runner's stop checks (CRYPTOBOT_STOP_CHECK_S), its network and the exchange's stop type")
+
+
 def check_stops_on_exchange(ev: Evidence) -> Check:
     j, err = ev.journal()
     if j is None:
         return Check("capital", "stops_on_exchange", PASS, f"no journal ({err}): no position can be open",
                      "nothing to protect")
+    unprotected = _unprotected_check(ev)
+    if unprotected is not None:
+        return unprotected
     pos = _open_positions_with_stops(ev)
     if not pos:
         return Check("capital", "stops_on_exchange", PASS, "flat: the journal shows no open position")

@@ -94,10 +94,12 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
     from cryptobot.live import bench_live
     progress("live runner: 500 candles against the emulator ...")
     live = bench_live()
-    r.update({k: round(float(live[k]), 3) for k in ("live_tick_ms", "import_live_s", "live_rss_mb")})
-    r["live_details"] = {k: v for k, v in live.items() if k not in ("live_tick_ms", "import_live_s", "live_rss_mb")}
+    keys = ("live_tick_ms", "import_live_s", "live_rss_mb", "stop_check_ms", "stop_check_weight_per_hour")
+    r.update({k: round(float(live[k]), 3) for k in keys})
+    r["live_details"] = {k: v for k, v in live.items() if k not in keys}
     r["live_import_pulls"] = imported_heavy("cryptobot.live")
     progress(f"live_tick_ms {r['live_tick_ms']}, import_live_s {r['import_live_s']}, live_rss_mb {r['live_rss_mb']}")
+    progress(f"stop_check_ms {r['stop_check_ms']}, stop checks {r['stop_check_weight_per_hour']:g} request weight/hour")
 
     r["failed_targets"] = [k for k, limit in TARGETS.items() if k in r and r[k] > limit]
     r["targets"] = TARGETS

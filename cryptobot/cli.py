@@ -281,8 +281,13 @@ def cmd_demo(a) -> int:
 # %% ../nbs/14_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
     from cryptobot.guardian import format_status, status_report
-    report = status_report(_settings())
-    say(json.dumps(report, indent=2, default=str) if a.json else format_status(report))
+    from cryptobot.live import format_stop, stop_report
+    s = _settings()
+    report = status_report(s)
+    report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
+                                 interval_s=s.stop_check_s)
+    say(json.dumps(report, indent=2, default=str) if a.json else
+        format_status(report) + "\nstop       " + format_stop(report["stop"]))
     return 0
 
 
@@ -349,7 +354,7 @@ def cmd_audit(a) -> int:
 def cmd_emulator(a) -> int:
     from cryptobot.emulator import run_emulator
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
-                 balances=a.balance or None, start=a.start)
+                 balances=a.balance or None, start=a.start, stop_market=a.stop_market)
     return 0
 
 
@@ -451,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-secret", default="emulator-secret", help="fake secret (default emulator-secret)")
     sp.add_argument("--balance", action="append", metavar="ASSET=AMOUNT", help="starting balance (default USDT=10000)")
     sp.add_argument("--start", help="bar index or UTC time to start the replay at")
+    sp.add_argument("--stop-market", action="store_true",
+                    help="list STOP_LOSS (stop-market) in orderTypes, as Binance does (default: stop-limit only)")
 
     sp = add("bench", cmd_bench, "measure speed on 43,776 hourly candles")
     sp.add_argument("--json", metavar="FILE", help="write the figures to FILE")

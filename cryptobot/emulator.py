@@ -28,8 +28,9 @@ from aiohttp import web
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
-           'DEFAULT_FILTERS', 'ORDER_TYPES', 'LOOPBACK', 'Q8', 'FAULT_KINDS', 'EmulatorError', 'BinanceError', 'Fault',
-           'Faults', 'Emulator', 'load_market', 'run_emulator', 'MatchingEngine']
+           'DEFAULT_FILTERS', 'ORDER_TYPES', 'ORDER_TYPES_STOP_MARKET', 'LOOPBACK', 'Q8', 'FAULT_KINDS',
+           'EmulatorError', 'BinanceError', 'Fault', 'Faults', 'Emulator', 'load_market', 'run_emulator',
+           'MatchingEngine']
 
 # %% ../nbs/09_emulator.ipynb #5b61f818
 log = logging.getLogger("cryptobot.emulator")
@@ -43,7 +44,8 @@ DEFAULT_PORT = 8765
 DEFAULT_FILTERS = {"tick_size": "0.01", "min_price": "0.01", "max_price": "1000000",
                    "step_size": "0.00001", "min_qty": "0.00001", "max_qty": "9000",
                    "min_notional": "5", "max_notional": "9000000"}
-ORDER_TYPES = ["LIMIT", "MARKET", "STOP_LOSS_LIMIT"]
+ORDER_TYPES = ["LIMIT", "MARKET", "STOP_LOSS_LIMIT"]                    # the default listing: stop-limit only
+ORDER_TYPES_STOP_MARKET = ["LIMIT", "MARKET", "STOP_LOSS", "STOP_LOSS_LIMIT"]   # like recent Binance BTCUSDT
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 Q8 = Decimal("0.00000001")
 _CLIENT_ID_RE = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
@@ -103,19 +105,35 @@ def _path(o: float, h: float, l: float, c: float):
     return fr, px
 
 
+def _fine_path(t0: int, tf: int, ft, fo, fh, fl, fc, ftf: int):
+    """The path of one bar through its finer candles (open time `ft` ms, each `ftf` ms long): each one's own
+    O→L→H→C / O→H→L→C inside its slice of the bar. None when they do not cover the bar exactly."""
+    if len(ft) != tf // ftf or len(ft) == 0 or int(ft[0]) != t0:
+        return None
+    fr, px = [], []
+    for j in range(len(ft)):
+        f, p = _path(fo[j], fh[j], fl[j], fc[j])
+        a = (int(ft[j]) - t0) / tf
+        for k in range(0 if j == 0 else 1, 4):          # the next candle's open continues from this close
+            fr.append(a + f[k] * ftf / tf)
+            px.append(p[k])
+    fr[-1] = 1.0
+    return fr, px
+
+
 def _price_at(fr, px, f: float) -> float:
     if f <= 0:
         return px[0]
-    for i in range(3):
+    for i in range(len(px) - 1):
         if f <= fr[i + 1]:
             span = fr[i + 1] - fr[i]
             return px[i + 1] if span <= 0 else px[i] + (px[i + 1] - px[i]) * (f - fr[i]) / span
-    return px[3]
+    return px[-1]
 
 
 def _extremes(fr, px, f0: float, f1: float) -> tuple[float, float]:
     "(low, high) of the path between fractions f0 and f1."
-    vals = [_price_at(fr, px, f0), _price_at(fr, px, f1)] + [px[i] for i in range(4) if f0 < fr[i] < f1]
+    vals = [_price_at(fr, px, f0), _price_at(fr, px, f1)] + [px[i] for i in range(len(px)) if f0 < fr[i] < f1]
     return min(vals), max(vals)
 
 
@@ -124,7 +142,7 @@ def _first_cross(fr, px, f0: float, level: float, down: bool) -> float:
     p0 = _price_at(fr, px, f0)
     if (p0 <= level) if down else (p0 >= level):
         return f0
-    for i in range(3):
+    for i in range(len(px) - 1):
         a, b = max(fr[i], f0), fr[i + 1]
         if b <= f0:
             continue
@@ -148,6 +166,14 @@ class _Tape:
         self.tf = tf_ms
         self.source = str(candles.attrs.get("source", "unlabelled"))
         self._rows: dict[int, bytes] = {}
+        self.fine = None                     # (t, o, h, l, c, tf) of finer candles that shape the intrabar path
+        self._paths: dict[int, tuple] = {}
+
+    def set_fine(self, fine: pd.DataFrame, tf_ms: int) -> None:
+        "Drive the intrabar path with finer candles (a bar they do not cover exactly keeps the 4-point path)."
+        self.fine = (fine.index.as_unit("ms").asi8.astype(np.int64),
+                     *(fine[k].to_numpy(np.float64) for k in ("open", "high", "low", "close")), tf_ms)
+        self._paths.clear()
 
     def __len__(self):
         return len(self.t)
@@ -157,7 +183,21 @@ class _Tape:
         return int(np.searchsorted(self.t, now, side="right")) - 1
 
     def path(self, i: int):
-        return _path(self.o[i], self.h[i], self.l[i], self.c[i])
+        if self.fine is None:
+            return _path(self.o[i], self.h[i], self.l[i], self.c[i])
+        p = self._paths.get(i)
+        if p is None:
+            ft, fo, fh, fl, fc, ftf = self.fine
+            t0 = int(self.t[i])
+            a, b = np.searchsorted(ft, t0), np.searchsorted(ft, t0 + self.tf)
+            p = _fine_path(t0, self.tf, ft[a:b], fo[a:b], fh[a:b], fl[a:b], fc[a:b], ftf)
+            same = lambda x, y: abs(x - y) <= 1e-9 * abs(y) + 1e-9
+            if p is not None and not (same(p[1][0], self.o[i]) and same(p[1][-1], self.c[i])
+                                      and same(min(p[1]), self.l[i]) and same(max(p[1]), self.h[i])):
+                p = None                         # the finer candles disagree with the bar: keep the bar's own path
+            p = p or _path(self.o[i], self.h[i], self.l[i], self.c[i])
+            self._paths[i] = p
+        return p
 
     def frac(self, i: int, now: int) -> float:
         return min(1.0, max(0.0, (now - int(self.t[i])) / self.tf))
@@ -195,6 +235,7 @@ class _Tape:
     # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
     def set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
         "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
+        self._paths.pop(i, None)
         self._writable()
         self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
         self._rows.pop(i, None)
@@ -215,7 +256,9 @@ class _Tape:
         return len(self.t) - 1
 
 # %% ../nbs/09_emulator.ipynb #94fa294b
-FAULT_KINDS = ("rate_limit", "ban", "server_error", "internal_error", "slow", "drop", "lost", "partial")
+FAULT_KINDS = ("rate_limit", "ban", "server_error", "internal_error", "slow", "drop", "lost", "partial",
+               "stop_unfilled")
+_BOOK_FAULTS = ("partial", "stop_unfilled")      # not HTTP: they act on fills inside the book
 
 
 @dataclass
@@ -233,7 +276,7 @@ class Fault:
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        if self.kind == "partial" or self.count <= 0:
+        if self.kind in _BOOK_FAULTS or self.count <= 0:
             return False
         if self.method and self.method.upper() != method:
             return False
@@ -283,12 +326,17 @@ class Faults:
         return None
 
     def _take_partial(self) -> float | None:
+        f = self._take_book("partial")
+        return None if f is None else float(f.fraction)
+
+    def _take_book(self, kind: str) -> Fault | None:
+        "Consume one armed book fault of `kind` (partial, stop_unfilled), or None."
         with self._lock:
             for f in self._armed:
-                if f.kind == "partial" and f.count > 0:
+                if f.kind == kind and f.count > 0:
                     f.count -= 1
                     f.fired += 1
-                    return float(f.fraction)
+                    return f
         return None
 
 # %% ../nbs/09_emulator.ipynb #ce1848f4
@@ -298,7 +346,7 @@ class _Order:
     client_order_id: str
     symbol: str              # exchange id, e.g. BTCUSDT
     side: str                # BUY | SELL
-    type: str                # MARKET | LIMIT | STOP_LOSS_LIMIT
+    type: str                # MARKET | LIMIT | STOP_LOSS_LIMIT | STOP_LOSS
     time_in_force: str
     qty: Decimal
     price: Decimal = Decimal(0)
@@ -325,8 +373,9 @@ class _Order:
 
 class _Book:
     def __init__(self, tapes: dict[str, _Tape], balances: dict, filters: dict, fee_pct: float,
-                 slippage_pct: float, unique_client_ids: bool, faults: Faults):
+                 slippage_pct: float, unique_client_ids: bool, faults: Faults, order_types=None):
         self.tapes = tapes                                   # by exchange id
+        self.order_types = list(ORDER_TYPES) if order_types is None else order_types   # the Emulator's list, shared
         self.filters = {k: Decimal(str(v)) for k, v in filters.items()}
         self.fee = _dec(fee_pct) / 100
         self.slip = _dec(slippage_pct) / 100
@@ -374,9 +423,9 @@ class _Book:
 
     # -- prices ----------------------------------------------------------------
     def market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
-        "THE FILL RULES: a market order fills at the forming candle's open x (1 +/- slippage)."
+        "THE FILL RULES: a market order fills at the forming candle's price now (its open at the open) x (1 +/- slippage)."
         i = tape.bar_at(now)
-        o = Decimal(f"{tape.o[i]:.8f}")
+        o = Decimal(f"{tape.candle(i, now)[3]:.8f}")
         return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
 
     # -- fills -----------------------------------------------------------------
@@ -455,7 +504,7 @@ class _Book:
         if side not in ("BUY", "SELL"):
             raise BinanceError(-1100, "Illegal characters found in parameter 'side'; legal range is 'BUY, SELL'.")
         typ = _param(p, "type").upper()
-        if typ not in ORDER_TYPES:
+        if typ not in self.order_types:
             raise BinanceError(-1116, "Invalid orderType.")
         cid = self._client_id(p.get("newClientOrderId"))
         tif = p.get("timeInForce", "GTC").upper()
@@ -470,7 +519,8 @@ class _Book:
                 raise _mandatory("timeInForce")
             self._place_limit(o, p, tape, now)
         else:
-            for k in ("timeInForce", "quantity", "price", "stopPrice"):
+            for k in (("quantity", "stopPrice") if typ == "STOP_LOSS" else
+                      ("timeInForce", "quantity", "price", "stopPrice")):
                 _param(p, k)
             self._place_stop(o, p, tape, now)
         return o
@@ -535,15 +585,20 @@ class _Book:
             self._unlock_rest(o)
 
     def _place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        o.qty, o.price, o.stop_price = _num(p, "quantity"), _num(p, "price"), _num(p, "stopPrice")
-        self._check_price(o.price)
+        market = o.type == "STOP_LOSS"                      # stop-market: a market order once triggered
+        o.qty, o.stop_price = _num(p, "quantity"), _num(p, "stopPrice")
+        o.price = Decimal(0) if market else _num(p, "price")
+        if market:
+            o.time_in_force = "GTC"
+        else:
+            self._check_price(o.price)
         self._check_price(o.stop_price)
         self._check_lot(o.qty)
-        self._check_notional(_q8(o.qty * o.price), is_market=False)
+        self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
         last = _dec(f"{tape.last_price(now):.8f}")
         if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
             raise BinanceError(-2010, "Stop price would trigger immediately.")
-        self._lock(o, tape, o.price)
+        self._lock(o, tape, o.stop_price if market else o.price)
         o.working_time = -1
         self._register(o)
 
@@ -577,26 +632,36 @@ class _Book:
     # -- bars ------------------------------------------------------------------
     def on_bar_close(self, tape: _Tape, i: int) -> None:
         "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
+        self.on_path(tape, i, 0.0, 1.0)
+
+    def on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None:
+        "The price of bar i moved along its path from fraction `f_from` to `f_to`: trigger stops, fill limits."
         t0 = int(tape.t[i])
         fr, px = tape.path(i)
         for o in [o for o in self.orders.values() if o.is_open and o.symbol == tape.id]:
-            f0 = tape.frac(i, o.time) if o.time > t0 else 0.0     # placed inside this bar: from then on
-            if o.type == "STOP_LOSS_LIMIT" and o.triggered_bar is None:
+            f0 = max(f_from, tape.frac(i, o.time) if o.time > t0 else 0.0)   # placed inside this bar: from then on
+            if f0 >= f_to:
+                continue
+            sell = o.side == "SELL"
+            if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") and o.triggered_bar is None:
                 S, L = float(o.stop_price), float(o.price)
-                lo, hi = _extremes(fr, px, f0, 1.0)
-                sell = o.side == "SELL"
+                lo, hi = _extremes(fr, px, f0, f_to)
                 if (lo <= S) if sell else (hi >= S):
                     at = _price_at(fr, px, f0)
                     fill_px = min(S, at) if sell else max(S, at)
                     f_hit = _first_cross(fr, px, f0, S, down=sell)
                     when = max(o.time, t0 + int(f_hit * tape.tf))
                     o.triggered_bar, o.working_time, o.update_time = i, when, when
-                    if (fill_px >= L) if sell else (fill_px <= L):
+                    if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
+                        self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
+                        if o.is_open:                    # a partial fault: the market rest expires, as on Binance
+                            o.status = "EXPIRED"
+                            self._unlock_rest(o)
+                    elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
                         self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
             elif o.type == "LIMIT" or (o.triggered_bar is not None and o.triggered_bar < i):
                 L = float(o.price)
-                lo, hi = _extremes(fr, px, f0, 1.0)
-                sell = o.side == "SELL"
+                lo, hi = _extremes(fr, px, f0, f_to)
                 if (hi >= L) if sell else (lo <= L):
                     f_hit = _first_cross(fr, px, f0, L, down=not sell)
                     self._fill_resting(o, o.price, max(o.time, t0 + int(f_hit * tape.tf)), maker=True)
@@ -612,7 +677,7 @@ class _Book:
         d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
                   "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status,
                   "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
-        if o.type == "STOP_LOSS_LIMIT" or kind in ("QUERY", "CANCEL"):
+        if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
             d["stopPrice"] = _s8(o.stop_price)
         if kind == "QUERY":
             d.update({"icebergQty": "0.00000000", "time": o.time, "updateTime": o.update_time,
@@ -676,7 +741,8 @@ class Emulator:
                  balances: dict | None = None, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, clock: str = "stepped", speed: float = 1.0,
                  start=None, fee_pct: float = 0.1, slippage_pct: float = 0.05, filters: dict | None = None,
-                 unique_client_ids: bool = False, host: str = "127.0.0.1", port: int = 0):
+                 unique_client_ids: bool = False, host: str = "127.0.0.1", port: int = 0, order_types=None,
+                 path_candles=None):
         frames = candles if isinstance(candles, dict) else {symbol: candles}
         for name, df in frames.items():
             if "/" not in name:
@@ -686,6 +752,14 @@ class Emulator:
         tf = _tf_ms(timeframe) if timeframe else int(pd.Series(np.diff(first.index.as_unit("ms").asi8)).mode()[0])
         self.timeframe = _tf_name(tf)
         self.tapes = {t.id: t for t in (_Tape(s, df, tf) for s, df in frames.items())}
+        fines = {} if path_candles is None else (path_candles if isinstance(path_candles, dict)
+                                                 else {next(iter(frames)): path_candles})
+        for name, fine in fines.items():           # a finer timeframe shapes the path inside each bar
+            _check_candles(fine, f"{name} (path)")
+            ftf = int(pd.Series(np.diff(fine.index.as_unit("ms").asi8)).mode()[0])
+            if ftf >= tf or tf % ftf:
+                raise EmulatorError(f"path candles for {name} every {ftf} ms do not divide the {self.timeframe} bars")
+            self.tapes[name.replace("/", "")].set_fine(fine, ftf)
         if clock not in ("stepped", "accelerated"):
             raise EmulatorError(f"clock must be 'stepped' or 'accelerated', got {clock!r}")
         if not speed > 0:
@@ -697,10 +771,15 @@ class Emulator:
         self.clock, self.speed, self.host, self._port = clock, float(speed), host, int(port)
         self._key, self._secret = api_key, api_secret.encode()
         self.faults = Faults()
+        self.order_types = list(ORDER_TYPES if order_types is None else order_types)
+        bad = [t for t in self.order_types if t not in ORDER_TYPES_STOP_MARKET]
+        if bad or not {"LIMIT", "MARKET"} <= set(self.order_types):
+            raise EmulatorError(f"order_types {self.order_types} must hold LIMIT and MARKET and only "
+                                f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
         self._lock = threading.RLock()
         self._book = _Book(self.tapes, DEFAULT_BALANCES if balances is None else balances,
                            {**DEFAULT_FILTERS, **(filters or {})}, fee_pct, slippage_pct, unique_client_ids,
-                           self.faults)
+                           self.faults, self.order_types)
         self._requests: Counter = Counter()
         tape0 = next(iter(self.tapes.values()))
         self.start_ms = self._resolve_start(tape0, start)
@@ -736,19 +815,22 @@ class Emulator:
         return min(now, self.end_ms)
 
     def _sync(self) -> int:
-        "Bring the book up to the market clock: process every bar that completed since last time."
+        "Bring the book up to the market clock: move every bar's price along its path up to now (stops, limits)."
         now = self._now_ms()
         if now > self._processed_ms:
             book = self._book
             if any(o.is_open for o in book.orders.values()):
-                closes = []
+                spans = []
                 for tape in self.tapes.values():
                     ends = tape.t + tape.tf
-                    lo = int(np.searchsorted(ends, self._processed_ms, side="right"))
-                    hi = int(np.searchsorted(ends, now, side="right"))
-                    closes += [(int(ends[i]), tape.id, i) for i in range(lo, hi)]
-                for _, sid, i in sorted(closes):
-                    book.on_bar_close(self.tapes[sid], i)
+                    lo = int(np.searchsorted(ends, self._processed_ms, side="right"))   # first bar not yet done
+                    hi = min(len(tape) - 1, tape.bar_at(now))                           # the bar forming now
+                    for i in range(lo, hi + 1):
+                        f0, f1 = tape.frac(i, self._processed_ms), tape.frac(i, now)
+                        if f1 > f0:
+                            spans.append((min(int(ends[i]), now), tape.id, i, f0, f1))
+                for _, sid, i, f0, f1 in sorted(spans):
+                    book.on_path(self.tapes[sid], i, f0, f1)
             self._processed_ms = now
         return now
 
@@ -785,6 +867,16 @@ class Emulator:
             self._clock_ms += ms - now
             self._sync()
             return pd.Timestamp(ms, unit="ms", tz="UTC")
+
+    def list_order_types(self, types) -> list:
+        "List (and serve) `types` from now on, e.g. `ORDER_TYPES_STOP_MARKET`; a client sees it at its next exchangeInfo."
+        with self._lock:
+            new = list(types)
+            if any(t not in ORDER_TYPES_STOP_MARKET for t in new) or not {"LIMIT", "MARKET"} <= set(new):
+                raise EmulatorError(f"order types {new} must hold LIMIT and MARKET and only "
+                                    f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
+            self.order_types[:] = new
+            return list(new)
 
     def advance(self, n_bars: int = 1) -> pd.Timestamp:
         "Move the clock to the open of the bar `n_bars` after the forming one; returns the new time."
@@ -960,7 +1052,7 @@ class Emulator:
         return {
             "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
             "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,
-            "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(ORDER_TYPES),
+            "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(self.order_types),
             "icebergAllowed": False, "ocoAllowed": False, "otoAllowed": False, "quoteOrderQtyMarketAllowed": True,
             "allowTrailingStop": False, "cancelReplaceAllowed": False, "amendAllowed": False,
             "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
@@ -1339,17 +1431,18 @@ def _parse_balances(balances) -> dict:
 
 def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, balances=None, start=None, symbol: str = DEFAULT_SYMBOL,
-                 host: str = "127.0.0.1") -> None:
-    "Serve the emulator on 127.0.0.1:`port` (accelerated clock) until SIGINT/SIGTERM."
+                 host: str = "127.0.0.1", stop_market: bool = False) -> None:
+    "Serve the emulator on 127.0.0.1:`port` (accelerated clock) until SIGINT/SIGTERM; `stop_market` lists STOP_LOSS."
     candles = load_market(data)
     emu = Emulator(candles, symbol=symbol, balances=_parse_balances(balances if balances is not None else DEFAULT_BALANCES),
                    api_key=api_key, api_secret=api_secret, clock="accelerated", speed=speed, start=start,
-                   host=host, port=port)
+                   host=host, port=port, order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
     source = candles.attrs.get("source", "unlabelled")
     creds = "default fake credentials emulator-key/emulator-secret" if (
         api_key == DEFAULT_API_KEY and api_secret == DEFAULT_API_SECRET) else "custom credentials"
     msg = (f"emulator ready: {{url}} ({symbol} {emu.timeframe}, {source} candles x{len(candles)}, "
-           f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds})")
+           f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds}, "
+           f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 
 # %% ../nbs/09_emulator.ipynb #67391c6b

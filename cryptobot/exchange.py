@@ -28,9 +28,9 @@ from .journal import ClosedTrade, FINAL_STATUSES, to_epoch
 from .risk import Market
 
 # %% auto #0
-__all__ = ['log', 'PAPER_URL', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'protect_logs', 'floor_step', 'OrderQueue',
-           'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'BinanceExecutor', 'PaperExecutor',
-           'make_executor']
+__all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'protect_logs', 'floor_step',
+           'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'BinanceExecutor',
+           'PaperExecutor', 'make_executor']
 
 # %% ../nbs/10_exchange.ipynb #4a43d983
 log = logging.getLogger("cryptobot.exchange")
@@ -383,6 +383,25 @@ def _auth_message(e: BaseException) -> str:
             "permission); check BINANCE_API_KEY and the key's settings on the exchange; nothing was executed")
 
 
+STOP_TYPES = {"market": "STOP_LOSS", "limit": "STOP_LOSS_LIMIT"}      # stop_type -> Binance order type
+
+
+def _stop_type(choice: str, order_types: list, symbol: str) -> str:
+    "'market' (STOP_LOSS) or 'limit' (STOP_LOSS_LIMIT) from CRYPTOBOT_STOP_ORDER and the symbol's `orderTypes`."
+    has = {k: v in order_types for k, v in STOP_TYPES.items()}
+    if choice in ("market", "limit"):
+        if not has[choice]:
+            raise ExecutorError(f"CRYPTOBOT_STOP_ORDER={choice} but {symbol} does not list {STOP_TYPES[choice]} in its "
+                                f"orderTypes ({', '.join(order_types) or 'none'}); use auto or the other type")
+        return choice
+    if has["market"]:
+        return "market"
+    if has["limit"]:
+        return "limit"
+    raise ExecutorError(f"{symbol} lists neither STOP_LOSS nor STOP_LOSS_LIMIT in its orderTypes "
+                        f"({', '.join(order_types) or 'none'}): no exchange-side stop is possible; trade another symbol")
+
+
 class Executor:
     "All order logic, for any venue with the ccxt unified methods listed above (see the rules above)."
 
@@ -407,6 +426,8 @@ class Executor:
         self.last_price: float | None = None
         self.last_candle_time: float | None = None
         self.last_report: ReconcileReport | None = None
+        self.stop_type: str | None = None           # 'market' | 'limit', from the symbol's orderTypes (markets)
+        self._gone_since: float | None = None       # when the exchange says a stop we did not cancel went away
         protect_logs(*self._secrets())
 
     def __repr__(self):
@@ -447,15 +468,18 @@ class Executor:
         self._ensure_markets()
         return self._market
 
-    def _ensure_markets(self) -> None:
-        if self._ccxt_market is not None:
+    def _ensure_markets(self, reload: bool = False) -> None:
+        if self._ccxt_market is not None and not reload:
             return
-        self._call(self.venue.load_markets, what="load_markets")
-        self._ccxt_market = self.venue.market(self.symbol)
+        self._call(self.venue.load_markets, reload, what="load_markets")
+        m = self.venue.market(self.symbol)
+        types = [str(t).upper() for t in ((m.get("info") or {}).get("orderTypes") or [])]
+        self.stop_type = _stop_type(getattr(self.settings, "stop_order", "auto"), types, self.symbol)
+        self._ccxt_market = m
         if self._market is None:
-            self._market = Market.from_ccxt(self._ccxt_market)
-        self.base, self.quote = self._ccxt_market["base"], self._ccxt_market["quote"]
-        self._mid = self._ccxt_market["id"]
+            self._market = Market.from_ccxt(m)
+        self.base, self.quote = m["base"], m["quote"]
+        self._mid = m["id"]
 
     def _candle_now(self) -> float:
         "The decision candle for follow-up orders: the last closed candle seen, else now floored to the timeframe."
@@ -659,8 +683,11 @@ class Executor:
         amt, S, L = pos.open_amount, pos.stop_price, pos.stop_limit_price
         if amt <= 0:
             return None
-        if not self._sellable(amt, L):
-            why = (f"held {amt:g} {self.base} x stop-limit {L:g} is below the exchange minimums "
+        self._ensure_markets()
+        market = self.stop_type == "market"
+        if not self._sellable(amt, S if market else L):
+            why = (f"held {amt:g} {self.base} x stop{'' if market else '-limit'} {S if market else L:g} is below "
+                   f"the exchange minimums "
                    f"(amount {self.market.min_amount:g}, notional {self.market.min_notional:g})")
             self.journal.log_event("stop_rejected", f"{pos.entry_cid}: {why}; emergency exit",
                                    {"entry": pos.entry_cid, "reason": why})
@@ -668,11 +695,15 @@ class Executor:
             self._sell_out("emergency_exit", candle_time, "stop_rejected")
             return None
         cid = self._next_cid("stop", candle_time)
-        self.journal.record_intent(cid, self.symbol, "sell", "stop_loss_limit", amt, price=L, stop_price=S,
-                                   purpose="stop", candle_time=candle_time)
-        sent = self._send(cid, "stop", "sell", "limit", amt, L, {"stopLossPrice": S}, resend_ok=lambda: True)
+        self.journal.record_intent(cid, self.symbol, "sell", STOP_TYPES[self.stop_type].lower(), amt,
+                                   price=None if market else L, stop_price=S, purpose="stop", candle_time=candle_time)
+        if market:            # STOP_LOSS: a market order once triggered; it cannot be jumped over
+            sent = self._send(cid, "stop", "sell", "market", amt, None, {"stopLossPrice": S}, resend_ok=lambda: True)
+        else:                 # STOP_LOSS_LIMIT: rests at L once triggered; a gap below L leaves it unfilled
+            sent = self._send(cid, "stop", "sell", "limit", amt, L, {"stopLossPrice": S}, resend_ok=lambda: True)
         if sent.order is not None:
-            self._log("stop_placed", cid=cid, entry=pos.entry_cid, amount=amt, stop=S, limit=L)
+            self._log("stop_placed", cid=cid, entry=pos.entry_cid, amount=amt, stop=S,
+                      limit=None if market else L, type=STOP_TYPES[self.stop_type])
             return cid
         why = sent.rejected or "the stop never reached the exchange"
         self.journal.log_event("stop_rejected", f"stop {cid} for {pos.entry_cid} refused: {why}; emergency exit",
@@ -746,7 +777,11 @@ class Executor:
             if not first:
                 self.journal.log_event("stop_replaced", f"{pos.entry_cid}: no live stop; placing a new one",
                                        {"entry": pos.entry_cid})
-            self._protect(pos, pos.candle_time if first else candle_time)
+            since = self._gone_since if self._gone_since is not None else (pos.entry_time if first else None)
+            self._gone_since = None
+            placed = self._protect(pos, pos.candle_time if first else candle_time)
+            if since is not None:
+                self._unprotected(pos, since, "stop_missing" if first else "stop_cancelled", placed)
             return "stop_placed"
         o = self._lookup(pos.stop_cid)
         if o is None:
@@ -761,13 +796,26 @@ class Executor:
             return "stopped_out"
         if status == "open" and working:
             self._log("stop_triggered_unfilled", logging.WARNING, cid=pos.stop_cid, filled=o.get("filled"))
+            since = _order_ms(o, "workingTime")
             self._retire_stop(pos)
             self._sell_out("emergency_exit", candle_time, "stop_unfilled")
+            self._unprotected(pos, since, "stop_unfilled", None)
             return "emergency_exit"
         if status == "open":
             return "protected"
         self._log("stop_gone", logging.WARNING, cid=pos.stop_cid, status=status)   # cancelled/expired without us
+        self._gone_since = _order_ms(o, "updateTime")
         return self._check_position(candle_time)
+
+    def _unprotected(self, pos: Position, since: float | None, cause: str, stop_cid: str | None) -> None:
+        "Journal how long the position was without a working stop (from `since` to now, exchange time)."
+        end = float(self.clock())
+        start = end if since is None else min(float(since), end)
+        self.journal.log_event("unprotected", f"{pos.entry_cid}: {cause}, {end - start:.0f} s without a working stop",
+                               {"entry": pos.entry_cid, "cause": cause, "start": start, "end": end,
+                                "seconds": end - start, "stop": stop_cid, "stop_type": self.stop_type})
+        self._log("unprotected", logging.WARNING, entry=pos.entry_cid, cause=cause, seconds=round(end - start, 1),
+                  new_stop=stop_cid)
 
     # ------------------------------------------------------------------ public API
     def enter(self, approval: Approval) -> EntryResult:
@@ -871,7 +919,7 @@ class Executor:
             actions, problems, unknown = [], [], []
             pos = None
             try:
-                self._ensure_markets()
+                self._ensure_markets(reload=True)          # orderTypes (the stop's type) re-read after a reconnect
                 for it in self.journal.open_intents(self.symbol):
                     cid = it["client_order_id"]
                     o = self._lookup(cid)
@@ -934,6 +982,18 @@ class Executor:
                            mode=self.mode, free_quote=float(q.get("free") or 0.0), equity=equity,
                            positions={self.symbol: pos.open_amount if pos else 0.0},
                            unknown_orders=len(self.unknown_orders), reconciled=self.reconciled, market=self.market)
+
+
+def _order_ms(o: dict, key: str) -> float | None:
+    "When (unix s) an order's `info[key]` (ms; Binance's workingTime/updateTime) says, else its last update, else None."
+    info = o.get("info") or {}
+    for v in (info.get(key), info.get("updateTime"), o.get("lastUpdateTimestamp")):
+        try:
+            if v is not None and float(v) > 0:
+                return float(v) / 1000.0
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _candle_open_close(candle) -> tuple[float, float]:

@@ -39,10 +39,11 @@ from .risk import Plan, RiskEngine
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS', 'LiveError',
-           'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
-           'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'start_runner', 'run', 'ParityReport',
-           'parity', 'ReplayResult', 'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'bench_live']
+           'NETWORK_ERRORS', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS',
+           'BINANCE_WEIGHTS', 'LiveError', 'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock',
+           'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
+           'format_stop', 'start_runner', 'run', 'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay',
+           'compare_trades', 'format_comparison', 'bench_live', 'bench_stop_check']
 
 # %% ../nbs/11_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -146,12 +147,32 @@ class ExchangeClock:
         self._base: float | None = None
         self._mono = 0.0
         self.skew_s: float | None = None          # server minus local wall clock at the last sync
+        self._seen: list[tuple[float, float]] = []  # (server s, monotonic s) of the recent syncs
 
     def sync(self) -> float:
         ms = call_with_retry(self.client.fetch_time, what="fetch_time", **self.retry)
         self._base, self._mono = float(ms) / 1000.0, time.monotonic()
         self.skew_s = self._base - time.time()
+        self._seen = (self._seen + [(self._base, self._mono)])[-64:]
         return self._base
+
+    @property
+    def rate(self) -> float | None:
+        "Exchange seconds per wall second over the recent syncs (1 on Binance; the emulator's speed); None: unknown."
+        if len(self._seen) < 2:
+            return None
+        e1, m1 = self._seen[-1]
+        older = [p for p in self._seen if m1 - p[1] >= 0.2]          # over at least 0.2 s of wall time if we can
+        e0, m0 = older[-1] if older else self._seen[0]
+        return max(0.0, (e1 - e0) / (m1 - m0)) if m1 - m0 >= 0.02 else None
+
+    def wall(self, exchange_s: float, floor: float = 0.002, cap: float = 10.0, unknown: float = 1.0) -> float:
+        "Wall seconds to sleep for `exchange_s` of exchange time at the observed rate (`unknown` if not known yet)."
+        if exchange_s <= 0:
+            return 0.0
+        r = self.rate
+        w = unknown if not r else exchange_s / r
+        return min(cap, max(floor, w))
 
     def __call__(self) -> float:
         if self._base is None:
@@ -226,6 +247,7 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
 
 # %% ../nbs/11_live.ipynb #aa412888
 CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")
+STOP_CRASH_POINTS = ("check",)          # the stop watch between closes (kept apart: the soak draws from CRASH_POINTS)
 
 
 def _sigkill_self(point: str) -> None:
@@ -247,9 +269,10 @@ class CrashPoints:
             for part in str(spec).split(","):
                 name, _, n = part.strip().partition(":")
                 at[name] = int(n or 1)
-        bad = [k for k in at if k not in CRASH_POINTS]
+        bad = [k for k in at if k not in CRASH_POINTS + STOP_CRASH_POINTS]
         if bad or any(n < 1 for n in at.values()):
-            raise LiveError(f"crash point spec {spec!r} invalid: use POINT:N with POINT in {', '.join(CRASH_POINTS)}")
+            raise LiveError(f"crash point spec {spec!r} invalid: use POINT:N with POINT in "
+                            f"{', '.join(CRASH_POINTS + STOP_CRASH_POINTS)}")
         self.at, self.action, self.hits = at, action, Counter()
 
     def __bool__(self):
@@ -328,7 +351,7 @@ class Runner:
                  settle_s: float = 2.0, poll_s: float = 10.0, min_poll_s: float = 1.0,
                  stop_event: threading.Event | None = None, crash: CrashPoints | None = None,
                  after_candle: Callable | None = None, order_timeout_s: float = 300.0,
-                 retry: dict | None = None):
+                 retry: dict | None = None, stop_check_s: float | None = None):
         self.settings, self.artifact = settings, artifact
         self.data_client, self.journal, self.guardian, self.clock = data_client, journal, guardian, clock
         self._make_exec, self.fills = make_exec, fills
@@ -350,6 +373,11 @@ class Runner:
         self.last_done: float | None = None
         self.ticks = 0
         self.started = False
+        self.stop_check_s = float(stop_check_s if stop_check_s is not None else settings.stop_check_s)
+        self.last_check: float | None = None       # exchange time of the last stop check (at a close or between)
+        self.next_check: float | None = None       # the next one between candle closes (None: flat)
+        self.unknown_since: float | None = None    # stop checks failing since (exchange time)
+        self.check_ms: list[float] = []            # duration of each stop check between closes (bench)
 
     def __repr__(self):
         return (f"Runner({self.symbol} {self.tf}, model={self.artifact.model_id}, fills={self.fills}, "
@@ -391,12 +419,14 @@ class Runner:
             self.executor = self._make_exec(closed, nxt)
         self.crash.install(self.journal, self.executor.venue)
         self.net.install(self.executor.venue)
+        self.executor.market                               # markets + the stop's order type: refused here if impossible
         rep = self.executor.reconcile()
         _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
                actions=len(rep.actions), problems="; ".join(rep.problems) or None,
                position=rep.position.entry_cid if rep.position else "flat")
         done = self.journal.last_events(1, kind="candle_done")
         self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
+        self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
         self.started = True
         return self
 
@@ -492,6 +522,7 @@ class Runner:
         tick.net_ms = (self.net.total - net0) * 1000.0
         tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
         self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
+        self._checked(stop)                               # the close's stop check counts; schedule the next one
         self.crash.hit("done")
         self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
                                {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
@@ -539,19 +570,30 @@ class Runner:
         return "exited"
 
     # ------------------------------------------------------------------ the loop
-    def _wait(self) -> None:
-        "Sleep until the next candle close + settle by the exchange's clock (polling it), or until stopped."
-        try:
-            now = self.clock.sync()
-        except NETWORK_ERRORS as e:
-            self._poll_error("fetch_time", e)
-            self.stop_event.wait(self.poll_s)
-            return
-        base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
-        target = base + self.tf_s + self.settle_s
-        if target <= now:                                  # the candle is late at the exchange: poll again soon
-            target = now + self.min_poll_s
-        self.stop_event.wait(min(self.poll_s, max(0.0, target - now)))
+    def _wait(self) -> str:
+        "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
+        first = True
+        while not self.stop_event.is_set():
+            try:
+                now = self.clock.sync()
+            except NETWORK_ERRORS as e:
+                self._poll_error("fetch_time", e)
+                self.stop_event.wait(self.min_poll_s)
+                return "candle"
+            base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
+            target = base + self.tf_s + self.settle_s
+            if target <= now:                              # the candle is due: on the first pass it is late at the
+                if first:                                  # exchange (step found none): poll again soon
+                    self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
+                                                         unknown=self.min_poll_s))
+                return "candle"
+            if self.next_check is not None:
+                if self.next_check <= now:
+                    return "check"
+                target = min(target, self.next_check)
+            self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
+            first = False
+        return "candle"
 
     def _poll_error(self, what: str, e: BaseException) -> None:
         msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -566,21 +608,24 @@ class Runner:
         "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
         if not self.started:
             self.start()
-        n = 0
+        n, why = 0, "candle"
         try:
             while not self.stop_event.is_set():
-                try:
-                    tick = self.step()
-                except NETWORK_ERRORS as e:
-                    self._poll_error("tick", e)
-                    self.stop_event.wait(self.min_poll_s)
-                    continue
-                if tick is not None:
-                    n += 1
-                    if max_candles is not None and n >= max_candles:
-                        break
-                    continue
-                self._wait()
+                if why == "check":
+                    self.check_stop()                      # between candle closes (see the stop watch below)
+                else:
+                    try:
+                        tick = self.step()
+                    except NETWORK_ERRORS as e:
+                        self._poll_error("tick", e)
+                        self.stop_event.wait(self.min_poll_s)
+                        continue
+                    if tick is not None:
+                        n += 1
+                        if max_candles is not None and n >= max_candles:
+                            break
+                        continue
+                why = self._wait()
         finally:
             self.close()
         return EX_OK
@@ -598,6 +643,113 @@ class Runner:
             pass
         _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
                stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
+
+# %% ../nbs/11_live.ipynb #1e68aba5
+def _checked(self, what: str, ms: float | None = None) -> None:
+    "Journal one stop check (`stop_check` event) and schedule the next one between closes (none while flat)."
+    now = float(self.clock())
+    pos = self.executor.position() if self.executor is not None else None
+    if what != "flat":                      # flat: nothing was checked (an entry after it is protected by enter())
+        self.last_check = now
+        self.journal.log_event("stop_check", f"{what} at {iso(now)}",
+                               {"t": now, "result": what, "entry": pos.entry_cid if pos else None,
+                                "stop": pos.stop_cid if pos else None, "interval_s": self.stop_check_s,
+                                "stop_type": getattr(self.executor, "stop_type", None),
+                                "ms": None if ms is None else round(ms, 3)})
+    self.next_check = now + self.stop_check_s if pos is not None else None
+
+
+def _check_stop(self) -> str:
+    "One stop check between candle closes (see the table above); returns what it found."
+    pos = self.executor.position()
+    if pos is None:
+        self.next_check = None
+        return "flat"
+    now = float(self.clock())
+    self.crash.hit("check")
+    t0 = time.perf_counter()
+    try:
+        what = self.queue.submit(self.symbol, self.executor.sync).result(self.order_timeout_s)
+    except ExchangeAuthError:
+        raise
+    except (*NETWORK_ERRORS, ccxt.BaseError, ExecutorError, TimeoutError) as e:
+        return self._check_unknown(now, e)
+    ms = (time.perf_counter() - t0) * 1000.0
+    self.check_ms = (self.check_ms + [ms])[-1000:]
+    if self.unknown_since is not None:
+        _event("stop_check_recovered", after_s=round(now - self.unknown_since, 1))
+        self.unknown_since = None
+    self._checked(what, ms=ms)
+    if what not in ("protected", "flat"):
+        _event("stop_check", logging.WARNING, result=what, entry=pos.entry_cid, stop=pos.stop_cid)
+    return what
+
+
+def _check_unknown(self, now: float, e: BaseException) -> str:
+    "A stop check that could not tell: retry soon; after two intervals lock new entries and say why."
+    if self.unknown_since is None:
+        self.unknown_since = now
+    age = now - self.unknown_since
+    err = _SIG_RE.sub(r"\1****", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    self.journal.log_event("stop_check", f"unknown at {iso(now)}: {err}",
+                           {"t": now, "result": "unknown", "error": err, "since": self.unknown_since,
+                            "interval_s": self.stop_check_s, "stop_type": getattr(self.executor, "stop_type", None)})
+    _event("stop_check_failed", logging.WARNING, error=type(e).__name__, unknown_s=round(age, 1))
+    if age >= 2 * self.stop_check_s and self.executor.reconciled:
+        self.executor.reconciled = False                 # the Guardian denies entries (not_reconciled) until fixed
+        why = (f"the exchange stop's state has been unknown for {age:.0f} s (stop checks fail: {type(e).__name__}); "
+               f"new entries are locked until a stop check and a reconciliation succeed; check the network")
+        self.journal.log_event("stop_unknown", why, {"since": self.unknown_since, "seconds": age, "error": err})
+        _event("entries_locked", logging.ERROR, reason=why)
+    self.next_check = now + max(5.0, self.stop_check_s / 4)
+    return "unknown"
+
+
+Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_stop, _check_unknown
+
+# %% ../nbs/11_live.ipynb #a7ee3687
+def stop_report(journal_path, now: float | None = None, since: float | None = None, until: float | None = None,
+                interval_s: float | None = None) -> dict:
+    "The stop's type, the last stop check and the unprotected intervals (in [since, until]) from the journal."
+    jp = Path(journal_path)
+    d = {"stop_type": None, "stop": None, "last_check": None, "last_check_age_s": None, "last_result": None,
+         "interval_s": interval_s, "unprotected": [], "unprotected_max_s": 0.0, "unprotected_total_s": 0.0}
+    if not jp.exists():
+        return d
+    with Journal(jp, readonly=True) as j:
+        last = j.last_events(1, kind="stop_check")
+        stops = j.select("SELECT client_order_id, type FROM intents WHERE purpose = 'stop' ORDER BY id DESC LIMIT 1")
+        rows = j.select("SELECT data FROM events WHERE kind = 'unprotected' ORDER BY id")
+    if stops:
+        d["stop"], d["stop_type"] = stops[0]["client_order_id"], stops[0]["type"].upper()
+    if last and last[0]["data"]:
+        c = last[0]["data"]
+        d["last_check"], d["last_result"] = c.get("t"), c.get("result")
+        d["interval_s"] = interval_s if interval_s is not None else c.get("interval_s")
+        if now is not None and c.get("t") is not None:
+            d["last_check_age_s"] = float(now) - float(c["t"])
+    for r in rows:
+        u = json.loads(r["data"]) if r["data"] else {}
+        if (since is None or u.get("end", 0) >= since) and (until is None or u.get("start", 0) <= until):
+            d["unprotected"].append(u)
+    secs = [float(u.get("seconds") or 0.0) for u in d["unprotected"]]
+    d["unprotected_max_s"], d["unprotected_total_s"] = max(secs, default=0.0), sum(secs)
+    return d
+
+
+def format_stop(d: dict) -> str:
+    "One status line: the stop's type, the last check, the unprotected time."
+    kind = {"STOP_LOSS": "STOP_LOSS (stop-market)", "STOP_LOSS_LIMIT": "STOP_LOSS_LIMIT (stop-limit)"}.get(
+        d.get("stop_type"), "none placed yet")
+    check = ("never checked" if d.get("last_check") is None else
+             f"last check {iso(d['last_check'])} {d.get('last_result')}"
+             + (f" ({d['last_check_age_s']:,.0f} s ago)" if d.get("last_check_age_s") is not None else "")
+             + (f", every {d['interval_s']:g} s" if d.get("interval_s") else ""))
+    u = d.get("unprotected") or []
+    unp = ("never unprotected" if not u else
+           f"UNPROTECTED {len(u)}x, longest {d['unprotected_max_s']:,.0f} s (last: {u[-1].get('cause')} "
+           f"from {iso(u[-1].get('start'))})")
+    return f"{kind}; {check}; {unp}"
 
 # %% ../nbs/11_live.ipynb #4a5381aa
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",
@@ -891,7 +1043,7 @@ def _model_candles(candles):
 def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, fills: str = "exchange",
            settings: Settings | None = None, strategy=None, balance_usd: float = 10_000.0, clock: str = "stepped",
            speed: float = 36_000.0, unlock_kill_switch: bool = False, max_model_age_days: float | None = None,
-           logs: bool = False, progress: Callable | None = None) -> ReplayResult:
+           logs: bool = False, progress: Callable | None = None, order_types=None) -> ReplayResult:
     "Run the runner against the emulator on `candles` for `n_candles` decisions; the trades and the journal path."
     from cryptobot.emulator import Emulator                         # lazy: aiohttp server, not on the live path
     import secrets as _secrets
@@ -910,7 +1062,7 @@ def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, 
     quote = base.symbol.split("/")[1]
     emu = Emulator(candles, symbol=base.symbol, timeframe=base.timeframe, balances={quote: balance_usd},
                    api_key=key, api_secret=secret, clock=clock, speed=speed, start=int(start),
-                   fee_pct=base.fee_pct, slippage_pct=base.slippage_pct)
+                   fee_pct=base.fee_pct, slippage_pct=base.slippage_pct, order_types=order_types)
     emu.start()
     s = dataclasses.replace(base, state_dir=state_dir, exchange_url=emu.base_url, go_live=False, testnet=False,
                             api_key=key if fills == "exchange" else None,
@@ -1141,6 +1293,48 @@ def bench_live(n_candles: int = 500) -> dict:
     out = {"live_tick_ms": statistics.median(ticks), "live_tick_ms_p90": float(np.percentile(ticks, 90)),
            "ticks": len(ticks), "live_rss_mb": res["rss"], "import_live_s": statistics.median(runs),
            "orders": emu.orders_created, "candles": n_candles, "run_s": time.perf_counter() - t0}
+    out.update(bench_stop_check(path, c))
     out["targets"] = dict(LIVE_TARGETS)
     out["ok"] = all(out[k] <= v for k, v in LIVE_TARGETS.items())
     return out
+
+# %% ../nbs/11_live.ipynb #b11f4122
+# Binance spot REQUEST_WEIGHT of the endpoints a stop check can call (its limit: 6 000 a minute per IP)
+BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/myTrades": 20,
+                   "GET /api/v3/openOrders": 6, "GET /api/v3/account": 20, "GET /api/v3/exchangeInfo": 20,
+                   "POST /api/v3/order": 1, "DELETE /api/v3/order": 1, "GET /api/v3/klines": 2}
+
+
+def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
+    "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
+    from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
+    from cryptobot.model import Strategy
+    key, secret = "bench-stop-key-01", "bench-stop-secret-01"
+    emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
+                   order_types=ORDER_TYPES_STOP_MARKET).start()
+    tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-stop-"))
+    handler = logging.NullHandler()
+    logging.getLogger("cryptobot").addHandler(handler)
+    try:
+        s = Settings(state_dir=tmp, exchange_url=emu.base_url, api_key=key, api_secret=secret,
+                     stop_check_s=stop_check_s)
+        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 10_000), max_model_age_days=None,
+                         settle_s=0.0, rate_limit_ms=1.0, executor_kw={"settle_s": 0.0})
+        if r.step().outcome != "entered":
+            raise LiveError("bench_stop_check: the runner did not enter; nothing to check")
+        before = emu.requests
+        for _ in range(n_checks):                       # one check per interval of exchange time, inside the candle
+            emu.set_time(emu.now + pd.Timedelta(seconds=3600 / (n_checks + 1)))
+            r.clock.sync()
+            if r.check_stop() != "protected":
+                raise LiveError("bench_stop_check: the stop was not found protected")
+        used = emu.requests - before - Counter({"GET /api/v3/time": n_checks})   # the bench's own syncs
+        r.close()
+        r.journal.close()
+    finally:
+        logging.getLogger("cryptobot").removeHandler(handler)
+        emu.stop()
+    per_check = sum(BINANCE_WEIGHTS.get(k, 1) * v for k, v in used.items()) / n_checks
+    return {"stop_check_ms": statistics.median(r.check_ms), "stop_check_ms_p90": float(np.percentile(r.check_ms, 90)),
+            "stop_check_weight": per_check, "stop_check_weight_per_hour": per_check * 3600 / stop_check_s,
+            "stop_check_requests": {k: v / n_checks for k, v in used.items()}, "stop_check_s": stop_check_s}

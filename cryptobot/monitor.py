@@ -173,7 +173,17 @@ def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
     snap["freshness"] = freshness(_num(st.get("last_candle") and _epoch(st["last_candle"])), now,
                                   settings.timeframe, settings.max_data_age_s)
     snap["audit"] = latest_audit(settings.reports_dir, now=now)
+    snap["stop"] = _stop_view(jp, now, settings)
     return snap
+
+
+def _stop_view(jp: Path, now: float, settings) -> dict | None:
+    "The stop's type, last check and unprotected time (cryptobot.live.stop_report), or None if unreadable."
+    from cryptobot.live import stop_report
+    try:
+        return stop_report(jp, now=now, interval_s=settings.stop_check_s)
+    except Exception:  # noqa: BLE001 — the journal problem is already a banner
+        return None
 
 
 def _epoch(t) -> float | None:
@@ -364,6 +374,16 @@ def status_html(snap: dict) -> str:
                            f'closed {_t(st.get("last_candle"))}; healthy while ≤ {_age(f["limit_s"])} '
                            f'(timeframe {_e(snap["timeframe"])} + max_data_age_s {snap["max_data_age_s"]} s)',
                            {"ok": "ok", "late": "warn", "stale": "bad"}[f["level"]]))
+    sv = snap.get("stop")
+    if sv and (sv["stop_type"] or sv["last_check"] is not None):
+        u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
+        cards.append(_card("stop", f'<span id="cbm-stop">{_e(sv["stop_type"] or "none")}</span>',
+                           (f'last check {_t(sv["last_check"])} · {_e(str(sv["last_result"]))}'
+                            if sv["last_check"] is not None else "not checked yet")
+                           + f' · every {sv["interval_s"] or "?"} s<br><span id="cbm-unprotected">'
+                           + ("never unprotected" if not u else
+                              f'unprotected {len(u)}x, longest {_age(sv["unprotected_max_s"])}') + "</span>",
+                           "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok"))
     r = snap["reconciliation"]
     if r is not None:
         cards.append(_card("reconciliation", "ok" if r["ok"] else "MISMATCH",
