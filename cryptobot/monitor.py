@@ -5,7 +5,6 @@
 # %% ../nbs/15_monitor.ipynb #2708e4c6
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,10 +23,11 @@ from .journal import Journal, JournalError, iso
 from .guardian import JOURNAL_FILE, status_report
 
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS', 'MonitorError',
-           'dashboard_settings', 'freshness', 'snapshot', 'example_state', 'status_html', 'position_html',
-           'tables_html', 'audit_html', 'equity_series', 'equity_figure', 'MonitorApp', 'launch', 'dashboard_notebook',
-           'voila_command', 'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
+__all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
+           'MonitorError', 'dashboard_settings', 'freshness', 'snapshot', 'example_state', 'Span', 'card', 'render',
+           'status_html', 'position_html', 'tables_html', 'audit_html', 'equity_series', 'equity_figure',
+           'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command', 'dashboard_env',
+           'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/15_monitor.ipynb #5cc97ade
 class MonitorError(RuntimeError):
@@ -277,7 +277,7 @@ def example_state(state_dir, now: float | None = None, *, losses: int = 3, setti
     out["equity"] = equity
     return out
 
-# %% ../nbs/15_monitor.ipynb #c8759391
+# %% ../nbs/15_monitor.ipynb #1ab59de1
 _CSS = """<style>
 .cbm{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Liberation Sans",sans-serif;color:#1f2933;font-size:14px}
 .cbm h2{font-size:15px;margin:14px 0 6px 0;color:#334e68}
@@ -301,9 +301,54 @@ _CSS = """<style>
 .cbm .top .t{font-size:20px;font-weight:700}.cbm .muted{color:#829ab1;font-size:12px}
 </style>"""
 
-_e = html.escape
+# %% ../nbs/15_monitor.ipynb #ab490dcb
+@dataclass(frozen=True)
+class Span:
+    "Text for the page (always escaped): plain, in a `<span id= class=>`, bold, or a line break (`BR`)."
+    text: Any = ""
+    id: str | None = None
+    cls: str | None = None
+    bold: bool = False
+    br: bool = False
 
 
+BR = Span(br=True)
+
+
+def card(key, value, detail=(), level: str = "info", id: str | None = None) -> dict:
+    "A status card: `value` and `detail` are text or lists of text / `Span` parts — never HTML."
+    as_parts = lambda x: [x] if isinstance(x, (str, Span)) else list(x)
+    return {"key": key, "value": as_parts(value), "detail": as_parts(detail), "level": level, "id": id}
+
+# %% ../nbs/15_monitor.ipynb #e43549ce
+_MACROS = """
+{%- macro parts(ps) -%}
+{%- for p in ps -%}
+{%- if p is string -%}{{ p }}
+{%- elif p.br -%}<br>
+{%- elif p.bold -%}<b>{{ p.text }}</b>
+{%- elif p.id or p.cls is not none -%}<span{% if p.id %} id="{{ p.id }}"{% endif %}{% if p.cls is not none %} class="{{ p.cls }}"{% endif %}>{{ p.text }}</span>
+{%- else -%}{{ p.text }}
+{%- endif -%}
+{%- endfor -%}
+{%- endmacro -%}
+{%- macro card(c) -%}
+<div class="card {{ c.level }}"{% if c.id %} id="{{ c.id }}"{% endif %}><div class="k">{{ c.key }}</div><div class="v">{{ parts(c.value) }}</div><div class="d">{{ parts(c.detail) }}</div></div>
+{%- endmacro -%}
+"""
+_TEMPLATES: dict[str, str] = {"css": _CSS, "macros": _MACROS}
+_JINJA: list = []
+
+
+def render(name: str, **values) -> str:
+    "Render template `name` with autoescape on (every value is text); undefined names are errors."
+    if not _JINJA:
+        import jinja2
+        _JINJA.append(jinja2.Environment(loader=jinja2.DictLoader(_TEMPLATES), autoescape=True,
+                                         undefined=jinja2.StrictUndefined, keep_trailing_newline=False))
+    return _JINJA[0].get_template(name).render(**values)
+
+# %% ../nbs/15_monitor.ipynb #3934035e
 def _t(x) -> str:
     "A UTC time 'YYYY-MM-DD HH:MM:SSZ' from epoch seconds or ISO text ('–' for None)."
     x = _epoch(x) if x is not None else None
@@ -324,173 +369,177 @@ def _money(x, sign=True) -> str:
 def _cls(x) -> str:
     return "" if x is None else "pos" if x > 0 else "neg" if x < 0 else ""
 
+# %% ../nbs/15_monitor.ipynb #74e36660
+_MODE_TEXT = {"paper": "simulated fills on real market data", "testnet": "Binance spot testnet",
+              "live": "REAL ORDERS with real money"}
 
-def _card(key, value, detail="", level="info", id_=None) -> str:
-    i = f' id="{id_}"' if id_ else ""
-    return (f'<div class="card {level}"{i}><div class="k">{_e(key)}</div><div class="v">{value}</div>'
-            f'<div class="d">{detail}</div></div>')
+
+def _mode_card(snap: dict) -> dict:
+    mode, jm = snap["mode"], snap["journal_mode"]
+    detail = [_MODE_TEXT[mode]] + ([BR, f"journal: last decision in {jm['mode']} mode"] if jm else [])
+    return card("mode", Span(mode.upper(), id="cbm-mode"), detail, "bad" if mode == "live" else "info")
+
+
+def _lock_card(st: dict) -> dict:
+    if st.get("never_run"):
+        return card("kill switch", Span("not started", id="cbm-lock"), "no journal or state.json yet", "none")
+    if st["locked"]:
+        return card("kill switch", Span("LOCKED", id="cbm-lock"),
+                    [f"since {_t(st['lock_since'])}", BR, Span(st["lock_reason"] or "", id="cbm-lock-reason")], "bad")
+    return card("kill switch", Span("unlocked", id="cbm-lock"), "entries allowed", "ok")
+
+# %% ../nbs/15_monitor.ipynb #19941d08
+def _streak_card(st: dict, k: int) -> dict:
+    n = st.get("consecutive_losses")
+    lvl = "none" if n is None else "bad" if n >= k else "warn" if n > 0 else "ok"
+    return card("loss streak", [Span("?" if n is None else n, id="cbm-losses"), f" / {k}"],
+                f"consecutive losing trades; the kill switch locks at {k}", lvl)
+
+
+def _pnl_card(snap: dict) -> dict:
+    st, total = snap["status"], snap["status"].get("pnl_total")
+    return card("realised PnL", [Span(_money(total), cls=_cls(total)), " " + snap["symbol"].split("/")[1]],
+                f'today ({st.get("pnl_day_date")}): {_money(st.get("pnl_day"))} · {len(snap["trades"])} closed trades')
+
+
+def _fresh_card(snap: dict) -> dict:
+    f = snap["freshness"]
+    if f["level"] == "none":
+        return card("last candle", Span("none yet", id="cbm-fresh"), "the runner has not processed a candle", "none")
+    return card("last candle", [Span({"ok": "fresh", "late": "LATE", "stale": "STALE"}[f["level"]], id="cbm-fresh"),
+                                f' · {_age(f["age_s"])} old'],
+                f'closed {_t(snap["status"].get("last_candle"))}; healthy while ≤ {_age(f["limit_s"])} '
+                f'(timeframe {snap["timeframe"]} + max_data_age_s {snap["max_data_age_s"]} s)',
+                {"ok": "ok", "late": "warn", "stale": "bad"}[f["level"]])
+
+# %% ../nbs/15_monitor.ipynb #9a9de92a
+def _stop_card(sv: dict | None) -> dict | None:
+    if not (sv and (sv["stop_type"] or sv["last_check"] is not None)):
+        return None
+    u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
+    check = (f'last check {_t(sv["last_check"])} · {sv["last_result"]}' if sv["last_check"] is not None
+             else "not checked yet")
+    unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {_age(sv["unprotected_max_s"])}'
+    return card("stop", Span(sv["stop_type"] or "none", id="cbm-stop"),
+                [f'{check} · every {sv["interval_s"] or "?"} s', BR, Span(unp, id="cbm-unprotected")],
+                "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok")
+
+
+def _recon_card(snap: dict) -> dict | None:
+    r = snap["reconciliation"]
+    if r is None:
+        return None
+    return card("reconciliation", "ok" if r["ok"] else "MISMATCH",
+                f'{_t(r["ts"])} · poll errors (24 h): {snap["poll_errors_24h"]}', "ok" if r["ok"] else "bad")
+
+# %% ../nbs/15_monitor.ipynb #a51f989f
+_TEMPLATES["status"] = """{% from "macros" import card %}{% include "css" %}<div class="cbm">
+<div class="top"><span class="t">cryptobot monitor — {{ symbol }} {{ timeframe }}</span><span class="muted" id="cbm-updated">updated {{ updated }} · read-only · state dir {{ state_dir }}</span></div>
+{% for p in problems %}<div class="banner">PROBLEM: {{ p }}</div>{% endfor %}
+<div class="cards">{% for c in cards %}{{ card(c) }}{% endfor %}</div></div>"""
 
 
 def status_html(snap: dict) -> str:
-    "The header, problem banners and the status cards (mode, kill switch, loss streak, PnL, freshness, reconciliation)."
-    st, quote = snap["status"], snap["symbol"].split("/")[1]
-    parts = [_CSS, '<div class="cbm">',
-             f'<div class="top"><span class="t">cryptobot monitor — {_e(snap["symbol"])} {_e(snap["timeframe"])}</span>'
-             f'<span class="muted" id="cbm-updated">updated {_t(snap["now"])} · read-only · state dir '
-             f'{_e(snap["state_dir"])}</span></div>']
-    for p in snap["problems"]:
-        parts.append(f'<div class="banner">PROBLEM: {_e(p)}</div>')
-    cards = []
-    mode = snap["mode"]
-    jm = snap["journal_mode"]
-    cards.append(_card("mode", f'<span id="cbm-mode">{_e(mode.upper())}</span>',
-                       {"paper": "simulated fills on real market data", "testnet": "Binance spot testnet",
-                        "live": "REAL ORDERS with real money"}[mode]
-                       + (f"<br>journal: last decision in {_e(jm['mode'])} mode" if jm else ""),
-                       "bad" if mode == "live" else "info"))
-    if st.get("never_run"):
-        cards.append(_card("kill switch", '<span id="cbm-lock">not started</span>', "no journal or state.json yet", "none"))
-    elif st["locked"]:
-        cards.append(_card("kill switch", '<span id="cbm-lock">LOCKED</span>',
-                           f'since {_t(st["lock_since"])}<br><span id="cbm-lock-reason">{_e(st["lock_reason"] or "")}</span>',
-                           "bad"))
+    "The header, problem banners and the status cards (mode, kill switch, loss streak, PnL, freshness, stop, reconciliation)."
+    st = snap["status"]
+    cards = [_mode_card(snap), _lock_card(st), _streak_card(st, snap["kill_switch_losses"]), _pnl_card(snap),
+             _fresh_card(snap), _stop_card(snap.get("stop")), _recon_card(snap)]
+    return render("status", symbol=snap["symbol"], timeframe=snap["timeframe"], updated=_t(snap["now"]),
+                  state_dir=snap["state_dir"], problems=snap["problems"], cards=[c for c in cards if c])
+
+# %% ../nbs/15_monitor.ipynb #3b4bd2af
+def _position_cards(p: dict) -> list[dict]:
+    so, entry, stop = p["stop_order"], p.get("entry_price"), p.get("stop_price")
+    stop_o = "none journaled" if so is None else f'{so["status"]} ({so["client_order_id"]})'
+    dist = None if not (entry and stop) else (stop / entry - 1) * 100
+    if p["unrealised_pnl"] is None:
+        upnl = [Span("unknown", id="cbm-upnl")]
+        src = "no mark price in the journal (the runner records one per processed candle)"
     else:
-        cards.append(_card("kill switch", '<span id="cbm-lock">unlocked</span>', "entries allowed", "ok"))
-    n, k = st.get("consecutive_losses"), snap["kill_switch_losses"]
-    lvl = "none" if n is None else "bad" if n >= k else "warn" if n > 0 else "ok"
-    cards.append(_card("loss streak", f'<span id="cbm-losses">{"?" if n is None else n}</span> / {k}',
-                       f"consecutive losing trades; the kill switch locks at {k}", lvl))
-    total = st.get("pnl_total")
-    cards.append(_card("realised PnL", f'<span class="{_cls(total)}">{_money(total)}</span> {_e(quote)}',
-                       f'today ({_e(str(st.get("pnl_day_date")))}): {_money(st.get("pnl_day"))} · '
-                       f'{len(snap["trades"])} closed trades', "info"))
-    f = snap["freshness"]
-    if f["level"] == "none":
-        cards.append(_card("last candle", '<span id="cbm-fresh">none yet</span>',
-                           "the runner has not processed a candle", "none"))
-    else:
-        word = {"ok": "fresh", "late": "LATE", "stale": "STALE"}[f["level"]]
-        cards.append(_card("last candle", f'<span id="cbm-fresh">{word}</span> · {_age(f["age_s"])} old',
-                           f'closed {_t(st.get("last_candle"))}; healthy while ≤ {_age(f["limit_s"])} '
-                           f'(timeframe {_e(snap["timeframe"])} + max_data_age_s {snap["max_data_age_s"]} s)',
-                           {"ok": "ok", "late": "warn", "stale": "bad"}[f["level"]]))
-    sv = snap.get("stop")
-    if sv and (sv["stop_type"] or sv["last_check"] is not None):
-        u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
-        cards.append(_card("stop", f'<span id="cbm-stop">{_e(sv["stop_type"] or "none")}</span>',
-                           (f'last check {_t(sv["last_check"])} · {_e(str(sv["last_result"]))}'
-                            if sv["last_check"] is not None else "not checked yet")
-                           + f' · every {sv["interval_s"] or "?"} s<br><span id="cbm-unprotected">'
-                           + ("never unprotected" if not u else
-                              f'unprotected {len(u)}x, longest {_age(sv["unprotected_max_s"])}') + "</span>",
-                           "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok"))
-    r = snap["reconciliation"]
-    if r is not None:
-        cards.append(_card("reconciliation", "ok" if r["ok"] else "MISMATCH",
-                           f'{_t(r["ts"])} · poll errors (24 h): {snap["poll_errors_24h"]}', "ok" if r["ok"] else "bad"))
-    parts.append('<div class="cards">' + "".join(cards) + "</div>")
-    parts.append("</div>")
-    return "".join(parts)
+        upnl = [Span(_money(p["unrealised_pnl"]), id="cbm-upnl", cls=_cls(p["unrealised_pnl"])),
+                f' ({p["unrealised_pct"]:+.2f} %)']
+        src = f'mark {_money(p["mark_price"], False)} = {p["mark_source"]}, {_t(p.get("mark_time"))}'
+    return [card("position", f'{p["amount"]:g} {p["symbol"].split("/")[0]}',
+                 f'since {_t(p["since"])} · entry id {p["client_order_id"]}'),
+            card("entry", _money(entry, False), "average fill price"),
+            card("stop", _money(stop, False), ("" if dist is None else f"{dist:+.2f} % from entry · ")
+                 + f"stop order: {stop_o}", "ok" if so is not None and so["status"] == "open" else "bad"),
+            card("unrealised PnL", upnl, src + " · before exit fees",
+                 "info" if p["unrealised_pnl"] is None else "ok" if p["unrealised_pnl"] >= 0 else "warn")]
+
+
+_TEMPLATES["position"] = """{% from "macros" import card %}{% include "css" %}<div class="cbm"><h2>Open position</h2>
+{% for cards in positions %}<div class="cards" id="cbm-position">{% for c in cards %}{{ card(c) }}{% endfor %}</div>
+{% else %}<div class="empty" id="cbm-position">flat — no open position</div>
+{% endfor %}</div>"""
 
 
 def position_html(snap: dict) -> str:
     "The open position(s): entry, amount, stop and stop order, mark price and its source, unrealised PnL."
-    parts = [_CSS, '<div class="cbm"><h2>Open position</h2>']
-    if not snap["positions"]:
-        parts.append('<div class="empty" id="cbm-position">flat — no open position</div></div>')
-        return "".join(parts)
-    for p in snap["positions"]:
-        so = p["stop_order"]
-        stop_o = "none journaled" if so is None else f'{_e(str(so["status"]))} ({_e(so["client_order_id"])})'
-        entry, stop = p.get("entry_price"), p.get("stop_price")
-        dist = None if not (entry and stop) else (stop / entry - 1) * 100
-        if p["unrealised_pnl"] is None:
-            upnl = '<span id="cbm-upnl">unknown</span>'
-            src = "no mark price in the journal (the runner records one per processed candle)"
-        else:
-            upnl = (f'<span id="cbm-upnl" class="{_cls(p["unrealised_pnl"])}">{_money(p["unrealised_pnl"])}</span> '
-                    f'({p["unrealised_pct"]:+.2f} %)')
-            src = f'mark {_money(p["mark_price"], False)} = {_e(p["mark_source"])}, {_t(p.get("mark_time"))}'
-        cards = [
-            _card("position", f'{p["amount"]:g} {_e(p["symbol"].split("/")[0])}',
-                  f'since {_t(p["since"])} · entry id {_e(p["client_order_id"])}', "info"),
-            _card("entry", _money(entry, False), "average fill price", "info"),
-            _card("stop", _money(stop, False), ("" if dist is None else f"{dist:+.2f} % from entry · ")
-                  + f"stop order: {stop_o}", "ok" if so is not None and so["status"] == "open" else "bad"),
-            _card("unrealised PnL", upnl, src + " · before exit fees", "info" if p["unrealised_pnl"] is None else
-                  ("ok" if p["unrealised_pnl"] >= 0 else "warn")),
-        ]
-        parts.append('<div class="cards" id="cbm-position">' + "".join(cards) + "</div>")
-    parts.append("</div>")
-    return "".join(parts)
+    return render("position", positions=[_position_cards(p) for p in snap["positions"]])
+
+# %% ../nbs/15_monitor.ipynb #e1fceeca
+_TEMPLATES["tables"] = """{% include "css" %}<div class="cbm"><h2>Last trades</h2>
+{% if not trades %}<div class="empty" id="cbm-trades">no trades yet</div>
+{% else %}<table id="cbm-trades"><tr><th>closed (UTC)</th><th>symbol</th><th>amount</th><th>entry</th><th>exit</th><th>fees</th><th>PnL</th><th>return</th><th>exit reason</th></tr>
+{% for t in trades %}<tr><td>{{ t.closed }}</td><td>{{ t.symbol }}</td><td class="n">{{ t.amount }}</td><td class="n">{{ t.entry }}</td><td class="n">{{ t.exit }}</td><td class="n">{{ t.fees }}</td><td class="n {{ t.cls }}">{{ t.pnl }}</td><td class="n {{ t.cls }}">{{ t.ret }}</td><td>{{ t.reason }}</td></tr>
+{% endfor %}</table>
+{% if older %}<div class="muted">{{ older }} older trades not shown</div>{% endif %}
+{% endif %}<h2>Guardian denials ({{ n_denials }} of {{ n_decisions }} decisions)</h2>
+{% if not denials %}<div class="empty" id="cbm-denials">no denials</div>
+{% else %}<table id="cbm-denials"><tr><th>when (UTC)</th><th>candle close</th><th>order</th><th>reasons</th></tr>
+{% for d in denials %}<tr><td>{{ d.when }}</td><td>{{ d.candle }}</td><td>{{ d.order }}</td><td>{% for r in d.reasons %}{% if not loop.first %}<br>{% endif %}{{ r }}{% endfor %}</td></tr>
+{% endfor %}</table>
+{% endif %}</div>"""
 
 
 def tables_html(snap: dict, n_rows: int = 20) -> str:
     "The last trades and the Guardian's denials (newest first), or 'no trades yet'."
-    parts = [_CSS, '<div class="cbm"><h2>Last trades</h2>']
-    trades = snap["trades"][::-1][:n_rows]
-    if not trades:
-        parts.append('<div class="empty" id="cbm-trades">no trades yet</div>')
-    else:
-        rows = "".join(
-            f'<tr><td>{_t(t["exit_time"])}</td><td>{_e(t["symbol"])}</td><td class="n">{t["amount"]:g}</td>'
-            f'<td class="n">{_money(t["entry_price"], False)}</td><td class="n">{_money(t["exit_price"], False)}</td>'
-            f'<td class="n">{_money(t["fees"], False)}</td><td class="n {_cls(t["pnl"])}">{_money(t["pnl"])}</td>'
-            f'<td class="n {_cls(t["pnl"])}">{t["return_pct"]:+.2f} %</td><td>{_e(t["exit_reason"])}</td></tr>'
-            for t in trades)
-        parts.append('<table id="cbm-trades"><tr><th>closed (UTC)</th><th>symbol</th><th>amount</th><th>entry</th>'
-                     '<th>exit</th><th>fees</th><th>PnL</th><th>return</th><th>exit reason</th></tr>' + rows + "</table>")
-        if len(snap["trades"]) > n_rows:
-            parts.append(f'<div class="muted">{len(snap["trades"]) - n_rows} older trades not shown</div>')
-    parts.append(f'<h2>Guardian denials ({snap["n_denials"]} of {snap["n_decisions"]} decisions)</h2>')
-    if not snap["denials"]:
-        parts.append('<div class="empty" id="cbm-denials">no denials</div>')
-    else:
-        rows = "".join(
-            f'<tr><td>{_t(d["ts"])}</td><td>{_t(d["candle_time"])}</td><td>{_e(str(d["symbol"]))} {_e(str(d["side"]))}</td>'
-            f'<td>{"<br>".join(_e(r) for r in d["reasons"])}</td></tr>' for d in snap["denials"])
-        parts.append('<table id="cbm-denials"><tr><th>when (UTC)</th><th>candle close</th><th>order</th>'
-                     '<th>reasons</th></tr>' + rows + "</table>")
-    parts.append("</div>")
-    return "".join(parts)
+    trades = [{"closed": _t(t["exit_time"]), "symbol": t["symbol"], "amount": f'{t["amount"]:g}',
+               "entry": _money(t["entry_price"], False), "exit": _money(t["exit_price"], False),
+               "fees": _money(t["fees"], False), "pnl": _money(t["pnl"]), "cls": _cls(t["pnl"]),
+               "ret": f'{t["return_pct"]:+.2f} %', "reason": t["exit_reason"]} for t in snap["trades"][::-1][:n_rows]]
+    denials = [{"when": _t(d["ts"]), "candle": _t(d["candle_time"]), "order": f'{d["symbol"]} {d["side"]}',
+                "reasons": d["reasons"]} for d in snap["denials"]]
+    return render("tables", trades=trades, older=max(0, len(snap["trades"]) - n_rows), denials=denials,
+                  n_denials=snap["n_denials"], n_decisions=snap["n_decisions"])
+
+# %% ../nbs/15_monitor.ipynb #bc8a8229
+_TEMPLATES["audit"] = """{% from "macros" import card %}{% include "css" %}<div class="cbm"><h2>Readiness audit</h2>
+<div class="cards">{{ card(verdict) }}</div>
+{% if audit %}{% if report is not none %}<details id="cbm-audit-report"><summary style="cursor:pointer;color:#1c7ed6">open the full report: {{ report_name }}</summary><iframe sandbox="allow-scripts" style="width:100%;height:70vh;border:1px solid #d9e2ec" srcdoc="{{ report }}"></iframe></details>
+{% endif %}{% for m in notes %}<div class="muted">{{ m }}</div>
+{% endfor %}{% endif %}</div>"""
 
 
 def audit_html(audit: AuditInfo | None, max_inline_bytes: int = 8_000_000) -> str:
     "The latest audit verdict; its HTML report opens inline (sandboxed frame) — or 'no audit yet'."
-    parts = [_CSS, '<div class="cbm"><h2>Readiness audit</h2>']
     if audit is None:
-        parts.append('<div class="cards">' + _card("latest audit", '<span id="cbm-audit">no audit yet</span>',
-                                                   "run cryptobot audit (the daily timer does)", "none") + "</div></div>")
-        return "".join(parts)
+        return render("audit", audit=None, verdict=card("latest audit", Span("no audit yet", id="cbm-audit"),
+                                                        "run cryptobot audit (the daily timer does)", "none"))
     lvl = {"PASS": "ok", "FAIL": "bad"}.get(audit.verdict, "bad")
-    word = audit.verdict if audit.verdict != "UNREADABLE" else "unreadable audit"
     stale = audit.age_days > AUDIT_MAX_AGE_DAYS
-    detail = (f'{_e(audit.summary)}<br>{_e(audit.md_path.name)} · {audit.date}'
-              + (f' · <b>stale: {audit.age_days:.0f} days old</b>' if stale else ""))
-    parts.append('<div class="cards">' + _card("latest audit", f'<span id="cbm-audit">{_e(word)}</span>', detail,
-                                               "warn" if stale and lvl == "ok" else lvl) + "</div>")
-    h = audit.html_path
+    detail = [audit.summary, BR, f"{audit.md_path.name} · {audit.date}"]
+    if stale:
+        detail += [" · ", Span(f"stale: {audit.age_days:.0f} days old", bold=True)]
+    verdict = card("latest audit", Span(audit.verdict if audit.verdict != "UNREADABLE" else "unreadable audit",
+                                        id="cbm-audit"), detail, "warn" if stale and lvl == "ok" else lvl)
+    h, body, notes = audit.html_path, None, []
     if h is None:
-        parts.append(f'<div class="muted">no HTML report beside {_e(audit.md_path.name)}</div>')
+        notes.append(f"no HTML report beside {audit.md_path.name}")
     else:
         try:
             size = h.stat().st_size
             body = h.read_text(encoding="utf-8", errors="replace") if size <= max_inline_bytes else None
         except OSError as e:
-            body, size = None, 0
-            parts.append(f'<div class="muted">cannot read {_e(h.name)} ({_e(str(e.strerror or e))})</div>')
-        if body is not None:
-            parts.append(f'<details id="cbm-audit-report"><summary style="cursor:pointer;color:#1c7ed6">'
-                         f'open the full report: {_e(h.name)}</summary>'
-                         f'<iframe sandbox="allow-scripts" style="width:100%;height:70vh;border:1px solid #d9e2ec" '
-                         f'srcdoc="{html.escape(body, quote=True)}"></iframe></details>')
-        elif size:
-            parts.append(f'<div class="muted">{_e(h.name)} is {size / 1e6:.1f} MB, too large to show inline; '
-                         f'open {_e(str(h))}</div>')
-    parts.append(f'<div class="muted">{_e(str(h or audit.md_path))}</div></div>')
-    return "".join(parts)
+            size = 0
+            notes.append(f"cannot read {h.name} ({e.strerror or e})")
+        if body is None and size:
+            notes.append(f"{h.name} is {size / 1e6:.1f} MB, too large to show inline; open {h}")
+    notes.append(str(h or audit.md_path))
+    return render("audit", audit=audit, verdict=verdict, report=body, report_name=h.name if h else "", notes=notes)
 
-
+# %% ../nbs/15_monitor.ipynb #42fb64f5
 def equity_series(snap: dict) -> tuple[list[float], list[float], str]:
     "(times, values, label): equity marks and trades' equity_after; else cumulative realised PnL; else empty."
     pts = [(p["t"], p["equity"]) for p in snap["equity_points"] if _num(p["t"]) is not None and _num(p["equity"])]
@@ -505,7 +554,7 @@ def equity_series(snap: dict) -> tuple[list[float], list[float], str]:
         return ts, vs, "cumulative realised PnL"
     return [], [], ""
 
-
+# %% ../nbs/15_monitor.ipynb #00be18a3
 def equity_figure(snap: dict):
     "Plotly figure: equity (or cumulative PnL) above its drawdown in %; None when there is nothing to draw."
     import plotly.graph_objects as go
@@ -534,7 +583,22 @@ def equity_figure(snap: dict):
                                  font=dict(size=13)))
     return fig
 
-# %% ../nbs/15_monitor.ipynb #a102899e
+# %% ../nbs/15_monitor.ipynb #840d4646
+_TEMPLATES["no_chart"] = """<div style="font-family:system-ui,sans-serif;font-size:14px"><div style="font-size:15px;font-weight:600;color:#334e68;margin:14px 0 6px 0">Equity and drawdown</div><div id="cbm-equity" style="color:#627d98;font-style:italic">{{ text }}</div></div>"""
+
+
+def figure_output(fig) -> dict:
+    "The output widget's display_data for `fig`: plotly's JSON mime bundle, or the rendered placeholder for None."
+    if fig is None:
+        text = "no equity marks or trades yet"
+        data = {"text/html": render("no_chart", text=text), "text/plain": text}
+    else:
+        import plotly.io as pio
+        data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+        data["text/plain"] = f"equity figure ({len(fig.data[0].x)} points)"
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+# %% ../nbs/15_monitor.ipynb #e8586c20
 class MonitorApp:
     "The monitor's widgets; `refresh()` re-reads the state dir; `start()` displays it and starts the browser timer."
 
@@ -562,68 +626,68 @@ class MonitorApp:
         self.ticks += 1
         self.refresh()
 
-    def refresh(self) -> dict | None:
-        "Re-read the state dir and update the widgets; errors become one line on the page."
-        try:
-            snap = snapshot(self.settings, now=self.clock())
-            self.status.value = status_html(snap)
-            self.position.value = position_html(snap)
-            self.tables.value = tables_html(snap)
-            self.audit.value = audit_html(snap["audit"])
-            key = (len(snap["trades"]), snap["trades"][-1]["trade_key"] if snap["trades"] else None,
-                   len(snap["equity_points"]), snap["equity_points"][-1]["t"] if snap["equity_points"] else None)
-            if key != self._chart_key:
-                self._draw(snap)
-                self._chart_key = key
-            self.error.value = ""
-            self.refreshes += 1
-            self.last_snapshot = snap
-        except Exception as e:   # noqa: BLE001 — the page must keep running and say what is wrong
-            self.error.value = (_CSS + f'<div class="cbm"><div class="banner" id="cbm-error">monitor error at '
-                                f'{_t(self.clock())}: {_e(type(e).__name__)}: {_e(" ".join(str(e).split())[:300])}; '
-                                f'retrying every {self.refresh_s:g} s</div></div>')
-            return None
-        self.footer.value = (_CSS + f'<div class="cbm muted" id="cbm-footer">refreshes by itself every '
-                             f'{self.refresh_s:g} s (refresh #{self.refreshes}) · nothing on this page can place, '
-                             f'cancel or unlock anything</div>')
-        return snap
+# %% ../nbs/15_monitor.ipynb #d9da1c81
+_TEMPLATES["error"] = """{% include "css" %}<div class="cbm"><div class="banner" id="cbm-error">{{ text }}</div></div>"""
+_TEMPLATES["footer"] = """{% include "css" %}<div class="cbm muted" id="cbm-footer">refreshes by itself every {{ every }} s (refresh #{{ n }}) · nothing on this page can place, cancel or unlock anything</div>"""
 
-    def _draw(self, snap):
-        "Replace the chart output (set directly: works from a tick callback and without a kernel)."
-        fig = equity_figure(snap)
-        if fig is None:
-            data = {"text/html": '<div style="font-family:system-ui,sans-serif;font-size:14px">'   # no <style>: outputs are sanitised
-                                 '<div style="font-size:15px;font-weight:600;color:#334e68;margin:14px 0 6px 0">Equity and '
-                                 'drawdown</div><div id="cbm-equity" style="color:#627d98;font-style:italic">no equity '
-                                 'marks or trades yet</div></div>',
-                    "text/plain": "no equity marks or trades yet"}
-        else:
-            import plotly.io as pio
-            data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
-            data["text/plain"] = f"equity figure ({len(fig.data[0].x)} points)"
-        self.chart.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
 
-    def start(self):
-        "Display the widgets and start the browser-side timer (kicked from the kernel until the first tick)."
-        import asyncio
-        from IPython.display import display
-        display(self.widget)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:                 # not inside a kernel (nbdev-test runs notebooks in-process)
-            return self
-        self._task = loop.create_task(self._kick())
+def _refresh(self) -> dict | None:
+    "Re-read the state dir and update the widgets; errors become one line on the page."
+    try:
+        snap = snapshot(self.settings, now=self.clock())
+        self.status.value = status_html(snap)
+        self.position.value = position_html(snap)
+        self.tables.value = tables_html(snap)
+        self.audit.value = audit_html(snap["audit"])
+        key = (len(snap["trades"]), snap["trades"][-1]["trade_key"] if snap["trades"] else None,
+               len(snap["equity_points"]), snap["equity_points"][-1]["t"] if snap["equity_points"] else None)
+        if key != self._chart_key:
+            self._draw(snap)
+            self._chart_key = key
+        self.error.value = ""
+        self.refreshes += 1
+        self.last_snapshot = snap
+    except Exception as e:   # noqa: BLE001 — the page must keep running and say what is wrong
+        self.error.value = render("error", text=f'monitor error at {_t(self.clock())}: {type(e).__name__}: '
+                                               f'{" ".join(str(e).split())[:300]}; retrying every {self.refresh_s:g} s')
+        return None
+    self.footer.value = render("footer", every=f"{self.refresh_s:g}", n=self.refreshes)
+    return snap
+
+
+def _draw(self, snap):
+    "Replace the chart output (set directly: works from a tick callback and without a kernel)."
+    self.chart.outputs = (figure_output(equity_figure(snap)),)
+
+
+MonitorApp.refresh, MonitorApp._draw = _refresh, _draw
+
+# %% ../nbs/15_monitor.ipynb #a0da5662
+def _start(self):
+    "Display the widgets and start the browser-side timer (kicked from the kernel until the first tick)."
+    import asyncio
+    from IPython.display import display
+    display(self.widget)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:                 # not inside a kernel (nbdev-test runs notebooks in-process)
         return self
-
-    async def _kick(self):
-        import asyncio
-        t_end = time.monotonic() + self.kick_s
-        while self.ticks == 0 and time.monotonic() < t_end:
-            self.timer.playing = False
-            self.timer.playing = True
-            await asyncio.sleep(1.0)
+    self._task = loop.create_task(self._kick())
+    return self
 
 
+async def _kick(self):
+    import asyncio
+    t_end = time.monotonic() + self.kick_s
+    while self.ticks == 0 and time.monotonic() < t_end:
+        self.timer.playing = False
+        self.timer.playing = True
+        await asyncio.sleep(1.0)
+
+
+MonitorApp.start, MonitorApp._kick = _start, _kick
+
+# %% ../nbs/15_monitor.ipynb #ed5d7104
 def launch(state_dir=None, reports_dir=None, refresh_s: float = 5.0):
     "What the dashboard notebook runs: settings from the environment (no keys), a started `MonitorApp`; config errors shown."
     from IPython.display import HTML, display
@@ -631,8 +695,7 @@ def launch(state_dir=None, reports_dir=None, refresh_s: float = 5.0):
     try:
         settings = dashboard_settings(state_dir, reports_dir)
     except ConfigError as e:
-        display(HTML(_CSS + f'<div class="cbm"><div class="banner" id="cbm-error">configuration error: {_e(str(e))}'
-                            f'</div></div>'))
+        display(HTML(render("error", text=f"configuration error: {e}")))
         return None
     return MonitorApp(settings, refresh_s=refresh_s).start()
 

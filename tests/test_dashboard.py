@@ -144,3 +144,70 @@ def test_page_says_locked_where_the_runner_refuses(tmp_path, damage):
             assert Guardian(s, tmp_path, j).locked
     except JournalError as e:
         assert str(e) == reason
+
+
+# --- journal text is data, never markup (issue 10) ---------------------------------------------------------------------
+SCRIPT, IMG = "<script>alert(1)</script>", "<img src=x onerror=alert(2)>"
+ALLOWED_TAGS = {"style", "div", "span", "b", "br", "h2", "table", "tr", "th", "td", "details", "summary", "iframe"}
+
+
+def hostile_state_dir(sd: Path, settings: Settings) -> dict:
+    """A state dir written through the real Journal whose text fields carry markup: a Guardian denial's reasons, a
+    kill-switch lock's reason, a stop-check event's message and result, a failed reconciliation's summary and a
+    trade's exit reason. Returns the strings the page must show literally."""
+    from cryptobot.guardian import JOURNAL_FILE
+    from cryptobot.journal import ClosedTrade, Journal
+    now = time.time()
+    sd.mkdir(parents=True, exist_ok=True)
+    with Journal(sd / JOURNAL_FILE) as j:
+        j.record_trade(ClosedTrade("cbe-hostile-1", settings.symbol, now - 7200, now - 3600, 100.0, 99.0, 1.0, 0.2,
+                                   -1.2, f"stop {IMG}"))
+        j.record_decision("d-hostile-1", False, [f"kill_switch_locked {SCRIPT}", IMG], symbol=settings.symbol,
+                          side="buy", candle_time=now - 3600, mode=settings.mode)
+        j.record_lock(f"operator lock {SCRIPT} {IMG}")
+        j.log_event("stop_check", f"stop checked {SCRIPT}", {"t": now - 30, "result": f"ok {IMG}", "interval_s": 60})
+        j.record_reconciliation(False, f"balance differs {SCRIPT}")
+    return {"denial": [f"kill_switch_locked {SCRIPT}", IMG], "lock": f"operator lock {SCRIPT} {IMG}",
+            "stop_result": f"ok {IMG}", "reconciliation": f"balance differs {SCRIPT}", "exit_reason": f"stop {IMG}"}
+
+
+class _Page(__import__("html.parser").parser.HTMLParser):
+    "Tags, attributes and text as a browser's parser sees them (srcdoc frames aside)."
+
+    def __init__(self, markup):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.attrs, self.text = [], [], []
+        self.feed(markup)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [k for k, _ in attrs]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_journal_markup_is_shown_as_text_not_run(tmp_path):
+    "Every part of the page, rendered from a state dir full of markup: only the monitor's own tags, the text literal."
+    from cryptobot.monitor import audit_html, position_html, snapshot, status_html, tables_html
+    s = Settings(state_dir=tmp_path / "state", reports_dir=tmp_path / "reports")
+    want = hostile_state_dir(tmp_path / "state", s)
+    snap = snapshot(s)
+    assert snap["status"]["locked"] and snap["denials"], snap["problems"]
+    markup = status_html(snap) + position_html(snap) + tables_html(snap) + audit_html(snap["audit"])
+    page = _Page(markup)
+    assert set(page.tags) <= ALLOWED_TAGS, set(page.tags) - ALLOWED_TAGS
+    assert not [a for a in page.attrs if a.lower().startswith("on")], page.attrs
+    text = "".join(page.text)
+    for s_ in [*want["denial"], want["lock"], want["stop_result"], want["reconciliation"], want["exit_reason"]]:
+        assert s_ in text, s_
+    assert SCRIPT not in markup and IMG not in markup
+
+
+def test_no_render_function_takes_html():
+    "A card's key, value and detail are text: markup passed in comes out escaped (the old `_card` took raw HTML)."
+    from cryptobot.monitor import BR, Span, card, render, _TEMPLATES
+    _TEMPLATES.setdefault("_card_test", '{% from "macros" import card %}{{ card(c) }}')
+    out = render("_card_test", c=card(SCRIPT, [SCRIPT, BR, Span(IMG, id="x")], Span(IMG, bold=True), "bad"))
+    page = _Page(out)
+    assert set(page.tags) == {"div", "span", "br", "b"} and "".join(page.text) == SCRIPT * 2 + IMG * 2

@@ -275,6 +275,40 @@ def test_monitor_page_on_empty_state_dir(browser, tmp_path):
     assert list(sd.iterdir()) == [], "the monitor wrote to an empty state dir"
 
 
+def test_markup_in_the_journal_shows_as_text_and_runs_nothing(browser, tmp_path):
+    "A denial reason, a lock reason and an event's data carrying <script> / <img onerror>: shown literally, nothing runs."
+    from test_dashboard import IMG, SCRIPT, hostile_state_dir
+    sd = tmp_path / "state"
+    settings = Settings(state_dir=sd, reports_dir=tmp_path / "no-reports")
+    want = hostile_state_dir(sd, settings)
+    dialogs = []
+    with serve(settings, tmp_path) as srv:
+        srv.wait_ready(30)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(srv.url, timeout=45_000)
+        page.wait_for_selector("#cbm-denials", timeout=45_000)
+        page.wait_for_selector("#cbm-footer", timeout=20_000)
+        page.wait_for_timeout(1500)                     # an onerror would fire as the image fails to load
+        no_problem_text(page, srv)
+        assert page.inner_text("#cbm-lock") == "LOCKED"
+        assert want["lock"] in page.inner_text("#cbm-lock-reason")         # after the state.json note
+        denials = page.inner_text("#cbm-denials")
+        assert all(r in denials for r in want["denial"]), denials
+        body = page.inner_text("body")
+        assert want["stop_result"] in body and want["reconciliation"] in body
+        assert want["exit_reason"] in page.inner_text("#cbm-trades")
+        injected = page.evaluate("""() => {
+            const inCbm = sel => [...document.querySelectorAll(sel)].filter(e => e.closest('.cbm')).length;
+            const on = [...document.querySelectorAll('.cbm *')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length;
+            return {script: inCbm('script'), img: inCbm('img'), on: on, xsrc: document.querySelectorAll('img[src="x"]').length};
+        }""")
+        assert injected == {"script": 0, "img": 0, "on": 0, "xsrc": 0}, injected
+        screenshot(page, "dashboard-test-markup.png")
+        page.close()
+    assert dialogs == [], f"a dialog fired: {dialogs}"
+
+
 def test_notebook_is_the_one_served():
     nb = dashboard_notebook()
     assert nb.name == "monitor.ipynb" and nb.parent.name == "dashboard" and "launch(" in nb.read_text()
