@@ -24,7 +24,7 @@ from .guardian import JOURNAL_FILE, status_report
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
-           'MonitorError', 'dashboard_settings', 'freshness', 'snapshot', 'example_state', 'Span', 'card', 'render',
+           'MonitorError', 'dashboard_settings', 'example_state', 'freshness', 'snapshot', 'Span', 'card', 'render',
            'status_html', 'position_html', 'tables_html', 'audit_html', 'equity_series', 'equity_figure',
            'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command', 'dashboard_env',
            'DashboardServer', 'start_dashboard', 'serve_dashboard']
@@ -59,139 +59,6 @@ def dashboard_settings(state_dir=None, reports_dir=None, env: Mapping[str, str] 
 # %% ../nbs/15_monitor.ipynb #c0da482a
 from .audit import AUDIT_MAX_AGE_DAYS, AuditInfo
 from .audit import latest_verdict as latest_audit
-
-# %% ../nbs/15_monitor.ipynb #a3e6ead4
-def _num(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def freshness(last_candle: float | None, now: float, timeframe: str, max_data_age_s: int) -> dict:
-    "Age of the last processed candle (its close time) and a level: ok | late | stale | none (see the rule above)."
-    tf = TIMEFRAME_S.get(timeframe, 3600)
-    if last_candle is None:
-        return {"level": "none", "age_s": None, "limit_s": tf + max_data_age_s, "timeframe_s": tf}
-    age = now - last_candle
-    level = "ok" if age <= tf + max_data_age_s else "late" if age <= 2 * tf + max_data_age_s else "stale"
-    return {"level": level, "age_s": round(age, 1), "limit_s": tf + max_data_age_s, "timeframe_s": tf}
-
-
-def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
-    out: dict[str, Any] = {}
-    with Journal(jp, readonly=True) as j:
-        q = j.select
-        out["trades"] = j.trades()
-        out["equity_points"] = q(
-            "SELECT t, equity, src FROM (SELECT COALESCE(candle_time, ts) AS t, equity, 'mark' AS src, event_id FROM marks "
-            "WHERE equity IS NOT NULL UNION ALL SELECT exit_time, equity_after, 'trade', event_id FROM trades "
-            "WHERE equity_after IS NOT NULL) ORDER BY t, event_id")
-        den = q("SELECT ts, candle_time, symbol, side, reasons, mode, equity FROM decisions WHERE approved = 0 "
-                "ORDER BY id DESC LIMIT ?", (int(n_rows),))
-        for r in den:
-            try:
-                r["reasons"] = [str(x) for x in json.loads(r["reasons"])]
-            except (TypeError, ValueError):
-                r["reasons"] = [str(r["reasons"])]
-        out["denials"] = den
-        out["n_denials"] = q("SELECT COUNT(*) AS n FROM decisions WHERE approved = 0")[0]["n"]
-        out["n_decisions"] = q("SELECT COUNT(*) AS n FROM decisions")[0]["n"]
-        m = q("SELECT mode, ts FROM decisions WHERE mode IS NOT NULL ORDER BY id DESC LIMIT 1")
-        out["journal_mode"] = m[0] if m else None
-        r = q("SELECT ts, ok, summary FROM reconciliations ORDER BY id DESC LIMIT 1")
-        out["reconciliation"] = dict(r[0], ok=bool(r[0]["ok"])) if r else None
-        out["poll_errors_24h"] = q("SELECT COUNT(*) AS n FROM poll_errors WHERE ts >= ?", (now - 86400,))[0]["n"]
-        mark = None
-        marks_sql = ", ".join("?" * len(MARK_EVENTS))
-        for ev in q(f"SELECT ts, kind, data FROM events WHERE kind IN ({marks_sql}) ORDER BY id DESC LIMIT 20", MARK_EVENTS):
-            try:
-                d = json.loads(ev["data"]) if ev["data"] else {}
-            except ValueError:
-                continue
-            px = _num(d.get("close")) if isinstance(d, dict) else None
-            if px and px > 0 and d.get("symbol") in (None, settings.symbol):
-                mark = {"price": px, "candle_time": _num(d.get("candle_time")), "ts": ev["ts"],
-                        "source": f"close of the last processed candle (journal event '{ev['kind']}')"}
-                break
-        positions = []
-        for p in j.open_positions():
-            ent = q("SELECT id, stop_price, candle_time FROM intents WHERE client_order_id = ?", (p["client_order_id"],))
-            ent = ent[0] if ent else {"id": 0, "stop_price": None, "candle_time": None}
-            st = q("SELECT i.client_order_id, i.stop_price, i.price, o.status FROM intents i LEFT JOIN orders o ON o.id = "
-                   "(SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) "
-                   "WHERE i.purpose = 'stop' AND i.symbol = ? AND i.id > ? ORDER BY i.id DESC LIMIT 1",
-                   (p["symbol"], ent["id"]))
-            pos = dict(p, stop_price=_num(ent["stop_price"]), stop_order=st[0] if st else None,
-                       mark_price=None, mark_source=None, unrealised_pnl=None, unrealised_pct=None)
-            amount, entry = _num(p["amount"]), _num(p["entry_price"])
-            if st and _num(st[0]["stop_price"]):
-                pos["stop_price"] = _num(st[0]["stop_price"])
-            if mark and p["symbol"] == settings.symbol and amount and entry:
-                pos.update(mark_price=mark["price"], mark_source=mark["source"], mark_time=mark["candle_time"] or mark["ts"],
-                           unrealised_pnl=(mark["price"] - entry) * amount,
-                           unrealised_pct=(mark["price"] / entry - 1) * 100)
-            positions.append(pos)
-        out["positions"] = positions
-        out["mark"] = mark
-    return out
-
-
-def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
-    "Everything the monitor shows, read-only, as one dict (see the table above for each field's source)."
-    now = time.time() if now is None else float(now)
-    sd = Path(settings.state_dir)
-    st = status_report(settings, now=now)
-    snap: dict[str, Any] = {
-        "now": now, "symbol": settings.symbol, "timeframe": settings.timeframe, "mode": settings.mode,
-        "state_dir": str(sd), "state_dir_exists": sd.is_dir(), "max_data_age_s": settings.max_data_age_s,
-        "kill_switch_losses": settings.kill_switch_losses, "status": st, "problems": [],
-        "trades": [], "equity_points": [], "denials": [], "n_denials": 0, "n_decisions": 0, "journal_mode": None,
-        "reconciliation": None, "poll_errors_24h": 0, "positions": [], "mark": None}
-    for k in ("state_error", "journal_error"):
-        if st.get(k):
-            snap["problems"].append(f"{k.replace('_', ' ')}: {st[k]}")
-    jp = sd / JOURNAL_FILE
-    if jp.exists() and not st.get("journal_error"):
-        try:
-            snap.update(_journal_view(jp, settings, now, n_rows))
-        except (JournalError, OSError, ValueError) as e:       # sqlite3 errors are wrapped by Journal or are OSError-like
-            snap["problems"].append(f"journal: {' '.join(str(e).split())[:300]}")
-        except Exception as e:   # noqa: BLE001 — a damaged journal must show as a problem, not crash the page
-            snap["problems"].append(f"journal: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
-    jm = snap["journal_mode"]
-    if jm and jm["mode"] != settings.mode:
-        snap["problems"].append(f"mode mismatch: the dashboard is configured for {settings.mode}, the journal's last "
-                                f"decision was made in {jm['mode']} mode ({iso(jm['ts'])}); check the settings you started "
-                                f"the dashboard with")
-    for p in snap["positions"]:
-        so = p["stop_order"]
-        if so is None or (so["status"] or "").lower() in ("closed", "canceled", "cancelled", "expired", "rejected", "filled"):
-            what = "no stop order is journaled" if so is None else f"its last stop order is {so['status']}"
-            snap["problems"].append(f"open position {p['client_order_id']} ({p['symbol']}): {what}; the exchange may "
-                                    f"not be protecting it — check now")
-    r = snap["reconciliation"]
-    if r and not r["ok"]:
-        snap["problems"].append(f"last reconciliation failed ({iso(r['ts'])}): {r['summary'][:300]}")
-    snap["freshness"] = freshness(_num(st.get("last_candle") and _epoch(st["last_candle"])), now,
-                                  settings.timeframe, settings.max_data_age_s)
-    snap["audit"] = latest_audit(settings.reports_dir, now=now)
-    snap["stop"] = _stop_view(jp, now, settings)
-    return snap
-
-
-def _stop_view(jp: Path, now: float, settings) -> dict | None:
-    "The stop's type, last check and unprotected time (cryptobot.live.stop_report), or None if unreadable."
-    from cryptobot.live import stop_report
-    try:
-        return stop_report(jp, now=now, interval_s=settings.stop_check_s)
-    except Exception:  # noqa: BLE001 — the journal problem is already a banner
-        return None
-
-
-def _epoch(t) -> float | None:
-    if t is None:
-        return None
-    if isinstance(t, (int, float)):
-        return float(t)
-    return datetime.fromisoformat(str(t).replace("Z", "+00:00")).timestamp()
 
 # %% ../nbs/15_monitor.ipynb #18be63c6
 def example_state(state_dir, now: float | None = None, *, losses: int = 3, settings: Settings | None = None) -> dict:
@@ -276,6 +143,148 @@ def example_state(state_dir, now: float | None = None, *, losses: int = 3, setti
                            "stop_price": p.stop_price, "mark": px}
     out["equity"] = equity
     return out
+
+# %% ../nbs/15_monitor.ipynb #cffb47b4
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _epoch(t) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, (int, float)):
+        return float(t)
+    return datetime.fromisoformat(str(t).replace("Z", "+00:00")).timestamp()
+
+
+def freshness(last_candle: float | None, now: float, timeframe: str, max_data_age_s: int) -> dict:
+    "Age of the last processed candle (its close time) and a level: ok | late | stale | none (see the rule above)."
+    tf = TIMEFRAME_S.get(timeframe, 3600)
+    if last_candle is None:
+        return {"level": "none", "age_s": None, "limit_s": tf + max_data_age_s, "timeframe_s": tf}
+    age = now - last_candle
+    level = "ok" if age <= tf + max_data_age_s else "late" if age <= 2 * tf + max_data_age_s else "stale"
+    return {"level": level, "age_s": round(age, 1), "limit_s": tf + max_data_age_s, "timeframe_s": tf}
+
+# %% ../nbs/15_monitor.ipynb #d9ff33a2
+def _denials(q, n_rows: int) -> list[dict]:
+    den = q("SELECT ts, candle_time, symbol, side, reasons, mode, equity FROM decisions WHERE approved = 0 "
+            "ORDER BY id DESC LIMIT ?", (int(n_rows),))
+    for r in den:
+        try:
+            r["reasons"] = [str(x) for x in json.loads(r["reasons"])]
+        except (TypeError, ValueError):
+            r["reasons"] = [str(r["reasons"])]
+    return den
+
+
+def _last_mark(q, settings) -> dict | None:
+    marks_sql = ", ".join("?" * len(MARK_EVENTS))
+    for ev in q(f"SELECT ts, kind, data FROM events WHERE kind IN ({marks_sql}) ORDER BY id DESC LIMIT 20", MARK_EVENTS):
+        try:
+            d = json.loads(ev["data"]) if ev["data"] else {}
+        except ValueError:
+            continue
+        px = _num(d.get("close")) if isinstance(d, dict) else None
+        if px and px > 0 and d.get("symbol") in (None, settings.symbol):
+            return {"price": px, "candle_time": _num(d.get("candle_time")), "ts": ev["ts"],
+                    "source": f"close of the last processed candle (journal event '{ev['kind']}')"}
+    return None
+
+# %% ../nbs/15_monitor.ipynb #24a1c4b6
+def _position_view(q, p: dict, mark: dict | None, settings) -> dict:
+    ent = q("SELECT id, stop_price, candle_time FROM intents WHERE client_order_id = ?", (p["client_order_id"],))
+    ent = ent[0] if ent else {"id": 0, "stop_price": None, "candle_time": None}
+    st = q("SELECT i.client_order_id, i.stop_price, i.price, o.status FROM intents i LEFT JOIN orders o ON o.id = "
+           "(SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) "
+           "WHERE i.purpose = 'stop' AND i.symbol = ? AND i.id > ? ORDER BY i.id DESC LIMIT 1", (p["symbol"], ent["id"]))
+    pos = dict(p, stop_price=_num(ent["stop_price"]), stop_order=st[0] if st else None,
+               mark_price=None, mark_source=None, unrealised_pnl=None, unrealised_pct=None)
+    amount, entry = _num(p["amount"]), _num(p["entry_price"])
+    if st and _num(st[0]["stop_price"]):
+        pos["stop_price"] = _num(st[0]["stop_price"])
+    if mark and p["symbol"] == settings.symbol and amount and entry:
+        pos.update(mark_price=mark["price"], mark_source=mark["source"], mark_time=mark["candle_time"] or mark["ts"],
+                   unrealised_pnl=(mark["price"] - entry) * amount, unrealised_pct=(mark["price"] / entry - 1) * 100)
+    return pos
+
+# %% ../nbs/15_monitor.ipynb #cbcd7c14
+def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
+    out: dict[str, Any] = {}
+    with Journal(jp, readonly=True) as j:
+        q = j.select
+        out["trades"] = j.trades()
+        out["equity_points"] = q(
+            "SELECT t, equity, src FROM (SELECT COALESCE(candle_time, ts) AS t, equity, 'mark' AS src, event_id FROM marks "
+            "WHERE equity IS NOT NULL UNION ALL SELECT exit_time, equity_after, 'trade', event_id FROM trades "
+            "WHERE equity_after IS NOT NULL) ORDER BY t, event_id")
+        out["denials"] = _denials(q, n_rows)
+        out["n_denials"] = q("SELECT COUNT(*) AS n FROM decisions WHERE approved = 0")[0]["n"]
+        out["n_decisions"] = q("SELECT COUNT(*) AS n FROM decisions")[0]["n"]
+        m = q("SELECT mode, ts FROM decisions WHERE mode IS NOT NULL ORDER BY id DESC LIMIT 1")
+        out["journal_mode"] = m[0] if m else None
+        r = q("SELECT ts, ok, summary FROM reconciliations ORDER BY id DESC LIMIT 1")
+        out["reconciliation"] = dict(r[0], ok=bool(r[0]["ok"])) if r else None
+        out["poll_errors_24h"] = q("SELECT COUNT(*) AS n FROM poll_errors WHERE ts >= ?", (now - 86400,))[0]["n"]
+        out["mark"] = _last_mark(q, settings)
+        out["positions"] = [_position_view(q, p, out["mark"], settings) for p in j.open_positions()]
+    return out
+
+# %% ../nbs/15_monitor.ipynb #2c3157da
+_DEAD_STOP = ("closed", "canceled", "cancelled", "expired", "rejected", "filled")
+
+
+def _problems(snap: dict, settings) -> list[str]:
+    out, jm, r = [], snap["journal_mode"], snap["reconciliation"]
+    if jm and jm["mode"] != settings.mode:
+        out.append(f"mode mismatch: the dashboard is configured for {settings.mode}, the journal's last decision was "
+                   f"made in {jm['mode']} mode ({iso(jm['ts'])}); check the settings you started the dashboard with")
+    for p in snap["positions"]:
+        so = p["stop_order"]
+        if so is None or (so["status"] or "").lower() in _DEAD_STOP:
+            what = "no stop order is journaled" if so is None else f"its last stop order is {so['status']}"
+            out.append(f"open position {p['client_order_id']} ({p['symbol']}): {what}; the exchange may not be "
+                       f"protecting it — check now")
+    if r and not r["ok"]:
+        out.append(f"last reconciliation failed ({iso(r['ts'])}): {r['summary'][:300]}")
+    return out
+
+
+def _stop_view(jp: Path, now: float, settings) -> dict | None:
+    "The stop's type, last check and unprotected time (cryptobot.live.stop_report), or None if unreadable."
+    from cryptobot.live import stop_report
+    try:
+        return stop_report(jp, now=now, interval_s=settings.stop_check_s)
+    except Exception:  # noqa: BLE001 — the journal problem is already a banner
+        return None
+
+# %% ../nbs/15_monitor.ipynb #1a535476
+def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
+    "Everything the monitor shows, read-only, as one dict (see the table above for each field's source)."
+    now = time.time() if now is None else float(now)
+    sd = Path(settings.state_dir)
+    st = status_report(settings, now=now)
+    snap: dict[str, Any] = {
+        "now": now, "symbol": settings.symbol, "timeframe": settings.timeframe, "mode": settings.mode,
+        "state_dir": str(sd), "state_dir_exists": sd.is_dir(), "max_data_age_s": settings.max_data_age_s,
+        "kill_switch_losses": settings.kill_switch_losses, "status": st,
+        "problems": [f"{k.replace('_', ' ')}: {st[k]}" for k in ("state_error", "journal_error") if st.get(k)],
+        "trades": [], "equity_points": [], "denials": [], "n_denials": 0, "n_decisions": 0, "journal_mode": None,
+        "reconciliation": None, "poll_errors_24h": 0, "positions": [], "mark": None}
+    jp = sd / JOURNAL_FILE
+    if jp.exists() and not st.get("journal_error"):
+        try:
+            snap.update(_journal_view(jp, settings, now, n_rows))
+        except (JournalError, OSError, ValueError) as e:       # sqlite3 errors are wrapped by Journal or are OSError-like
+            snap["problems"].append(f"journal: {' '.join(str(e).split())[:300]}")
+        except Exception as e:   # noqa: BLE001 — a damaged journal must show as a problem, not crash the page
+            snap["problems"].append(f"journal: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    snap["problems"] += _problems(snap, settings)
+    snap["freshness"] = freshness(_num(st.get("last_candle") and _epoch(st["last_candle"])), now,
+                                  settings.timeframe, settings.max_data_age_s)
+    snap["audit"] = latest_audit(settings.reports_dir, now=now)
+    snap["stop"] = _stop_view(jp, now, settings)
+    return snap
 
 # %% ../nbs/15_monitor.ipynb #1ab59de1
 _CSS = """<style>
@@ -699,7 +708,7 @@ def launch(state_dir=None, reports_dir=None, refresh_s: float = 5.0):
         return None
     return MonitorApp(settings, refresh_s=refresh_s).start()
 
-# %% ../nbs/15_monitor.ipynb #b283bdf7
+# %% ../nbs/15_monitor.ipynb #bf4346dd
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 PASSED_SETTINGS = {"CRYPTOBOT_STATE_DIR": "state_dir", "CRYPTOBOT_REPORTS_DIR": "reports_dir",
                    "CRYPTOBOT_SYMBOL": "symbol", "CRYPTOBOT_TIMEFRAME": "timeframe",
@@ -716,7 +725,7 @@ def dashboard_notebook() -> Path:
                            f"installed with pip install -e .")
     return nb
 
-
+# %% ../nbs/15_monitor.ipynb #e2407790
 def _is_loopback(host: str) -> bool:
     import ipaddress
     if host in LOOPBACK_HOSTS:
@@ -742,7 +751,7 @@ def voila_command(notebook, port: int = 8866, host: str = "127.0.0.1", open_brow
         cmd.insert(2, "--no-browser")
     return cmd
 
-
+# %% ../nbs/15_monitor.ipynb #a1279352
 def dashboard_env(settings, base: Mapping[str, str] | None = None, scrub_secrets: bool = True) -> dict[str, str]:
     "The Voila child's environment: `base` without API keys, plus the monitor's non-secret settings (absolute paths)."
     env = dict(os.environ if base is None else base)
@@ -754,7 +763,7 @@ def dashboard_env(settings, base: Mapping[str, str] | None = None, scrub_secrets
     env.pop("CRYPTOBOT_MODE", None)        # derived from GO_LIVE / BINANCE_TESTNET, which are passed
     return env
 
-
+# %% ../nbs/15_monitor.ipynb #6ae6c547
 class DashboardServer:
     "A running Voila child process (own process group); `wait_ready()`, `stop()`, usable as a context manager."
 
@@ -783,32 +792,32 @@ class DashboardServer:
         self.stop()
         raise MonitorError(f"voila did not answer at {self.url} within {timeout_s:g} s")
 
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        "SIGTERM the process group (voila and its kernels), SIGKILL after `timeout_s`."
-        if self.proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        try:                                   # kernels left in the group after voila itself exited
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+# %% ../nbs/15_monitor.ipynb #61db16de
+def _stop(self, timeout_s: float = 10.0) -> int | None:
+    "SIGTERM the process group (voila and its kernels), SIGKILL after `timeout_s`."
+    if self.proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    try:                                   # kernels left in the group after voila itself exited
+        os.killpg(self.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return self.proc.returncode
 
 
+DashboardServer.stop = _stop
+DashboardServer.__enter__ = lambda self: self
+DashboardServer.__exit__ = lambda self, *exc: self.stop()
+
+# %% ../nbs/15_monitor.ipynb #629b73fa
 def start_dashboard(settings, port: int = 8866, host: str = "127.0.0.1", *, open_browser: bool = False,
                     allow_remote: bool = False, notebook=None, voila=None, env: Mapping[str, str] | None = None,
                     scrub_secrets: bool = True, log_path=None) -> DashboardServer:
@@ -826,7 +835,7 @@ def start_dashboard(settings, port: int = 8866, host: str = "127.0.0.1", *, open
     h = f"[{host}]" if ":" in str(host) else host
     return DashboardServer(proc, f"http://{h}:{port}/", Path(log_path) if log_path else None)
 
-
+# %% ../nbs/15_monitor.ipynb #b70c3ec8
 def serve_dashboard(state_dir=None, port: int = 8866, host: str = "127.0.0.1", open_browser: bool = False, *,
                     settings: Settings | None = None, allow_remote: bool = False, say=print) -> int:
     "`cryptobot dashboard`: serve the monitor with Voila until Ctrl-C/SIGTERM; returns Voila's exit code (0 after those)."
