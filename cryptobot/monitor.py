@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+import jinja2
+
 from .config import Settings, load_settings
 from .journal import Journal, JournalError, iso
 from .guardian import JOURNAL_FILE, status_report
@@ -346,16 +348,13 @@ _MACROS = """
 {%- endmacro -%}
 """
 _TEMPLATES: dict[str, str] = {"css": _CSS, "macros": _MACROS}
-_JINJA: list = []
+_JINJA = jinja2.Environment(loader=jinja2.DictLoader(_TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
 
 
 def render(name: str, **values) -> str:
     "Render template `name` with autoescape on (every value is text); undefined names are errors."
-    if not _JINJA:
-        import jinja2
-        _JINJA.append(jinja2.Environment(loader=jinja2.DictLoader(_TEMPLATES), autoescape=True,
-                                         undefined=jinja2.StrictUndefined, keep_trailing_newline=False))
-    return _JINJA[0].get_template(name).render(**values)
+    return _JINJA.get_template(name).render(**values)
+
 
 # %% ../nbs/15_monitor.ipynb #3934035e
 def _t(x) -> str:

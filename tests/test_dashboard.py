@@ -211,3 +211,13 @@ def test_no_render_function_takes_html():
     out = render("_card_test", c=card(SCRIPT, [SCRIPT, BR, Span(IMG, id="x")], Span(IMG, bold=True), "bad"))
     page = _Page(out)
     assert set(page.tags) == {"div", "span", "br", "b"} and "".join(page.text) == SCRIPT * 2 + IMG * 2
+
+
+def test_markup_lives_only_in_autoescaped_templates():
+    "No hand escaping and no way around autoescape in the monitor: no html.escape, no Markup, no |safe, autoescape on."
+    import inspect
+    import cryptobot.monitor as m
+    src = inspect.getsource(m)
+    for bad in ("html.escape", "Markup", "|safe", "| safe", "autoescape=False"):
+        assert bad not in src, f"{bad} in cryptobot/monitor.py"
+    assert m._JINJA.autoescape is True and "<script>" not in m.render("error", text="<script>")
