@@ -37,9 +37,9 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age', 'check_poll_errors',
            'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate', 'check_state_valid',
            'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
-           'check_paper_trades', 'check_testnet_round_trip', 'check_logging', 'compare_paper_backtest',
-           'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity', 'feature_psi',
-           'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
+           'check_paper_trades', 'check_testnet_round_trip', 'check_logging', 'explain_lock_divergences',
+           'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity',
+           'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
            'check_lock_persists', 'check_last_reconciliation', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
            'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
            'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'run_check',
@@ -864,6 +864,17 @@ def check_logging(ev: Evidence) -> Check:
         return Check("test_phase", "logging", WARN, txt, f"CRYPTOBOT_LOG_LEVEL={s.log_level} hides routine events; use INFO")
     return Check("test_phase", "logging", PASS, txt)
 
+# %% ../nbs/16_audit.ipynb #fdb53721
+def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[float, str]]) -> list[dict]:
+    "Mark trades missing on one side after the paper run's first kill-switch lock `explained='kill_switch'`."
+    import pandas as pd
+    ks = [float(ts) for ts, msg in locks if str(msg).startswith("kill switch")]
+    if not ks:
+        return list(divergences)
+    first = pd.Timestamp(min(ks), unit="s", tz="UTC")
+    return [{**d, "explained": "kill_switch"} if d["explained"] is None and d["what"] in ("missing in live", "only in live")
+            and pd.Timestamp(d["entry"]) >= first else d for d in divergences]
+
 # %% ../nbs/16_audit.ipynb #bb8430a8
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
@@ -895,11 +906,16 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     eq = ev.q("SELECT equity FROM decisions WHERE equity IS NOT NULL ORDER BY id LIMIT 1")
     cash = float(eq[0]["equity"]) if eq else s.paper_balance_usd
     bt = simulate(span, proba.reindex(span.index), Strategy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
-                  Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash)
+                  Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash,
+                  kill_switch=s.kill_switch_losses)           # the paper run's kill switch: it stops entering too
     bt = bt[bt["exit_reason"] != "open"].reset_index(drop=True)
     lv = L.journal_trades(j, s.symbol, s.timeframe)
     lv = lv[lv["entry_time"] <= span.index[-1]].reset_index(drop=True)
     cmp = L.compare_trades(lv, bt)
+    locks = [(r["ts"], r["message"]) for r in ev.q("SELECT ts, message FROM events WHERE kind = 'lock' ORDER BY id")]
+    cmp["divergences"] = explain_lock_divergences(cmp["divergences"], locks)
+    cmp["unexplained"] = [d for d in cmp["divergences"] if d["explained"] is None]
+    cmp["kill_switch_locks"] = len([m for _t, m in locks if m.startswith("kill switch")])
     cmp["candles"] = label
     cmp["span"] = f"{_iso(a)} .. {_iso(b)}"
     return cmp, ""
@@ -914,12 +930,14 @@ def check_paper_vs_backtest(ev: Evidence) -> Check:
     txt = (f"span {cmp['span']} on {cmp['candles']}: paper {cmp['n_live']} closed trades vs backtest "
            f"{cmp['n_backtest']}; {cmp['matched_entries']} same entry candle, {cmp['same_exit_bar']} same exit candle, "
            f"{cmp['same_reason']} same reason; pnl paper {cmp['pnl_live']:+.2f} vs backtest {cmp['pnl_backtest']:+.2f}; "
-           f"{len(cmp['divergences'])} divergences ({len(cmp['unexplained'])} unexplained)")
+           f"{len(cmp['divergences'])} divergences ({len(cmp['unexplained'])} unexplained"
+           + (f", {sum(d['explained'] == 'kill_switch' for d in cmp['divergences'])} after a kill-switch lock"
+              if cmp.get("kill_switch_locks") else "") + ")")
     if cmp["n_live"] == 0 and cmp["n_backtest"] == 0:
         return Check("test_phase", "paper_vs_backtest", WARN, txt, "no closed trade on either side: nothing compared")
     if cmp["unexplained"]:
-        return Check("test_phase", "paper_vs_backtest", WARN, txt, "paper and backtest diverge (a kill-switch lock "
-                     "or a restart explains missing entries; otherwise investigate with cryptobot parity)")
+        return Check("test_phase", "paper_vs_backtest", WARN, txt, "paper and backtest diverge where no kill-switch lock "
+                     "explains it (a restart can): investigate with cryptobot parity")
     return Check("test_phase", "paper_vs_backtest", PASS, txt)
 
 # %% ../nbs/16_audit.ipynb #4a32bf9c
