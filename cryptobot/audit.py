@@ -23,18 +23,21 @@ from .files import atomic_write
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import LIMITS, Settings
+# the verdict's words, line and reader live in cryptobot.verdict (the runner's gate and the monitor import it
+# without importing the audit); re-exported here so `cryptobot.audit.latest_verdict` etc. keep working
+from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gate_blockers,
+                               latest_verdict, parse_verdict, report_stem, verdict_line)
 
 # %% auto #0
-__all__ = ['PASS', 'WARN', 'FAIL', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN',
-           'POLL_ERRORS_FAIL', 'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN',
-           'PSI_FAIL', 'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS',
-           'AUC_FAIL', 'AUC_WARN', 'MIN_BACKTEST_TRADES', 'AUDIT_MAX_AGE_DAYS', 'THRESHOLDS', 'STOP_REVIEW_DAYS',
-           'CHECKS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'verdict_line', 'parse_verdict',
-           'AuditInfo', 'latest_verdict', 'gate_blockers', 'psi', 'psi_status', 'key_like', 'secret_hits',
-           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
-           'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate',
-           'check_state_valid', 'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds',
-           'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip', 'check_logging',
+__all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN', 'POLL_ERRORS_FAIL',
+           'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN', 'PSI_FAIL',
+           'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS', 'AUC_FAIL',
+           'AUC_WARN', 'MIN_BACKTEST_TRADES', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'CHECKS', 'GO_LIVE_STEPS', 'AuditError',
+           'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like', 'secret_hits', 'default_env_files',
+           'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age', 'check_poll_errors',
+           'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate', 'check_state_valid',
+           'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
+           'check_paper_trades', 'check_testnet_round_trip', 'check_logging', 'explain_lock_divergences',
            'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity',
            'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
            'check_lock_persists', 'check_last_reconciliation', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
@@ -51,10 +54,11 @@ class AuditError(RuntimeError):
         super().__init__(" ".join(str(message).split()))
 
 
-PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+WARN = "WARN"                                     # PASS and FAIL: cryptobot.verdict
 STATUSES = (PASS, WARN, FAIL)
 POINTS = {PASS: 0.0, WARN: 0.5, FAIL: 1.0}
 
+# %% ../nbs/16_audit.ipynb #f28f2b9c
 # domain key -> (title, weight in the risk score); the weights add up to 100
 DOMAINS: dict[str, tuple[str, int]] = {
     "ingestion": ("1. Live data ingestion", 10),
@@ -83,6 +87,7 @@ CHECK_NAMES: dict[str, str] = {
     "training_data": "strategy", "model_freshness": "strategy", "oos_metrics": "strategy", "oos_backtest": "strategy",
 }
 
+# %% ../nbs/16_audit.ipynb #ec4f06fb
 PROMISED = {"stop_loss_pct": 1.5, "risk_pct": 1.0, "leverage": 1.0}   # the seed report's capital-protection figures
 POLL_ERRORS_WARN, POLL_ERRORS_FAIL = 1, 6          # failed polls in the last 24 h: >= WARN, >= FAIL
 MIN_PAPER_TRADES, MIN_PAPER_DAYS, MAX_PAPER_IDLE_DAYS = 20, 14, 7
@@ -91,7 +96,6 @@ EXPOSURE_PASS, EXPOSURE_WARN = 2.0, 5.0           # systemd-analyze security exp
 MODEL_MAX_AGE_DAYS = 30                           # the live runner refuses an older model (cryptobot.live.load_model)
 AUC_FAIL, AUC_WARN = 0.50, 0.52                   # walk-forward OOS AUC: <= FAIL, < WARN
 MIN_BACKTEST_TRADES = 30                          # fewer OOS backtest trades: too few to judge (WARN)
-AUDIT_MAX_AGE_DAYS = 2                            # the GO_LIVE gate wants an audit at most this old
 
 THRESHOLDS = {
     "poll errors / 24 h": f">= {POLL_ERRORS_WARN} WARN, >= {POLL_ERRORS_FAIL} FAIL",
@@ -141,7 +145,7 @@ class Check:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
+# %% ../nbs/16_audit.ipynb #1b718629
 def _worst(statuses: Iterable[str]) -> str:
     s = list(statuses)
     return FAIL if FAIL in s else WARN if WARN in s else PASS if s else FAIL
@@ -165,82 +169,6 @@ def verdict(checks: list[Check], require_all: bool = True) -> tuple[str, list[st
         ran = {c.name for c in checks}
         blockers += [f"{d}/{n}: the check did not run (no evidence)" for n, d in CHECK_NAMES.items() if n not in ran]
     return (FAIL if blockers else PASS), blockers
-
-# %% ../nbs/16_audit.ipynb #ed780715
-_VERDICT_RE = re.compile(r"^[\s*_`#>]*Verdict[\s*_`]*:[\s*_`]*([A-Za-z]+)\b[\s*_`]*(?:[-—–:]\s*)?(.*?)\s*$")
-_AUDIT_NAME_RE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.md$")
-
-
-def verdict_line(result: str, blockers: list[str], summary: str = "") -> str:
-    "The report's one `Verdict:` line."
-    if result == PASS:
-        return f"Verdict: PASS — {summary or 'no check fails'}"
-    n = len(blockers)
-    return f"Verdict: FAIL — {n} blocker{'s' if n != 1 else ''} to go-live: " + "; ".join(blockers)
-
-
-def parse_verdict(text: str) -> tuple[str, str] | None:
-    "('PASS'|'FAIL'|'UNREADABLE', summary) from the first `Verdict:` line of an audit .md; None if there is none."
-    for line in str(text).splitlines():
-        m = _VERDICT_RE.match(line)
-        if m:
-            word, rest = m.group(1), m.group(2).strip().strip("*_` ").strip()
-            if word in (PASS, FAIL):
-                return word, rest
-            return "UNREADABLE", f"verdict word {word!r} is not PASS or FAIL"
-    return None
-
-
-@dataclass(frozen=True)
-class AuditInfo:
-    "The newest audit report: its date, verdict, summary and files."
-    date: str
-    verdict: str                 # PASS | FAIL | UNREADABLE
-    summary: str
-    md_path: Path
-    html_path: Path | None
-    age_days: float
-
-
-def latest_verdict(reports_dir, now: float | None = None) -> AuditInfo | None:
-    "The newest `audit-<YYYY-MM-DD>.md` in `reports_dir` with its parsed verdict; None when there is no audit."
-    d = Path(reports_dir)
-    if not d.is_dir():
-        return None
-    found = []
-    for p in d.glob("audit-*.md"):
-        m = _AUDIT_NAME_RE.match(p.name)
-        if m and p.is_file():
-            try:
-                found.append((m.group(1), p.stat().st_mtime, p))
-            except OSError:
-                continue
-    if not found:
-        return None
-    date, _mt, md = max(found)
-    now = time.time() if now is None else now
-    age = (now - datetime.fromisoformat(date).replace(tzinfo=timezone.utc).timestamp()) / 86400
-    try:
-        parsed = parse_verdict(md.read_text(encoding="utf-8", errors="replace"))
-    except OSError as e:
-        parsed = ("UNREADABLE", f"cannot read {md.name} ({e.strerror or e})")
-    if parsed is None:
-        parsed = ("UNREADABLE", f"{md.name} has no 'Verdict: PASS|FAIL' line")
-    h = md.with_suffix(".html")
-    return AuditInfo(date, parsed[0], parsed[1], md, h if h.is_file() else None, round(age, 2))
-
-
-def gate_blockers(settings: Settings, now: float | None = None, max_age_days: float = AUDIT_MAX_AGE_DAYS) -> list[str]:
-    "What the newest readiness audit says against going live (empty: a fresh PASS). For `live_gate_blockers(audit=...)`."
-    info = latest_verdict(settings.reports_dir, now)
-    if info is None:
-        return [f"no readiness audit in {settings.reports_dir}: run cryptobot audit"]
-    if info.verdict != PASS:
-        return [f"readiness audit {info.md_path.name} says {info.verdict}: {info.summary[:300]}"]
-    if info.age_days > max_age_days + 1:          # the file is named by its UTC day: allow the rest of that day
-        return [f"readiness audit {info.md_path.name} is {info.age_days:.1f} days old (limit {max_age_days}); "
-                "run cryptobot audit"]
-    return []
 
 # %% ../nbs/16_audit.ipynb #275a0fad
 def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
@@ -317,7 +245,7 @@ def _counts(rows, key: str) -> str:
 def _tf_s(timeframe: str) -> int:
     return {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400}[timeframe]
 
-
+# %% ../nbs/16_audit.ipynb #68a93469
 def default_env_files(repo_dir: Path | None) -> list[Path]:
     "The `.env` files the bot may read: the repo's, the working directory's and the installed unit's."
     out = []
@@ -342,7 +270,7 @@ def default_unit(repo_dir: Path | None) -> Path | None:
         return installed
     return Path(repo_dir) / "deployment" / "cryptobot.service" if repo_dir else None
 
-
+# %% ../nbs/16_audit.ipynb #36b6a69f
 class Evidence:
     "Everything the checks read, opened lazily and read-only; `close()` when done."
 
@@ -376,94 +304,6 @@ class Evidence:
                 self._cache[key] = (None, _line(f"{type(e).__name__}: {e}")[:300])
         return self._cache[key]
 
-    # ---------------------------------------------------------------- journal and state
-    def journal(self):
-        "(Journal | None, why not)."
-        def open_():
-            from cryptobot.journal import Journal
-            if not self.journal_path.exists():
-                raise FileNotFoundError(f"no journal at {self.journal_path} (the bot has not run with this state dir)")
-            return Journal(self.journal_path, readonly=True)
-        return self._once("journal", open_)
-
-    def q(self, sql: str, args=()) -> list[dict]:
-        j, _err = self.journal()
-        return j.select(sql, args) if j is not None else []
-
-    def state(self):
-        "(state dict | None, why not)."
-        def read():
-            from cryptobot.guardian import read_state
-            return read_state(self.state_path)
-        return self._once("state", read)
-
-    def rebuild(self, day: str | None = None):
-        j, err = self.journal()
-        if j is None:
-            return None
-        return j.rebuild_guardian_state(day=day, now=self.now)
-
-    # ---------------------------------------------------------------- model and candles
-    def artifact(self):
-        "(Artifact | None, why not): the model the runner would trade."
-        def load():
-            from cryptobot import model as M
-            m = self.model_arg
-            if isinstance(m, M.Artifact):
-                return m
-            path = M.latest_model(self.models_dir) if m in (None, "", "latest") else Path(m)
-            return M.load_artifact(path, check_fingerprint=False)
-        return self._once("artifact", load)
-
-    def model_candles(self):
-        "(the candles the model was trained on, checked by checksum | None, why not)."
-        def load():
-            from cryptobot import model as M
-            art, err = self.artifact()
-            if art is None:
-                raise AuditError(f"no model ({err})")
-            return M.check_same_candles(M.candles_from_spec(art.manifest["data"]["spec"]), art.manifest)
-        return self._once("model_candles", load)
-
-    def candle_sources(self) -> list[tuple[str, Any]]:
-        "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
-        def load():
-            import pandas as pd
-            from cryptobot import data as D
-            out = []
-            c = self.candles_arg
-            if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
-                try:
-                    df = c if isinstance(c, pd.DataFrame) else D.load_candles(c)
-                    out.append((f"given candles ({df.attrs.get('source', '?')})", df))
-                except Exception:  # noqa: BLE001 - unreadable given candles are not a source; the others still are
-                    pass
-            for ex in ("binance", "synthetic"):
-                p = D.raw_path(self.settings.data_dir, self.settings.symbol, self.settings.timeframe, exchange=ex)
-                if p.exists():
-                    try:
-                        out.append((str(p), D.load_candles(p)))
-                    except Exception:  # noqa: BLE001 - an unreadable store is just not a source
-                        pass
-            mc, _err = self.model_candles()
-            if mc is not None:
-                out.append(("the model's training candles", mc))
-            return out
-        got, _err = self._once("candle_sources", load)
-        return got or []
-
-    def covering(self, first_open: float, last_open: float, warmup: int = 0):
-        "(label, candles) of the first source holding every bar from `warmup` bars before `first_open` to `last_open`."
-        import pandas as pd
-        lo = pd.Timestamp(first_open - warmup * self.tf_s, unit="s", tz="UTC")
-        hi = pd.Timestamp(last_open, unit="s", tz="UTC")
-        for label, df in self.candle_sources():
-            if len(df) and df.index[0] <= lo and df.index[-1] >= hi:
-                span = df.loc[lo:hi]
-                if len(span) == int(round((last_open - first_open) / self.tf_s)) + 1 + warmup:
-                    return label, df
-        return None, None
-
     def close(self):
         j = self._cache.get("journal", (None, None))[0]
         if j is not None:
@@ -474,6 +314,112 @@ class Evidence:
 
     def __exit__(self, *exc):
         self.close()
+
+# %% ../nbs/16_audit.ipynb #92f416d0
+def _ev_journal(self):
+    "(Journal | None, why not)."
+    def open_():
+        from cryptobot.journal import Journal
+        if not self.journal_path.exists():
+            raise FileNotFoundError(f"no journal at {self.journal_path} (the bot has not run with this state dir)")
+        return Journal(self.journal_path, readonly=True)
+    return self._once("journal", open_)
+
+
+def _ev_q(self, sql: str, args=()) -> list[dict]:
+    j, _err = self.journal()
+    return j.select(sql, args) if j is not None else []
+
+
+def _ev_state(self):
+    "(state dict | None, why not)."
+    def read():
+        from cryptobot.guardian import read_state
+        return read_state(self.state_path)
+    return self._once("state", read)
+
+
+def _ev_rebuild(self, day: str | None = None):
+    j, err = self.journal()
+    if j is None:
+        return None
+    return j.rebuild_guardian_state(day=day, now=self.now)
+
+
+Evidence.journal, Evidence.q, Evidence.state, Evidence.rebuild = _ev_journal, _ev_q, _ev_state, _ev_rebuild
+
+# %% ../nbs/16_audit.ipynb #ddbc2bd1
+def _ev_artifact(self):
+    "(Artifact | None, why not): the model the runner would trade."
+    def load():
+        from cryptobot import model as M
+        m = self.model_arg
+        if isinstance(m, M.Artifact):
+            return m
+        path = M.latest_model(self.models_dir) if m in (None, "", "latest") else Path(m)
+        return M.load_artifact(path, check_fingerprint=False)
+    return self._once("artifact", load)
+
+
+def _ev_model_candles(self):
+    "(the candles the model was trained on, checked by checksum | None, why not)."
+    def load():
+        from cryptobot import model as M
+        art, err = self.artifact()
+        if art is None:
+            raise AuditError(f"no model ({err})")
+        return M.check_same_candles(M.candles_from_spec(art.manifest["data"]["spec"]), art.manifest)
+    return self._once("model_candles", load)
+
+
+Evidence.artifact, Evidence.model_candles = _ev_artifact, _ev_model_candles
+
+# %% ../nbs/16_audit.ipynb #ea17cca2
+def _ev_candle_sources(self) -> list[tuple[str, Any]]:
+    "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
+    def load():
+        import pandas as pd
+        from cryptobot import data as D
+        out = []
+        c = self.candles_arg
+        if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
+            try:
+                df = c if isinstance(c, pd.DataFrame) else D.load_candles(c)
+                out.append((f"given candles ({df.attrs.get('source', '?')})", df))
+            except Exception:  # noqa: BLE001 - unreadable given candles are not a source; the others still are
+                pass
+        for ex in ("binance", "synthetic"):
+            p = D.raw_path(self.settings.data_dir, self.settings.symbol, self.settings.timeframe, exchange=ex)
+            if p.exists():
+                try:
+                    out.append((str(p), D.load_candles(p)))
+                except Exception:  # noqa: BLE001 - an unreadable store is just not a source
+                    pass
+        mc, _err = self.model_candles()
+        if mc is not None:
+            out.append(("the model's training candles", mc))
+        return out
+    got, _err = self._once("candle_sources", load)
+    return got or []
+
+
+Evidence.candle_sources = _ev_candle_sources
+
+# %% ../nbs/16_audit.ipynb #ad28ed40
+def _ev_covering(self, first_open: float, last_open: float, warmup: int = 0):
+    "(label, candles) of the first source holding every bar from `warmup` bars before `first_open` to `last_open`."
+    import pandas as pd
+    lo = pd.Timestamp(first_open - warmup * self.tf_s, unit="s", tz="UTC")
+    hi = pd.Timestamp(last_open, unit="s", tz="UTC")
+    for label, df in self.candle_sources():
+        if len(df) and df.index[0] <= lo and df.index[-1] >= hi:
+            span = df.loc[lo:hi]
+            if len(span) == int(round((last_open - first_open) / self.tf_s)) + 1 + warmup:
+                return label, df
+    return None, None
+
+
+Evidence.covering = _ev_covering
 
 # %% ../nbs/16_audit.ipynb #18088e3f
 def check_rate_limit(ev: Evidence) -> Check:
@@ -495,7 +441,7 @@ def check_rate_limit(ev: Evidence) -> Check:
                      "the exchange pushed back despite the limiter: poll less often")
     return Check("ingestion", "rate_limit", PASS, ev_txt + ("; no 429/418 in the journal (24 h)" if ev.journal()[0] else ""))
 
-
+# %% ../nbs/16_audit.ipynb #ccc5e64b
 def _last_candle(ev: Evidence) -> tuple[float | None, str]:
     st, _e = ev.state()
     rb = ev.rebuild()
@@ -521,7 +467,7 @@ def check_candle_age(ev: Evidence) -> Check:
     return Check("ingestion", "candle_age", FAIL, txt, "the data feed is stale: the runner is not processing live "
                  "candles (stopped, or an old replay)")
 
-
+# %% ../nbs/16_audit.ipynb #f7324264
 def check_poll_errors(ev: Evidence) -> Check:
     "Failed polls journaled in the last 24 h."
     j, err = ev.journal()
@@ -568,7 +514,7 @@ def check_orders_approved(ev: Evidence) -> Check:
         return Check("execution", "orders_approved", WARN, txt, "no entry was ever sent: nothing to verify yet")
     return Check("execution", "orders_approved", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #46c5642e
 def exercise_approval_gate(settings: Settings) -> tuple[bool, list[str]]:
     "Try to get past the real Guardian with bad approvals in a temp state dir: (all refused and genuine accepted, steps)."
     from types import SimpleNamespace
@@ -632,7 +578,7 @@ def exercise_approval_gate(settings: Settings) -> tuple[bool, list[str]]:
             refused("replay of the redeemed approval", lambda: g.redeem(a))
     return ok, steps
 
-
+# %% ../nbs/16_audit.ipynb #16a98888
 def check_approval_gate(ev: Evidence) -> Check:
     ok, steps = exercise_approval_gate(ev.settings)
     txt = "real Guardian in a temp state dir: " + "; ".join(steps)
@@ -663,7 +609,7 @@ def check_state_valid(ev: Evidence) -> Check:
                      "for more than a candle")
     return Check("guardian", "state_valid", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #0c5b7105
 def check_state_matches_journal(ev: Evidence) -> Check:
     st, err = ev.state()
     j, jerr = ev.journal()
@@ -729,7 +675,7 @@ def check_risk_limits(ev: Evidence) -> Check:
                      + ", ".join(f"{k}={vals[k]:g}" for k in tighter) + " (safer, but not what was backtested)")
     return Check("capital", "risk_limits", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #bb5c0a02
 def check_plans_in_bounds(ev: Evidence) -> Check:
     "Every approved plan in the journal had the configured stop and stayed within risk and leverage."
     j, err = ev.journal()
@@ -754,7 +700,7 @@ def check_plans_in_bounds(ev: Evidence) -> Check:
         return Check("capital", "plans_in_bounds", WARN, txt, "no approved plan yet: nothing to verify")
     return Check("capital", "plans_in_bounds", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #0a10c091
 def _open_positions_with_stops(ev: Evidence) -> list[dict]:
     from cryptobot.journal import FINAL_STATUSES
     out = []
@@ -795,7 +741,7 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
             return None, f"paper book unreadable ({type(e).__name__}); journal evidence only"
     return None, "no exchange configured (no keys / no emulator URL): journal evidence only"
 
-
+# %% ../nbs/16_audit.ipynb #53a8a4de
 STOP_REVIEW_DAYS = 14          # the stop watch's unprotected intervals are reviewed over this many days
 
 
@@ -815,7 +761,7 @@ def _unprotected_check(ev: Evidence) -> Check | None:
     return Check("capital", "stops_on_exchange", FAIL, txt, "a position was without a working stop for too long: "
                  "check the runner's stop checks (CRYPTOBOT_STOP_CHECK_S), its network and the exchange's stop type")
 
-
+# %% ../nbs/16_audit.ipynb #f9c47358
 def check_stops_on_exchange(ev: Evidence) -> Check:
     j, err = ev.journal()
     if j is None:
@@ -870,7 +816,7 @@ def check_paper_trades(ev: Evidence) -> Check:
         return Check("test_phase", "paper_trades", WARN, txt, "the paper run is not current (an old run or a replay)")
     return Check("test_phase", "paper_trades", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #ebcfda97
 def check_testnet_round_trip(ev: Evidence) -> Check:
     j, err = ev.journal()
     if j is None:
@@ -894,7 +840,7 @@ def check_testnet_round_trip(ev: Evidence) -> Check:
                      "until at least one round trip completes")
     return Check("test_phase", "testnet_round_trip", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #5ad7622d
 def check_logging(ev: Evidence) -> Check:
     s = ev.settings
     j, err = ev.journal()
@@ -918,7 +864,18 @@ def check_logging(ev: Evidence) -> Check:
         return Check("test_phase", "logging", WARN, txt, f"CRYPTOBOT_LOG_LEVEL={s.log_level} hides routine events; use INFO")
     return Check("test_phase", "logging", PASS, txt)
 
+# %% ../nbs/16_audit.ipynb #fdb53721
+def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[float, str]]) -> list[dict]:
+    "Mark trades missing on one side after the paper run's first kill-switch lock `explained='kill_switch'`."
+    import pandas as pd
+    ks = [float(ts) for ts, msg in locks if str(msg).startswith("kill switch")]
+    if not ks:
+        return list(divergences)
+    first = pd.Timestamp(min(ks), unit="s", tz="UTC")
+    return [{**d, "explained": "kill_switch"} if d["explained"] is None and d["what"] in ("missing in live", "only in live")
+            and pd.Timestamp(d["entry"]) >= first else d for d in divergences]
 
+# %% ../nbs/16_audit.ipynb #bb8430a8
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
     import pandas as pd
@@ -949,16 +906,21 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     eq = ev.q("SELECT equity FROM decisions WHERE equity IS NOT NULL ORDER BY id LIMIT 1")
     cash = float(eq[0]["equity"]) if eq else s.paper_balance_usd
     bt = simulate(span, proba.reindex(span.index), Strategy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
-                  Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash)
+                  Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash,
+                  kill_switch=s.kill_switch_losses)           # the paper run's kill switch: it stops entering too
     bt = bt[bt["exit_reason"] != "open"].reset_index(drop=True)
     lv = L.journal_trades(j, s.symbol, s.timeframe)
     lv = lv[lv["entry_time"] <= span.index[-1]].reset_index(drop=True)
     cmp = L.compare_trades(lv, bt)
+    locks = [(r["ts"], r["message"]) for r in ev.q("SELECT ts, message FROM events WHERE kind = 'lock' ORDER BY id")]
+    cmp["divergences"] = explain_lock_divergences(cmp["divergences"], locks)
+    cmp["unexplained"] = [d for d in cmp["divergences"] if d["explained"] is None]
+    cmp["kill_switch_locks"] = len([m for _t, m in locks if m.startswith("kill switch")])
     cmp["candles"] = label
     cmp["span"] = f"{_iso(a)} .. {_iso(b)}"
     return cmp, ""
 
-
+# %% ../nbs/16_audit.ipynb #b59837aa
 def check_paper_vs_backtest(ev: Evidence) -> Check:
     if ev.journal()[0] is None:
         return Check("test_phase", "paper_vs_backtest", WARN, f"no journal: {ev.journal()[1]}", "no paper trades to compare")
@@ -968,12 +930,14 @@ def check_paper_vs_backtest(ev: Evidence) -> Check:
     txt = (f"span {cmp['span']} on {cmp['candles']}: paper {cmp['n_live']} closed trades vs backtest "
            f"{cmp['n_backtest']}; {cmp['matched_entries']} same entry candle, {cmp['same_exit_bar']} same exit candle, "
            f"{cmp['same_reason']} same reason; pnl paper {cmp['pnl_live']:+.2f} vs backtest {cmp['pnl_backtest']:+.2f}; "
-           f"{len(cmp['divergences'])} divergences ({len(cmp['unexplained'])} unexplained)")
+           f"{len(cmp['divergences'])} divergences ({len(cmp['unexplained'])} unexplained"
+           + (f", {sum(d['explained'] == 'kill_switch' for d in cmp['divergences'])} after a kill-switch lock"
+              if cmp.get("kill_switch_locks") else "") + ")")
     if cmp["n_live"] == 0 and cmp["n_backtest"] == 0:
         return Check("test_phase", "paper_vs_backtest", WARN, txt, "no closed trade on either side: nothing compared")
     if cmp["unexplained"]:
-        return Check("test_phase", "paper_vs_backtest", WARN, txt, "paper and backtest diverge (a kill-switch lock "
-                     "or a restart explains missing entries; otherwise investigate with cryptobot parity)")
+        return Check("test_phase", "paper_vs_backtest", WARN, txt, "paper and backtest diverge where no kill-switch lock "
+                     "explains it (a restart can): investigate with cryptobot parity")
     return Check("test_phase", "paper_vs_backtest", PASS, txt)
 
 # %% ../nbs/16_audit.ipynb #4a32bf9c
@@ -990,7 +954,7 @@ def check_model_fingerprint(ev: Evidence) -> Check:
                      "runner refuses it; retrain (cryptobot train)")
     return Check("drift", "model_fingerprint", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #c7b2905d
 def check_feature_parity(ev: Evidence) -> Check:
     j, err = ev.journal()
     if j is None:
@@ -1017,7 +981,7 @@ def check_feature_parity(ev: Evidence) -> Check:
         return Check("drift", "feature_parity", WARN, txt, "no row could be compared")
     return Check("drift", "feature_parity", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     "({feature: PSI} | None, where the recent rows came from / why not, the recent rows all lie after the training span)."
     import pandas as pd
@@ -1050,7 +1014,7 @@ def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     out = {n: psi(train[n].to_numpy(), recent[n].to_numpy() if n in recent else []) for n in names}
     return out, f"training span {span['first'][:10]} .. {span['last'][:10]} ({len(train)} rows) vs {where}", start > t_last
 
-
+# %% ../nbs/16_audit.ipynb #c78adfc2
 def check_feature_psi(ev: Evidence) -> Check:
     vals, where, after = feature_psi(ev)
     if vals is None:
@@ -1096,7 +1060,7 @@ def check_restart_always(ev: Evidence) -> Check:
                      "set Restart=always")
     return Check("recovery", "restart_always", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #ad6e70db
 def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
     "Trip the kill switch through the real Guardian in a temp dir, then read the lock back from disk (new objects)."
     from cryptobot.guardian import Guardian, read_state
@@ -1122,7 +1086,7 @@ def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
                 f"({_line(on_disk['reason'])[:60]}…); new Guardian on the same dir: locked={again}; journal rebuild: "
                 f"locked={rb}")
 
-
+# %% ../nbs/16_audit.ipynb #ff945997
 def check_lock_persists(ev: Evidence) -> Check:
     ok, txt = exercise_lock_persistence(ev.settings)
     if ok:
@@ -1130,7 +1094,7 @@ def check_lock_persists(ev: Evidence) -> Check:
     return Check("recovery", "lock_persists", FAIL, "real Guardian in a temp dir: " + txt,
                  "the kill-switch lock does not survive a restart")
 
-
+# %% ../nbs/16_audit.ipynb #6c86a482
 def check_last_reconciliation(ev: Evidence) -> Check:
     j, err = ev.journal()
     if j is None:
@@ -1169,7 +1133,7 @@ def repo_files(repo_dir) -> tuple[list[Path], str]:
         out += [Path(root) / f for f in files if f != ".env"]
     return out, "a walk of the folder (not a git checkout)"
 
-
+# %% ../nbs/16_audit.ipynb #ba60c2e7
 def _configured_secrets(settings: Settings) -> list[tuple[str, bytes]]:
     return [(n, v.reveal().encode()) for n, v in (("BINANCE_API_KEY", settings.api_key),
                                                    ("BINANCE_API_SECRET", settings.api_secret)) if v is not None]
@@ -1191,7 +1155,7 @@ def _scan(paths: Iterable[Path], secrets, root: Path | None = None, max_bytes: i
             found.append(f"{shown}: {', '.join(hits)}")
     return n, found
 
-
+# %% ../nbs/16_audit.ipynb #2c5ea627
 def check_keys_in_repo(ev: Evidence) -> Check:
     s = ev.settings
     src = "unset" if s.api_key is None else "set (from the environment or .env; values not shown)"
@@ -1208,7 +1172,7 @@ def check_keys_in_repo(ev: Evidence) -> Check:
                      " — remove it, rotate the key on Binance")
     return Check("security", "keys_in_repo", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #f66198b7
 def check_dotenv_mode(ev: Evidence) -> Check:
     seen = []
     bad = []
@@ -1229,7 +1193,7 @@ def check_dotenv_mode(ev: Evidence) -> Check:
                      "run chmod 600 on it")
     return Check("security", "dotenv_mode", PASS, "; ".join(seen))
 
-
+# %% ../nbs/16_audit.ipynb #7540836d
 def _git(repo: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
 
@@ -1259,7 +1223,7 @@ def check_dotenv_git(ev: Evidence) -> Check:
         return Check("security", "dotenv_git", FAIL, txt, "; ".join(problems))
     return Check("security", "dotenv_git", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #6431c3e4
 def check_secrets_in_outputs(ev: Evidence) -> Check:
     paths = []
     if ev.reports_dir.is_dir():
@@ -1276,7 +1240,7 @@ def check_secrets_in_outputs(ev: Evidence) -> Check:
                      " — delete/redact these files and rotate the key")
     return Check("security", "secrets_in_outputs", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #71d8f57c
 def check_systemd_exposure(ev: Evidence) -> Check:
     tool = shutil.which("systemd-analyze")
     u = ev.unit_path
@@ -1310,7 +1274,7 @@ def check_training_data(ev: Evidence) -> Check:
                      "about real markets — train on real candles (cryptobot download, cryptobot train)")
     return Check("strategy", "training_data", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #cd776ad1
 def check_model_freshness(ev: Evidence) -> Check:
     import pandas as pd
     art, err = ev.artifact()
@@ -1330,7 +1294,7 @@ def check_model_freshness(ev: Evidence) -> Check:
                      "retrain on recent data")
     return Check("strategy", "model_freshness", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #0cd72cb1
 def check_oos_metrics(ev: Evidence) -> Check:
     art, err = ev.artifact()
     if art is None:
@@ -1350,7 +1314,7 @@ def check_oos_metrics(ev: Evidence) -> Check:
         return Check("strategy", "oos_metrics", WARN, txt, "weak or unstable out-of-sample skill")
     return Check("strategy", "oos_metrics", PASS, txt)
 
-
+# %% ../nbs/16_audit.ipynb #e18fc2c9
 def oos_backtest(ev: Evidence):
     "The backtest of the artifact's OOS probabilities with the configured costs and risk (cached)."
     def run():
@@ -1367,7 +1331,7 @@ def oos_backtest(ev: Evidence):
                             Market(symbol=s.symbol), fee=s.fee_pct / 100, slippage=s.slippage_pct / 100)
     return ev._once("oos_backtest", run)
 
-
+# %% ../nbs/16_audit.ipynb #460c3a75
 def check_oos_backtest(ev: Evidence) -> Check:
     if not ev.do_backtest:
         return Check("strategy", "oos_backtest", WARN, "skipped (backtest=False)", "after-cost performance not measured")
@@ -1420,7 +1384,7 @@ def run_check(name: str, ev: Evidence) -> Check:
         return Check(CHECK_NAMES[name], name, FAIL, f"the check crashed: {type(e).__name__}: {_line(e)[:200]}",
                      "no evidence: the audit could not verify this")
 
-
+# %% ../nbs/16_audit.ipynb #e1063b7c
 def run_checks(settings: Settings, *, model=None, models_dir=None, repo_dir=None, unit_path=None, env_files=None,
                candles=None, now: float | None = None, ask_exchange: bool = True, backtest: bool = True,
                only: Iterable[str] | None = None, timings: dict | None = None) -> list[Check]:
@@ -1473,7 +1437,7 @@ def summary_rows(checks: list[Check]) -> list[dict]:
                      "key evidence": (f"{key.name}: {key.detail or key.evidence}" if key else "no check ran")})
     return rows
 
-
+# %% ../nbs/16_audit.ipynb #5e32ea1d
 def render_markdown(checks: list[Check], *, date: str, settings: Settings | None = None,
                     meta: Mapping[str, Any] | None = None) -> str:
     "The audit report as Markdown (one `Verdict:` line)."
@@ -1509,10 +1473,11 @@ def render_markdown(checks: list[Check], *, date: str, settings: Settings | None
     L.append(verdict_line(result, blockers, f"all {len(checks)} checks pass ({n_warn} warnings); risk score {risk:g}/100"))
     return "\n".join(L) + "\n"
 
+# %% ../nbs/16_audit.ipynb #f4e690e0
 def report_paths(reports_dir, date: str) -> tuple[Path, Path, Path]:
     "(`audit-<date>.md`, `.html`, `.json`) in `reports_dir`."
     d = Path(reports_dir)
-    return d / f"audit-{date}.md", d / f"audit-{date}.html", d / f"audit-{date}.json"
+    return tuple(d / f"{report_stem(date)}{ext}" for ext in (".md", ".html", ".json"))
 
 
 def utc_date(now: float | None = None) -> str:

@@ -36,6 +36,7 @@ from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE, Approval, Guardian, Signal
 from .journal import Journal, iso, to_epoch
 from .risk import Plan, RiskEngine
+from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
@@ -208,7 +209,7 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
         out.append(f"free {settings.symbol.split('/')[1]} balance {free_quote:,.2f} is below the floor "
                    f"{settings.min_balance_usd:,.2f} (CRYPTOBOT_MIN_BALANCE_USD)")
     if audit is None:
-        from cryptobot.audit import gate_blockers as audit
+        audit = verdict_gate_blockers
     try:
         out.extend(str(b) for b in (audit(settings) or []))
     except Exception as e:  # noqa: BLE001 - an audit that cannot run is a blocker, never a pass

@@ -59,8 +59,8 @@ def dashboard_settings(state_dir=None, reports_dir=None, env: Mapping[str, str] 
     return s
 
 # %% ../nbs/15_monitor.ipynb #c0da482a
-from .audit import AUDIT_MAX_AGE_DAYS, AuditInfo
-from .audit import latest_verdict as latest_audit
+from .verdict import AUDIT_MAX_AGE_DAYS, AuditInfo
+from .verdict import latest_verdict as latest_audit
 
 # %% ../nbs/15_monitor.ipynb #18be63c6
 def example_state(state_dir, now: float | None = None, *, losses: int = 3, settings: Settings | None = None) -> dict:

@@ -405,3 +405,45 @@ def test_state_valid_reports_the_runners_entry_gate(tmp_path, damage):
     if damage == "streak_lowered_by_hand":
         with Journal(s.state_dir / "journal.sqlite") as j:                    # the runner agrees
             assert Guardian(s, s.state_dir, j).state["lock"]["reason"] == gate.reasons[0]
+
+
+def test_paper_run_locked_by_the_kill_switch_matches_a_backtest_with_the_same_kill_switch(demo, tmp_path):
+    """A paper run that locks after its first loss stops entering; the backtest of the same bars with the same kill
+    switch stops too, so the two trade lists agree, and nothing after the lock is called unexplained."""
+    from cryptobot import data as D, model as M
+    from cryptobot.journal import Journal
+    from cryptobot.live import replay
+    root = tmp_path / "locked"
+    c = D.load_candles(D.raw_path(demo["root"] / "data", "BTC/USDT", "1h", exchange="synthetic"))
+    s = settings_for(root, kill_switch_losses=1)
+    D.save_candles(c, D.raw_path(root / "data", "BTC/USDT", "1h", exchange="synthetic"))
+    r = replay(c, M.load_artifact(demo["artifact"]), n_candles=200, fills="exchange", state_dir=root / "var", settings=s)
+    with Journal(root / "var" / "journal.sqlite", readonly=True) as j:
+        locks = j.select("SELECT ts, message FROM events WHERE kind = 'lock'")
+    assert locks and "kill switch" in locks[0]["message"], locks            # the paper run did lock …
+    n_demo = len(demo["replay"].trades)
+    assert len(r.trades) < n_demo, (len(r.trades), n_demo)                   # … and entered less than without the lock
+    ev = A.Evidence(s, model=demo["artifact"], env_files=[], ask_exchange=False)
+    cmp, why = A.compare_paper_backtest(ev)
+    assert cmp is not None, why
+    assert cmp["n_backtest"] == cmp["n_live"] == len(r.trades), cmp
+    assert cmp["unexplained"] == [], cmp["unexplained"]
+    chk = A.check_paper_vs_backtest(ev)
+    assert chk.status == A.PASS, chk
+    ev.close()
+
+
+def test_divergences_after_a_kill_switch_lock_are_explained_as_kill_switch():
+    """The classification itself: a trade the backtest took after the paper run locked (or one the paper run took
+    after a human unlocked it) is a kill-switch divergence; one before the lock, or an exit mismatch, stays as it was."""
+    import pandas as pd
+    t = lambda h: str(pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(hours=h))
+    divs = [{"trade": 0, "entry": t(1), "what": "missing in live", "explained": None},
+            {"trade": 3, "entry": t(9), "what": "missing in live", "explained": None},
+            {"trade": None, "entry": t(12), "what": "only in live", "explained": None},
+            {"trade": 4, "entry": t(10), "what": "live exit x vs backtest y", "explained": None}]
+    lock_ts = pd.Timestamp(t(5)).timestamp()
+    out = A.explain_lock_divergences(divs, [(lock_ts, "kill switch: 1 consecutive losing trades (limit 1)")])
+    assert [d["explained"] for d in out] == [None, "kill_switch", "kill_switch", None]
+    assert A.explain_lock_divergences(divs, []) == divs                      # no lock: nothing explained
+    assert [d["explained"] for d in A.explain_lock_divergences(divs, [(lock_ts, "daily loss limit")])] == [None] * 4

@@ -14,3 +14,93 @@ def test_all_names_exist(name):
     mod = importlib.import_module(f"cryptobot.{name}")
     missing = [n for n in getattr(mod, "__all__", []) if not hasattr(mod, n)]
     assert not missing, f"cryptobot.{name}.__all__ names missing attributes: {missing}"
+
+
+# --- import graph: imports point one way (DESIGN.md), never in a circle ---------------------------------------
+import ast
+
+PKG = Path(__file__).resolve().parents[1] / "cryptobot"
+# Cycles that other branches of issue 10 own (function-local imports among research modules). The test fails on any
+# cycle that is not wholly inside one of these groups, so a new cycle anywhere, or one touching them, is caught.
+KNOWN_CYCLES = [{"backtest", "model", "strategy"}]
+
+
+def _imported(node, importer: str) -> set[str]:
+    "The cryptobot modules one import statement names (`from .x`, `from cryptobot.x`, `from cryptobot import x`, `import cryptobot.x`)."
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[1] for a in node.names if a.name.startswith("cryptobot.")}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    base = node.module or ""
+    if node.level == 1:
+        base = "cryptobot" + (f".{base}" if base else "")
+    if base == "cryptobot":
+        return {a.name for a in node.names if (PKG / f"{a.name}.py").exists()}
+    return {base.split(".")[1]} if base.startswith("cryptobot.") else set()
+
+
+def import_graph(module_level_only: bool = False) -> dict[str, set[str]]:
+    "{module: the cryptobot modules it imports}, from the source (module level, and inside functions unless asked not to)."
+    g = {}
+    for p in sorted(PKG.glob("*.py")):
+        if p.stem.startswith("_"):
+            continue
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        nodes = tree.body if module_level_only else ast.walk(tree)
+        g[p.stem] = set().union(*(_imported(n, p.stem) for n in nodes)) - {p.stem}
+    return g
+
+
+def cycles(g: dict[str, set[str]]) -> list[set[str]]:
+    "The strongly connected groups of more than one module (Tarjan): each is at least one import cycle."
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            scc = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                scc.add(w)
+                if w == v:
+                    break
+            if len(scc) > 1:
+                out.append(scc)
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_sees_a_function_local_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    fn_local = ast.parse("def f():\n    from cryptobot.live import run\n    import cryptobot.data\n")
+    assert set().union(*(_imported(n, "x") for n in ast.walk(fn_local))) == {"live", "data"}
+
+
+def test_no_import_cycle_at_module_level():
+    assert cycles(import_graph(module_level_only=True)) == []
+
+
+def test_no_import_cycle_beyond_the_known_ones():
+    "Function-local imports count too: a cycle dodged by a local import is still a cycle."
+    bad = [sorted(c) for c in cycles(import_graph()) if not any(c <= k for k in KNOWN_CYCLES)]
+    assert not bad, f"import cycles among cryptobot modules: {bad}"
+
+
+def test_verdict_is_imported_by_the_gate_monitor_and_audit_and_imports_none_of_them():
+    g = import_graph()
+    assert {"live", "monitor", "audit"} & g["verdict"] == set(), g["verdict"]
+    assert all("verdict" in g[m] for m in ("live", "monitor", "audit"))
+    assert "audit" not in g["live"] and "audit" not in g["monitor"]
