@@ -140,3 +140,24 @@ def _bench_research(candles, progress=print) -> dict:
     return {"train_s": round(train_s, 2), "backtest_s": round(backtest_s, 4), "backtest_model_s": round(model_s, 4),
             "backtest_cold_s": round(cold_s, 2), "import_backtest_s": round(import_bt_s, 2),
             "oos_auc": round(float(trained.overall.get("auc", float("nan"))), 4)}
+
+# %% ../nbs/13_bench.ipynb #cef82432
+TARGETS["sweep_ms_per_backtest"] = 1.0       # issue 12: >= 1,000 backtests per second (reported as sweep_per_s)
+_bench_research_backtest = _bench_research
+
+
+def _bench_sweep(candles, progress=print) -> dict:
+    "An EMA grid (fast=5:50:5 x slow=20:200:10) through the many-column kernel, signals included, best of 3."
+    from cryptobot.sweep import parse_grid, run_grid
+    cfg = parse_grid(["fast=5:50:5", "slow=20:200:10"])
+    run = lambda: run_grid(candles, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0)  # noqa: E731
+    run()                                                                 # warm: numba loads the compiled code
+    s = best_of(run, 3)
+    progress(f"sweep_per_s {len(cfg) / s:.0f} ({len(cfg)} EMA configurations in {s:.3f} s, one core)")
+    return {"sweep_per_s": round(len(cfg) / s), "sweep_ms_per_backtest": round(1000 * s / len(cfg), 3),
+            "sweep_configs": len(cfg)}
+
+
+def _bench_research(candles, progress=print) -> dict:
+    "The backtest figures, then the sweep's."
+    return {**_bench_research_backtest(candles, progress), **_bench_sweep(candles, progress)}

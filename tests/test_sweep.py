@@ -1,0 +1,91 @@
+"Sweeps: the grid, the many-column kernel against single backtests (real 5-year file), walk-forward, PBO, DSR."
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryptobot.backtest import backtest
+from cryptobot.data import load_candles, synthetic_candles
+from cryptobot.strategy import EmaCross, RsiReversion, checked_signals
+from cryptobot.sweep import SweepError, grid_signals, grid_trades, parse_grid, run_grid
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
+
+
+@pytest.fixture(scope="module")
+def real():
+    if not REAL.exists():
+        pytest.skip(f"real data absent: {REAL}")
+    return load_candles(REAL)
+
+
+def _same(row, st):
+    "A grid row equals a single backtest's stats: counts and final equity exactly, ratios to rounding."
+    assert row.trades == st["trades"]
+    for k in ("stop", "signal", "max_hold", "take_profit", "end"):
+        assert row[f"exits_{k}"] == st[f"exits_{k}"], k
+    assert row.exits_open == st["open_trades"]
+    assert row.final_equity == st["final_equity"]
+    assert row.max_drawdown == pytest.approx(st["max_drawdown"], rel=1e-12, abs=1e-15)
+    assert row.sharpe == pytest.approx(st["sharpe"], rel=1e-9)
+
+
+def test_ema_12_26_point_of_a_grid_reproduces_the_768_trades(real):
+    cfg = parse_grid(["fast=5:50:1", "slow=20:60:2"])
+    j = cfg.index({"fast": 12, "slow": 26})
+    res = run_grid(real, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0)
+    single = backtest(real, EmaCross(fast=12, slow=26), sizing="full", fee=0.001, slippage=0.0)
+    assert single.stats["trades"] == 768 and res.trades[j] == 768
+    _same(res.iloc[j], single.stats)
+    pd.testing.assert_frame_equal(grid_trades(real, "ema_cross", cfg, [j], sizing="full", fee=0.001, slippage=0.0)[0],
+                                  single.trades)
+
+
+@pytest.mark.parametrize("sizing,fee,slip", [("full", 0.001, 0.0), ("risk", 0.0004, 0.0002)])
+def test_random_grid_points_equal_single_backtests(real, sizing, fee, slip):
+    "12 random points per cost setting (24 in all), max_hold / take_profit varied per column too."
+    cfg = parse_grid(["fast=2:80:3", "slow=10:300:7"])
+    rng = np.random.default_rng(12)
+    pick = sorted(rng.choice(len(cfg), 12, replace=False))
+    sub = [dict(cfg[j], **({"max_hold": 24} if i % 3 == 1 else {}), **({"take_profit_pct": 3.0} if i % 3 == 2 else {}))
+           for i, j in enumerate(pick)]
+    res = run_grid(real, "ema_cross", sub, sizing=sizing, fee=fee, slippage=slip)
+    EN, EX = grid_signals("ema_cross", real, sub)
+    trades = grid_trades(real, "ema_cross", sub, list(range(len(sub))), sizing=sizing, fee=fee, slippage=slip)
+    for j, p in enumerate(sub):
+        single = backtest(real, EmaCross(**p), sizing=sizing, fee=fee, slippage=slip)
+        en, ex = checked_signals(EmaCross(**p), real)
+        assert (EN[j] == en).all() and (EX[j] == ex).all(), p
+        _same(res.iloc[j], single.stats)
+        pd.testing.assert_frame_equal(trades[j], single.trades)
+    assert res.exits_max_hold.sum() > 0 and res.exits_take_profit.sum() > 0
+
+
+def test_other_strategies_take_the_generic_signal_path():
+    c = synthetic_candles(n=4000, seed=5)
+    cfg = parse_grid(["period=7,14", "lower=25,30", "upper=70"], "rsi_reversion")
+    res = run_grid(c, "rsi_reversion", cfg, sizing="full", fee=0.001, slippage=0.0)
+    for j, p in enumerate(cfg):
+        _same(res.iloc[j], backtest(c, RsiReversion(**p), sizing="full", fee=0.001, slippage=0.0).stats)
+
+
+def test_windows_are_backtests_of_the_slice_with_history_signals():
+    c = synthetic_candles(n=3000, seed=9)
+    cfg = parse_grid(["fast=5,10", "slow=30"])
+    res = run_grid(c, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0, windows=[(1000, 2000)], end="exit")
+    from cryptobot.backtest import simulate_signals
+    EN, EX = grid_signals("ema_cross", c, cfg)
+    for j in range(2):
+        tr = simulate_signals(c.iloc[1000:2000], EN[j, 1000:2000], EX[j, 1000:2000], sizing="full", fee=0.001,
+                              slippage=0.0, end="exit")
+        assert res.trades[j] == len(tr) and res.final_equity[j] == pytest.approx(tr.attrs["final_equity"], rel=1e-12)
+
+
+@pytest.mark.parametrize("specs,key", [(["fast=1:5:1"], "fast"), (["fast=12.5"], "fast"), (["speed=3"], "speed"),
+                                       (["slow=20:10:5"], "slow"), (["slow=a,b"], "slow"), (["fast=5", "fast=6"], "fast"),
+                                       (["slow=20:200:0"], "slow"), (["slow=500"], "slow")])
+def test_bad_grid_specs_are_refused_in_one_line_naming_the_key(specs, key):
+    with pytest.raises(SweepError) as e:
+        parse_grid(specs)
+    assert key in str(e.value) and "\n" not in str(e.value)
