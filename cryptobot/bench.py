@@ -141,7 +141,7 @@ def _bench_research(candles, progress=print) -> dict:
             "backtest_cold_s": round(cold_s, 2), "import_backtest_s": round(import_bt_s, 2),
             "oos_auc": round(float(trained.overall.get("auc", float("nan"))), 4)}
 
-# %% ../nbs/13_bench.ipynb #cef82432
+# %% ../nbs/13_bench.ipynb #c632a2dc
 TARGETS["sweep_ms_per_backtest"] = 1.0       # issue 12: >= 1,000 backtests per second (reported as sweep_per_s)
 _bench_research_backtest = _bench_research
 

@@ -89,3 +89,52 @@ def test_bad_grid_specs_are_refused_in_one_line_naming_the_key(specs, key):
     with pytest.raises(SweepError) as e:
         parse_grid(specs)
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_walk_forward_on_the_real_file_chains_single_backtests_of_each_choice(real):
+    from cryptobot.backtest import simulate_signals
+    from cryptobot.sweep import OBJECTIVES, walk_forward
+    cfg = parse_grid(["fast=4:60:2", "slow=20:300:10"])
+    assert len(cfg) >= 500
+    wf = walk_forward(real, "ema_cross", cfg, "calmar", n_folds=4, anchored=True, sizing="full", fee=0.001, slippage=0.0)
+    cash = 10_000.0
+    for f in wf["folds"].itertuples():
+        ins = wf["grid"][(wf["grid"].fold == f.fold) & (wf["grid"]["sample"] == "is")]
+        assert ins.calmar.max() == ins.calmar.iloc[f.config]                # chosen by the objective in training
+        lo, hi = real.index.get_loc(f.test_start), real.index.get_loc(f.test_end) + 1
+        en, ex = checked_signals(EmaCross(**cfg[f.config]), real)
+        tr = simulate_signals(real.iloc[lo:hi], en[lo:hi], ex[lo:hi], sizing="full", fee=0.001, slippage=0.0,
+                              initial_cash=cash, end="exit")
+        assert wf["equity"].loc[f.test_end] == pytest.approx(tr.attrs["final_equity"], rel=1e-9)
+        cash = tr.attrs["final_equity"]
+    assert wf["oos_return"] == pytest.approx(cash / 10_000 - 1, rel=1e-9)
+    assert wf["equity"].index.equals(wf["benchmark"].index) and wf["equity"].index[-1] == real.index[-1]
+    assert 0 <= wf["pbo"]["pbo"] <= 1 and wf["pbo"]["splits"] == 12870 and 0 <= wf["dsr"]["dsr"] <= 1
+    assert set(OBJECTIVES) == {"sharpe", "return", "calmar"}
+
+
+def test_pbo_knows_noise_from_skill():
+    from cryptobot.sweep import block_stats, pbo_cscv
+    rng = np.random.default_rng(1)
+    noise = [pbo_cscv(block_stats(rng.normal(0, 0.01, (1500, 40)), 12))["pbo"] for _ in range(4)]
+    assert abs(np.mean(noise) - 0.5) < 0.1                               # the in-sample winner is a coin flip
+    skill = rng.normal(0, 0.01, (1500, 40))
+    skill[:, 3] += 0.008
+    assert pbo_cscv(block_stats(skill, 12))["pbo"] == 0.0
+
+
+def test_deflated_sharpe_by_hand():
+    import math
+    from scipy.stats import norm
+    from cryptobot.sweep import deflated_sharpe
+    sr, T, N, V, sk, ku = 0.05, 5000, 250, 0.0004, -0.3, 6.0
+    g = 0.5772156649015329
+    sr0 = math.sqrt(V) * ((1 - g) * norm.ppf(1 - 1 / N) + g * norm.ppf(1 - 1 / (N * math.e)))
+    want = norm.cdf((sr - sr0) * math.sqrt(T - 1) / math.sqrt(1 - sk * sr + (ku - 1) / 4 * sr ** 2))
+    assert deflated_sharpe(sr, T, N, V, sk, ku) == pytest.approx(want, rel=1e-12) and 0 < want < 1
+
+
+def test_walk_forward_refuses_an_unknown_objective():
+    from cryptobot.sweep import walk_forward
+    with pytest.raises(SweepError, match="objective"):
+        walk_forward(synthetic_candles(n=2000), "ema_cross", parse_grid(["fast=5", "slow=20"]), "profit")
