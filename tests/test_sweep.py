@@ -138,3 +138,90 @@ def test_walk_forward_refuses_an_unknown_objective():
     from cryptobot.sweep import walk_forward
     with pytest.raises(SweepError, match="objective"):
         walk_forward(synthetic_candles(n=2000), "ema_cross", parse_grid(["fast=5", "slow=20"]), "profit")
+
+
+SWEEP_KW = dict(n_folds=3, block_size=8, blocks=8, sizing="full", fee=0.001, slippage=0.0)
+
+
+def _figures(sw):
+    "Everything a sweep reports, as JSON text (NaN spelt out, so equal results compare equal)."
+    import json
+    r = sw["symbols"]
+    return json.dumps({s: (w["folds"].to_dict("list"), w["grid"].to_dict("list"), w["whole"].to_dict("list"), w["oos_return"],
+                w["pbo"]["pbo"], list(w["pbo"]["logits"]), w["dsr"], list(w["equity"])) for s, w in r.items()},
+                      default=str, sort_keys=True)
+
+
+def _run_in_subprocess(root, sweep_id, data_path, grid):
+    import subprocess
+    import sys
+    code = ("import sys; from cryptobot.data import load_candles; from cryptobot.sweep import parse_grid, run_sweep; "
+            f"run_sweep({{'BTC': load_candles({str(data_path)!r})}}, 'ema_cross', parse_grid({grid!r}), {sweep_id!r}, "
+            f"{str(root)!r}, scheduler='inprocess', **{SWEEP_KW!r})")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_a_killed_sweep_resumes_and_computes_only_what_is_missing(real, tmp_path):
+    import os
+    import signal
+    import time
+    from cryptobot.sweep import run_sweep
+    grid = ["fast=4:60:2", "slow=20:300:10"]
+    cfg = parse_grid(grid)
+    total = len(range(0, len(cfg), 8)) * 4
+    p = _run_in_subprocess(tmp_path, "killed", REAL, grid)
+    store = tmp_path / "killed" / "BTC"
+    t0 = time.monotonic()
+    while len(list(store.glob("*.parquet"))) < 20 and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    before = len(list(store.glob("*.parquet")))
+    assert 20 <= before < total, (before, total, p.stderr.read())
+    resumed = run_sweep({"BTC": real}, "ema_cross", cfg, "killed", tmp_path, scheduler="inprocess",
+                        progress=lambda m: None, **SWEEP_KW)
+    assert (resumed["tasks"], resumed["reused"], resumed["computed"]) == (total, before, total - before)
+    fresh = run_sweep({"BTC": real}, "ema_cross", cfg, "fresh", tmp_path, scheduler="inprocess", progress=lambda m: None,
+                      **SWEEP_KW)
+    assert fresh["computed"] == total and _figures(resumed) == _figures(fresh)
+
+
+def test_same_sweep_in_process_on_a_local_cluster_and_on_separate_dask_processes(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from cryptobot.sweep import run_sweep
+    c = {"SYN-A (synthetic)": synthetic_candles(n=4000, seed=21), "SYN-B (synthetic)": synthetic_candles(n=4000, seed=22)}
+    cfg = parse_grid(["fast=4:20:4", "slow=25:65:10"])
+    run = lambda i, sch: run_sweep(c, "ema_cross", cfg, i, tmp_path, scheduler=sch, progress=lambda m: None,  # noqa: E731
+                                   **SWEEP_KW)
+    ref = _figures(run("inproc", "inprocess"))
+    assert _figures(run("local", "local")) == ref
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dask = [os.path.join(os.path.dirname(sys.executable), "dask")]
+    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        procs.append(subprocess.Popen(dask + ["worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
+                                              "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        from distributed import Client
+        with Client(f"tcp://127.0.0.1:{port}", timeout=30) as cl:
+            cl.wait_for_workers(2, timeout=60)
+        sw = run("remote", f"tcp://127.0.0.1:{port}")
+        assert sw["computed"] == sw["tasks"] and _figures(sw) == ref
+    finally:
+        for p in procs[::-1]:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs[::-1]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
