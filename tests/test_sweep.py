@@ -225,3 +225,43 @@ def test_same_sweep_in_process_on_a_local_cluster_and_on_separate_dask_processes
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def _cli(args, cwd):
+    import os
+    import subprocess
+    import sys
+    code = "import sys; from cryptobot.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "CRYPTOBOT_STATE_DIR": str(cwd)})
+
+
+def test_cli_sweep_of_500_plus_configurations_on_the_real_file_writes_report_and_json_and_resumes(real, tmp_path):
+    import json
+    args = ["sweep", "--strategy", "ema_cross", "--grid", "fast=4:60:2", "--grid", "slow=20:300:10", "--data", str(REAL),
+            "--objective", "sharpe", "--id", "real", "--sizing", "full", "--fee", "0.1", "--slippage", "0",
+            "--scheduler", "inprocess", "--json", "out.json"]
+    p = _cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "sweep real: 78 tasks" in p.stderr and "78/78 tasks computed" in p.stderr     # progress on stderr
+    js = json.loads((tmp_path / "out.json").read_text())
+    assert js["configs"] == 786 and js["computed"] == 78
+    x = js["symbols"][REAL.stem]
+    assert len(x["folds"]) == 5 and len(x["top"]) == 10 and 0 <= x["pbo"] <= 1 and 0 <= x["dsr"]["dsr"] <= 1
+    assert x["buy_and_hold_return"] > 1 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)
+    page = (tmp_path / "reports" / "sweep-real.html").read_text()
+    assert page.count("Plotly.newPlot") == 2 and '"type": "heatmap"' in page and "<script src=" not in page
+    assert "probability of backtest overfitting" in page and "deflated Sharpe ratio" in page
+    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "sweep.json"]
+    again = _cli(args, tmp_path)
+    assert again.returncode == 0 and "78 already stored, 0 to compute" in again.stderr
+    js2 = json.loads((tmp_path / "out.json").read_text())
+    assert js2["reused"] == 78 and js2["symbols"] == js["symbols"]
+
+
+@pytest.mark.parametrize("grid,says", [(["--grid", "fast=1:9:1"], "--grid fast"), (["--grid", "speed=3"], "--grid speed"),
+                                       ([], "no --grid")])
+def test_cli_sweep_refuses_a_bad_grid_in_one_line(tmp_path, grid, says):
+    p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "2000", *grid], tmp_path)
+    assert p.returncode == 1 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data" / "sweeps").exists()
