@@ -494,7 +494,7 @@ def main(argv=None) -> int:
         from cryptobot.config import ConfigError
         return EX_CONFIG if isinstance(e, ConfigError) else 1
 
-# %% ../nbs/14_cli.ipynb #59444fb1
+# %% ../nbs/14_cli.ipynb #62fc492e
 def cmd_sweep(a) -> int:
     "`cryptobot sweep`: grid x walk-forward folds on Dask (resumable), PBO and DSR, an HTML report and JSON."
     from cryptobot.files import atomic_write
