@@ -17,7 +17,7 @@ __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO
            'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_unlock', 'cmd_config', 'cmd_run', 'cmd_paper',
            'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench',
-           'build_parser', 'main', 'cmd_sweep']
+           'build_parser', 'main', 'cmd_sweep', 'cmd_promote']
 
 # %% ../nbs/14_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -535,11 +535,25 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_promote(a) -> int:
+    "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
+    from cryptobot.sweep import promote
+    s = _settings()
+    m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, Path(s.data_dir) / "strategies")
+    ev = m["evidence"]
+    say(f"promoted {m['strategy']} {m['params']} (rank {a.rank} of sweep {a.sweep_id}, {ev['configs_tried']} tried): "
+        f"PBO {ev['pbo']}, walk-forward out of sample {ev['walk_forward_oos_return']:+.2%} after costs",
+        f"artifact: {m['path']}")
+    for why in m["evidence_failures"]:
+        print(f"cryptobot promote: WARNING: {why}: the audit will fail this strategy", file=sys.stderr)
+    return 0
+
+
 _build_parser_before_sweep = build_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    "The parser, with the `sweep` subcommand."
+    "The parser, with the `sweep` and `promote` subcommands."
     p = _build_parser_before_sweep()
     sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
     h = "parameter sweep + walk-forward optimisation with overfitting statistics (Dask, resumable, HTML report)"
@@ -560,5 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cash", type=float, default=10_000.0)
     sp.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
     sp.add_argument("--html", metavar="OUT", help="report path (default reports/sweep-<id>.html)")
+    h = "write a sweep's chosen configuration as a strategy artifact (data/strategies/), its evidence in the manifest"
+    sp = sub.add_parser("promote", help=h, description=h)
+    sp.set_defaults(func=cmd_promote)
+    sp.add_argument("sweep_id")
+    sp.add_argument("--rank", type=int, default=1, help="1 = the best by the sweep's objective (default)")
+    sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
     return p
 

@@ -265,3 +265,25 @@ def test_cli_sweep_refuses_a_bad_grid_in_one_line(tmp_path, grid, says):
     p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "2000", *grid], tmp_path)
     assert p.returncode == 1 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data" / "sweeps").exists()
+
+
+def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path):
+    import json
+    p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "3000", "--grid", "fast=5:15:5", "--grid", "slow=30,60",
+              "--folds", "2", "--id", "s1", "--scheduler", "inprocess", "--json", "s.json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    top = next(iter(json.loads((tmp_path / "s.json").read_text())["symbols"].values()))["top"]
+    q = _cli(["promote", "s1", "--rank", "2"], tmp_path)
+    assert q.returncode == 0, q.stderr
+    [art] = list((tmp_path / "data" / "strategies").glob("*/strategy.json"))
+    m = json.loads(art.read_text())
+    assert (m["params"]["fast"], m["params"]["slow"]) == (top[1]["fast"], top[1]["slow"])
+    assert m["fingerprint"] == EmaCross(fast=top[1]["fast"], slow=top[1]["slow"]).fingerprint()
+    ev = m["evidence"]
+    assert ev["sweep_id"] == "s1" and ev["rank"] == 2 and ev["configs_tried"] == 6 and 0 <= ev["pbo"] <= 1
+    bad = [w for w in ("overfitting", "not positive") if w in " ".join(m["evidence_failures"])]
+    assert bad == [w for w, fails in (("overfitting", ev["pbo"] > 0.5), ("not positive", ev["walk_forward_oos_return"] <= 0))
+                   if fails]
+    assert ("WARNING" in q.stderr) == bool(m["evidence_failures"])
+    r = _cli(["promote", "nope"], tmp_path)
+    assert r.returncode == 1 and "result.json missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
