@@ -252,7 +252,7 @@ def test_cli_sweep_of_500_plus_configurations_on_the_real_file_writes_report_and
     page = (tmp_path / "reports" / "sweep-real.html").read_text()
     assert page.count("Plotly.newPlot") == 2 and '"type": "heatmap"' in page and "<script src=" not in page
     assert "probability of backtest overfitting" in page and "deflated Sharpe ratio" in page
-    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "sweep.json"]
+    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "result.json", "sweep.json"]
     again = _cli(args, tmp_path)
     assert again.returncode == 0 and "78 already stored, 0 to compute" in again.stderr
     js2 = json.loads((tmp_path / "out.json").read_text())
