@@ -287,3 +287,12 @@ def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path)
     assert ("WARNING" in q.stderr) == bool(m["evidence_failures"])
     r = _cli(["promote", "nope"], tmp_path)
     assert r.returncode == 1 and "result.json missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_live_path_and_the_cli_import_no_dask_and_no_sweep():
+    import subprocess
+    import sys
+    code = ("import sys, cryptobot.live, cryptobot.cli; print(','.join(m for m in ('dask', 'distributed', 'scipy', "
+            "'cryptobot.sweep') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing cryptobot.live / cryptobot.cli pulled in {out}"
