@@ -335,7 +335,7 @@ def walk_forward(candles: pd.DataFrame, strategy, configs: list[dict], objective
     whole, B = run_grid(candles, cls, configs, blocks=blocks, **kw)
     return finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage, initial_cash)
 
-
+# %% ../nbs/05b_sweep.ipynb #8b945f08
 def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage,
                         initial_cash) -> dict:
     "From the summaries (`grid`: per fold in/out of sample; `whole` and block sums `B`): choices, stitched equity, PBO, DSR."
@@ -494,7 +494,7 @@ def _stderr(msg: str) -> None:
     import sys
     print(msg, file=sys.stderr, flush=True)
 
-
+# %% ../nbs/05b_sweep.ipynb #917d1f51
 def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, root="data/sweeps",
               objective: str = "sharpe", n_folds: int = 5, anchored: bool = False, train_segments: int = 1,
               blocks: int = 16, block_size: int = 64, sizing: str = "risk", fee: float = FEE, slippage: float = SLIPPAGE,
@@ -570,7 +570,7 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
     atomic_write(d / "result.json", json.dumps(sweep_summary(out), indent=1) + "\n")     # what `promote` reads
     return out
 
-
+# %% ../nbs/05b_sweep.ipynb #ef073330
 def load_sweep(d, symbol, candles, strategy, configs, objective, folds, settings) -> dict:
     "A symbol's stored task files, assembled into the walk-forward result (choices, stitched equity, PBO, DSR)."
     from pathlib import Path
@@ -606,7 +606,7 @@ def _heatmaps(sw: dict, symbol: str) -> list[dict]:
                                 "xaxis": {"title": {"text": a}}, "yaxis": {"title": {"text": b}}, "height": 520}})
     return figs
 
-
+# %% ../nbs/05b_sweep.ipynb #eab64202
 def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
     "A self-contained HTML report (plotly.js inlined): per symbol the heatmaps, top configurations, walk-forward, PBO, DSR."
     import importlib.resources
