@@ -74,7 +74,7 @@ def _plan_nb(price, equity, cash, g):
 def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
     """THE FILL RULES over all bars. Returns trade rows (float matrix), equity per bar, locks, counters."""
     n, step_u, min_amt, min_not = len(o), g[1], g[7], g[8]
-    T = np.zeros((n + 1, 13))            # entry_bar, entry_px, amount, stop, exit_bar, exit_px, reason, e_fee, x_fee,
+    T = np.empty((n + 1, 13))            # entry_bar, entry_px, amount, stop, exit_bar, exit_px, reason, e_fee, x_fee,
     locks = np.full((n + 1, 3), -1.0)    # stop_limit, signal_px, pnl, equity_after | lock_bar, unlock_bar, losses
     eq = np.empty(n)
     k = nl = rej = resized = skipped = denied_lock = denied_floor = losses = 0

@@ -20,7 +20,7 @@ TARGETS = {                              # the one place for the limits; `failed
     "features_s": 0.25, "import_features_s": 1.5,                 # research path (issue 3)
     "backtest_s": 0.03, "backtest_cold_s": 5.0,                   # the backtest (issue 11)
     "live_tick_ms": 20.0, "import_live_s": 1.5, "live_rss_mb": 250.0,   # the live runner
-    # later branches add their limits here: "stop_check_ms" (none yet), "sweep_ms_per_backtest" (issue 12)
+    "sweep_ms_per_backtest": 1.0,          # sweeps (issue 12): >= 1,000 backtests per second, reported as sweep_per_s
 }
 
 
@@ -265,3 +265,23 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
     if out:
         Path(out).write_text(json.dumps(r, indent=2) + "\n")
     return r
+
+# %% ../nbs/13_bench.ipynb #c632a2dc
+_bench_research_backtest = _bench_research
+
+
+def _bench_sweep(candles, progress=print) -> dict:
+    "An EMA grid (fast=5:50:5 x slow=20:200:10) through the many-column kernel, signals included, best of 3."
+    from cryptobot.sweep import parse_grid, run_grid
+    cfg = parse_grid(["fast=5:50:5", "slow=20:200:10"])
+    run = lambda: run_grid(candles, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0)  # noqa: E731
+    run()                                                                 # warm: numba loads the compiled code
+    s = best_of(run, 3)
+    progress(f"sweep_per_s {len(cfg) / s:.0f} ({len(cfg)} EMA configurations in {s:.3f} s, one core)")
+    return {"sweep_per_s": round(len(cfg) / s), "sweep_ms_per_backtest": round(1000 * s / len(cfg), 3),
+            "sweep_configs": len(cfg)}
+
+
+def _bench_research(candles, progress=print) -> dict:
+    "The backtest figures, then the sweep's."
+    return {**_bench_research_backtest(candles, progress), **_bench_sweep(candles, progress)}

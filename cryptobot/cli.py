@@ -17,7 +17,7 @@ __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO
            'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_unlock', 'cmd_config', 'cmd_run', 'cmd_paper',
            'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench',
-           'build_parser', 'main']
+           'build_parser', 'main', 'cmd_sweep', 'cmd_promote']
 
 # %% ../nbs/14_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -509,3 +509,92 @@ def main(argv=None) -> int:
                      f"cryptobot {args.command}: unexpected {type(e).__name__}: {msg}"), file=sys.stderr)
         from cryptobot.config import ConfigError
         return EX_CONFIG if isinstance(e, ConfigError) else 1
+
+# %% ../nbs/14_cli.ipynb #62fc492e
+def cmd_sweep(a) -> int:
+    "`cryptobot sweep`: grid x walk-forward folds on Dask (resumable), PBO and DSR, an HTML report and JSON."
+    from cryptobot.files import atomic_write
+    from cryptobot.reports import utc_stamp
+    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary
+    s = _settings()
+    configs = parse_grid(a.grid or [], a.strategy)
+    fee = s.fee_pct if a.fee is None else a.fee
+    slip = s.slippage_pct if a.slippage is None else a.slippage
+    for name, v in (("--fee", fee), ("--slippage", slip)):
+        if not (0 <= v <= 5):
+            raise ValueError(f"{name} {v}: a percent per side between 0 and 5 (0.1 means 0.1 %)")
+    if a.data:
+        names = [Path(d).stem for d in a.data]
+        if len(set(names)) != len(names):
+            raise ValueError("--data: two files with the same name; rename one (the name labels the symbol)")
+        data = {n: resolve_candles(d, s.symbol, s.timeframe, s.data_dir) for n, d in zip(names, a.data)}
+    else:
+        c = resolve_candles(None, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
+        data = {(s.symbol + (" (synthetic)" if c.attrs.get("source") == "synthetic" else "")): c}
+    sweep_id = a.id or f"{a.strategy.replace(':', '_')}-{utc_stamp()}"
+    sw = run_sweep(data, a.strategy, configs, sweep_id, Path(s.data_dir) / "sweeps", objective=a.objective,
+                   n_folds=a.folds, anchored=a.anchored, sizing=a.sizing, fee=fee / 100, slippage=slip / 100,
+                   initial_cash=a.cash, scheduler=a.scheduler)
+    html = Path(a.html) if a.html else Path(s.reports_dir) / f"sweep-{sweep_id}.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    out = sweep_summary(sw)
+    out["report"] = str(report_sweep_html(sw, html, title=f"cryptobot sweep {sweep_id}: {a.strategy}"))
+    if a.json:
+        atomic_write(a.json, json.dumps(out, indent=2) + "\n")
+    for sym, x in out["symbols"].items():
+        say(f"{sym}: {len(configs)} configurations, walk-forward out of sample {x['oos_return']:+.2%} after costs "
+            f"(buy-and-hold {x['buy_and_hold_return']:+.2%}), PBO {x['pbo'] if x['pbo'] is None else round(x['pbo'], 3)}, "
+            f"DSR {x['dsr']['dsr']:.3f}; best on the whole span: "
+            + ", ".join(f"{k}={x['top'][0][k]}" for k in configs[0]) + f" (Sharpe {x['top'][0]['sharpe']:.2f})")
+    say(f"sweep {sweep_id}: {out['computed']} tasks computed, {out['reused']} reused; report: {out['report']}"
+        + (f"; JSON: {a.json}" if a.json else ""))
+    return 0
+
+
+def cmd_promote(a) -> int:
+    "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
+    from cryptobot.sweep import promote
+    s = _settings()
+    m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, Path(s.data_dir) / "strategies")
+    ev = m["evidence"]
+    say(f"promoted {m['strategy']} {m['params']} (rank {a.rank} of sweep {a.sweep_id}, {ev['configs_tried']} tried): "
+        f"PBO {ev['pbo']}, walk-forward out of sample {ev['walk_forward_oos_return']:+.2%} after costs",
+        f"artifact: {m['path']}")
+    for why in m["evidence_failures"]:
+        print(f"cryptobot promote: WARNING: {why}: the audit will fail this strategy", file=sys.stderr)
+    return 0
+
+
+_build_parser_before_sweep = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    "The parser, with the `sweep` and `promote` subcommands."
+    p = _build_parser_before_sweep()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+    h = "parameter sweep + walk-forward optimisation with overfitting statistics (Dask, resumable, HTML report)"
+    sp = sub.add_parser("sweep", help=h, description=h)
+    sp.set_defaults(func=cmd_sweep)
+    sp.add_argument("--strategy", default="ema_cross", help="ema_cross, rsi_reversion, or module:Class")
+    sp.add_argument("--grid", action="append", metavar="K=a,b,c|K=start:stop:step", help="values of one parameter (repeat)")
+    sp.add_argument("--data", action="append", metavar="FILE", help="candle file, one per symbol (repeat; default: stored)")
+    sp.add_argument("--n-synthetic", type=int, default=26_280, help="synthetic candles if no data is stored")
+    sp.add_argument("--objective", choices=["sharpe", "return", "calmar"], default="sharpe")
+    sp.add_argument("--folds", type=int, default=5, help="walk-forward folds (default 5)")
+    sp.add_argument("--anchored", action="store_true", help="training windows start at the first candle")
+    sp.add_argument("--scheduler", help="'inprocess', 'local', or a dask scheduler address tcp://HOST:PORT")
+    sp.add_argument("--id", help="sweep id: results under data/sweeps/<id>/; the same id resumes")
+    sp.add_argument("--sizing", choices=["risk", "full"], default="risk")
+    sp.add_argument("--fee", type=float, help="percent per side (default: CRYPTOBOT_FEE_PCT)")
+    sp.add_argument("--slippage", type=float, help="percent per market fill (default: CRYPTOBOT_SLIPPAGE_PCT)")
+    sp.add_argument("--cash", type=float, default=10_000.0)
+    sp.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    sp.add_argument("--html", metavar="OUT", help="report path (default reports/sweep-<id>.html)")
+    h = "write a sweep's chosen configuration as a strategy artifact (data/strategies/), its evidence in the manifest"
+    sp = sub.add_parser("promote", help=h, description=h)
+    sp.set_defaults(func=cmd_promote)
+    sp.add_argument("sweep_id")
+    sp.add_argument("--rank", type=int, default=1, help="1 = the best by the sweep's objective (default)")
+    sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
+    return p
+

@@ -1,0 +1,298 @@
+"Sweeps: the grid, the many-column kernel against single backtests (real 5-year file), walk-forward, PBO, DSR."
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryptobot.backtest import backtest
+from cryptobot.data import load_candles, synthetic_candles
+from cryptobot.strategy import EmaCross, RsiReversion, checked_signals
+from cryptobot.sweep import SweepError, grid_signals, grid_trades, parse_grid, run_grid
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
+
+
+@pytest.fixture(scope="module")
+def real():
+    if not REAL.exists():
+        pytest.skip(f"real data absent: {REAL}")
+    return load_candles(REAL)
+
+
+def _same(row, st):
+    "A grid row equals a single backtest's stats: counts and final equity exactly, ratios to rounding."
+    assert row.trades == st["trades"]
+    for k in ("stop", "signal", "max_hold", "take_profit", "end"):
+        assert row[f"exits_{k}"] == st[f"exits_{k}"], k
+    assert row.exits_open == st["open_trades"]
+    assert row.final_equity == st["final_equity"]
+    assert row.max_drawdown == pytest.approx(st["max_drawdown"], rel=1e-12, abs=1e-15)
+    assert row.sharpe == pytest.approx(st["sharpe"], rel=1e-9)
+
+
+def test_ema_12_26_point_of_a_grid_reproduces_the_768_trades(real):
+    cfg = parse_grid(["fast=5:50:1", "slow=20:60:2"])
+    j = cfg.index({"fast": 12, "slow": 26})
+    res = run_grid(real, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0)
+    single = backtest(real, EmaCross(fast=12, slow=26), sizing="full", fee=0.001, slippage=0.0)
+    assert single.stats["trades"] == 768 and res.trades[j] == 768
+    _same(res.iloc[j], single.stats)
+    pd.testing.assert_frame_equal(grid_trades(real, "ema_cross", cfg, [j], sizing="full", fee=0.001, slippage=0.0)[0],
+                                  single.trades)
+
+
+@pytest.mark.parametrize("sizing,fee,slip", [("full", 0.001, 0.0), ("risk", 0.0004, 0.0002)])
+def test_random_grid_points_equal_single_backtests(real, sizing, fee, slip):
+    "12 random points per cost setting (24 in all), max_hold / take_profit varied per column too."
+    cfg = parse_grid(["fast=2:80:3", "slow=10:300:7"])
+    rng = np.random.default_rng(12)
+    pick = sorted(rng.choice(len(cfg), 12, replace=False))
+    sub = [dict(cfg[j], **({"max_hold": 24} if i % 3 == 1 else {}), **({"take_profit_pct": 3.0} if i % 3 == 2 else {}))
+           for i, j in enumerate(pick)]
+    res = run_grid(real, "ema_cross", sub, sizing=sizing, fee=fee, slippage=slip)
+    EN, EX = grid_signals("ema_cross", real, sub)
+    trades = grid_trades(real, "ema_cross", sub, list(range(len(sub))), sizing=sizing, fee=fee, slippage=slip)
+    for j, p in enumerate(sub):
+        single = backtest(real, EmaCross(**p), sizing=sizing, fee=fee, slippage=slip)
+        en, ex = checked_signals(EmaCross(**p), real)
+        assert (EN[j] == en).all() and (EX[j] == ex).all(), p
+        _same(res.iloc[j], single.stats)
+        pd.testing.assert_frame_equal(trades[j], single.trades)
+    assert res.exits_max_hold.sum() > 0 and res.exits_take_profit.sum() > 0
+
+
+def test_other_strategies_take_the_generic_signal_path():
+    c = synthetic_candles(n=4000, seed=5)
+    cfg = parse_grid(["period=7,14", "lower=25,30", "upper=70"], "rsi_reversion")
+    res = run_grid(c, "rsi_reversion", cfg, sizing="full", fee=0.001, slippage=0.0)
+    for j, p in enumerate(cfg):
+        _same(res.iloc[j], backtest(c, RsiReversion(**p), sizing="full", fee=0.001, slippage=0.0).stats)
+
+
+def test_windows_are_backtests_of_the_slice_with_history_signals():
+    c = synthetic_candles(n=3000, seed=9)
+    cfg = parse_grid(["fast=5,10", "slow=30"])
+    res = run_grid(c, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0, windows=[(1000, 2000)], end="exit")
+    from cryptobot.backtest import simulate_signals
+    EN, EX = grid_signals("ema_cross", c, cfg)
+    for j in range(2):
+        tr = simulate_signals(c.iloc[1000:2000], EN[j, 1000:2000], EX[j, 1000:2000], sizing="full", fee=0.001,
+                              slippage=0.0, end="exit")
+        assert res.trades[j] == len(tr) and res.final_equity[j] == pytest.approx(tr.attrs["final_equity"], rel=1e-12)
+
+
+@pytest.mark.parametrize("specs,key", [(["fast=1:5:1"], "fast"), (["fast=12.5"], "fast"), (["speed=3"], "speed"),
+                                       (["slow=20:10:5"], "slow"), (["slow=a,b"], "slow"), (["fast=5", "fast=6"], "fast"),
+                                       (["slow=20:200:0"], "slow"), (["slow=500"], "slow")])
+def test_bad_grid_specs_are_refused_in_one_line_naming_the_key(specs, key):
+    with pytest.raises(SweepError) as e:
+        parse_grid(specs)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_walk_forward_on_the_real_file_chains_single_backtests_of_each_choice(real):
+    from cryptobot.backtest import simulate_signals
+    from cryptobot.sweep import OBJECTIVES, walk_forward
+    cfg = parse_grid(["fast=4:60:2", "slow=20:300:10"])
+    assert len(cfg) >= 500
+    wf = walk_forward(real, "ema_cross", cfg, "calmar", n_folds=4, anchored=True, sizing="full", fee=0.001, slippage=0.0)
+    cash = 10_000.0
+    for f in wf["folds"].itertuples():
+        ins = wf["grid"][(wf["grid"].fold == f.fold) & (wf["grid"]["sample"] == "is")]
+        assert ins.calmar.max() == ins.calmar.iloc[f.config]                # chosen by the objective in training
+        lo, hi = real.index.get_loc(f.test_start), real.index.get_loc(f.test_end) + 1
+        en, ex = checked_signals(EmaCross(**cfg[f.config]), real)
+        tr = simulate_signals(real.iloc[lo:hi], en[lo:hi], ex[lo:hi], sizing="full", fee=0.001, slippage=0.0,
+                              initial_cash=cash, end="exit")
+        assert wf["equity"].loc[f.test_end] == pytest.approx(tr.attrs["final_equity"], rel=1e-9)
+        cash = tr.attrs["final_equity"]
+    assert wf["oos_return"] == pytest.approx(cash / 10_000 - 1, rel=1e-9)
+    assert wf["equity"].index.equals(wf["benchmark"].index) and wf["equity"].index[-1] == real.index[-1]
+    assert 0 <= wf["pbo"]["pbo"] <= 1 and wf["pbo"]["splits"] == 12870 and 0 <= wf["dsr"]["dsr"] <= 1
+    assert set(OBJECTIVES) == {"sharpe", "return", "calmar"}
+
+
+def test_pbo_knows_noise_from_skill():
+    from cryptobot.sweep import block_stats, pbo_cscv
+    rng = np.random.default_rng(1)
+    noise = [pbo_cscv(block_stats(rng.normal(0, 0.01, (1500, 40)), 12))["pbo"] for _ in range(4)]
+    assert abs(np.mean(noise) - 0.5) < 0.1                               # the in-sample winner is a coin flip
+    skill = rng.normal(0, 0.01, (1500, 40))
+    skill[:, 3] += 0.008
+    assert pbo_cscv(block_stats(skill, 12))["pbo"] == 0.0
+
+
+def test_deflated_sharpe_by_hand():
+    import math
+    from scipy.stats import norm
+    from cryptobot.sweep import deflated_sharpe
+    sr, T, N, V, sk, ku = 0.05, 5000, 250, 0.0004, -0.3, 6.0
+    g = 0.5772156649015329
+    sr0 = math.sqrt(V) * ((1 - g) * norm.ppf(1 - 1 / N) + g * norm.ppf(1 - 1 / (N * math.e)))
+    want = norm.cdf((sr - sr0) * math.sqrt(T - 1) / math.sqrt(1 - sk * sr + (ku - 1) / 4 * sr ** 2))
+    assert deflated_sharpe(sr, T, N, V, sk, ku) == pytest.approx(want, rel=1e-12) and 0 < want < 1
+
+
+def test_walk_forward_refuses_an_unknown_objective():
+    from cryptobot.sweep import walk_forward
+    with pytest.raises(SweepError, match="objective"):
+        walk_forward(synthetic_candles(n=2000), "ema_cross", parse_grid(["fast=5", "slow=20"]), "profit")
+
+
+SWEEP_KW = dict(n_folds=3, block_size=8, blocks=8, sizing="full", fee=0.001, slippage=0.0)
+
+
+def _figures(sw):
+    "Everything a sweep reports, as JSON text (NaN spelt out, so equal results compare equal)."
+    import json
+    r = sw["symbols"]
+    return json.dumps({s: (w["folds"].to_dict("list"), w["grid"].to_dict("list"), w["whole"].to_dict("list"), w["oos_return"],
+                w["pbo"]["pbo"], list(w["pbo"]["logits"]), w["dsr"], list(w["equity"])) for s, w in r.items()},
+                      default=str, sort_keys=True)
+
+
+def _run_in_subprocess(root, sweep_id, data_path, grid):
+    import subprocess
+    import sys
+    code = ("import sys; from cryptobot.data import load_candles; from cryptobot.sweep import parse_grid, run_sweep; "
+            f"run_sweep({{'BTC': load_candles({str(data_path)!r})}}, 'ema_cross', parse_grid({grid!r}), {sweep_id!r}, "
+            f"{str(root)!r}, scheduler='inprocess', **{SWEEP_KW!r})")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_a_killed_sweep_resumes_and_computes_only_what_is_missing(real, tmp_path):
+    import os
+    import signal
+    import time
+    from cryptobot.sweep import run_sweep
+    grid = ["fast=4:60:2", "slow=20:300:10"]
+    cfg = parse_grid(grid)
+    total = len(range(0, len(cfg), 8)) * 4
+    p = _run_in_subprocess(tmp_path, "killed", REAL, grid)
+    store = tmp_path / "killed" / "BTC"
+    t0 = time.monotonic()
+    while len(list(store.glob("*.parquet"))) < 20 and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    before = len(list(store.glob("*.parquet")))
+    assert 20 <= before < total, (before, total, p.stderr.read())
+    resumed = run_sweep({"BTC": real}, "ema_cross", cfg, "killed", tmp_path, scheduler="inprocess",
+                        progress=lambda m: None, **SWEEP_KW)
+    assert (resumed["tasks"], resumed["reused"], resumed["computed"]) == (total, before, total - before)
+    fresh = run_sweep({"BTC": real}, "ema_cross", cfg, "fresh", tmp_path, scheduler="inprocess", progress=lambda m: None,
+                      **SWEEP_KW)
+    assert fresh["computed"] == total and _figures(resumed) == _figures(fresh)
+
+
+def test_same_sweep_in_process_on_a_local_cluster_and_on_separate_dask_processes(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from cryptobot.sweep import run_sweep
+    c = {"SYN-A (synthetic)": synthetic_candles(n=4000, seed=21), "SYN-B (synthetic)": synthetic_candles(n=4000, seed=22)}
+    cfg = parse_grid(["fast=4:20:4", "slow=25:65:10"])
+    run = lambda i, sch: run_sweep(c, "ema_cross", cfg, i, tmp_path, scheduler=sch, progress=lambda m: None,  # noqa: E731
+                                   **SWEEP_KW)
+    ref = _figures(run("inproc", "inprocess"))
+    assert _figures(run("local", "local")) == ref
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dask = [os.path.join(os.path.dirname(sys.executable), "dask")]
+    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        procs.append(subprocess.Popen(dask + ["worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
+                                              "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        from distributed import Client
+        with Client(f"tcp://127.0.0.1:{port}", timeout=30) as cl:
+            cl.wait_for_workers(2, timeout=60)
+        sw = run("remote", f"tcp://127.0.0.1:{port}")
+        assert sw["computed"] == sw["tasks"] and _figures(sw) == ref
+    finally:
+        for p in procs[::-1]:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs[::-1]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _cli(args, cwd):
+    import os
+    import subprocess
+    import sys
+    code = "import sys; from cryptobot.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "CRYPTOBOT_STATE_DIR": str(cwd)})
+
+
+def test_cli_sweep_of_500_plus_configurations_on_the_real_file_writes_report_and_json_and_resumes(real, tmp_path):
+    import json
+    args = ["sweep", "--strategy", "ema_cross", "--grid", "fast=4:60:2", "--grid", "slow=20:300:10", "--data", str(REAL),
+            "--objective", "sharpe", "--id", "real", "--sizing", "full", "--fee", "0.1", "--slippage", "0",
+            "--scheduler", "inprocess", "--json", "out.json"]
+    p = _cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "sweep real: 78 tasks" in p.stderr and "78/78 tasks computed" in p.stderr     # progress on stderr
+    js = json.loads((tmp_path / "out.json").read_text())
+    assert js["configs"] == 786 and js["computed"] == 78
+    x = js["symbols"][REAL.stem]
+    assert len(x["folds"]) == 5 and len(x["top"]) == 10 and 0 <= x["pbo"] <= 1 and 0 <= x["dsr"]["dsr"] <= 1
+    assert x["buy_and_hold_return"] > 1 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)
+    page = (tmp_path / "reports" / "sweep-real.html").read_text()
+    assert page.count("Plotly.newPlot") == 2 and '"type": "heatmap"' in page and "<script src=" not in page
+    assert "probability of backtest overfitting" in page and "deflated Sharpe ratio" in page
+    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "result.json", "sweep.json"]
+    again = _cli(args, tmp_path)
+    assert again.returncode == 0 and "78 already stored, 0 to compute" in again.stderr
+    js2 = json.loads((tmp_path / "out.json").read_text())
+    assert js2["reused"] == 78 and js2["symbols"] == js["symbols"]
+
+
+@pytest.mark.parametrize("grid,says", [(["--grid", "fast=1:9:1"], "--grid fast"), (["--grid", "speed=3"], "--grid speed"),
+                                       ([], "no --grid")])
+def test_cli_sweep_refuses_a_bad_grid_in_one_line(tmp_path, grid, says):
+    p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "2000", *grid], tmp_path)
+    assert p.returncode == 1 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data" / "sweeps").exists()
+
+
+def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path):
+    import json
+    p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "3000", "--grid", "fast=5:15:5", "--grid", "slow=30,60",
+              "--folds", "2", "--id", "s1", "--scheduler", "inprocess", "--json", "s.json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    top = next(iter(json.loads((tmp_path / "s.json").read_text())["symbols"].values()))["top"]
+    q = _cli(["promote", "s1", "--rank", "2"], tmp_path)
+    assert q.returncode == 0, q.stderr
+    [art] = list((tmp_path / "data" / "strategies").glob("*/strategy.json"))
+    m = json.loads(art.read_text())
+    assert (m["params"]["fast"], m["params"]["slow"]) == (top[1]["fast"], top[1]["slow"])
+    assert m["fingerprint"] == EmaCross(fast=top[1]["fast"], slow=top[1]["slow"]).fingerprint()
+    ev = m["evidence"]
+    assert ev["sweep_id"] == "s1" and ev["rank"] == 2 and ev["configs_tried"] == 6 and 0 <= ev["pbo"] <= 1
+    bad = [w for w in ("overfitting", "not positive") if w in " ".join(m["evidence_failures"])]
+    assert bad == [w for w, fails in (("overfitting", ev["pbo"] > 0.5), ("not positive", ev["walk_forward_oos_return"] <= 0))
+                   if fails]
+    assert ("WARNING" in q.stderr) == bool(m["evidence_failures"])
+    r = _cli(["promote", "nope"], tmp_path)
+    assert r.returncode == 1 and "result.json missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_live_path_and_the_cli_import_no_dask_and_no_sweep():
+    import subprocess
+    import sys
+    code = ("import sys, cryptobot.live, cryptobot.cli; print(','.join(m for m in ('dask', 'distributed', 'scipy', "
+            "'cryptobot.sweep') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing cryptobot.live / cryptobot.cli pulled in {out}"
