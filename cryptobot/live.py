@@ -36,14 +36,17 @@ from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE, Approval, Guardian, Signal
 from .journal import Journal, iso, to_epoch
 from .risk import Plan, RiskEngine
+from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
+from .strategy import make_strategy, parse_params, required_window, spec_of
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS',
-           'BINANCE_WEIGHTS', 'LiveError', 'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock',
-           'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
-           'format_stop', 'start_runner', 'run', 'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay',
-           'compare_trades', 'format_comparison', 'bench_live', 'bench_stop_check']
+           'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED',
+           'LIVE_TARGETS', 'BINANCE_WEIGHTS', 'LiveError', 'StartupRefused', 'RedactingFilter', 'setup_logging',
+           'ExchangeClock', 'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy',
+           'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'start_runner', 'run',
+           'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay', 'compare_trades', 'format_comparison',
+           'bench_live', 'bench_stop_check']
 
 # %% ../nbs/11_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -245,6 +248,40 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
                                  f"retrain it (cryptobot train)")
     return art
 
+# %% ../nbs/11_live.ipynb #756994ea
+MAX_KLINES = 1000          # Binance (and the emulator) return at most this many candles per klines call
+
+
+def is_rule(strategy) -> bool:
+    "A `cryptobot.strategy` rule the runner evaluates with `decide()` (the model runs on its probability path)."
+    return isinstance(strategy, RuleStrategy) and not isinstance(strategy, ModelStrategy)
+
+
+def select_strategy(settings: Settings, strategy=None):
+    "The strategy to trade: `strategy` if given, else `CRYPTOBOT_STRATEGY`/`_PARAMS`; None = the model artifact's own."
+    if strategy is None and (settings.strategy != "model" or settings.strategy_params):
+        strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
+    if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
+        from cryptobot.model import Strategy as ModelPolicy
+        strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
+                               strategy.max_hold if strategy.max_hold is not None else 10**9)
+    return strategy
+
+
+def load_strategy(settings: Settings, strategy, artifact=None):
+    "The strategy artifact `strategy` was backtested with, or `StartupRefused` (one line) saying why not."
+    try:
+        art = artifact if hasattr(artifact, "check") else load_strategy_artifact(
+            artifact or artifact_dir(settings.data_dir, strategy))
+        art.check(strategy, feature_fingerprint())
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    m = art.manifest
+    if (m.get("symbol"), m.get("timeframe")) not in ((None, None), (settings.symbol, settings.timeframe)):
+        raise StartupRefused(f"strategy {art.model_id} was backtested on {m.get('symbol')} {m.get('timeframe')}, "
+                             f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market")
+    return art
+
 # %% ../nbs/11_live.ipynb #aa412888
 CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")
 STOP_CRASH_POINTS = ("check",)          # the stop watch between closes (kept apart: the soak draws from CRASH_POINTS)
@@ -356,6 +393,11 @@ class Runner:
         self.data_client, self.journal, self.guardian, self.clock = data_client, journal, guardian, clock
         self._make_exec, self.fills = make_exec, fills
         self.strategy = strategy if strategy is not None else artifact.strategy
+        self.rule = is_rule(self.strategy)        # a cryptobot.strategy rule: decide() on the trailing window
+        self.need = max(LOOKBACK, required_window(self.strategy)) if self.rule else LOOKBACK
+        if self.need + 2 > MAX_KLINES:
+            raise StartupRefused(f"{self.strategy!r} needs {self.need} closed candles; one klines call returns at "
+                                 f"most {MAX_KLINES}: choose a shorter warm-up (smaller spans)")
         self.settle_s, self.poll_s, self.min_poll_s = float(settle_s), float(poll_s), float(min_poll_s)
         self.stop_event = stop_event or threading.Event()
         self.crash = crash or CrashPoints(None)
@@ -386,7 +428,7 @@ class Runner:
     # ------------------------------------------------------------------ data
     def fetch_candles(self) -> pd.DataFrame:
         "The latest candles (closed and forming) in one klines call through the rate-limited client."
-        rows = call_with_retry(self.data_client.fetch_ohlcv, self.symbol, self.tf, None, LOOKBACK + 2,
+        rows = call_with_retry(self.data_client.fetch_ohlcv, self.symbol, self.tf, None, self.need + 2,
                                what="fetch_ohlcv", **self.retry)
         return candles_from_ohlcv(rows, source=f"exchange:{self.symbol}")
 
@@ -401,7 +443,7 @@ class Runner:
         from cryptobot.data import CandleDataError, check_finite
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
-            check_finite(closed.iloc[-LOOKBACK:], where, fix)
+            check_finite(closed.iloc[-self.need:], where, fix)
         except CandleDataError as e:
             return str(e)
         return None if next_open is None or math.isfinite(next_open) else \
@@ -469,15 +511,19 @@ class Runner:
         bad = self._bad_candles(closed, next_open)
         if next_open is not None and not math.isfinite(next_open):
             next_open = None                                # never a (paper) fill price; reported in `bad`
-        proba, usable = None, len(closed) >= LOOKBACK and bad is None
+        proba, usable = None, len(closed) >= self.need and bad is None
         if usable:
-            window = closed.iloc[-LOOKBACK:]
+            window = closed.iloc[-self.need:]
             if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
                 _event("candle_gap", logging.WARNING, candle=iso(close_t))
-            feats = build_features(window)
+            feats = build_features(window.iloc[-LOOKBACK:])
             row = feats.iloc[-1]
-            usable = not row.isna().any()
-            if usable:
+            if self.rule:                                  # the rule decides on candles; the row is journaled if whole
+                if not row.isna().any():
+                    self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()},
+                                                    source="live")
+                self.crash.hit("features")
+            elif usable := not row.isna().any():
                 self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
                 self.crash.hit("features")
                 proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
@@ -486,7 +532,7 @@ class Runner:
             _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
         elif not usable:
             msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
-                  f"need {LOOKBACK} contiguous ones"
+                  f"need {self.need} contiguous ones"
             self.journal.record_poll_error(msg, kind="data")
             _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
         stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
@@ -502,6 +548,11 @@ class Runner:
             prior = self._journaled_signal(close_t)
             if prior is not None:
                 tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
+            elif self.rule:
+                tick.action, tick.reason = self._decide_rule(closed, pos, held)
+                self.journal.log_event("signal", f"{tick.action} at {iso(close_t)}",
+                                       {"candle_time": close_t, "proba": None, "action": tick.action,
+                                        "reason": tick.reason, "bars_held": held, "position": pos is not None})
             else:
                 tick.action = self.strategy.decide(proba, pos is not None, held)
                 tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
@@ -535,6 +586,14 @@ class Runner:
         if self.after_candle is not None:
             self.after_candle(self, tick)
         return tick
+
+    def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str | None]:
+        "The rule strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
+        w = closed.iloc[-required_window(self.strategy):]
+        d = self.strategy.decide(w, build_features(w) if self.strategy.uses_features else None,
+                                 in_position=pos is not None, bars_held=held,
+                                 entry_price=pos.entry_price if pos is not None else None)
+        return str(d), d.reason
 
     def _enter(self, tick: Tick, ctx) -> float | None:
         plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
@@ -800,7 +859,12 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
     except NETWORK_ERRORS as e:
         raise LiveError(f"the exchange is unreachable ({type(e).__name__}); check the network or "
                         f"CRYPTOBOT_EXCHANGE_URL and restart", EX_UNAVAILABLE) from None
-    art = load_model(settings, model, now=now, max_age_days=max_model_age_days)
+    try:
+        strategy = select_strategy(settings, strategy)
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    art = load_strategy(settings, strategy, model) if is_rule(strategy) else \
+        load_model(settings, model, now=now, max_age_days=max_model_age_days)
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
