@@ -91,7 +91,7 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
 
     r.update(_bench_research(candles, progress))
 
-    from cryptobot.live import bench_live
+    from cryptobot.parity import bench_live
     progress("live runner: 500 candles against the emulator ...")
     live = bench_live()
     keys = ("live_tick_ms", "import_live_s", "live_rss_mb", "stop_check_ms", "stop_check_weight_per_hour")

@@ -235,7 +235,7 @@ DEMO_REPLAY = 300  # candles the demo's paper runner trades after the training s
 
 def cmd_demo(a) -> int:
     from cryptobot import data as D, features as F
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     s = _settings()
     t0 = time.perf_counter()
     n = a.n_synthetic + DEMO_REPLAY
@@ -328,7 +328,8 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError, parity
+    from cryptobot.live import LiveError
+    from cryptobot.parity import parity
     try:
         rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
     except LiveError as e:
@@ -339,7 +340,7 @@ def cmd_parity(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     from cryptobot.model import latest_model
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)

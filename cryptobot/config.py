@@ -189,8 +189,8 @@ def _check_strategy(v: str) -> str:
     return v
 
 
-def _check_params(v: str) -> str:
-    if not PARAMS_RE.match(v):
+def _check_params(v: str | None) -> str | None:
+    if v is not None and not PARAMS_RE.match(v):
         raise _Bad("is not a parameter list: name=value pairs separated by commas (e.g. fast=12,slow=26)")
     return v
 
@@ -255,7 +255,7 @@ SETTINGS_KEYS: dict[str, tuple[str, str, str, str]] = {
     "CRYPTOBOT_STOP_ORDER": ("stop_order", "text", "auto", "protective stop order type: auto, market or limit"),
     "CRYPTOBOT_STOP_CHECK_S": ("stop_check_s", "int", "60", LIMITS["stop_check_s"].what),
     "CRYPTOBOT_STRATEGY": ("strategy", "text", "model", "strategy the runner trades: model, ema_cross, rsi_reversion or module:Class"),
-    "CRYPTOBOT_STRATEGY_PARAMS": ("strategy_params", "text", "", "its parameters, name=value,... (e.g. fast=12,slow=26)"),
+    "CRYPTOBOT_STRATEGY_PARAMS": ("strategy_params", "optional", "", "its parameters, name=value,... (e.g. fast=12,slow=26)"),
     "CRYPTOBOT_MODE": ("", "mode", "", "optional assertion: paper | testnet | live; must agree with GO_LIVE/BINANCE_TESTNET"),
 }
 FIELD_KEYS = {f: k for k, (f, *_ignored) in SETTINGS_KEYS.items() if f}
@@ -296,7 +296,7 @@ class Settings:
     stop_order: Annotated[str, AfterValidator(_one_of(STOP_ORDERS, "a stop order type"))] = "auto"
     stop_check_s: _number("stop_check_s") = 60
     strategy: Annotated[str, AfterValidator(_check_strategy)] = "model"
-    strategy_params: Annotated[str, AfterValidator(_check_params)] = ""
+    strategy_params: Annotated[str | None, AfterValidator(_check_params)] = None
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
     secrets_file_insecure: bool = dataclasses.field(default=False, compare=False, repr=False)
 

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from cryptobot.config import Settings
-from cryptobot.live import EX_CONFIG, compare_trades, format_comparison, replay, run, setup_logging
+from cryptobot.live import EX_CONFIG, run, setup_logging
+from cryptobot.parity import compare_trades, format_comparison, replay
 from cryptobot.strategy import EmaCross, RsiReversion, checked_signals, make_strategy, required_window, \
     save_strategy_artifact
 
@@ -176,3 +177,25 @@ def test_runner_refuses_changed_strategy_code(emu, tmp_path):
     assert bad.returncode == EX_CONFIG and len(lines) == 1 and "differs in its code" in lines[0], bad.stdout[-2000:]
     assert art.exists()
 
+
+
+def test_backtest_cli_saves_the_artifact_the_runner_trades(emu, tmp_path):
+    "`cryptobot backtest --strategy ... --save-artifact` writes DATA_DIR/strategies/<name>/strategy.json; the runner "
+    "started with the same CRYPTOBOT_STRATEGY/_PARAMS trades it, and with another parameter refuses it."
+    import dataclasses
+    import json
+    env = {**os.environ, "CRYPTOBOT_DATA_DIR": str(tmp_path / "data"), "CRYPTOBOT_STATE_DIR": str(tmp_path / "st"),
+           "CRYPTOBOT_REPORTS_DIR": str(tmp_path / "rep")}
+    code = "import sys; from cryptobot.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, "backtest", "--strategy", "rsi_reversion", "--param", "period=10",
+                        "--data", "synthetic", "--n-synthetic", "2000", "--save-artifact"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "data" / "strategies" / "rsi_reversion" / "strategy.json").read_text())
+    assert m["params"]["period"] == 10 and m["strategy_fingerprint"] == RsiReversion(period=10).fingerprint()
+    assert "strategy artifact:" in p.stdout and m["backtest"]["trades"] >= 0
+    s = Settings(state_dir=tmp_path / "st", data_dir=tmp_path / "data", exchange_url=emu.base_url, api_key=KEY,
+                 api_secret=SECRET, strategy="rsi_reversion", strategy_params="period=10")
+    assert _run(s) == (0, [])
+    rc, refused = _run(dataclasses.replace(s, strategy_params="period=11", state_dir=tmp_path / "st2"))
+    assert rc == EX_CONFIG and "differs in its parameters" in refused[0]
