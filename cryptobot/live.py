@@ -362,7 +362,7 @@ class _NetTimer:
             wrapped._net_timed = True
             setattr(obj, name, wrapped)
 
-# %% ../nbs/11_live.ipynb #ed746bc9
+# %% ../nbs/11_live.ipynb #52eed2de
 @dataclass
 class Tick:
     "What one tick did."
@@ -447,259 +447,282 @@ class Runner:
         return None if next_open is None or math.isfinite(next_open) else \
             f"{where}: the forming candle opens at {next_open}; {fix}"
 
-    # ------------------------------------------------------------------ start-up
-    def start(self) -> "Runner":
-        "Build the executor and reconcile with the exchange before anything else."
-        now = self.clock.sync()
-        if self.executor is None:
-            closed, nxt = self._split(self.fetch_candles(), now)
-            if len(closed) == 0:
-                raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
-                                EX_UNAVAILABLE)
-            self.executor = self._make_exec(closed, nxt)
-        self.crash.install(self.journal, self.executor.venue)
-        self.net.install(self.executor.venue)
-        self.executor.market                               # markets + the stop's order type: refused here if impossible
-        rep = self.executor.reconcile()
-        _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
-               actions=len(rep.actions), problems="; ".join(rep.problems) or None,
-               position=rep.position.entry_cid if rep.position else "flat")
-        done = self.journal.last_events(1, kind="candle_done")
-        self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
-        self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
-        self.started = True
-        return self
 
-    # ------------------------------------------------------------------ one tick
-    def _journaled_signal(self, close_t: float) -> dict | None:
-        rows = self.journal.last_events(1, kind="signal")
-        d = rows[0]["data"] if rows else None
-        return d if d and abs(float(d.get("candle_time", -1)) - close_t) < 0.5 else None
-
-    def _feed(self, closed: pd.DataFrame, next_open: float | None) -> str:
-        "Stop check for the closed candle (paper: first feed the simulated venue every candle it has not seen)."
-        ex = self.executor
-        if self.fills == "paper":
-            forming = ex.venue.engine.now
-            missed = closed[(closed.index >= forming)].iloc[:-1]
-            missed = missed[np.isfinite(missed.to_numpy()).all(axis=1)]        # a non-finite candle is never fed
-            for k in range(len(missed)):
-                ex.venue.feed(missed.iloc[k], float(closed["open"].loc[closed.index > missed.index[k]].iloc[0]))
-            return ex.on_candle(closed.iloc[-1], price=next_open)
-        return ex.on_candle(closed.iloc[-1])
-
-    def step(self, decide: bool = True) -> Tick | None:
-        "Process the newest closed candle if it is new; None if there is none yet. Network errors propagate."
-        if not self.started:
-            self.start()
-        now = self.clock.sync()
-        frame = self.fetch_candles()
-        closed, next_open = self._split(frame, now)
+# %% ../nbs/11_live.ipynb #26bc56b5
+def _start(self) -> "Runner":
+    "Build the executor and reconcile with the exchange before anything else."
+    now = self.clock.sync()
+    if self.executor is None:
+        closed, nxt = self._split(self.fetch_candles(), now)
         if len(closed) == 0:
-            return None
-        close_t = float(_epoch_s(closed.index[-1:])[0] + self.tf_s)
-        if self.last_done is not None and close_t <= self.last_done + 0.5:
-            return None
-        net0, t_in = self.net.total, time.perf_counter()
-        self.crash.hit("tick")
-        close = float(closed["close"].iloc[-1])
-        if self.last_done is not None and close_t - self.last_done > self.tf_s + 0.5:
-            _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
-                   last_done=iso(self.last_done), now=iso(close_t))
-        bad = self._bad_candles(closed, next_open)
-        if next_open is not None and not math.isfinite(next_open):
-            next_open = None                                # never a (paper) fill price; reported in `bad`
-        proba, usable = None, len(closed) >= self.need and bad is None
-        if usable:
-            window = closed.iloc[-self.need:]
-            if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
-                _event("candle_gap", logging.WARNING, candle=iso(close_t))
-            feats = build_features(window.iloc[-LOOKBACK:])
-            row = feats.iloc[-1]
-            if self.rule:                                  # the rule decides on candles; the row is journaled if whole
-                if not row.isna().any():
-                    self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()},
-                                                    source="live")
-                self.crash.hit("features")
-            elif usable := not row.isna().any():
-                self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
-                self.crash.hit("features")
-                proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
-        if bad is not None:
-            self.journal.record_poll_error(bad, kind="data")
-            _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
-        elif not usable:
-            msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
-                  f"need {self.need} contiguous ones"
-            self.journal.record_poll_error(msg, kind="data")
-            _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
-        stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
-            self.executor.sync(close_t)                     # an inf/NaN candle is not fed; the stop is still checked
-        if not self.executor.reconciled:
-            self.executor.reconcile()
-        tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
-        t_out = None
-        ctx = None
-        if decide and usable:
-            pos = self.executor.position()
-            held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
-            prior = self._journaled_signal(close_t)
-            if prior is not None:
-                tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
-            elif self.rule:
-                tick.action, tick.reason = self._decide_rule(closed, pos, held)
-                self.journal.log_event("signal", f"{tick.action} at {iso(close_t)}",
-                                       {"candle_time": close_t, "proba": None, "action": tick.action,
-                                        "reason": tick.reason, "bars_held": held, "position": pos is not None})
-            else:
-                tick.action = self.strategy.decide(proba, pos is not None, held)
-                tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
-                self.journal.log_event("signal", f"{tick.action} p={proba:.4f} at {iso(close_t)}",
-                                       {"candle_time": close_t, "proba": proba, "action": tick.action,
-                                        "reason": tick.reason, "bars_held": held, "position": pos is not None})
-            ctx = self.executor.context(now=self.clock(), last_candle_close=close_t, feature_fingerprint=self.fp,
-                                        price=close)
-            if tick.action == ENTER and pos is None:
-                t_out = self._enter(tick, ctx)
-            elif tick.action == EXIT and pos is not None:
-                t_out = time.perf_counter()
-                tick.outcome = self._exit(tick)
-            elif tick.action in (ENTER, EXIT):
-                tick.outcome = "already_done"
-        if t_out is None:
+            raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
+                            EX_UNAVAILABLE)
+        self.executor = self._make_exec(closed, nxt)
+    self.crash.install(self.journal, self.executor.venue)
+    self.net.install(self.executor.venue)
+    self.executor.market                               # markets + the stop's order type: refused here if impossible
+    rep = self.executor.reconcile()
+    _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
+           actions=len(rep.actions), problems="; ".join(rep.problems) or None,
+           position=rep.position.entry_cid if rep.position else "flat")
+    done = self.journal.last_events(1, kind="candle_done")
+    self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
+    self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
+    self.started = True
+    return self
+
+
+Runner.start = _start
+
+
+# %% ../nbs/11_live.ipynb #095ddcb8
+def _journaled_signal(self, close_t: float) -> dict | None:
+    rows = self.journal.last_events(1, kind="signal")
+    d = rows[0]["data"] if rows else None
+    return d if d and abs(float(d.get("candle_time", -1)) - close_t) < 0.5 else None
+
+def _feed(self, closed: pd.DataFrame, next_open: float | None) -> str:
+    "Stop check for the closed candle (paper: first feed the simulated venue every candle it has not seen)."
+    ex = self.executor
+    if self.fills == "paper":
+        forming = ex.venue.engine.now
+        missed = closed[(closed.index >= forming)].iloc[:-1]
+        missed = missed[np.isfinite(missed.to_numpy()).all(axis=1)]        # a non-finite candle is never fed
+        for k in range(len(missed)):
+            ex.venue.feed(missed.iloc[k], float(closed["open"].loc[closed.index > missed.index[k]].iloc[0]))
+        return ex.on_candle(closed.iloc[-1], price=next_open)
+    return ex.on_candle(closed.iloc[-1])
+
+
+Runner._journaled_signal, Runner._feed = _journaled_signal, _feed
+
+
+# %% ../nbs/11_live.ipynb #ae5eb0e5
+def _step(self, decide: bool = True) -> Tick | None:
+    "Process the newest closed candle if it is new; None if there is none yet. Network errors propagate."
+    if not self.started:
+        self.start()
+    now = self.clock.sync()
+    frame = self.fetch_candles()
+    closed, next_open = self._split(frame, now)
+    if len(closed) == 0:
+        return None
+    close_t = float(_epoch_s(closed.index[-1:])[0] + self.tf_s)
+    if self.last_done is not None and close_t <= self.last_done + 0.5:
+        return None
+    net0, t_in = self.net.total, time.perf_counter()
+    self.crash.hit("tick")
+    close = float(closed["close"].iloc[-1])
+    if self.last_done is not None and close_t - self.last_done > self.tf_s + 0.5:
+        _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
+               last_done=iso(self.last_done), now=iso(close_t))
+    bad = self._bad_candles(closed, next_open)
+    if next_open is not None and not math.isfinite(next_open):
+        next_open = None                                # never a (paper) fill price; reported in `bad`
+    proba, usable = None, len(closed) >= self.need and bad is None
+    if usable:
+        window = closed.iloc[-self.need:]
+        if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
+            _event("candle_gap", logging.WARNING, candle=iso(close_t))
+        feats = build_features(window.iloc[-LOOKBACK:])
+        row = feats.iloc[-1]
+        if self.rule:                                  # the rule decides on candles; the row is journaled if whole
+            if not row.isna().any():
+                self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()},
+                                                source="live")
+            self.crash.hit("features")
+        elif usable := not row.isna().any():
+            self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
+            self.crash.hit("features")
+            proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
+    if bad is not None:
+        self.journal.record_poll_error(bad, kind="data")
+        _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
+    elif not usable:
+        msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
+              f"need {self.need} contiguous ones"
+        self.journal.record_poll_error(msg, kind="data")
+        _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
+    stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
+        self.executor.sync(close_t)                     # an inf/NaN candle is not fed; the stop is still checked
+    if not self.executor.reconciled:
+        self.executor.reconcile()
+    tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
+    t_out = None
+    ctx = None
+    if decide and usable:
+        pos = self.executor.position()
+        held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
+        prior = self._journaled_signal(close_t)
+        if prior is not None:
+            tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
+        elif self.rule:
+            tick.action, tick.reason = self._decide_rule(closed, pos, held)
+            self.journal.log_event("signal", f"{tick.action} at {iso(close_t)}",
+                                   {"candle_time": close_t, "proba": None, "action": tick.action,
+                                    "reason": tick.reason, "bars_held": held, "position": pos is not None})
+        else:
+            tick.action = self.strategy.decide(proba, pos is not None, held)
+            tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
+            self.journal.log_event("signal", f"{tick.action} p={proba:.4f} at {iso(close_t)}",
+                                   {"candle_time": close_t, "proba": proba, "action": tick.action,
+                                    "reason": tick.reason, "bars_held": held, "position": pos is not None})
+        ctx = self.executor.context(now=self.clock(), last_candle_close=close_t, feature_fingerprint=self.fp,
+                                    price=close)
+        if tick.action == ENTER and pos is None:
+            t_out = self._enter(tick, ctx)
+        elif tick.action == EXIT and pos is not None:
             t_out = time.perf_counter()
-        tick.net_ms = (self.net.total - net0) * 1000.0
-        tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
-        self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
-        self._checked(stop)                               # the close's stop check counts; schedule the next one
-        self.crash.hit("done")
-        self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
-                               {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
-                                "proba": proba, "stop": stop})
-        self.last_done = close_t
-        self.ticks += 1
-        _event("candle", candle=iso(close_t), close=close, p=None if proba is None else round(proba, 4),
-               action=tick.action, outcome=tick.outcome or None, reason=tick.reason, stop=stop,
-               replayed=tick.replayed or None, tick_ms=round(tick.tick_ms, 2))
-        if self.after_candle is not None:
-            self.after_candle(self, tick)
-        return tick
+            tick.outcome = self._exit(tick)
+        elif tick.action in (ENTER, EXIT):
+            tick.outcome = "already_done"
+    if t_out is None:
+        t_out = time.perf_counter()
+    tick.net_ms = (self.net.total - net0) * 1000.0
+    tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
+    self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
+    self._checked(stop)                               # the close's stop check counts; schedule the next one
+    self.crash.hit("done")
+    self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
+                           {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
+                            "proba": proba, "stop": stop})
+    self.last_done = close_t
+    self.ticks += 1
+    _event("candle", candle=iso(close_t), close=close, p=None if proba is None else round(proba, 4),
+           action=tick.action, outcome=tick.outcome or None, reason=tick.reason, stop=stop,
+           replayed=tick.replayed or None, tick_ms=round(tick.tick_ms, 2))
+    if self.after_candle is not None:
+        self.after_candle(self, tick)
+    return tick
 
-    def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str | None]:
-        "The rule strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
-        w = closed.iloc[-required_window(self.strategy):]
-        d = self.strategy.decide(w, build_features(w) if self.strategy.uses_features else None,
-                                 in_position=pos is not None, bars_held=held,
-                                 entry_price=pos.entry_price if pos is not None else None)
-        return str(d), d.reason
 
-    def _enter(self, tick: Tick, ctx) -> float | None:
-        plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
-                              market=self.executor.market, symbol=self.symbol)
-        if not isinstance(plan, Plan):
-            tick.outcome = "risk_rejected"
-            self.journal.log_event("risk_rejected", f"{iso(tick.candle_time)}: {plan}",
-                                   {"candle_time": tick.candle_time, "reason": str(plan)})
-            _event("risk_rejected", logging.WARNING, candle=iso(tick.candle_time), reason=str(plan))
-            return None
-        sig = Signal(self.symbol, "buy", tick.candle_time, self.model_fp, probability=tick.proba)
-        decision = self.guardian.approve(sig, plan, ctx)
-        self.crash.hit("decision")
-        if not isinstance(decision, Approval):
-            tick.outcome = "denied"
-            _event("denied", logging.WARNING, candle=iso(tick.candle_time),
-                   reasons="; ".join(str(f) for f in decision.failures))
-            return None
-        fut = self.queue.submit(self.symbol, self.executor.enter, decision)
-        t_out = time.perf_counter()                      # the order intent is out of the decision path
-        res = fut.result(self.order_timeout_s)
-        tick.outcome = "entered" if res.filled else f"entry_{res.status}"
-        _event("entry", cid=res.client_order_id, status=res.status, filled=res.filled, average=res.average,
-               stop=res.stop_client_order_id, emergency=res.emergency_exit or None, reason=res.reason or None)
-        return t_out
+Runner.step = _step
 
-    def _exit(self, tick: Tick) -> str:
-        fut = self.queue.submit(self.symbol, self.executor.exit, tick.candle_time, tick.reason or "signal")
-        trade = fut.result(self.order_timeout_s)
-        if trade is None:
-            return "exit_pending" if self.executor.position() is not None else "flat"
-        _event("exit", entry=trade.trade_key, reason=trade.exit_reason, pnl=trade.pnl, exit_price=trade.exit_price)
-        return "exited"
 
-    # ------------------------------------------------------------------ the loop
-    def _wait(self) -> str:
-        "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
-        first = True
+# %% ../nbs/11_live.ipynb #c1d92aba
+def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str | None]:
+    "The rule strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
+    w = closed.iloc[-required_window(self.strategy):]
+    d = self.strategy.decide(w, build_features(w) if self.strategy.uses_features else None,
+                             in_position=pos is not None, bars_held=held,
+                             entry_price=pos.entry_price if pos is not None else None)
+    return str(d), d.reason
+
+def _enter(self, tick: Tick, ctx) -> float | None:
+    plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
+                          market=self.executor.market, symbol=self.symbol)
+    if not isinstance(plan, Plan):
+        tick.outcome = "risk_rejected"
+        self.journal.log_event("risk_rejected", f"{iso(tick.candle_time)}: {plan}",
+                               {"candle_time": tick.candle_time, "reason": str(plan)})
+        _event("risk_rejected", logging.WARNING, candle=iso(tick.candle_time), reason=str(plan))
+        return None
+    sig = Signal(self.symbol, "buy", tick.candle_time, self.model_fp, probability=tick.proba)
+    decision = self.guardian.approve(sig, plan, ctx)
+    self.crash.hit("decision")
+    if not isinstance(decision, Approval):
+        tick.outcome = "denied"
+        _event("denied", logging.WARNING, candle=iso(tick.candle_time),
+               reasons="; ".join(str(f) for f in decision.failures))
+        return None
+    fut = self.queue.submit(self.symbol, self.executor.enter, decision)
+    t_out = time.perf_counter()                      # the order intent is out of the decision path
+    res = fut.result(self.order_timeout_s)
+    tick.outcome = "entered" if res.filled else f"entry_{res.status}"
+    _event("entry", cid=res.client_order_id, status=res.status, filled=res.filled, average=res.average,
+           stop=res.stop_client_order_id, emergency=res.emergency_exit or None, reason=res.reason or None)
+    return t_out
+
+def _exit(self, tick: Tick) -> str:
+    fut = self.queue.submit(self.symbol, self.executor.exit, tick.candle_time, tick.reason or "signal")
+    trade = fut.result(self.order_timeout_s)
+    if trade is None:
+        return "exit_pending" if self.executor.position() is not None else "flat"
+    _event("exit", entry=trade.trade_key, reason=trade.exit_reason, pnl=trade.pnl, exit_price=trade.exit_price)
+    return "exited"
+
+
+Runner._decide_rule, Runner._enter, Runner._exit = _decide_rule, _enter, _exit
+
+
+# %% ../nbs/11_live.ipynb #44a7b70d
+def _wait(self) -> str:
+    "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
+    first = True
+    while not self.stop_event.is_set():
+        try:
+            now = self.clock.sync()
+        except NETWORK_ERRORS as e:
+            self._poll_error("fetch_time", e)
+            self.stop_event.wait(self.min_poll_s)
+            return "candle"
+        base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
+        target = base + self.tf_s + self.settle_s
+        if target <= now:                              # the candle is due: on the first pass it is late at the
+            if first:                                  # exchange (step found none): poll again soon
+                self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
+                                                     unknown=self.min_poll_s))
+            return "candle"
+        if self.next_check is not None:
+            if self.next_check <= now:
+                return "check"
+            target = min(target, self.next_check)
+        self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
+        first = False
+    return "candle"
+
+def _poll_error(self, what: str, e: BaseException) -> None:
+    msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    msg = _SIG_RE.sub(r"\1****", msg)
+    try:
+        self.journal.record_poll_error(msg, kind="poll")
+    except Exception:  # noqa: BLE001 - the log line says it
+        pass
+    _event("poll_error", logging.WARNING, what=what, error=type(e).__name__)
+
+def _run_loop(self, max_candles: int | None = None) -> int:
+    "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
+    if not self.started:
+        self.start()
+    n, why = 0, "candle"
+    try:
         while not self.stop_event.is_set():
-            try:
-                now = self.clock.sync()
-            except NETWORK_ERRORS as e:
-                self._poll_error("fetch_time", e)
-                self.stop_event.wait(self.min_poll_s)
-                return "candle"
-            base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
-            target = base + self.tf_s + self.settle_s
-            if target <= now:                              # the candle is due: on the first pass it is late at the
-                if first:                                  # exchange (step found none): poll again soon
-                    self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
-                                                         unknown=self.min_poll_s))
-                return "candle"
-            if self.next_check is not None:
-                if self.next_check <= now:
-                    return "check"
-                target = min(target, self.next_check)
-            self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
-            first = False
-        return "candle"
+            if why == "check":
+                self.check_stop()                      # between candle closes (see the stop watch below)
+            else:
+                try:
+                    tick = self.step()
+                except NETWORK_ERRORS as e:
+                    self._poll_error("tick", e)
+                    self.stop_event.wait(self.min_poll_s)
+                    continue
+                if tick is not None:
+                    n += 1
+                    if max_candles is not None and n >= max_candles:
+                        break
+                    continue
+            why = self._wait()
+    finally:
+        self.close()
+    return EX_OK
 
-    def _poll_error(self, what: str, e: BaseException) -> None:
-        msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        msg = _SIG_RE.sub(r"\1****", msg)
-        try:
-            self.journal.record_poll_error(msg, kind="poll")
-        except Exception:  # noqa: BLE001 - the log line says it
-            pass
-        _event("poll_error", logging.WARNING, what=what, error=type(e).__name__)
+def _close_runner(self) -> None:
+    "Drain the order queue and stop it; the exchange stop stays in place."
+    drained = self.queue.drain(self.order_timeout_s)
+    self.queue.close(wait=True)
+    pos = self.executor.position() if self.executor is not None else None
+    try:
+        self.journal.log_event("shutdown", "runner stopped; the exchange stop stays in place",
+                               {"drained": drained, "position": pos.entry_cid if pos else None,
+                                "last_done": self.last_done})
+    except Exception:  # noqa: BLE001
+        pass
+    _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
+           stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
 
-    def run(self, max_candles: int | None = None) -> int:
-        "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
-        if not self.started:
-            self.start()
-        n, why = 0, "candle"
-        try:
-            while not self.stop_event.is_set():
-                if why == "check":
-                    self.check_stop()                      # between candle closes (see the stop watch below)
-                else:
-                    try:
-                        tick = self.step()
-                    except NETWORK_ERRORS as e:
-                        self._poll_error("tick", e)
-                        self.stop_event.wait(self.min_poll_s)
-                        continue
-                    if tick is not None:
-                        n += 1
-                        if max_candles is not None and n >= max_candles:
-                            break
-                        continue
-                why = self._wait()
-        finally:
-            self.close()
-        return EX_OK
 
-    def close(self) -> None:
-        "Drain the order queue and stop it; the exchange stop stays in place."
-        drained = self.queue.drain(self.order_timeout_s)
-        self.queue.close(wait=True)
-        pos = self.executor.position() if self.executor is not None else None
-        try:
-            self.journal.log_event("shutdown", "runner stopped; the exchange stop stays in place",
-                                   {"drained": drained, "position": pos.entry_cid if pos else None,
-                                    "last_done": self.last_done})
-        except Exception:  # noqa: BLE001
-            pass
-        _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
-               stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
+Runner._wait, Runner._poll_error, Runner.run, Runner.close = _wait, _poll_error, _run_loop, _close_runner
+
 
 # %% ../nbs/11_live.ipynb #1e68aba5
 def _checked(self, what: str, ms: float | None = None) -> None:
@@ -808,7 +831,7 @@ def format_stop(d: dict) -> str:
            f"from {iso(u[-1].get('start'))})")
     return f"{kind}; {check}; {unp}"
 
-# %% ../nbs/11_live.ipynb #4a5381aa
+# %% ../nbs/11_live.ipynb #d18b8656
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",
              "testnet": "set BINANCE_TESTNET=true (and not GO_LIVE)", "live": "set GO_LIVE=true"}
 
@@ -907,6 +930,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         raise
 
 
+# %% ../nbs/11_live.ipynb #48491502
 def run(settings: Settings | None = None, mode: str | None = None, model=None, max_candles: int | None = None,
         stop_event: threading.Event | None = None, *, logs: bool = True, **kw) -> int:
     "`cryptobot run|paper|live`: start (reconcile first), trade until SIGTERM/SIGINT or `max_candles`; the exit code."
