@@ -879,7 +879,7 @@ def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[floa
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
     import pandas as pd
-    from cryptobot import live as L
+    from cryptobot import parity as L
     from cryptobot.backtest import simulate
     from cryptobot.features import LOOKBACK, build_features
     from cryptobot.model import Strategy
@@ -960,7 +960,7 @@ def check_feature_parity(ev: Evidence) -> Check:
     if j is None:
         return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
     try:
-        from cryptobot.live import parity
+        from cryptobot.parity import parity
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
         return Check("drift", "feature_parity", WARN, f"cryptobot.live.parity unavailable ({type(e).__name__})",
                      "parity not checked")

@@ -110,7 +110,8 @@ def live_worker(a: dict) -> dict:
     rc = L.run(s, "paper", a["model"], max_candles=a["n"], logs=False, strategy=Strategy(0.0, 0.0, 1),
                max_model_age_days=None, settle_s=0.0, poll_s=0.005, min_poll_s=0.005, rate_limit_ms=1.0,
                after_candle=hook, executor_kw={"settle_s": 0.0})
-    return {"rc": rc, "ticks": ticks, "rss": L._rss_mb()}
+    from cryptobot.parity import _rss_mb
+    return {"rc": rc, "ticks": ticks, "rss": _rss_mb()}
 
 
 def _follow(emu, journal: Path, n: int, running=lambda: True) -> int:
@@ -160,7 +161,8 @@ def bench_live(n_candles: int = 500) -> dict:
     from cryptobot import model as M
     from cryptobot.emulator import Emulator
     from cryptobot.guardian import JOURNAL_FILE
-    from cryptobot.live import LiveError, bench_stop_check
+    from cryptobot.live import LiveError
+    from cryptobot.parity import bench_stop_check
     c = D.synthetic_candles(n=4_000 + n_candles + 2, seed=11)
     tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-live-"))
     path = M.train_walk_forward(c.iloc[:4_000], n_folds=2, params={"max_iter": 60}).save(tmp / "models")

@@ -177,6 +177,8 @@ def backtest_args(sp) -> None:
     sp.add_argument("--after-lock", default="stay", metavar="stay|K", help="after a lock: stay locked, or unlock after K bars")
     sp.add_argument("--end", choices=["open", "exit"], default="open", help="last trade: marked open, or sold at the last close")
     sp.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    sp.add_argument("--save-artifact", nargs="?", const="", metavar="DIR",
+                    help="write DIR/strategy.json (default DATA_DIR/strategies/<name>): what the runner may trade")
     sp.add_argument("--html", metavar="OUT", help="report path (default reports/backtest-<strategy>-<utc>.html)")
 
 
@@ -213,13 +215,18 @@ def cmd_backtest_strategy(a) -> int:
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
+    if getattr(a, "save_artifact", None) is not None:
+        from cryptobot.strategy import artifact_dir, save_strategy_artifact
+        out["artifact"] = str(save_strategy_artifact(strategy, a.save_artifact or artifact_dir(s.data_dir, strategy),
+                                                     symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats)))
     if a.json:
         atomic_write(a.json, json.dumps(out, indent=2) + "\n")
     st = res.stats
     say(f"{strategy!r} on {st['bars']} candles ({st['start'][:10]} .. {st['end'][:10]}): {st['trades']} trades, "
         f"total return {st['total_return']:+.2%} (buy-and-hold {st['buy_and_hold_return']:+.2%}), max drawdown "
         f"{st['max_drawdown']:.2%}, exits {out['exits']}, kill-switch locks {len(out['kill_switch_locks'])}",
-        f"report: {out['report']}" + (f"; JSON: {a.json}" if a.json else ""))
+        f"report: {out['report']}" + (f"; JSON: {a.json}" if a.json else "")
+        + (f"; strategy artifact: {out['artifact']}" if out.get("artifact") else ""))
     return 0
 
 # %% ../nbs/14_cli.ipynb #936d470a
@@ -228,7 +235,7 @@ DEMO_REPLAY = 300  # candles the demo's paper runner trades after the training s
 
 def cmd_demo(a) -> int:
     from cryptobot import data as D, features as F
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     s = _settings()
     t0 = time.perf_counter()
     n = a.n_synthetic + DEMO_REPLAY
@@ -321,7 +328,8 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError, parity
+    from cryptobot.live import LiveError
+    from cryptobot.parity import parity
     try:
         rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
     except LiveError as e:
@@ -332,7 +340,7 @@ def cmd_parity(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     from cryptobot.model import latest_model
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)

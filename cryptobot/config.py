@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['LIMITS', 'MIN_STOP_LOSS_PCT', 'MAX_STOP_LOSS_PCT', 'MAX_RISK_PCT', 'MAX_LEVERAGE', 'MIN_BALANCE_FLOOR_USD',
            'MAX_STOP_LIMIT_BUFFER_PCT', 'TIMEFRAMES', 'USD_QUOTES', 'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'STOP_ORDERS',
-           'SETTINGS_KEYS', 'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'log', 'ConfigError', 'Limit', 'check_limit', 'Secret',
-           'Settings', 'dotenv_permission_warning', 'load_settings']
+           'STRATEGY_RE', 'PARAMS_RE', 'SETTINGS_KEYS', 'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'log', 'ConfigError', 'Limit',
+           'check_limit', 'Secret', 'Settings', 'dotenv_permission_warning', 'load_settings']
 
 # %% ../nbs/00_config.ipynb #ee2ef3fe
 import dataclasses
@@ -179,6 +179,22 @@ def _check_symbol(v: str) -> str:
     return v
 
 
+STRATEGY_RE = re.compile(r"^[a-z][a-z0-9_]*$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+PARAMS_RE = re.compile(r"^$|^[a-z_]\w*=[^,=\s]+(,[a-z_]\w*=[^,=\s]+)*$")
+
+
+def _check_strategy(v: str) -> str:
+    if not STRATEGY_RE.match(v):
+        raise _Bad("is not a strategy name: a built-in (model, ema_cross, rsi_reversion) or module:Class")
+    return v
+
+
+def _check_params(v: str | None) -> str | None:
+    if v is not None and not PARAMS_RE.match(v):
+        raise _Bad("is not a parameter list: name=value pairs separated by commas (e.g. fast=12,slow=26)")
+    return v
+
+
 def _check_dir(v):
     if not isinstance(v, (str, Path)) or not str(v).strip() or "\x00" in str(v):
         raise _Bad("is not a directory path")
@@ -238,6 +254,8 @@ SETTINGS_KEYS: dict[str, tuple[str, str, str, str]] = {
     "CRYPTOBOT_LOG_LEVEL": ("log_level", "upper", "INFO", "log level"),
     "CRYPTOBOT_STOP_ORDER": ("stop_order", "text", "auto", "protective stop order type: auto, market or limit"),
     "CRYPTOBOT_STOP_CHECK_S": ("stop_check_s", "int", "60", LIMITS["stop_check_s"].what),
+    "CRYPTOBOT_STRATEGY": ("strategy", "text", "model", "strategy the runner trades: model, ema_cross, rsi_reversion or module:Class"),
+    "CRYPTOBOT_STRATEGY_PARAMS": ("strategy_params", "optional", "", "its parameters, name=value,... (e.g. fast=12,slow=26)"),
     "CRYPTOBOT_MODE": ("", "mode", "", "optional assertion: paper | testnet | live; must agree with GO_LIVE/BINANCE_TESTNET"),
 }
 FIELD_KEYS = {f: k for k, (f, *_ignored) in SETTINGS_KEYS.items() if f}
@@ -277,6 +295,8 @@ class Settings:
     log_level: Annotated[str, AfterValidator(_one_of(LOG_LEVELS, "a log level"))] = "INFO"
     stop_order: Annotated[str, AfterValidator(_one_of(STOP_ORDERS, "a stop order type"))] = "auto"
     stop_check_s: _number("stop_check_s") = 60
+    strategy: Annotated[str, AfterValidator(_check_strategy)] = "model"
+    strategy_params: Annotated[str | None, AfterValidator(_check_params)] = None
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
     secrets_file_insecure: bool = dataclasses.field(default=False, compare=False, repr=False)
 

@@ -37,14 +37,16 @@ from .guardian import JOURNAL_FILE, Approval, Guardian, Signal
 from .journal import Journal, iso, to_epoch
 from .risk import Plan, RiskEngine
 from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
+from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
+from .strategy import make_strategy, parse_params, required_window, spec_of
+
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'TRADE_COLUMNS', 'EXPLAINED', 'LIVE_TARGETS',
-           'BINANCE_WEIGHTS', 'LiveError', 'StartupRefused', 'RedactingFilter', 'setup_logging', 'ExchangeClock',
-           'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
-           'format_stop', 'start_runner', 'run', 'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay',
-           'compare_trades', 'format_comparison', 'bench_live', 'bench_stop_check']
+           'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'LiveError', 'StartupRefused',
+           'RedactingFilter', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv', 'live_gate_blockers',
+           'load_model', 'is_rule', 'select_strategy', 'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
+           'format_stop', 'start_runner', 'run']
 
 # %% ../nbs/11_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -246,6 +248,40 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
                                  f"retrain it (cryptobot train)")
     return art
 
+# %% ../nbs/11_live.ipynb #756994ea
+MAX_KLINES = 1000          # Binance (and the emulator) return at most this many candles per klines call
+
+
+def is_rule(strategy) -> bool:
+    "A `cryptobot.strategy` rule the runner evaluates with `decide()` (the model runs on its probability path)."
+    return isinstance(strategy, RuleStrategy) and not isinstance(strategy, ModelStrategy)
+
+
+def select_strategy(settings: Settings, strategy=None):
+    "The strategy to trade: `strategy` if given, else `CRYPTOBOT_STRATEGY`/`_PARAMS`; None = the model artifact's own."
+    if strategy is None and (settings.strategy != "model" or settings.strategy_params):
+        strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
+    if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
+        from cryptobot.model import Strategy as ModelPolicy
+        strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
+                               strategy.max_hold if strategy.max_hold is not None else 10**9)
+    return strategy
+
+
+def load_strategy(settings: Settings, strategy, artifact=None):
+    "The strategy artifact `strategy` was backtested with, or `StartupRefused` (one line) saying why not."
+    try:
+        art = artifact if hasattr(artifact, "check") else load_strategy_artifact(
+            artifact or artifact_dir(settings.data_dir, strategy))
+        art.check(strategy, feature_fingerprint())
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    m = art.manifest
+    if (m.get("symbol"), m.get("timeframe")) not in ((None, None), (settings.symbol, settings.timeframe)):
+        raise StartupRefused(f"strategy {art.model_id} was backtested on {m.get('symbol')} {m.get('timeframe')}, "
+                             f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market")
+    return art
+
 # %% ../nbs/11_live.ipynb #aa412888
 CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")
 STOP_CRASH_POINTS = ("check",)          # the stop watch between closes (kept apart: the soak draws from CRASH_POINTS)
@@ -328,7 +364,7 @@ class _NetTimer:
             wrapped._net_timed = True
             setattr(obj, name, wrapped)
 
-# %% ../nbs/11_live.ipynb #ed746bc9
+# %% ../nbs/11_live.ipynb #52eed2de
 @dataclass
 class Tick:
     "What one tick did."
@@ -357,6 +393,11 @@ class Runner:
         self.data_client, self.journal, self.guardian, self.clock = data_client, journal, guardian, clock
         self._make_exec, self.fills = make_exec, fills
         self.strategy = strategy if strategy is not None else artifact.strategy
+        self.rule = is_rule(self.strategy)        # a cryptobot.strategy rule: decide() on the trailing window
+        self.need = max(LOOKBACK, required_window(self.strategy)) if self.rule else LOOKBACK
+        if self.need + 2 > MAX_KLINES:
+            raise StartupRefused(f"{self.strategy!r} needs {self.need} closed candles; one klines call returns at "
+                                 f"most {MAX_KLINES}: choose a shorter warm-up (smaller spans)")
         self.settle_s, self.poll_s, self.min_poll_s = float(settle_s), float(poll_s), float(min_poll_s)
         self.stop_event = stop_event or threading.Event()
         self.crash = crash or CrashPoints(None)
@@ -387,7 +428,7 @@ class Runner:
     # ------------------------------------------------------------------ data
     def fetch_candles(self) -> pd.DataFrame:
         "The latest candles (closed and forming) in one klines call through the rate-limited client."
-        rows = call_with_retry(self.data_client.fetch_ohlcv, self.symbol, self.tf, None, LOOKBACK + 2,
+        rows = call_with_retry(self.data_client.fetch_ohlcv, self.symbol, self.tf, None, self.need + 2,
                                what="fetch_ohlcv", **self.retry)
         return candles_from_ohlcv(rows, source=f"exchange:{self.symbol}")
 
@@ -402,248 +443,288 @@ class Runner:
         from cryptobot.data import CandleDataError, check_finite
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
-            check_finite(closed.iloc[-LOOKBACK:], where, fix)
+            check_finite(closed.iloc[-self.need:], where, fix)
         except CandleDataError as e:
             return str(e)
         return None if next_open is None or math.isfinite(next_open) else \
             f"{where}: the forming candle opens at {next_open}; {fix}"
 
-    # ------------------------------------------------------------------ start-up
-    def start(self) -> "Runner":
-        "Build the executor and reconcile with the exchange before anything else."
-        now = self.clock.sync()
-        if self.executor is None:
-            closed, nxt = self._split(self.fetch_candles(), now)
-            if len(closed) == 0:
-                raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
-                                EX_UNAVAILABLE)
-            self.executor = self._make_exec(closed, nxt)
-        self.crash.install(self.journal, self.executor.venue)
-        self.net.install(self.executor.venue)
-        self.executor.market                               # markets + the stop's order type: refused here if impossible
-        rep = self.executor.reconcile()
-        _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
-               actions=len(rep.actions), problems="; ".join(rep.problems) or None,
-               position=rep.position.entry_cid if rep.position else "flat")
-        done = self.journal.last_events(1, kind="candle_done")
-        self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
-        self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
-        self.started = True
-        return self
 
-    # ------------------------------------------------------------------ one tick
-    def _journaled_signal(self, close_t: float) -> dict | None:
-        rows = self.journal.last_events(1, kind="signal")
-        d = rows[0]["data"] if rows else None
-        return d if d and abs(float(d.get("candle_time", -1)) - close_t) < 0.5 else None
-
-    def _feed(self, closed: pd.DataFrame, next_open: float | None) -> str:
-        "Stop check for the closed candle (paper: first feed the simulated venue every candle it has not seen)."
-        ex = self.executor
-        if self.fills == "paper":
-            forming = ex.venue.engine.now
-            missed = closed[(closed.index >= forming)].iloc[:-1]
-            missed = missed[np.isfinite(missed.to_numpy()).all(axis=1)]        # a non-finite candle is never fed
-            for k in range(len(missed)):
-                ex.venue.feed(missed.iloc[k], float(closed["open"].loc[closed.index > missed.index[k]].iloc[0]))
-            return ex.on_candle(closed.iloc[-1], price=next_open)
-        return ex.on_candle(closed.iloc[-1])
-
-    def step(self, decide: bool = True) -> Tick | None:
-        "Process the newest closed candle if it is new; None if there is none yet. Network errors propagate."
-        if not self.started:
-            self.start()
-        now = self.clock.sync()
-        frame = self.fetch_candles()
-        closed, next_open = self._split(frame, now)
+# %% ../nbs/11_live.ipynb #26bc56b5
+def _start(self) -> "Runner":
+    "Build the executor and reconcile with the exchange before anything else."
+    now = self.clock.sync()
+    if self.executor is None:
+        closed, nxt = self._split(self.fetch_candles(), now)
         if len(closed) == 0:
-            return None
-        close_t = float(_epoch_s(closed.index[-1:])[0] + self.tf_s)
-        if self.last_done is not None and close_t <= self.last_done + 0.5:
-            return None
-        net0, t_in = self.net.total, time.perf_counter()
-        self.crash.hit("tick")
-        close = float(closed["close"].iloc[-1])
-        if self.last_done is not None and close_t - self.last_done > self.tf_s + 0.5:
-            _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
-                   last_done=iso(self.last_done), now=iso(close_t))
-        bad = self._bad_candles(closed, next_open)
-        if next_open is not None and not math.isfinite(next_open):
-            next_open = None                                # never a (paper) fill price; reported in `bad`
-        proba, usable = None, len(closed) >= LOOKBACK and bad is None
-        if usable:
-            window = closed.iloc[-LOOKBACK:]
-            if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
-                _event("candle_gap", logging.WARNING, candle=iso(close_t))
-            feats = build_features(window)
-            row = feats.iloc[-1]
-            usable = not row.isna().any()
-            if usable:
-                self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
-                self.crash.hit("features")
-                proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
-        if bad is not None:
-            self.journal.record_poll_error(bad, kind="data")
-            _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
-        elif not usable:
-            msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
-                  f"need {LOOKBACK} contiguous ones"
-            self.journal.record_poll_error(msg, kind="data")
-            _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
-        stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
-            self.executor.sync(close_t)                     # an inf/NaN candle is not fed; the stop is still checked
-        if not self.executor.reconciled:
-            self.executor.reconcile()
-        tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
-        t_out = None
-        ctx = None
-        if decide and usable:
-            pos = self.executor.position()
-            held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
-            prior = self._journaled_signal(close_t)
-            if prior is not None:
-                tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
-            else:
-                tick.action = self.strategy.decide(proba, pos is not None, held)
-                tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
-                self.journal.log_event("signal", f"{tick.action} p={proba:.4f} at {iso(close_t)}",
-                                       {"candle_time": close_t, "proba": proba, "action": tick.action,
-                                        "reason": tick.reason, "bars_held": held, "position": pos is not None})
-            ctx = self.executor.context(now=self.clock(), last_candle_close=close_t, feature_fingerprint=self.fp,
-                                        price=close)
-            if tick.action == ENTER and pos is None:
-                t_out = self._enter(tick, ctx)
-            elif tick.action == EXIT and pos is not None:
-                t_out = time.perf_counter()
-                tick.outcome = self._exit(tick)
-            elif tick.action in (ENTER, EXIT):
-                tick.outcome = "already_done"
-        if t_out is None:
+            raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
+                            EX_UNAVAILABLE)
+        self.executor = self._make_exec(closed, nxt)
+    self.crash.install(self.journal, self.executor.venue)
+    self.net.install(self.executor.venue)
+    self.executor.market                               # markets + the stop's order type: refused here if impossible
+    rep = self.executor.reconcile()
+    _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
+           actions=len(rep.actions), problems="; ".join(rep.problems) or None,
+           position=rep.position.entry_cid if rep.position else "flat")
+    done = self.journal.last_events(1, kind="candle_done")
+    self.last_done = float(done[0]["data"]["candle_time"]) if done and done[0]["data"] else None
+    self.next_check = now + self.stop_check_s if rep.position is not None else None   # reconcile checked it
+    self.started = True
+    return self
+
+
+Runner.start = _start
+
+
+# %% ../nbs/11_live.ipynb #095ddcb8
+def _journaled_signal(self, close_t: float) -> dict | None:
+    rows = self.journal.last_events(1, kind="signal")
+    d = rows[0]["data"] if rows else None
+    return d if d and abs(float(d.get("candle_time", -1)) - close_t) < 0.5 else None
+
+def _feed(self, closed: pd.DataFrame, next_open: float | None) -> str:
+    "Stop check for the closed candle (paper: first feed the simulated venue every candle it has not seen)."
+    ex = self.executor
+    if self.fills == "paper":
+        forming = ex.venue.engine.now
+        missed = closed[(closed.index >= forming)].iloc[:-1]
+        missed = missed[np.isfinite(missed.to_numpy()).all(axis=1)]        # a non-finite candle is never fed
+        for k in range(len(missed)):
+            ex.venue.feed(missed.iloc[k], float(closed["open"].loc[closed.index > missed.index[k]].iloc[0]))
+        return ex.on_candle(closed.iloc[-1], price=next_open)
+    return ex.on_candle(closed.iloc[-1])
+
+
+Runner._journaled_signal, Runner._feed = _journaled_signal, _feed
+
+
+# %% ../nbs/11_live.ipynb #ae5eb0e5
+def _step(self, decide: bool = True) -> Tick | None:
+    "Process the newest closed candle if it is new; None if there is none yet. Network errors propagate."
+    if not self.started:
+        self.start()
+    now = self.clock.sync()
+    frame = self.fetch_candles()
+    closed, next_open = self._split(frame, now)
+    if len(closed) == 0:
+        return None
+    close_t = float(_epoch_s(closed.index[-1:])[0] + self.tf_s)
+    if self.last_done is not None and close_t <= self.last_done + 0.5:
+        return None
+    net0, t_in = self.net.total, time.perf_counter()
+    self.crash.hit("tick")
+    close = float(closed["close"].iloc[-1])
+    if self.last_done is not None and close_t - self.last_done > self.tf_s + 0.5:
+        _event("candles_missed", logging.WARNING, n=int(round((close_t - self.last_done) / self.tf_s)) - 1,
+               last_done=iso(self.last_done), now=iso(close_t))
+    bad = self._bad_candles(closed, next_open)
+    if next_open is not None and not math.isfinite(next_open):
+        next_open = None                                # never a (paper) fill price; reported in `bad`
+    proba, usable = None, len(closed) >= self.need and bad is None
+    if usable:
+        window = closed.iloc[-self.need:]
+        if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
+            _event("candle_gap", logging.WARNING, candle=iso(close_t))
+        feats = build_features(window.iloc[-LOOKBACK:])
+        row = feats.iloc[-1]
+        if self.rule:                                  # the rule decides on candles; the row is journaled if whole
+            if not row.isna().any():
+                self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()},
+                                                source="live")
+            self.crash.hit("features")
+        elif usable := not row.isna().any():
+            self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
+            self.crash.hit("features")
+            proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
+    if bad is not None:
+        self.journal.record_poll_error(bad, kind="data")
+        _event("data_invalid", logging.WARNING, candle=iso(close_t), error=bad)
+    elif not usable:
+        msg = f"only {len(closed)} closed candles (or a NaN feature) for the candle closing {iso(close_t)}; " \
+              f"need {self.need} contiguous ones"
+        self.journal.record_poll_error(msg, kind="data")
+        _event("data_insufficient", logging.WARNING, candle=iso(close_t), closed=len(closed))
+    stop = self._feed(closed, next_open) if np.isfinite(closed.iloc[-1].to_numpy()).all() else \
+        self.executor.sync(close_t)                     # an inf/NaN candle is not fed; the stop is still checked
+    if not self.executor.reconciled:
+        self.executor.reconcile()
+    tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
+    t_out = None
+    ctx = None
+    if decide and usable:
+        pos = self.executor.position()
+        held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
+        prior = self._journaled_signal(close_t)
+        if prior is not None:
+            tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
+        elif self.rule:
+            tick.action, tick.reason = self._decide_rule(closed, pos, held)
+            self.journal.log_event("signal", f"{tick.action} at {iso(close_t)}",
+                                   {"candle_time": close_t, "proba": None, "action": tick.action,
+                                    "reason": tick.reason, "bars_held": held, "position": pos is not None})
+        else:
+            tick.action = self.strategy.decide(proba, pos is not None, held)
+            tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
+            self.journal.log_event("signal", f"{tick.action} p={proba:.4f} at {iso(close_t)}",
+                                   {"candle_time": close_t, "proba": proba, "action": tick.action,
+                                    "reason": tick.reason, "bars_held": held, "position": pos is not None})
+        ctx = self.executor.context(now=self.clock(), last_candle_close=close_t, feature_fingerprint=self.fp,
+                                    price=close)
+        if tick.action == ENTER and pos is None:
+            t_out = self._enter(tick, ctx)
+        elif tick.action == EXIT and pos is not None:
             t_out = time.perf_counter()
-        tick.net_ms = (self.net.total - net0) * 1000.0
-        tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
-        self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
-        self._checked(stop)                               # the close's stop check counts; schedule the next one
-        self.crash.hit("done")
-        self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
-                               {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
-                                "proba": proba, "stop": stop})
-        self.last_done = close_t
-        self.ticks += 1
-        _event("candle", candle=iso(close_t), close=close, p=None if proba is None else round(proba, 4),
-               action=tick.action, outcome=tick.outcome or None, reason=tick.reason, stop=stop,
-               replayed=tick.replayed or None, tick_ms=round(tick.tick_ms, 2))
-        if self.after_candle is not None:
-            self.after_candle(self, tick)
-        return tick
+            tick.outcome = self._exit(tick)
+        elif tick.action in (ENTER, EXIT):
+            tick.outcome = "already_done"
+    if t_out is None:
+        t_out = time.perf_counter()
+    tick.net_ms = (self.net.total - net0) * 1000.0
+    tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
+    self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
+    self._checked(stop)                               # the close's stop check counts; schedule the next one
+    self.crash.hit("done")
+    self.journal.log_event("candle_done", f"{iso(close_t)} {tick.action} {tick.outcome}".strip(),
+                           {"candle_time": close_t, "action": tick.action, "outcome": tick.outcome,
+                            "proba": proba, "stop": stop})
+    self.last_done = close_t
+    self.ticks += 1
+    _event("candle", candle=iso(close_t), close=close, p=None if proba is None else round(proba, 4),
+           action=tick.action, outcome=tick.outcome or None, reason=tick.reason, stop=stop,
+           replayed=tick.replayed or None, tick_ms=round(tick.tick_ms, 2))
+    if self.after_candle is not None:
+        self.after_candle(self, tick)
+    return tick
 
-    def _enter(self, tick: Tick, ctx) -> float | None:
-        plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
-                              market=self.executor.market, symbol=self.symbol)
-        if not isinstance(plan, Plan):
-            tick.outcome = "risk_rejected"
-            self.journal.log_event("risk_rejected", f"{iso(tick.candle_time)}: {plan}",
-                                   {"candle_time": tick.candle_time, "reason": str(plan)})
-            _event("risk_rejected", logging.WARNING, candle=iso(tick.candle_time), reason=str(plan))
-            return None
-        sig = Signal(self.symbol, "buy", tick.candle_time, self.model_fp, probability=tick.proba)
-        decision = self.guardian.approve(sig, plan, ctx)
-        self.crash.hit("decision")
-        if not isinstance(decision, Approval):
-            tick.outcome = "denied"
-            _event("denied", logging.WARNING, candle=iso(tick.candle_time),
-                   reasons="; ".join(str(f) for f in decision.failures))
-            return None
-        fut = self.queue.submit(self.symbol, self.executor.enter, decision)
-        t_out = time.perf_counter()                      # the order intent is out of the decision path
-        res = fut.result(self.order_timeout_s)
-        tick.outcome = "entered" if res.filled else f"entry_{res.status}"
-        _event("entry", cid=res.client_order_id, status=res.status, filled=res.filled, average=res.average,
-               stop=res.stop_client_order_id, emergency=res.emergency_exit or None, reason=res.reason or None)
-        return t_out
 
-    def _exit(self, tick: Tick) -> str:
-        fut = self.queue.submit(self.symbol, self.executor.exit, tick.candle_time, tick.reason or "signal")
-        trade = fut.result(self.order_timeout_s)
-        if trade is None:
-            return "exit_pending" if self.executor.position() is not None else "flat"
-        _event("exit", entry=trade.trade_key, reason=trade.exit_reason, pnl=trade.pnl, exit_price=trade.exit_price)
-        return "exited"
+Runner.step = _step
 
-    # ------------------------------------------------------------------ the loop
-    def _wait(self) -> str:
-        "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
-        first = True
+
+# %% ../nbs/11_live.ipynb #c1d92aba
+def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str | None]:
+    "The rule strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
+    w = closed.iloc[-required_window(self.strategy):]
+    d = self.strategy.decide(w, build_features(w) if self.strategy.uses_features else None,
+                             in_position=pos is not None, bars_held=held,
+                             entry_price=pos.entry_price if pos is not None else None)
+    return str(d), d.reason
+
+def _enter(self, tick: Tick, ctx) -> float | None:
+    plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
+                          market=self.executor.market, symbol=self.symbol)
+    if not isinstance(plan, Plan):
+        tick.outcome = "risk_rejected"
+        self.journal.log_event("risk_rejected", f"{iso(tick.candle_time)}: {plan}",
+                               {"candle_time": tick.candle_time, "reason": str(plan)})
+        _event("risk_rejected", logging.WARNING, candle=iso(tick.candle_time), reason=str(plan))
+        return None
+    sig = Signal(self.symbol, "buy", tick.candle_time, self.model_fp, probability=tick.proba)
+    decision = self.guardian.approve(sig, plan, ctx)
+    self.crash.hit("decision")
+    if not isinstance(decision, Approval):
+        tick.outcome = "denied"
+        _event("denied", logging.WARNING, candle=iso(tick.candle_time),
+               reasons="; ".join(str(f) for f in decision.failures))
+        return None
+    fut = self.queue.submit(self.symbol, self.executor.enter, decision)
+    t_out = time.perf_counter()                      # the order intent is out of the decision path
+    res = fut.result(self.order_timeout_s)
+    tick.outcome = "entered" if res.filled else f"entry_{res.status}"
+    _event("entry", cid=res.client_order_id, status=res.status, filled=res.filled, average=res.average,
+           stop=res.stop_client_order_id, emergency=res.emergency_exit or None, reason=res.reason or None)
+    return t_out
+
+def _exit(self, tick: Tick) -> str:
+    fut = self.queue.submit(self.symbol, self.executor.exit, tick.candle_time, tick.reason or "signal")
+    trade = fut.result(self.order_timeout_s)
+    if trade is None:
+        return "exit_pending" if self.executor.position() is not None else "flat"
+    _event("exit", entry=trade.trade_key, reason=trade.exit_reason, pnl=trade.pnl, exit_price=trade.exit_price)
+    return "exited"
+
+
+Runner._decide_rule, Runner._enter, Runner._exit = _decide_rule, _enter, _exit
+
+
+# %% ../nbs/11_live.ipynb #44a7b70d
+def _wait(self) -> str:
+    "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
+    first = True
+    while not self.stop_event.is_set():
+        try:
+            now = self.clock.sync()
+        except NETWORK_ERRORS as e:
+            self._poll_error("fetch_time", e)
+            self.stop_event.wait(self.min_poll_s)
+            return "candle"
+        base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
+        target = base + self.tf_s + self.settle_s
+        if target <= now:                              # the candle is due: on the first pass it is late at the
+            if first:                                  # exchange (step found none): poll again soon
+                self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
+                                                     unknown=self.min_poll_s))
+            return "candle"
+        if self.next_check is not None:
+            if self.next_check <= now:
+                return "check"
+            target = min(target, self.next_check)
+        self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
+        first = False
+    return "candle"
+
+def _poll_error(self, what: str, e: BaseException) -> None:
+    msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    msg = _SIG_RE.sub(r"\1****", msg)
+    try:
+        self.journal.record_poll_error(msg, kind="poll")
+    except Exception:  # noqa: BLE001 - the log line says it
+        pass
+    _event("poll_error", logging.WARNING, what=what, error=type(e).__name__)
+
+def _run_loop(self, max_candles: int | None = None) -> int:
+    "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
+    if not self.started:
+        self.start()
+    n, why = 0, "candle"
+    try:
         while not self.stop_event.is_set():
-            try:
-                now = self.clock.sync()
-            except NETWORK_ERRORS as e:
-                self._poll_error("fetch_time", e)
-                self.stop_event.wait(self.min_poll_s)
-                return "candle"
-            base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
-            target = base + self.tf_s + self.settle_s
-            if target <= now:                              # the candle is due: on the first pass it is late at the
-                if first:                                  # exchange (step found none): poll again soon
-                    self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
-                                                         unknown=self.min_poll_s))
-                return "candle"
-            if self.next_check is not None:
-                if self.next_check <= now:
-                    return "check"
-                target = min(target, self.next_check)
-            self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
-            first = False
-        return "candle"
+            if why == "check":
+                self.check_stop()                      # between candle closes (see the stop watch below)
+            else:
+                try:
+                    tick = self.step()
+                except NETWORK_ERRORS as e:
+                    self._poll_error("tick", e)
+                    self.stop_event.wait(self.min_poll_s)
+                    continue
+                if tick is not None:
+                    n += 1
+                    if max_candles is not None and n >= max_candles:
+                        break
+                    continue
+            why = self._wait()
+    finally:
+        self.close()
+    return EX_OK
 
-    def _poll_error(self, what: str, e: BaseException) -> None:
-        msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        msg = _SIG_RE.sub(r"\1****", msg)
-        try:
-            self.journal.record_poll_error(msg, kind="poll")
-        except Exception:  # noqa: BLE001 - the log line says it
-            pass
-        _event("poll_error", logging.WARNING, what=what, error=type(e).__name__)
+def _close_runner(self) -> None:
+    "Drain the order queue and stop it; the exchange stop stays in place."
+    drained = self.queue.drain(self.order_timeout_s)
+    self.queue.close(wait=True)
+    pos = self.executor.position() if self.executor is not None else None
+    try:
+        self.journal.log_event("shutdown", "runner stopped; the exchange stop stays in place",
+                               {"drained": drained, "position": pos.entry_cid if pos else None,
+                                "last_done": self.last_done})
+    except Exception:  # noqa: BLE001
+        pass
+    _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
+           stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
 
-    def run(self, max_candles: int | None = None) -> int:
-        "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
-        if not self.started:
-            self.start()
-        n, why = 0, "candle"
-        try:
-            while not self.stop_event.is_set():
-                if why == "check":
-                    self.check_stop()                      # between candle closes (see the stop watch below)
-                else:
-                    try:
-                        tick = self.step()
-                    except NETWORK_ERRORS as e:
-                        self._poll_error("tick", e)
-                        self.stop_event.wait(self.min_poll_s)
-                        continue
-                    if tick is not None:
-                        n += 1
-                        if max_candles is not None and n >= max_candles:
-                            break
-                        continue
-                why = self._wait()
-        finally:
-            self.close()
-        return EX_OK
 
-    def close(self) -> None:
-        "Drain the order queue and stop it; the exchange stop stays in place."
-        drained = self.queue.drain(self.order_timeout_s)
-        self.queue.close(wait=True)
-        pos = self.executor.position() if self.executor is not None else None
-        try:
-            self.journal.log_event("shutdown", "runner stopped; the exchange stop stays in place",
-                                   {"drained": drained, "position": pos.entry_cid if pos else None,
-                                    "last_done": self.last_done})
-        except Exception:  # noqa: BLE001
-            pass
-        _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
-               stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
+Runner._wait, Runner._poll_error, Runner.run, Runner.close = _wait, _poll_error, _run_loop, _close_runner
+
 
 # %% ../nbs/11_live.ipynb #1e68aba5
 def _checked(self, what: str, ms: float | None = None) -> None:
@@ -752,7 +833,7 @@ def format_stop(d: dict) -> str:
            f"from {iso(u[-1].get('start'))})")
     return f"{kind}; {check}; {unp}"
 
-# %% ../nbs/11_live.ipynb #4a5381aa
+# %% ../nbs/11_live.ipynb #d18b8656
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",
              "testnet": "set BINANCE_TESTNET=true (and not GO_LIVE)", "live": "set GO_LIVE=true"}
 
@@ -801,7 +882,12 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
     except NETWORK_ERRORS as e:
         raise LiveError(f"the exchange is unreachable ({type(e).__name__}); check the network or "
                         f"CRYPTOBOT_EXCHANGE_URL and restart", EX_UNAVAILABLE) from None
-    art = load_model(settings, model, now=now, max_age_days=max_model_age_days)
+    try:
+        strategy = select_strategy(settings, strategy)
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    art = load_strategy(settings, strategy, model) if is_rule(strategy) else \
+        load_model(settings, model, now=now, max_age_days=max_model_age_days)
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
@@ -846,6 +932,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         raise
 
 
+# %% ../nbs/11_live.ipynb #48491502
 def run(settings: Settings | None = None, mode: str | None = None, model=None, max_candles: int | None = None,
         stop_event: threading.Event | None = None, *, logs: bool = True, **kw) -> int:
     "`cryptobot run|paper|live`: start (reconcile first), trade until SIGTERM/SIGINT or `max_candles`; the exit code."
@@ -881,461 +968,14 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
         for s, h in handlers.items():
             signal.signal(s, h)
 
-# %% ../nbs/11_live.ipynb #8bb59dd8
-@dataclass
-class ParityReport:
-    "Journaled live feature rows vs the same rows recomputed offline."
-    rows: int = 0                 # journaled rows (source live) in the span
-    compared: int = 0
-    mismatched: int = 0           # rows with at least one differing feature
-    missing: int = 0              # rows whose candle (or its LOOKBACK history) is not in the stored candles
-    other_fingerprint: int = 0
-    max_abs_diff: float = 0.0
-    differences: list = field(default_factory=list)   # first 50: candle, feature, live, offline
-    first: str | None = None
-    last: str | None = None
-    candles_source: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.compared > 0 and self.mismatched == 0
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.ok else (1 if self.mismatched else 2)
-
-    def __str__(self):
-        head = (f"parity {'OK' if self.ok else 'FAILED' if self.mismatched else 'NOTHING TO COMPARE'}: "
-                f"{self.compared}/{self.rows} journaled feature rows compared ({self.first} .. {self.last}), "
-                f"{self.mismatched} differ, {self.missing} without stored candles, "
-                f"{self.other_fingerprint} from other feature code; max |diff| {self.max_abs_diff:.3g}; "
-                f"candles {self.candles_source}")
-        lines = [head]
-        for d in self.differences[:10]:
-            lines.append(f"  {d['candle']} {d['feature']}: live {d['live']!r} offline {d['offline']!r}")
-        return "\n".join(lines)
+# %% ../nbs/11_live.ipynb #0d16c058
+_MOVED = ("ParityReport", "parity", "ReplayResult", "TRADE_COLUMNS", "journal_trades", "replay", "EXPLAINED",
+          "compare_trades", "format_comparison", "BINANCE_WEIGHTS", "bench_stop_check")
 
 
-def parity(settings: Settings, candles=None, *, journal_path=None, since=None, until=None, rtol: float = 1e-9,
-           atol: float = 1e-9, source: str = "live") -> ParityReport:
-    "Recompute the journaled live feature rows from stored candles and report every difference."
-    jp = Path(journal_path) if journal_path else Path(settings.state_dir) / JOURNAL_FILE
-    if not jp.exists():
-        raise LiveError(f"no journal at {jp}: the runner has not run with this CRYPTOBOT_STATE_DIR", EX_CONFIG)
-    if candles is None:
-        candles = raw_path(settings.data_dir, settings.symbol, settings.timeframe)
-        if not Path(candles).exists():
-            raise LiveError(f"no stored candles at {candles}: run cryptobot download (or pass --data FILE)", EX_CONFIG)
-    if not isinstance(candles, pd.DataFrame):
-        candles = load_candles(candles)
-    tf_s = int(timeframe_delta(settings.timeframe).total_seconds())
-    sql = "SELECT candle_time, fingerprint, features FROM feature_rows WHERE source = ?"
-    args: list = [source]
-    if since is not None:
-        sql += " AND candle_time >= ?"; args.append(to_epoch(since, "since"))
-    if until is not None:
-        sql += " AND candle_time <= ?"; args.append(to_epoch(until, "until"))
-    with Journal(jp, readonly=True) as j:
-        rows = j.select(sql + " ORDER BY candle_time", tuple(args))
-    rep = ParityReport(rows=len(rows), candles_source=str(candles.attrs.get("source", "?")))
-    if not rows:
-        return rep
-    rep.first, rep.last = iso(rows[0]["candle_time"]), iso(rows[-1]["candle_time"])
-    fp = feature_fingerprint()
-    ours = [r for r in rows if r["fingerprint"] == fp]
-    rep.other_fingerprint = len(rows) - len(ours)
-    if not ours:
-        return rep
-    lo = pd.Timestamp(ours[0]["candle_time"] - tf_s * (LOOKBACK + 5), unit="s", tz="UTC")
-    hi = pd.Timestamp(ours[-1]["candle_time"], unit="s", tz="UTC")
-    span = candles.loc[lo:hi]
-    span = span[span.index + timeframe_delta(settings.timeframe) <= hi]      # closed by the last row's time
-    offline = build_features(span) if len(span) else None
-    pos = {int(t): k for k, t in enumerate(_epoch_s(span.index))}
-    t_arr = _epoch_s(span.index)
-    for r in ours:
-        k = pos.get(int(round(r["candle_time"])) - tf_s)
-        if k is None or k < LOOKBACK - 1 or np.any(np.diff(t_arr[k - LOOKBACK + 1:k + 1]) != tf_s):
-            rep.missing += 1
-            continue
-        live = json.loads(r["features"])
-        off = offline.iloc[k]
-        rep.compared += 1
-        bad = False
-        for name, lv in live.items():
-            ov = float(off[name]) if name in off.index else math.nan
-            lv = math.nan if lv is None else float(lv)
-            same = (math.isnan(lv) and math.isnan(ov)) or (not math.isnan(lv) and not math.isnan(ov)
-                                                           and math.isclose(lv, ov, rel_tol=rtol, abs_tol=atol))
-            if not same:
-                bad = True
-                diff = abs(lv - ov) if not (math.isnan(lv) or math.isnan(ov)) else math.inf
-                rep.max_abs_diff = max(rep.max_abs_diff, diff)
-                if len(rep.differences) < 50:
-                    rep.differences.append({"candle": iso(r["candle_time"]), "feature": name, "live": lv,
-                                            "offline": ov})
-            elif not math.isnan(lv):
-                rep.max_abs_diff = max(rep.max_abs_diff, abs(lv - ov))
-        rep.mismatched += bad
-    return rep
-
-# %% ../nbs/11_live.ipynb #014135cd
-@dataclass
-class ReplayResult:
-    "Trades, per-candle signals and where everything is, of one replay."
-    trades: pd.DataFrame
-    signals: pd.DataFrame
-    state_dir: Path
-    journal_path: Path
-    start: pd.Timestamp
-    end: pd.Timestamp
-    n_candles: int
-    fills: str
-    emulator: dict
-    tick_ms: list
-    seconds: float
-    unlocks: int = 0
-    model_id: str = ""
-
-    def summary(self) -> str:
-        t = self.trades
-        closed = t[t["exit_reason"] != "open"] if len(t) else t
-        pnl = float(closed["pnl"].sum()) if len(closed) else 0.0
-        med = statistics.median(self.tick_ms) if self.tick_ms else float("nan")
-        reasons = ", ".join(f"{k} {v}" for k, v in (t["exit_reason"].value_counts().items() if len(t) else []))
-        return (f"replay {self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M} ({self.n_candles} candles, "
-                f"{self.fills} fills, model {self.model_id}): {len(t)} trades ({reasons or 'none'}), "
-                f"realised pnl {pnl:+,.2f}, median tick {med:.1f} ms, {self.seconds:.1f} s; "
-                f"journal {self.journal_path}")
-
-
-TRADE_COLUMNS = ["entry_time", "exit_time", "entry_price", "exit_price", "amount", "fees", "pnl", "exit_reason",
-                 "trade_key"]
-
-
-def journal_trades(journal: Journal, symbol: str, timeframe: str, open_position=None,
-                   last_close: float | None = None, last_time=None) -> pd.DataFrame:
-    "Closed trades from the journal (+ the open position marked to `last_close`), times floored to their candle."
-    tf = timeframe_delta(timeframe)
-    rows = []
-    for r in journal.trades(symbol):
-        rows.append({"entry_time": r["entry_time"], "exit_time": r["exit_time"], "entry_price": r["entry_price"],
-                     "exit_price": r["exit_price"], "amount": r["amount"], "fees": r["fees"], "pnl": r["pnl"],
-                     "exit_reason": r["exit_reason"], "trade_key": r["trade_key"]})
-    p = open_position
-    if p is not None and p.open_amount > 0 and last_close is not None:
-        fee_value = p.fee_base * p.entry_price + (p.cost - p.entry_price * p.gross)
-        rows.append({"entry_time": p.entry_time or p.candle_time, "exit_time": to_epoch(last_time or 0, "t"),
-                     "entry_price": p.entry_price, "exit_price": last_close, "amount": p.open_amount,
-                     "fees": fee_value, "pnl": p.open_amount * (last_close - p.entry_price) - fee_value,
-                     "exit_reason": "open", "trade_key": p.entry_cid})
-    df = pd.DataFrame(rows, columns=TRADE_COLUMNS)
-    for c in ("entry_time", "exit_time"):
-        df[c] = pd.to_datetime(df[c].astype("float64") * 1e3, unit="ms", utc=True).dt.floor(tf)
-    return df
-
-
-def _model_candles(candles):
-    if isinstance(candles, pd.DataFrame):
-        return candles
-    return load_candles(candles)
-
-
-def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, fills: str = "exchange",
-           settings: Settings | None = None, strategy=None, balance_usd: float = 10_000.0, clock: str = "stepped",
-           speed: float = 36_000.0, unlock_kill_switch: bool = False, max_model_age_days: float | None = None,
-           logs: bool = False, progress: Callable | None = None, order_types=None) -> ReplayResult:
-    "Run the runner against the emulator on `candles` for `n_candles` decisions; the trades and the journal path."
-    from cryptobot.emulator import Emulator                         # lazy: aiohttp server, not on the live path
-    import secrets as _secrets
-    candles = _model_candles(candles)
-    n = len(candles)
-    if start is None:
-        start = n - n_candles
-    elif not isinstance(start, (int, np.integer)):
-        start = int(candles.index.get_indexer([pd.Timestamp(start)])[0])
-    if start < LOOKBACK + 1 or start + n_candles > n:
-        raise LiveError(f"replay needs {LOOKBACK + 1} candles before bar {start} and {n_candles} after it; "
-                        f"the file has {n}: choose start/n_candles inside it", EX_CONFIG)
-    state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="cryptobot-replay-"))
-    key, secret = "replay-" + _secrets.token_hex(6), _secrets.token_hex(16)
-    base = settings or Settings()
-    quote = base.symbol.split("/")[1]
-    emu = Emulator(candles, symbol=base.symbol, timeframe=base.timeframe, balances={quote: balance_usd},
-                   api_key=key, api_secret=secret, clock=clock, speed=speed, start=int(start),
-                   fee_pct=base.fee_pct, slippage_pct=base.slippage_pct, order_types=order_types)
-    emu.start()
-    s = dataclasses.replace(base, state_dir=state_dir, exchange_url=emu.base_url, go_live=False, testnet=False,
-                            api_key=key if fills == "exchange" else None,
-                            api_secret=secret if fills == "exchange" else None, paper_balance_usd=balance_usd)
-    unlocks = [0]
-
-    def after(runner, tick):
-        if unlock_kill_switch and runner.guardian.locked:
-            runner.guardian.unlock("replay: the backtest it is compared with has no kill switch", who="replay")
-            unlocks[0] += 1
-        if progress is not None:
-            progress(runner, tick)
-
-    # Without `logs`, a replay is silent: a NullHandler stops its WARNING events (denials) from reaching Python's
-    # last-resort stderr handler; the journal keeps every one of them.
-    if logs:
-        handler = setup_logging(s)
-    else:
-        handler = logging.NullHandler()
-        for name in ("cryptobot", "ccxt"):
-            logging.getLogger(name).addHandler(handler)
-    ticks: list[Tick] = []
-    t0 = time.perf_counter()
-    runner = None
-    try:
-        runner = start_runner(s, "paper", model, fills=fills, strategy=strategy, settle_s=0.0, poll_s=0.02,
-                              min_poll_s=0.01, max_model_age_days=max_model_age_days, after_candle=after,
-                              executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
-                              retry={"retries": 3, "base_delay": 0.05, "max_delay": 0.2}, rate_limit_ms=1.0)
-        if clock == "stepped":
-            for k in range(n_candles):
-                if k:
-                    emu.advance(1)
-                tk = runner.step()
-                if tk is not None:
-                    ticks.append(tk)
-            emu.advance(1)
-            runner.step(decide=False)
-        else:
-            def collect(r, tk):
-                ticks.append(tk)
-                after(r, tk)
-            runner.after_candle = collect
-            runner.run(max_candles=n_candles)
-        runner.queue.drain(60)
-        pos = runner.executor.position()
-        last_i = emu.bar - 1
-        trades = journal_trades(runner.journal, s.symbol, s.timeframe, pos, float(candles["close"].iloc[last_i]),
-                                candles.index[last_i])
-        sig = runner.journal.select("SELECT data FROM events WHERE kind = 'signal' ORDER BY id")
-        sigs = pd.DataFrame([json.loads(r["data"]) for r in sig]) if sig else pd.DataFrame(
-            columns=["candle_time", "proba", "action", "reason", "bars_held", "position"])
-        if len(sigs):
-            sigs["candle_time"] = pd.to_datetime(sigs["candle_time"].astype("float64") * 1e3, unit="ms", utc=True)
-        book = {"orders_created": emu.orders_created, "trades": len(emu.trades), "balances": emu.balances}
-        model_id = runner.artifact.model_id
-    finally:
-        if runner is not None:
-            runner.queue.close(wait=True)
-            runner.journal.close()
-        emu.stop()
-        if handler is not None:
-            for name in ("cryptobot", "ccxt"):
-                logging.getLogger(name).removeHandler(handler)
-    return ReplayResult(trades, sigs, state_dir, state_dir / JOURNAL_FILE, candles.index[start - 1],
-                        candles.index[min(start + n_candles - 1, n - 1)], n_candles, fills, book,
-                        [t.tick_ms for t in ticks], time.perf_counter() - t0, unlocks[0], model_id)
-
-# %% ../nbs/11_live.ipynb #f2e16557
-EXPLAINED = {
-    "stop_gap_below_limit": "the bar opened below the stop-limit price: the exchange's stop-limit order cannot "
-                            "fill there; the executor sold at market after the candle (backtest: stop at the open)",
-    "stop_rejected_at_entry": "the entry bar opened at or below the stop: the exchange refused the stop; the "
-                              "executor sold at market at once (backtest: stop at the open, no slippage)",
-}
-
-
-def compare_trades(live: pd.DataFrame, backtest: pd.DataFrame, candles: pd.DataFrame | None = None,
-                   stop_limit_buffer_pct: float = 0.5) -> dict:
-    "Figures comparing the live (replay) trade list with the backtest's; divergences with their explanation."
-    bt = backtest.reset_index(drop=True)
-    lv = live.reset_index(drop=True)
-    by_entry = {t: i for i, t in enumerate(lv["entry_time"])}
-    rows, divergences = [], []
-    for i, b in bt.iterrows():
-        j = by_entry.get(b["entry_time"])
-        if j is None:
-            divergences.append({"trade": i, "entry": str(b["entry_time"]), "what": "missing in live",
-                                "explained": None})
-            continue
-        l = lv.iloc[j]
-        r = {"trade": i, "entry_time": b["entry_time"], "same_exit_bar": l["exit_time"] == b["exit_time"],
-             "same_reason": l["exit_reason"] == b["exit_reason"],
-             "entry_price_rel": abs(l["entry_price"] / b["entry_price"] - 1),
-             "exit_price_rel": abs(l["exit_price"] / b["exit_price"] - 1),
-             "amount_rel": abs(l["amount"] / b["amount"] - 1), "pnl_live": float(l["pnl"]),
-             "pnl_backtest": float(b["pnl"]), "pnl_diff": float(l["pnl"] - b["pnl"]),
-             "notional": float(b["amount"] * b["entry_price"]), "live_reason": l["exit_reason"],
-             "backtest_reason": b["exit_reason"]}
-        rows.append(r)
-        if not (r["same_exit_bar"] and r["same_reason"]):
-            why = None
-            if l["exit_reason"] in ("stop_unfilled",) and b["exit_reason"] == "stop":
-                why = "stop_gap_below_limit"
-            elif l["exit_reason"] in ("stop_rejected",) and b["exit_reason"] == "stop" and r["same_exit_bar"]:
-                why = "stop_rejected_at_entry"
-            divergences.append({"trade": i, "entry": str(b["entry_time"]),
-                                "what": f"live exit {l['exit_time']} ({l['exit_reason']}) vs backtest "
-                                        f"{b['exit_time']} ({b['exit_reason']})", "explained": why})
-    extra = sorted(set(lv["entry_time"]) - set(bt["entry_time"]))
-    for t in extra:
-        divergences.append({"trade": None, "entry": str(t), "what": "only in live", "explained": None})
-    m = pd.DataFrame(rows)
-    clean = m[m["same_exit_bar"] & m["same_reason"]] if len(m) else m
-    out = {
-        "n_backtest": int(len(bt)), "n_live": int(len(lv)), "matched_entries": int(len(m)),
-        "same_exit_bar": int(m["same_exit_bar"].sum()) if len(m) else 0,
-        "same_reason": int(m["same_reason"].sum()) if len(m) else 0,
-        "max_entry_price_rel": float(m["entry_price_rel"].max()) if len(m) else math.nan,
-        "max_exit_price_rel": float(clean["exit_price_rel"].max()) if len(clean) else math.nan,
-        "max_amount_rel": float(m["amount_rel"].max()) if len(m) else math.nan,
-        "max_abs_pnl_diff": float(clean["pnl_diff"].abs().max()) if len(clean) else math.nan,
-        "max_pnl_diff_bp_of_notional": float((clean["pnl_diff"].abs() / clean["notional"]).max() * 1e4)
-        if len(clean) else math.nan,
-        "pnl_live": float(lv["pnl"].sum()), "pnl_backtest": float(bt["pnl"].sum()),
-        "divergences": divergences,
-        "unexplained": [d for d in divergences if d["explained"] is None],
-    }
-    return out
-
-
-def format_comparison(c: dict) -> str:
-    "Human lines for `compare_trades` figures (for reports)."
-    lines = [f"live vs backtest: {c['n_live']} vs {c['n_backtest']} trades, {c['matched_entries']} same entry "
-             f"candle, {c['same_exit_bar']} same exit candle, {c['same_reason']} same exit reason",
-             f"  max |entry price diff| {c['max_entry_price_rel']:.2e} (rel), max |exit price diff| "
-             f"{c['max_exit_price_rel']:.2e} (rel), max |amount diff| {c['max_amount_rel']:.2e} (rel, base fee)",
-             f"  max |pnl diff| {c['max_abs_pnl_diff']:.4f} quote ({c['max_pnl_diff_bp_of_notional']:.2f} bp of "
-             f"notional); total pnl live {c['pnl_live']:+.2f} vs backtest {c['pnl_backtest']:+.2f}"]
-    for d in c["divergences"]:
-        lines.append(f"  divergence trade {d['trade']} entry {d['entry']}: {d['what']} -> "
-                     f"{EXPLAINED.get(d['explained'], 'UNEXPLAINED')}")
-    return "\n".join(lines)
-
-# %% ../nbs/11_live.ipynb #4683e8d9
-LIVE_TARGETS = {"live_tick_ms": 20.0, "import_live_s": 1.5, "live_rss_mb": 250.0}
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-_BENCH_WORKER = r"""
-import json, sys, statistics
-import cryptobot.live as L
-from cryptobot.config import Settings
-from cryptobot.model import Strategy
-a = json.loads(sys.argv[1])
-ticks = []
-def hook(runner, tick):
-    if runner.guardian.locked:                   # the bench measures order work, not kill-switch denials
-        runner.guardian.unlock("bench_live", who="bench")
-    ticks.append(tick.tick_ms)
-s = Settings(state_dir=a["state"], exchange_url=a["url"], api_key=a["key"], api_secret=a["secret"],
-             kill_switch_losses=10)
-rc = L.run(s, "paper", a["model"], max_candles=a["n"], logs=False, strategy=Strategy(0.0, 0.0, 1),
-           max_model_age_days=None, settle_s=0.0, poll_s=0.005, min_poll_s=0.005, rate_limit_ms=1.0,
-           after_candle=hook, executor_kw={"settle_s": 0.0})
-print(json.dumps({"rc": rc, "ticks": ticks, "rss": L._rss_mb()}))
-"""
-
-
-def bench_live(n_candles: int = 500) -> dict:
-    "`live_tick_ms`, `import_live_s`, `live_rss_mb` (+ details): the runner in its own process, the emulator here."
-    import subprocess
-    import sqlite3
-    from cryptobot import data as D
-    from cryptobot import model as M
-    from cryptobot.emulator import Emulator
-    c = D.synthetic_candles(n=4_000 + n_candles + 2, seed=11)
-    tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-live-"))
-    path = M.train_walk_forward(c.iloc[:4_000], n_folds=2, params={"max_iter": 60}).save(tmp / "models")
-    key, secret = "bench-key-0001", "bench-secret-0001"
-    emu = Emulator(c, clock="stepped", start=len(c) - n_candles - 1, api_key=key, api_secret=secret)
-    emu.start()
-    args = {"state": str(tmp / "state"), "url": emu.base_url, "key": key, "secret": secret, "model": str(path),
-            "n": n_candles}
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", _BENCH_WORKER, json.dumps(args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        jp, done = tmp / "state" / JOURNAL_FILE, 0
-        while done < n_candles and p.poll() is None:
-            want = round(emu.now.timestamp())
-            try:
-                con = sqlite3.connect(f"file:{jp}?mode=ro", uri=True, timeout=1)
-                row = con.execute("SELECT data FROM events WHERE kind = 'candle_done' ORDER BY id DESC LIMIT 1")\
-                         .fetchone()
-                con.close()
-            except sqlite3.Error:
-                row = None
-            if row and round(json.loads(row[0])["candle_time"]) == want:
-                done += 1
-                if done < n_candles:
-                    emu.advance(1)
-            else:
-                time.sleep(0.002)
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        emu.stop()
-    if p.returncode != 0:
-        raise LiveError(f"bench_live runner failed: {(err.strip().splitlines() or ['?'])[-1]}")
-    res = json.loads(out.strip().splitlines()[-1])
-    ticks = res["ticks"]
-    imp = "import time; t = time.perf_counter(); import cryptobot.live; print(time.perf_counter() - t)"
-    runs = [float(subprocess.run([sys.executable, "-c", imp], capture_output=True, text=True, check=True).stdout)
-            for _ in range(3)]
-    out = {"live_tick_ms": statistics.median(ticks), "live_tick_ms_p90": float(np.percentile(ticks, 90)),
-           "ticks": len(ticks), "live_rss_mb": res["rss"], "import_live_s": statistics.median(runs),
-           "orders": emu.orders_created, "candles": n_candles, "run_s": time.perf_counter() - t0}
-    out.update(bench_stop_check(path, c))
-    out["targets"] = dict(LIVE_TARGETS)
-    out["ok"] = all(out[k] <= v for k, v in LIVE_TARGETS.items())
-    return out
-
-# %% ../nbs/11_live.ipynb #b11f4122
-# Binance spot REQUEST_WEIGHT of the endpoints a stop check can call (its limit: 6 000 a minute per IP)
-BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/myTrades": 20,
-                   "GET /api/v3/openOrders": 6, "GET /api/v3/account": 20, "GET /api/v3/exchangeInfo": 20,
-                   "POST /api/v3/order": 1, "DELETE /api/v3/order": 1, "GET /api/v3/klines": 2}
-
-
-def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
-    "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
-    from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
-    from cryptobot.model import Strategy
-    key, secret = "bench-stop-key-01", "bench-stop-secret-01"
-    emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
-                   order_types=ORDER_TYPES_STOP_MARKET).start()
-    tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-stop-"))
-    handler = logging.NullHandler()
-    logging.getLogger("cryptobot").addHandler(handler)
-    try:
-        s = Settings(state_dir=tmp, exchange_url=emu.base_url, api_key=key, api_secret=secret,
-                     stop_check_s=stop_check_s)
-        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 10_000), max_model_age_days=None,
-                         settle_s=0.0, rate_limit_ms=1.0, executor_kw={"settle_s": 0.0})
-        if r.step().outcome != "entered":
-            raise LiveError("bench_stop_check: the runner did not enter; nothing to check")
-        before = emu.requests
-        for _ in range(n_checks):                       # one check per interval of exchange time, inside the candle
-            emu.set_time(emu.now + pd.Timedelta(seconds=3600 / (n_checks + 1)))
-            r.clock.sync()
-            if r.check_stop() != "protected":
-                raise LiveError("bench_stop_check: the stop was not found protected")
-        used = emu.requests - before - Counter({"GET /api/v3/time": n_checks})   # the bench's own syncs
-        r.close()
-        r.journal.close()
-    finally:
-        logging.getLogger("cryptobot").removeHandler(handler)
-        emu.stop()
-    per_check = sum(BINANCE_WEIGHTS.get(k, 1) * v for k, v in used.items()) / n_checks
-    return {"stop_check_ms": statistics.median(r.check_ms), "stop_check_ms_p90": float(np.percentile(r.check_ms, 90)),
-            "stop_check_weight": per_check, "stop_check_weight_per_hour": per_check * 3600 / stop_check_s,
-            "stop_check_requests": {k: v / n_checks for k, v in used.items()}, "stop_check_s": stop_check_s}
+def __getattr__(name: str):
+    "`cryptobot.live.replay` & co. (moved to `cryptobot.parity`) for old imports; imported on first use."
+    if name in _MOVED:
+        import cryptobot.parity as P
+        return getattr(P, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,11 @@ import pandas as pd
 from .features import LOOKBACK, _ewm_min_periods
 
 # %% auto #0
-__all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'BUILTINS', 'StrategyError',
-           'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema', 'rsi',
-           'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy']
+__all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'BUILTINS', 'STRATEGY_FILE',
+           'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema',
+           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy',
+           'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
+           'load_strategy_artifact']
 
 # %% ../nbs/03b_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
@@ -334,3 +337,85 @@ def make_strategy(name: str, params: dict | None = None, **kw) -> Strategy:
         if isinstance(params.get(k), str) and params[k].lower() in ("none", "off", ""):
             params[k] = None
     return resolve(name)(**params, **kw)
+
+# %% ../nbs/03b_strategy.ipynb #f0b24f07
+STRATEGY_FILE = "strategy.json"
+
+
+def parse_params(text: str | None) -> dict:
+    "`'fast=12,slow=26'` -> `{'fast': '12', 'slow': '26'}` (the strategy's `Param`s coerce the strings)."
+    out = {}
+    for part in filter(None, (x.strip() for x in (text or "").split(","))):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise StrategyError(f"strategy parameter {part!r} is not name=value (e.g. fast=12,slow=26)")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def spec_of(strategy: Strategy) -> str:
+    "The name `resolve` rebuilds this strategy's class from: a built-in's name, else `module:Class`."
+    k = type(strategy)
+    return k.name if BUILTINS.get(k.name) is k else f"{k.__module__}:{k.__qualname__}"
+
+
+def artifact_dir(data_dir, strategy: Strategy) -> Path:
+    "Where `--save-artifact` writes and the runner looks by default: `DATA_DIR/strategies/<name>`."
+    return Path(data_dir) / "strategies" / spec_of(strategy).replace(":", ".")
+
+
+# %% ../nbs/03b_strategy.ipynb #be60bcbf
+class StrategyArtifact:
+    "A backtested rule strategy as the runner loads it: `manifest` (name, params, fingerprints), `model_id`, `strategy`."
+
+    def __init__(self, manifest: dict, path: Path | None = None):
+        self.manifest, self.path = manifest, path
+        self.model_id = f"{manifest['strategy']}-{manifest['strategy_fingerprint'][:12]}"
+
+    @property
+    def strategy(self) -> Strategy:
+        return make_strategy(self.manifest["strategy"], self.manifest["params"])
+
+    def check(self, strategy: Strategy, feature_fp: str | None = None) -> None:
+        "`StrategyError` (one line) unless `strategy` (code and parameters) and the features are what was backtested."
+        m, fp = self.manifest, strategy.fingerprint()
+        if spec_of(strategy) != m["strategy"] or fp != m["strategy_fingerprint"]:
+            what = "its parameters" if spec_of(strategy) == m["strategy"] and strategy.to_dict() != m["params"] \
+                else "its code" if spec_of(strategy) == m["strategy"] else "the strategy"
+            raise StrategyError(f"strategy {spec_of(strategy)} {strategy.to_dict()} (fingerprint {fp[:12]}) differs "
+                                f"in {what} from what was backtested: {m['strategy']} {m['params']} (fingerprint "
+                                f"{m['strategy_fingerprint'][:12]}, {self.path}); backtest it and save its artifact "
+                                "(cryptobot backtest --strategy ... --save-artifact) or set CRYPTOBOT_STRATEGY/_PARAMS back")
+        if feature_fp is not None and m.get("feature_fingerprint") != feature_fp:
+            raise StrategyError(f"strategy artifact {self.path} was backtested with feature fingerprint "
+                                f"{str(m.get('feature_fingerprint'))[:12]}, this code computes {feature_fp[:12]}: "
+                                "backtest again and save the artifact")
+
+
+def save_strategy_artifact(strategy: Strategy, folder, *, symbol: str | None = None, timeframe: str | None = None,
+                           stats: dict | None = None) -> Path:
+    "Write `folder/strategy.json` for `strategy` (atomically); its path."
+    from cryptobot.features import fingerprint as feature_fingerprint
+    from cryptobot.files import atomic_write
+    m = {"kind": "strategy", "strategy": spec_of(strategy), "params": strategy.to_dict(),
+         "strategy_fingerprint": strategy.fingerprint(), "feature_fingerprint": feature_fingerprint(),
+         "symbol": symbol, "timeframe": timeframe, "backtest": stats or {}}
+    path = Path(folder) / STRATEGY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(m, indent=1, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def load_strategy_artifact(path) -> StrategyArtifact:
+    "The artifact at `path` (a folder holding strategy.json, or the file), or `StrategyError` saying what is missing."
+    p = Path(path)
+    p = p / STRATEGY_FILE if p.is_dir() or not p.suffix else p
+    try:
+        m = json.loads(p.read_text())
+        if m.get("kind") != "strategy" or not all(k in m for k in ("strategy", "params", "strategy_fingerprint")):
+            raise ValueError("not a strategy artifact")
+    except (OSError, ValueError) as e:
+        raise StrategyError(f"no usable strategy artifact at {p} ({type(e).__name__}): run cryptobot backtest "
+                            "--strategy NAME --param ... --save-artifact first") from None
+    return StrategyArtifact(m, p)
+

@@ -266,7 +266,7 @@ def test_backtest_threshold_both_ways(tmp_path):
 def demo(tmp_path_factory):
     "What `make demo` leaves: a small model trained on the SYNTHETIC market and a paper replay's state dir."
     from cryptobot import data as D, features as F, model as M
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     root = tmp_path_factory.mktemp("demo")
     spec = M.data_spec("synthetic", n_synthetic=3000)
     c = M.candles_from_spec(spec)

@@ -427,3 +427,16 @@ def test_pydantic_is_a_declared_dependency_at_the_installed_version():
         spec = next(d for d in deps if re.fullmatch(rf"{pkg}>=[0-9.]+", d))
         lower = tuple(int(x) for x in spec.split(">=")[1].split("."))
         assert tuple(int(x) for x in version(pkg).split(".")[:len(lower)]) >= lower, (pkg, version(pkg))
+
+
+def test_strategy_and_its_parameters():
+    s = load_settings({}, None)
+    assert (s.strategy, s.strategy_params) == ("model", None)
+    s = load_settings({"CRYPTOBOT_STRATEGY": "ema_cross", "CRYPTOBOT_STRATEGY_PARAMS": "fast=12,slow=26"}, None)
+    assert (s.strategy, s.strategy_params) == ("ema_cross", "fast=12,slow=26")
+    assert load_settings({"CRYPTOBOT_STRATEGY": "my_pkg.rules:Breakout"}, None).strategy == "my_pkg.rules:Breakout"
+    for kw in (dict(strategy="EMA cross"), dict(strategy="mod:"), dict(strategy_params="fast 12"),
+               dict(strategy_params="fast=12,,slow=3")):
+        with pytest.raises(ConfigError):
+            Settings(**kw)
+    assert SETTINGS_KEYS["CRYPTOBOT_STRATEGY"][0] == "strategy" and "CRYPTOBOT_STRATEGY_PARAMS=" in s.summary()

@@ -13,7 +13,8 @@ import pytest
 
 from cryptobot.config import Settings
 from cryptobot.emulator import Emulator
-from cryptobot.live import (EX_CONFIG, EX_UNAVAILABLE, live_gate_blockers, parity, replay, run, setup_logging)
+from cryptobot.live import EX_CONFIG, EX_UNAVAILABLE, live_gate_blockers, run, setup_logging
+from cryptobot.parity import parity, replay
 
 KEY, SECRET = "live-key-93ab1", "live-secret-Qp02xx"
 

@@ -57,14 +57,14 @@ def setup(tmp_path_factory):
 
 
 def _replay(setup, fills):
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     return replay(setup["c"], setup["art"], n_candles=N_WIN, start=setup["start"], fills=fills,
                   state_dir=setup["tmp"].mktemp(f"state-{fills}"), settings=setup["settings"],
                   unlock_kill_switch=True)
 
 
 def _check(setup, r):
-    from cryptobot.live import compare_trades, format_comparison
+    from cryptobot.parity import compare_trades, format_comparison
     bt, lv = setup["bt"], r.trades
     cmp = compare_trades(lv, bt)
     print(r.summary())
@@ -90,7 +90,7 @@ def test_parity_binance_executor_on_emulator(setup):
     cmp = _check(setup, r)
     assert r.emulator["orders_created"] >= 2 * cmp["n_live"]      # entries, stops, exits all went to the emulator
     # and the offline feature parity of every journaled row
-    from cryptobot.live import parity
+    from cryptobot.parity import parity
     from cryptobot.config import Settings
     rep = parity(Settings(state_dir=r.state_dir), candles=setup["c"])
     assert rep.ok and rep.compared == N_WIN + 1, str(rep)

@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 def test_stop_market_parity_with_gaps(setup):
     from cryptobot.emulator import ORDER_TYPES_STOP_MARKET
-    from cryptobot.live import compare_trades, format_comparison, replay
+    from cryptobot.parity import compare_trades, format_comparison, replay
     r = replay(setup["c"], setup["art"], n_candles=N_WIN, start=setup["start"], fills="exchange",
                state_dir=setup["tmp"].mktemp("state"), settings=setup["settings"], unlock_kill_switch=True,
                order_types=ORDER_TYPES_STOP_MARKET)

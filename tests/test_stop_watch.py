@@ -285,7 +285,7 @@ def test_status_and_dashboard_show_the_stop(tmp_path):
 
 
 def test_bench_reports_the_cost_of_a_stop_check(model):
-    from cryptobot.live import bench_stop_check
+    from cryptobot.parity import bench_stop_check
     b = bench_stop_check(model, frame(1_300), n_checks=20)
     assert b["stop_check_requests"] == {"GET /api/v3/order": 1.0}      # one order query per check, nothing else
     assert b["stop_check_weight"] == 4 and b["stop_check_weight_per_hour"] == 240.0
