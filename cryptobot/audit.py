@@ -962,7 +962,7 @@ def check_feature_parity(ev: Evidence) -> Check:
     try:
         from cryptobot.parity import parity
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
-        return Check("drift", "feature_parity", WARN, f"cryptobot.live.parity unavailable ({type(e).__name__})",
+        return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
                      "parity not checked")
     rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
     if not rng["n"]:

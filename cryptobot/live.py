@@ -967,15 +967,3 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-
-# %% ../nbs/11_live.ipynb #0d16c058
-_MOVED = ("ParityReport", "parity", "ReplayResult", "TRADE_COLUMNS", "journal_trades", "replay", "EXPLAINED",
-          "compare_trades", "format_comparison", "BINANCE_WEIGHTS", "bench_stop_check")
-
-
-def __getattr__(name: str):
-    "`cryptobot.live.replay` & co. (moved to `cryptobot.parity`) for old imports; imported on first use."
-    if name in _MOVED:
-        import cryptobot.parity as P
-        return getattr(P, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

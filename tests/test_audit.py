@@ -412,7 +412,7 @@ def test_paper_run_locked_by_the_kill_switch_matches_a_backtest_with_the_same_ki
     switch stops too, so the two trade lists agree, and nothing after the lock is called unexplained."""
     from cryptobot import data as D, model as M
     from cryptobot.journal import Journal
-    from cryptobot.live import replay
+    from cryptobot.parity import replay
     root = tmp_path / "locked"
     c = D.load_candles(D.raw_path(demo["root"] / "data", "BTC/USDT", "1h", exchange="synthetic"))
     s = settings_for(root, kill_switch_losses=1)

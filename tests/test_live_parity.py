@@ -6,7 +6,7 @@ Tolerances (stated): entry/exit candle equal; exit reason equal; entry/exit pric
 are open x (1 +/- slippage) or min(stop, open), quantised to 8 decimals by the exchange); amount within
 fee + 1 lot step (Binance takes a market buy's commission in the base asset: the live position is
 amount x (1 - fee) floored to the step); PnL within 1 bp of the trade's notional (that base-fee accounting).
-Divergences are allowed only where `cryptobot.live.compare_trades` names a documented rule (stop-limit gap below L,
+Divergences are allowed only where `cryptobot.parity.compare_trades` names a documented rule (stop-limit gap below L,
 stop refused on the entry bar); none occur in this window."""
 from __future__ import annotations
 
