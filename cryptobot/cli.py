@@ -489,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# %% ../nbs/14_cli.ipynb #b1d0c3aa
 def main(argv=None) -> int:
     "Entry point of the `cryptobot` command."
     global ENV_FILE

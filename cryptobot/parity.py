@@ -189,6 +189,7 @@ def journal_trades(journal: Journal, symbol: str, timeframe: str, open_position=
     return df
 
 
+# %% ../nbs/11b_parity.ipynb #c7e1a2b6
 def _model_candles(candles):
     if isinstance(candles, pd.DataFrame):
         return candles
