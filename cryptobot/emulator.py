@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 from aiohttp import web
 
+from .journal import OrderStatus
+
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
            'DEFAULT_FILTERS', 'ORDER_TYPES', 'ORDER_TYPES_STOP_MARKET', 'LOOPBACK', 'Q8', 'FAULT_KINDS',
@@ -352,7 +354,7 @@ class _Order:
     price: Decimal = Decimal(0)
     stop_price: Decimal = Decimal(0)
     quote_order_qty: Decimal = Decimal(0)
-    status: str = "NEW"
+    status: OrderStatus = OrderStatus.NEW   # moves only along ORDER_TRANSITIONS (`OrderStatus.to`)
     executed: Decimal = Decimal(0)
     cum_quote: Decimal = Decimal(0)
     time: int = 0
@@ -364,7 +366,7 @@ class _Order:
 
     @property
     def is_open(self) -> bool:
-        return self.status in ("NEW", "PARTIALLY_FILLED")
+        return not self.status.is_final
 
     @property
     def remaining(self) -> Decimal:
@@ -476,8 +478,8 @@ class _Book:
             qty = min(qty, self._floor_step(qty * _dec(frac)))
         if qty > 0:
             self._fill(o, qty, price, when, maker)
-        o.status = "FILLED" if o.remaining == 0 else "PARTIALLY_FILLED"
-        if o.status == "FILLED" and o.side == "BUY":
+        o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.PARTIALLY_FILLED)
+        if o.status is OrderStatus.FILLED and o.side == "BUY":
             self._unlock_rest(o)        # a buy filled below its limit leaves a little quote locked
 
     # -- placing ---------------------------------------------------------------
@@ -555,7 +557,7 @@ class _Book:
         fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
         if fill_qty > 0:
             self._fill(o, fill_qty, price, now, maker=False)
-        o.status = "FILLED" if o.remaining == 0 else "EXPIRED"
+        o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.EXPIRED)
 
     def _lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
         if o.side == "SELL":
@@ -581,7 +583,7 @@ class _Book:
         if marketable:
             self._fill_resting(o, mkt, now, maker=False)
         if o.is_open and o.time_in_force in ("IOC", "FOK"):
-            o.status = "EXPIRED"
+            o.status = o.status.to(OrderStatus.EXPIRED)
             self._unlock_rest(o)
 
     def _place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
@@ -625,7 +627,7 @@ class _Book:
     def cancel(self, o: _Order, now: int) -> None:
         if not o.is_open:
             raise BinanceError(-2011, "Unknown order sent.")
-        o.status = "CANCELED"
+        o.status = o.status.to(OrderStatus.CANCELED)
         o.update_time = now
         self._unlock_rest(o)
 
@@ -655,7 +657,7 @@ class _Book:
                     if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
                         self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
                         if o.is_open:                    # a partial fault: the market rest expires, as on Binance
-                            o.status = "EXPIRED"
+                            o.status = o.status.to(OrderStatus.EXPIRED)
                             self._unlock_rest(o)
                     elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
                         self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
@@ -675,7 +677,7 @@ class _Book:
         if kind == "ACK":
             return d
         d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
-                  "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status,
+                  "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status.name,
                   "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
         if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
             d["stopPrice"] = _s8(o.stop_price)
@@ -895,7 +897,7 @@ class Emulator:
     def _order_dict(self, o: _Order) -> dict:
         tape = self.tapes[o.symbol]
         return {"order_id": o.order_id, "client_order_id": o.client_order_id, "symbol": tape.symbol,
-                "side": o.side, "type": o.type, "status": o.status, "time_in_force": o.time_in_force,
+                "side": o.side, "type": o.type, "status": o.status.name, "time_in_force": o.time_in_force,
                 "qty": float(o.qty), "price": float(o.price), "stop_price": float(o.stop_price),
                 "executed_qty": float(o.executed), "quote_qty": float(o.cum_quote),
                 "average": float(o.cum_quote / o.executed) if o.executed else None,
@@ -1574,6 +1576,7 @@ class MatchingEngine:
                 for k in _ORDER_DEC:
                     d[k] = str(d[k])
                 d["fills"] = [dict(f) for f in o.fills]
+                d["status"] = o.status.name                  # Binance's spelling, as the file always held
                 orders.append(d)
             trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
             return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
@@ -1594,6 +1597,7 @@ class MatchingEngine:
             od = dict(od)
             for k in _ORDER_DEC:
                 od[k] = Decimal(od[k])
+            od["status"] = OrderStatus.parse(od["status"])
             o = _Order(**od)
             b.orders[o.order_id] = o
             b.by_client.setdefault(o.client_order_id, []).append(o.order_id)

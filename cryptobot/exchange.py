@@ -24,7 +24,7 @@ import ccxt
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
-from .journal import ClosedTrade, FINAL_STATUSES, to_epoch
+from .journal import ClosedTrade, OrderStatus, to_epoch
 from .risk import Market
 
 # %% auto #0
@@ -560,7 +560,10 @@ class Executor:
         raw = str(info.get("status") or o.get("status"))
         if info.get("isWorking") is True and o.get("status") == "open":
             raw += " working"
-        return self.journal.record_order_status(cid, o.get("status") or "unknown", exchange_id=o.get("id"),
+        if not (o.get("status") or info.get("status")):         # no status to journal: the intent stays open
+            self._log("order_status_missing", logging.WARNING, cid=cid)
+            return False
+        return self.journal.record_order_status(cid, o.get("status") or info["status"], exchange_id=o.get("id"),
                                                 filled=o.get("filled"), average=o.get("average"), raw_status=raw)
 
     def _settle(self, cid: str, o: dict) -> dict:
@@ -630,7 +633,7 @@ class Executor:
             if it["side"] != "sell":
                 continue
             n_stops += it["purpose"] == "stop"
-            final = it["last_status"] in FINAL_STATUSES
+            final = it["last_status"] is not None and OrderStatus.parse(it["last_status"]).is_final
             if not final:
                 if it["purpose"] == "stop":
                     stop_cid = it["client_order_id"]
@@ -788,20 +791,20 @@ class Executor:
             self._mark_not_sent(pos.stop_cid, "stop not on the exchange")
             return self._check_position(candle_time)
         self._settle(pos.stop_cid, o)
-        status, working = o.get("status"), (o.get("info") or {}).get("isWorking") is True
-        if status == "closed":
+        status, working = OrderStatus.parse(o.get("status"), o.get("filled")), (o.get("info") or {}).get("isWorking") is True
+        if status is OrderStatus.FILLED:
             pos = self.position()
             if pos is not None:
                 self._close_trade(pos, "stop")
             return "stopped_out"
-        if status == "open" and working:
+        if not status.is_final and working:
             self._log("stop_triggered_unfilled", logging.WARNING, cid=pos.stop_cid, filled=o.get("filled"))
             since = _order_ms(o, "workingTime")
             self._retire_stop(pos)
             self._sell_out("emergency_exit", candle_time, "stop_unfilled")
             self._unprotected(pos, since, "stop_unfilled", None)
             return "emergency_exit"
-        if status == "open":
+        if not status.is_final:
             return "protected"
         self._log("stop_gone", logging.WARNING, cid=pos.stop_cid, status=status)   # cancelled/expired without us
         self._gone_since = _order_ms(o, "updateTime")
