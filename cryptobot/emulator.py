@@ -78,7 +78,7 @@ def _s8(x) -> str:
 def _dec(x) -> Decimal:
     return Decimal(str(x))
 
-# %% ../nbs/09_emulator.ipynb #bd8c4b6b
+# %% ../nbs/09_emulator.ipynb #0b49a5d4
 _TF_UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
@@ -95,7 +95,7 @@ def _tf_name(ms: int) -> str:
             return f"{ms // _TF_UNITS[unit]}{unit}"
     raise EmulatorError(f"candle spacing of {ms} ms is not a whole number of minutes")
 
-
+# %% ../nbs/09_emulator.ipynb #0d0ea679
 def _path(o: float, h: float, l: float, c: float):
     "Intrabar path: (fractions, prices) of O→L→H→C (up bar) or O→H→L→C (down bar), constant speed."
     px = [o, l, h, c] if c >= o else [o, h, l, c]
@@ -153,7 +153,7 @@ def _first_cross(fr, px, f0: float, level: float, down: bool) -> float:
             return a if pb == pa else a + (b - a) * (level - pa) / (pb - pa)
     return 1.0
 
-
+# %% ../nbs/09_emulator.ipynb #dcd66d4f
 class _Tape:
     "One symbol's candles as arrays: open time (ms) and float OHLCV."
 
@@ -204,58 +204,74 @@ class _Tape:
     def frac(self, i: int, now: int) -> float:
         return min(1.0, max(0.0, (now - int(self.t[i])) / self.tf))
 
-    def candle(self, i: int, now: int) -> tuple[float, float, float, float, float, bool]:
-        "(o, h, l, c, v, closed) of candle i as seen at `now` (partial if still forming)."
-        f = self.frac(i, now)
-        if f >= 1.0:
-            return self.o[i], self.h[i], self.l[i], self.c[i], self.v[i], True
-        fr, px = self.path(i)
-        lo, hi = _extremes(fr, px, 0.0, f)
-        return self.o[i], hi, lo, _price_at(fr, px, f), self.v[i] * f, False
+# %% ../nbs/09_emulator.ipynb #da79d4bb
+def _tape_candle(self, i: int, now: int) -> tuple[float, float, float, float, float, bool]:
+    "(o, h, l, c, v, closed) of candle i as seen at `now` (partial if still forming)."
+    f = self.frac(i, now)
+    if f >= 1.0:
+        return self.o[i], self.h[i], self.l[i], self.c[i], self.v[i], True
+    fr, px = self.path(i)
+    lo, hi = _extremes(fr, px, 0.0, f)
+    return self.o[i], hi, lo, _price_at(fr, px, f), self.v[i] * f, False
 
-    def last_price(self, now: int) -> float:
-        i = self.bar_at(now)
-        if i < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return self.candle(i, now)[3]
 
-    def kline(self, i: int, now: int) -> bytes:
-        "Binance kline row (JSON) for candle i at `now`; closed rows are cached, pre-encoded."
-        row = self._rows.get(i)
-        if row is not None:
-            return row
-        o, h, l, c, v, closed = self.candle(i, now)
-        t = int(self.t[i])
-        qv = v * (o + h + l + c) / 4
-        row = [t, f"{o:.8f}", f"{h:.8f}", f"{l:.8f}", f"{c:.8f}", f"{v:.8f}", t + self.tf - 1,
-               f"{qv:.8f}", int(v * 10) + (1 if closed else 0), f"{v / 2:.8f}", f"{qv / 2:.8f}", "0"]
-        row = json.dumps(row, separators=(",", ":")).encode()
-        if closed:
-            self._rows[i] = row
+def _tape_last_price(self, now: int) -> float:
+    i = self.bar_at(now)
+    if i < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    return self.candle(i, now)[3]
+
+
+def _tape_kline(self, i: int, now: int) -> bytes:
+    "Binance kline row (JSON) for candle i at `now`; closed rows are cached, pre-encoded."
+    row = self._rows.get(i)
+    if row is not None:
         return row
+    o, h, l, c, v, closed = self.candle(i, now)
+    t = int(self.t[i])
+    qv = v * (o + h + l + c) / 4
+    row = [t, f"{o:.8f}", f"{h:.8f}", f"{l:.8f}", f"{c:.8f}", f"{v:.8f}", t + self.tf - 1,
+           f"{qv:.8f}", int(v * 10) + (1 if closed else 0), f"{v / 2:.8f}", f"{qv / 2:.8f}", "0"]
+    row = json.dumps(row, separators=(",", ":")).encode()
+    if closed:
+        self._rows[i] = row
+    return row
 
-    # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
-    def set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
-        "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
-        self._paths.pop(i, None)
-        self._writable()
-        self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
-        self._rows.pop(i, None)
 
-    def _writable(self) -> None:
-        for k in ("t", "o", "h", "l", "c", "v"):
-            a = getattr(self, k)
-            if not a.flags.writeable:          # pandas hands out read-only views (copy-on-write)
-                setattr(self, k, a.copy())
+_Tape.candle = _tape_candle
+_Tape.last_price = _tape_last_price
+_Tape.kline = _tape_kline
 
-    def append(self, t_ms: int, o: float, h: float, l: float, c: float, v: float) -> int:
-        "Add a candle opening at `t_ms` after the last one; returns its index."
-        if len(self.t) and t_ms <= int(self.t[-1]):
-            raise EmulatorError(f"candle at {t_ms} ms does not follow the last one ({int(self.t[-1])} ms)")
-        self.t = np.append(self.t, np.int64(t_ms))
-        for k, x in (("o", o), ("h", h), ("l", l), ("c", c), ("v", v)):
-            setattr(self, k, np.append(getattr(self, k), float(x)))
-        return len(self.t) - 1
+# %% ../nbs/09_emulator.ipynb #90a309ca
+# -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
+def _tape_set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
+    "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
+    self._paths.pop(i, None)
+    self._writable()
+    self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
+    self._rows.pop(i, None)
+
+
+def _tape_writable(self) -> None:
+    for k in ("t", "o", "h", "l", "c", "v"):
+        a = getattr(self, k)
+        if not a.flags.writeable:          # pandas hands out read-only views (copy-on-write)
+            setattr(self, k, a.copy())
+
+
+def _tape_append(self, t_ms: int, o: float, h: float, l: float, c: float, v: float) -> int:
+    "Add a candle opening at `t_ms` after the last one; returns its index."
+    if len(self.t) and t_ms <= int(self.t[-1]):
+        raise EmulatorError(f"candle at {t_ms} ms does not follow the last one ({int(self.t[-1])} ms)")
+    self.t = np.append(self.t, np.int64(t_ms))
+    for k, x in (("o", o), ("h", h), ("l", l), ("c", c), ("v", v)):
+        setattr(self, k, np.append(getattr(self, k), float(x)))
+    return len(self.t) - 1
+
+
+_Tape.set_bar = _tape_set_bar
+_Tape._writable = _tape_writable
+_Tape.append = _tape_append
 
 # %% ../nbs/09_emulator.ipynb #94fa294b
 FAULT_KINDS = ("rate_limit", "ban", "server_error", "internal_error", "slow", "drop", "lost", "partial",
@@ -341,7 +357,29 @@ class Faults:
                     return f
         return None
 
-# %% ../nbs/09_emulator.ipynb #ce1848f4
+# %% ../nbs/09_emulator.ipynb #e44d2a90
+def _mandatory(name: str) -> BinanceError:
+    return BinanceError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
+
+
+def _param(p: dict, name: str) -> str:
+    v = p.get(name)
+    if v is None or v == "":
+        raise _mandatory(name)
+    return v
+
+
+def _num(p: dict, name: str) -> Decimal:
+    v = _param(p, name)
+    if not _NUM_RE.match(v):
+        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'; "
+                                  "legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.")
+    d = Decimal(v)
+    if d <= 0:
+        raise BinanceError(-1013, "Invalid quantity." if name == "quantity" else f"Invalid {name}.")
+    return d
+
+# %% ../nbs/09_emulator.ipynb #e2639e31
 @dataclass
 class _Order:
     order_id: int
@@ -399,318 +437,354 @@ class _Book:
         self.next_trade_id = 1
         self.orders_created = 0
 
-    # -- validation ------------------------------------------------------------
-    def _check_lot(self, qty: Decimal) -> None:
-        f = self.filters
-        if qty < f["min_qty"] or qty > f["max_qty"] or (qty - f["min_qty"]) % f["step_size"] != 0:
-            raise BinanceError(-1013, "Filter failure: LOT_SIZE")
+# %% ../nbs/09_emulator.ipynb #a3e5555f
+# -- validation ------------------------------------------------------------
+def _book_check_lot(self, qty: Decimal) -> None:
+    f = self.filters
+    if qty < f["min_qty"] or qty > f["max_qty"] or (qty - f["min_qty"]) % f["step_size"] != 0:
+        raise BinanceError(-1013, "Filter failure: LOT_SIZE")
 
-    def _check_price(self, price: Decimal) -> None:
-        f = self.filters
-        if price < f["min_price"] or price > f["max_price"] or (price - f["min_price"]) % f["tick_size"] != 0:
-            raise BinanceError(-1013, "Filter failure: PRICE_FILTER")
 
-    def _check_notional(self, notional: Decimal, is_market: bool) -> None:
-        f = self.filters
-        if notional < f["min_notional"] or (not is_market and notional > f["max_notional"]):
-            raise BinanceError(-1013, "Filter failure: NOTIONAL")
+def _book_check_price(self, price: Decimal) -> None:
+    f = self.filters
+    if price < f["min_price"] or price > f["max_price"] or (price - f["min_price"]) % f["tick_size"] != 0:
+        raise BinanceError(-1013, "Filter failure: PRICE_FILTER")
 
-    def _floor_step(self, qty: Decimal) -> Decimal:
-        step = self.filters["step_size"]
-        return (qty / step).to_integral_value(ROUND_DOWN) * step
 
-    def _need(self, asset: str, amount: Decimal) -> None:
-        if self.free.get(asset, Decimal(0)) < amount:
-            raise BinanceError(-2010, "Account has insufficient balance for requested action.")
+def _book_check_notional(self, notional: Decimal, is_market: bool) -> None:
+    f = self.filters
+    if notional < f["min_notional"] or (not is_market and notional > f["max_notional"]):
+        raise BinanceError(-1013, "Filter failure: NOTIONAL")
 
-    # -- prices ----------------------------------------------------------------
-    def market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
-        "THE FILL RULES: a market order fills at the forming candle's price now (its open at the open) x (1 +/- slippage)."
-        i = tape.bar_at(now)
-        o = Decimal(f"{tape.candle(i, now)[3]:.8f}")
-        return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
 
-    # -- fills -----------------------------------------------------------------
-    def _fill(self, o: _Order, qty: Decimal, price: Decimal, when: int, maker: bool) -> None:
-        tape = self.tapes[o.symbol]
-        quote = _q8(qty * price)
-        if o.side == "BUY":
-            if o.locked > 0:                                   # resting buy: release its lock first
-                release = min(o.locked, _q8(qty * o.price))
-                o.locked -= release
-                self.locked[tape.quote] -= release
-                self.free[tape.quote] += release
-            self.free[tape.quote] -= quote
-            commission, asset = _q8(qty * self.fee), tape.base
-            self.free[tape.base] += qty - commission
-        else:
-            if o.locked > 0:
-                o.locked -= qty
-                self.locked[tape.base] -= qty
-            else:
-                self.free[tape.base] -= qty
-            commission, asset = _q8(quote * self.fee), tape.quote
-            self.free[tape.quote] += quote - commission
-        trade_id = self.next_trade_id
-        self.next_trade_id += 1
-        o.executed += qty
-        o.cum_quote += quote
-        o.update_time = when
-        o.fills.append({"price": _s8(price), "qty": _s8(qty), "commission": _s8(commission),
-                        "commissionAsset": asset, "tradeId": trade_id})
-        self.trades.append({"symbol": o.symbol, "id": trade_id, "orderId": o.order_id, "orderListId": -1,
-                            "price": price, "qty": qty, "quoteQty": quote, "commission": commission,
-                            "commissionAsset": asset, "time": when, "isBuyer": o.side == "BUY",
-                            "isMaker": maker, "isBestMatch": True, "clientOrderId": o.client_order_id})
+def _book_floor_step(self, qty: Decimal) -> Decimal:
+    step = self.filters["step_size"]
+    return (qty / step).to_integral_value(ROUND_DOWN) * step
 
-    def _unlock_rest(self, o: _Order) -> None:
+
+def _book_need(self, asset: str, amount: Decimal) -> None:
+    if self.free.get(asset, Decimal(0)) < amount:
+        raise BinanceError(-2010, "Account has insufficient balance for requested action.")
+
+
+# -- prices ----------------------------------------------------------------
+def _book_market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
+    "THE FILL RULES: a market order fills at the forming candle's price now (its open at the open) x (1 +/- slippage)."
+    i = tape.bar_at(now)
+    o = Decimal(f"{tape.candle(i, now)[3]:.8f}")
+    return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
+
+
+_Book._check_lot = _book_check_lot
+_Book._check_price = _book_check_price
+_Book._check_notional = _book_check_notional
+_Book._floor_step = _book_floor_step
+_Book._need = _book_need
+_Book.market_price = _book_market_price
+
+# %% ../nbs/09_emulator.ipynb #278ad6a3
+# -- fills -----------------------------------------------------------------
+def _book_fill(self, o: _Order, qty: Decimal, price: Decimal, when: int, maker: bool) -> None:
+    tape = self.tapes[o.symbol]
+    quote = _q8(qty * price)
+    if o.side == "BUY":
+        if o.locked > 0:                                   # resting buy: release its lock first
+            release = min(o.locked, _q8(qty * o.price))
+            o.locked -= release
+            self.locked[tape.quote] -= release
+            self.free[tape.quote] += release
+        self.free[tape.quote] -= quote
+        commission, asset = _q8(qty * self.fee), tape.base
+        self.free[tape.base] += qty - commission
+    else:
         if o.locked > 0:
-            asset = self.tapes[o.symbol].base if o.side == "SELL" else self.tapes[o.symbol].quote
-            self.locked[asset] -= o.locked
-            self.free[asset] += o.locked
-            o.locked = Decimal(0)
-
-    def _fill_resting(self, o: _Order, price: Decimal, when: int, maker: bool) -> None:
-        "Fill what remains of a resting order (a `partial` fault fills only a fraction)."
-        qty = o.remaining
-        frac = self.faults._take_partial()
-        if frac is not None:
-            qty = min(qty, self._floor_step(qty * _dec(frac)))
-        if qty > 0:
-            self._fill(o, qty, price, when, maker)
-        o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.PARTIALLY_FILLED)
-        if o.status is OrderStatus.FILLED and o.side == "BUY":
-            self._unlock_rest(o)        # a buy filled below its limit leaves a little quote locked
-
-    # -- placing ---------------------------------------------------------------
-    def _client_id(self, cid: str | None) -> str:
-        if cid is None or cid == "":
-            return "emu" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")[:19]
-        if not _CLIENT_ID_RE.match(cid):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'newClientOrderId'; "
-                                      "legal range is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
-        used = [self.orders[i] for i in self.by_client.get(cid, [])]
-        if used and (self.unique_client_ids or any(o.is_open for o in used)):
-            raise BinanceError(-2010, "Duplicate order sent.")
-        return cid
-
-    def place(self, p: dict, now: int) -> _Order:
-        tape = self.tapes.get(p.get("symbol", ""))
-        if "symbol" not in p:
-            raise _mandatory("symbol")
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        if tape.bar_at(now) < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        side = _param(p, "side").upper()
-        if side not in ("BUY", "SELL"):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'side'; legal range is 'BUY, SELL'.")
-        typ = _param(p, "type").upper()
-        if typ not in self.order_types:
-            raise BinanceError(-1116, "Invalid orderType.")
-        cid = self._client_id(p.get("newClientOrderId"))
-        tif = p.get("timeInForce", "GTC").upper()
-        if tif not in ("GTC", "IOC", "FOK"):
-            raise BinanceError(-1115, "Invalid timeInForce.")
-        o = _Order(order_id=0, client_order_id=cid, symbol=tape.id, side=side, type=typ, time_in_force=tif,
-                   qty=Decimal(0), time=now, update_time=now, working_time=now)
-        if typ == "MARKET":
-            self._place_market(o, p, tape, now)
-        elif typ == "LIMIT":
-            if "timeInForce" not in p:
-                raise _mandatory("timeInForce")
-            self._place_limit(o, p, tape, now)
+            o.locked -= qty
+            self.locked[tape.base] -= qty
         else:
-            for k in (("quantity", "stopPrice") if typ == "STOP_LOSS" else
-                      ("timeInForce", "quantity", "price", "stopPrice")):
-                _param(p, k)
-            self._place_stop(o, p, tape, now)
-        return o
+            self.free[tape.base] -= qty
+        commission, asset = _q8(quote * self.fee), tape.quote
+        self.free[tape.quote] += quote - commission
+    trade_id = self.next_trade_id
+    self.next_trade_id += 1
+    o.executed += qty
+    o.cum_quote += quote
+    o.update_time = when
+    o.fills.append({"price": _s8(price), "qty": _s8(qty), "commission": _s8(commission),
+                    "commissionAsset": asset, "tradeId": trade_id})
+    self.trades.append({"symbol": o.symbol, "id": trade_id, "orderId": o.order_id, "orderListId": -1,
+                        "price": price, "qty": qty, "quoteQty": quote, "commission": commission,
+                        "commissionAsset": asset, "time": when, "isBuyer": o.side == "BUY",
+                        "isMaker": maker, "isBestMatch": True, "clientOrderId": o.client_order_id})
 
-    def _register(self, o: _Order) -> None:
-        o.order_id = self.next_order_id
-        self.next_order_id += 1
-        self.orders[o.order_id] = o
-        self.by_client.setdefault(o.client_order_id, []).append(o.order_id)
-        self.orders_created += 1
 
-    def _place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        price = self.market_price(tape, o.side, now)
-        if "quantity" in p and "quoteOrderQty" in p:
-            raise BinanceError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
-        if "quoteOrderQty" in p:
-            o.quote_order_qty = _num(p, "quoteOrderQty")
-            qty = self._floor_step(o.quote_order_qty / price)
-        elif "quantity" in p:
-            qty = _num(p, "quantity")
-        else:
-            raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
-        self._check_lot(qty)
-        self._check_notional(_q8(qty * price), is_market=True)
-        if o.side == "BUY":
-            self._need(tape.quote, _q8(qty * price))
-        else:
-            self._need(tape.base, qty)
-        o.qty = qty
-        self._register(o)
-        frac = self.faults._take_partial()
-        fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
-        if fill_qty > 0:
-            self._fill(o, fill_qty, price, now, maker=False)
-        o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.EXPIRED)
+def _book_unlock_rest(self, o: _Order) -> None:
+    if o.locked > 0:
+        asset = self.tapes[o.symbol].base if o.side == "SELL" else self.tapes[o.symbol].quote
+        self.locked[asset] -= o.locked
+        self.free[asset] += o.locked
+        o.locked = Decimal(0)
 
-    def _lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
-        if o.side == "SELL":
-            self._need(tape.base, o.qty)
-            asset, amount = tape.base, o.qty
-        else:
-            amount = _q8(o.qty * limit)
-            self._need(tape.quote, amount)
-            asset = tape.quote
-        self.free[asset] -= amount
-        self.locked[asset] += amount
-        o.locked = amount
 
-    def _place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        o.qty, o.price = _num(p, "quantity"), _num(p, "price")
-        self._check_price(o.price)
-        self._check_lot(o.qty)
-        self._check_notional(_q8(o.qty * o.price), is_market=False)
-        mkt = self.market_price(tape, o.side, now)
-        marketable = o.price >= mkt if o.side == "BUY" else o.price <= mkt
-        self._lock(o, tape, o.price)
-        self._register(o)
-        if marketable:
-            self._fill_resting(o, mkt, now, maker=False)
-        if o.is_open and o.time_in_force in ("IOC", "FOK"):
-            o.status = o.status.to(OrderStatus.EXPIRED)
-            self._unlock_rest(o)
+def _book_fill_resting(self, o: _Order, price: Decimal, when: int, maker: bool) -> None:
+    "Fill what remains of a resting order (a `partial` fault fills only a fraction)."
+    qty = o.remaining
+    frac = self.faults._take_partial()
+    if frac is not None:
+        qty = min(qty, self._floor_step(qty * _dec(frac)))
+    if qty > 0:
+        self._fill(o, qty, price, when, maker)
+    o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.PARTIALLY_FILLED)
+    if o.status is OrderStatus.FILLED and o.side == "BUY":
+        self._unlock_rest(o)        # a buy filled below its limit leaves a little quote locked
 
-    def _place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        market = o.type == "STOP_LOSS"                      # stop-market: a market order once triggered
-        o.qty, o.stop_price = _num(p, "quantity"), _num(p, "stopPrice")
-        o.price = Decimal(0) if market else _num(p, "price")
-        if market:
-            o.time_in_force = "GTC"
-        else:
-            self._check_price(o.price)
-        self._check_price(o.stop_price)
-        self._check_lot(o.qty)
-        self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
-        last = _dec(f"{tape.last_price(now):.8f}")
-        if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
-            raise BinanceError(-2010, "Stop price would trigger immediately.")
-        self._lock(o, tape, o.stop_price if market else o.price)
-        o.working_time = -1
-        self._register(o)
 
-    # -- cancel ----------------------------------------------------------------
-    def find(self, p: dict, unknown: BinanceError) -> _Order:
-        tape = self.tapes.get(_param(p, "symbol"))
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        if p.get("orderId"):
-            try:
-                o = self.orders.get(int(p["orderId"]))
-            except ValueError:
-                raise BinanceError(-1100, "Illegal characters found in parameter 'orderId'; "
-                                          "legal range is '^[0-9]{1,20}$'.") from None
-        elif p.get("origClientOrderId"):
-            ids = self.by_client.get(p["origClientOrderId"], [])
-            o = self.orders[ids[-1]] if ids else None
-        else:
-            raise BinanceError(-1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!")
-        if o is None or o.symbol != tape.id:
-            raise unknown
-        return o
+_Book._fill = _book_fill
+_Book._unlock_rest = _book_unlock_rest
+_Book._fill_resting = _book_fill_resting
 
-    def cancel(self, o: _Order, now: int) -> None:
-        if not o.is_open:
-            raise BinanceError(-2011, "Unknown order sent.")
-        o.status = o.status.to(OrderStatus.CANCELED)
-        o.update_time = now
+# %% ../nbs/09_emulator.ipynb #798d2608
+# -- placing ---------------------------------------------------------------
+def _book_client_id(self, cid: str | None) -> str:
+    if cid is None or cid == "":
+        return "emu" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")[:19]
+    if not _CLIENT_ID_RE.match(cid):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'newClientOrderId'; "
+                                  "legal range is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
+    used = [self.orders[i] for i in self.by_client.get(cid, [])]
+    if used and (self.unique_client_ids or any(o.is_open for o in used)):
+        raise BinanceError(-2010, "Duplicate order sent.")
+    return cid
+
+
+def _book_place(self, p: dict, now: int) -> _Order:
+    tape = self.tapes.get(p.get("symbol", ""))
+    if "symbol" not in p:
+        raise _mandatory("symbol")
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    if tape.bar_at(now) < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    side = _param(p, "side").upper()
+    if side not in ("BUY", "SELL"):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'side'; legal range is 'BUY, SELL'.")
+    typ = _param(p, "type").upper()
+    if typ not in self.order_types:
+        raise BinanceError(-1116, "Invalid orderType.")
+    cid = self._client_id(p.get("newClientOrderId"))
+    tif = p.get("timeInForce", "GTC").upper()
+    if tif not in ("GTC", "IOC", "FOK"):
+        raise BinanceError(-1115, "Invalid timeInForce.")
+    o = _Order(order_id=0, client_order_id=cid, symbol=tape.id, side=side, type=typ, time_in_force=tif,
+               qty=Decimal(0), time=now, update_time=now, working_time=now)
+    if typ == "MARKET":
+        self._place_market(o, p, tape, now)
+    elif typ == "LIMIT":
+        if "timeInForce" not in p:
+            raise _mandatory("timeInForce")
+        self._place_limit(o, p, tape, now)
+    else:
+        for k in (("quantity", "stopPrice") if typ == "STOP_LOSS" else
+                  ("timeInForce", "quantity", "price", "stopPrice")):
+            _param(p, k)
+        self._place_stop(o, p, tape, now)
+    return o
+
+
+def _book_register(self, o: _Order) -> None:
+    o.order_id = self.next_order_id
+    self.next_order_id += 1
+    self.orders[o.order_id] = o
+    self.by_client.setdefault(o.client_order_id, []).append(o.order_id)
+    self.orders_created += 1
+
+
+_Book._client_id = _book_client_id
+_Book.place = _book_place
+_Book._register = _book_register
+
+# %% ../nbs/09_emulator.ipynb #f63b7f29
+def _book_place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    price = self.market_price(tape, o.side, now)
+    if "quantity" in p and "quoteOrderQty" in p:
+        raise BinanceError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
+    if "quoteOrderQty" in p:
+        o.quote_order_qty = _num(p, "quoteOrderQty")
+        qty = self._floor_step(o.quote_order_qty / price)
+    elif "quantity" in p:
+        qty = _num(p, "quantity")
+    else:
+        raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
+    self._check_lot(qty)
+    self._check_notional(_q8(qty * price), is_market=True)
+    if o.side == "BUY":
+        self._need(tape.quote, _q8(qty * price))
+    else:
+        self._need(tape.base, qty)
+    o.qty = qty
+    self._register(o)
+    frac = self.faults._take_partial()
+    fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
+    if fill_qty > 0:
+        self._fill(o, fill_qty, price, now, maker=False)
+    o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.EXPIRED)
+
+
+def _book_lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
+    if o.side == "SELL":
+        self._need(tape.base, o.qty)
+        asset, amount = tape.base, o.qty
+    else:
+        amount = _q8(o.qty * limit)
+        self._need(tape.quote, amount)
+        asset = tape.quote
+    self.free[asset] -= amount
+    self.locked[asset] += amount
+    o.locked = amount
+
+
+_Book._place_market = _book_place_market
+_Book._lock = _book_lock
+
+# %% ../nbs/09_emulator.ipynb #0e48d3e3
+def _book_place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    o.qty, o.price = _num(p, "quantity"), _num(p, "price")
+    self._check_price(o.price)
+    self._check_lot(o.qty)
+    self._check_notional(_q8(o.qty * o.price), is_market=False)
+    mkt = self.market_price(tape, o.side, now)
+    marketable = o.price >= mkt if o.side == "BUY" else o.price <= mkt
+    self._lock(o, tape, o.price)
+    self._register(o)
+    if marketable:
+        self._fill_resting(o, mkt, now, maker=False)
+    if o.is_open and o.time_in_force in ("IOC", "FOK"):
+        o.status = o.status.to(OrderStatus.EXPIRED)
         self._unlock_rest(o)
 
-    # -- bars ------------------------------------------------------------------
-    def on_bar_close(self, tape: _Tape, i: int) -> None:
-        "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
-        self.on_path(tape, i, 0.0, 1.0)
 
-    def on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None:
-        "The price of bar i moved along its path from fraction `f_from` to `f_to`: trigger stops, fill limits."
-        t0 = int(tape.t[i])
-        fr, px = tape.path(i)
-        for o in [o for o in self.orders.values() if o.is_open and o.symbol == tape.id]:
-            f0 = max(f_from, tape.frac(i, o.time) if o.time > t0 else 0.0)   # placed inside this bar: from then on
-            if f0 >= f_to:
-                continue
-            sell = o.side == "SELL"
-            if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") and o.triggered_bar is None:
-                S, L = float(o.stop_price), float(o.price)
-                lo, hi = _extremes(fr, px, f0, f_to)
-                if (lo <= S) if sell else (hi >= S):
-                    at = _price_at(fr, px, f0)
-                    fill_px = min(S, at) if sell else max(S, at)
-                    f_hit = _first_cross(fr, px, f0, S, down=sell)
-                    when = max(o.time, t0 + int(f_hit * tape.tf))
-                    o.triggered_bar, o.working_time, o.update_time = i, when, when
-                    if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
-                        self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
-                        if o.is_open:                    # a partial fault: the market rest expires, as on Binance
-                            o.status = o.status.to(OrderStatus.EXPIRED)
-                            self._unlock_rest(o)
-                    elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
-                        self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
-            elif o.type == "LIMIT" or (o.triggered_bar is not None and o.triggered_bar < i):
-                L = float(o.price)
-                lo, hi = _extremes(fr, px, f0, f_to)
-                if (hi >= L) if sell else (lo <= L):
-                    f_hit = _first_cross(fr, px, f0, L, down=not sell)
-                    self._fill_resting(o, o.price, max(o.time, t0 + int(f_hit * tape.tf)), maker=True)
+def _book_place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    market = o.type == "STOP_LOSS"                      # stop-market: a market order once triggered
+    o.qty, o.stop_price = _num(p, "quantity"), _num(p, "stopPrice")
+    o.price = Decimal(0) if market else _num(p, "price")
+    if market:
+        o.time_in_force = "GTC"
+    else:
+        self._check_price(o.price)
+    self._check_price(o.stop_price)
+    self._check_lot(o.qty)
+    self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
+    last = _dec(f"{tape.last_price(now):.8f}")
+    if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
+        raise BinanceError(-2010, "Stop price would trigger immediately.")
+    self._lock(o, tape, o.stop_price if market else o.price)
+    o.working_time = -1
+    self._register(o)
 
-    # -- JSON ------------------------------------------------------------------
-    def order_json(self, o: _Order, kind: str) -> dict:
-        "Binance's order shapes: ACK, RESULT, FULL (new order), QUERY (GET/openOrders), CANCEL."
-        d = {"symbol": o.symbol, "orderId": o.order_id, "orderListId": -1, "clientOrderId": o.client_order_id}
-        if kind in ("ACK", "RESULT", "FULL"):
-            d["transactTime"] = o.time
-        if kind == "ACK":
-            return d
-        d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
-                  "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status.name,
-                  "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
-        if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
-            d["stopPrice"] = _s8(o.stop_price)
-        if kind == "QUERY":
-            d.update({"icebergQty": "0.00000000", "time": o.time, "updateTime": o.update_time,
-                      "isWorking": o.working_time != -1})
-        d.update({"workingTime": o.working_time, "origQuoteOrderQty": _s8(o.quote_order_qty),
-                  "selfTradePreventionMode": "EXPIRE_MAKER"})
-        if kind == "FULL":
-            d["fills"] = list(o.fills)
+
+_Book._place_limit = _book_place_limit
+_Book._place_stop = _book_place_stop
+
+# %% ../nbs/09_emulator.ipynb #acc50b48
+# -- cancel ----------------------------------------------------------------
+def _book_find(self, p: dict, unknown: BinanceError) -> _Order:
+    tape = self.tapes.get(_param(p, "symbol"))
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    if p.get("orderId"):
+        try:
+            o = self.orders.get(int(p["orderId"]))
+        except ValueError:
+            raise BinanceError(-1100, "Illegal characters found in parameter 'orderId'; "
+                                      "legal range is '^[0-9]{1,20}$'.") from None
+    elif p.get("origClientOrderId"):
+        ids = self.by_client.get(p["origClientOrderId"], [])
+        o = self.orders[ids[-1]] if ids else None
+    else:
+        raise BinanceError(-1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!")
+    if o is None or o.symbol != tape.id:
+        raise unknown
+    return o
+
+
+def _book_cancel(self, o: _Order, now: int) -> None:
+    if not o.is_open:
+        raise BinanceError(-2011, "Unknown order sent.")
+    o.status = o.status.to(OrderStatus.CANCELED)
+    o.update_time = now
+    self._unlock_rest(o)
+
+
+_Book.find = _book_find
+_Book.cancel = _book_cancel
+
+# %% ../nbs/09_emulator.ipynb #a21f5a42
+# -- bars ------------------------------------------------------------------
+def _book_on_bar_close(self, tape: _Tape, i: int) -> None:
+    "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
+    self.on_path(tape, i, 0.0, 1.0)
+
+
+def _book_on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None:
+    "The price of bar i moved along its path from fraction `f_from` to `f_to`: trigger stops, fill limits."
+    t0 = int(tape.t[i])
+    fr, px = tape.path(i)
+    for o in [o for o in self.orders.values() if o.is_open and o.symbol == tape.id]:
+        f0 = max(f_from, tape.frac(i, o.time) if o.time > t0 else 0.0)   # placed inside this bar: from then on
+        if f0 >= f_to:
+            continue
+        sell = o.side == "SELL"
+        if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") and o.triggered_bar is None:
+            S, L = float(o.stop_price), float(o.price)
+            lo, hi = _extremes(fr, px, f0, f_to)
+            if (lo <= S) if sell else (hi >= S):
+                at = _price_at(fr, px, f0)
+                fill_px = min(S, at) if sell else max(S, at)
+                f_hit = _first_cross(fr, px, f0, S, down=sell)
+                when = max(o.time, t0 + int(f_hit * tape.tf))
+                o.triggered_bar, o.working_time, o.update_time = i, when, when
+                if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
+                    self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
+                    if o.is_open:                    # a partial fault: the market rest expires, as on Binance
+                        o.status = o.status.to(OrderStatus.EXPIRED)
+                        self._unlock_rest(o)
+                elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
+                    self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
+        elif o.type == "LIMIT" or (o.triggered_bar is not None and o.triggered_bar < i):
+            L = float(o.price)
+            lo, hi = _extremes(fr, px, f0, f_to)
+            if (hi >= L) if sell else (lo <= L):
+                f_hit = _first_cross(fr, px, f0, L, down=not sell)
+                self._fill_resting(o, o.price, max(o.time, t0 + int(f_hit * tape.tf)), maker=True)
+
+
+_Book.on_bar_close = _book_on_bar_close
+_Book.on_path = _book_on_path
+
+# %% ../nbs/09_emulator.ipynb #e91fe3f5
+# -- JSON ------------------------------------------------------------------
+def _book_order_json(self, o: _Order, kind: str) -> dict:
+    "Binance's order shapes: ACK, RESULT, FULL (new order), QUERY (GET/openOrders), CANCEL."
+    d = {"symbol": o.symbol, "orderId": o.order_id, "orderListId": -1, "clientOrderId": o.client_order_id}
+    if kind in ("ACK", "RESULT", "FULL"):
+        d["transactTime"] = o.time
+    if kind == "ACK":
         return d
-
-
-def _mandatory(name: str) -> BinanceError:
-    return BinanceError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
-
-
-def _param(p: dict, name: str) -> str:
-    v = p.get(name)
-    if v is None or v == "":
-        raise _mandatory(name)
-    return v
-
-
-def _num(p: dict, name: str) -> Decimal:
-    v = _param(p, name)
-    if not _NUM_RE.match(v):
-        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'; "
-                                  "legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.")
-    d = Decimal(v)
-    if d <= 0:
-        raise BinanceError(-1013, "Invalid quantity." if name == "quantity" else f"Invalid {name}.")
+    d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
+              "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status.name,
+              "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
+    if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
+        d["stopPrice"] = _s8(o.stop_price)
+    if kind == "QUERY":
+        d.update({"icebergQty": "0.00000000", "time": o.time, "updateTime": o.update_time,
+                  "isWorking": o.working_time != -1})
+    d.update({"workingTime": o.working_time, "origQuoteOrderQty": _s8(o.quote_order_qty),
+              "selfTradePreventionMode": "EXPIRE_MAKER"})
+    if kind == "FULL":
+        d["fills"] = list(o.fills)
     return d
+
+
+_Book.order_json = _book_order_json
 
 # %% ../nbs/09_emulator.ipynb #f939721a
 _PUBLIC = "public"

@@ -32,7 +32,7 @@ __all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'E
            'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'BinanceExecutor',
            'PaperExecutor', 'make_executor']
 
-# %% ../nbs/10_exchange.ipynb #d27d1d96
+# %% ../nbs/10_exchange.ipynb #65b23e9a
 log = logging.getLogger("cryptobot.exchange")
 
 
@@ -50,7 +50,7 @@ class EntryRefused(ExecutorError):
 class ExchangeAuthError(ExecutorError):
     "The exchange refused our credentials or timestamp; nothing was executed. Never contains a secret."
 
-# %% ../nbs/10_exchange.ipynb #45750a54
+# %% ../nbs/10_exchange.ipynb #7daa1ac3
 _SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
 
 
@@ -100,7 +100,7 @@ def protect_logs(*secrets_) -> None:
         if _SECRET_FILTER not in lg.filters:
             lg.addFilter(_SECRET_FILTER)
 
-# %% ../nbs/10_exchange.ipynb #e258156c
+# %% ../nbs/10_exchange.ipynb #fad3a38c
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.10g}"
@@ -190,7 +190,7 @@ class OrderQueue:
     def __exit__(self, *exc):
         self.close(wait=True)
 
-# %% ../nbs/10_exchange.ipynb #5b7ea9a6
+# %% ../nbs/10_exchange.ipynb #d481ea0b
 PAPER_URL = "http://127.0.0.1:9"      # never contacted: the session's adapter answers in process
 
 
@@ -234,7 +234,7 @@ class _EngineAdapter:
 
         return Adapter()
 
-# %% ../nbs/10_exchange.ipynb #2383f2df
+# %% ../nbs/10_exchange.ipynb #0ac12643
 class PaperVenue:
     "Paper trading venue: the real ccxt.binance client over the emulator's in-process MatchingEngine."
 
@@ -369,7 +369,7 @@ class _Sent:
     rejected: str | None = None       # the exchange refused it (reason)
     unknown: bool = False             # an UnknownOutcome happened on the way
 
-# %% ../nbs/10_exchange.ipynb #1ca3fe79
+# %% ../nbs/10_exchange.ipynb #94e3f18a
 _AUTH_ERRORS = (ccxt.AuthenticationError, ccxt.InvalidNonce, ccxt.PermissionDenied, ccxt.AccountSuspended)
 
 
@@ -406,7 +406,7 @@ def _stop_type(choice: str, order_types: list, symbol: str) -> str:
     raise ExecutorError(f"{symbol} lists neither STOP_LOSS nor STOP_LOSS_LIMIT in its orderTypes "
                         f"({', '.join(order_types) or 'none'}): no exchange-side stop is possible; trade another symbol")
 
-# %% ../nbs/10_exchange.ipynb #b7cd3611
+# %% ../nbs/10_exchange.ipynb #7fe76a87
 class Executor:
     "All order logic, for any venue with the ccxt unified methods listed above (see the rules above)."
 
@@ -457,7 +457,7 @@ class Executor:
         self._ensure_markets()
         return self._market
 
-# %% ../nbs/10_exchange.ipynb #cb0bbf78
+# %% ../nbs/10_exchange.ipynb #208e5926
 def _order_ms(o: dict, key: str) -> float | None:
     "When (unix s) an order's `info[key]` (ms; Binance's workingTime/updateTime) says, else its last update, else None."
     info = o.get("info") or {}
@@ -480,7 +480,7 @@ def _candle_open_close(candle) -> tuple[float, float]:
     t = t / 1000 if isinstance(t, (int, float)) and t > 10**11 else t
     return to_epoch(t, "candle time"), float(candle[4])
 
-# %% ../nbs/10_exchange.ipynb #d5e4d195
+# %% ../nbs/10_exchange.ipynb #88f3ae24
 # ------------------------------------------------------------------ plumbing
 def _ex_log(self, event: str, level: int = logging.INFO, **fields) -> None:
     log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
@@ -504,7 +504,7 @@ Executor._log = _ex_log
 Executor._safe = _ex_safe
 Executor._call = _ex_call
 
-# %% ../nbs/10_exchange.ipynb #82c97175
+# %% ../nbs/10_exchange.ipynb #d1e60d2c
 def _ex_ensure_markets(self, reload: bool = False) -> None:
     if self._ccxt_market is not None and not reload:
         return
@@ -541,7 +541,7 @@ Executor._ensure_markets = _ex_ensure_markets
 Executor._candle_now = _ex_candle_now
 Executor._next_cid = _ex_next_cid
 
-# %% ../nbs/10_exchange.ipynb #5f6e2294
+# %% ../nbs/10_exchange.ipynb #7eb41863
 # ------------------------------------------------------------------ exchange primitives
 def _ex_lookup(self, cid: str) -> dict | None:
     "The order with client id `cid`, or None once the exchange said twice (settle_s apart) it has none."
@@ -584,7 +584,7 @@ Executor._mark_not_sent = _ex_mark_not_sent
 Executor._rejected = _ex_rejected
 Executor._record_order = _ex_record_order
 
-# %% ../nbs/10_exchange.ipynb #33ca3b5c
+# %% ../nbs/10_exchange.ipynb #480a3110
 def _ex_send(self, cid: str, purpose: str, side: str, type_: str, amount: float, price: float | None = None,
           params: dict | None = None, resend_ok: Callable[[], bool] = lambda: False) -> _Sent:
     "Send one journaled intent; resolve an unknown outcome by client order id; never resend blindly."
@@ -624,7 +624,7 @@ def _ex_send(self, cid: str, purpose: str, side: str, type_: str, amount: float,
 
 Executor._send = _ex_send
 
-# %% ../nbs/10_exchange.ipynb #8df3704a
+# %% ../nbs/10_exchange.ipynb #ce1ce647
 def _ex_settle(self, cid: str, o: dict) -> dict:
     """Journal the order's fills (exact prices and fees from myTrades), THEN its status: a crash in between
     leaves the intent open, so reconciliation reads the fills again (a final status never hides missing fills)."""
@@ -662,7 +662,7 @@ def _ex_journal_fills(self, cid: str, o: dict, filled: float) -> None:
 Executor._settle = _ex_settle
 Executor._journal_fills = _ex_journal_fills
 
-# %% ../nbs/10_exchange.ipynb #63e1eee1
+# %% ../nbs/10_exchange.ipynb #ebccb2eb
 # ------------------------------------------------------------------ position
 def _ex_position(self) -> Position | None:
     "The open position for this symbol, rebuilt from the journal (None when flat)."
@@ -752,7 +752,7 @@ Executor.position = _ex_position
 Executor._sellable = _ex_sellable
 Executor._close_trade = _ex_close_trade
 
-# %% ../nbs/10_exchange.ipynb #e213e319
+# %% ../nbs/10_exchange.ipynb #64c238fd
 # ------------------------------------------------------------------ protective actions (not gated)
 def _ex_protect(self, pos: Position, candle_time: float) -> str | None:
     "Place the stop for what is held; if the exchange refuses it, sell at market at once."
@@ -844,7 +844,7 @@ Executor._protect = _ex_protect
 Executor._retire_stop = _ex_retire_stop
 Executor._sell_out = _ex_sell_out
 
-# %% ../nbs/10_exchange.ipynb #42c5ad43
+# %% ../nbs/10_exchange.ipynb #21fcda40
 def _ex_check_position(self, candle_time: float) -> str:
     "The stop check of one closed candle (see the rules); returns what happened."
     pos = self.position()
@@ -906,7 +906,7 @@ def _ex_unprotected(self, pos: Position, since: float | None, cause: str, stop_c
 Executor._check_position = _ex_check_position
 Executor._unprotected = _ex_unprotected
 
-# %% ../nbs/10_exchange.ipynb #730206c8
+# %% ../nbs/10_exchange.ipynb #5bf321a8
 def _ex_sync(self, candle_time=None) -> str:
     "Check the open position's orders now; returns flat | protected | stopped_out | emergency_exit | stop_placed | closed."
     with self._lock:
@@ -1000,7 +1000,7 @@ Executor.sync = _ex_sync
 Executor.reconcile = _ex_reconcile
 Executor.context = _ex_context
 
-# %% ../nbs/10_exchange.ipynb #be0ff6ad
+# %% ../nbs/10_exchange.ipynb #e219924e
 # ------------------------------------------------------------------ public API
 def _ex_enter(self, approval: Approval) -> EntryResult:
     "Redeem the Guardian approval, buy at market, protect the fill with the stop (see the rules)."
