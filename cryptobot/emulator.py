@@ -78,7 +78,7 @@ def _s8(x) -> str:
 def _dec(x) -> Decimal:
     return Decimal(str(x))
 
-# %% ../nbs/09_emulator.ipynb #0b49a5d4
+# %% ../nbs/09_emulator.ipynb #b3cf4561
 _TF_UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
@@ -95,7 +95,7 @@ def _tf_name(ms: int) -> str:
             return f"{ms // _TF_UNITS[unit]}{unit}"
     raise EmulatorError(f"candle spacing of {ms} ms is not a whole number of minutes")
 
-# %% ../nbs/09_emulator.ipynb #0d0ea679
+# %% ../nbs/09_emulator.ipynb #59be49a1
 def _path(o: float, h: float, l: float, c: float):
     "Intrabar path: (fractions, prices) of O→L→H→C (up bar) or O→H→L→C (down bar), constant speed."
     px = [o, l, h, c] if c >= o else [o, h, l, c]
@@ -153,7 +153,7 @@ def _first_cross(fr, px, f0: float, level: float, down: bool) -> float:
             return a if pb == pa else a + (b - a) * (level - pa) / (pb - pa)
     return 1.0
 
-# %% ../nbs/09_emulator.ipynb #dcd66d4f
+# %% ../nbs/09_emulator.ipynb #6d70db9f
 class _Tape:
     "One symbol's candles as arrays: open time (ms) and float OHLCV."
 
@@ -204,7 +204,7 @@ class _Tape:
     def frac(self, i: int, now: int) -> float:
         return min(1.0, max(0.0, (now - int(self.t[i])) / self.tf))
 
-# %% ../nbs/09_emulator.ipynb #da79d4bb
+# %% ../nbs/09_emulator.ipynb #c1d83a43
 def _tape_candle(self, i: int, now: int) -> tuple[float, float, float, float, float, bool]:
     "(o, h, l, c, v, closed) of candle i as seen at `now` (partial if still forming)."
     f = self.frac(i, now)
@@ -242,7 +242,7 @@ _Tape.candle = _tape_candle
 _Tape.last_price = _tape_last_price
 _Tape.kline = _tape_kline
 
-# %% ../nbs/09_emulator.ipynb #90a309ca
+# %% ../nbs/09_emulator.ipynb #e74736a2
 # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
 def _tape_set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
     "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
@@ -357,7 +357,7 @@ class Faults:
                     return f
         return None
 
-# %% ../nbs/09_emulator.ipynb #e44d2a90
+# %% ../nbs/09_emulator.ipynb #9af01f1e
 def _mandatory(name: str) -> BinanceError:
     return BinanceError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
 
@@ -379,7 +379,7 @@ def _num(p: dict, name: str) -> Decimal:
         raise BinanceError(-1013, "Invalid quantity." if name == "quantity" else f"Invalid {name}.")
     return d
 
-# %% ../nbs/09_emulator.ipynb #e2639e31
+# %% ../nbs/09_emulator.ipynb #21b86184
 @dataclass
 class _Order:
     order_id: int
@@ -437,7 +437,7 @@ class _Book:
         self.next_trade_id = 1
         self.orders_created = 0
 
-# %% ../nbs/09_emulator.ipynb #a3e5555f
+# %% ../nbs/09_emulator.ipynb #c8fa3dc3
 # -- validation ------------------------------------------------------------
 def _book_check_lot(self, qty: Decimal) -> None:
     f = self.filters
@@ -482,7 +482,7 @@ _Book._floor_step = _book_floor_step
 _Book._need = _book_need
 _Book.market_price = _book_market_price
 
-# %% ../nbs/09_emulator.ipynb #278ad6a3
+# %% ../nbs/09_emulator.ipynb #e11bc514
 # -- fills -----------------------------------------------------------------
 def _book_fill(self, o: _Order, qty: Decimal, price: Decimal, when: int, maker: bool) -> None:
     tape = self.tapes[o.symbol]
@@ -542,7 +542,7 @@ _Book._fill = _book_fill
 _Book._unlock_rest = _book_unlock_rest
 _Book._fill_resting = _book_fill_resting
 
-# %% ../nbs/09_emulator.ipynb #798d2608
+# %% ../nbs/09_emulator.ipynb #eb157266
 # -- placing ---------------------------------------------------------------
 def _book_client_id(self, cid: str | None) -> str:
     if cid is None or cid == "":
@@ -602,7 +602,7 @@ _Book._client_id = _book_client_id
 _Book.place = _book_place
 _Book._register = _book_register
 
-# %% ../nbs/09_emulator.ipynb #f63b7f29
+# %% ../nbs/09_emulator.ipynb #6056543b
 def _book_place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
     price = self.market_price(tape, o.side, now)
     if "quantity" in p and "quoteOrderQty" in p:
@@ -645,7 +645,7 @@ def _book_lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
 _Book._place_market = _book_place_market
 _Book._lock = _book_lock
 
-# %% ../nbs/09_emulator.ipynb #0e48d3e3
+# %% ../nbs/09_emulator.ipynb #1d3d964b
 def _book_place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
     o.qty, o.price = _num(p, "quantity"), _num(p, "price")
     self._check_price(o.price)
@@ -684,7 +684,7 @@ def _book_place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
 _Book._place_limit = _book_place_limit
 _Book._place_stop = _book_place_stop
 
-# %% ../nbs/09_emulator.ipynb #acc50b48
+# %% ../nbs/09_emulator.ipynb #f49dc228
 # -- cancel ----------------------------------------------------------------
 def _book_find(self, p: dict, unknown: BinanceError) -> _Order:
     tape = self.tapes.get(_param(p, "symbol"))
@@ -717,7 +717,7 @@ def _book_cancel(self, o: _Order, now: int) -> None:
 _Book.find = _book_find
 _Book.cancel = _book_cancel
 
-# %% ../nbs/09_emulator.ipynb #a21f5a42
+# %% ../nbs/09_emulator.ipynb #757b512d
 # -- bars ------------------------------------------------------------------
 def _book_on_bar_close(self, tape: _Tape, i: int) -> None:
     "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
@@ -760,7 +760,7 @@ def _book_on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None
 _Book.on_bar_close = _book_on_bar_close
 _Book.on_path = _book_on_path
 
-# %% ../nbs/09_emulator.ipynb #e91fe3f5
+# %% ../nbs/09_emulator.ipynb #39f942cb
 # -- JSON ------------------------------------------------------------------
 def _book_order_json(self, o: _Order, kind: str) -> dict:
     "Binance's order shapes: ACK, RESULT, FULL (new order), QUERY (GET/openOrders), CANCEL."
@@ -786,8 +786,10 @@ def _book_order_json(self, o: _Order, kind: str) -> dict:
 
 _Book.order_json = _book_order_json
 
-# %% ../nbs/09_emulator.ipynb #f939721a
+# %% ../nbs/09_emulator.ipynb #4a28fccc
 _PUBLIC = "public"
+
+
 _SIGNED = "signed"
 
 
@@ -809,7 +811,7 @@ def _check_candles(df, name: str) -> None:
     if not np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy(dtype="float64")).all():
         raise EmulatorError(f"candles for {name} contain NaN or infinite prices or volumes; clean them first")
 
-
+# %% ../nbs/09_emulator.ipynb #f984e8fb
 class Emulator:
     "A Binance-spot-compatible REST server on 127.0.0.1 replaying candles on a controllable clock."
 
@@ -884,592 +886,263 @@ class Emulator:
                                 f" .. {pd.Timestamp(tape.t[-1], unit='ms', tz='UTC')})")
         return ms
 
-    def _now_ms(self) -> int:
-        if self.clock == "stepped":
-            return self._clock_ms
-        now = self._clock_ms + int((time.monotonic() - self._mono0) * 1000 * self.speed)
-        return min(now, self.end_ms)
-
-    def _sync(self) -> int:
-        "Bring the book up to the market clock: move every bar's price along its path up to now (stops, limits)."
-        now = self._now_ms()
-        if now > self._processed_ms:
-            book = self._book
-            if any(o.is_open for o in book.orders.values()):
-                spans = []
-                for tape in self.tapes.values():
-                    ends = tape.t + tape.tf
-                    lo = int(np.searchsorted(ends, self._processed_ms, side="right"))   # first bar not yet done
-                    hi = min(len(tape) - 1, tape.bar_at(now))                           # the bar forming now
-                    for i in range(lo, hi + 1):
-                        f0, f1 = tape.frac(i, self._processed_ms), tape.frac(i, now)
-                        if f1 > f0:
-                            spans.append((min(int(ends[i]), now), tape.id, i, f0, f1))
-                for _, sid, i, f0, f1 in sorted(spans):
-                    book.on_path(self.tapes[sid], i, f0, f1)
-            self._processed_ms = now
-        return now
-
-    @property
-    def now(self) -> pd.Timestamp:
-        "The market clock."
-        with self._lock:
-            return pd.Timestamp(self._sync(), unit="ms", tz="UTC")
-
-    @property
-    def bar(self) -> int:
-        "Index of the forming (last started) candle of the first symbol."
-        with self._lock:
-            return next(iter(self.tapes.values())).bar_at(self._sync())
-
-    @property
-    def finished(self) -> bool:
-        "True when the clock has reached the end of the data."
-        with self._lock:
-            return self._sync() >= self.end_ms
-
-    def set_time(self, ts) -> pd.Timestamp:
-        "Move the market clock forward to `ts` (completing bars on the way); returns the new time."
-        t = pd.Timestamp(ts)
-        t = t.tz_localize("UTC") if t.tz is None else t
-        ms = int(t.value // 1_000_000)
-        with self._lock:
-            now = self._sync()
-            if ms < now:
-                raise EmulatorError(f"the market clock only moves forward: {t} is before {self.now}")
-            if ms > self.end_ms:
-                raise EmulatorError(f"{t} is past the end of the candles "
-                                    f"({pd.Timestamp(self.end_ms, unit='ms', tz='UTC')}); load more data")
-            self._clock_ms += ms - now
-            self._sync()
-            return pd.Timestamp(ms, unit="ms", tz="UTC")
-
-    def list_order_types(self, types) -> list:
-        "List (and serve) `types` from now on, e.g. `ORDER_TYPES_STOP_MARKET`; a client sees it at its next exchangeInfo."
-        with self._lock:
-            new = list(types)
-            if any(t not in ORDER_TYPES_STOP_MARKET for t in new) or not {"LIMIT", "MARKET"} <= set(new):
-                raise EmulatorError(f"order types {new} must hold LIMIT and MARKET and only "
-                                    f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
-            self.order_types[:] = new
-            return list(new)
-
-    def advance(self, n_bars: int = 1) -> pd.Timestamp:
-        "Move the clock to the open of the bar `n_bars` after the forming one; returns the new time."
-        if n_bars < 1:
-            raise EmulatorError(f"advance needs n_bars >= 1, got {n_bars}")
-        with self._lock:
-            tape = next(iter(self.tapes.values()))
-            now = self._sync()
-            i = tape.bar_at(now) + n_bars
-            target = int(tape.t[i]) if i < len(tape) else (self.end_ms if i == len(tape) else None)
-            if target is None or target <= now:
-                raise EmulatorError(f"cannot advance {n_bars} bars: only {len(tape) - i + n_bars} left in the candles")
-            return self.set_time(pd.Timestamp(target, unit="ms", tz="UTC"))
-
-    # -- book snapshots ----------------------------------------------------------
-    def _order_dict(self, o: _Order) -> dict:
-        tape = self.tapes[o.symbol]
-        return {"order_id": o.order_id, "client_order_id": o.client_order_id, "symbol": tape.symbol,
-                "side": o.side, "type": o.type, "status": o.status.name, "time_in_force": o.time_in_force,
-                "qty": float(o.qty), "price": float(o.price), "stop_price": float(o.stop_price),
-                "executed_qty": float(o.executed), "quote_qty": float(o.cum_quote),
-                "average": float(o.cum_quote / o.executed) if o.executed else None,
-                "time": o.time, "update_time": o.update_time, "working": o.working_time != -1,
-                "triggered": o.triggered_bar is not None,
-                "fills": [{k: (float(v) if k in ("price", "qty", "commission") else v) for k, v in f.items()}
-                          for f in o.fills]}
-
-    @property
-    def orders(self) -> list[dict]:
-        "Every order the emulator accepted, oldest first (snapshot)."
-        with self._lock:
-            self._sync()
-            return [self._order_dict(o) for o in self._book.orders.values()]
-
-    def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
-        "One order by id or client order id (latest with that id), or None."
-        with self._lock:
-            self._sync()
-            book = self._book
-            if order_id is not None:
-                o = book.orders.get(int(order_id))
-            else:
-                ids = book.by_client.get(client_order_id, [])
-                o = book.orders[ids[-1]] if ids else None
-            return None if o is None else self._order_dict(o)
-
-    @property
-    def trades(self) -> list[dict]:
-        "Every fill, oldest first (snapshot)."
-        with self._lock:
-            self._sync()
-            out = []
-            for t in self._book.trades:
-                d = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in t.items()}
-                d["symbol"] = self.tapes[t["symbol"]].symbol
-                out.append(d)
-            return out
-
-    @property
-    def balances(self) -> dict[str, dict[str, float]]:
-        "`{asset: {'free': ..., 'locked': ...}}` (snapshot)."
-        with self._lock:
-            self._sync()
-            b = self._book
-            return {a: {"free": float(b.free[a]), "locked": float(b.locked[a])} for a in sorted(b.free)}
-
-    @property
-    def requests(self) -> Counter:
-        "Requests served per `'METHOD /path'` (faulted ones included)."
-        with self._lock:
-            return Counter(self._requests)
-
-    @property
-    def orders_created(self) -> int:
-        "Orders the engine accepted (rejected ones are not counted)."
-        with self._lock:
-            return self._book.orders_created
-
-    @property
-    def api_key(self) -> str:
-        return self._key
-
-    @property
-    def api_secret(self) -> str:
-        return self._secret.decode()
-
     # -- HTTP: auth and routing ----------------------------------------------------
     def _make_routes(self) -> dict:
         return {
             ("GET", "/api/v3/ping"): (_PUBLIC, lambda p, now: {}),
             ("GET", "/api/v3/time"): (_PUBLIC, lambda p, now: {"serverTime": now}),
-            ("GET", "/api/v3/exchangeInfo"): (_PUBLIC, self._exchange_info),
-            ("GET", "/api/v3/klines"): (_PUBLIC, self._klines),
-            ("GET", "/api/v3/ticker/24hr"): (_PUBLIC, self._ticker_24hr),
-            ("GET", "/api/v3/ticker/price"): (_PUBLIC, self._ticker_price),
-            ("GET", "/api/v3/ticker/bookTicker"): (_PUBLIC, self._book_ticker),
-            ("GET", "/api/v3/avgPrice"): (_PUBLIC, self._avg_price),
-            ("GET", "/api/v3/account"): (_SIGNED, self._account),
-            ("POST", "/api/v3/order"): (_SIGNED, self._new_order),
-            ("POST", "/api/v3/order/test"): (_SIGNED, self._test_order),
-            ("GET", "/api/v3/order"): (_SIGNED, self._get_order),
-            ("DELETE", "/api/v3/order"): (_SIGNED, self._cancel_order),
-            ("GET", "/api/v3/openOrders"): (_SIGNED, self._open_orders),
-            ("DELETE", "/api/v3/openOrders"): (_SIGNED, self._cancel_all),
-            ("GET", "/api/v3/allOrders"): (_SIGNED, self._all_orders),
-            ("GET", "/api/v3/myTrades"): (_SIGNED, self._my_trades),
+            ("GET", "/api/v3/exchangeInfo"): (_PUBLIC, "_exchange_info"),
+            ("GET", "/api/v3/klines"): (_PUBLIC, "_klines"),
+            ("GET", "/api/v3/ticker/24hr"): (_PUBLIC, "_ticker_24hr"),
+            ("GET", "/api/v3/ticker/price"): (_PUBLIC, "_ticker_price"),
+            ("GET", "/api/v3/ticker/bookTicker"): (_PUBLIC, "_book_ticker"),
+            ("GET", "/api/v3/avgPrice"): (_PUBLIC, "_avg_price"),
+            ("GET", "/api/v3/account"): (_SIGNED, "_account"),
+            ("POST", "/api/v3/order"): (_SIGNED, "_new_order"),
+            ("POST", "/api/v3/order/test"): (_SIGNED, "_test_order"),
+            ("GET", "/api/v3/order"): (_SIGNED, "_get_order"),
+            ("DELETE", "/api/v3/order"): (_SIGNED, "_cancel_order"),
+            ("GET", "/api/v3/openOrders"): (_SIGNED, "_open_orders"),
+            ("DELETE", "/api/v3/openOrders"): (_SIGNED, "_cancel_all"),
+            ("GET", "/api/v3/allOrders"): (_SIGNED, "_all_orders"),
+            ("GET", "/api/v3/myTrades"): (_SIGNED, "_my_trades"),
         }
 
-    def _authenticate(self, headers, query: str, body: str, p: dict) -> None:
-        "Binance's signed-endpoint checks; the timestamp is checked against the real wall clock."
-        key = headers.get("X-MBX-APIKEY")
-        if not key:
-            raise BinanceError(-2014, "API-key format invalid.", 401)
-        if not hmac.compare_digest(key.encode(), self._key.encode()):
-            raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
-        sig = p.get("signature")
-        if not sig:
-            raise _mandatory("signature")
-        payload = _strip_signature(query) + _strip_signature(body)
-        expected = hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected.encode(), sig.lower().encode()):
-            raise BinanceError(-1022, "Signature for this request is not valid.")
-        try:
-            ts = int(_param(p, "timestamp"))
-            window = int(p.get("recvWindow", 5000))
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in parameter 'timestamp'; "
-                                      "legal range is '^[0-9]{1,20}$'.") from None
-        if window > 60000:
-            raise BinanceError(-1131, "recvWindow must be less than 60000")
-        wall = int(time.time() * 1000)
-        if ts >= wall + 1000:
-            raise BinanceError(-1021, "Timestamp for this request was 1000ms ahead of the server's time.")
-        if wall - ts > window:
-            raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
+# %% ../nbs/09_emulator.ipynb #f994b88a
+def _emu_now_ms(self) -> int:
+    if self.clock == "stepped":
+        return self._clock_ms
+    now = self._clock_ms + int((time.monotonic() - self._mono0) * 1000 * self.speed)
+    return min(now, self.end_ms)
 
-    def _dispatch(self, method: str, path: str, headers, query: str, body: str) -> tuple[int, object]:
-        route = self._routes.get((method, path))
-        if route is None:
-            return 404, None
-        kind, fn = route
-        p = dict(parse_qsl(query, keep_blank_values=True))
-        p.update(parse_qsl(body, keep_blank_values=True))
-        try:
-            with self._lock:
-                if kind == _SIGNED:
-                    self._authenticate(headers, query, body, p)
-                return 200, fn(p, self._sync())
-        except BinanceError as e:
-            return e.status, {"code": e.code, "msg": e.msg}
 
-    def dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
-        "One request in process (no HTTP, no faults): `(status, JSON body)` exactly as the server would send them."
-        status, payload = self._dispatch(method.upper(), path, headers or {}, query or "", body or "")
-        if status == 404:
-            return 404, b'{"code":-1000,"msg":"Unknown endpoint."}'
-        return status, payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
-
-    # -- handlers: market data -------------------------------------------------------
-    def _tape(self, p: dict, required: bool = True) -> _Tape | None:
-        sid = p.get("symbol")
-        if sid is None:
-            if required:
-                raise _mandatory("symbol")
-            return None
-        tape = self.tapes.get(sid)
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return tape
-
-    def _symbol_info(self, tape: _Tape) -> dict:
-        f = self._book.filters
-        return {
-            "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
-            "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,
-            "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(self.order_types),
-            "icebergAllowed": False, "ocoAllowed": False, "otoAllowed": False, "quoteOrderQtyMarketAllowed": True,
-            "allowTrailingStop": False, "cancelReplaceAllowed": False, "amendAllowed": False,
-            "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
-            "filters": [
-                {"filterType": "PRICE_FILTER", "minPrice": _s8(f["min_price"]), "maxPrice": _s8(f["max_price"]),
-                 "tickSize": _s8(f["tick_size"])},
-                {"filterType": "LOT_SIZE", "minQty": _s8(f["min_qty"]), "maxQty": _s8(f["max_qty"]),
-                 "stepSize": _s8(f["step_size"])},
-                {"filterType": "NOTIONAL", "minNotional": _s8(f["min_notional"]), "applyMinToMarket": True,
-                 "maxNotional": _s8(f["max_notional"]), "applyMaxToMarket": False, "avgPriceMins": 5},
-            ],
-            "permissions": [], "permissionSets": [["SPOT"]],
-            "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
-            "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
-        }
-
-    def _symbols_param(self, p: dict) -> list:
-        """The tapes named by a `symbols=["BTCUSDT",...]` parameter, with Binance's errors for bad input."""
-        try:
-            wanted = json.loads(p["symbols"])
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
-        if any(s not in self.tapes for s in wanted):
-            raise BinanceError(-1121, "Invalid symbol.")
-        return [self.tapes[s] for s in wanted]
-
-    def _exchange_info(self, p: dict, now: int) -> dict:
-        tapes = list(self.tapes.values())
-        if "symbol" in p:
-            tapes = [self._tape(p)]
-        elif "symbols" in p:
-            tapes = self._symbols_param(p)
-        return {"timezone": "UTC", "serverTime": now,
-                "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
-                               {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
-                               {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000}],
-                "exchangeFilters": [], "symbols": [self._symbol_info(t) for t in tapes]}
-
-    def _klines(self, p: dict, now: int) -> _RawJSON:
-        tape = self._tape(p)
-        interval = _param(p, "interval")
-        if interval != self.timeframe:
-            raise BinanceError(-1120, "Invalid interval.")
-        try:
-            limit = int(p.get("limit", 500))
-            start = int(p["startTime"]) if p.get("startTime") else None
-            end = int(p["endTime"]) if p.get("endTime") else None
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in a parameter.") from None
-        if not 1 <= limit <= 1000:
-            raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
-        last = tape.bar_at(now)                        # candles that have started by the market clock
-        if end is not None:
-            last = min(last, tape.bar_at(end))
-        if start is not None:
-            first = int(np.searchsorted(tape.t, start, side="left"))
-            rows = range(first, min(last + 1, first + limit))
-        else:
-            rows = range(max(0, last + 1 - limit), last + 1)
-        return _RawJSON(b"[" + b",".join(tape.kline(i, now) for i in rows) + b"]")
-
-    def _ticker_one(self, tape: _Tape, now: int) -> dict:
-        i = tape.bar_at(now)
-        if i < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        per_day = max(1, 86_400_000 // tape.tf)
-        j = max(0, i - per_day + 1)
-        rows = [tape.candle(k, now) for k in range(j, i + 1)]
-        o, last = rows[0][0], rows[-1][3]
-        hi, lo = max(r[1] for r in rows), min(r[2] for r in rows)
-        vol = sum(r[4] for r in rows)
-        qvol = sum(r[4] * (r[0] + r[1] + r[2] + r[3]) / 4 for r in rows)
-        slip = float(self._book.slip)
-        prev = tape.c[j - 1] if j > 0 else o
-        return {"symbol": tape.id, "priceChange": f"{last - o:.8f}",
-                "priceChangePercent": f"{(last / o - 1) * 100:.3f}", "weightedAvgPrice": f"{qvol / vol if vol else last:.8f}",
-                "prevClosePrice": f"{prev:.8f}", "lastPrice": f"{last:.8f}", "lastQty": "0.00100000",
-                "bidPrice": f"{last * (1 - slip):.8f}", "bidQty": "1.00000000",
-                "askPrice": f"{last * (1 + slip):.8f}", "askQty": "1.00000000",
-                "openPrice": f"{o:.8f}", "highPrice": f"{hi:.8f}", "lowPrice": f"{lo:.8f}",
-                "volume": f"{vol:.8f}", "quoteVolume": f"{qvol:.8f}",
-                "openTime": max(int(tape.t[j]), now - 86_400_000), "closeTime": now,
-                "firstId": 1, "lastId": max(1, int(vol * 10)), "count": max(1, int(vol * 10))}
-
-    def _tickers(self, p: dict, now: int, fn):
-        if "symbol" in p:
-            return fn(self._tape(p), now)
-        if "symbols" in p:
-            return [fn(t, now) for t in self._symbols_param(p)]
-        return [fn(t, now) for t in self.tapes.values()]
-
-    def _ticker_24hr(self, p, now):
-        return self._tickers(p, now, self._ticker_one)
-
-    def _ticker_price(self, p, now):
-        return self._tickers(p, now, lambda t, n: {"symbol": t.id, "price": f"{t.last_price(n):.8f}"})
-
-    def _book_ticker(self, p, now):
-        def one(t, n):
-            d = self._ticker_one(t, n)
-            return {k: d[k] for k in ("symbol", "bidPrice", "bidQty", "askPrice", "askQty")}
-        return self._tickers(p, now, one)
-
-    def _avg_price(self, p, now):
-        tape = self._tape(p)
-        return {"mins": 5, "price": f"{tape.last_price(now):.8f}", "closeTime": now}
-
-    # -- handlers: account and orders ------------------------------------------------
-    def _account(self, p: dict, now: int) -> dict:
-        b = self._book
-        bal = [{"asset": a, "free": _s8(b.free[a]), "locked": _s8(b.locked[a])} for a in sorted(b.free)]
-        if p.get("omitZeroBalances") == "true":
-            bal = [x for x in bal if Decimal(x["free"]) or Decimal(x["locked"])]
-        fee = _s8(b.fee)
-        return {"makerCommission": int(b.fee * 10000), "takerCommission": int(b.fee * 10000),
-                "buyerCommission": 0, "sellerCommission": 0,
-                "commissionRates": {"maker": fee, "taker": fee, "buyer": "0.00000000", "seller": "0.00000000"},
-                "canTrade": True, "canWithdraw": False, "canDeposit": False, "brokered": False,
-                "requireSelfTradePrevention": False, "preventSor": False, "updateTime": now,
-                "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": 1}
-
-    def _new_order(self, p: dict, now: int) -> dict:
-        resp = p.get("newOrderRespType") or ("FULL" if p.get("type", "").upper() in ("MARKET", "LIMIT") else "ACK")
-        if resp not in ("ACK", "RESULT", "FULL"):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'newOrderRespType'; "
-                                      "legal range is 'ACK, RESULT, FULL'.")
-        o = self._book.place(p, now)
-        return self._book.order_json(o, resp)
-
-    def _test_order(self, p: dict, now: int) -> dict:
-        "Validates like a real order (filters, funds) without keeping it."
+def _emu_sync(self) -> int:
+    "Bring the book up to the market clock: move every bar's price along its path up to now (stops, limits)."
+    now = self._now_ms()
+    if now > self._processed_ms:
         book = self._book
-        snapshot = (dict(book.free), dict(book.locked), book.next_order_id, book.next_trade_id,
-                    len(book.trades), book.orders_created, {k: list(v) for k, v in book.by_client.items()})
-        try:
-            o = book.place(p, now)
-            book.orders.pop(o.order_id, None)
-        finally:
-            (book.free, book.locked, book.next_order_id, book.next_trade_id, n_trades, book.orders_created,
-             book.by_client) = snapshot
-            del book.trades[n_trades:]
-        return {}
+        if any(o.is_open for o in book.orders.values()):
+            spans = []
+            for tape in self.tapes.values():
+                ends = tape.t + tape.tf
+                lo = int(np.searchsorted(ends, self._processed_ms, side="right"))   # first bar not yet done
+                hi = min(len(tape) - 1, tape.bar_at(now))                           # the bar forming now
+                for i in range(lo, hi + 1):
+                    f0, f1 = tape.frac(i, self._processed_ms), tape.frac(i, now)
+                    if f1 > f0:
+                        spans.append((min(int(ends[i]), now), tape.id, i, f0, f1))
+            for _, sid, i, f0, f1 in sorted(spans):
+                book.on_path(self.tapes[sid], i, f0, f1)
+        self._processed_ms = now
+    return now
 
-    def _get_order(self, p: dict, now: int) -> dict:
-        o = self._book.find(p, BinanceError(-2013, "Order does not exist."))
-        return self._book.order_json(o, "QUERY")
 
-    def _cancel_order(self, p: dict, now: int) -> dict:
-        o = self._book.find(p, BinanceError(-2011, "Unknown order sent."))
-        self._book.cancel(o, now)
-        d = self._book.order_json(o, "CANCEL")
-        d["origClientOrderId"] = o.client_order_id
-        d["clientOrderId"] = p.get("newClientOrderId") or self._book._client_id(None)
-        d["transactTime"] = now
-        return d
+def _emu_now(self) -> pd.Timestamp:
+    "The market clock."
+    with self._lock:
+        return pd.Timestamp(self._sync(), unit="ms", tz="UTC")
 
-    def _open_orders(self, p: dict, now: int) -> list:
-        tape = self._tape(p, required=False)
-        return [self._book.order_json(o, "QUERY") for o in self._book.orders.values()
-                if o.is_open and (tape is None or o.symbol == tape.id)]
 
-    def _cancel_all(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
+def _emu_bar(self) -> int:
+    "Index of the forming (last started) candle of the first symbol."
+    with self._lock:
+        return next(iter(self.tapes.values())).bar_at(self._sync())
+
+
+def _emu_finished(self) -> bool:
+    "True when the clock has reached the end of the data."
+    with self._lock:
+        return self._sync() >= self.end_ms
+
+
+def _emu_set_time(self, ts) -> pd.Timestamp:
+    "Move the market clock forward to `ts` (completing bars on the way); returns the new time."
+    t = pd.Timestamp(ts)
+    t = t.tz_localize("UTC") if t.tz is None else t
+    ms = int(t.value // 1_000_000)
+    with self._lock:
+        now = self._sync()
+        if ms < now:
+            raise EmulatorError(f"the market clock only moves forward: {t} is before {self.now}")
+        if ms > self.end_ms:
+            raise EmulatorError(f"{t} is past the end of the candles "
+                                f"({pd.Timestamp(self.end_ms, unit='ms', tz='UTC')}); load more data")
+        self._clock_ms += ms - now
+        self._sync()
+        return pd.Timestamp(ms, unit="ms", tz="UTC")
+
+
+def _emu_list_order_types(self, types) -> list:
+    "List (and serve) `types` from now on, e.g. `ORDER_TYPES_STOP_MARKET`; a client sees it at its next exchangeInfo."
+    with self._lock:
+        new = list(types)
+        if any(t not in ORDER_TYPES_STOP_MARKET for t in new) or not {"LIMIT", "MARKET"} <= set(new):
+            raise EmulatorError(f"order types {new} must hold LIMIT and MARKET and only "
+                                f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
+        self.order_types[:] = new
+        return list(new)
+
+
+def _emu_advance(self, n_bars: int = 1) -> pd.Timestamp:
+    "Move the clock to the open of the bar `n_bars` after the forming one; returns the new time."
+    if n_bars < 1:
+        raise EmulatorError(f"advance needs n_bars >= 1, got {n_bars}")
+    with self._lock:
+        tape = next(iter(self.tapes.values()))
+        now = self._sync()
+        i = tape.bar_at(now) + n_bars
+        target = int(tape.t[i]) if i < len(tape) else (self.end_ms if i == len(tape) else None)
+        if target is None or target <= now:
+            raise EmulatorError(f"cannot advance {n_bars} bars: only {len(tape) - i + n_bars} left in the candles")
+        return self.set_time(pd.Timestamp(target, unit="ms", tz="UTC"))
+
+
+Emulator._now_ms = _emu_now_ms
+Emulator._sync = _emu_sync
+Emulator.now = property(_emu_now)
+Emulator.bar = property(_emu_bar)
+Emulator.finished = property(_emu_finished)
+Emulator.set_time = _emu_set_time
+Emulator.list_order_types = _emu_list_order_types
+Emulator.advance = _emu_advance
+
+# %% ../nbs/09_emulator.ipynb #d074873c
+# -- book snapshots ----------------------------------------------------------
+def _emu_order_dict(self, o: _Order) -> dict:
+    tape = self.tapes[o.symbol]
+    return {"order_id": o.order_id, "client_order_id": o.client_order_id, "symbol": tape.symbol,
+            "side": o.side, "type": o.type, "status": o.status.name, "time_in_force": o.time_in_force,
+            "qty": float(o.qty), "price": float(o.price), "stop_price": float(o.stop_price),
+            "executed_qty": float(o.executed), "quote_qty": float(o.cum_quote),
+            "average": float(o.cum_quote / o.executed) if o.executed else None,
+            "time": o.time, "update_time": o.update_time, "working": o.working_time != -1,
+            "triggered": o.triggered_bar is not None,
+            "fills": [{k: (float(v) if k in ("price", "qty", "commission") else v) for k, v in f.items()}
+                      for f in o.fills]}
+
+
+def _emu_orders(self) -> list[dict]:
+    "Every order the emulator accepted, oldest first (snapshot)."
+    with self._lock:
+        self._sync()
+        return [self._order_dict(o) for o in self._book.orders.values()]
+
+
+def _emu_order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
+    "One order by id or client order id (latest with that id), or None."
+    with self._lock:
+        self._sync()
+        book = self._book
+        if order_id is not None:
+            o = book.orders.get(int(order_id))
+        else:
+            ids = book.by_client.get(client_order_id, [])
+            o = book.orders[ids[-1]] if ids else None
+        return None if o is None else self._order_dict(o)
+
+
+def _emu_trades(self) -> list[dict]:
+    "Every fill, oldest first (snapshot)."
+    with self._lock:
+        self._sync()
         out = []
-        for o in [o for o in self._book.orders.values() if o.is_open and o.symbol == tape.id]:
-            self._book.cancel(o, now)
-            d = self._book.order_json(o, "CANCEL")
-            d["origClientOrderId"], d["clientOrderId"] = o.client_order_id, self._book._client_id(None)
+        for t in self._book.trades:
+            d = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in t.items()}
+            d["symbol"] = self.tapes[t["symbol"]].symbol
             out.append(d)
-        if not out:
-            raise BinanceError(-2011, "Unknown order sent.")
         return out
 
-    def _all_orders(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
-        rows = [o for o in self._book.orders.values() if o.symbol == tape.id]
-        if p.get("orderId"):
-            rows = [o for o in rows if o.order_id >= int(p["orderId"])]
-        if p.get("startTime"):
-            rows = [o for o in rows if o.time >= int(p["startTime"])]
-        if p.get("endTime"):
-            rows = [o for o in rows if o.time <= int(p["endTime"])]
-        limit = min(1000, int(p.get("limit", 500)))
-        rows = rows[:limit] if (p.get("orderId") or p.get("startTime")) else rows[-limit:]
-        return [self._book.order_json(o, "QUERY") for o in rows]
 
-    def _my_trades(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
-        rows = [t for t in self._book.trades if t["symbol"] == tape.id]
-        if p.get("orderId"):
-            rows = [t for t in rows if t["orderId"] == int(p["orderId"])]
-        if p.get("fromId"):
-            rows = [t for t in rows if t["id"] >= int(p["fromId"])]
-        if p.get("startTime"):
-            rows = [t for t in rows if t["time"] >= int(p["startTime"])]
-        if p.get("endTime"):
-            rows = [t for t in rows if t["time"] <= int(p["endTime"])]
-        limit = min(1000, int(p.get("limit", 500)))
-        rows = rows[:limit] if (p.get("fromId") or p.get("startTime")) else rows[-limit:]
-        return [{k: (_s8(v) if isinstance(v, Decimal) else v) for k, v in t.items() if k != "clientOrderId"}
-                for t in rows]
+def _emu_balances(self) -> dict[str, dict[str, float]]:
+    "`{asset: {'free': ..., 'locked': ...}}` (snapshot)."
+    with self._lock:
+        self._sync()
+        b = self._book
+        return {a: {"free": float(b.free[a]), "locked": float(b.locked[a])} for a in sorted(b.free)}
 
-    # -- HTTP: the server -------------------------------------------------------------
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        method, path = request.method, request.path
+
+def _emu_requests(self) -> Counter:
+    "Requests served per `'METHOD /path'` (faulted ones included)."
+    with self._lock:
+        return Counter(self._requests)
+
+
+def _emu_orders_created(self) -> int:
+    "Orders the engine accepted (rejected ones are not counted)."
+    with self._lock:
+        return self._book.orders_created
+
+
+def _emu_api_key(self) -> str:
+    return self._key
+
+
+def _emu_api_secret(self) -> str:
+    return self._secret.decode()
+
+
+Emulator._order_dict = _emu_order_dict
+Emulator.orders = property(_emu_orders)
+Emulator.order = _emu_order
+Emulator.trades = property(_emu_trades)
+Emulator.balances = property(_emu_balances)
+Emulator.requests = property(_emu_requests)
+Emulator.orders_created = property(_emu_orders_created)
+Emulator.api_key = property(_emu_api_key)
+Emulator.api_secret = property(_emu_api_secret)
+
+# %% ../nbs/09_emulator.ipynb #5a239756
+def _emu_authenticate(self, headers, query: str, body: str, p: dict) -> None:
+    "Binance's signed-endpoint checks; the timestamp is checked against the real wall clock."
+    key = headers.get("X-MBX-APIKEY")
+    if not key:
+        raise BinanceError(-2014, "API-key format invalid.", 401)
+    if not hmac.compare_digest(key.encode(), self._key.encode()):
+        raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+    sig = p.get("signature")
+    if not sig:
+        raise _mandatory("signature")
+    payload = _strip_signature(query) + _strip_signature(body)
+    expected = hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), sig.lower().encode()):
+        raise BinanceError(-1022, "Signature for this request is not valid.")
+    try:
+        ts = int(_param(p, "timestamp"))
+        window = int(p.get("recvWindow", 5000))
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in parameter 'timestamp'; "
+                                  "legal range is '^[0-9]{1,20}$'.") from None
+    if window > 60000:
+        raise BinanceError(-1131, "recvWindow must be less than 60000")
+    wall = int(time.time() * 1000)
+    if ts >= wall + 1000:
+        raise BinanceError(-1021, "Timestamp for this request was 1000ms ahead of the server's time.")
+    if wall - ts > window:
+        raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
+
+
+def _emu__dispatch(self, method: str, path: str, headers, query: str, body: str) -> tuple[int, object]:
+    route = self._routes.get((method, path))
+    if route is None:
+        return 404, None
+    kind, fn = route
+    p = dict(parse_qsl(query, keep_blank_values=True))
+    p.update(parse_qsl(body, keep_blank_values=True))
+    try:
         with self._lock:
-            self._requests[f"{method} {path}"] += 1
-        query = request.raw_path.partition("?")[2]
-        body = (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
-        fault = self.faults._take(method, path)
-        if fault is not None and not fault.execute:
-            return await self._fault_response(request, fault, None)
-        status, payload = self._dispatch(method, path, request.headers, query, body)
-        if status == 404:
-            response = web.Response(status=404, text="<html><body><h1>404 Not Found</h1></body></html>",
-                                    content_type="text/html")
-        else:
-            body = payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
-            response = web.Response(status=status, body=body, content_type="application/json")
-        if fault is not None:
-            return await self._fault_response(request, fault, response)
-        return response
+            if kind == _SIGNED:
+                self._authenticate(headers, query, body, p)
+            return 200, getattr(self, fn)(p, self._sync()) if isinstance(fn, str) else fn(p, self._sync())
+    except BinanceError as e:
+        return e.status, {"code": e.code, "msg": e.msg}
 
-    async def _fault_response(self, request, fault: Fault, response) -> web.StreamResponse:
-        k = fault.kind
-        if k == "slow":
-            await asyncio.sleep(fault.delay)
-            return response if response is not None else web.json_response({})
-        if k in ("drop", "lost"):
-            if request.transport is not None:
-                request.transport.abort()      # RST, no response bytes
-            return web.Response(status=204)    # never reaches the client: the transport is gone
-        if k == "rate_limit":
-            return web.json_response({"code": -1003, "msg": "Too much request weight used; current limit is 6000 "
-                                      "request weight per 1 MINUTE. Please use WebSocket Streams for live updates "
-                                      "to avoid polling the API."}, status=429,
-                                     headers={"Retry-After": str(fault.retry_after)})
-        if k == "ban":
-            until = int(time.time() * 1000) + fault.retry_after * 1000
-            return web.json_response({"code": -1003, "msg": f"Way too much request weight used; IP banned until "
-                                      f"{until}. Please use WebSocket Streams for live updates to avoid bans."},
-                                     status=418, headers={"Retry-After": str(fault.retry_after)})
-        if k == "internal_error":
-            return web.json_response({"code": -1001, "msg": "Internal error; unable to process your request. "
-                                      "Please try again."}, status=500)
-        reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-                  504: "Gateway Timeout"}[fault.status]
-        return web.Response(status=fault.status, text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
-                            content_type="text/html")
 
-    async def _startup(self) -> None:
-        server = web.Server(self._handle, access_log=None, handler_cancellation=False)
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
-
-    def _bind(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self._port))
-        except OSError as e:
-            sock.close()
-            raise EmulatorError(f"cannot listen on {self.host}:{self._port} ({e.strerror}); "
-                                "pick another --port or stop what uses it") from None
-        sock.listen(128)
-        sock.setblocking(False)
-        self._sock = sock
-
-    @property
-    def port(self) -> int:
-        if self._sock is None:
-            raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
-        return self._sock.getsockname()[1]
-
-    @property
-    def base_url(self) -> str:
-        "The URL to give `make_client(base_url=...)`."
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> "Emulator":
-        "Start serving in a background thread with its own event loop; returns self."
-        if self._thread is not None:
-            raise EmulatorError("the emulator is already running")
-        self._bind()
-        self._loop = asyncio.new_event_loop()
-        ready, errors = threading.Event(), []
-
-        def run():
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._startup())
-            except BaseException as e:  # noqa: BLE001 - reported to start()
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._mono0 = time.monotonic()
-        self._thread = threading.Thread(target=run, name="cryptobot-emulator", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            self._thread = None
-            raise EmulatorError(f"the emulator failed to start: {type(errors[0]).__name__}: {errors[0]}")
-        return self
-
-    def stop(self) -> None:
-        "Stop the server and its thread (idempotent)."
-        if self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-
-    def __enter__(self) -> "Emulator":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def serve(self, ready_message: str | None = None) -> None:
-        "Serve until SIGINT/SIGTERM (blocking; for the CLI). Prints `ready_message` once listening."
-        stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self.start()
-            if ready_message:
-                print(ready_message.format(url=self.base_url), flush=True)
-            while not stop.wait(0.5):
-                pass
-        finally:
-            self.stop()
-            for s, h in previous.items():
-                signal.signal(s, h)
+def _emu_dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
+    "One request in process (no HTTP, no faults): `(status, JSON body)` exactly as the server would send them."
+    status, payload = self._dispatch(method.upper(), path, headers or {}, query or "", body or "")
+    if status == 404:
+        return 404, b'{"code":-1000,"msg":"Unknown endpoint."}'
+    return status, payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _strip_signature(raw: str) -> str:
@@ -1477,6 +1150,441 @@ def _strip_signature(raw: str) -> str:
     if "signature=" not in raw:
         return raw
     return "&".join(part for part in raw.split("&") if not part.startswith("signature="))
+
+
+Emulator._authenticate = _emu_authenticate
+Emulator._dispatch = _emu__dispatch
+Emulator.dispatch = _emu_dispatch
+
+# %% ../nbs/09_emulator.ipynb #bdf8eed9
+# -- handlers: market data -------------------------------------------------------
+def _emu_tape(self, p: dict, required: bool = True) -> _Tape | None:
+    sid = p.get("symbol")
+    if sid is None:
+        if required:
+            raise _mandatory("symbol")
+        return None
+    tape = self.tapes.get(sid)
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    return tape
+
+
+def _emu_symbol_info(self, tape: _Tape) -> dict:
+    f = self._book.filters
+    return {
+        "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
+        "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,
+        "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(self.order_types),
+        "icebergAllowed": False, "ocoAllowed": False, "otoAllowed": False, "quoteOrderQtyMarketAllowed": True,
+        "allowTrailingStop": False, "cancelReplaceAllowed": False, "amendAllowed": False,
+        "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "minPrice": _s8(f["min_price"]), "maxPrice": _s8(f["max_price"]),
+             "tickSize": _s8(f["tick_size"])},
+            {"filterType": "LOT_SIZE", "minQty": _s8(f["min_qty"]), "maxQty": _s8(f["max_qty"]),
+             "stepSize": _s8(f["step_size"])},
+            {"filterType": "NOTIONAL", "minNotional": _s8(f["min_notional"]), "applyMinToMarket": True,
+             "maxNotional": _s8(f["max_notional"]), "applyMaxToMarket": False, "avgPriceMins": 5},
+        ],
+        "permissions": [], "permissionSets": [["SPOT"]],
+        "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
+        "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+    }
+
+
+def _emu_symbols_param(self, p: dict) -> list:
+    """The tapes named by a `symbols=["BTCUSDT",...]` parameter, with Binance's errors for bad input."""
+    try:
+        wanted = json.loads(p["symbols"])
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
+    if any(s not in self.tapes for s in wanted):
+        raise BinanceError(-1121, "Invalid symbol.")
+    return [self.tapes[s] for s in wanted]
+
+
+def _emu_exchange_info(self, p: dict, now: int) -> dict:
+    tapes = list(self.tapes.values())
+    if "symbol" in p:
+        tapes = [self._tape(p)]
+    elif "symbols" in p:
+        tapes = self._symbols_param(p)
+    return {"timezone": "UTC", "serverTime": now,
+            "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+                           {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
+                           {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000}],
+            "exchangeFilters": [], "symbols": [self._symbol_info(t) for t in tapes]}
+
+
+def _emu_klines(self, p: dict, now: int) -> _RawJSON:
+    tape = self._tape(p)
+    interval = _param(p, "interval")
+    if interval != self.timeframe:
+        raise BinanceError(-1120, "Invalid interval.")
+    try:
+        limit = int(p.get("limit", 500))
+        start = int(p["startTime"]) if p.get("startTime") else None
+        end = int(p["endTime"]) if p.get("endTime") else None
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in a parameter.") from None
+    if not 1 <= limit <= 1000:
+        raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
+    last = tape.bar_at(now)                        # candles that have started by the market clock
+    if end is not None:
+        last = min(last, tape.bar_at(end))
+    if start is not None:
+        first = int(np.searchsorted(tape.t, start, side="left"))
+        rows = range(first, min(last + 1, first + limit))
+    else:
+        rows = range(max(0, last + 1 - limit), last + 1)
+    return _RawJSON(b"[" + b",".join(tape.kline(i, now) for i in rows) + b"]")
+
+
+Emulator._tape = _emu_tape
+Emulator._symbol_info = _emu_symbol_info
+Emulator._symbols_param = _emu_symbols_param
+Emulator._exchange_info = _emu_exchange_info
+Emulator._klines = _emu_klines
+
+# %% ../nbs/09_emulator.ipynb #1c922947
+def _emu_ticker_one(self, tape: _Tape, now: int) -> dict:
+    i = tape.bar_at(now)
+    if i < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    per_day = max(1, 86_400_000 // tape.tf)
+    j = max(0, i - per_day + 1)
+    rows = [tape.candle(k, now) for k in range(j, i + 1)]
+    o, last = rows[0][0], rows[-1][3]
+    hi, lo = max(r[1] for r in rows), min(r[2] for r in rows)
+    vol = sum(r[4] for r in rows)
+    qvol = sum(r[4] * (r[0] + r[1] + r[2] + r[3]) / 4 for r in rows)
+    slip = float(self._book.slip)
+    prev = tape.c[j - 1] if j > 0 else o
+    return {"symbol": tape.id, "priceChange": f"{last - o:.8f}",
+            "priceChangePercent": f"{(last / o - 1) * 100:.3f}", "weightedAvgPrice": f"{qvol / vol if vol else last:.8f}",
+            "prevClosePrice": f"{prev:.8f}", "lastPrice": f"{last:.8f}", "lastQty": "0.00100000",
+            "bidPrice": f"{last * (1 - slip):.8f}", "bidQty": "1.00000000",
+            "askPrice": f"{last * (1 + slip):.8f}", "askQty": "1.00000000",
+            "openPrice": f"{o:.8f}", "highPrice": f"{hi:.8f}", "lowPrice": f"{lo:.8f}",
+            "volume": f"{vol:.8f}", "quoteVolume": f"{qvol:.8f}",
+            "openTime": max(int(tape.t[j]), now - 86_400_000), "closeTime": now,
+            "firstId": 1, "lastId": max(1, int(vol * 10)), "count": max(1, int(vol * 10))}
+
+
+def _emu_tickers(self, p: dict, now: int, fn):
+    if "symbol" in p:
+        return fn(self._tape(p), now)
+    if "symbols" in p:
+        return [fn(t, now) for t in self._symbols_param(p)]
+    return [fn(t, now) for t in self.tapes.values()]
+
+
+def _emu_ticker_24hr(self, p, now):
+    return self._tickers(p, now, self._ticker_one)
+
+
+def _emu_ticker_price(self, p, now):
+    return self._tickers(p, now, lambda t, n: {"symbol": t.id, "price": f"{t.last_price(n):.8f}"})
+
+
+def _emu_book_ticker(self, p, now):
+    def one(t, n):
+        d = self._ticker_one(t, n)
+        return {k: d[k] for k in ("symbol", "bidPrice", "bidQty", "askPrice", "askQty")}
+    return self._tickers(p, now, one)
+
+
+def _emu_avg_price(self, p, now):
+    tape = self._tape(p)
+    return {"mins": 5, "price": f"{tape.last_price(now):.8f}", "closeTime": now}
+
+
+Emulator._ticker_one = _emu_ticker_one
+Emulator._tickers = _emu_tickers
+Emulator._ticker_24hr = _emu_ticker_24hr
+Emulator._ticker_price = _emu_ticker_price
+Emulator._book_ticker = _emu_book_ticker
+Emulator._avg_price = _emu_avg_price
+
+# %% ../nbs/09_emulator.ipynb #235e78cd
+# -- handlers: account and orders ------------------------------------------------
+def _emu_account(self, p: dict, now: int) -> dict:
+    b = self._book
+    bal = [{"asset": a, "free": _s8(b.free[a]), "locked": _s8(b.locked[a])} for a in sorted(b.free)]
+    if p.get("omitZeroBalances") == "true":
+        bal = [x for x in bal if Decimal(x["free"]) or Decimal(x["locked"])]
+    fee = _s8(b.fee)
+    return {"makerCommission": int(b.fee * 10000), "takerCommission": int(b.fee * 10000),
+            "buyerCommission": 0, "sellerCommission": 0,
+            "commissionRates": {"maker": fee, "taker": fee, "buyer": "0.00000000", "seller": "0.00000000"},
+            "canTrade": True, "canWithdraw": False, "canDeposit": False, "brokered": False,
+            "requireSelfTradePrevention": False, "preventSor": False, "updateTime": now,
+            "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": 1}
+
+
+def _emu_new_order(self, p: dict, now: int) -> dict:
+    resp = p.get("newOrderRespType") or ("FULL" if p.get("type", "").upper() in ("MARKET", "LIMIT") else "ACK")
+    if resp not in ("ACK", "RESULT", "FULL"):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'newOrderRespType'; "
+                                  "legal range is 'ACK, RESULT, FULL'.")
+    o = self._book.place(p, now)
+    return self._book.order_json(o, resp)
+
+
+def _emu_test_order(self, p: dict, now: int) -> dict:
+    "Validates like a real order (filters, funds) without keeping it."
+    book = self._book
+    snapshot = (dict(book.free), dict(book.locked), book.next_order_id, book.next_trade_id,
+                len(book.trades), book.orders_created, {k: list(v) for k, v in book.by_client.items()})
+    try:
+        o = book.place(p, now)
+        book.orders.pop(o.order_id, None)
+    finally:
+        (book.free, book.locked, book.next_order_id, book.next_trade_id, n_trades, book.orders_created,
+         book.by_client) = snapshot
+        del book.trades[n_trades:]
+    return {}
+
+
+def _emu_get_order(self, p: dict, now: int) -> dict:
+    o = self._book.find(p, BinanceError(-2013, "Order does not exist."))
+    return self._book.order_json(o, "QUERY")
+
+
+def _emu_cancel_order(self, p: dict, now: int) -> dict:
+    o = self._book.find(p, BinanceError(-2011, "Unknown order sent."))
+    self._book.cancel(o, now)
+    d = self._book.order_json(o, "CANCEL")
+    d["origClientOrderId"] = o.client_order_id
+    d["clientOrderId"] = p.get("newClientOrderId") or self._book._client_id(None)
+    d["transactTime"] = now
+    return d
+
+
+Emulator._account = _emu_account
+Emulator._new_order = _emu_new_order
+Emulator._test_order = _emu_test_order
+Emulator._get_order = _emu_get_order
+Emulator._cancel_order = _emu_cancel_order
+
+# %% ../nbs/09_emulator.ipynb #467b5d3e
+def _emu_open_orders(self, p: dict, now: int) -> list:
+    tape = self._tape(p, required=False)
+    return [self._book.order_json(o, "QUERY") for o in self._book.orders.values()
+            if o.is_open and (tape is None or o.symbol == tape.id)]
+
+
+def _emu_cancel_all(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    out = []
+    for o in [o for o in self._book.orders.values() if o.is_open and o.symbol == tape.id]:
+        self._book.cancel(o, now)
+        d = self._book.order_json(o, "CANCEL")
+        d["origClientOrderId"], d["clientOrderId"] = o.client_order_id, self._book._client_id(None)
+        out.append(d)
+    if not out:
+        raise BinanceError(-2011, "Unknown order sent.")
+    return out
+
+
+def _emu_all_orders(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    rows = [o for o in self._book.orders.values() if o.symbol == tape.id]
+    if p.get("orderId"):
+        rows = [o for o in rows if o.order_id >= int(p["orderId"])]
+    if p.get("startTime"):
+        rows = [o for o in rows if o.time >= int(p["startTime"])]
+    if p.get("endTime"):
+        rows = [o for o in rows if o.time <= int(p["endTime"])]
+    limit = min(1000, int(p.get("limit", 500)))
+    rows = rows[:limit] if (p.get("orderId") or p.get("startTime")) else rows[-limit:]
+    return [self._book.order_json(o, "QUERY") for o in rows]
+
+
+def _emu_my_trades(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    rows = [t for t in self._book.trades if t["symbol"] == tape.id]
+    if p.get("orderId"):
+        rows = [t for t in rows if t["orderId"] == int(p["orderId"])]
+    if p.get("fromId"):
+        rows = [t for t in rows if t["id"] >= int(p["fromId"])]
+    if p.get("startTime"):
+        rows = [t for t in rows if t["time"] >= int(p["startTime"])]
+    if p.get("endTime"):
+        rows = [t for t in rows if t["time"] <= int(p["endTime"])]
+    limit = min(1000, int(p.get("limit", 500)))
+    rows = rows[:limit] if (p.get("fromId") or p.get("startTime")) else rows[-limit:]
+    return [{k: (_s8(v) if isinstance(v, Decimal) else v) for k, v in t.items() if k != "clientOrderId"}
+            for t in rows]
+
+
+Emulator._open_orders = _emu_open_orders
+Emulator._cancel_all = _emu_cancel_all
+Emulator._all_orders = _emu_all_orders
+Emulator._my_trades = _emu_my_trades
+
+# %% ../nbs/09_emulator.ipynb #b4c673ab
+# -- HTTP: the server -------------------------------------------------------------
+async def _emu_handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    method, path = request.method, request.path
+    with self._lock:
+        self._requests[f"{method} {path}"] += 1
+    query = request.raw_path.partition("?")[2]
+    body = (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
+    fault = self.faults._take(method, path)
+    if fault is not None and not fault.execute:
+        return await self._fault_response(request, fault, None)
+    status, payload = self._dispatch(method, path, request.headers, query, body)
+    if status == 404:
+        response = web.Response(status=404, text="<html><body><h1>404 Not Found</h1></body></html>",
+                                content_type="text/html")
+    else:
+        body = payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
+        response = web.Response(status=status, body=body, content_type="application/json")
+    if fault is not None:
+        return await self._fault_response(request, fault, response)
+    return response
+
+
+async def _emu_fault_response(self, request, fault: Fault, response) -> web.StreamResponse:
+    k = fault.kind
+    if k == "slow":
+        await asyncio.sleep(fault.delay)
+        return response if response is not None else web.json_response({})
+    if k in ("drop", "lost"):
+        if request.transport is not None:
+            request.transport.abort()      # RST, no response bytes
+        return web.Response(status=204)    # never reaches the client: the transport is gone
+    if k == "rate_limit":
+        return web.json_response({"code": -1003, "msg": "Too much request weight used; current limit is 6000 "
+                                  "request weight per 1 MINUTE. Please use WebSocket Streams for live updates "
+                                  "to avoid polling the API."}, status=429,
+                                 headers={"Retry-After": str(fault.retry_after)})
+    if k == "ban":
+        until = int(time.time() * 1000) + fault.retry_after * 1000
+        return web.json_response({"code": -1003, "msg": f"Way too much request weight used; IP banned until "
+                                  f"{until}. Please use WebSocket Streams for live updates to avoid bans."},
+                                 status=418, headers={"Retry-After": str(fault.retry_after)})
+    if k == "internal_error":
+        return web.json_response({"code": -1001, "msg": "Internal error; unable to process your request. "
+                                  "Please try again."}, status=500)
+    reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+              504: "Gateway Timeout"}[fault.status]
+    return web.Response(status=fault.status, text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
+                        content_type="text/html")
+
+
+async def _emu_startup(self) -> None:
+    server = web.Server(self._handle, access_log=None, handler_cancellation=False)
+    self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
+    await self._runner.setup()
+    await web.SockSite(self._runner, self._sock).start()
+
+
+def _emu_bind(self) -> None:
+    sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((self.host, self._port))
+    except OSError as e:
+        sock.close()
+        raise EmulatorError(f"cannot listen on {self.host}:{self._port} ({e.strerror}); "
+                            "pick another --port or stop what uses it") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    self._sock = sock
+
+
+def _emu_port(self) -> int:
+    if self._sock is None:
+        raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
+    return self._sock.getsockname()[1]
+
+
+def _emu_base_url(self) -> str:
+    "The URL to give `make_client(base_url=...)`."
+    host = f"[{self.host}]" if ":" in self.host else self.host
+    return f"http://{host}:{self.port}"
+
+
+def _emu_start(self) -> "Emulator":
+    "Start serving in a background thread with its own event loop; returns self."
+    if self._thread is not None:
+        raise EmulatorError("the emulator is already running")
+    self._bind()
+    self._loop = asyncio.new_event_loop()
+    ready, errors = threading.Event(), []
+
+    def run():
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._startup())
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            errors.append(e)
+            ready.set()
+            return
+        ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    self._mono0 = time.monotonic()
+    self._thread = threading.Thread(target=run, name="cryptobot-emulator", daemon=True)
+    self._thread.start()
+    ready.wait(10)
+    if errors:
+        self._thread = None
+        raise EmulatorError(f"the emulator failed to start: {type(errors[0]).__name__}: {errors[0]}")
+    return self
+
+
+def _emu_stop(self) -> None:
+    "Stop the server and its thread (idempotent)."
+    if self._thread is None:
+        return
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join(10)
+    self._thread = None
+    if self._sock is not None:
+        self._sock.close()
+
+
+def _emu_enter__(self) -> "Emulator":
+    return self.start()
+
+
+def _emu_exit__(self, *exc) -> None:
+    self.stop()
+
+
+def _emu_serve(self, ready_message: str | None = None) -> None:
+    "Serve until SIGINT/SIGTERM (blocking; for the CLI). Prints `ready_message` once listening."
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        self.start()
+        if ready_message:
+            print(ready_message.format(url=self.base_url), flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        self.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+Emulator._handle = _emu_handle
+Emulator._fault_response = _emu_fault_response
+Emulator._startup = _emu_startup
+Emulator._bind = _emu_bind
+Emulator.port = property(_emu_port)
+Emulator.base_url = property(_emu_base_url)
+Emulator.start = _emu_start
+Emulator.stop = _emu_stop
+Emulator.__enter__ = _emu_enter__
+Emulator.__exit__ = _emu_exit__
+Emulator.serve = _emu_serve
 
 # %% ../nbs/09_emulator.ipynb #82e227a5
 def load_market(data=None) -> pd.DataFrame:
