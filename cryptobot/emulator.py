@@ -786,7 +786,7 @@ def _book_order_json(self, o: _Order, kind: str) -> dict:
 
 _Book.order_json = _book_order_json
 
-# %% ../nbs/09_emulator.ipynb #4a28fccc
+# %% ../nbs/09_emulator.ipynb #de039257
 _PUBLIC = "public"
 
 
@@ -811,7 +811,7 @@ def _check_candles(df, name: str) -> None:
     if not np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy(dtype="float64")).all():
         raise EmulatorError(f"candles for {name} contain NaN or infinite prices or volumes; clean them first")
 
-# %% ../nbs/09_emulator.ipynb #f984e8fb
+# %% ../nbs/09_emulator.ipynb #eef7e2d9
 class Emulator:
     "A Binance-spot-compatible REST server on 127.0.0.1 replaying candles on a controllable clock."
 
@@ -908,7 +908,7 @@ class Emulator:
             ("GET", "/api/v3/myTrades"): (_SIGNED, "_my_trades"),
         }
 
-# %% ../nbs/09_emulator.ipynb #f994b88a
+# %% ../nbs/09_emulator.ipynb #ccddabdd
 def _emu_now_ms(self) -> int:
     if self.clock == "stepped":
         return self._clock_ms
@@ -1006,7 +1006,7 @@ Emulator.set_time = _emu_set_time
 Emulator.list_order_types = _emu_list_order_types
 Emulator.advance = _emu_advance
 
-# %% ../nbs/09_emulator.ipynb #d074873c
+# %% ../nbs/09_emulator.ipynb #300c2620
 # -- book snapshots ----------------------------------------------------------
 def _emu_order_dict(self, o: _Order) -> dict:
     tape = self.tapes[o.symbol]
@@ -1091,7 +1091,7 @@ Emulator.orders_created = property(_emu_orders_created)
 Emulator.api_key = property(_emu_api_key)
 Emulator.api_secret = property(_emu_api_secret)
 
-# %% ../nbs/09_emulator.ipynb #5a239756
+# %% ../nbs/09_emulator.ipynb #0d241f9f
 def _emu_authenticate(self, headers, query: str, body: str, p: dict) -> None:
     "Binance's signed-endpoint checks; the timestamp is checked against the real wall clock."
     key = headers.get("X-MBX-APIKEY")
@@ -1156,7 +1156,7 @@ Emulator._authenticate = _emu_authenticate
 Emulator._dispatch = _emu__dispatch
 Emulator.dispatch = _emu_dispatch
 
-# %% ../nbs/09_emulator.ipynb #bdf8eed9
+# %% ../nbs/09_emulator.ipynb #823c6310
 # -- handlers: market data -------------------------------------------------------
 def _emu_tape(self, p: dict, required: bool = True) -> _Tape | None:
     sid = p.get("symbol")
@@ -1247,7 +1247,7 @@ Emulator._symbols_param = _emu_symbols_param
 Emulator._exchange_info = _emu_exchange_info
 Emulator._klines = _emu_klines
 
-# %% ../nbs/09_emulator.ipynb #1c922947
+# %% ../nbs/09_emulator.ipynb #4379ac83
 def _emu_ticker_one(self, tape: _Tape, now: int) -> dict:
     i = tape.bar_at(now)
     if i < 0:
@@ -1307,7 +1307,7 @@ Emulator._ticker_price = _emu_ticker_price
 Emulator._book_ticker = _emu_book_ticker
 Emulator._avg_price = _emu_avg_price
 
-# %% ../nbs/09_emulator.ipynb #235e78cd
+# %% ../nbs/09_emulator.ipynb #988888bc
 # -- handlers: account and orders ------------------------------------------------
 def _emu_account(self, p: dict, now: int) -> dict:
     b = self._book
@@ -1368,7 +1368,7 @@ Emulator._test_order = _emu_test_order
 Emulator._get_order = _emu_get_order
 Emulator._cancel_order = _emu_cancel_order
 
-# %% ../nbs/09_emulator.ipynb #467b5d3e
+# %% ../nbs/09_emulator.ipynb #04332cdc
 def _emu_open_orders(self, p: dict, now: int) -> list:
     tape = self._tape(p, required=False)
     return [self._book.order_json(o, "QUERY") for o in self._book.orders.values()
@@ -1424,7 +1424,7 @@ Emulator._cancel_all = _emu_cancel_all
 Emulator._all_orders = _emu_all_orders
 Emulator._my_trades = _emu_my_trades
 
-# %% ../nbs/09_emulator.ipynb #b4c673ab
+# %% ../nbs/09_emulator.ipynb #15d70bab
 # -- HTTP: the server -------------------------------------------------------------
 async def _emu_handle(self, request: web.BaseRequest) -> web.StreamResponse:
     method, path = request.method, request.path
@@ -1496,6 +1496,12 @@ def _emu_bind(self) -> None:
     self._sock = sock
 
 
+Emulator._handle = _emu_handle
+Emulator._fault_response = _emu_fault_response
+Emulator._startup = _emu_startup
+Emulator._bind = _emu_bind
+
+# %% ../nbs/09_emulator.ipynb #4680696b
 def _emu_port(self) -> int:
     if self._sock is None:
         raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
@@ -1574,10 +1580,6 @@ def _emu_serve(self, ready_message: str | None = None) -> None:
             signal.signal(s, h)
 
 
-Emulator._handle = _emu_handle
-Emulator._fault_response = _emu_fault_response
-Emulator._startup = _emu_startup
-Emulator._bind = _emu_bind
 Emulator.port = property(_emu_port)
 Emulator.base_url = property(_emu_base_url)
 Emulator.start = _emu_start
@@ -1629,7 +1631,7 @@ def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api
            f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 
-# %% ../nbs/09_emulator.ipynb #67391c6b
+# %% ../nbs/09_emulator.ipynb #d6b630c0
 def _candle_fields(candle) -> tuple[int, float, float, float, float, float]:
     "(open time ms, o, h, l, c, v) from a Series row (name = open time), a dict with 'timestamp', or a tuple."
     if isinstance(candle, pd.Series):
@@ -1654,9 +1656,11 @@ def _ts_ms(t) -> int:
 
 
 _ORDER_DEC = ("qty", "price", "stop_price", "quote_order_qty", "executed", "cum_quote", "locked")
+
+
 _TRADE_DEC = ("price", "qty", "quoteQty", "commission")
 
-
+# %% ../nbs/09_emulator.ipynb #4a01f0a3
 class MatchingEngine:
     "The emulator's book and fill rules in process, fed with candles as they close (see the table above)."
 
@@ -1747,42 +1751,48 @@ class MatchingEngine:
     def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
         return self._emu.order(order_id, client_order_id)
 
-    def state(self) -> dict:
-        "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
-        emu = self._emu
-        with emu._lock:
-            b = emu._book
-            orders = []
-            for o in b.orders.values():
-                d = {k: getattr(o, k) for k in o.__dataclass_fields__}
-                for k in _ORDER_DEC:
-                    d[k] = str(d[k])
-                d["fills"] = [dict(f) for f in o.fills]
-                d["status"] = o.status.name                  # Binance's spelling, as the file always held
-                orders.append(d)
-            trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
-            return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
-                    "forming": {"t": int(self._tape.t[-1]), "o": float(self._tape.o[-1])},
-                    "free": {a: str(x) for a, x in b.free.items()}, "locked": {a: str(x) for a, x in b.locked.items()},
-                    "orders": orders, "trades": trades, "next_order_id": b.next_order_id,
-                    "next_trade_id": b.next_trade_id, "orders_created": b.orders_created}
-
-    def _restore(self, d: dict) -> None:
-        if d.get("version") != 1 or d.get("symbol") != self.symbol or d.get("timeframe") != self.timeframe:
-            raise EmulatorError(f"matching-engine state is for {d.get('symbol')} {d.get('timeframe')} (version "
-                                f"{d.get('version')}), not {self.symbol} {self.timeframe}; move it aside to start fresh")
-        b = self._emu._book
-        b.free = {a: Decimal(x) for a, x in d["free"].items()}
-        b.locked = {a: Decimal(x) for a, x in d["locked"].items()}
-        b.orders, b.by_client = {}, {}
-        for od in d["orders"]:
-            od = dict(od)
+# %% ../nbs/09_emulator.ipynb #7930606f
+def _me_state(self) -> dict:
+    "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
+    emu = self._emu
+    with emu._lock:
+        b = emu._book
+        orders = []
+        for o in b.orders.values():
+            d = {k: getattr(o, k) for k in o.__dataclass_fields__}
             for k in _ORDER_DEC:
-                od[k] = Decimal(od[k])
-            od["status"] = OrderStatus.parse(od["status"])
-            o = _Order(**od)
-            b.orders[o.order_id] = o
-            b.by_client.setdefault(o.client_order_id, []).append(o.order_id)
-        b.trades = [{k: (Decimal(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in d["trades"]]
-        b.next_order_id, b.next_trade_id = int(d["next_order_id"]), int(d["next_trade_id"])
-        b.orders_created = int(d["orders_created"])
+                d[k] = str(d[k])
+            d["fills"] = [dict(f) for f in o.fills]
+            d["status"] = o.status.name                  # Binance's spelling, as the file always held
+            orders.append(d)
+        trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
+        return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
+                "forming": {"t": int(self._tape.t[-1]), "o": float(self._tape.o[-1])},
+                "free": {a: str(x) for a, x in b.free.items()}, "locked": {a: str(x) for a, x in b.locked.items()},
+                "orders": orders, "trades": trades, "next_order_id": b.next_order_id,
+                "next_trade_id": b.next_trade_id, "orders_created": b.orders_created}
+
+
+def _me_restore(self, d: dict) -> None:
+    if d.get("version") != 1 or d.get("symbol") != self.symbol or d.get("timeframe") != self.timeframe:
+        raise EmulatorError(f"matching-engine state is for {d.get('symbol')} {d.get('timeframe')} (version "
+                            f"{d.get('version')}), not {self.symbol} {self.timeframe}; move it aside to start fresh")
+    b = self._emu._book
+    b.free = {a: Decimal(x) for a, x in d["free"].items()}
+    b.locked = {a: Decimal(x) for a, x in d["locked"].items()}
+    b.orders, b.by_client = {}, {}
+    for od in d["orders"]:
+        od = dict(od)
+        for k in _ORDER_DEC:
+            od[k] = Decimal(od[k])
+        od["status"] = OrderStatus.parse(od["status"])
+        o = _Order(**od)
+        b.orders[o.order_id] = o
+        b.by_client.setdefault(o.client_order_id, []).append(o.order_id)
+    b.trades = [{k: (Decimal(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in d["trades"]]
+    b.next_order_id, b.next_trade_id = int(d["next_order_id"]), int(d["next_trade_id"])
+    b.orders_created = int(d["orders_created"])
+
+
+MatchingEngine.state = _me_state
+MatchingEngine._restore = _me_restore
