@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 from aiohttp import web
 
+from .journal import OrderStatus
+
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
            'DEFAULT_FILTERS', 'ORDER_TYPES', 'ORDER_TYPES_STOP_MARKET', 'LOOPBACK', 'Q8', 'FAULT_KINDS',
@@ -76,7 +78,7 @@ def _s8(x) -> str:
 def _dec(x) -> Decimal:
     return Decimal(str(x))
 
-# %% ../nbs/09_emulator.ipynb #bd8c4b6b
+# %% ../nbs/09_emulator.ipynb #b3cf4561
 _TF_UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
@@ -93,7 +95,7 @@ def _tf_name(ms: int) -> str:
             return f"{ms // _TF_UNITS[unit]}{unit}"
     raise EmulatorError(f"candle spacing of {ms} ms is not a whole number of minutes")
 
-
+# %% ../nbs/09_emulator.ipynb #59be49a1
 def _path(o: float, h: float, l: float, c: float):
     "Intrabar path: (fractions, prices) of O→L→H→C (up bar) or O→H→L→C (down bar), constant speed."
     px = [o, l, h, c] if c >= o else [o, h, l, c]
@@ -151,7 +153,7 @@ def _first_cross(fr, px, f0: float, level: float, down: bool) -> float:
             return a if pb == pa else a + (b - a) * (level - pa) / (pb - pa)
     return 1.0
 
-
+# %% ../nbs/09_emulator.ipynb #6d70db9f
 class _Tape:
     "One symbol's candles as arrays: open time (ms) and float OHLCV."
 
@@ -202,58 +204,74 @@ class _Tape:
     def frac(self, i: int, now: int) -> float:
         return min(1.0, max(0.0, (now - int(self.t[i])) / self.tf))
 
-    def candle(self, i: int, now: int) -> tuple[float, float, float, float, float, bool]:
-        "(o, h, l, c, v, closed) of candle i as seen at `now` (partial if still forming)."
-        f = self.frac(i, now)
-        if f >= 1.0:
-            return self.o[i], self.h[i], self.l[i], self.c[i], self.v[i], True
-        fr, px = self.path(i)
-        lo, hi = _extremes(fr, px, 0.0, f)
-        return self.o[i], hi, lo, _price_at(fr, px, f), self.v[i] * f, False
+# %% ../nbs/09_emulator.ipynb #c1d83a43
+def _tape_candle(self, i: int, now: int) -> tuple[float, float, float, float, float, bool]:
+    "(o, h, l, c, v, closed) of candle i as seen at `now` (partial if still forming)."
+    f = self.frac(i, now)
+    if f >= 1.0:
+        return self.o[i], self.h[i], self.l[i], self.c[i], self.v[i], True
+    fr, px = self.path(i)
+    lo, hi = _extremes(fr, px, 0.0, f)
+    return self.o[i], hi, lo, _price_at(fr, px, f), self.v[i] * f, False
 
-    def last_price(self, now: int) -> float:
-        i = self.bar_at(now)
-        if i < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return self.candle(i, now)[3]
 
-    def kline(self, i: int, now: int) -> bytes:
-        "Binance kline row (JSON) for candle i at `now`; closed rows are cached, pre-encoded."
-        row = self._rows.get(i)
-        if row is not None:
-            return row
-        o, h, l, c, v, closed = self.candle(i, now)
-        t = int(self.t[i])
-        qv = v * (o + h + l + c) / 4
-        row = [t, f"{o:.8f}", f"{h:.8f}", f"{l:.8f}", f"{c:.8f}", f"{v:.8f}", t + self.tf - 1,
-               f"{qv:.8f}", int(v * 10) + (1 if closed else 0), f"{v / 2:.8f}", f"{qv / 2:.8f}", "0"]
-        row = json.dumps(row, separators=(",", ":")).encode()
-        if closed:
-            self._rows[i] = row
+def _tape_last_price(self, now: int) -> float:
+    i = self.bar_at(now)
+    if i < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    return self.candle(i, now)[3]
+
+
+def _tape_kline(self, i: int, now: int) -> bytes:
+    "Binance kline row (JSON) for candle i at `now`; closed rows are cached, pre-encoded."
+    row = self._rows.get(i)
+    if row is not None:
         return row
+    o, h, l, c, v, closed = self.candle(i, now)
+    t = int(self.t[i])
+    qv = v * (o + h + l + c) / 4
+    row = [t, f"{o:.8f}", f"{h:.8f}", f"{l:.8f}", f"{c:.8f}", f"{v:.8f}", t + self.tf - 1,
+           f"{qv:.8f}", int(v * 10) + (1 if closed else 0), f"{v / 2:.8f}", f"{qv / 2:.8f}", "0"]
+    row = json.dumps(row, separators=(",", ":")).encode()
+    if closed:
+        self._rows[i] = row
+    return row
 
-    # -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
-    def set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
-        "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
-        self._paths.pop(i, None)
-        self._writable()
-        self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
-        self._rows.pop(i, None)
 
-    def _writable(self) -> None:
-        for k in ("t", "o", "h", "l", "c", "v"):
-            a = getattr(self, k)
-            if not a.flags.writeable:          # pandas hands out read-only views (copy-on-write)
-                setattr(self, k, a.copy())
+_Tape.candle = _tape_candle
+_Tape.last_price = _tape_last_price
+_Tape.kline = _tape_kline
 
-    def append(self, t_ms: int, o: float, h: float, l: float, c: float, v: float) -> int:
-        "Add a candle opening at `t_ms` after the last one; returns its index."
-        if len(self.t) and t_ms <= int(self.t[-1]):
-            raise EmulatorError(f"candle at {t_ms} ms does not follow the last one ({int(self.t[-1])} ms)")
-        self.t = np.append(self.t, np.int64(t_ms))
-        for k, x in (("o", o), ("h", h), ("l", l), ("c", c), ("v", v)):
-            setattr(self, k, np.append(getattr(self, k), float(x)))
-        return len(self.t) - 1
+# %% ../nbs/09_emulator.ipynb #e74736a2
+# -- a growing tape (the paper venue's MatchingEngine feeds candles as they close) ----------------
+def _tape_set_bar(self, i: int, o: float, h: float, l: float, c: float, v: float) -> None:
+    "Overwrite candle i (a provisional forming bar becomes the real closed candle)."
+    self._paths.pop(i, None)
+    self._writable()
+    self.o[i], self.h[i], self.l[i], self.c[i], self.v[i] = float(o), float(h), float(l), float(c), float(v)
+    self._rows.pop(i, None)
+
+
+def _tape_writable(self) -> None:
+    for k in ("t", "o", "h", "l", "c", "v"):
+        a = getattr(self, k)
+        if not a.flags.writeable:          # pandas hands out read-only views (copy-on-write)
+            setattr(self, k, a.copy())
+
+
+def _tape_append(self, t_ms: int, o: float, h: float, l: float, c: float, v: float) -> int:
+    "Add a candle opening at `t_ms` after the last one; returns its index."
+    if len(self.t) and t_ms <= int(self.t[-1]):
+        raise EmulatorError(f"candle at {t_ms} ms does not follow the last one ({int(self.t[-1])} ms)")
+    self.t = np.append(self.t, np.int64(t_ms))
+    for k, x in (("o", o), ("h", h), ("l", l), ("c", c), ("v", v)):
+        setattr(self, k, np.append(getattr(self, k), float(x)))
+    return len(self.t) - 1
+
+
+_Tape.set_bar = _tape_set_bar
+_Tape._writable = _tape_writable
+_Tape.append = _tape_append
 
 # %% ../nbs/09_emulator.ipynb #94fa294b
 FAULT_KINDS = ("rate_limit", "ban", "server_error", "internal_error", "slow", "drop", "lost", "partial",
@@ -339,7 +357,29 @@ class Faults:
                     return f
         return None
 
-# %% ../nbs/09_emulator.ipynb #ce1848f4
+# %% ../nbs/09_emulator.ipynb #9af01f1e
+def _mandatory(name: str) -> BinanceError:
+    return BinanceError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
+
+
+def _param(p: dict, name: str) -> str:
+    v = p.get(name)
+    if v is None or v == "":
+        raise _mandatory(name)
+    return v
+
+
+def _num(p: dict, name: str) -> Decimal:
+    v = _param(p, name)
+    if not _NUM_RE.match(v):
+        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'; "
+                                  "legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.")
+    d = Decimal(v)
+    if d <= 0:
+        raise BinanceError(-1013, "Invalid quantity." if name == "quantity" else f"Invalid {name}.")
+    return d
+
+# %% ../nbs/09_emulator.ipynb #21b86184
 @dataclass
 class _Order:
     order_id: int
@@ -352,7 +392,7 @@ class _Order:
     price: Decimal = Decimal(0)
     stop_price: Decimal = Decimal(0)
     quote_order_qty: Decimal = Decimal(0)
-    status: str = "NEW"
+    status: OrderStatus = OrderStatus.NEW   # moves only along ORDER_TRANSITIONS (`OrderStatus.to`)
     executed: Decimal = Decimal(0)
     cum_quote: Decimal = Decimal(0)
     time: int = 0
@@ -364,7 +404,7 @@ class _Order:
 
     @property
     def is_open(self) -> bool:
-        return self.status in ("NEW", "PARTIALLY_FILLED")
+        return not self.status.is_final
 
     @property
     def remaining(self) -> Decimal:
@@ -397,321 +437,359 @@ class _Book:
         self.next_trade_id = 1
         self.orders_created = 0
 
-    # -- validation ------------------------------------------------------------
-    def _check_lot(self, qty: Decimal) -> None:
-        f = self.filters
-        if qty < f["min_qty"] or qty > f["max_qty"] or (qty - f["min_qty"]) % f["step_size"] != 0:
-            raise BinanceError(-1013, "Filter failure: LOT_SIZE")
+# %% ../nbs/09_emulator.ipynb #c8fa3dc3
+# -- validation ------------------------------------------------------------
+def _book_check_lot(self, qty: Decimal) -> None:
+    f = self.filters
+    if qty < f["min_qty"] or qty > f["max_qty"] or (qty - f["min_qty"]) % f["step_size"] != 0:
+        raise BinanceError(-1013, "Filter failure: LOT_SIZE")
 
-    def _check_price(self, price: Decimal) -> None:
-        f = self.filters
-        if price < f["min_price"] or price > f["max_price"] or (price - f["min_price"]) % f["tick_size"] != 0:
-            raise BinanceError(-1013, "Filter failure: PRICE_FILTER")
 
-    def _check_notional(self, notional: Decimal, is_market: bool) -> None:
-        f = self.filters
-        if notional < f["min_notional"] or (not is_market and notional > f["max_notional"]):
-            raise BinanceError(-1013, "Filter failure: NOTIONAL")
+def _book_check_price(self, price: Decimal) -> None:
+    f = self.filters
+    if price < f["min_price"] or price > f["max_price"] or (price - f["min_price"]) % f["tick_size"] != 0:
+        raise BinanceError(-1013, "Filter failure: PRICE_FILTER")
 
-    def _floor_step(self, qty: Decimal) -> Decimal:
-        step = self.filters["step_size"]
-        return (qty / step).to_integral_value(ROUND_DOWN) * step
 
-    def _need(self, asset: str, amount: Decimal) -> None:
-        if self.free.get(asset, Decimal(0)) < amount:
-            raise BinanceError(-2010, "Account has insufficient balance for requested action.")
+def _book_check_notional(self, notional: Decimal, is_market: bool) -> None:
+    f = self.filters
+    if notional < f["min_notional"] or (not is_market and notional > f["max_notional"]):
+        raise BinanceError(-1013, "Filter failure: NOTIONAL")
 
-    # -- prices ----------------------------------------------------------------
-    def market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
-        "THE FILL RULES: a market order fills at the forming candle's price now (its open at the open) x (1 +/- slippage)."
-        i = tape.bar_at(now)
-        o = Decimal(f"{tape.candle(i, now)[3]:.8f}")
-        return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
 
-    # -- fills -----------------------------------------------------------------
-    def _fill(self, o: _Order, qty: Decimal, price: Decimal, when: int, maker: bool) -> None:
-        tape = self.tapes[o.symbol]
-        quote = _q8(qty * price)
-        if o.side == "BUY":
-            if o.locked > 0:                                   # resting buy: release its lock first
-                release = min(o.locked, _q8(qty * o.price))
-                o.locked -= release
-                self.locked[tape.quote] -= release
-                self.free[tape.quote] += release
-            self.free[tape.quote] -= quote
-            commission, asset = _q8(qty * self.fee), tape.base
-            self.free[tape.base] += qty - commission
-        else:
-            if o.locked > 0:
-                o.locked -= qty
-                self.locked[tape.base] -= qty
-            else:
-                self.free[tape.base] -= qty
-            commission, asset = _q8(quote * self.fee), tape.quote
-            self.free[tape.quote] += quote - commission
-        trade_id = self.next_trade_id
-        self.next_trade_id += 1
-        o.executed += qty
-        o.cum_quote += quote
-        o.update_time = when
-        o.fills.append({"price": _s8(price), "qty": _s8(qty), "commission": _s8(commission),
-                        "commissionAsset": asset, "tradeId": trade_id})
-        self.trades.append({"symbol": o.symbol, "id": trade_id, "orderId": o.order_id, "orderListId": -1,
-                            "price": price, "qty": qty, "quoteQty": quote, "commission": commission,
-                            "commissionAsset": asset, "time": when, "isBuyer": o.side == "BUY",
-                            "isMaker": maker, "isBestMatch": True, "clientOrderId": o.client_order_id})
+def _book_floor_step(self, qty: Decimal) -> Decimal:
+    step = self.filters["step_size"]
+    return (qty / step).to_integral_value(ROUND_DOWN) * step
 
-    def _unlock_rest(self, o: _Order) -> None:
+
+def _book_need(self, asset: str, amount: Decimal) -> None:
+    if self.free.get(asset, Decimal(0)) < amount:
+        raise BinanceError(-2010, "Account has insufficient balance for requested action.")
+
+
+# -- prices ----------------------------------------------------------------
+def _book_market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
+    "THE FILL RULES: a market order fills at the forming candle's price now (its open at the open) x (1 +/- slippage)."
+    i = tape.bar_at(now)
+    o = Decimal(f"{tape.candle(i, now)[3]:.8f}")
+    return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
+
+
+_Book._check_lot = _book_check_lot
+_Book._check_price = _book_check_price
+_Book._check_notional = _book_check_notional
+_Book._floor_step = _book_floor_step
+_Book._need = _book_need
+_Book.market_price = _book_market_price
+
+# %% ../nbs/09_emulator.ipynb #e11bc514
+# -- fills -----------------------------------------------------------------
+def _book_fill(self, o: _Order, qty: Decimal, price: Decimal, when: int, maker: bool) -> None:
+    tape = self.tapes[o.symbol]
+    quote = _q8(qty * price)
+    if o.side == "BUY":
+        if o.locked > 0:                                   # resting buy: release its lock first
+            release = min(o.locked, _q8(qty * o.price))
+            o.locked -= release
+            self.locked[tape.quote] -= release
+            self.free[tape.quote] += release
+        self.free[tape.quote] -= quote
+        commission, asset = _q8(qty * self.fee), tape.base
+        self.free[tape.base] += qty - commission
+    else:
         if o.locked > 0:
-            asset = self.tapes[o.symbol].base if o.side == "SELL" else self.tapes[o.symbol].quote
-            self.locked[asset] -= o.locked
-            self.free[asset] += o.locked
-            o.locked = Decimal(0)
-
-    def _fill_resting(self, o: _Order, price: Decimal, when: int, maker: bool) -> None:
-        "Fill what remains of a resting order (a `partial` fault fills only a fraction)."
-        qty = o.remaining
-        frac = self.faults._take_partial()
-        if frac is not None:
-            qty = min(qty, self._floor_step(qty * _dec(frac)))
-        if qty > 0:
-            self._fill(o, qty, price, when, maker)
-        o.status = "FILLED" if o.remaining == 0 else "PARTIALLY_FILLED"
-        if o.status == "FILLED" and o.side == "BUY":
-            self._unlock_rest(o)        # a buy filled below its limit leaves a little quote locked
-
-    # -- placing ---------------------------------------------------------------
-    def _client_id(self, cid: str | None) -> str:
-        if cid is None or cid == "":
-            return "emu" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")[:19]
-        if not _CLIENT_ID_RE.match(cid):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'newClientOrderId'; "
-                                      "legal range is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
-        used = [self.orders[i] for i in self.by_client.get(cid, [])]
-        if used and (self.unique_client_ids or any(o.is_open for o in used)):
-            raise BinanceError(-2010, "Duplicate order sent.")
-        return cid
-
-    def place(self, p: dict, now: int) -> _Order:
-        tape = self.tapes.get(p.get("symbol", ""))
-        if "symbol" not in p:
-            raise _mandatory("symbol")
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        if tape.bar_at(now) < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        side = _param(p, "side").upper()
-        if side not in ("BUY", "SELL"):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'side'; legal range is 'BUY, SELL'.")
-        typ = _param(p, "type").upper()
-        if typ not in self.order_types:
-            raise BinanceError(-1116, "Invalid orderType.")
-        cid = self._client_id(p.get("newClientOrderId"))
-        tif = p.get("timeInForce", "GTC").upper()
-        if tif not in ("GTC", "IOC", "FOK"):
-            raise BinanceError(-1115, "Invalid timeInForce.")
-        o = _Order(order_id=0, client_order_id=cid, symbol=tape.id, side=side, type=typ, time_in_force=tif,
-                   qty=Decimal(0), time=now, update_time=now, working_time=now)
-        if typ == "MARKET":
-            self._place_market(o, p, tape, now)
-        elif typ == "LIMIT":
-            if "timeInForce" not in p:
-                raise _mandatory("timeInForce")
-            self._place_limit(o, p, tape, now)
+            o.locked -= qty
+            self.locked[tape.base] -= qty
         else:
-            for k in (("quantity", "stopPrice") if typ == "STOP_LOSS" else
-                      ("timeInForce", "quantity", "price", "stopPrice")):
-                _param(p, k)
-            self._place_stop(o, p, tape, now)
-        return o
+            self.free[tape.base] -= qty
+        commission, asset = _q8(quote * self.fee), tape.quote
+        self.free[tape.quote] += quote - commission
+    trade_id = self.next_trade_id
+    self.next_trade_id += 1
+    o.executed += qty
+    o.cum_quote += quote
+    o.update_time = when
+    o.fills.append({"price": _s8(price), "qty": _s8(qty), "commission": _s8(commission),
+                    "commissionAsset": asset, "tradeId": trade_id})
+    self.trades.append({"symbol": o.symbol, "id": trade_id, "orderId": o.order_id, "orderListId": -1,
+                        "price": price, "qty": qty, "quoteQty": quote, "commission": commission,
+                        "commissionAsset": asset, "time": when, "isBuyer": o.side == "BUY",
+                        "isMaker": maker, "isBestMatch": True, "clientOrderId": o.client_order_id})
 
-    def _register(self, o: _Order) -> None:
-        o.order_id = self.next_order_id
-        self.next_order_id += 1
-        self.orders[o.order_id] = o
-        self.by_client.setdefault(o.client_order_id, []).append(o.order_id)
-        self.orders_created += 1
 
-    def _place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        price = self.market_price(tape, o.side, now)
-        if "quantity" in p and "quoteOrderQty" in p:
-            raise BinanceError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
-        if "quoteOrderQty" in p:
-            o.quote_order_qty = _num(p, "quoteOrderQty")
-            qty = self._floor_step(o.quote_order_qty / price)
-        elif "quantity" in p:
-            qty = _num(p, "quantity")
-        else:
-            raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
-        self._check_lot(qty)
-        self._check_notional(_q8(qty * price), is_market=True)
-        if o.side == "BUY":
-            self._need(tape.quote, _q8(qty * price))
-        else:
-            self._need(tape.base, qty)
-        o.qty = qty
-        self._register(o)
-        frac = self.faults._take_partial()
-        fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
-        if fill_qty > 0:
-            self._fill(o, fill_qty, price, now, maker=False)
-        o.status = "FILLED" if o.remaining == 0 else "EXPIRED"
+def _book_unlock_rest(self, o: _Order) -> None:
+    if o.locked > 0:
+        asset = self.tapes[o.symbol].base if o.side == "SELL" else self.tapes[o.symbol].quote
+        self.locked[asset] -= o.locked
+        self.free[asset] += o.locked
+        o.locked = Decimal(0)
 
-    def _lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
-        if o.side == "SELL":
-            self._need(tape.base, o.qty)
-            asset, amount = tape.base, o.qty
-        else:
-            amount = _q8(o.qty * limit)
-            self._need(tape.quote, amount)
-            asset = tape.quote
-        self.free[asset] -= amount
-        self.locked[asset] += amount
-        o.locked = amount
 
-    def _place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        o.qty, o.price = _num(p, "quantity"), _num(p, "price")
-        self._check_price(o.price)
-        self._check_lot(o.qty)
-        self._check_notional(_q8(o.qty * o.price), is_market=False)
-        mkt = self.market_price(tape, o.side, now)
-        marketable = o.price >= mkt if o.side == "BUY" else o.price <= mkt
-        self._lock(o, tape, o.price)
-        self._register(o)
-        if marketable:
-            self._fill_resting(o, mkt, now, maker=False)
-        if o.is_open and o.time_in_force in ("IOC", "FOK"):
-            o.status = "EXPIRED"
-            self._unlock_rest(o)
+def _book_fill_resting(self, o: _Order, price: Decimal, when: int, maker: bool) -> None:
+    "Fill what remains of a resting order (a `partial` fault fills only a fraction)."
+    qty = o.remaining
+    frac = self.faults._take_partial()
+    if frac is not None:
+        qty = min(qty, self._floor_step(qty * _dec(frac)))
+    if qty > 0:
+        self._fill(o, qty, price, when, maker)
+    o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.PARTIALLY_FILLED)
+    if o.status is OrderStatus.FILLED and o.side == "BUY":
+        self._unlock_rest(o)        # a buy filled below its limit leaves a little quote locked
 
-    def _place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
-        market = o.type == "STOP_LOSS"                      # stop-market: a market order once triggered
-        o.qty, o.stop_price = _num(p, "quantity"), _num(p, "stopPrice")
-        o.price = Decimal(0) if market else _num(p, "price")
-        if market:
-            o.time_in_force = "GTC"
-        else:
-            self._check_price(o.price)
-        self._check_price(o.stop_price)
-        self._check_lot(o.qty)
-        self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
-        last = _dec(f"{tape.last_price(now):.8f}")
-        if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
-            raise BinanceError(-2010, "Stop price would trigger immediately.")
-        self._lock(o, tape, o.stop_price if market else o.price)
-        o.working_time = -1
-        self._register(o)
 
-    # -- cancel ----------------------------------------------------------------
-    def find(self, p: dict, unknown: BinanceError) -> _Order:
-        tape = self.tapes.get(_param(p, "symbol"))
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        if p.get("orderId"):
-            try:
-                o = self.orders.get(int(p["orderId"]))
-            except ValueError:
-                raise BinanceError(-1100, "Illegal characters found in parameter 'orderId'; "
-                                          "legal range is '^[0-9]{1,20}$'.") from None
-        elif p.get("origClientOrderId"):
-            ids = self.by_client.get(p["origClientOrderId"], [])
-            o = self.orders[ids[-1]] if ids else None
-        else:
-            raise BinanceError(-1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!")
-        if o is None or o.symbol != tape.id:
-            raise unknown
-        return o
+_Book._fill = _book_fill
+_Book._unlock_rest = _book_unlock_rest
+_Book._fill_resting = _book_fill_resting
 
-    def cancel(self, o: _Order, now: int) -> None:
-        if not o.is_open:
-            raise BinanceError(-2011, "Unknown order sent.")
-        o.status = "CANCELED"
-        o.update_time = now
+# %% ../nbs/09_emulator.ipynb #eb157266
+# -- placing ---------------------------------------------------------------
+def _book_client_id(self, cid: str | None) -> str:
+    if cid is None or cid == "":
+        return "emu" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")[:19]
+    if not _CLIENT_ID_RE.match(cid):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'newClientOrderId'; "
+                                  "legal range is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
+    used = [self.orders[i] for i in self.by_client.get(cid, [])]
+    if used and (self.unique_client_ids or any(o.is_open for o in used)):
+        raise BinanceError(-2010, "Duplicate order sent.")
+    return cid
+
+
+def _book_place(self, p: dict, now: int) -> _Order:
+    tape = self.tapes.get(p.get("symbol", ""))
+    if "symbol" not in p:
+        raise _mandatory("symbol")
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    if tape.bar_at(now) < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    side = _param(p, "side").upper()
+    if side not in ("BUY", "SELL"):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'side'; legal range is 'BUY, SELL'.")
+    typ = _param(p, "type").upper()
+    if typ not in self.order_types:
+        raise BinanceError(-1116, "Invalid orderType.")
+    cid = self._client_id(p.get("newClientOrderId"))
+    tif = p.get("timeInForce", "GTC").upper()
+    if tif not in ("GTC", "IOC", "FOK"):
+        raise BinanceError(-1115, "Invalid timeInForce.")
+    o = _Order(order_id=0, client_order_id=cid, symbol=tape.id, side=side, type=typ, time_in_force=tif,
+               qty=Decimal(0), time=now, update_time=now, working_time=now)
+    if typ == "MARKET":
+        self._place_market(o, p, tape, now)
+    elif typ == "LIMIT":
+        if "timeInForce" not in p:
+            raise _mandatory("timeInForce")
+        self._place_limit(o, p, tape, now)
+    else:
+        for k in (("quantity", "stopPrice") if typ == "STOP_LOSS" else
+                  ("timeInForce", "quantity", "price", "stopPrice")):
+            _param(p, k)
+        self._place_stop(o, p, tape, now)
+    return o
+
+
+def _book_register(self, o: _Order) -> None:
+    o.order_id = self.next_order_id
+    self.next_order_id += 1
+    self.orders[o.order_id] = o
+    self.by_client.setdefault(o.client_order_id, []).append(o.order_id)
+    self.orders_created += 1
+
+
+_Book._client_id = _book_client_id
+_Book.place = _book_place
+_Book._register = _book_register
+
+# %% ../nbs/09_emulator.ipynb #6056543b
+def _book_place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    price = self.market_price(tape, o.side, now)
+    if "quantity" in p and "quoteOrderQty" in p:
+        raise BinanceError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
+    if "quoteOrderQty" in p:
+        o.quote_order_qty = _num(p, "quoteOrderQty")
+        qty = self._floor_step(o.quote_order_qty / price)
+    elif "quantity" in p:
+        qty = _num(p, "quantity")
+    else:
+        raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
+    self._check_lot(qty)
+    self._check_notional(_q8(qty * price), is_market=True)
+    if o.side == "BUY":
+        self._need(tape.quote, _q8(qty * price))
+    else:
+        self._need(tape.base, qty)
+    o.qty = qty
+    self._register(o)
+    frac = self.faults._take_partial()
+    fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
+    if fill_qty > 0:
+        self._fill(o, fill_qty, price, now, maker=False)
+    o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.EXPIRED)
+
+
+def _book_lock(self, o: _Order, tape: _Tape, limit: Decimal) -> None:
+    if o.side == "SELL":
+        self._need(tape.base, o.qty)
+        asset, amount = tape.base, o.qty
+    else:
+        amount = _q8(o.qty * limit)
+        self._need(tape.quote, amount)
+        asset = tape.quote
+    self.free[asset] -= amount
+    self.locked[asset] += amount
+    o.locked = amount
+
+
+_Book._place_market = _book_place_market
+_Book._lock = _book_lock
+
+# %% ../nbs/09_emulator.ipynb #1d3d964b
+def _book_place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    o.qty, o.price = _num(p, "quantity"), _num(p, "price")
+    self._check_price(o.price)
+    self._check_lot(o.qty)
+    self._check_notional(_q8(o.qty * o.price), is_market=False)
+    mkt = self.market_price(tape, o.side, now)
+    marketable = o.price >= mkt if o.side == "BUY" else o.price <= mkt
+    self._lock(o, tape, o.price)
+    self._register(o)
+    if marketable:
+        self._fill_resting(o, mkt, now, maker=False)
+    if o.is_open and o.time_in_force in ("IOC", "FOK"):
+        o.status = o.status.to(OrderStatus.EXPIRED)
         self._unlock_rest(o)
 
-    # -- bars ------------------------------------------------------------------
-    def on_bar_close(self, tape: _Tape, i: int) -> None:
-        "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
-        self.on_path(tape, i, 0.0, 1.0)
 
-    def on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None:
-        "The price of bar i moved along its path from fraction `f_from` to `f_to`: trigger stops, fill limits."
-        t0 = int(tape.t[i])
-        fr, px = tape.path(i)
-        for o in [o for o in self.orders.values() if o.is_open and o.symbol == tape.id]:
-            f0 = max(f_from, tape.frac(i, o.time) if o.time > t0 else 0.0)   # placed inside this bar: from then on
-            if f0 >= f_to:
-                continue
-            sell = o.side == "SELL"
-            if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") and o.triggered_bar is None:
-                S, L = float(o.stop_price), float(o.price)
-                lo, hi = _extremes(fr, px, f0, f_to)
-                if (lo <= S) if sell else (hi >= S):
-                    at = _price_at(fr, px, f0)
-                    fill_px = min(S, at) if sell else max(S, at)
-                    f_hit = _first_cross(fr, px, f0, S, down=sell)
-                    when = max(o.time, t0 + int(f_hit * tape.tf))
-                    o.triggered_bar, o.working_time, o.update_time = i, when, when
-                    if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
-                        self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
-                        if o.is_open:                    # a partial fault: the market rest expires, as on Binance
-                            o.status = "EXPIRED"
-                            self._unlock_rest(o)
-                    elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
-                        self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
-            elif o.type == "LIMIT" or (o.triggered_bar is not None and o.triggered_bar < i):
-                L = float(o.price)
-                lo, hi = _extremes(fr, px, f0, f_to)
-                if (hi >= L) if sell else (lo <= L):
-                    f_hit = _first_cross(fr, px, f0, L, down=not sell)
-                    self._fill_resting(o, o.price, max(o.time, t0 + int(f_hit * tape.tf)), maker=True)
+def _book_place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
+    market = o.type == "STOP_LOSS"                      # stop-market: a market order once triggered
+    o.qty, o.stop_price = _num(p, "quantity"), _num(p, "stopPrice")
+    o.price = Decimal(0) if market else _num(p, "price")
+    if market:
+        o.time_in_force = "GTC"
+    else:
+        self._check_price(o.price)
+    self._check_price(o.stop_price)
+    self._check_lot(o.qty)
+    self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
+    last = _dec(f"{tape.last_price(now):.8f}")
+    if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
+        raise BinanceError(-2010, "Stop price would trigger immediately.")
+    self._lock(o, tape, o.stop_price if market else o.price)
+    o.working_time = -1
+    self._register(o)
 
-    # -- JSON ------------------------------------------------------------------
-    def order_json(self, o: _Order, kind: str) -> dict:
-        "Binance's order shapes: ACK, RESULT, FULL (new order), QUERY (GET/openOrders), CANCEL."
-        d = {"symbol": o.symbol, "orderId": o.order_id, "orderListId": -1, "clientOrderId": o.client_order_id}
-        if kind in ("ACK", "RESULT", "FULL"):
-            d["transactTime"] = o.time
-        if kind == "ACK":
-            return d
-        d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
-                  "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status,
-                  "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
-        if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
-            d["stopPrice"] = _s8(o.stop_price)
-        if kind == "QUERY":
-            d.update({"icebergQty": "0.00000000", "time": o.time, "updateTime": o.update_time,
-                      "isWorking": o.working_time != -1})
-        d.update({"workingTime": o.working_time, "origQuoteOrderQty": _s8(o.quote_order_qty),
-                  "selfTradePreventionMode": "EXPIRE_MAKER"})
-        if kind == "FULL":
-            d["fills"] = list(o.fills)
+
+_Book._place_limit = _book_place_limit
+_Book._place_stop = _book_place_stop
+
+# %% ../nbs/09_emulator.ipynb #f49dc228
+# -- cancel ----------------------------------------------------------------
+def _book_find(self, p: dict, unknown: BinanceError) -> _Order:
+    tape = self.tapes.get(_param(p, "symbol"))
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    if p.get("orderId"):
+        try:
+            o = self.orders.get(int(p["orderId"]))
+        except ValueError:
+            raise BinanceError(-1100, "Illegal characters found in parameter 'orderId'; "
+                                      "legal range is '^[0-9]{1,20}$'.") from None
+    elif p.get("origClientOrderId"):
+        ids = self.by_client.get(p["origClientOrderId"], [])
+        o = self.orders[ids[-1]] if ids else None
+    else:
+        raise BinanceError(-1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!")
+    if o is None or o.symbol != tape.id:
+        raise unknown
+    return o
+
+
+def _book_cancel(self, o: _Order, now: int) -> None:
+    if not o.is_open:
+        raise BinanceError(-2011, "Unknown order sent.")
+    o.status = o.status.to(OrderStatus.CANCELED)
+    o.update_time = now
+    self._unlock_rest(o)
+
+
+_Book.find = _book_find
+_Book.cancel = _book_cancel
+
+# %% ../nbs/09_emulator.ipynb #757b512d
+# -- bars ------------------------------------------------------------------
+def _book_on_bar_close(self, tape: _Tape, i: int) -> None:
+    "Bar i of `tape` has completed: trigger stops, fill resting limits (THE FILL RULES 3b)."
+    self.on_path(tape, i, 0.0, 1.0)
+
+
+def _book_on_path(self, tape: _Tape, i: int, f_from: float, f_to: float) -> None:
+    "The price of bar i moved along its path from fraction `f_from` to `f_to`: trigger stops, fill limits."
+    t0 = int(tape.t[i])
+    fr, px = tape.path(i)
+    for o in [o for o in self.orders.values() if o.is_open and o.symbol == tape.id]:
+        f0 = max(f_from, tape.frac(i, o.time) if o.time > t0 else 0.0)   # placed inside this bar: from then on
+        if f0 >= f_to:
+            continue
+        sell = o.side == "SELL"
+        if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") and o.triggered_bar is None:
+            S, L = float(o.stop_price), float(o.price)
+            lo, hi = _extremes(fr, px, f0, f_to)
+            if (lo <= S) if sell else (hi >= S):
+                at = _price_at(fr, px, f0)
+                fill_px = min(S, at) if sell else max(S, at)
+                f_hit = _first_cross(fr, px, f0, S, down=sell)
+                when = max(o.time, t0 + int(f_hit * tape.tf))
+                o.triggered_bar, o.working_time, o.update_time = i, when, when
+                if o.type == "STOP_LOSS":            # stop-market: a market order at the trigger, no limit
+                    self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
+                    if o.is_open:                    # a partial fault: the market rest expires, as on Binance
+                        o.status = o.status.to(OrderStatus.EXPIRED)
+                        self._unlock_rest(o)
+                elif ((fill_px >= L) if sell else (fill_px <= L)) and self.faults._take_book("stop_unfilled") is None:
+                    self._fill_resting(o, _dec(f"{fill_px:.8f}"), when, maker=False)
+        elif o.type == "LIMIT" or (o.triggered_bar is not None and o.triggered_bar < i):
+            L = float(o.price)
+            lo, hi = _extremes(fr, px, f0, f_to)
+            if (hi >= L) if sell else (lo <= L):
+                f_hit = _first_cross(fr, px, f0, L, down=not sell)
+                self._fill_resting(o, o.price, max(o.time, t0 + int(f_hit * tape.tf)), maker=True)
+
+
+_Book.on_bar_close = _book_on_bar_close
+_Book.on_path = _book_on_path
+
+# %% ../nbs/09_emulator.ipynb #39f942cb
+# -- JSON ------------------------------------------------------------------
+def _book_order_json(self, o: _Order, kind: str) -> dict:
+    "Binance's order shapes: ACK, RESULT, FULL (new order), QUERY (GET/openOrders), CANCEL."
+    d = {"symbol": o.symbol, "orderId": o.order_id, "orderListId": -1, "clientOrderId": o.client_order_id}
+    if kind in ("ACK", "RESULT", "FULL"):
+        d["transactTime"] = o.time
+    if kind == "ACK":
         return d
-
-
-def _mandatory(name: str) -> BinanceError:
-    return BinanceError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
-
-
-def _param(p: dict, name: str) -> str:
-    v = p.get(name)
-    if v is None or v == "":
-        raise _mandatory(name)
-    return v
-
-
-def _num(p: dict, name: str) -> Decimal:
-    v = _param(p, name)
-    if not _NUM_RE.match(v):
-        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'; "
-                                  "legal range is '^([0-9]{1,20})(\\.[0-9]{1,20})?$'.")
-    d = Decimal(v)
-    if d <= 0:
-        raise BinanceError(-1013, "Invalid quantity." if name == "quantity" else f"Invalid {name}.")
+    d.update({"price": _s8(o.price), "origQty": _s8(o.qty), "executedQty": _s8(o.executed),
+              "cummulativeQuoteQty": _s8(o.cum_quote), "status": o.status.name,
+              "timeInForce": o.time_in_force, "type": o.type, "side": o.side})
+    if o.type in ("STOP_LOSS_LIMIT", "STOP_LOSS") or kind in ("QUERY", "CANCEL"):
+        d["stopPrice"] = _s8(o.stop_price)
+    if kind == "QUERY":
+        d.update({"icebergQty": "0.00000000", "time": o.time, "updateTime": o.update_time,
+                  "isWorking": o.working_time != -1})
+    d.update({"workingTime": o.working_time, "origQuoteOrderQty": _s8(o.quote_order_qty),
+              "selfTradePreventionMode": "EXPIRE_MAKER"})
+    if kind == "FULL":
+        d["fills"] = list(o.fills)
     return d
 
-# %% ../nbs/09_emulator.ipynb #f939721a
+
+_Book.order_json = _book_order_json
+
+# %% ../nbs/09_emulator.ipynb #de039257
 _PUBLIC = "public"
+
+
 _SIGNED = "signed"
 
 
@@ -733,7 +811,7 @@ def _check_candles(df, name: str) -> None:
     if not np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy(dtype="float64")).all():
         raise EmulatorError(f"candles for {name} contain NaN or infinite prices or volumes; clean them first")
 
-
+# %% ../nbs/09_emulator.ipynb #eef7e2d9
 class Emulator:
     "A Binance-spot-compatible REST server on 127.0.0.1 replaying candles on a controllable clock."
 
@@ -808,592 +886,263 @@ class Emulator:
                                 f" .. {pd.Timestamp(tape.t[-1], unit='ms', tz='UTC')})")
         return ms
 
-    def _now_ms(self) -> int:
-        if self.clock == "stepped":
-            return self._clock_ms
-        now = self._clock_ms + int((time.monotonic() - self._mono0) * 1000 * self.speed)
-        return min(now, self.end_ms)
-
-    def _sync(self) -> int:
-        "Bring the book up to the market clock: move every bar's price along its path up to now (stops, limits)."
-        now = self._now_ms()
-        if now > self._processed_ms:
-            book = self._book
-            if any(o.is_open for o in book.orders.values()):
-                spans = []
-                for tape in self.tapes.values():
-                    ends = tape.t + tape.tf
-                    lo = int(np.searchsorted(ends, self._processed_ms, side="right"))   # first bar not yet done
-                    hi = min(len(tape) - 1, tape.bar_at(now))                           # the bar forming now
-                    for i in range(lo, hi + 1):
-                        f0, f1 = tape.frac(i, self._processed_ms), tape.frac(i, now)
-                        if f1 > f0:
-                            spans.append((min(int(ends[i]), now), tape.id, i, f0, f1))
-                for _, sid, i, f0, f1 in sorted(spans):
-                    book.on_path(self.tapes[sid], i, f0, f1)
-            self._processed_ms = now
-        return now
-
-    @property
-    def now(self) -> pd.Timestamp:
-        "The market clock."
-        with self._lock:
-            return pd.Timestamp(self._sync(), unit="ms", tz="UTC")
-
-    @property
-    def bar(self) -> int:
-        "Index of the forming (last started) candle of the first symbol."
-        with self._lock:
-            return next(iter(self.tapes.values())).bar_at(self._sync())
-
-    @property
-    def finished(self) -> bool:
-        "True when the clock has reached the end of the data."
-        with self._lock:
-            return self._sync() >= self.end_ms
-
-    def set_time(self, ts) -> pd.Timestamp:
-        "Move the market clock forward to `ts` (completing bars on the way); returns the new time."
-        t = pd.Timestamp(ts)
-        t = t.tz_localize("UTC") if t.tz is None else t
-        ms = int(t.value // 1_000_000)
-        with self._lock:
-            now = self._sync()
-            if ms < now:
-                raise EmulatorError(f"the market clock only moves forward: {t} is before {self.now}")
-            if ms > self.end_ms:
-                raise EmulatorError(f"{t} is past the end of the candles "
-                                    f"({pd.Timestamp(self.end_ms, unit='ms', tz='UTC')}); load more data")
-            self._clock_ms += ms - now
-            self._sync()
-            return pd.Timestamp(ms, unit="ms", tz="UTC")
-
-    def list_order_types(self, types) -> list:
-        "List (and serve) `types` from now on, e.g. `ORDER_TYPES_STOP_MARKET`; a client sees it at its next exchangeInfo."
-        with self._lock:
-            new = list(types)
-            if any(t not in ORDER_TYPES_STOP_MARKET for t in new) or not {"LIMIT", "MARKET"} <= set(new):
-                raise EmulatorError(f"order types {new} must hold LIMIT and MARKET and only "
-                                    f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
-            self.order_types[:] = new
-            return list(new)
-
-    def advance(self, n_bars: int = 1) -> pd.Timestamp:
-        "Move the clock to the open of the bar `n_bars` after the forming one; returns the new time."
-        if n_bars < 1:
-            raise EmulatorError(f"advance needs n_bars >= 1, got {n_bars}")
-        with self._lock:
-            tape = next(iter(self.tapes.values()))
-            now = self._sync()
-            i = tape.bar_at(now) + n_bars
-            target = int(tape.t[i]) if i < len(tape) else (self.end_ms if i == len(tape) else None)
-            if target is None or target <= now:
-                raise EmulatorError(f"cannot advance {n_bars} bars: only {len(tape) - i + n_bars} left in the candles")
-            return self.set_time(pd.Timestamp(target, unit="ms", tz="UTC"))
-
-    # -- book snapshots ----------------------------------------------------------
-    def _order_dict(self, o: _Order) -> dict:
-        tape = self.tapes[o.symbol]
-        return {"order_id": o.order_id, "client_order_id": o.client_order_id, "symbol": tape.symbol,
-                "side": o.side, "type": o.type, "status": o.status, "time_in_force": o.time_in_force,
-                "qty": float(o.qty), "price": float(o.price), "stop_price": float(o.stop_price),
-                "executed_qty": float(o.executed), "quote_qty": float(o.cum_quote),
-                "average": float(o.cum_quote / o.executed) if o.executed else None,
-                "time": o.time, "update_time": o.update_time, "working": o.working_time != -1,
-                "triggered": o.triggered_bar is not None,
-                "fills": [{k: (float(v) if k in ("price", "qty", "commission") else v) for k, v in f.items()}
-                          for f in o.fills]}
-
-    @property
-    def orders(self) -> list[dict]:
-        "Every order the emulator accepted, oldest first (snapshot)."
-        with self._lock:
-            self._sync()
-            return [self._order_dict(o) for o in self._book.orders.values()]
-
-    def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
-        "One order by id or client order id (latest with that id), or None."
-        with self._lock:
-            self._sync()
-            book = self._book
-            if order_id is not None:
-                o = book.orders.get(int(order_id))
-            else:
-                ids = book.by_client.get(client_order_id, [])
-                o = book.orders[ids[-1]] if ids else None
-            return None if o is None else self._order_dict(o)
-
-    @property
-    def trades(self) -> list[dict]:
-        "Every fill, oldest first (snapshot)."
-        with self._lock:
-            self._sync()
-            out = []
-            for t in self._book.trades:
-                d = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in t.items()}
-                d["symbol"] = self.tapes[t["symbol"]].symbol
-                out.append(d)
-            return out
-
-    @property
-    def balances(self) -> dict[str, dict[str, float]]:
-        "`{asset: {'free': ..., 'locked': ...}}` (snapshot)."
-        with self._lock:
-            self._sync()
-            b = self._book
-            return {a: {"free": float(b.free[a]), "locked": float(b.locked[a])} for a in sorted(b.free)}
-
-    @property
-    def requests(self) -> Counter:
-        "Requests served per `'METHOD /path'` (faulted ones included)."
-        with self._lock:
-            return Counter(self._requests)
-
-    @property
-    def orders_created(self) -> int:
-        "Orders the engine accepted (rejected ones are not counted)."
-        with self._lock:
-            return self._book.orders_created
-
-    @property
-    def api_key(self) -> str:
-        return self._key
-
-    @property
-    def api_secret(self) -> str:
-        return self._secret.decode()
-
     # -- HTTP: auth and routing ----------------------------------------------------
     def _make_routes(self) -> dict:
         return {
             ("GET", "/api/v3/ping"): (_PUBLIC, lambda p, now: {}),
             ("GET", "/api/v3/time"): (_PUBLIC, lambda p, now: {"serverTime": now}),
-            ("GET", "/api/v3/exchangeInfo"): (_PUBLIC, self._exchange_info),
-            ("GET", "/api/v3/klines"): (_PUBLIC, self._klines),
-            ("GET", "/api/v3/ticker/24hr"): (_PUBLIC, self._ticker_24hr),
-            ("GET", "/api/v3/ticker/price"): (_PUBLIC, self._ticker_price),
-            ("GET", "/api/v3/ticker/bookTicker"): (_PUBLIC, self._book_ticker),
-            ("GET", "/api/v3/avgPrice"): (_PUBLIC, self._avg_price),
-            ("GET", "/api/v3/account"): (_SIGNED, self._account),
-            ("POST", "/api/v3/order"): (_SIGNED, self._new_order),
-            ("POST", "/api/v3/order/test"): (_SIGNED, self._test_order),
-            ("GET", "/api/v3/order"): (_SIGNED, self._get_order),
-            ("DELETE", "/api/v3/order"): (_SIGNED, self._cancel_order),
-            ("GET", "/api/v3/openOrders"): (_SIGNED, self._open_orders),
-            ("DELETE", "/api/v3/openOrders"): (_SIGNED, self._cancel_all),
-            ("GET", "/api/v3/allOrders"): (_SIGNED, self._all_orders),
-            ("GET", "/api/v3/myTrades"): (_SIGNED, self._my_trades),
+            ("GET", "/api/v3/exchangeInfo"): (_PUBLIC, "_exchange_info"),
+            ("GET", "/api/v3/klines"): (_PUBLIC, "_klines"),
+            ("GET", "/api/v3/ticker/24hr"): (_PUBLIC, "_ticker_24hr"),
+            ("GET", "/api/v3/ticker/price"): (_PUBLIC, "_ticker_price"),
+            ("GET", "/api/v3/ticker/bookTicker"): (_PUBLIC, "_book_ticker"),
+            ("GET", "/api/v3/avgPrice"): (_PUBLIC, "_avg_price"),
+            ("GET", "/api/v3/account"): (_SIGNED, "_account"),
+            ("POST", "/api/v3/order"): (_SIGNED, "_new_order"),
+            ("POST", "/api/v3/order/test"): (_SIGNED, "_test_order"),
+            ("GET", "/api/v3/order"): (_SIGNED, "_get_order"),
+            ("DELETE", "/api/v3/order"): (_SIGNED, "_cancel_order"),
+            ("GET", "/api/v3/openOrders"): (_SIGNED, "_open_orders"),
+            ("DELETE", "/api/v3/openOrders"): (_SIGNED, "_cancel_all"),
+            ("GET", "/api/v3/allOrders"): (_SIGNED, "_all_orders"),
+            ("GET", "/api/v3/myTrades"): (_SIGNED, "_my_trades"),
         }
 
-    def _authenticate(self, headers, query: str, body: str, p: dict) -> None:
-        "Binance's signed-endpoint checks; the timestamp is checked against the real wall clock."
-        key = headers.get("X-MBX-APIKEY")
-        if not key:
-            raise BinanceError(-2014, "API-key format invalid.", 401)
-        if not hmac.compare_digest(key.encode(), self._key.encode()):
-            raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
-        sig = p.get("signature")
-        if not sig:
-            raise _mandatory("signature")
-        payload = _strip_signature(query) + _strip_signature(body)
-        expected = hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected.encode(), sig.lower().encode()):
-            raise BinanceError(-1022, "Signature for this request is not valid.")
-        try:
-            ts = int(_param(p, "timestamp"))
-            window = int(p.get("recvWindow", 5000))
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in parameter 'timestamp'; "
-                                      "legal range is '^[0-9]{1,20}$'.") from None
-        if window > 60000:
-            raise BinanceError(-1131, "recvWindow must be less than 60000")
-        wall = int(time.time() * 1000)
-        if ts >= wall + 1000:
-            raise BinanceError(-1021, "Timestamp for this request was 1000ms ahead of the server's time.")
-        if wall - ts > window:
-            raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
+# %% ../nbs/09_emulator.ipynb #ccddabdd
+def _emu_now_ms(self) -> int:
+    if self.clock == "stepped":
+        return self._clock_ms
+    now = self._clock_ms + int((time.monotonic() - self._mono0) * 1000 * self.speed)
+    return min(now, self.end_ms)
 
-    def _dispatch(self, method: str, path: str, headers, query: str, body: str) -> tuple[int, object]:
-        route = self._routes.get((method, path))
-        if route is None:
-            return 404, None
-        kind, fn = route
-        p = dict(parse_qsl(query, keep_blank_values=True))
-        p.update(parse_qsl(body, keep_blank_values=True))
-        try:
-            with self._lock:
-                if kind == _SIGNED:
-                    self._authenticate(headers, query, body, p)
-                return 200, fn(p, self._sync())
-        except BinanceError as e:
-            return e.status, {"code": e.code, "msg": e.msg}
 
-    def dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
-        "One request in process (no HTTP, no faults): `(status, JSON body)` exactly as the server would send them."
-        status, payload = self._dispatch(method.upper(), path, headers or {}, query or "", body or "")
-        if status == 404:
-            return 404, b'{"code":-1000,"msg":"Unknown endpoint."}'
-        return status, payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
-
-    # -- handlers: market data -------------------------------------------------------
-    def _tape(self, p: dict, required: bool = True) -> _Tape | None:
-        sid = p.get("symbol")
-        if sid is None:
-            if required:
-                raise _mandatory("symbol")
-            return None
-        tape = self.tapes.get(sid)
-        if tape is None:
-            raise BinanceError(-1121, "Invalid symbol.")
-        return tape
-
-    def _symbol_info(self, tape: _Tape) -> dict:
-        f = self._book.filters
-        return {
-            "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
-            "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,
-            "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(self.order_types),
-            "icebergAllowed": False, "ocoAllowed": False, "otoAllowed": False, "quoteOrderQtyMarketAllowed": True,
-            "allowTrailingStop": False, "cancelReplaceAllowed": False, "amendAllowed": False,
-            "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
-            "filters": [
-                {"filterType": "PRICE_FILTER", "minPrice": _s8(f["min_price"]), "maxPrice": _s8(f["max_price"]),
-                 "tickSize": _s8(f["tick_size"])},
-                {"filterType": "LOT_SIZE", "minQty": _s8(f["min_qty"]), "maxQty": _s8(f["max_qty"]),
-                 "stepSize": _s8(f["step_size"])},
-                {"filterType": "NOTIONAL", "minNotional": _s8(f["min_notional"]), "applyMinToMarket": True,
-                 "maxNotional": _s8(f["max_notional"]), "applyMaxToMarket": False, "avgPriceMins": 5},
-            ],
-            "permissions": [], "permissionSets": [["SPOT"]],
-            "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
-            "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
-        }
-
-    def _symbols_param(self, p: dict) -> list:
-        """The tapes named by a `symbols=["BTCUSDT",...]` parameter, with Binance's errors for bad input."""
-        try:
-            wanted = json.loads(p["symbols"])
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
-        if any(s not in self.tapes for s in wanted):
-            raise BinanceError(-1121, "Invalid symbol.")
-        return [self.tapes[s] for s in wanted]
-
-    def _exchange_info(self, p: dict, now: int) -> dict:
-        tapes = list(self.tapes.values())
-        if "symbol" in p:
-            tapes = [self._tape(p)]
-        elif "symbols" in p:
-            tapes = self._symbols_param(p)
-        return {"timezone": "UTC", "serverTime": now,
-                "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
-                               {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
-                               {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000}],
-                "exchangeFilters": [], "symbols": [self._symbol_info(t) for t in tapes]}
-
-    def _klines(self, p: dict, now: int) -> _RawJSON:
-        tape = self._tape(p)
-        interval = _param(p, "interval")
-        if interval != self.timeframe:
-            raise BinanceError(-1120, "Invalid interval.")
-        try:
-            limit = int(p.get("limit", 500))
-            start = int(p["startTime"]) if p.get("startTime") else None
-            end = int(p["endTime"]) if p.get("endTime") else None
-        except ValueError:
-            raise BinanceError(-1100, "Illegal characters found in a parameter.") from None
-        if not 1 <= limit <= 1000:
-            raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
-        last = tape.bar_at(now)                        # candles that have started by the market clock
-        if end is not None:
-            last = min(last, tape.bar_at(end))
-        if start is not None:
-            first = int(np.searchsorted(tape.t, start, side="left"))
-            rows = range(first, min(last + 1, first + limit))
-        else:
-            rows = range(max(0, last + 1 - limit), last + 1)
-        return _RawJSON(b"[" + b",".join(tape.kline(i, now) for i in rows) + b"]")
-
-    def _ticker_one(self, tape: _Tape, now: int) -> dict:
-        i = tape.bar_at(now)
-        if i < 0:
-            raise BinanceError(-1121, "Invalid symbol.")
-        per_day = max(1, 86_400_000 // tape.tf)
-        j = max(0, i - per_day + 1)
-        rows = [tape.candle(k, now) for k in range(j, i + 1)]
-        o, last = rows[0][0], rows[-1][3]
-        hi, lo = max(r[1] for r in rows), min(r[2] for r in rows)
-        vol = sum(r[4] for r in rows)
-        qvol = sum(r[4] * (r[0] + r[1] + r[2] + r[3]) / 4 for r in rows)
-        slip = float(self._book.slip)
-        prev = tape.c[j - 1] if j > 0 else o
-        return {"symbol": tape.id, "priceChange": f"{last - o:.8f}",
-                "priceChangePercent": f"{(last / o - 1) * 100:.3f}", "weightedAvgPrice": f"{qvol / vol if vol else last:.8f}",
-                "prevClosePrice": f"{prev:.8f}", "lastPrice": f"{last:.8f}", "lastQty": "0.00100000",
-                "bidPrice": f"{last * (1 - slip):.8f}", "bidQty": "1.00000000",
-                "askPrice": f"{last * (1 + slip):.8f}", "askQty": "1.00000000",
-                "openPrice": f"{o:.8f}", "highPrice": f"{hi:.8f}", "lowPrice": f"{lo:.8f}",
-                "volume": f"{vol:.8f}", "quoteVolume": f"{qvol:.8f}",
-                "openTime": max(int(tape.t[j]), now - 86_400_000), "closeTime": now,
-                "firstId": 1, "lastId": max(1, int(vol * 10)), "count": max(1, int(vol * 10))}
-
-    def _tickers(self, p: dict, now: int, fn):
-        if "symbol" in p:
-            return fn(self._tape(p), now)
-        if "symbols" in p:
-            return [fn(t, now) for t in self._symbols_param(p)]
-        return [fn(t, now) for t in self.tapes.values()]
-
-    def _ticker_24hr(self, p, now):
-        return self._tickers(p, now, self._ticker_one)
-
-    def _ticker_price(self, p, now):
-        return self._tickers(p, now, lambda t, n: {"symbol": t.id, "price": f"{t.last_price(n):.8f}"})
-
-    def _book_ticker(self, p, now):
-        def one(t, n):
-            d = self._ticker_one(t, n)
-            return {k: d[k] for k in ("symbol", "bidPrice", "bidQty", "askPrice", "askQty")}
-        return self._tickers(p, now, one)
-
-    def _avg_price(self, p, now):
-        tape = self._tape(p)
-        return {"mins": 5, "price": f"{tape.last_price(now):.8f}", "closeTime": now}
-
-    # -- handlers: account and orders ------------------------------------------------
-    def _account(self, p: dict, now: int) -> dict:
-        b = self._book
-        bal = [{"asset": a, "free": _s8(b.free[a]), "locked": _s8(b.locked[a])} for a in sorted(b.free)]
-        if p.get("omitZeroBalances") == "true":
-            bal = [x for x in bal if Decimal(x["free"]) or Decimal(x["locked"])]
-        fee = _s8(b.fee)
-        return {"makerCommission": int(b.fee * 10000), "takerCommission": int(b.fee * 10000),
-                "buyerCommission": 0, "sellerCommission": 0,
-                "commissionRates": {"maker": fee, "taker": fee, "buyer": "0.00000000", "seller": "0.00000000"},
-                "canTrade": True, "canWithdraw": False, "canDeposit": False, "brokered": False,
-                "requireSelfTradePrevention": False, "preventSor": False, "updateTime": now,
-                "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": 1}
-
-    def _new_order(self, p: dict, now: int) -> dict:
-        resp = p.get("newOrderRespType") or ("FULL" if p.get("type", "").upper() in ("MARKET", "LIMIT") else "ACK")
-        if resp not in ("ACK", "RESULT", "FULL"):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'newOrderRespType'; "
-                                      "legal range is 'ACK, RESULT, FULL'.")
-        o = self._book.place(p, now)
-        return self._book.order_json(o, resp)
-
-    def _test_order(self, p: dict, now: int) -> dict:
-        "Validates like a real order (filters, funds) without keeping it."
+def _emu_sync(self) -> int:
+    "Bring the book up to the market clock: move every bar's price along its path up to now (stops, limits)."
+    now = self._now_ms()
+    if now > self._processed_ms:
         book = self._book
-        snapshot = (dict(book.free), dict(book.locked), book.next_order_id, book.next_trade_id,
-                    len(book.trades), book.orders_created, {k: list(v) for k, v in book.by_client.items()})
-        try:
-            o = book.place(p, now)
-            book.orders.pop(o.order_id, None)
-        finally:
-            (book.free, book.locked, book.next_order_id, book.next_trade_id, n_trades, book.orders_created,
-             book.by_client) = snapshot
-            del book.trades[n_trades:]
-        return {}
+        if any(o.is_open for o in book.orders.values()):
+            spans = []
+            for tape in self.tapes.values():
+                ends = tape.t + tape.tf
+                lo = int(np.searchsorted(ends, self._processed_ms, side="right"))   # first bar not yet done
+                hi = min(len(tape) - 1, tape.bar_at(now))                           # the bar forming now
+                for i in range(lo, hi + 1):
+                    f0, f1 = tape.frac(i, self._processed_ms), tape.frac(i, now)
+                    if f1 > f0:
+                        spans.append((min(int(ends[i]), now), tape.id, i, f0, f1))
+            for _, sid, i, f0, f1 in sorted(spans):
+                book.on_path(self.tapes[sid], i, f0, f1)
+        self._processed_ms = now
+    return now
 
-    def _get_order(self, p: dict, now: int) -> dict:
-        o = self._book.find(p, BinanceError(-2013, "Order does not exist."))
-        return self._book.order_json(o, "QUERY")
 
-    def _cancel_order(self, p: dict, now: int) -> dict:
-        o = self._book.find(p, BinanceError(-2011, "Unknown order sent."))
-        self._book.cancel(o, now)
-        d = self._book.order_json(o, "CANCEL")
-        d["origClientOrderId"] = o.client_order_id
-        d["clientOrderId"] = p.get("newClientOrderId") or self._book._client_id(None)
-        d["transactTime"] = now
-        return d
+def _emu_now(self) -> pd.Timestamp:
+    "The market clock."
+    with self._lock:
+        return pd.Timestamp(self._sync(), unit="ms", tz="UTC")
 
-    def _open_orders(self, p: dict, now: int) -> list:
-        tape = self._tape(p, required=False)
-        return [self._book.order_json(o, "QUERY") for o in self._book.orders.values()
-                if o.is_open and (tape is None or o.symbol == tape.id)]
 
-    def _cancel_all(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
+def _emu_bar(self) -> int:
+    "Index of the forming (last started) candle of the first symbol."
+    with self._lock:
+        return next(iter(self.tapes.values())).bar_at(self._sync())
+
+
+def _emu_finished(self) -> bool:
+    "True when the clock has reached the end of the data."
+    with self._lock:
+        return self._sync() >= self.end_ms
+
+
+def _emu_set_time(self, ts) -> pd.Timestamp:
+    "Move the market clock forward to `ts` (completing bars on the way); returns the new time."
+    t = pd.Timestamp(ts)
+    t = t.tz_localize("UTC") if t.tz is None else t
+    ms = int(t.value // 1_000_000)
+    with self._lock:
+        now = self._sync()
+        if ms < now:
+            raise EmulatorError(f"the market clock only moves forward: {t} is before {self.now}")
+        if ms > self.end_ms:
+            raise EmulatorError(f"{t} is past the end of the candles "
+                                f"({pd.Timestamp(self.end_ms, unit='ms', tz='UTC')}); load more data")
+        self._clock_ms += ms - now
+        self._sync()
+        return pd.Timestamp(ms, unit="ms", tz="UTC")
+
+
+def _emu_list_order_types(self, types) -> list:
+    "List (and serve) `types` from now on, e.g. `ORDER_TYPES_STOP_MARKET`; a client sees it at its next exchangeInfo."
+    with self._lock:
+        new = list(types)
+        if any(t not in ORDER_TYPES_STOP_MARKET for t in new) or not {"LIMIT", "MARKET"} <= set(new):
+            raise EmulatorError(f"order types {new} must hold LIMIT and MARKET and only "
+                                f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
+        self.order_types[:] = new
+        return list(new)
+
+
+def _emu_advance(self, n_bars: int = 1) -> pd.Timestamp:
+    "Move the clock to the open of the bar `n_bars` after the forming one; returns the new time."
+    if n_bars < 1:
+        raise EmulatorError(f"advance needs n_bars >= 1, got {n_bars}")
+    with self._lock:
+        tape = next(iter(self.tapes.values()))
+        now = self._sync()
+        i = tape.bar_at(now) + n_bars
+        target = int(tape.t[i]) if i < len(tape) else (self.end_ms if i == len(tape) else None)
+        if target is None or target <= now:
+            raise EmulatorError(f"cannot advance {n_bars} bars: only {len(tape) - i + n_bars} left in the candles")
+        return self.set_time(pd.Timestamp(target, unit="ms", tz="UTC"))
+
+
+Emulator._now_ms = _emu_now_ms
+Emulator._sync = _emu_sync
+Emulator.now = property(_emu_now)
+Emulator.bar = property(_emu_bar)
+Emulator.finished = property(_emu_finished)
+Emulator.set_time = _emu_set_time
+Emulator.list_order_types = _emu_list_order_types
+Emulator.advance = _emu_advance
+
+# %% ../nbs/09_emulator.ipynb #300c2620
+# -- book snapshots ----------------------------------------------------------
+def _emu_order_dict(self, o: _Order) -> dict:
+    tape = self.tapes[o.symbol]
+    return {"order_id": o.order_id, "client_order_id": o.client_order_id, "symbol": tape.symbol,
+            "side": o.side, "type": o.type, "status": o.status.name, "time_in_force": o.time_in_force,
+            "qty": float(o.qty), "price": float(o.price), "stop_price": float(o.stop_price),
+            "executed_qty": float(o.executed), "quote_qty": float(o.cum_quote),
+            "average": float(o.cum_quote / o.executed) if o.executed else None,
+            "time": o.time, "update_time": o.update_time, "working": o.working_time != -1,
+            "triggered": o.triggered_bar is not None,
+            "fills": [{k: (float(v) if k in ("price", "qty", "commission") else v) for k, v in f.items()}
+                      for f in o.fills]}
+
+
+def _emu_orders(self) -> list[dict]:
+    "Every order the emulator accepted, oldest first (snapshot)."
+    with self._lock:
+        self._sync()
+        return [self._order_dict(o) for o in self._book.orders.values()]
+
+
+def _emu_order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
+    "One order by id or client order id (latest with that id), or None."
+    with self._lock:
+        self._sync()
+        book = self._book
+        if order_id is not None:
+            o = book.orders.get(int(order_id))
+        else:
+            ids = book.by_client.get(client_order_id, [])
+            o = book.orders[ids[-1]] if ids else None
+        return None if o is None else self._order_dict(o)
+
+
+def _emu_trades(self) -> list[dict]:
+    "Every fill, oldest first (snapshot)."
+    with self._lock:
+        self._sync()
         out = []
-        for o in [o for o in self._book.orders.values() if o.is_open and o.symbol == tape.id]:
-            self._book.cancel(o, now)
-            d = self._book.order_json(o, "CANCEL")
-            d["origClientOrderId"], d["clientOrderId"] = o.client_order_id, self._book._client_id(None)
+        for t in self._book.trades:
+            d = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in t.items()}
+            d["symbol"] = self.tapes[t["symbol"]].symbol
             out.append(d)
-        if not out:
-            raise BinanceError(-2011, "Unknown order sent.")
         return out
 
-    def _all_orders(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
-        rows = [o for o in self._book.orders.values() if o.symbol == tape.id]
-        if p.get("orderId"):
-            rows = [o for o in rows if o.order_id >= int(p["orderId"])]
-        if p.get("startTime"):
-            rows = [o for o in rows if o.time >= int(p["startTime"])]
-        if p.get("endTime"):
-            rows = [o for o in rows if o.time <= int(p["endTime"])]
-        limit = min(1000, int(p.get("limit", 500)))
-        rows = rows[:limit] if (p.get("orderId") or p.get("startTime")) else rows[-limit:]
-        return [self._book.order_json(o, "QUERY") for o in rows]
 
-    def _my_trades(self, p: dict, now: int) -> list:
-        tape = self._tape(p)
-        rows = [t for t in self._book.trades if t["symbol"] == tape.id]
-        if p.get("orderId"):
-            rows = [t for t in rows if t["orderId"] == int(p["orderId"])]
-        if p.get("fromId"):
-            rows = [t for t in rows if t["id"] >= int(p["fromId"])]
-        if p.get("startTime"):
-            rows = [t for t in rows if t["time"] >= int(p["startTime"])]
-        if p.get("endTime"):
-            rows = [t for t in rows if t["time"] <= int(p["endTime"])]
-        limit = min(1000, int(p.get("limit", 500)))
-        rows = rows[:limit] if (p.get("fromId") or p.get("startTime")) else rows[-limit:]
-        return [{k: (_s8(v) if isinstance(v, Decimal) else v) for k, v in t.items() if k != "clientOrderId"}
-                for t in rows]
+def _emu_balances(self) -> dict[str, dict[str, float]]:
+    "`{asset: {'free': ..., 'locked': ...}}` (snapshot)."
+    with self._lock:
+        self._sync()
+        b = self._book
+        return {a: {"free": float(b.free[a]), "locked": float(b.locked[a])} for a in sorted(b.free)}
 
-    # -- HTTP: the server -------------------------------------------------------------
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        method, path = request.method, request.path
+
+def _emu_requests(self) -> Counter:
+    "Requests served per `'METHOD /path'` (faulted ones included)."
+    with self._lock:
+        return Counter(self._requests)
+
+
+def _emu_orders_created(self) -> int:
+    "Orders the engine accepted (rejected ones are not counted)."
+    with self._lock:
+        return self._book.orders_created
+
+
+def _emu_api_key(self) -> str:
+    return self._key
+
+
+def _emu_api_secret(self) -> str:
+    return self._secret.decode()
+
+
+Emulator._order_dict = _emu_order_dict
+Emulator.orders = property(_emu_orders)
+Emulator.order = _emu_order
+Emulator.trades = property(_emu_trades)
+Emulator.balances = property(_emu_balances)
+Emulator.requests = property(_emu_requests)
+Emulator.orders_created = property(_emu_orders_created)
+Emulator.api_key = property(_emu_api_key)
+Emulator.api_secret = property(_emu_api_secret)
+
+# %% ../nbs/09_emulator.ipynb #0d241f9f
+def _emu_authenticate(self, headers, query: str, body: str, p: dict) -> None:
+    "Binance's signed-endpoint checks; the timestamp is checked against the real wall clock."
+    key = headers.get("X-MBX-APIKEY")
+    if not key:
+        raise BinanceError(-2014, "API-key format invalid.", 401)
+    if not hmac.compare_digest(key.encode(), self._key.encode()):
+        raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+    sig = p.get("signature")
+    if not sig:
+        raise _mandatory("signature")
+    payload = _strip_signature(query) + _strip_signature(body)
+    expected = hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), sig.lower().encode()):
+        raise BinanceError(-1022, "Signature for this request is not valid.")
+    try:
+        ts = int(_param(p, "timestamp"))
+        window = int(p.get("recvWindow", 5000))
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in parameter 'timestamp'; "
+                                  "legal range is '^[0-9]{1,20}$'.") from None
+    if window > 60000:
+        raise BinanceError(-1131, "recvWindow must be less than 60000")
+    wall = int(time.time() * 1000)
+    if ts >= wall + 1000:
+        raise BinanceError(-1021, "Timestamp for this request was 1000ms ahead of the server's time.")
+    if wall - ts > window:
+        raise BinanceError(-1021, "Timestamp for this request is outside of the recvWindow.")
+
+
+def _emu__dispatch(self, method: str, path: str, headers, query: str, body: str) -> tuple[int, object]:
+    route = self._routes.get((method, path))
+    if route is None:
+        return 404, None
+    kind, fn = route
+    p = dict(parse_qsl(query, keep_blank_values=True))
+    p.update(parse_qsl(body, keep_blank_values=True))
+    try:
         with self._lock:
-            self._requests[f"{method} {path}"] += 1
-        query = request.raw_path.partition("?")[2]
-        body = (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
-        fault = self.faults._take(method, path)
-        if fault is not None and not fault.execute:
-            return await self._fault_response(request, fault, None)
-        status, payload = self._dispatch(method, path, request.headers, query, body)
-        if status == 404:
-            response = web.Response(status=404, text="<html><body><h1>404 Not Found</h1></body></html>",
-                                    content_type="text/html")
-        else:
-            body = payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
-            response = web.Response(status=status, body=body, content_type="application/json")
-        if fault is not None:
-            return await self._fault_response(request, fault, response)
-        return response
+            if kind == _SIGNED:
+                self._authenticate(headers, query, body, p)
+            return 200, getattr(self, fn)(p, self._sync()) if isinstance(fn, str) else fn(p, self._sync())
+    except BinanceError as e:
+        return e.status, {"code": e.code, "msg": e.msg}
 
-    async def _fault_response(self, request, fault: Fault, response) -> web.StreamResponse:
-        k = fault.kind
-        if k == "slow":
-            await asyncio.sleep(fault.delay)
-            return response if response is not None else web.json_response({})
-        if k in ("drop", "lost"):
-            if request.transport is not None:
-                request.transport.abort()      # RST, no response bytes
-            return web.Response(status=204)    # never reaches the client: the transport is gone
-        if k == "rate_limit":
-            return web.json_response({"code": -1003, "msg": "Too much request weight used; current limit is 6000 "
-                                      "request weight per 1 MINUTE. Please use WebSocket Streams for live updates "
-                                      "to avoid polling the API."}, status=429,
-                                     headers={"Retry-After": str(fault.retry_after)})
-        if k == "ban":
-            until = int(time.time() * 1000) + fault.retry_after * 1000
-            return web.json_response({"code": -1003, "msg": f"Way too much request weight used; IP banned until "
-                                      f"{until}. Please use WebSocket Streams for live updates to avoid bans."},
-                                     status=418, headers={"Retry-After": str(fault.retry_after)})
-        if k == "internal_error":
-            return web.json_response({"code": -1001, "msg": "Internal error; unable to process your request. "
-                                      "Please try again."}, status=500)
-        reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-                  504: "Gateway Timeout"}[fault.status]
-        return web.Response(status=fault.status, text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
-                            content_type="text/html")
 
-    async def _startup(self) -> None:
-        server = web.Server(self._handle, access_log=None, handler_cancellation=False)
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
-
-    def _bind(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self._port))
-        except OSError as e:
-            sock.close()
-            raise EmulatorError(f"cannot listen on {self.host}:{self._port} ({e.strerror}); "
-                                "pick another --port or stop what uses it") from None
-        sock.listen(128)
-        sock.setblocking(False)
-        self._sock = sock
-
-    @property
-    def port(self) -> int:
-        if self._sock is None:
-            raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
-        return self._sock.getsockname()[1]
-
-    @property
-    def base_url(self) -> str:
-        "The URL to give `make_client(base_url=...)`."
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> "Emulator":
-        "Start serving in a background thread with its own event loop; returns self."
-        if self._thread is not None:
-            raise EmulatorError("the emulator is already running")
-        self._bind()
-        self._loop = asyncio.new_event_loop()
-        ready, errors = threading.Event(), []
-
-        def run():
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._startup())
-            except BaseException as e:  # noqa: BLE001 - reported to start()
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._mono0 = time.monotonic()
-        self._thread = threading.Thread(target=run, name="cryptobot-emulator", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            self._thread = None
-            raise EmulatorError(f"the emulator failed to start: {type(errors[0]).__name__}: {errors[0]}")
-        return self
-
-    def stop(self) -> None:
-        "Stop the server and its thread (idempotent)."
-        if self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-
-    def __enter__(self) -> "Emulator":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def serve(self, ready_message: str | None = None) -> None:
-        "Serve until SIGINT/SIGTERM (blocking; for the CLI). Prints `ready_message` once listening."
-        stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self.start()
-            if ready_message:
-                print(ready_message.format(url=self.base_url), flush=True)
-            while not stop.wait(0.5):
-                pass
-        finally:
-            self.stop()
-            for s, h in previous.items():
-                signal.signal(s, h)
+def _emu_dispatch(self, method: str, path: str, query: str = "", body: str = "", headers=None) -> tuple[int, bytes]:
+    "One request in process (no HTTP, no faults): `(status, JSON body)` exactly as the server would send them."
+    status, payload = self._dispatch(method.upper(), path, headers or {}, query or "", body or "")
+    if status == 404:
+        return 404, b'{"code":-1000,"msg":"Unknown endpoint."}'
+    return status, payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _strip_signature(raw: str) -> str:
@@ -1401,6 +1150,443 @@ def _strip_signature(raw: str) -> str:
     if "signature=" not in raw:
         return raw
     return "&".join(part for part in raw.split("&") if not part.startswith("signature="))
+
+
+Emulator._authenticate = _emu_authenticate
+Emulator._dispatch = _emu__dispatch
+Emulator.dispatch = _emu_dispatch
+
+# %% ../nbs/09_emulator.ipynb #823c6310
+# -- handlers: market data -------------------------------------------------------
+def _emu_tape(self, p: dict, required: bool = True) -> _Tape | None:
+    sid = p.get("symbol")
+    if sid is None:
+        if required:
+            raise _mandatory("symbol")
+        return None
+    tape = self.tapes.get(sid)
+    if tape is None:
+        raise BinanceError(-1121, "Invalid symbol.")
+    return tape
+
+
+def _emu_symbol_info(self, tape: _Tape) -> dict:
+    f = self._book.filters
+    return {
+        "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
+        "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,
+        "baseCommissionPrecision": 8, "quoteCommissionPrecision": 8, "orderTypes": list(self.order_types),
+        "icebergAllowed": False, "ocoAllowed": False, "otoAllowed": False, "quoteOrderQtyMarketAllowed": True,
+        "allowTrailingStop": False, "cancelReplaceAllowed": False, "amendAllowed": False,
+        "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "minPrice": _s8(f["min_price"]), "maxPrice": _s8(f["max_price"]),
+             "tickSize": _s8(f["tick_size"])},
+            {"filterType": "LOT_SIZE", "minQty": _s8(f["min_qty"]), "maxQty": _s8(f["max_qty"]),
+             "stepSize": _s8(f["step_size"])},
+            {"filterType": "NOTIONAL", "minNotional": _s8(f["min_notional"]), "applyMinToMarket": True,
+             "maxNotional": _s8(f["max_notional"]), "applyMaxToMarket": False, "avgPriceMins": 5},
+        ],
+        "permissions": [], "permissionSets": [["SPOT"]],
+        "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
+        "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+    }
+
+
+def _emu_symbols_param(self, p: dict) -> list:
+    """The tapes named by a `symbols=["BTCUSDT",...]` parameter, with Binance's errors for bad input."""
+    try:
+        wanted = json.loads(p["symbols"])
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'.") from None
+    if any(s not in self.tapes for s in wanted):
+        raise BinanceError(-1121, "Invalid symbol.")
+    return [self.tapes[s] for s in wanted]
+
+
+def _emu_exchange_info(self, p: dict, now: int) -> dict:
+    tapes = list(self.tapes.values())
+    if "symbol" in p:
+        tapes = [self._tape(p)]
+    elif "symbols" in p:
+        tapes = self._symbols_param(p)
+    return {"timezone": "UTC", "serverTime": now,
+            "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+                           {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
+                           {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000}],
+            "exchangeFilters": [], "symbols": [self._symbol_info(t) for t in tapes]}
+
+
+def _emu_klines(self, p: dict, now: int) -> _RawJSON:
+    tape = self._tape(p)
+    interval = _param(p, "interval")
+    if interval != self.timeframe:
+        raise BinanceError(-1120, "Invalid interval.")
+    try:
+        limit = int(p.get("limit", 500))
+        start = int(p["startTime"]) if p.get("startTime") else None
+        end = int(p["endTime"]) if p.get("endTime") else None
+    except ValueError:
+        raise BinanceError(-1100, "Illegal characters found in a parameter.") from None
+    if not 1 <= limit <= 1000:
+        raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
+    last = tape.bar_at(now)                        # candles that have started by the market clock
+    if end is not None:
+        last = min(last, tape.bar_at(end))
+    if start is not None:
+        first = int(np.searchsorted(tape.t, start, side="left"))
+        rows = range(first, min(last + 1, first + limit))
+    else:
+        rows = range(max(0, last + 1 - limit), last + 1)
+    return _RawJSON(b"[" + b",".join(tape.kline(i, now) for i in rows) + b"]")
+
+
+Emulator._tape = _emu_tape
+Emulator._symbol_info = _emu_symbol_info
+Emulator._symbols_param = _emu_symbols_param
+Emulator._exchange_info = _emu_exchange_info
+Emulator._klines = _emu_klines
+
+# %% ../nbs/09_emulator.ipynb #4379ac83
+def _emu_ticker_one(self, tape: _Tape, now: int) -> dict:
+    i = tape.bar_at(now)
+    if i < 0:
+        raise BinanceError(-1121, "Invalid symbol.")
+    per_day = max(1, 86_400_000 // tape.tf)
+    j = max(0, i - per_day + 1)
+    rows = [tape.candle(k, now) for k in range(j, i + 1)]
+    o, last = rows[0][0], rows[-1][3]
+    hi, lo = max(r[1] for r in rows), min(r[2] for r in rows)
+    vol = sum(r[4] for r in rows)
+    qvol = sum(r[4] * (r[0] + r[1] + r[2] + r[3]) / 4 for r in rows)
+    slip = float(self._book.slip)
+    prev = tape.c[j - 1] if j > 0 else o
+    return {"symbol": tape.id, "priceChange": f"{last - o:.8f}",
+            "priceChangePercent": f"{(last / o - 1) * 100:.3f}", "weightedAvgPrice": f"{qvol / vol if vol else last:.8f}",
+            "prevClosePrice": f"{prev:.8f}", "lastPrice": f"{last:.8f}", "lastQty": "0.00100000",
+            "bidPrice": f"{last * (1 - slip):.8f}", "bidQty": "1.00000000",
+            "askPrice": f"{last * (1 + slip):.8f}", "askQty": "1.00000000",
+            "openPrice": f"{o:.8f}", "highPrice": f"{hi:.8f}", "lowPrice": f"{lo:.8f}",
+            "volume": f"{vol:.8f}", "quoteVolume": f"{qvol:.8f}",
+            "openTime": max(int(tape.t[j]), now - 86_400_000), "closeTime": now,
+            "firstId": 1, "lastId": max(1, int(vol * 10)), "count": max(1, int(vol * 10))}
+
+
+def _emu_tickers(self, p: dict, now: int, fn):
+    if "symbol" in p:
+        return fn(self._tape(p), now)
+    if "symbols" in p:
+        return [fn(t, now) for t in self._symbols_param(p)]
+    return [fn(t, now) for t in self.tapes.values()]
+
+
+def _emu_ticker_24hr(self, p, now):
+    return self._tickers(p, now, self._ticker_one)
+
+
+def _emu_ticker_price(self, p, now):
+    return self._tickers(p, now, lambda t, n: {"symbol": t.id, "price": f"{t.last_price(n):.8f}"})
+
+
+def _emu_book_ticker(self, p, now):
+    def one(t, n):
+        d = self._ticker_one(t, n)
+        return {k: d[k] for k in ("symbol", "bidPrice", "bidQty", "askPrice", "askQty")}
+    return self._tickers(p, now, one)
+
+
+def _emu_avg_price(self, p, now):
+    tape = self._tape(p)
+    return {"mins": 5, "price": f"{tape.last_price(now):.8f}", "closeTime": now}
+
+
+Emulator._ticker_one = _emu_ticker_one
+Emulator._tickers = _emu_tickers
+Emulator._ticker_24hr = _emu_ticker_24hr
+Emulator._ticker_price = _emu_ticker_price
+Emulator._book_ticker = _emu_book_ticker
+Emulator._avg_price = _emu_avg_price
+
+# %% ../nbs/09_emulator.ipynb #988888bc
+# -- handlers: account and orders ------------------------------------------------
+def _emu_account(self, p: dict, now: int) -> dict:
+    b = self._book
+    bal = [{"asset": a, "free": _s8(b.free[a]), "locked": _s8(b.locked[a])} for a in sorted(b.free)]
+    if p.get("omitZeroBalances") == "true":
+        bal = [x for x in bal if Decimal(x["free"]) or Decimal(x["locked"])]
+    fee = _s8(b.fee)
+    return {"makerCommission": int(b.fee * 10000), "takerCommission": int(b.fee * 10000),
+            "buyerCommission": 0, "sellerCommission": 0,
+            "commissionRates": {"maker": fee, "taker": fee, "buyer": "0.00000000", "seller": "0.00000000"},
+            "canTrade": True, "canWithdraw": False, "canDeposit": False, "brokered": False,
+            "requireSelfTradePrevention": False, "preventSor": False, "updateTime": now,
+            "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": 1}
+
+
+def _emu_new_order(self, p: dict, now: int) -> dict:
+    resp = p.get("newOrderRespType") or ("FULL" if p.get("type", "").upper() in ("MARKET", "LIMIT") else "ACK")
+    if resp not in ("ACK", "RESULT", "FULL"):
+        raise BinanceError(-1100, "Illegal characters found in parameter 'newOrderRespType'; "
+                                  "legal range is 'ACK, RESULT, FULL'.")
+    o = self._book.place(p, now)
+    return self._book.order_json(o, resp)
+
+
+def _emu_test_order(self, p: dict, now: int) -> dict:
+    "Validates like a real order (filters, funds) without keeping it."
+    book = self._book
+    snapshot = (dict(book.free), dict(book.locked), book.next_order_id, book.next_trade_id,
+                len(book.trades), book.orders_created, {k: list(v) for k, v in book.by_client.items()})
+    try:
+        o = book.place(p, now)
+        book.orders.pop(o.order_id, None)
+    finally:
+        (book.free, book.locked, book.next_order_id, book.next_trade_id, n_trades, book.orders_created,
+         book.by_client) = snapshot
+        del book.trades[n_trades:]
+    return {}
+
+
+def _emu_get_order(self, p: dict, now: int) -> dict:
+    o = self._book.find(p, BinanceError(-2013, "Order does not exist."))
+    return self._book.order_json(o, "QUERY")
+
+
+def _emu_cancel_order(self, p: dict, now: int) -> dict:
+    o = self._book.find(p, BinanceError(-2011, "Unknown order sent."))
+    self._book.cancel(o, now)
+    d = self._book.order_json(o, "CANCEL")
+    d["origClientOrderId"] = o.client_order_id
+    d["clientOrderId"] = p.get("newClientOrderId") or self._book._client_id(None)
+    d["transactTime"] = now
+    return d
+
+
+Emulator._account = _emu_account
+Emulator._new_order = _emu_new_order
+Emulator._test_order = _emu_test_order
+Emulator._get_order = _emu_get_order
+Emulator._cancel_order = _emu_cancel_order
+
+# %% ../nbs/09_emulator.ipynb #04332cdc
+def _emu_open_orders(self, p: dict, now: int) -> list:
+    tape = self._tape(p, required=False)
+    return [self._book.order_json(o, "QUERY") for o in self._book.orders.values()
+            if o.is_open and (tape is None or o.symbol == tape.id)]
+
+
+def _emu_cancel_all(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    out = []
+    for o in [o for o in self._book.orders.values() if o.is_open and o.symbol == tape.id]:
+        self._book.cancel(o, now)
+        d = self._book.order_json(o, "CANCEL")
+        d["origClientOrderId"], d["clientOrderId"] = o.client_order_id, self._book._client_id(None)
+        out.append(d)
+    if not out:
+        raise BinanceError(-2011, "Unknown order sent.")
+    return out
+
+
+def _emu_all_orders(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    rows = [o for o in self._book.orders.values() if o.symbol == tape.id]
+    if p.get("orderId"):
+        rows = [o for o in rows if o.order_id >= int(p["orderId"])]
+    if p.get("startTime"):
+        rows = [o for o in rows if o.time >= int(p["startTime"])]
+    if p.get("endTime"):
+        rows = [o for o in rows if o.time <= int(p["endTime"])]
+    limit = min(1000, int(p.get("limit", 500)))
+    rows = rows[:limit] if (p.get("orderId") or p.get("startTime")) else rows[-limit:]
+    return [self._book.order_json(o, "QUERY") for o in rows]
+
+
+def _emu_my_trades(self, p: dict, now: int) -> list:
+    tape = self._tape(p)
+    rows = [t for t in self._book.trades if t["symbol"] == tape.id]
+    if p.get("orderId"):
+        rows = [t for t in rows if t["orderId"] == int(p["orderId"])]
+    if p.get("fromId"):
+        rows = [t for t in rows if t["id"] >= int(p["fromId"])]
+    if p.get("startTime"):
+        rows = [t for t in rows if t["time"] >= int(p["startTime"])]
+    if p.get("endTime"):
+        rows = [t for t in rows if t["time"] <= int(p["endTime"])]
+    limit = min(1000, int(p.get("limit", 500)))
+    rows = rows[:limit] if (p.get("fromId") or p.get("startTime")) else rows[-limit:]
+    return [{k: (_s8(v) if isinstance(v, Decimal) else v) for k, v in t.items() if k != "clientOrderId"}
+            for t in rows]
+
+
+Emulator._open_orders = _emu_open_orders
+Emulator._cancel_all = _emu_cancel_all
+Emulator._all_orders = _emu_all_orders
+Emulator._my_trades = _emu_my_trades
+
+# %% ../nbs/09_emulator.ipynb #15d70bab
+# -- HTTP: the server -------------------------------------------------------------
+async def _emu_handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    method, path = request.method, request.path
+    with self._lock:
+        self._requests[f"{method} {path}"] += 1
+    query = request.raw_path.partition("?")[2]
+    body = (await request.read()).decode("utf-8", "replace") if request.can_read_body else ""
+    fault = self.faults._take(method, path)
+    if fault is not None and not fault.execute:
+        return await self._fault_response(request, fault, None)
+    status, payload = self._dispatch(method, path, request.headers, query, body)
+    if status == 404:
+        response = web.Response(status=404, text="<html><body><h1>404 Not Found</h1></body></html>",
+                                content_type="text/html")
+    else:
+        body = payload if isinstance(payload, _RawJSON) else json.dumps(payload, separators=(",", ":")).encode()
+        response = web.Response(status=status, body=body, content_type="application/json")
+    if fault is not None:
+        return await self._fault_response(request, fault, response)
+    return response
+
+
+async def _emu_fault_response(self, request, fault: Fault, response) -> web.StreamResponse:
+    k = fault.kind
+    if k == "slow":
+        await asyncio.sleep(fault.delay)
+        return response if response is not None else web.json_response({})
+    if k in ("drop", "lost"):
+        if request.transport is not None:
+            request.transport.abort()      # RST, no response bytes
+        return web.Response(status=204)    # never reaches the client: the transport is gone
+    if k == "rate_limit":
+        return web.json_response({"code": -1003, "msg": "Too much request weight used; current limit is 6000 "
+                                  "request weight per 1 MINUTE. Please use WebSocket Streams for live updates "
+                                  "to avoid polling the API."}, status=429,
+                                 headers={"Retry-After": str(fault.retry_after)})
+    if k == "ban":
+        until = int(time.time() * 1000) + fault.retry_after * 1000
+        return web.json_response({"code": -1003, "msg": f"Way too much request weight used; IP banned until "
+                                  f"{until}. Please use WebSocket Streams for live updates to avoid bans."},
+                                 status=418, headers={"Retry-After": str(fault.retry_after)})
+    if k == "internal_error":
+        return web.json_response({"code": -1001, "msg": "Internal error; unable to process your request. "
+                                  "Please try again."}, status=500)
+    reason = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+              504: "Gateway Timeout"}[fault.status]
+    return web.Response(status=fault.status, text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
+                        content_type="text/html")
+
+
+async def _emu_startup(self) -> None:
+    server = web.Server(self._handle, access_log=None, handler_cancellation=False)
+    self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
+    await self._runner.setup()
+    await web.SockSite(self._runner, self._sock).start()
+
+
+def _emu_bind(self) -> None:
+    sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((self.host, self._port))
+    except OSError as e:
+        sock.close()
+        raise EmulatorError(f"cannot listen on {self.host}:{self._port} ({e.strerror}); "
+                            "pick another --port or stop what uses it") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    self._sock = sock
+
+
+Emulator._handle = _emu_handle
+Emulator._fault_response = _emu_fault_response
+Emulator._startup = _emu_startup
+Emulator._bind = _emu_bind
+
+# %% ../nbs/09_emulator.ipynb #4680696b
+def _emu_port(self) -> int:
+    if self._sock is None:
+        raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
+    return self._sock.getsockname()[1]
+
+
+def _emu_base_url(self) -> str:
+    "The URL to give `make_client(base_url=...)`."
+    host = f"[{self.host}]" if ":" in self.host else self.host
+    return f"http://{host}:{self.port}"
+
+
+def _emu_start(self) -> "Emulator":
+    "Start serving in a background thread with its own event loop; returns self."
+    if self._thread is not None:
+        raise EmulatorError("the emulator is already running")
+    self._bind()
+    self._loop = asyncio.new_event_loop()
+    ready, errors = threading.Event(), []
+
+    def run():
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._startup())
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            errors.append(e)
+            ready.set()
+            return
+        ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    self._mono0 = time.monotonic()
+    self._thread = threading.Thread(target=run, name="cryptobot-emulator", daemon=True)
+    self._thread.start()
+    ready.wait(10)
+    if errors:
+        self._thread = None
+        raise EmulatorError(f"the emulator failed to start: {type(errors[0]).__name__}: {errors[0]}")
+    return self
+
+
+def _emu_stop(self) -> None:
+    "Stop the server and its thread (idempotent)."
+    if self._thread is None:
+        return
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join(10)
+    self._thread = None
+    if self._sock is not None:
+        self._sock.close()
+
+
+def _emu_enter__(self) -> "Emulator":
+    return self.start()
+
+
+def _emu_exit__(self, *exc) -> None:
+    self.stop()
+
+
+def _emu_serve(self, ready_message: str | None = None) -> None:
+    "Serve until SIGINT/SIGTERM (blocking; for the CLI). Prints `ready_message` once listening."
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        self.start()
+        if ready_message:
+            print(ready_message.format(url=self.base_url), flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        self.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+Emulator.port = property(_emu_port)
+Emulator.base_url = property(_emu_base_url)
+Emulator.start = _emu_start
+Emulator.stop = _emu_stop
+Emulator.__enter__ = _emu_enter__
+Emulator.__exit__ = _emu_exit__
+Emulator.serve = _emu_serve
 
 # %% ../nbs/09_emulator.ipynb #82e227a5
 def load_market(data=None) -> pd.DataFrame:
@@ -1445,7 +1631,7 @@ def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api
            f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 
-# %% ../nbs/09_emulator.ipynb #67391c6b
+# %% ../nbs/09_emulator.ipynb #d6b630c0
 def _candle_fields(candle) -> tuple[int, float, float, float, float, float]:
     "(open time ms, o, h, l, c, v) from a Series row (name = open time), a dict with 'timestamp', or a tuple."
     if isinstance(candle, pd.Series):
@@ -1470,9 +1656,11 @@ def _ts_ms(t) -> int:
 
 
 _ORDER_DEC = ("qty", "price", "stop_price", "quote_order_qty", "executed", "cum_quote", "locked")
+
+
 _TRADE_DEC = ("price", "qty", "quoteQty", "commission")
 
-
+# %% ../nbs/09_emulator.ipynb #4a01f0a3
 class MatchingEngine:
     "The emulator's book and fill rules in process, fed with candles as they close (see the table above)."
 
@@ -1563,40 +1751,48 @@ class MatchingEngine:
     def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
         return self._emu.order(order_id, client_order_id)
 
-    def state(self) -> dict:
-        "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
-        emu = self._emu
-        with emu._lock:
-            b = emu._book
-            orders = []
-            for o in b.orders.values():
-                d = {k: getattr(o, k) for k in o.__dataclass_fields__}
-                for k in _ORDER_DEC:
-                    d[k] = str(d[k])
-                d["fills"] = [dict(f) for f in o.fills]
-                orders.append(d)
-            trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
-            return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
-                    "forming": {"t": int(self._tape.t[-1]), "o": float(self._tape.o[-1])},
-                    "free": {a: str(x) for a, x in b.free.items()}, "locked": {a: str(x) for a, x in b.locked.items()},
-                    "orders": orders, "trades": trades, "next_order_id": b.next_order_id,
-                    "next_trade_id": b.next_trade_id, "orders_created": b.orders_created}
-
-    def _restore(self, d: dict) -> None:
-        if d.get("version") != 1 or d.get("symbol") != self.symbol or d.get("timeframe") != self.timeframe:
-            raise EmulatorError(f"matching-engine state is for {d.get('symbol')} {d.get('timeframe')} (version "
-                                f"{d.get('version')}), not {self.symbol} {self.timeframe}; move it aside to start fresh")
-        b = self._emu._book
-        b.free = {a: Decimal(x) for a, x in d["free"].items()}
-        b.locked = {a: Decimal(x) for a, x in d["locked"].items()}
-        b.orders, b.by_client = {}, {}
-        for od in d["orders"]:
-            od = dict(od)
+# %% ../nbs/09_emulator.ipynb #7930606f
+def _me_state(self) -> dict:
+    "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
+    emu = self._emu
+    with emu._lock:
+        b = emu._book
+        orders = []
+        for o in b.orders.values():
+            d = {k: getattr(o, k) for k in o.__dataclass_fields__}
             for k in _ORDER_DEC:
-                od[k] = Decimal(od[k])
-            o = _Order(**od)
-            b.orders[o.order_id] = o
-            b.by_client.setdefault(o.client_order_id, []).append(o.order_id)
-        b.trades = [{k: (Decimal(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in d["trades"]]
-        b.next_order_id, b.next_trade_id = int(d["next_order_id"]), int(d["next_trade_id"])
-        b.orders_created = int(d["orders_created"])
+                d[k] = str(d[k])
+            d["fills"] = [dict(f) for f in o.fills]
+            d["status"] = o.status.name                  # Binance's spelling, as the file always held
+            orders.append(d)
+        trades = [{k: (str(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in b.trades]
+        return {"version": 1, "symbol": self.symbol, "timeframe": self.timeframe,
+                "forming": {"t": int(self._tape.t[-1]), "o": float(self._tape.o[-1])},
+                "free": {a: str(x) for a, x in b.free.items()}, "locked": {a: str(x) for a, x in b.locked.items()},
+                "orders": orders, "trades": trades, "next_order_id": b.next_order_id,
+                "next_trade_id": b.next_trade_id, "orders_created": b.orders_created}
+
+
+def _me_restore(self, d: dict) -> None:
+    if d.get("version") != 1 or d.get("symbol") != self.symbol or d.get("timeframe") != self.timeframe:
+        raise EmulatorError(f"matching-engine state is for {d.get('symbol')} {d.get('timeframe')} (version "
+                            f"{d.get('version')}), not {self.symbol} {self.timeframe}; move it aside to start fresh")
+    b = self._emu._book
+    b.free = {a: Decimal(x) for a, x in d["free"].items()}
+    b.locked = {a: Decimal(x) for a, x in d["locked"].items()}
+    b.orders, b.by_client = {}, {}
+    for od in d["orders"]:
+        od = dict(od)
+        for k in _ORDER_DEC:
+            od[k] = Decimal(od[k])
+        od["status"] = OrderStatus.parse(od["status"])
+        o = _Order(**od)
+        b.orders[o.order_id] = o
+        b.by_client.setdefault(o.client_order_id, []).append(o.order_id)
+    b.trades = [{k: (Decimal(v) if k in _TRADE_DEC else v) for k, v in t.items()} for t in d["trades"]]
+    b.next_order_id, b.next_trade_id = int(d["next_order_id"]), int(d["next_trade_id"])
+    b.orders_created = int(d["orders_created"])
+
+
+MatchingEngine.state = _me_state
+MatchingEngine._restore = _me_restore

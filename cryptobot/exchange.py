@@ -24,7 +24,7 @@ import ccxt
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
-from .journal import ClosedTrade, FINAL_STATUSES, to_epoch
+from .journal import ClosedTrade, OrderStatus, to_epoch
 from .risk import Market
 
 # %% auto #0
@@ -32,7 +32,7 @@ __all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'E
            'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'BinanceExecutor',
            'PaperExecutor', 'make_executor']
 
-# %% ../nbs/10_exchange.ipynb #4a43d983
+# %% ../nbs/10_exchange.ipynb #65b23e9a
 log = logging.getLogger("cryptobot.exchange")
 
 
@@ -50,7 +50,7 @@ class EntryRefused(ExecutorError):
 class ExchangeAuthError(ExecutorError):
     "The exchange refused our credentials or timestamp; nothing was executed. Never contains a secret."
 
-
+# %% ../nbs/10_exchange.ipynb #7daa1ac3
 _SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
 
 
@@ -87,6 +87,8 @@ class _SecretFilter(logging.Filter):
 
 
 _SECRET_FILTER = _SecretFilter()
+
+
 _FILTERED_LOGGERS = ("ccxt", "ccxt.base.exchange", "urllib3.connectionpool", "cryptobot.client", "cryptobot.exchange")
 
 
@@ -98,7 +100,7 @@ def protect_logs(*secrets_) -> None:
         if _SECRET_FILTER not in lg.filters:
             lg.addFilter(_SECRET_FILTER)
 
-
+# %% ../nbs/10_exchange.ipynb #fad3a38c
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.10g}"
@@ -139,7 +141,7 @@ class OrderQueue:
                 w = self._workers[symbol] = ThreadPoolExecutor(1, thread_name_prefix="orders-" + symbol.replace("/", ""))
             fut = w.submit(self._run, symbol, fn, args, kwargs)
             self._futures.add(fut)
-            fut.add_done_callback(self._forget)
+        fut.add_done_callback(self._forget)     # outside the lock: a job already done runs the callback here
         log.info("event=job_queued symbol=%s job=%s", symbol, getattr(fn, "__name__", "job"))
         return fut
 
@@ -188,7 +190,7 @@ class OrderQueue:
     def __exit__(self, *exc):
         self.close(wait=True)
 
-# %% ../nbs/10_exchange.ipynb #096bde53
+# %% ../nbs/10_exchange.ipynb #d481ea0b
 PAPER_URL = "http://127.0.0.1:9"      # never contacted: the session's adapter answers in process
 
 
@@ -203,6 +205,7 @@ def _filters(market: Market | None) -> dict | None:
     if math.isfinite(market.max_notional):
         out["max_notional"] = f(market.max_notional)
     return out
+
 
 class _EngineAdapter:
     "A `requests` transport adapter that answers from a MatchingEngine (import of requests kept lazy)."
@@ -231,7 +234,7 @@ class _EngineAdapter:
 
         return Adapter()
 
-
+# %% ../nbs/10_exchange.ipynb #0ac12643
 class PaperVenue:
     "Paper trading venue: the real ccxt.binance client over the emulator's in-process MatchingEngine."
 
@@ -366,8 +369,10 @@ class _Sent:
     rejected: str | None = None       # the exchange refused it (reason)
     unknown: bool = False             # an UnknownOutcome happened on the way
 
-# %% ../nbs/10_exchange.ipynb #8ba46152
+# %% ../nbs/10_exchange.ipynb #94e3f18a
 _AUTH_ERRORS = (ccxt.AuthenticationError, ccxt.InvalidNonce, ccxt.PermissionDenied, ccxt.AccountSuspended)
+
+
 _TRANSIENT = (UnknownOutcome, ccxt.NetworkError, ccxt.OperationFailed)
 
 
@@ -401,7 +406,7 @@ def _stop_type(choice: str, order_types: list, symbol: str) -> str:
     raise ExecutorError(f"{symbol} lists neither STOP_LOSS nor STOP_LOSS_LIMIT in its orderTypes "
                         f"({', '.join(order_types) or 'none'}): no exchange-side stop is possible; trade another symbol")
 
-
+# %% ../nbs/10_exchange.ipynb #7fe76a87
 class Executor:
     "All order logic, for any venue with the ccxt unified methods listed above (see the rules above)."
 
@@ -434,10 +439,6 @@ class Executor:
         return (f"{type(self).__name__}({self.symbol}, mode={self.mode}, venue={type(self.venue).__name__}, "
                 f"reconciled={self.reconciled})")
 
-    # ------------------------------------------------------------------ plumbing
-    def _log(self, event: str, level: int = logging.INFO, **fields) -> None:
-        log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
-
     @property
     def venue(self):
         return self._venue
@@ -451,539 +452,12 @@ class Executor:
     def _secrets(self):
         return (getattr(self.venue, "apiKey", None), getattr(self.venue, "secret", None))
 
-    def _safe(self, e: BaseException) -> str:
-        return _redact(f"{type(e).__name__}: {e}", self._secrets())
-
-    def _call(self, fn, *args, idempotent: bool = True, what: str | None = None):
-        "Through call_with_retry; credential errors become one clean ExchangeAuthError."
-        try:
-            return call_with_retry(fn, *args, idempotent=idempotent, sleep=self.sleep, what=what, **self.retry)
-        except _AUTH_ERRORS as e:
-            msg = _auth_message(e)
-            self._log("auth_error", logging.ERROR, call=what, error=type(e).__name__)
-            raise ExchangeAuthError(msg) from None
-
     @property
     def market(self) -> Market:
         self._ensure_markets()
         return self._market
 
-    def _ensure_markets(self, reload: bool = False) -> None:
-        if self._ccxt_market is not None and not reload:
-            return
-        self._call(self.venue.load_markets, reload, what="load_markets")
-        m = self.venue.market(self.symbol)
-        types = [str(t).upper() for t in ((m.get("info") or {}).get("orderTypes") or [])]
-        self.stop_type = _stop_type(getattr(self.settings, "stop_order", "auto"), types, self.symbol)
-        self._ccxt_market = m
-        if self._market is None:
-            self._market = Market.from_ccxt(m)
-        self.base, self.quote = m["base"], m["quote"]
-        self._mid = m["id"]
-
-    def _candle_now(self) -> float:
-        "The decision candle for follow-up orders: the last closed candle seen, else now floored to the timeframe."
-        if self.last_candle_time is not None:
-            return self.last_candle_time
-        tf = {"m": 60, "h": 3600, "d": 86400}[self.settings.timeframe[-1]] * int(self.settings.timeframe[:-1])
-        return float(int(self.clock()) // tf * tf)
-
-    def _next_cid(self, purpose: str, candle_time: float, side: str = "sell") -> str:
-        "The deterministic id for a new order of `purpose` decided at `candle_time` (first one not yet journaled)."
-        for n in range(1000):
-            strat = self.strategy if n == 0 else f"{self.strategy}#{n}"
-            cid = client_order_id(strat, self.symbol, candle_time, side, purpose)
-            if self.journal.intent(cid) is None:
-                return cid
-        raise ExecutorError(f"no free client order id for {purpose} at {candle_time}; the journal is inconsistent")
-
-    # ------------------------------------------------------------------ exchange primitives
-    def _lookup(self, cid: str) -> dict | None:
-        "The order with client id `cid`, or None once the exchange said twice (settle_s apart) it has none."
-        for attempt in range(2):
-            try:
-                return self._call(self.venue.fetch_order, None, self.symbol, {"clientOrderId": cid},
-                                  what="fetch_order")
-            except ccxt.OrderNotFound:
-                if attempt == 0 and self.settle_s > 0:
-                    self.sleep(self.settle_s)
-        return None
-
-    def _mark_not_sent(self, cid: str, why: str) -> None:
-        self.journal.record_order_status(cid, "rejected", raw_status="NOT_SENT")
-        self._log("order_not_sent", logging.WARNING, cid=cid, why=why)
-
-    def _send(self, cid: str, purpose: str, side: str, type_: str, amount: float, price: float | None = None,
-              params: dict | None = None, resend_ok: Callable[[], bool] = lambda: False) -> _Sent:
-        "Send one journaled intent; resolve an unknown outcome by client order id; never resend blindly."
-        p = dict(params or {}, clientOrderId=cid)
-        unknown = False
-        for attempt in range(2):
-            self._log("order_sent", cid=cid, purpose=purpose, side=side, type=type_, amount=amount, price=price,
-                      stop=p.get("stopLossPrice"), attempt=attempt + 1 if attempt else None)
-            try:
-                o = self._call(self.venue.create_order, self.symbol, type_, side, amount, price, p,
-                               idempotent=False, what=f"create_order {purpose}")
-            except UnknownOutcome as e:
-                unknown, self.reconciled = True, False
-                self._log("unknown_outcome", logging.WARNING, cid=cid, error=type(e.cause).__name__)
-                o = self._lookup(cid)
-            except ExchangeAuthError:
-                self.journal.record_order_status(cid, "rejected", raw_status="AUTH_ERROR")
-                raise
-            except ccxt.InvalidOrder as e:
-                if "duplicate order" not in str(e).lower():
-                    return self._rejected(cid, purpose, e, unknown)
-                unknown = True                       # a retry met the first attempt: it exists
-                self._log("duplicate_client_id", logging.WARNING, cid=cid)
-                o = self._lookup(cid)
-            except (ccxt.ExchangeError, ccxt.DDoSProtection) as e:
-                return self._rejected(cid, purpose, e, unknown)
-            if o is not None:
-                if not float(o.get("filled") or 0.0):      # a fill's status is journaled by _settle, after its fills
-                    self._record_order(cid, o)
-                return _Sent(order=o, unknown=unknown)
-            if not (attempt == 0 and resend_ok()):
-                break
-            self._log("order_resend", logging.WARNING, cid=cid, why="the exchange never saw it")
-        self._mark_not_sent(cid, "no order with this client id on the exchange after an unknown outcome")
-        return _Sent(unknown=unknown)
-
-    def _rejected(self, cid, purpose, e, unknown) -> _Sent:
-        reason = self._safe(e)
-        self.journal.record_order_status(cid, "rejected", raw_status=reason[:200])
-        self._log("order_rejected", logging.WARNING, cid=cid, purpose=purpose, reason=reason)
-        return _Sent(rejected=reason, unknown=unknown)
-
-    def _record_order(self, cid: str, o: dict) -> bool:
-        info = o.get("info") or {}
-        raw = str(info.get("status") or o.get("status"))
-        if info.get("isWorking") is True and o.get("status") == "open":
-            raw += " working"
-        return self.journal.record_order_status(cid, o.get("status") or "unknown", exchange_id=o.get("id"),
-                                                filled=o.get("filled"), average=o.get("average"), raw_status=raw)
-
-    def _settle(self, cid: str, o: dict) -> dict:
-        """Journal the order's fills (exact prices and fees from myTrades), THEN its status: a crash in between
-        leaves the intent open, so reconciliation reads the fills again (a final status never hides missing fills)."""
-        filled = float(o.get("filled") or 0.0)
-        if filled > 0 and sum(f["amount"] for f in self.journal.fills(cid)) < filled - 1e-12:
-            self._journal_fills(cid, o, filled)
-        self._record_order(cid, o)
-        return o
-
-    def _journal_fills(self, cid: str, o: dict, filled: float) -> None:
-        inline = [t for t in (o.get("trades") or []) if t.get("id") is not None and t.get("fee")]
-        if inline and abs(sum(float(t["amount"]) for t in inline) - filled) < 1e-12 and o.get("timestamp"):
-            # a new order's FULL response carries its fills with exact prices and commissions: no extra request
-            for t in inline:
-                self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
-                                         fee=float(t["fee"].get("cost") or 0.0), fee_currency=t["fee"].get("currency"),
-                                         ts=o["timestamp"] / 1000.0, symbol=self.symbol, side=o.get("side"))
-            return
-        for attempt in range(3):
-            trades = self._call(self.venue.fetch_my_trades, self.symbol, None, None, {"orderId": o["id"]},
-                                what="fetch_my_trades")
-            mine = [t for t in trades if str(t.get("order")) == str(o["id"])]
-            for t in mine:
-                fee = t.get("fee") or {}
-                self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
-                                         fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
-                                         ts=t["timestamp"] / 1000.0, symbol=self.symbol, side=t.get("side"))
-            if sum(float(t["amount"]) for t in mine) >= filled - 1e-12:
-                return
-            self.sleep(self.settle_s)
-        self._log("fills_incomplete", logging.ERROR, cid=cid, filled=filled)
-
-    # ------------------------------------------------------------------ position
-    def position(self) -> Position | None:
-        "The open position for this symbol, rebuilt from the journal (None when flat)."
-        rows = [r for r in self.journal.open_positions() if r["symbol"] == self.symbol]
-        if not rows:
-            return None
-        self._ensure_markets()
-        r = rows[-1]
-        cid = r["client_order_id"]
-        ent = self.journal.intent(cid)
-        fills = self.journal.fills(cid)
-        if fills:
-            G = sum(_frac(f["amount"]) for f in fills)
-            C = sum(_frac(f["amount"]) * _frac(f["price"]) for f in fills)
-            fb = sum(_frac(f["fee"]) for f in fills if f["fee_currency"] == self.base)
-            fq = sum(_frac(f["fee"]) for f in fills if f["fee_currency"] == self.quote)
-            t0 = min(f["ts"] for f in fills)
-        else:                                  # fills not journaled yet (reconcile fetches them): estimate
-            G, C = _frac(r["amount"]), _frac(r["amount"]) * _frac(r["entry_price"] or 0.0)
-            fb, fq, t0 = G * _frac(self.settings.fee_pct) / 100, Fraction(0), None
-        plan = self.journal.approved_plan(cid) or {}
-        S = float(ent["stop_price"] or plan.get("stop_price"))
-        L = plan.get("stop_limit_price")
-        if L is None:
-            tick = _frac(self.market.price_tick)
-            L = float((_frac(S) * (1 - _frac(self.settings.stop_limit_buffer_pct) / 100)) // tick * tick)
-        step = _frac(self.market.amount_step)
-        net = (G - fb) // step * step
-        sold = proceeds = xfee = Fraction(0)
-        last_t = last_p = stop_cid = None
-        pending, n_stops = [], 0
-        for it in self.journal.intents_after(self.symbol, ent["id"]):
-            if it["side"] != "sell":
-                continue
-            n_stops += it["purpose"] == "stop"
-            final = it["last_status"] in FINAL_STATUSES
-            if not final:
-                if it["purpose"] == "stop":
-                    stop_cid = it["client_order_id"]
-                else:
-                    pending.append(it["client_order_id"])
-            for f in self.journal.fills(it["client_order_id"]):
-                sold += _frac(f["amount"])
-                proceeds += _frac(f["amount"]) * _frac(f["price"])
-                xfee += _frac(f["fee"]) if f["fee_currency"] == self.quote else _frac(f["fee"]) * _frac(f["price"])
-                if last_t is None or f["ts"] >= last_t:
-                    last_t, last_p = f["ts"], it["purpose"]
-        open_amt = max(Fraction(0), (net - sold) // step * step)
-        return Position(symbol=self.symbol, entry_cid=cid, candle_time=float(ent["candle_time"] or 0.0), entry_time=t0,
-                        gross=float(G), fee_base=float(fb), cost=float(C + fq), net=float(net),
-                        entry_price=float(C / G) if G else float(r["entry_price"] or 0.0), stop_price=S,
-                        stop_limit_price=float(L), sold=float(sold), proceeds=float(proceeds), exit_fees=float(xfee),
-                        open_amount=float(open_amt), last_exit_time=last_t, last_exit_purpose=last_p,
-                        stop_cid=stop_cid, stop_intents=n_stops, pending=tuple(pending))
-
-    def _sellable(self, amount: float, price: float) -> bool:
-        m = self.market
-        return amount >= m.min_amount and amount > 0 and amount * price >= m.min_notional
-
-    def _close_trade(self, pos: Position, reason: str | None = None) -> ClosedTrade | None:
-        "Record the closed round trip (journal + Guardian streak / kill switch); idempotent on the entry id."
-        if pos.sold <= 0:
-            self._log("close_impossible", logging.ERROR, entry=pos.entry_cid, why="nothing was sold")
-            return None
-        reason = reason or self.journal.exit_reason(pos.entry_cid) or {
-            "stop": "stop", "exit": "model", "emergency_exit": "emergency"}.get(pos.last_exit_purpose, "exit")
-        E, H, G, fb = _frac(pos.entry_price), _frac(pos.sold), _frac(pos.gross), _frac(pos.fee_base)
-        entry_fee = E * H * fb / (G - fb) if G > fb else Fraction(0)
-        entry_fee += (_frac(pos.cost) - E * G) * H / (G - fb) if G > fb else 0   # a quote-paid buy commission, if any
-        fees = entry_fee + _frac(pos.exit_fees)
-        pnl = _frac(pos.proceeds) - E * H - fees
-        trade = ClosedTrade(trade_key=pos.entry_cid, symbol=pos.symbol, entry_time=pos.entry_time or pos.candle_time,
-                            exit_time=pos.last_exit_time, entry_price=pos.entry_price,
-                            exit_price=float(_frac(pos.proceeds) / H), amount=pos.sold, fees=float(fees),
-                            pnl=float(pnl), exit_reason=reason)
-        new = self.guardian.record_trade(trade)
-        dust = pos.net - pos.sold + (pos.gross - pos.fee_base - pos.net)
-        self._log("trade_closed" if new else "trade_already_recorded", entry=pos.entry_cid, reason=reason,
-                  amount=pos.sold, entry_price=pos.entry_price, exit_price=trade.exit_price, fees=trade.fees,
-                  pnl=trade.pnl, dust=dust if dust > 0 else None)
-        return trade
-
-    # ------------------------------------------------------------------ protective actions (not gated)
-    def _protect(self, pos: Position, candle_time: float) -> str | None:
-        "Place the stop for what is held; if the exchange refuses it, sell at market at once."
-        amt, S, L = pos.open_amount, pos.stop_price, pos.stop_limit_price
-        if amt <= 0:
-            return None
-        self._ensure_markets()
-        market = self.stop_type == "market"
-        if not self._sellable(amt, S if market else L):
-            why = (f"held {amt:g} {self.base} x stop{'' if market else '-limit'} {S if market else L:g} is below "
-                   f"the exchange minimums "
-                   f"(amount {self.market.min_amount:g}, notional {self.market.min_notional:g})")
-            self.journal.log_event("stop_rejected", f"{pos.entry_cid}: {why}; emergency exit",
-                                   {"entry": pos.entry_cid, "reason": why})
-            self._log("stop_rejected", logging.ERROR, entry=pos.entry_cid, reason=why)
-            self._sell_out("emergency_exit", candle_time, "stop_rejected")
-            return None
-        cid = self._next_cid("stop", candle_time)
-        self.journal.record_intent(cid, self.symbol, "sell", STOP_TYPES[self.stop_type].lower(), amt,
-                                   price=None if market else L, stop_price=S, purpose="stop", candle_time=candle_time)
-        if market:            # STOP_LOSS: a market order once triggered; it cannot be jumped over
-            sent = self._send(cid, "stop", "sell", "market", amt, None, {"stopLossPrice": S}, resend_ok=lambda: True)
-        else:                 # STOP_LOSS_LIMIT: rests at L once triggered; a gap below L leaves it unfilled
-            sent = self._send(cid, "stop", "sell", "limit", amt, L, {"stopLossPrice": S}, resend_ok=lambda: True)
-        if sent.order is not None:
-            self._log("stop_placed", cid=cid, entry=pos.entry_cid, amount=amt, stop=S,
-                      limit=None if market else L, type=STOP_TYPES[self.stop_type])
-            return cid
-        why = sent.rejected or "the stop never reached the exchange"
-        self.journal.log_event("stop_rejected", f"stop {cid} for {pos.entry_cid} refused: {why}; emergency exit",
-                               {"entry": pos.entry_cid, "stop": cid, "reason": why})
-        self._log("stop_rejected", logging.ERROR, cid=cid, entry=pos.entry_cid, reason=why)
-        self._sell_out("emergency_exit", candle_time, "stop_rejected")
-        return None
-
-    def _retire_stop(self, pos: Position) -> None:
-        "Cancel the live stop (once) and journal its final state, including any fills it had."
-        cid = pos.stop_cid
-        if cid is None:
-            return
-        try:
-            self._call(self.venue.cancel_order, None, self.symbol, {"clientOrderId": cid}, what="cancel_order stop")
-            self._log("stop_cancel_sent", cid=cid)
-        except ccxt.OrderNotFound:
-            self._log("stop_cancel_not_open", cid=cid)          # filled, already cancelled, or never placed
-        o = self._lookup(cid)
-        if o is None:
-            self._mark_not_sent(cid, "stop not on the exchange")
-        else:
-            self._settle(cid, o)
-            self._log("stop_final", cid=cid, status=o.get("status"), filled=o.get("filled"))
-
-    def _sell_out(self, purpose: str, candle_time: float, reason: str) -> ClosedTrade | None:
-        "Market-sell what the position holds (a few attempts for partial fills), then close the trade."
-        pos = self.position()
-        if pos is not None:
-            self.journal.log_event("exit_reason", f"{purpose} ({reason})",
-                                   {"reason": reason, "purpose": purpose, "client_order_id": pos.entry_cid})
-        for _ in range(self.max_sell_attempts):
-            pos = self.position()
-            if pos is None or pos.open_amount <= 0:
-                break
-            px = self.last_price or pos.entry_price
-            if not self._sellable(pos.open_amount, px * 0.9):
-                self._log("dust_left", logging.WARNING, entry=pos.entry_cid, amount=pos.open_amount)
-                break
-            cid = self._next_cid(purpose, candle_time)
-            self.journal.record_intent(cid, self.symbol, "sell", "market", pos.open_amount, purpose=purpose,
-                                       candle_time=candle_time)
-            sent = self._send(cid, purpose, "sell", "market", pos.open_amount, resend_ok=lambda: True)
-            if sent.order is not None:
-                self._settle(cid, sent.order)
-            elif sent.rejected:
-                self._log("sell_failed", logging.ERROR, cid=cid, reason=sent.rejected)
-                break
-        pos = self.position()
-        if pos is None:
-            return None
-        if pos.open_amount <= 0 or not self._sellable(pos.open_amount, (self.last_price or pos.entry_price) * 0.9):
-            return self._close_trade(pos, reason)
-        self._log("position_still_open", logging.ERROR, entry=pos.entry_cid, amount=pos.open_amount)
-        self._protect(pos, candle_time)                      # could not get out: at least keep it protected
-        return None
-
-    def _check_position(self, candle_time: float) -> str:
-        "The stop check of one closed candle (see the rules); returns what happened."
-        pos = self.position()
-        if pos is None:
-            return "flat"
-        if pos.open_amount <= 0 or (pos.sold > 0 and not self._sellable(pos.open_amount, pos.stop_limit_price)
-                                    and pos.stop_cid is None):
-            self._close_trade(pos)
-            return "closed"
-        if pos.stop_cid is None:
-            first = pos.stop_intents == 0
-            self._log("stop_missing" if first else "stop_replace", logging.INFO if first else logging.WARNING,
-                      entry=pos.entry_cid, amount=pos.open_amount)
-            if not first:
-                self.journal.log_event("stop_replaced", f"{pos.entry_cid}: no live stop; placing a new one",
-                                       {"entry": pos.entry_cid})
-            since = self._gone_since if self._gone_since is not None else (pos.entry_time if first else None)
-            self._gone_since = None
-            placed = self._protect(pos, pos.candle_time if first else candle_time)
-            if since is not None:
-                self._unprotected(pos, since, "stop_missing" if first else "stop_cancelled", placed)
-            return "stop_placed"
-        o = self._lookup(pos.stop_cid)
-        if o is None:
-            self._mark_not_sent(pos.stop_cid, "stop not on the exchange")
-            return self._check_position(candle_time)
-        self._settle(pos.stop_cid, o)
-        status, working = o.get("status"), (o.get("info") or {}).get("isWorking") is True
-        if status == "closed":
-            pos = self.position()
-            if pos is not None:
-                self._close_trade(pos, "stop")
-            return "stopped_out"
-        if status == "open" and working:
-            self._log("stop_triggered_unfilled", logging.WARNING, cid=pos.stop_cid, filled=o.get("filled"))
-            since = _order_ms(o, "workingTime")
-            self._retire_stop(pos)
-            self._sell_out("emergency_exit", candle_time, "stop_unfilled")
-            self._unprotected(pos, since, "stop_unfilled", None)
-            return "emergency_exit"
-        if status == "open":
-            return "protected"
-        self._log("stop_gone", logging.WARNING, cid=pos.stop_cid, status=status)   # cancelled/expired without us
-        self._gone_since = _order_ms(o, "updateTime")
-        return self._check_position(candle_time)
-
-    def _unprotected(self, pos: Position, since: float | None, cause: str, stop_cid: str | None) -> None:
-        "Journal how long the position was without a working stop (from `since` to now, exchange time)."
-        end = float(self.clock())
-        start = end if since is None else min(float(since), end)
-        self.journal.log_event("unprotected", f"{pos.entry_cid}: {cause}, {end - start:.0f} s without a working stop",
-                               {"entry": pos.entry_cid, "cause": cause, "start": start, "end": end,
-                                "seconds": end - start, "stop": stop_cid, "stop_type": self.stop_type})
-        self._log("unprotected", logging.WARNING, entry=pos.entry_cid, cause=cause, seconds=round(end - start, 1),
-                  new_stop=stop_cid)
-
-    # ------------------------------------------------------------------ public API
-    def enter(self, approval: Approval) -> EntryResult:
-        "Redeem the Guardian approval, buy at market, protect the fill with the stop (see the rules)."
-        with self._lock:
-            self._ensure_markets()
-            if not self.reconciled:
-                self._log("entry_refused", logging.WARNING, why="not reconciled")
-                raise EntryRefused("entry refused: the executor has not reconciled the journal with the exchange; "
-                                   "run reconcile() first (nothing was sent)")
-            if self.position() is not None:
-                raise EntryRefused(f"entry refused: a {self.symbol} position is open; one position at a time "
-                                   f"(nothing was sent)")
-            t0 = time.perf_counter()
-            try:
-                plan = self.guardian.redeem(approval)
-            except ApprovalError as e:
-                self._log("entry_refused", logging.WARNING, why=str(e))
-                raise EntryRefused(f"entry refused: {e}") from None
-            cid = approval.client_order_id
-            if plan.symbol != self.symbol:
-                self.journal.record_order_status(cid, "rejected", raw_status="SYMBOL_MISMATCH")
-                raise EntryRefused(f"entry refused: approval is for {plan.symbol}, this executor trades {self.symbol}")
-            sent = self._send(cid, "entry", "buy", "market", plan.amount,
-                              resend_ok=lambda: self.clock() < approval.expires_at)
-            if sent.order is None:
-                if sent.unknown:
-                    self.reconcile()
-                return EntryResult(cid, "rejected" if sent.rejected else "not_sent", reason=sent.rejected or "")
-            o = self._settle(cid, sent.order)
-            pos = self.position()
-            stop_cid, held = None, 0.0
-            if pos is not None and pos.entry_cid == cid:
-                held = pos.net
-                stop_cid = self._protect(pos, approval.candle_time)
-            secs = time.perf_counter() - t0
-            if not self.reconciled:                  # an unknown outcome on the way (entry, stop or exit)
-                self.reconcile()
-            res = EntryResult(cid, o.get("status"), float(o.get("filled") or 0.0), o.get("average"),
-                              held=held, stop_client_order_id=stop_cid,
-                              emergency_exit=bool(o.get("filled")) and stop_cid is None, seconds=secs)
-            self._log("entry_done", cid=cid, status=res.status, filled=res.filled, average=res.average,
-                      held=res.held, stop=stop_cid, emergency=res.emergency_exit or None, ms=round(secs * 1000, 1))
-            return res
-
-    def exit(self, candle_time, reason: str = "model") -> ClosedTrade | None:
-        "Close the position at market (cancel its stop first; a stop that already filled is recorded instead)."
-        with self._lock:
-            ct = to_epoch(candle_time, "candle_time")
-            pos = self.position()
-            if pos is None:
-                self._log("exit_noop", why="flat")
-                return None
-            if pos.pending:
-                self.reconcile()
-                pos = self.position()
-                if pos is None:
-                    return None
-            self._retire_stop(pos)
-            pos = self.position()
-            if pos is None:
-                return None
-            if pos.open_amount <= 0:                              # the stop had filled everything
-                trade = self._close_trade(pos, "stop")
-            else:
-                trade = self._sell_out("exit", ct, reason)
-            if not self.reconciled:
-                self.reconcile()
-            return trade
-
-    def on_candle(self, candle, price: float | None = None) -> str:
-        "A candle closed: feed the paper venue (if any), then check the stop (`sync`)."
-        with self._lock:
-            feed = getattr(self.venue, "feed", None)
-            if feed is not None:
-                feed(candle, price)
-            t, close = _candle_open_close(candle)
-            tf = {"m": 60, "h": 3600, "d": 86400}[self.settings.timeframe[-1]] * int(self.settings.timeframe[:-1])
-            self.last_candle_time, self.last_price = t + tf, close
-            return self.sync(self.last_candle_time)
-
-    def sync(self, candle_time=None) -> str:
-        "Check the open position's orders now; returns flat | protected | stopped_out | emergency_exit | stop_placed | closed."
-        with self._lock:
-            self._ensure_markets()
-            ct = self._candle_now() if candle_time is None else to_epoch(candle_time, "candle_time")
-            pos = self.position()
-            if pos is not None and pos.pending:
-                self.reconcile()
-                return "reconciled"
-            what = self._check_position(ct)
-            if what not in ("flat", "protected"):
-                self._log("sync", result=what)
-            if not self.reconciled:                  # retried every candle until it succeeds
-                self.reconcile()
-            return what
-
-    def reconcile(self) -> ReconcileReport:
-        "Bring journal, Guardian and position in line with the exchange (on start and after any unknown outcome)."
-        with self._lock:
-            actions, problems, unknown = [], [], []
-            pos = None
-            try:
-                self._ensure_markets(reload=True)          # orderTypes (the stop's type) re-read after a reconnect
-                for it in self.journal.open_intents(self.symbol):
-                    cid = it["client_order_id"]
-                    o = self._lookup(cid)
-                    if o is None:
-                        self._mark_not_sent(cid, "reconcile: the exchange has no such order")
-                        actions.append(f"{cid} not sent")
-                    else:
-                        before = self.journal.last_order(cid)
-                        self._settle(cid, o)
-                        after = self.journal.last_order(cid)
-                        if before is None or before["id"] != after["id"]:
-                            actions.append(f"{cid} {o.get('status')} filled={o.get('filled')}")
-                known = self.journal.known_client_ids(self.symbol)
-                for o in self._call(self.venue.fetch_open_orders, self.symbol, what="fetch_open_orders"):
-                    if o.get("clientOrderId") not in known:
-                        unknown.append({k: o.get(k) for k in ("id", "clientOrderId", "side", "type", "amount",
-                                                              "price", "triggerPrice", "status")})
-                n_before = self.journal.intent_count()
-                what = self._check_position(self._candle_now())
-                if self.journal.intent_count() != n_before or what == "closed":
-                    actions.append(f"position: {what}")
-                pos = self.position()
-                bal = self._call(self.venue.fetch_balance, what="fetch_balance")
-                held = float((bal.get(self.base) or {}).get("total") or 0.0)
-                if pos is not None and held + 1e-12 < pos.open_amount:
-                    problems.append(f"exchange holds {held:g} {self.base} but the journal's position needs "
-                                    f"{pos.open_amount:g}; investigate before trading")
-                if pos is not None and pos.stop_cid is None and pos.open_amount > 0:
-                    problems.append(f"position {pos.entry_cid} has no live stop")
-            except ExchangeAuthError:
-                self.reconciled = False
-                raise
-            except (ccxt.BaseError, UnknownOutcome, ExecutorError) as e:
-                problems.append(f"exchange error during reconciliation: {self._safe(e)}")
-            self.unknown_orders = tuple(unknown)
-            ok = not problems and not unknown
-            self.reconciled = ok
-            report = ReconcileReport(ok, tuple(actions), tuple(problems), tuple(unknown), pos)
-            self.journal.record_reconciliation(ok, str(report), {"actions": actions, "problems": problems,
-                                                                 "unknown_orders": unknown})
-            if unknown:
-                self._log("unknown_open_orders", logging.ERROR, count=len(unknown),
-                          cids=",".join(str(o["clientOrderId"]) for o in unknown),
-                          action="not cancelled; entries denied until resolved")
-            self._log("reconciled" if ok else "reconcile_failed", logging.INFO if ok else logging.ERROR,
-                      actions=len(actions), problems="; ".join(problems) or None,
-                      position=pos.entry_cid if pos else "flat")
-            self.last_report = report
-            return report
-
-    def context(self, *, now, last_candle_close, feature_fingerprint: str, price: float) -> Context:
-        "The Guardian `Context` from the exchange's balances and this executor's reconciliation state."
-        with self._lock:
-            self._ensure_markets()
-            bal = self._call(self.venue.fetch_balance, what="fetch_balance")
-            q, b = bal.get(self.quote) or {}, bal.get(self.base) or {}
-            equity = float(q.get("total") or 0.0) + float(b.get("total") or 0.0) * float(price)
-            pos = self.position()
-            return Context(now=now, last_candle_close=last_candle_close, feature_fingerprint=feature_fingerprint,
-                           mode=self.mode, free_quote=float(q.get("free") or 0.0), equity=equity,
-                           positions={self.symbol: pos.open_amount if pos else 0.0},
-                           unknown_orders=len(self.unknown_orders), reconciled=self.reconciled, market=self.market)
-
-
+# %% ../nbs/10_exchange.ipynb #208e5926
 def _order_ms(o: dict, key: str) -> float | None:
     "When (unix s) an order's `info[key]` (ms; Binance's workingTime/updateTime) says, else its last update, else None."
     info = o.get("info") or {}
@@ -1005,6 +479,614 @@ def _candle_open_close(candle) -> tuple[float, float]:
     t = candle[0]
     t = t / 1000 if isinstance(t, (int, float)) and t > 10**11 else t
     return to_epoch(t, "candle time"), float(candle[4])
+
+# %% ../nbs/10_exchange.ipynb #88f3ae24
+# ------------------------------------------------------------------ plumbing
+def _ex_log(self, event: str, level: int = logging.INFO, **fields) -> None:
+    log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
+
+
+def _ex_safe(self, e: BaseException) -> str:
+    return _redact(f"{type(e).__name__}: {e}", self._secrets())
+
+
+def _ex_call(self, fn, *args, idempotent: bool = True, what: str | None = None):
+    "Through call_with_retry; credential errors become one clean ExchangeAuthError."
+    try:
+        return call_with_retry(fn, *args, idempotent=idempotent, sleep=self.sleep, what=what, **self.retry)
+    except _AUTH_ERRORS as e:
+        msg = _auth_message(e)
+        self._log("auth_error", logging.ERROR, call=what, error=type(e).__name__)
+        raise ExchangeAuthError(msg) from None
+
+
+Executor._log = _ex_log
+Executor._safe = _ex_safe
+Executor._call = _ex_call
+
+# %% ../nbs/10_exchange.ipynb #d1e60d2c
+def _ex_ensure_markets(self, reload: bool = False) -> None:
+    if self._ccxt_market is not None and not reload:
+        return
+    self._call(self.venue.load_markets, reload, what="load_markets")
+    m = self.venue.market(self.symbol)
+    types = [str(t).upper() for t in ((m.get("info") or {}).get("orderTypes") or [])]
+    self.stop_type = _stop_type(getattr(self.settings, "stop_order", "auto"), types, self.symbol)
+    self._ccxt_market = m
+    if self._market is None:
+        self._market = Market.from_ccxt(m)
+    self.base, self.quote = m["base"], m["quote"]
+    self._mid = m["id"]
+
+
+def _ex_candle_now(self) -> float:
+    "The decision candle for follow-up orders: the last closed candle seen, else now floored to the timeframe."
+    if self.last_candle_time is not None:
+        return self.last_candle_time
+    tf = {"m": 60, "h": 3600, "d": 86400}[self.settings.timeframe[-1]] * int(self.settings.timeframe[:-1])
+    return float(int(self.clock()) // tf * tf)
+
+
+def _ex_next_cid(self, purpose: str, candle_time: float, side: str = "sell") -> str:
+    "The deterministic id for a new order of `purpose` decided at `candle_time` (first one not yet journaled)."
+    for n in range(1000):
+        strat = self.strategy if n == 0 else f"{self.strategy}#{n}"
+        cid = client_order_id(strat, self.symbol, candle_time, side, purpose)
+        if self.journal.intent(cid) is None:
+            return cid
+    raise ExecutorError(f"no free client order id for {purpose} at {candle_time}; the journal is inconsistent")
+
+
+Executor._ensure_markets = _ex_ensure_markets
+Executor._candle_now = _ex_candle_now
+Executor._next_cid = _ex_next_cid
+
+# %% ../nbs/10_exchange.ipynb #7eb41863
+# ------------------------------------------------------------------ exchange primitives
+def _ex_lookup(self, cid: str) -> dict | None:
+    "The order with client id `cid`, or None once the exchange said twice (settle_s apart) it has none."
+    for attempt in range(2):
+        try:
+            return self._call(self.venue.fetch_order, None, self.symbol, {"clientOrderId": cid},
+                              what="fetch_order")
+        except ccxt.OrderNotFound:
+            if attempt == 0 and self.settle_s > 0:
+                self.sleep(self.settle_s)
+    return None
+
+
+def _ex_mark_not_sent(self, cid: str, why: str) -> None:
+    self.journal.record_order_status(cid, "rejected", raw_status="NOT_SENT")
+    self._log("order_not_sent", logging.WARNING, cid=cid, why=why)
+
+
+def _ex_rejected(self, cid, purpose, e, unknown) -> _Sent:
+    reason = self._safe(e)
+    self.journal.record_order_status(cid, "rejected", raw_status=reason[:200])
+    self._log("order_rejected", logging.WARNING, cid=cid, purpose=purpose, reason=reason)
+    return _Sent(rejected=reason, unknown=unknown)
+
+
+def _ex_record_order(self, cid: str, o: dict) -> bool:
+    info = o.get("info") or {}
+    raw = str(info.get("status") or o.get("status"))
+    if info.get("isWorking") is True and o.get("status") == "open":
+        raw += " working"
+    if not (o.get("status") or info.get("status")):         # no status to journal: the intent stays open
+        self._log("order_status_missing", logging.WARNING, cid=cid)
+        return False
+    return self.journal.record_order_status(cid, o.get("status") or info["status"], exchange_id=o.get("id"),
+                                            filled=o.get("filled"), average=o.get("average"), raw_status=raw)
+
+
+Executor._lookup = _ex_lookup
+Executor._mark_not_sent = _ex_mark_not_sent
+Executor._rejected = _ex_rejected
+Executor._record_order = _ex_record_order
+
+# %% ../nbs/10_exchange.ipynb #480a3110
+def _ex_send(self, cid: str, purpose: str, side: str, type_: str, amount: float, price: float | None = None,
+          params: dict | None = None, resend_ok: Callable[[], bool] = lambda: False) -> _Sent:
+    "Send one journaled intent; resolve an unknown outcome by client order id; never resend blindly."
+    p = dict(params or {}, clientOrderId=cid)
+    unknown = False
+    for attempt in range(2):
+        self._log("order_sent", cid=cid, purpose=purpose, side=side, type=type_, amount=amount, price=price,
+                  stop=p.get("stopLossPrice"), attempt=attempt + 1 if attempt else None)
+        try:
+            o = self._call(self.venue.create_order, self.symbol, type_, side, amount, price, p,
+                           idempotent=False, what=f"create_order {purpose}")
+        except UnknownOutcome as e:
+            unknown, self.reconciled = True, False
+            self._log("unknown_outcome", logging.WARNING, cid=cid, error=type(e.cause).__name__)
+            o = self._lookup(cid)
+        except ExchangeAuthError:
+            self.journal.record_order_status(cid, "rejected", raw_status="AUTH_ERROR")
+            raise
+        except ccxt.InvalidOrder as e:
+            if "duplicate order" not in str(e).lower():
+                return self._rejected(cid, purpose, e, unknown)
+            unknown = True                       # a retry met the first attempt: it exists
+            self._log("duplicate_client_id", logging.WARNING, cid=cid)
+            o = self._lookup(cid)
+        except (ccxt.ExchangeError, ccxt.DDoSProtection) as e:
+            return self._rejected(cid, purpose, e, unknown)
+        if o is not None:
+            if not float(o.get("filled") or 0.0):      # a fill's status is journaled by _settle, after its fills
+                self._record_order(cid, o)
+            return _Sent(order=o, unknown=unknown)
+        if not (attempt == 0 and resend_ok()):
+            break
+        self._log("order_resend", logging.WARNING, cid=cid, why="the exchange never saw it")
+    self._mark_not_sent(cid, "no order with this client id on the exchange after an unknown outcome")
+    return _Sent(unknown=unknown)
+
+
+Executor._send = _ex_send
+
+# %% ../nbs/10_exchange.ipynb #ce1ce647
+def _ex_settle(self, cid: str, o: dict) -> dict:
+    """Journal the order's fills (exact prices and fees from myTrades), THEN its status: a crash in between
+    leaves the intent open, so reconciliation reads the fills again (a final status never hides missing fills)."""
+    filled = float(o.get("filled") or 0.0)
+    if filled > 0 and sum(f["amount"] for f in self.journal.fills(cid)) < filled - 1e-12:
+        self._journal_fills(cid, o, filled)
+    self._record_order(cid, o)
+    return o
+
+
+def _ex_journal_fills(self, cid: str, o: dict, filled: float) -> None:
+    inline = [t for t in (o.get("trades") or []) if t.get("id") is not None and t.get("fee")]
+    if inline and abs(sum(float(t["amount"]) for t in inline) - filled) < 1e-12 and o.get("timestamp"):
+        # a new order's FULL response carries its fills with exact prices and commissions: no extra request
+        for t in inline:
+            self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
+                                     fee=float(t["fee"].get("cost") or 0.0), fee_currency=t["fee"].get("currency"),
+                                     ts=o["timestamp"] / 1000.0, symbol=self.symbol, side=o.get("side"))
+        return
+    for attempt in range(3):
+        trades = self._call(self.venue.fetch_my_trades, self.symbol, None, None, {"orderId": o["id"]},
+                            what="fetch_my_trades")
+        mine = [t for t in trades if str(t.get("order")) == str(o["id"])]
+        for t in mine:
+            fee = t.get("fee") or {}
+            self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
+                                     fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
+                                     ts=t["timestamp"] / 1000.0, symbol=self.symbol, side=t.get("side"))
+        if sum(float(t["amount"]) for t in mine) >= filled - 1e-12:
+            return
+        self.sleep(self.settle_s)
+    self._log("fills_incomplete", logging.ERROR, cid=cid, filled=filled)
+
+
+Executor._settle = _ex_settle
+Executor._journal_fills = _ex_journal_fills
+
+# %% ../nbs/10_exchange.ipynb #ebccb2eb
+# ------------------------------------------------------------------ position
+def _ex_position(self) -> Position | None:
+    "The open position for this symbol, rebuilt from the journal (None when flat)."
+    rows = [r for r in self.journal.open_positions() if r["symbol"] == self.symbol]
+    if not rows:
+        return None
+    self._ensure_markets()
+    r = rows[-1]
+    cid = r["client_order_id"]
+    ent = self.journal.intent(cid)
+    fills = self.journal.fills(cid)
+    if fills:
+        G = sum(_frac(f["amount"]) for f in fills)
+        C = sum(_frac(f["amount"]) * _frac(f["price"]) for f in fills)
+        fb = sum(_frac(f["fee"]) for f in fills if f["fee_currency"] == self.base)
+        fq = sum(_frac(f["fee"]) for f in fills if f["fee_currency"] == self.quote)
+        t0 = min(f["ts"] for f in fills)
+    else:                                  # fills not journaled yet (reconcile fetches them): estimate
+        G, C = _frac(r["amount"]), _frac(r["amount"]) * _frac(r["entry_price"] or 0.0)
+        fb, fq, t0 = G * _frac(self.settings.fee_pct) / 100, Fraction(0), None
+    plan = self.journal.approved_plan(cid) or {}
+    S = float(ent["stop_price"] or plan.get("stop_price"))
+    L = plan.get("stop_limit_price")
+    if L is None:
+        tick = _frac(self.market.price_tick)
+        L = float((_frac(S) * (1 - _frac(self.settings.stop_limit_buffer_pct) / 100)) // tick * tick)
+    step = _frac(self.market.amount_step)
+    net = (G - fb) // step * step
+    sold = proceeds = xfee = Fraction(0)
+    last_t = last_p = stop_cid = None
+    pending, n_stops = [], 0
+    for it in self.journal.intents_after(self.symbol, ent["id"]):
+        if it["side"] != "sell":
+            continue
+        n_stops += it["purpose"] == "stop"
+        final = it["last_status"] is not None and OrderStatus.parse(it["last_status"]).is_final
+        if not final:
+            if it["purpose"] == "stop":
+                stop_cid = it["client_order_id"]
+            else:
+                pending.append(it["client_order_id"])
+        for f in self.journal.fills(it["client_order_id"]):
+            sold += _frac(f["amount"])
+            proceeds += _frac(f["amount"]) * _frac(f["price"])
+            xfee += _frac(f["fee"]) if f["fee_currency"] == self.quote else _frac(f["fee"]) * _frac(f["price"])
+            if last_t is None or f["ts"] >= last_t:
+                last_t, last_p = f["ts"], it["purpose"]
+    open_amt = max(Fraction(0), (net - sold) // step * step)
+    return Position(symbol=self.symbol, entry_cid=cid, candle_time=float(ent["candle_time"] or 0.0), entry_time=t0,
+                    gross=float(G), fee_base=float(fb), cost=float(C + fq), net=float(net),
+                    entry_price=float(C / G) if G else float(r["entry_price"] or 0.0), stop_price=S,
+                    stop_limit_price=float(L), sold=float(sold), proceeds=float(proceeds), exit_fees=float(xfee),
+                    open_amount=float(open_amt), last_exit_time=last_t, last_exit_purpose=last_p,
+                    stop_cid=stop_cid, stop_intents=n_stops, pending=tuple(pending))
+
+
+def _ex_sellable(self, amount: float, price: float) -> bool:
+    m = self.market
+    return amount >= m.min_amount and amount > 0 and amount * price >= m.min_notional
+
+
+def _ex_close_trade(self, pos: Position, reason: str | None = None) -> ClosedTrade | None:
+    "Record the closed round trip (journal + Guardian streak / kill switch); idempotent on the entry id."
+    if pos.sold <= 0:
+        self._log("close_impossible", logging.ERROR, entry=pos.entry_cid, why="nothing was sold")
+        return None
+    reason = reason or self.journal.exit_reason(pos.entry_cid) or {
+        "stop": "stop", "exit": "model", "emergency_exit": "emergency"}.get(pos.last_exit_purpose, "exit")
+    E, H, G, fb = _frac(pos.entry_price), _frac(pos.sold), _frac(pos.gross), _frac(pos.fee_base)
+    entry_fee = E * H * fb / (G - fb) if G > fb else Fraction(0)
+    entry_fee += (_frac(pos.cost) - E * G) * H / (G - fb) if G > fb else 0   # a quote-paid buy commission, if any
+    fees = entry_fee + _frac(pos.exit_fees)
+    pnl = _frac(pos.proceeds) - E * H - fees
+    trade = ClosedTrade(trade_key=pos.entry_cid, symbol=pos.symbol, entry_time=pos.entry_time or pos.candle_time,
+                        exit_time=pos.last_exit_time, entry_price=pos.entry_price,
+                        exit_price=float(_frac(pos.proceeds) / H), amount=pos.sold, fees=float(fees),
+                        pnl=float(pnl), exit_reason=reason)
+    new = self.guardian.record_trade(trade)
+    dust = pos.net - pos.sold + (pos.gross - pos.fee_base - pos.net)
+    self._log("trade_closed" if new else "trade_already_recorded", entry=pos.entry_cid, reason=reason,
+              amount=pos.sold, entry_price=pos.entry_price, exit_price=trade.exit_price, fees=trade.fees,
+              pnl=trade.pnl, dust=dust if dust > 0 else None)
+    return trade
+
+
+Executor.position = _ex_position
+Executor._sellable = _ex_sellable
+Executor._close_trade = _ex_close_trade
+
+# %% ../nbs/10_exchange.ipynb #64c238fd
+# ------------------------------------------------------------------ protective actions (not gated)
+def _ex_protect(self, pos: Position, candle_time: float) -> str | None:
+    "Place the stop for what is held; if the exchange refuses it, sell at market at once."
+    amt, S, L = pos.open_amount, pos.stop_price, pos.stop_limit_price
+    if amt <= 0:
+        return None
+    self._ensure_markets()
+    market = self.stop_type == "market"
+    if not self._sellable(amt, S if market else L):
+        why = (f"held {amt:g} {self.base} x stop{'' if market else '-limit'} {S if market else L:g} is below "
+               f"the exchange minimums "
+               f"(amount {self.market.min_amount:g}, notional {self.market.min_notional:g})")
+        self.journal.log_event("stop_rejected", f"{pos.entry_cid}: {why}; emergency exit",
+                               {"entry": pos.entry_cid, "reason": why})
+        self._log("stop_rejected", logging.ERROR, entry=pos.entry_cid, reason=why)
+        self._sell_out("emergency_exit", candle_time, "stop_rejected")
+        return None
+    cid = self._next_cid("stop", candle_time)
+    self.journal.record_intent(cid, self.symbol, "sell", STOP_TYPES[self.stop_type].lower(), amt,
+                               price=None if market else L, stop_price=S, purpose="stop", candle_time=candle_time)
+    if market:            # STOP_LOSS: a market order once triggered; it cannot be jumped over
+        sent = self._send(cid, "stop", "sell", "market", amt, None, {"stopLossPrice": S}, resend_ok=lambda: True)
+    else:                 # STOP_LOSS_LIMIT: rests at L once triggered; a gap below L leaves it unfilled
+        sent = self._send(cid, "stop", "sell", "limit", amt, L, {"stopLossPrice": S}, resend_ok=lambda: True)
+    if sent.order is not None:
+        self._log("stop_placed", cid=cid, entry=pos.entry_cid, amount=amt, stop=S,
+                  limit=None if market else L, type=STOP_TYPES[self.stop_type])
+        return cid
+    why = sent.rejected or "the stop never reached the exchange"
+    self.journal.log_event("stop_rejected", f"stop {cid} for {pos.entry_cid} refused: {why}; emergency exit",
+                           {"entry": pos.entry_cid, "stop": cid, "reason": why})
+    self._log("stop_rejected", logging.ERROR, cid=cid, entry=pos.entry_cid, reason=why)
+    self._sell_out("emergency_exit", candle_time, "stop_rejected")
+    return None
+
+
+def _ex_retire_stop(self, pos: Position) -> None:
+    "Cancel the live stop (once) and journal its final state, including any fills it had."
+    cid = pos.stop_cid
+    if cid is None:
+        return
+    try:
+        self._call(self.venue.cancel_order, None, self.symbol, {"clientOrderId": cid}, what="cancel_order stop")
+        self._log("stop_cancel_sent", cid=cid)
+    except ccxt.OrderNotFound:
+        self._log("stop_cancel_not_open", cid=cid)          # filled, already cancelled, or never placed
+    o = self._lookup(cid)
+    if o is None:
+        self._mark_not_sent(cid, "stop not on the exchange")
+    else:
+        self._settle(cid, o)
+        self._log("stop_final", cid=cid, status=o.get("status"), filled=o.get("filled"))
+
+
+def _ex_sell_out(self, purpose: str, candle_time: float, reason: str) -> ClosedTrade | None:
+    "Market-sell what the position holds (a few attempts for partial fills), then close the trade."
+    pos = self.position()
+    if pos is not None:
+        self.journal.log_event("exit_reason", f"{purpose} ({reason})",
+                               {"reason": reason, "purpose": purpose, "client_order_id": pos.entry_cid})
+    for _ in range(self.max_sell_attempts):
+        pos = self.position()
+        if pos is None or pos.open_amount <= 0:
+            break
+        px = self.last_price or pos.entry_price
+        if not self._sellable(pos.open_amount, px * 0.9):
+            self._log("dust_left", logging.WARNING, entry=pos.entry_cid, amount=pos.open_amount)
+            break
+        cid = self._next_cid(purpose, candle_time)
+        self.journal.record_intent(cid, self.symbol, "sell", "market", pos.open_amount, purpose=purpose,
+                                   candle_time=candle_time)
+        sent = self._send(cid, purpose, "sell", "market", pos.open_amount, resend_ok=lambda: True)
+        if sent.order is not None:
+            self._settle(cid, sent.order)
+        elif sent.rejected:
+            self._log("sell_failed", logging.ERROR, cid=cid, reason=sent.rejected)
+            break
+    pos = self.position()
+    if pos is None:
+        return None
+    if pos.open_amount <= 0 or not self._sellable(pos.open_amount, (self.last_price or pos.entry_price) * 0.9):
+        return self._close_trade(pos, reason)
+    self._log("position_still_open", logging.ERROR, entry=pos.entry_cid, amount=pos.open_amount)
+    self._protect(pos, candle_time)                      # could not get out: at least keep it protected
+    return None
+
+
+Executor._protect = _ex_protect
+Executor._retire_stop = _ex_retire_stop
+Executor._sell_out = _ex_sell_out
+
+# %% ../nbs/10_exchange.ipynb #21fcda40
+def _ex_check_position(self, candle_time: float) -> str:
+    "The stop check of one closed candle (see the rules); returns what happened."
+    pos = self.position()
+    if pos is None:
+        return "flat"
+    if pos.open_amount <= 0 or (pos.sold > 0 and not self._sellable(pos.open_amount, pos.stop_limit_price)
+                                and pos.stop_cid is None):
+        self._close_trade(pos)
+        return "closed"
+    if pos.stop_cid is None:
+        first = pos.stop_intents == 0
+        self._log("stop_missing" if first else "stop_replace", logging.INFO if first else logging.WARNING,
+                  entry=pos.entry_cid, amount=pos.open_amount)
+        if not first:
+            self.journal.log_event("stop_replaced", f"{pos.entry_cid}: no live stop; placing a new one",
+                                   {"entry": pos.entry_cid})
+        since = self._gone_since if self._gone_since is not None else (pos.entry_time if first else None)
+        self._gone_since = None
+        placed = self._protect(pos, pos.candle_time if first else candle_time)
+        if since is not None:
+            self._unprotected(pos, since, "stop_missing" if first else "stop_cancelled", placed)
+        return "stop_placed"
+    o = self._lookup(pos.stop_cid)
+    if o is None:
+        self._mark_not_sent(pos.stop_cid, "stop not on the exchange")
+        return self._check_position(candle_time)
+    self._settle(pos.stop_cid, o)
+    status, working = OrderStatus.parse(o.get("status"), o.get("filled")), (o.get("info") or {}).get("isWorking") is True
+    if status is OrderStatus.FILLED:
+        pos = self.position()
+        if pos is not None:
+            self._close_trade(pos, "stop")
+        return "stopped_out"
+    if not status.is_final and working:
+        self._log("stop_triggered_unfilled", logging.WARNING, cid=pos.stop_cid, filled=o.get("filled"))
+        since = _order_ms(o, "workingTime")
+        self._retire_stop(pos)
+        self._sell_out("emergency_exit", candle_time, "stop_unfilled")
+        self._unprotected(pos, since, "stop_unfilled", None)
+        return "emergency_exit"
+    if not status.is_final:
+        return "protected"
+    self._log("stop_gone", logging.WARNING, cid=pos.stop_cid, status=o.get("status"))   # cancelled/expired without us
+    self._gone_since = _order_ms(o, "updateTime")
+    return self._check_position(candle_time)
+
+
+def _ex_unprotected(self, pos: Position, since: float | None, cause: str, stop_cid: str | None) -> None:
+    "Journal how long the position was without a working stop (from `since` to now, exchange time)."
+    end = float(self.clock())
+    start = end if since is None else min(float(since), end)
+    self.journal.log_event("unprotected", f"{pos.entry_cid}: {cause}, {end - start:.0f} s without a working stop",
+                           {"entry": pos.entry_cid, "cause": cause, "start": start, "end": end,
+                            "seconds": end - start, "stop": stop_cid, "stop_type": self.stop_type})
+    self._log("unprotected", logging.WARNING, entry=pos.entry_cid, cause=cause, seconds=round(end - start, 1),
+              new_stop=stop_cid)
+
+
+Executor._check_position = _ex_check_position
+Executor._unprotected = _ex_unprotected
+
+# %% ../nbs/10_exchange.ipynb #5bf321a8
+def _ex_sync(self, candle_time=None) -> str:
+    "Check the open position's orders now; returns flat | protected | stopped_out | emergency_exit | stop_placed | closed."
+    with self._lock:
+        self._ensure_markets()
+        ct = self._candle_now() if candle_time is None else to_epoch(candle_time, "candle_time")
+        pos = self.position()
+        if pos is not None and pos.pending:
+            self.reconcile()
+            return "reconciled"
+        what = self._check_position(ct)
+        if what not in ("flat", "protected"):
+            self._log("sync", result=what)
+        if not self.reconciled:                  # retried every candle until it succeeds
+            self.reconcile()
+        return what
+
+
+def _ex_reconcile(self) -> ReconcileReport:
+    "Bring journal, Guardian and position in line with the exchange (on start and after any unknown outcome)."
+    with self._lock:
+        actions, problems, unknown = [], [], []
+        pos = None
+        try:
+            self._ensure_markets(reload=True)          # orderTypes (the stop's type) re-read after a reconnect
+            for it in self.journal.open_intents(self.symbol):
+                cid = it["client_order_id"]
+                o = self._lookup(cid)
+                if o is None:
+                    self._mark_not_sent(cid, "reconcile: the exchange has no such order")
+                    actions.append(f"{cid} not sent")
+                else:
+                    before = self.journal.last_order(cid)
+                    self._settle(cid, o)
+                    after = self.journal.last_order(cid)
+                    if before is None or before["id"] != after["id"]:
+                        actions.append(f"{cid} {o.get('status')} filled={o.get('filled')}")
+            known = self.journal.known_client_ids(self.symbol)
+            for o in self._call(self.venue.fetch_open_orders, self.symbol, what="fetch_open_orders"):
+                if o.get("clientOrderId") not in known:
+                    unknown.append({k: o.get(k) for k in ("id", "clientOrderId", "side", "type", "amount",
+                                                          "price", "triggerPrice", "status")})
+            n_before = self.journal.intent_count()
+            what = self._check_position(self._candle_now())
+            if self.journal.intent_count() != n_before or what == "closed":
+                actions.append(f"position: {what}")
+            pos = self.position()
+            bal = self._call(self.venue.fetch_balance, what="fetch_balance")
+            held = float((bal.get(self.base) or {}).get("total") or 0.0)
+            if pos is not None and held + 1e-12 < pos.open_amount:
+                problems.append(f"exchange holds {held:g} {self.base} but the journal's position needs "
+                                f"{pos.open_amount:g}; investigate before trading")
+            if pos is not None and pos.stop_cid is None and pos.open_amount > 0:
+                problems.append(f"position {pos.entry_cid} has no live stop")
+        except ExchangeAuthError:
+            self.reconciled = False
+            raise
+        except (ccxt.BaseError, UnknownOutcome, ExecutorError) as e:
+            problems.append(f"exchange error during reconciliation: {self._safe(e)}")
+        self.unknown_orders = tuple(unknown)
+        ok = not problems and not unknown
+        self.reconciled = ok
+        report = ReconcileReport(ok, tuple(actions), tuple(problems), tuple(unknown), pos)
+        self.journal.record_reconciliation(ok, str(report), {"actions": actions, "problems": problems,
+                                                             "unknown_orders": unknown})
+        if unknown:
+            self._log("unknown_open_orders", logging.ERROR, count=len(unknown),
+                      cids=",".join(str(o["clientOrderId"]) for o in unknown),
+                      action="not cancelled; entries denied until resolved")
+        self._log("reconciled" if ok else "reconcile_failed", logging.INFO if ok else logging.ERROR,
+                  actions=len(actions), problems="; ".join(problems) or None,
+                  position=pos.entry_cid if pos else "flat")
+        self.last_report = report
+        return report
+
+
+def _ex_context(self, *, now, last_candle_close, feature_fingerprint: str, price: float) -> Context:
+    "The Guardian `Context` from the exchange's balances and this executor's reconciliation state."
+    with self._lock:
+        self._ensure_markets()
+        bal = self._call(self.venue.fetch_balance, what="fetch_balance")
+        q, b = bal.get(self.quote) or {}, bal.get(self.base) or {}
+        equity = float(q.get("total") or 0.0) + float(b.get("total") or 0.0) * float(price)
+        pos = self.position()
+        return Context(now=now, last_candle_close=last_candle_close, feature_fingerprint=feature_fingerprint,
+                       mode=self.mode, free_quote=float(q.get("free") or 0.0), equity=equity,
+                       positions={self.symbol: pos.open_amount if pos else 0.0},
+                       unknown_orders=len(self.unknown_orders), reconciled=self.reconciled, market=self.market)
+
+
+Executor.sync = _ex_sync
+Executor.reconcile = _ex_reconcile
+Executor.context = _ex_context
+
+# %% ../nbs/10_exchange.ipynb #e219924e
+# ------------------------------------------------------------------ public API
+def _ex_enter(self, approval: Approval) -> EntryResult:
+    "Redeem the Guardian approval, buy at market, protect the fill with the stop (see the rules)."
+    with self._lock:
+        self._ensure_markets()
+        if not self.reconciled:
+            self._log("entry_refused", logging.WARNING, why="not reconciled")
+            raise EntryRefused("entry refused: the executor has not reconciled the journal with the exchange; "
+                               "run reconcile() first (nothing was sent)")
+        if self.position() is not None:
+            raise EntryRefused(f"entry refused: a {self.symbol} position is open; one position at a time "
+                               f"(nothing was sent)")
+        t0 = time.perf_counter()
+        try:
+            plan = self.guardian.redeem(approval)
+        except ApprovalError as e:
+            self._log("entry_refused", logging.WARNING, why=str(e))
+            raise EntryRefused(f"entry refused: {e}") from None
+        cid = approval.client_order_id
+        if plan.symbol != self.symbol:
+            self.journal.record_order_status(cid, "rejected", raw_status="SYMBOL_MISMATCH")
+            raise EntryRefused(f"entry refused: approval is for {plan.symbol}, this executor trades {self.symbol}")
+        sent = self._send(cid, "entry", "buy", "market", plan.amount,
+                          resend_ok=lambda: self.clock() < approval.expires_at)
+        if sent.order is None:
+            if sent.unknown:
+                self.reconcile()
+            return EntryResult(cid, "rejected" if sent.rejected else "not_sent", reason=sent.rejected or "")
+        o = self._settle(cid, sent.order)
+        pos = self.position()
+        stop_cid, held = None, 0.0
+        if pos is not None and pos.entry_cid == cid:
+            held = pos.net
+            stop_cid = self._protect(pos, approval.candle_time)
+        secs = time.perf_counter() - t0
+        if not self.reconciled:                  # an unknown outcome on the way (entry, stop or exit)
+            self.reconcile()
+        res = EntryResult(cid, o.get("status"), float(o.get("filled") or 0.0), o.get("average"),
+                          held=held, stop_client_order_id=stop_cid,
+                          emergency_exit=bool(o.get("filled")) and stop_cid is None, seconds=secs)
+        self._log("entry_done", cid=cid, status=res.status, filled=res.filled, average=res.average,
+                  held=res.held, stop=stop_cid, emergency=res.emergency_exit or None, ms=round(secs * 1000, 1))
+        return res
+
+
+def _ex_exit(self, candle_time, reason: str = "model") -> ClosedTrade | None:
+    "Close the position at market (cancel its stop first; a stop that already filled is recorded instead)."
+    with self._lock:
+        ct = to_epoch(candle_time, "candle_time")
+        pos = self.position()
+        if pos is None:
+            self._log("exit_noop", why="flat")
+            return None
+        if pos.pending:
+            self.reconcile()
+            pos = self.position()
+            if pos is None:
+                return None
+        self._retire_stop(pos)
+        pos = self.position()
+        if pos is None:
+            return None
+        if pos.open_amount <= 0:                              # the stop had filled everything
+            trade = self._close_trade(pos, "stop")
+        else:
+            trade = self._sell_out("exit", ct, reason)
+        if not self.reconciled:
+            self.reconcile()
+        return trade
+
+
+def _ex_on_candle(self, candle, price: float | None = None) -> str:
+    "A candle closed: feed the paper venue (if any), then check the stop (`sync`)."
+    with self._lock:
+        feed = getattr(self.venue, "feed", None)
+        if feed is not None:
+            feed(candle, price)
+        t, close = _candle_open_close(candle)
+        tf = {"m": 60, "h": 3600, "d": 86400}[self.settings.timeframe[-1]] * int(self.settings.timeframe[:-1])
+        self.last_candle_time, self.last_price = t + tf, close
+        return self.sync(self.last_candle_time)
+
+
+Executor.enter = _ex_enter
+Executor.exit = _ex_exit
+Executor.on_candle = _ex_on_candle
 
 # %% ../nbs/10_exchange.ipynb #218f3bb6
 class BinanceExecutor(Executor):

@@ -17,12 +17,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
 # %% auto #0
-__all__ = ['PURPOSES', 'FINAL_STATUSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso', 'utc_day',
-           'ClosedTrade', 'open_error', 'Journal']
+__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso',
+           'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal']
 
 # %% ../nbs/07_journal.ipynb #a574eb41
 class JournalError(RuntimeError):
@@ -79,9 +80,82 @@ def _dumps(obj) -> str | None:
         obj = asdict(obj)
     return json.dumps(obj, sort_keys=True, default=str, allow_nan=False)
 
+# %% ../nbs/07_journal.ipynb #bff70537
+class OrderStatusError(JournalError):
+    "An order status that is not one we know, or a move the transition table does not allow. One line."
+
+
+class OrderStatus(str, Enum):
+    "An order's state: Binance's names, one spelling for the emulator, the executor and the journal."
+    NEW = "new"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+    @property
+    def is_final(self) -> bool:
+        return not ORDER_TRANSITIONS[self]
+
+    @property
+    def unified(self) -> str:
+        "ccxt's unified spelling: what the journal stores and what ccxt's order dicts say."
+        return "open" if self in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED) else \
+               "closed" if self is OrderStatus.FILLED else self.value
+
+
+# %% ../nbs/07_journal.ipynb #85ba6c8f
+_S = OrderStatus
+ORDER_TRANSITIONS: dict[OrderStatus | None, frozenset[OrderStatus]] = {
+    None: frozenset(_S),                                                  # first seen: any state
+    _S.NEW: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED, _S.EXPIRED, _S.REJECTED}),
+    _S.PARTIALLY_FILLED: frozenset({_S.FILLED, _S.CANCELED, _S.EXPIRED}),
+    _S.FILLED: frozenset(), _S.CANCELED: frozenset(), _S.EXPIRED: frozenset(), _S.REJECTED: frozenset(),
+}
+_SPELLINGS = {"new": _S.NEW, "partially_filled": _S.PARTIALLY_FILLED, "filled": _S.FILLED, "closed": _S.FILLED,
+              "canceled": _S.CANCELED, "cancelled": _S.CANCELED, "expired": _S.EXPIRED,
+              "expired_in_match": _S.EXPIRED, "rejected": _S.REJECTED}
+FINAL_STATUSES = tuple(k for k, v in _SPELLINGS.items() if v.is_final)   # every spelling of a final state (old rows too)
+
+
+# %% ../nbs/07_journal.ipynb #59b196a1
+def _parse_status(cls, status, filled: float | None = None) -> OrderStatus:
+    "The `OrderStatus` of a ccxt unified, Binance raw or journaled spelling (`open` + a fill is PARTIALLY_FILLED)."
+    if isinstance(status, OrderStatus):
+        return status
+    key = status.strip().lower() if isinstance(status, str) else None
+    if key == "open":
+        return OrderStatus.PARTIALLY_FILLED if filled else OrderStatus.NEW
+    if key not in _SPELLINGS:
+        raise OrderStatusError(f"order status {status!r} is not one we know ({', '.join(['open', *_SPELLINGS])})")
+    return _SPELLINGS[key]
+
+
+OrderStatus.parse = classmethod(_parse_status)
+
+
+# %% ../nbs/07_journal.ipynb #68623e15
+def _status_to(self, new) -> OrderStatus:
+    "The state after moving from `self` to `new` (a repeat is a refresh); raises for a move outside the table."
+    return order_transition(self, new)
+
+
+def order_transition(old: OrderStatus | None, new) -> OrderStatus:
+    "Move from `old` (None: not seen yet) to `new`; `OrderStatusError` if `ORDER_TRANSITIONS` does not allow it."
+    new = OrderStatus.parse(new)
+    if new is old or new in ORDER_TRANSITIONS[old]:
+        return new
+    allowed = ", ".join(s.name for s in ORDER_TRANSITIONS[old]) or "nothing: it is final"
+    raise OrderStatusError(f"order status {old.name if old else 'unseen'} -> {new.name} is not allowed "
+                           f"(allowed: {allowed})")
+
+
+OrderStatus.to = _status_to
+
+
 # %% ../nbs/07_journal.ipynb #b021da2a
 PURPOSES = ("entry", "stop", "exit", "emergency_exit")
-FINAL_STATUSES = ("closed", "canceled", "cancelled", "expired", "rejected", "filled")   # ccxt unified + Binance raw, lower-cased
 
 MIGRATIONS: list[tuple[str, ...]] = [
     (   # 0 -> 1: the initial schema
@@ -399,11 +473,12 @@ Journal.record_intent, Journal._insert_intent = _record_intent, _insert_intent
 def _record_order_status(self, client_order_id: str, status: str, exchange_id: str | None = None,
                          filled: float | None = None, average: float | None = None,
                          raw_status: str | None = None, ts=None) -> bool:
-    "Journal an order's status (ccxt unified: open/closed/canceled/expired/rejected). Skips an unchanged repeat."
-    if not isinstance(status, str) or not status.strip():
+    "Journal an order's status (any spelling `OrderStatus.parse` knows; stored as ccxt's). Skips an unchanged repeat;\n    raises `OrderStatusError` for a move outside `ORDER_TRANSITIONS`."
+    if not isinstance(status, (str, OrderStatus)) or not str(status).strip():
         raise JournalError(f"order {client_order_id}: status={status!r} must be a non-empty string")
-    status = status.strip().lower()
     filled, average = _num(filled, "filled", allow_none=True), _num(average, "average", allow_none=True)
+    state = OrderStatus.parse(status, filled)
+    status = state.unified                                   # stored in ccxt's spelling, as journals always were
     exchange_id = None if exchange_id is None else str(exchange_id)
     with self._tx() as con:
         last = con.execute("SELECT exchange_id, status, filled, average FROM orders WHERE client_order_id = ? "
@@ -411,6 +486,10 @@ def _record_order_status(self, client_order_id: str, status: str, exchange_id: s
         new = dict(exchange_id=exchange_id, status=status, filled=filled, average=average)
         if last is not None and not _same(last, new, new.keys()):
             return False
+        try:                                                 # old rows may hold any spelling: parse them on read
+            order_transition(None if last is None else OrderStatus.parse(last["status"], last["filled"]), state)
+        except OrderStatusError as e:
+            raise OrderStatusError(f"order {client_order_id}: {e}") from None
         eid = self._event(con, "order", f"{client_order_id} {status} filled={filled}", dict(new, raw_status=raw_status,
                           client_order_id=client_order_id), ts)
         con.execute("INSERT INTO orders (event_id, client_order_id, exchange_id, status, filled, average, raw_status, ts) "

@@ -531,3 +531,19 @@ def test_paper_executor_restart_restores_the_book(tmp_path, df):
     [t] = j2.trades()
     assert t["exit_reason"] == "stop" and abs(t["exit_price"] - a.stop_price) < 1e-9
     assert ex2.venue.engine.orders_created == 2
+
+
+def test_order_queue_submit_does_not_deadlock_when_the_job_is_already_done():
+    "A job that finishes before `submit` adds its done-callback ran the callback under the queue's lock (issue 10)."
+    import threading
+    q = OrderQueue()
+    done = threading.Event()
+
+    def submit_many():
+        for k in range(300):                       # instant jobs: some finish before add_done_callback
+            q.submit("BTC/USDT", int, k)
+        done.set()
+    threading.Thread(target=submit_many, daemon=True).start()
+    assert done.wait(60), "OrderQueue.submit deadlocked on a job that was already done"
+    assert q.drain(timeout=60) and q.pending() == 0
+    q.close()

@@ -246,3 +246,58 @@ def test_really_corrupt_journal_still_says_move_it_aside(tmp_path):
         msg = str(e.value)
         assert "not a usable SQLite database" in msg and "move it aside (keep it as evidence)" in msg, msg
         assert "do not move" not in msg and str(p) in msg
+
+
+# ---------------------------------------------------------------- order status: one enum, one transition table (issue 10)
+from cryptobot.journal import ORDER_TRANSITIONS, OrderStatus, OrderStatusError  # noqa: E402
+
+# one way to observe each state as the executor does (a ccxt unified dict: status + filled)
+_OBSERVED = {OrderStatus.NEW: ("open", 0.0), OrderStatus.PARTIALLY_FILLED: ("open", 0.5),
+             OrderStatus.FILLED: ("closed", 1.0), OrderStatus.CANCELED: ("canceled", 0.5),
+             OrderStatus.EXPIRED: ("expired", 0.5), OrderStatus.REJECTED: ("rejected", None)}
+
+
+@pytest.mark.parametrize("old,new", [(o, n) for o, ns in ORDER_TRANSITIONS.items() for n in sorted(ns, key=list(OrderStatus).index)],
+                         ids=lambda s: getattr(s, "name", "UNSEEN"))
+def test_every_allowed_order_transition_is_journaled(tmp_path, old, new):
+    j = Journal(tmp_path / "j.sqlite")
+    if old is not None:
+        assert j.record_order_status("c1", *_OBSERVED[old][:1], filled=_OBSERVED[old][1])
+    status, filled = _OBSERVED[new]
+    if old is OrderStatus.PARTIALLY_FILLED and new is OrderStatus.PARTIALLY_FILLED:
+        filled = 0.75
+    assert j.record_order_status("c1", status, exchange_id="9", filled=filled)
+    last = j.select("SELECT status, filled FROM orders WHERE client_order_id = 'c1' ORDER BY id DESC LIMIT 1")[0]
+    assert OrderStatus.parse(last["status"], last["filled"]) is new and last["status"] == new.unified
+
+
+@pytest.mark.parametrize("old,new", [(o, n) for o in OrderStatus for n in OrderStatus
+                                     if n not in ORDER_TRANSITIONS[o] and n is not o], ids=lambda s: s.name)
+def test_order_transition_outside_the_table_raises_and_writes_nothing(tmp_path, old, new):
+    j = Journal(tmp_path / "j.sqlite")
+    j.record_order_status("c1", _OBSERVED[old][0], filled=_OBSERVED[old][1])
+    n = j.select("SELECT COUNT(*) AS n FROM orders")[0]["n"]
+    with pytest.raises(OrderStatusError, match=f"c1: order status {old.name} -> {new.name} is not allowed"):
+        j.record_order_status("c1", _OBSERVED[new][0], filled=_OBSERVED[new][1])
+    assert j.select("SELECT COUNT(*) AS n FROM orders")[0]["n"] == n          # nothing half-written
+    with pytest.raises(OrderStatusError, match=f"{old.name} -> {new.name} is not allowed"):
+        old.to(new)                                                          # the emulator's move, same table
+
+
+def test_old_journal_spellings_are_read_not_lost(tmp_path):
+    "A journal written before the enum may hold 'cancelled' or Binance's raw 'filled': both read as final."
+    j = Journal(tmp_path / "j.sqlite")
+    for cid in ("old-1", "old-2", "old-3"):
+        j.record_intent(cid, "BTC/USDT", "sell", "market", 1.0, purpose="exit")
+    with j._tx() as con:                                         # rows as an older version wrote them
+        for cid, st in (("old-1", "cancelled"), ("old-2", "filled"), ("old-3", "open")):
+            eid = j._event(con, "order", f"{cid} {st}", {"client_order_id": cid})
+            con.execute("INSERT INTO orders (event_id, client_order_id, status, filled, ts) VALUES (?,?,?,?,?)",
+                        (eid, cid, st, 0.0, T0))
+    assert [r["client_order_id"] for r in j.open_intents()] == ["old-3"]
+    assert [r["status"] for r in j.select("SELECT status FROM orders ORDER BY id")] == ["cancelled", "filled", "open"]
+    with pytest.raises(OrderStatusError, match="old-1: order status CANCELED -> FILLED is not allowed"):
+        j.record_order_status("old-1", "closed", filled=1.0)
+    assert j.record_order_status("old-3", "CANCELED", filled=0.0)        # Binance's raw spelling, normalised
+    assert j.select("SELECT status FROM orders ORDER BY id DESC LIMIT 1")[0]["status"] == "canceled"
+    assert not j.open_intents()
