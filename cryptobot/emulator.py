@@ -1424,7 +1424,7 @@ Emulator._cancel_all = _emu_cancel_all
 Emulator._all_orders = _emu_all_orders
 Emulator._my_trades = _emu_my_trades
 
-# %% ../nbs/09_emulator.ipynb #15d70bab
+# %% ../nbs/09_emulator.ipynb #fefad77c
 # -- HTTP: the server -------------------------------------------------------------
 async def _emu_handle(self, request: web.BaseRequest) -> web.StreamResponse:
     method, path = request.method, request.path
@@ -1501,7 +1501,7 @@ Emulator._fault_response = _emu_fault_response
 Emulator._startup = _emu_startup
 Emulator._bind = _emu_bind
 
-# %% ../nbs/09_emulator.ipynb #4680696b
+# %% ../nbs/09_emulator.ipynb #fb479712
 def _emu_port(self) -> int:
     if self._sock is None:
         raise EmulatorError("the emulator is not started; use `with Emulator(...) as emu:` or emu.start()")
@@ -1631,7 +1631,7 @@ def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api
            f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 
-# %% ../nbs/09_emulator.ipynb #d6b630c0
+# %% ../nbs/09_emulator.ipynb #f792ceb2
 def _candle_fields(candle) -> tuple[int, float, float, float, float, float]:
     "(open time ms, o, h, l, c, v) from a Series row (name = open time), a dict with 'timestamp', or a tuple."
     if isinstance(candle, pd.Series):
@@ -1660,7 +1660,7 @@ _ORDER_DEC = ("qty", "price", "stop_price", "quote_order_qty", "executed", "cum_
 
 _TRADE_DEC = ("price", "qty", "quoteQty", "commission")
 
-# %% ../nbs/09_emulator.ipynb #4a01f0a3
+# %% ../nbs/09_emulator.ipynb #d6aa7bec
 class MatchingEngine:
     "The emulator's book and fill rules in process, fed with candles as they close (see the table above)."
 
@@ -1751,7 +1751,7 @@ class MatchingEngine:
     def order(self, order_id: int | None = None, client_order_id: str | None = None) -> dict | None:
         return self._emu.order(order_id, client_order_id)
 
-# %% ../nbs/09_emulator.ipynb #7930606f
+# %% ../nbs/09_emulator.ipynb #a085557a
 def _me_state(self) -> dict:
     "JSON-friendly snapshot of the book and the forming bar (restore with `MatchingEngine(..., state=...)`)."
     emu = self._emu
