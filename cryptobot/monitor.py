@@ -233,7 +233,9 @@ def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
     return out
 
 # %% ../nbs/15_monitor.ipynb #2c3157da
-_DEAD_STOP = ("closed", "canceled", "cancelled", "expired", "rejected", "filled")
+from .journal import FINAL_STATUSES
+
+_DEAD_STOP = tuple(s.lower() for s in FINAL_STATUSES)   # every spelling of a final order state, from the one table
 
 
 def _problems(snap: dict, settings) -> list[str]:
