@@ -83,8 +83,8 @@ def test_fingerprint_changes_when_a_feature_function_changes(tmp_path, monkeypat
 def test_fingerprint_ignores_cell_markers_and_unrelated_code(tmp_path):
     "Moving notebook cells renumbers the generated file's markers; adding non-feature code must not matter either."
     src = Path(F.__file__).read_text()
-    assert "# %% ../nbs/03_features.ipynb" in src
-    moved = src.replace("# %% ../nbs/03_features.ipynb", "# %% ../nbs/03_features.ipynb #moved") + "\n\ndef unrelated():\n    return 1\n"
+    assert "# %% ../nbs/04_features.ipynb" in src
+    moved = src.replace("# %% ../nbs/04_features.ipynb", "# %% ../nbs/04_features.ipynb #moved") + "\n\ndef unrelated():\n    return 1\n"
     mod = _module_from_source(tmp_path, "features_moved", "# a new first line\n\n" + moved)
     assert mod.fingerprint() == F.fingerprint()
     assert not any("# %%" in s for s in F._feature_spec()["source"].values())
@@ -232,7 +232,7 @@ def test_deterministic_across_processes(tmp_path):
 
 # ---------------------------------------------------------------- notebook documentation in sync
 def test_notebook_feature_table_matches_the_code():
-    nb = json.loads((ROOT / "nbs" / "03_features.ipynb").read_text())
+    nb = json.loads((ROOT / "nbs" / "04_features.ipynb").read_text())
     rows = {}
     for cell in nb["cells"]:
         if cell["cell_type"] != "markdown":
