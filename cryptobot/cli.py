@@ -299,9 +299,33 @@ def cmd_status(a) -> int:
 
 
 def cmd_unlock(a) -> int:
-    from cryptobot.guardian import unlock_cli
-    say(unlock_cli(_settings(), a.reason))
+    "Lift the lock; with CRYPTOBOT_NOTIFY_URLS set, tell a person (KILL_UNLOCKED, at most 5 s, failures journaled)."
+    from cryptobot.guardian import JOURNAL_FILE, unlock_cli
+    s = _settings()
+    n = _notifier(s)
+    try:
+        msg = unlock_cli(s, a.reason)
+        say(msg)
+        if n.enabled and msg.startswith("unlocked"):
+            from pathlib import Path
+            from cryptobot.journal import Journal
+            with Journal(Path(s.state_dir) / JOURNAL_FILE) as j:
+                n.on_failure = j.log_event
+                n.notify("kill_unlocked", symbol=s.symbol, reason=a.reason)
+                n.close(5)
+    finally:
+        n.close(5)
     return 0
+
+
+def _notifier(s):
+    "The alert notifier of settings `s` (off when no URL); a URL apprise rejects is a settings error (exit 78)."
+    from cryptobot.config import ConfigError
+    from cryptobot.notify import Notifier, NotifyError, split_urls
+    try:
+        return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
+    except NotifyError as e:
+        raise ConfigError(str(e), "CRYPTOBOT_NOTIFY_URLS") from None
 
 
 def cmd_config(a) -> int:
