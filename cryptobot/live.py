@@ -830,7 +830,8 @@ def _alert_poll(self) -> None:
                 n.notify(Event.KILL_LOCKED, symbol=self.symbol, reason=st.lock_reason or "",
                          losses=st.consecutive_losses)
             else:
-                n.notify(Event.KILL_UNLOCKED, symbol=self.symbol, reason="lifted while the runner ran")
+                u = self.journal.last_events(1, kind="unlock")          # `cryptobot unlock` journals who and why
+                n.notify(Event.KILL_UNLOCKED, symbol=self.symbol, reason=u[0]["message"] if u else "state lifted")
             self._alert_locked = st.locked
         mark = self._alert_mark
         top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])

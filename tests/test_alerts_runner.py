@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from cryptobot.config import Secret, Settings
-from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
+from cryptobot.emulator import ORDER_TYPES, ORDER_TYPES_STOP_MARKET, Emulator
 from cryptobot.live import EX_CONFIG, StartupRefused, setup_logging, start_runner
 from market import frame
 from test_notify import Receiver, closed_port
@@ -46,11 +46,12 @@ def receiver():
 class Rig:
     "An accelerated emulator with STOP_LOSS, an always-long runner (kill switch after 1 loss) in a thread."
 
-    def __init__(self, tmp, model, url: str):
+    def __init__(self, tmp, model, url: str, stop_market: bool = True):
         from cryptobot.model import Strategy
         df = frame(1_300)
         self.emu = Emulator(df, clock="accelerated", speed=SPEED, start=df.index[1_100] + pd.Timedelta(minutes=40),
-                            api_key=KEY, api_secret=SECRET, order_types=ORDER_TYPES_STOP_MARKET)
+                            api_key=KEY, api_secret=SECRET,
+                            order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
         self.emu.start()
         self.s = Settings(state_dir=tmp / "st", exchange_url=self.emu.base_url, api_key=KEY, api_secret=SECRET,
                           stop_check_s=60, kill_switch_losses=1, notify_urls=Secret(url))
@@ -82,16 +83,18 @@ class Rig:
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}: {self.rows('SELECT kind, message FROM events')[-12:]}")
 
-    def lose_once(self):
+    def lose_once(self, lock: bool = True):
         "Entry, its stop; then the next bar falls through the stop: a losing trade, the kill switch locks."
-        st = self.wait_for(lambda: [o for o in self.emu.orders if o["type"] == "STOP_LOSS"], "the stop")[0]
+        st = self.wait_for(lambda: [o for o in self.emu.orders if o["type"] in ("STOP_LOSS", "STOP_LOSS_LIMIT")],
+                           "the stop")[0]
         tape = next(iter(self.emu.tapes.values()))
         with self.emu._lock:
             i = tape.bar_at(st["time"]) + 1
             o = float(tape.c[i - 1])
             low = st["stop_price"] * 0.97
             tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
-        self.wait_for(lambda: self.rows("SELECT * FROM locks"), "the kill switch")
+        if lock:
+            self.wait_for(lambda: self.rows("SELECT * FROM locks"), "the kill switch")
 
     def orders(self):
         return self.rows("SELECT client_order_id, side, type, amount, price, stop_price, purpose, candle_time "
@@ -113,8 +116,12 @@ def test_kill_switch_lock_reaches_the_receiver_and_the_secret_stays_out(receiver
     r = _run_to_lock(tmp_path, model, receiver.url(f"/ok/{TOKEN}"))
     try:
         got = r.wait_for(lambda: [b for p, b in receiver.got if "LOCKED" in b["title"]], "the KILL_LOCKED alert", 30)
+        from cryptobot.guardian import unlock_cli          # what `cryptobot unlock` does, from outside the runner
+        assert unlock_cli(r.s, "reviewed the stop-out").startswith("unlocked")
+        un = r.wait_for(lambda: [b for p, b in receiver.got if "unlocked" in b["title"]], "the KILL_UNLOCKED alert", 40)
     finally:
         r.close()
+    assert un[0]["title"] == "cryptobot: Kill switch unlocked (BTC/USDT)" and "reviewed the stop-out" in un[0]["message"]
     assert got[0]["title"] == "cryptobot: Kill switch LOCKED (BTC/USDT)" and got[0]["type"] == "failure"
     assert "kill switch: 1 consecutive losing trades" in got[0]["message"]          # the reason, from the Guardian
     assert "Consecutive losses: 1." in got[0]["message"]
@@ -199,7 +206,8 @@ def test_cryptobot_paper_refuses_an_invalid_url_exit_78(tmp_path):
                                                          "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")})
     assert r.returncode == 78, (r.stdout, r.stderr)
     out = r.stdout + r.stderr
-    assert "CRYPTOBOT_NOTIFY_URLS" in out and TOKEN not in out
+    line = [l for l in out.splitlines() if "startup_refused" in l]
+    assert len(line) == 1 and "nosuchscheme://example.com:****" in line[0] and "apprise" in line[0] and TOKEN not in out
 
 
 def test_unlock_sends_kill_unlocked(receiver, tmp_path):
@@ -242,3 +250,17 @@ def test_fingerprint_refusal_reaches_the_receiver(receiver, model, tmp_path):
         assert emu.orders_created == 0
     finally:
         emu.stop()
+
+
+def test_gap_through_the_stop_limit_alerts_the_emergency_exit(receiver, model, tmp_path):
+    "A stop-limit triggered but not filled: the stop watch sells at market, and a person hears of it."
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), stop_market=False)
+    try:
+        r.emu.faults.add("stop_unfilled")
+        r.lose_once(lock=False)
+        got = r.wait_for(lambda: [b for p, b in receiver.got if "EMERGENCY" in b["title"]], "the EMERGENCY_EXIT alert", 60)
+    finally:
+        r.close()
+    assert got[0]["title"] == "cryptobot: EMERGENCY EXIT BTC/USDT" and got[0]["type"] == "failure"
+    (x,) = r.rows("SELECT amount FROM intents WHERE purpose = 'emergency_exit'")
+    assert f"Closed {x['amount']} BTC/USDT at market" in got[0]["message"]
