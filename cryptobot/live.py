@@ -1012,7 +1012,8 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
         runner = Runner(settings, art, data_client=data_client, journal=journal, guardian=guardian, clock=clock,
                         make_exec=make_exec, fills=fills, strategy=strategy, **runner_kw)
         runner.notifier = notifier
-        runner._alert_init()
+        if notifier.enabled:
+            runner._alert_init()                       # alert only on what happens from here on
         _event("startup", mode=settings.mode, fills=fills, symbol=settings.symbol, timeframe=settings.timeframe,
                model=art.model_id, fingerprint=runner.fp[:12], state_dir=str(state_dir),
                exchange=settings.exchange_url or ("testnet" if settings.mode == "testnet" else "binance"),
