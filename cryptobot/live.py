@@ -559,8 +559,7 @@ def _step(self, decide: bool = True) -> Tick | None:
     if not self.executor.reconciled:
         self.executor.reconcile()
     tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
-    t_out = None
-    ctx = None
+    t_out = ctx = None
     if decide and usable:
         pos = self.executor.position()
         held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
@@ -946,6 +945,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         raise
 
 
+# %% ../nbs/11_live.ipynb #0705efed
 def _refused(notifier: Notifier, settings: Settings, e: StartupRefused) -> StartupRefused:
     "Tell a person the runner will not trade this model/strategy (fingerprint, stale, wrong market)."
     notifier.notify(Alert(Event.FINGERPRINT_REFUSED, f"Strategy refused at start ({settings.symbol})", str(e), "failure"))
