@@ -15,8 +15,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'redact', 'say', 'resolve_candles',
            'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
-           'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_unlock', 'cmd_config', 'cmd_run', 'cmd_paper',
-           'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench',
+           'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
+           'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
            'build_parser', 'main', 'cmd_sweep', 'cmd_promote']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
@@ -298,12 +298,6 @@ def cmd_status(a) -> int:
     return 0
 
 
-def cmd_unlock(a) -> int:
-    from cryptobot.guardian import unlock_cli
-    say(unlock_cli(_settings(), a.reason))
-    return 0
-
-
 def cmd_config(a) -> int:
     s = _settings()
     say(json.dumps(s.public_dict(), indent=2, default=str) if a.json else s.summary())
@@ -377,6 +371,37 @@ def cmd_bench(a) -> int:
     result = run_bench(data=a.data, out=a.json)
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
+
+# %% ../nbs/22_cli.ipynb #684bf475
+def cmd_unlock(a) -> int:
+    "Lift the lock; with CRYPTOBOT_NOTIFY_URLS set, tell a person (KILL_UNLOCKED, at most 5 s, failures journaled)."
+    from cryptobot.guardian import JOURNAL_FILE, unlock_cli
+    s = _settings()
+    n = _notifier(s)
+    try:
+        msg = unlock_cli(s, a.reason)
+        say(msg)
+        if n.enabled and msg.startswith("unlocked"):
+            from pathlib import Path
+            from cryptobot.journal import Journal
+            with Journal(Path(s.state_dir) / JOURNAL_FILE) as j:
+                n.on_failure = j.log_event
+                n.notify("kill_unlocked", symbol=s.symbol, reason=a.reason)
+                n.close(5)
+    finally:
+        n.close(5)
+    return 0
+
+
+def _notifier(s):
+    "The alert notifier of settings `s` (off when no URL); a URL apprise rejects is a settings error (exit 78)."
+    from cryptobot.config import ConfigError
+    from cryptobot.notify import Notifier, NotifyError, split_urls
+    try:
+        return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
+    except NotifyError as e:
+        raise ConfigError(str(e), "CRYPTOBOT_NOTIFY_URLS") from None
+
 
 # %% ../nbs/22_cli.ipynb #ecea65b2
 def build_parser() -> argparse.ArgumentParser:

@@ -208,6 +208,14 @@ def _check_secret(v: Secret | None) -> Secret | None:
     return v
 
 
+def _check_notify(v: Secret | None) -> Secret | None:
+    "None, or apprise URLs; the runner checks each URL with apprise when it starts (value never shown)."
+    if v is not None and re.search(r"[\x00-\x1f\x7f]", v.reveal()):
+        raise _Bad("contains control characters (value not shown); list apprise URLs separated by commas",
+                   show=False, fix=False)
+    return v
+
+
 def _check_url(value: str | None) -> str | None:
     "None, or the loopback emulator URL without a trailing slash; raise otherwise."
     if not value:
@@ -256,6 +264,7 @@ SETTINGS_KEYS: dict[str, tuple[str, str, str, str]] = {
     "CRYPTOBOT_STOP_CHECK_S": ("stop_check_s", "int", "60", LIMITS["stop_check_s"].what),
     "CRYPTOBOT_STRATEGY": ("strategy", "text", "model", "strategy the runner trades: model, ema_cross, rsi_reversion or module:Class"),
     "CRYPTOBOT_STRATEGY_PARAMS": ("strategy_params", "optional", "", "its parameters, name=value,... (e.g. fast=12,slow=26)"),
+    "CRYPTOBOT_NOTIFY_URLS": ("notify_urls", "secret", "", "apprise alert URLs, comma-separated; empty: alerts off"),
     "CRYPTOBOT_MODE": ("", "mode", "", "optional assertion: paper | testnet | live; must agree with GO_LIVE/BINANCE_TESTNET"),
 }
 FIELD_KEYS = {f: k for k, (f, *_ignored) in SETTINGS_KEYS.items() if f}
@@ -297,6 +306,7 @@ class Settings:
     stop_check_s: _number("stop_check_s") = 60
     strategy: Annotated[str, AfterValidator(_check_strategy)] = "model"
     strategy_params: Annotated[str | None, AfterValidator(_check_params)] = None
+    notify_urls: Annotated[Secret | None, AfterValidator(_check_notify)] = None
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
     secrets_file_insecure: bool = dataclasses.field(default=False, compare=False, repr=False)
 
@@ -309,7 +319,8 @@ class Settings:
                               "use the testnet or the local emulator, not both", "BINANCE_TESTNET")
 
 # %% ../nbs/01_config.ipynb #4c805164
-_SECRET_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
+_API_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
+_SECRET_KEYS = _API_KEYS + ("CRYPTOBOT_NOTIFY_URLS",)     # alert URLs carry tokens: masked like the keys
 _GENERIC_FIX = "fix it in .env or the environment"
 
 
@@ -382,6 +393,12 @@ Settings.mode = property(_mode)
 Settings.live_blockers = _live_blockers
 
 # %% ../nbs/01_config.ipynb #bfdd151f
+def _masked_urls(v: Secret | None) -> str | None:
+    "Alert URLs as scheme and host only (`json://127.0.0.1:****`), never their tokens."
+    from cryptobot.notify import mask_url, split_urls      # stdlib-only module; apprise is loaded by the runner
+    return None if v is None else ",".join(mask_url(u) for u in split_urls(v.reveal())) or None
+
+
 def _public_dict(self) -> dict[str, Any]:
     "JSON-friendly settings with secrets masked (`'****'` when set, else None) and the derived mode."
     out = {}
@@ -390,7 +407,7 @@ def _public_dict(self) -> dict[str, Any]:
             continue
         v = getattr(self, f.name)
         out[f.name] = ("****" if v is not None else None) if f.name in ("api_key", "api_secret") else \
-            str(v) if isinstance(v, Path) else v
+            _masked_urls(v) if f.name == "notify_urls" else str(v) if isinstance(v, Path) else v
     out["mode"] = self.mode
     return out
 
@@ -566,7 +583,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
     if problems:
         raise _one(problems)
     asserted = values.pop("asserted_mode", None)
-    insecure = bool(notes) and any(file_vals.get(k) and k not in env for k in _SECRET_KEYS)
+    insecure = bool(notes) and any(file_vals.get(k) and k not in env for k in _API_KEYS)
     s = Settings(**values, warnings=tuple(notes), secrets_file_insecure=insecure)
     if asserted and asserted != s.mode:
         raise ConfigError(f"CRYPTOBOT_MODE={asserted} but GO_LIVE={str(s.go_live).lower()} and BINANCE_TESTNET="

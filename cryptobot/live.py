@@ -35,6 +35,7 @@ from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE, Approval, Guardian, Signal
 from .journal import Journal, iso, to_epoch
+from .notify import Alert, Event, Notifier, NotifyError, _secret_parts, split_urls
 from .risk import Plan, RiskEngine
 from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
 from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
@@ -44,9 +45,9 @@ from .strategy import make_strategy, parse_params, required_window, spec_of
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'LiveError', 'StartupRefused',
-           'RedactingFilter', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv', 'live_gate_blockers',
-           'load_model', 'is_rule', 'select_strategy', 'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
-           'format_stop', 'start_runner', 'run']
+           'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
+           'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'load_strategy', 'CrashPoints', 'Tick',
+           'Runner', 'stop_report', 'format_stop', 'start_runner', 'run']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -103,6 +104,13 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def notify_secrets(settings: Settings) -> list[str]:
+    "The fragments of the alert URLs (`CRYPTOBOT_NOTIFY_URLS`) a log line must not show; a bare port is not one."
+    urls = split_urls(settings.notify_urls.reveal()) if getattr(settings, "notify_urls", None) is not None else []
+    return sorted({p for u in urls for p in _secret_parts(u) if not (p.isdigit() and len(p) <= 5)}, key=len,
+                  reverse=True)
+
+
 class _UTCFormatter(logging.Formatter):
     converter = time.gmtime
 
@@ -115,6 +123,7 @@ def setup_logging(settings: Settings | None = None, stream=None, level: str | No
     secrets_ = []
     if settings is not None:
         secrets_ = [s.reveal() for s in (settings.api_key, settings.api_secret) if s is not None]
+        secrets_ += notify_secrets(settings)
     h = logging.StreamHandler(stream or sys.stdout)
     h.setFormatter(_UTCFormatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
     h.addFilter(RedactingFilter(secrets_))
@@ -550,8 +559,7 @@ def _step(self, decide: bool = True) -> Tick | None:
     if not self.executor.reconciled:
         self.executor.reconcile()
     tick = Tick(close_t, close, proba, "none" if usable else "skip", "bad_data" if bad else "", stop=stop)
-    t_out = None
-    ctx = None
+    t_out = ctx = None
     if decide and usable:
         pos = self.executor.position()
         held = int(round((close_t - pos.candle_time) / self.tf_s)) if pos is not None else 0
@@ -593,6 +601,7 @@ def _step(self, decide: bool = True) -> Tick | None:
     _event("candle", candle=iso(close_t), close=close, p=None if proba is None else round(proba, 4),
            action=tick.action, outcome=tick.outcome or None, reason=tick.reason, stop=stop,
            replayed=tick.replayed or None, tick_ms=round(tick.tick_ms, 2))
+    self._alert_poll()
     if self.after_candle is not None:
         self.after_candle(self, tick)
     return tick
@@ -690,7 +699,10 @@ def _run_loop(self, max_candles: int | None = None) -> int:
     try:
         while not self.stop_event.is_set():
             if why == "check":
-                self.check_stop()                      # between candle closes (see the stop watch below)
+                try:
+                    self.check_stop()                  # between candle closes (see the stop watch below)
+                finally:
+                    self._alert_poll()                 # a lock, stop failure or emergency exit: tell a person
             else:
                 try:
                     tick = self.step()
@@ -698,6 +710,8 @@ def _run_loop(self, max_candles: int | None = None) -> int:
                     self._poll_error("tick", e)
                     self.stop_event.wait(self.min_poll_s)
                     continue
+                finally:
+                    self._alert_poll()
                 if tick is not None:
                     n += 1
                     if max_candles is not None and n >= max_candles:
@@ -719,6 +733,8 @@ def _close_runner(self) -> None:
                                 "last_done": self.last_done})
     except Exception:  # noqa: BLE001
         pass
+    self._alert_poll()
+    self.notifier.close(5)                             # bounded: a dead receiver never holds the shutdown
     _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
            stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
 
@@ -789,6 +805,62 @@ def _check_unknown(self, now: float, e: BaseException) -> str:
 
 Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_stop, _check_unknown
 
+# %% ../nbs/14_live.ipynb #b09f13de
+Runner.notifier = Notifier()            # off (no thread, no apprise) unless `start_runner` gives the runner one
+
+
+def _alert_init(self) -> None:
+    "Remember where the journal and the lock stand: only what happens later is alerted."
+    self._alert_mark = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
+    self._alert_locked = self.guardian.locked
+
+
+def _alert_poll(self) -> None:
+    "Queue alerts for a lock change and for the stop failures, emergency exits and mismatches journaled since. Never raises."
+    n = self.notifier
+    if not n.enabled:
+        return
+    try:
+        if getattr(self, "_alert_mark", None) is None:
+            self._alert_init()
+        st = self.guardian.current_state
+        if st.locked != self._alert_locked:
+            if st.locked:
+                n.notify(Event.KILL_LOCKED, symbol=self.symbol, reason=st.lock_reason or "",
+                         losses=st.consecutive_losses)
+            else:
+                u = self.journal.last_events(1, kind="unlock")          # `cryptobot unlock` journals who and why
+                n.notify(Event.KILL_UNLOCKED, symbol=self.symbol, reason=u[0]["message"] if u else "state lifted")
+            self._alert_locked = st.locked
+        mark = self._alert_mark
+        top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
+        rows = self.journal.select("SELECT id, kind, message, data FROM events WHERE id > ? AND id <= ? AND kind IN "
+                                   "('stop_rejected', 'stop_unknown', 'reconcile') ORDER BY id", (mark, top))
+        exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
+                                    "purpose = 'emergency_exit' ORDER BY id", (mark, top))
+        pos = self.executor.position() if self.executor is not None else None
+        for r in rows:
+            d = json.loads(r["data"]) if r["data"] else {}
+            if r["kind"] == "stop_rejected":
+                n.notify(Event.STOP_FAILED, symbol=self.symbol, client_order_id=d.get("stop") or d.get("entry"),
+                         reason=d.get("reason") or r["message"])
+            elif r["kind"] == "stop_unknown":
+                n.notify(Event.STOP_FAILED, symbol=self.symbol, client_order_id=pos.stop_cid if pos else "?",
+                         reason=r["message"], rejected=False)
+            elif str(r["message"]).startswith("MISMATCH"):
+                n.notify(Event.RECONCILE_MISMATCH, symbol=self.symbol, summary=r["message"].removeprefix("MISMATCH: "))
+        why = "the stop was rejected" if any(r["kind"] == "stop_rejected" for r in rows) else \
+            "the stop did not protect the position (see the journal)"
+        for x in exits:
+            n.notify(Event.EMERGENCY_EXIT, symbol=x["symbol"], amount=x["amount"], reason=why)
+        self._alert_mark = top
+    except Exception as e:  # noqa: BLE001 - alerts never take trading down
+        _event("alert_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
+
+
+Runner._alert_init, Runner._alert_poll = _alert_init, _alert_poll
+
+
 # %% ../nbs/14_live.ipynb #a7ee3687
 def stop_report(journal_path, now: float | None = None, since: float | None = None, until: float | None = None,
                 interval_s: float | None = None) -> dict:
@@ -843,7 +915,8 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
                  poll_s: float = 10.0, min_poll_s: float = 1.0, audit: Callable | None = None,
                  crash_at: str | dict | None = None, max_model_age_days: float | None = 30.0,
                  executor_kw: dict | None = None, after_candle: Callable | None = None,
-                 data_client=None, retry: dict | None = None, rate_limit_ms: float | None = None) -> Runner:
+                 data_client=None, retry: dict | None = None, rate_limit_ms: float | None = None,
+                 notify_kw: dict | None = None) -> Runner:
     "Settings → mode gate → model → exchange clock → journal/Guardian → executor → reconcile. A started Runner."
     if settings is None:
         try:
@@ -857,6 +930,31 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         pre = [b for b in settings.live_blockers()]
         if pre:
             raise StartupRefused("live trading refused: " + "; ".join(pre))
+    try:                                               # alerts: a URL apprise cannot use is a settings error
+        urls = split_urls(settings.notify_urls.reveal()) if settings.notify_urls is not None else []
+        notifier = Notifier.from_urls(urls, **(notify_kw or {}))
+    except NotifyError as e:
+        raise StartupRefused(f"configuration refused: {e}") from None
+    try:
+        return _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw,
+                             audit, max_model_age_days, dict(stop_event=stop_event, settle_s=settle_s, poll_s=poll_s,
+                                                             min_poll_s=min_poll_s, crash=CrashPoints(crash_at),
+                                                             after_candle=after_candle, retry=retry))
+    except BaseException:
+        notifier.close(5)                              # bounded: what was queued (a refusal) goes out first
+        raise
+
+
+# %% ../nbs/14_live.ipynb #1a3c5bf6
+def _refused(notifier: Notifier, settings: Settings, e: StartupRefused) -> StartupRefused:
+    "Tell a person the runner will not trade this model/strategy (fingerprint, stale, wrong market)."
+    notifier.notify(Alert(Event.FINGERPRINT_REFUSED, f"Strategy refused at start ({settings.symbol})", str(e), "failure"))
+    return e
+
+
+def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw, audit,
+                  max_model_age_days, runner_kw) -> Runner:
+    "The rest of `start_runner` once the notifier exists."
     fills = fills or ("paper" if settings.mode == "paper" and not settings.exchange_url else "exchange")
     if fills not in ("paper", "exchange"):
         raise StartupRefused(f"fills={fills!r}: 'paper' (simulated) or 'exchange'")
@@ -883,14 +981,18 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         raise LiveError(f"the exchange is unreachable ({type(e).__name__}); check the network or "
                         f"CRYPTOBOT_EXCHANGE_URL and restart", EX_UNAVAILABLE) from None
     try:
-        strategy = select_strategy(settings, strategy)
-    except StrategyError as e:
-        raise StartupRefused(f"strategy refused: {e}") from None
-    art = load_strategy(settings, strategy, model) if is_rule(strategy) else \
-        load_model(settings, model, now=now, max_age_days=max_model_age_days)
+        try:
+            strategy = select_strategy(settings, strategy)
+        except StrategyError as e:
+            raise StartupRefused(f"strategy refused: {e}") from None
+        art = load_strategy(settings, strategy, model) if is_rule(strategy) else \
+            load_model(settings, model, now=now, max_age_days=max_model_age_days)
+    except StartupRefused as e:
+        raise _refused(notifier, settings, e) from None
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
+    notifier.on_failure = journal.log_event            # notify_failed / notify_unsent are journaled
     guardian = Guardian(settings, state_dir, journal, clock=clock)
     kw = dict(executor_kw or {})
     try:
@@ -908,26 +1010,32 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         else:
             make_exec = lambda closed, nxt: limited(make_executor(settings, journal, guardian, **kw))
         runner = Runner(settings, art, data_client=data_client, journal=journal, guardian=guardian, clock=clock,
-                        make_exec=make_exec, fills=fills, strategy=strategy, settle_s=settle_s, poll_s=poll_s,
-                        min_poll_s=min_poll_s, stop_event=stop_event, crash=CrashPoints(crash_at),
-                        after_candle=after_candle, retry=retry)
+                        make_exec=make_exec, fills=fills, strategy=strategy, **runner_kw)
+        runner.notifier = notifier
+        if notifier.enabled:
+            runner._alert_init()                       # alert only on what happens from here on
         _event("startup", mode=settings.mode, fills=fills, symbol=settings.symbol, timeframe=settings.timeframe,
                model=art.model_id, fingerprint=runner.fp[:12], state_dir=str(state_dir),
                exchange=settings.exchange_url or ("testnet" if settings.mode == "testnet" else "binance"),
                strategy=json.dumps(runner.strategy.to_dict(), separators=(",", ":")))
         runner.start()
+        runner._alert_poll()                           # a mismatch found by the start-up reconciliation
         return runner
     except ExchangeAuthError as e:
+        notifier.close(5)
         journal.close()
         raise LiveError(str(e), EX_NOPERM) from None
     except ExecutorError as e:
+        notifier.close(5)
         journal.close()
         raise StartupRefused(str(e)) from None
     except NETWORK_ERRORS as e:
+        notifier.close(5)
         journal.close()
         raise LiveError(f"the exchange is unreachable during start-up ({type(e).__name__}); restart later",
                         EX_UNAVAILABLE) from None
     except BaseException:
+        notifier.close(5)
         journal.close()
         raise
 

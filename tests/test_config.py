@@ -259,6 +259,22 @@ def _all_text(s: Settings) -> str:
                      str(s.public_dict()), s.summary(), repr(s.api_key), str(s.api_secret)])
 
 
+def test_notify_urls_are_a_secret_masked_everywhere(tmp_path):
+    "CRYPTOBOT_NOTIFY_URLS carries tokens: Secret in repr, scheme and host only in public_dict/summary; empty = off."
+    tok = "DISTINCTIVE-bot-token-99"
+    p = write_env(tmp_path, f"CRYPTOBOT_NOTIFY_URLS=json://127.0.0.1:8080/{tok}, tgram://12345:{tok}/77\n")
+    s = load_settings({}, p)
+    assert s.notify_urls.reveal() == f"json://127.0.0.1:8080/{tok}, tgram://12345:{tok}/77"
+    text = _all_text(s) + repr(s.notify_urls)
+    assert "DISTINCTIVE" not in text and "Secret('****')" in text
+    assert s.public_dict()["notify_urls"] == "json://127.0.0.1:****,tgram://****"
+    assert "CRYPTOBOT_NOTIFY_URLS=json://127.0.0.1:****,tgram://****" in s.summary().splitlines()
+    assert load_settings({"CRYPTOBOT_NOTIFY_URLS": ""}, None).notify_urls is None
+    with pytest.raises(ConfigError) as e:
+        load_settings({"CRYPTOBOT_NOTIFY_URLS": f"json://h/{tok}\x07"}, None)
+    assert "CRYPTOBOT_NOTIFY_URLS" in str(e.value) and "DISTINCTIVE" not in str(e.value)
+
+
 def test_secret_never_printed(tmp_path):
     p = write_env(tmp_path, f"BINANCE_API_SECRET={FAKE_SECRET}\n")
     s = load_settings({"BINANCE_API_KEY": FAKE_KEY}, p)
