@@ -1,24 +1,20 @@
 """cryptobot.strategy: the live runner's per-bar decision equals the vectorised pass, on every bar of the real file."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cryptobot.strategy import (ENTER, EXIT, FLAT, HOLD, EmaCross, ModelStrategy, RsiReversion, Strategy,
-                                StrategyError, Param, checked_signals, make_strategy, required_window, resolve)
+from cryptobot.strategy import (ENTER, EXIT, FLAT, HOLD, EmaCross, ModelStrategy, RsiReversion,
+                                StrategyError, checked_signals, make_strategy, required_window, resolve)
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
+from market import real_candles
 
 
 @pytest.fixture(scope="module")
 def real():
-    if not REAL.exists():
-        pytest.skip(f"real data absent: {REAL}")
-    from cryptobot.data import load_candles
-    return load_candles(REAL)
+    return real_candles()
 
 
 def _signal_positions(enter, exit_):

@@ -1,23 +1,20 @@
 "Sweeps: the grid, the many-column kernel against single backtests (real 5-year file), walk-forward, PBO, DSR."
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from cryptobot.backtest import backtest
-from cryptobot.data import load_candles, synthetic_candles
+from cryptobot.data import synthetic_candles
 from cryptobot.strategy import EmaCross, RsiReversion, checked_signals
 from cryptobot.sweep import SweepError, grid_signals, grid_trades, parse_grid, run_grid
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
+from market import REAL_5Y as REAL, real_candles
 
 
 @pytest.fixture(scope="module")
 def real():
-    if not REAL.exists():
-        pytest.skip(f"real data absent: {REAL}")
-    return load_candles(REAL)
+    return real_candles()
 
 
 def _same(row, st):
@@ -193,7 +190,6 @@ def test_same_sweep_in_process_on_a_local_cluster_and_on_separate_dask_processes
     import socket
     import subprocess
     import sys
-    import time
     from cryptobot.sweep import run_sweep
     c = {"SYN-A (synthetic)": synthetic_candles(n=4000, seed=21), "SYN-B (synthetic)": synthetic_candles(n=4000, seed=22)}
     cfg = parse_grid(["fast=4:20:4", "slow=25:65:10"])
