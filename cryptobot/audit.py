@@ -32,19 +32,20 @@ from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gat
 __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN', 'POLL_ERRORS_FAIL',
            'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN', 'PSI_FAIL',
            'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS', 'AUC_FAIL',
-           'AUC_WARN', 'MIN_BACKTEST_TRADES', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'CHECKS', 'GO_LIVE_STEPS', 'AuditError',
-           'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like', 'secret_hits', 'default_env_files',
-           'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age', 'check_poll_errors',
-           'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate', 'check_state_valid',
-           'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
-           'check_paper_trades', 'check_testnet_round_trip', 'check_logging', 'explain_lock_divergences',
-           'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'check_feature_parity',
-           'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always', 'exercise_lock_persistence',
-           'check_lock_persists', 'check_last_reconciliation', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
-           'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
-           'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'run_check',
-           'run_checks', 'summary_rows', 'render_markdown', 'report_paths', 'utc_date', 'write_report_md',
-           'report_json', 'audit_main']
+           'AUC_WARN', 'MIN_BACKTEST_TRADES', 'PBO_FAIL', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'MODEL_CHECKS', 'CHECKS',
+           'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like', 'secret_hits',
+           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
+           'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate',
+           'check_state_valid', 'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds',
+           'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip', 'check_logging',
+           'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint',
+           'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always',
+           'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation', 'repo_files',
+           'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git', 'check_secrets_in_outputs',
+           'check_systemd_exposure', 'check_training_data', 'check_model_freshness', 'check_oos_metrics',
+           'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence', 'run_check', 'run_checks',
+           'summary_rows', 'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json',
+           'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
 class AuditError(RuntimeError):
@@ -85,6 +86,7 @@ CHECK_NAMES: dict[str, str] = {
     "keys_in_repo": "security", "dotenv_mode": "security", "dotenv_git": "security",
     "secrets_in_outputs": "security", "systemd_exposure": "security",
     "training_data": "strategy", "model_freshness": "strategy", "oos_metrics": "strategy", "oos_backtest": "strategy",
+    "strategy_evidence": "strategy",
 }
 
 # %% ../nbs/18_audit.ipynb #ec4f06fb
@@ -96,6 +98,7 @@ EXPOSURE_PASS, EXPOSURE_WARN = 2.0, 5.0           # systemd-analyze security exp
 MODEL_MAX_AGE_DAYS = 30                           # the live runner refuses an older model (cryptobot.live.load_model)
 AUC_FAIL, AUC_WARN = 0.50, 0.52                   # walk-forward OOS AUC: <= FAIL, < WARN
 MIN_BACKTEST_TRADES = 30                          # fewer OOS backtest trades: too few to judge (WARN)
+PBO_FAIL = 0.5                                    # a promoted rule strategy's probability of backtest overfitting: > FAIL
 
 THRESHOLDS = {
     "poll errors / 24 h": f">= {POLL_ERRORS_WARN} WARN, >= {POLL_ERRORS_FAIL} FAIL",
@@ -108,6 +111,8 @@ THRESHOLDS = {
     "model age": f"training data end <= {MODEL_MAX_AGE_DAYS} days ago",
     "OOS AUC": f"<= {AUC_FAIL} FAIL, < {AUC_WARN} WARN",
     "OOS backtest": f"total return after costs <= 0 FAIL; < {MIN_BACKTEST_TRADES} trades WARN",
+    "rule strategy evidence": f"sweep PBO > {PBO_FAIL} FAIL; walk-forward OOS return after costs <= 0 FAIL; no promoted "
+                              "artifact, no sweep evidence, or not the configured strategy/params FAIL",
     "capital": "stop/risk/leverage looser than 1.5 % / 1 % / 1.0x FAIL, tighter WARN",
 }
 
@@ -1352,6 +1357,81 @@ def check_oos_backtest(ev: Evidence) -> Check:
         return Check("strategy", "oos_backtest", WARN, txt, f"only {st['trades']} trades: too few to judge")
     return Check("strategy", "oos_backtest", PASS, txt)
 
+# %% ../nbs/18_audit.ipynb #62083932
+# the checks whose evidence is the model artifact -> (status, detail) when the runner trades a rule strategy instead
+MODEL_CHECKS: dict[str, tuple[str, str]] = {
+    "training_data": (PASS, ""), "model_freshness": (PASS, ""), "oos_metrics": (PASS, ""), "oos_backtest": (PASS, ""),
+    "model_fingerprint": (PASS, ""), "feature_psi": (PASS, ""),
+    "paper_vs_backtest": (WARN, "paper trades are compared with the model's backtest only: the rule strategy's paper "
+                                "run is unverified against its backtest"),
+}
+
+
+def _ev_strategy(self):
+    "(the rule strategy the runner trades | None when it trades the model, why not): the runner's `select_strategy`."
+    def resolve_():
+        from cryptobot.live import is_rule, select_strategy
+        st = select_strategy(self.settings)
+        return st if is_rule(st) else None
+    return self._once("strategy", resolve_)
+
+
+Evidence.strategy = _ev_strategy
+
+
+def model_check_na(name: str, ev: Evidence) -> Check | None:
+    "The model check `name` as n/a when the runner trades a rule strategy; None: it applies (the model, or no strategy)."
+    st, _err = ev.strategy()
+    if name not in MODEL_CHECKS or st is None:
+        return None
+    status, detail = MODEL_CHECKS[name]
+    return Check(CHECK_NAMES[name], name, status, f"n/a: the runner trades the rule strategy {st!r} "
+                 f"(CRYPTOBOT_STRATEGY={ev.settings.strategy}), not the model; its evidence is strategy/strategy_evidence",
+                 detail)
+
+
+# %% ../nbs/18_audit.ipynb #86913823
+def _pct(x) -> str:
+    return f"{x:+.2%}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+def check_strategy_evidence(ev: Evidence) -> Check:
+    "The artifact the runner would trade for a rule strategy: its sweep evidence (PBO, walk-forward OOS return)."
+    from cryptobot.live import StartupRefused, load_strategy
+    from cryptobot.strategy import StrategyError, artifact_dir, load_strategy_artifact
+    C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
+    st, err = ev.strategy()
+    if err:
+        return C(FAIL, f"the configured strategy cannot be built: {err}", "fix CRYPTOBOT_STRATEGY / _PARAMS")
+    if st is None:
+        return C(PASS, f"the runner trades the model (CRYPTOBOT_STRATEGY={ev.settings.strategy}): its evidence is judged "
+                 "by the model checks (training_data, model_freshness, oos_metrics, oos_backtest)")
+    try:
+        art = load_strategy_artifact(artifact_dir(ev.settings.data_dir, st))
+        load_strategy(ev.settings, st, art)          # the runner's own test: strategy, parameters, features, market
+    except (StrategyError, StartupRefused) as e:
+        return C(FAIL, f"rule strategy {st!r}: {e}", "no promoted artifact for the configured strategy: run cryptobot "
+                 "sweep, then cryptobot promote SWEEP_ID and set the CRYPTOBOT_STRATEGY/_PARAMS it prints")
+    x = art.manifest.get("evidence") or {}
+    if not x:
+        return C(FAIL, f"{art.path}: {st!r} has no sweep evidence (a single backtest's --save-artifact)",
+                 "one backtest says nothing about overfitting: sweep the strategy and promote the chosen configuration")
+    pbo, ret = x.get("pbo"), x.get("walk_forward_oos_return")
+    dsr = ", ".join(f"{k} {v:.3f}" for k, v in (x.get("deflated_sharpe") or {}).items())
+    txt = (f"{art.path}: {st!r} promoted from sweep {x.get('sweep_id')} (rank {x.get('rank')}, {x.get('configs_tried')} "
+           f"configurations tried, objective {x.get('objective')}, {x.get('n_folds')} folds, data "
+           f"{', '.join(x.get('symbols') or [])}): PBO {pbo if pbo is None else round(pbo, 3)}, walk-forward OOS return "
+           f"after costs {_pct(ret)}" + (f", deflated Sharpe {dsr}" if dsr else ""))
+    bad = []
+    if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
+        bad.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} (or unknown)")
+    if not (isinstance(ret, (int, float)) and ret > 0):
+        bad.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive")
+    if bad:
+        return C(FAIL, txt, "; ".join(bad) + ": the sweep's best is likely luck — it must not trade real money")
+    return C(PASS, txt)
+
+
 # %% ../nbs/18_audit.ipynb #3600bc74
 CHECKS: dict[str, Callable[[Evidence], Check]] = {
     "rate_limit": check_rate_limit, "candle_age": check_candle_age, "poll_errors": check_poll_errors,
@@ -1369,6 +1449,7 @@ CHECKS: dict[str, Callable[[Evidence], Check]] = {
     "secrets_in_outputs": check_secrets_in_outputs, "systemd_exposure": check_systemd_exposure,
     "training_data": check_training_data, "model_freshness": check_model_freshness,
     "oos_metrics": check_oos_metrics, "oos_backtest": check_oos_backtest,
+    "strategy_evidence": check_strategy_evidence,
 }
 assert list(CHECKS) == list(CHECK_NAMES)
 
@@ -1376,7 +1457,8 @@ assert list(CHECKS) == list(CHECK_NAMES)
 def run_check(name: str, ev: Evidence) -> Check:
     "Run one check; a crash is a FAIL naming the exception (fail closed), never a pass."
     try:
-        c = CHECKS[name](ev)
+        na = model_check_na(name, ev)                # a rule strategy is not judged by the model's checks
+        c = na if na is not None else CHECKS[name](ev)
         if c.name != name or c.domain != CHECK_NAMES[name]:
             raise AuditError(f"check {name} returned {c.domain}/{c.name}")
         return c

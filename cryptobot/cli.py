@@ -587,13 +587,14 @@ def cmd_sweep(a) -> int:
 
 def cmd_promote(a) -> int:
     "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
-    from cryptobot.sweep import promote
+    from cryptobot.sweep import promote, runner_env
     s = _settings()
-    m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, Path(s.data_dir) / "strategies")
+    m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir)
     ev = m["evidence"]
     say(f"promoted {m['strategy']} {m['params']} (rank {a.rank} of sweep {a.sweep_id}, {ev['configs_tried']} tried): "
         f"PBO {ev['pbo']}, walk-forward out of sample {ev['walk_forward_oos_return']:+.2%} after costs",
-        f"artifact: {m['path']}")
+        f"artifact: {m['path']}", "the runner trades it with these settings (environment or .env):",
+        *(f"  {k}={v}" for k, v in runner_env(m).items()))
     for why in m["evidence_failures"]:
         print(f"cryptobot promote: WARNING: {why}: the audit will fail this strategy", file=sys.stderr)
     return 0

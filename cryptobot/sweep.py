@@ -23,7 +23,7 @@ __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'pa
            'grid_trades', 'make_folds', 'block_stats', 'pbo_cscv', 'expected_max_sharpe', 'deflated_sharpe',
            'walk_forward', 'finish_walk_forward', 'sweep_summary', 'pooled_configs', 'top_configs', 'sweep_task',
            'task_list', 'task_path', 'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'evidence_failures',
-           'promote']
+           'promote', 'runner_env']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
 class SweepError(ValueError):
@@ -666,14 +666,15 @@ def evidence_failures(evidence: dict) -> list[str]:
     return out
 
 
-def promote(sweep_dir, rank: int = 1, symbol: str | None = None, out_dir="data/strategies") -> dict:
+def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data") -> dict:
     """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
-    strategy artifact `out_dir/<strategy>-<fingerprint[:12]>/strategy.json`, with the sweep's evidence in its manifest."""
+    strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it."""
     import json
     from datetime import datetime, timezone
     from pathlib import Path
     from cryptobot.files import atomic_write
-    from cryptobot.strategy import make_strategy
+    from cryptobot.features import fingerprint as feature_fingerprint
+    from cryptobot.strategy import STRATEGY_FILE, artifact_dir, make_strategy, spec_of
     res = Path(sweep_dir) / "result.json"
     if not res.exists():
         raise SweepError(f"{sweep_dir}: no finished sweep there (result.json missing): run or resume `cryptobot sweep` first")
@@ -700,9 +701,22 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, out_dir="data/s
     if evidence["pbo"] == float("inf"):
         evidence["pbo"] = None
     fp = strat.fingerprint()
-    manifest = {"kind": "strategy", "strategy": js["strategy"], "params": strat.to_dict(), "fingerprint": fp,
+    manifest = {"kind": "strategy", "strategy": spec_of(strat), "params": strat.to_dict(), "strategy_fingerprint": fp,
+                "feature_fingerprint": feature_fingerprint(), "symbol": None, "timeframe": None, "backtest": row,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "evidence": evidence,
-                "evidence_failures": evidence_failures(evidence)}
-    path = Path(out_dir) / f"{strat.name}-{fp[:12]}" / "strategy.json"
+                "evidence_failures": evidence_failures(evidence)}   # symbol/timeframe None: sweep data are labels, not markets
+    path = artifact_dir(data_dir, strat) / STRATEGY_FILE
     atomic_write(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {**manifest, "path": str(path)}
+
+# %% ../nbs/08_sweep.ipynb #44285ceb
+def runner_env(manifest: dict) -> dict[str, str]:
+    "The `CRYPTOBOT_STRATEGY` / `CRYPTOBOT_STRATEGY_PARAMS` values that make the runner trade this promoted artifact."
+    from cryptobot.strategy import make_strategy, parse_params
+    text = ",".join(f"{k}={v}" for k, v in manifest["params"].items() if v is not None)
+    env = {"CRYPTOBOT_STRATEGY": manifest["strategy"], "CRYPTOBOT_STRATEGY_PARAMS": text}
+    if make_strategy(env["CRYPTOBOT_STRATEGY"], parse_params(text)).fingerprint() != manifest["strategy_fingerprint"]:
+        raise SweepError(f"{manifest['strategy']} {manifest['params']}: the parameters cannot be written as "
+                         "CRYPTOBOT_STRATEGY_PARAMS (a None that is not the default); set them in code instead")
+    return env
+
