@@ -1357,7 +1357,7 @@ def check_oos_backtest(ev: Evidence) -> Check:
         return Check("strategy", "oos_backtest", WARN, txt, f"only {st['trades']} trades: too few to judge")
     return Check("strategy", "oos_backtest", PASS, txt)
 
-# %% ../nbs/18_audit.ipynb #62083932
+# %% ../nbs/18_audit.ipynb #e4b5e446
 # the checks whose evidence is the model artifact -> (status, detail) when the runner trades a rule strategy instead
 MODEL_CHECKS: dict[str, tuple[str, str]] = {
     "training_data": (PASS, ""), "model_freshness": (PASS, ""), "oos_metrics": (PASS, ""), "oos_backtest": (PASS, ""),
@@ -1390,7 +1390,7 @@ def model_check_na(name: str, ev: Evidence) -> Check | None:
                  detail)
 
 
-# %% ../nbs/18_audit.ipynb #86913823
+# %% ../nbs/18_audit.ipynb #0d606cec
 def _pct(x) -> str:
     return f"{x:+.2%}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
 
@@ -1424,11 +1424,12 @@ def check_strategy_evidence(ev: Evidence) -> Check:
            f"after costs {_pct(ret)}" + (f", deflated Sharpe {dsr}" if dsr else ""))
     bad = []
     if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
-        bad.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} (or unknown)")
+        bad.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} or unknown (the sweep's best is "
+                   "likely luck)")
     if not (isinstance(ret, (int, float)) and ret > 0):
-        bad.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive")
+        bad.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive (it loses money)")
     if bad:
-        return C(FAIL, txt, "; ".join(bad) + ": the sweep's best is likely luck — it must not trade real money")
+        return C(FAIL, txt, "; ".join(bad) + ": it must not trade real money")
     return C(PASS, txt)
 
 

@@ -709,7 +709,7 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     atomic_write(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {**manifest, "path": str(path)}
 
-# %% ../nbs/08_sweep.ipynb #44285ceb
+# %% ../nbs/08_sweep.ipynb #d5fc7dbd
 def runner_env(manifest: dict) -> dict[str, str]:
     "The `CRYPTOBOT_STRATEGY` / `CRYPTOBOT_STRATEGY_PARAMS` values that make the runner trade this promoted artifact."
     from cryptobot.strategy import make_strategy, parse_params

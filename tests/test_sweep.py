@@ -274,7 +274,8 @@ def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path)
     [art] = list((tmp_path / "data" / "strategies").glob("*/strategy.json"))
     m = json.loads(art.read_text())
     assert (m["params"]["fast"], m["params"]["slow"]) == (top[1]["fast"], top[1]["slow"])
-    assert m["fingerprint"] == EmaCross(fast=top[1]["fast"], slow=top[1]["slow"]).fingerprint()
+    assert m["strategy_fingerprint"] == EmaCross(fast=top[1]["fast"], slow=top[1]["slow"]).fingerprint()
+    assert art == tmp_path / "data" / "strategies" / "ema_cross" / "strategy.json"        # where the runner looks
     ev = m["evidence"]
     assert ev["sweep_id"] == "s1" and ev["rank"] == 2 and ev["configs_tried"] == 6 and 0 <= ev["pbo"] <= 1
     bad = [w for w in ("overfitting", "not positive") if w in " ".join(m["evidence_failures"])]
