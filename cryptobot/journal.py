@@ -805,7 +805,7 @@ def _exit_reason(self, client_order_id: str, scan: int = 50) -> str | None:
 Journal.intents_after, Journal.known_client_ids, Journal.intent_count = _intents_after, _known_client_ids, _intent_count
 Journal.approved_plan, Journal.exit_reason = _approved_plan, _exit_reason
 
-# %% ../nbs/10_journal.ipynb #577e870c
+# %% ../nbs/10_journal.ipynb #c57ba2ab
 CHECKPOINT_KIND = "archive_checkpoint"     # the event carrying the Guardian fold of everything archived so far
 _NO_END = 2 ** 62
 _FOLD_SQL = ("SELECT event_id, 'trade' AS k, pnl, exit_time AS t, NULL AS reason FROM trades WHERE event_id >= :lo "
@@ -848,7 +848,7 @@ def _checkpoint(self) -> dict:
 
 Journal.checkpoint = _checkpoint
 
-# %% ../nbs/10_journal.ipynb #1a9d6702
+# %% ../nbs/10_journal.ipynb #5327f189
 def _rebuild_guardian_state(self, day: str | None = None, now: float | None = None) -> dict:
     "The Guardian's state computed ONLY from journal rows (see above). `day`: UTC `YYYY-MM-DD` for `day_pnl` (default today)."
     if day is None:
@@ -870,7 +870,7 @@ def _rebuild_guardian_state(self, day: str | None = None, now: float | None = No
 Journal.rebuild_guardian_state = _rebuild_guardian_state
 del _rebuild_guardian_state
 
-# %% ../nbs/10_journal.ipynb #1ff13bf0
+# %% ../nbs/10_journal.ipynb #4209a78e
 ARCHIVE_DIR = "archive"       # under the state dir: <table>/<run>.parquet and runs/<run>.json
 
 
@@ -892,7 +892,7 @@ def archive_before(text, now: float) -> float:
                            f"Guardian's daily limits; give {utc_day(now)} or earlier")
     return ts
 
-# %% ../nbs/10_journal.ipynb #0c64999a
+# %% ../nbs/10_journal.ipynb #4fb7374e
 def _archive_tables(con) -> list[str]:
     "The journal's tables whose rows hang off an event (read from the schema, so a new table is covered too)."
     names = [r[0] for r in con.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE "
@@ -910,7 +910,7 @@ def _groups_sql(con) -> str:
              for k in ("client_order_id", "trade_key") if k in _columns(con, t)]
     return " UNION ALL ".join(parts)
 
-# %% ../nbs/10_journal.ipynb #7d6fae27
+# %% ../nbs/10_journal.ipynb #a42bbe05
 def _still_needed(self, now: float) -> list[tuple[str, str]]:
     "(client order id, what) of every open position, open or unknown order, pending intent and live approval."
     out = [(p["client_order_id"], f"open position {p['symbol']} {p['client_order_id']}") for p in self.open_positions()]
@@ -945,7 +945,7 @@ def _archive_cut(self, before: float, now: float) -> int:
 
 Journal._archive_cut = _archive_cut
 
-# %% ../nbs/10_journal.ipynb #94781c46
+# %% ../nbs/10_journal.ipynb #b064c3d1
 def _archive_plan(self, before: float, now: float) -> dict:
     "What an archive run would move: the cut and the rows per table below it (`events` last), and what stays."
     cut, q = self._archive_cut(before, now), self._query
@@ -959,7 +959,7 @@ def _archive_plan(self, before: float, now: float) -> dict:
 
 Journal._archive_plan = _archive_plan
 
-# %% ../nbs/10_journal.ipynb #39ea07c2
+# %% ../nbs/10_journal.ipynb #19c4381b
 _ARROW = {"INTEGER": "int64", "REAL": "float64", "TEXT": "string"}
 
 
@@ -1000,7 +1000,7 @@ def _archive_write(self, plan: dict, archive_dir: Path, crash_at=None) -> dict:
 
 Journal._archive_write = _archive_write
 
-# %% ../nbs/10_journal.ipynb #7e26281d
+# %% ../nbs/10_journal.ipynb #96598395
 def _file_ids(archive_dir: Path, f: dict) -> list[int]:
     "The row ids in one archived file, after checking its sha256 against the manifest."
     import hashlib
@@ -1048,7 +1048,7 @@ def _archive_commit(self, m: dict, archive_dir: Path, crash_at=None) -> bool:
 
 Journal._archive_commit = _archive_commit
 
-# %% ../nbs/10_journal.ipynb #b6bb58fe
+# %% ../nbs/10_journal.ipynb #69657f63
 def archive_runs(archive_dir) -> list[dict]:
     "The manifests of archive runs under `archive_dir`, oldest cut first (committed or not: compare `cut` to the checkpoint's)."
     d = Path(archive_dir) / "runs"
@@ -1072,7 +1072,7 @@ def _sweep_orphans(archive_dir: Path, runs: list[dict]) -> list[str]:
             gone.append(rel)
     return gone
 
-# %% ../nbs/10_journal.ipynb #7081e5d6
+# %% ../nbs/10_journal.ipynb #d1ddd48b
 def _archive(self, archive_dir, before, *, now: float | None = None, dry_run: bool = False, crash_at=None) -> dict:
     "Move closed history older than `before` to parquet under `archive_dir` (finishing an interrupted run first)."
     archive_dir, now = Path(archive_dir), self.clock() if now is None else to_epoch(now, "now")
@@ -1099,7 +1099,7 @@ def _archive(self, archive_dir, before, *, now: float | None = None, dry_run: bo
 
 Journal.archive = _archive
 
-# %% ../nbs/10_journal.ipynb #1e1788a6
+# %% ../nbs/10_journal.ipynb #5664a5cf
 def _attach_archive(self, archive_dir) -> dict:
     "Read-only journals: every table also reads its archived rows (committed runs), through TEMP views. {table: rows}."
     if not self.readonly:
