@@ -18,6 +18,7 @@ from cryptobot import audit as A
 from cryptobot.config import Settings
 from cryptobot.guardian import Guardian, entry_gate, runner_lock, status_report
 from cryptobot.journal import ARCHIVE_DIR, ClosedTrade, Journal, archive_runs
+from cryptobot.live import stop_report
 
 T0 = 1_704_067_200.0            # 2024-01-01 00:00 UTC
 DAYS = 40
@@ -138,6 +139,8 @@ def test_rebuild_equal_across_two_archive_runs_with_a_streak_and_a_lock_across_t
         src.backup(dst)
     before = rows(sd)
     gate, status = entry_gate(sd, now=NOW), status_report(settings(sd), now=NOW)
+    stop = stop_report(sd / "journal.sqlite", now=NOW, since=T0)
+    assert stop["stop_type"] and stop["last_check"] and len(stop["unprotected"]) == 1
     out = archive(sd, day(20))
     assert out["moved"]["trades"] == 60 and "locks" not in out["moved"]
     with Journal(sd / "journal.sqlite", readonly=True) as j:
@@ -157,7 +160,7 @@ def test_rebuild_equal_across_two_archive_runs_with_a_streak_and_a_lock_across_t
     g2, st2 = entry_gate(sd, now=NOW), status_report(settings(sd), now=NOW)
     assert (g2.allowed, g2.reasons, g2.rebuild, g2.discrepancy) == (gate.allowed, gate.reasons, gate.rebuild,
                                                                      gate.discrepancy)
-    assert st2 == status
+    assert st2 == status and stop_report(sd / "journal.sqlite", now=NOW, since=T0) == stop
     with Journal(sd / "journal.sqlite", clock=lambda: NOW) as j:
         n_locks = len(j.select("SELECT id FROM locks"))
         g = Guardian(settings(sd), sd, j, clock=lambda: NOW)
