@@ -662,6 +662,8 @@ def archive_lines(out: dict) -> list[str]:
                                                ": nothing to archive"))
     lines = [head] + [f"  finished an interrupted run: {r}" for r in out["finished"]]
     lines += [f"  wrote {p}" for p in out["files"]] + ([f"  {out['bytes']:,} bytes of parquet"] if out["files"] else [])
+    if out.get("journal_bytes"):
+        lines.append("  journal {:,} -> {:,} bytes (VACUUM)".format(*out["journal_bytes"]))
     if out["older_events_kept"]:
         lines.append(f"  {out['older_events_kept']} older events stay in the journal (a round trip across the date, "
                      f"the last round trip, the newest event of each kind, the stop watch's gaps)")

@@ -1092,6 +1092,11 @@ def _archive(self, archive_dir, before, *, now: float | None = None, dry_run: bo
     _crash(crash_at, "after_manifest")
     self._archive_commit(m, archive_dir, crash_at)
     _crash(crash_at, "after_commit")
+    size = lambda: self._con.execute("PRAGMA page_count").fetchone()[0] * self._con.execute("PRAGMA page_size").fetchone()[0]
+    with self._lock:                           # give the freed pages back (the runner is not running: we hold its lock)
+        b0 = size()
+        self._con.execute("VACUUM")
+        out["journal_bytes"] = (b0, size())
     out.update(files=[str(archive_dir / f["path"]) for f in m["files"].values()] + [str(archive_dir / "runs" / f"{m['name']}.json")],
                bytes=sum(f["bytes"] for f in m["files"].values()))
     return out

@@ -176,10 +176,11 @@ def test_each_table_moves_and_the_journal_shrinks(sd):
     for t in ("trades", "intents", "orders", "fills", "decisions", "redemptions", "marks", "reconciliations",
               "feature_rows", "poll_errors", "locks", "unlocks", "events"):
         assert out["moved"][t] > 0 and n1[t] + out["moved"][t] == n0[t] + (t == "events"), t
+    assert out["journal_bytes"][1] < out["journal_bytes"][0] / 2            # VACUUM: the file shrinks
     files = [Path(p) for p in out["files"]]
     assert all(p.exists() for p in files) and out["bytes"] == sum(p.stat().st_size for p in files if p.suffix == ".parquet")
     print(f"\n{sum(out['moved'].values())} rows moved ({out['moved']}), {out['bytes']:,} bytes of parquet, "
-          f"{sum(n1.values())} rows left")
+          f"{sum(n1.values())} rows left, journal {out['journal_bytes'][0]:,} -> {out['journal_bytes'][1]:,} bytes")
 
 
 @pytest.mark.parametrize("point", ["after_file", "after_manifest", "in_transaction", "after_commit"])
