@@ -1095,7 +1095,10 @@ def _archive(self, archive_dir, before, *, now: float | None = None, dry_run: bo
     size = lambda: self._con.execute("PRAGMA page_count").fetchone()[0] * self._con.execute("PRAGMA page_size").fetchone()[0]
     with self._lock:                           # give the freed pages back (the runner is not running: we hold its lock)
         b0 = size()
-        self._con.execute("VACUUM")
+        try:
+            self._con.execute("VACUUM")
+        except sqlite3.OperationalError:       # a reader kept it busy: the pages are reused anyway, nothing is lost
+            pass
         out["journal_bytes"] = (b0, size())
     out.update(files=[str(archive_dir / f["path"]) for f in m["files"].values()] + [str(archive_dir / "runs" / f"{m['name']}.json")],
                bytes=sum(f["bytes"] for f in m["files"].values()))
