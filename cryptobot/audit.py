@@ -353,6 +353,22 @@ def _ev_rebuild(self, day: str | None = None):
 
 Evidence.journal, Evidence.q, Evidence.state, Evidence.rebuild = _ev_journal, _ev_q, _ev_state, _ev_rebuild
 
+# %% ../nbs/18_audit.ipynb #56f8fb5c
+_ev_journal_only = Evidence.journal
+
+
+def _ev_journal_archived(self):
+    "(Journal | None, why not), reading the rows `cryptobot journal archive` moved to parquet too: the same evidence."
+    j, err = _ev_journal_only(self)
+    if j is None:
+        return j, err
+    from cryptobot.journal import ARCHIVE_DIR
+    _rows, why = self._once("archive", lambda: j.attach_archive(self.state_dir / ARCHIVE_DIR))
+    return (j, err) if why is None else (None, f"journal archive unreadable: {why}")
+
+
+Evidence.journal = _ev_journal_archived
+
 # %% ../nbs/18_audit.ipynb #ddbc2bd1
 def _ev_artifact(self):
     "(Artifact | None, why not): the model the runner would trade."

@@ -17,7 +17,7 @@ __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO
            'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
            'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
-           'build_parser', 'main', 'cmd_sweep', 'cmd_promote']
+           'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -633,3 +633,57 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
     return p
 
+
+# %% ../nbs/22_cli.ipynb #deeb0775
+def cmd_journal_archive(a) -> int:
+    "`cryptobot journal archive --before DATE [--dry-run]`: closed history to parquet; prints rows per table and files."
+    from cryptobot.guardian import JOURNAL_FILE, RunnerLocked, runner_lock
+    from cryptobot.journal import ARCHIVE_DIR, Journal, JournalError
+    sd = Path(_settings().state_dir)
+    if not (sd / JOURNAL_FILE).exists():
+        raise JournalError(f"no journal at {sd / JOURNAL_FILE} (the bot has not run with this state dir): nothing to archive")
+    if a.dry_run:
+        with Journal(sd / JOURNAL_FILE, readonly=True) as j:
+            out = j.archive(sd / ARCHIVE_DIR, a.before, dry_run=True)
+    else:
+        try:
+            with runner_lock(sd), Journal(sd / JOURNAL_FILE) as j:
+                out = j.archive(sd / ARCHIVE_DIR, a.before)
+        except RunnerLocked as e:
+            raise JournalError(f"archive refused while a runner holds the state dir ({e})") from None
+    say(*archive_lines(out))
+    return 0
+
+
+def archive_lines(out: dict) -> list[str]:
+    "What an archive run moved (or would move), in a few lines."
+    n = sum(out["moved"].values())
+    head = (f"{'dry run: would archive' if out['dry_run'] else 'archived'} {n} rows older than {out['before']} "
+            f"(events below #{out['cut']})" + (": " + ", ".join(f"{t} {k}" for t, k in out["moved"].items()) if n else
+                                               ": nothing to archive"))
+    lines = [head] + [f"  finished an interrupted run: {r}" for r in out["finished"]]
+    lines += [f"  wrote {p}" for p in out["files"]] + ([f"  {out['bytes']:,} bytes of parquet"] if out["files"] else [])
+    if out.get("journal_bytes"):
+        lines.append("  journal {:,} -> {:,} bytes (VACUUM)".format(*out["journal_bytes"]))
+    if out["older_events_kept"]:
+        lines.append(f"  {out['older_events_kept']} older events stay in the journal (a round trip across the date, "
+                     f"the last round trip, the newest event of each kind, the stop watch's gaps)")
+    return lines
+
+# %% ../nbs/22_cli.ipynb #60e6490e
+_build_parser_before_journal = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    "The parser, with `journal archive`."
+    p = _build_parser_before_journal()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+    h = "journal maintenance: archive closed history to parquet"
+    jp = sub.add_parser("journal", help=h, description=h)
+    jsub = jp.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
+    h = "move closed history older than DATE to parquet under the state dir (refused while a runner holds it)"
+    sp = jsub.add_parser("archive", help=h, description=h)
+    sp.set_defaults(func=cmd_journal_archive)
+    sp.add_argument("--before", required=True, metavar="DATE", help="UTC day YYYY-MM-DD, at most today")
+    sp.add_argument("--dry-run", action="store_true", help="print what would move; write nothing")
+    return p

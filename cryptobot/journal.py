@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 # %% auto #0
-__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso',
-           'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal']
+__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'CHECKPOINT_KIND', 'ARCHIVE_DIR',
+           'JournalError', 'to_epoch', 'iso', 'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition',
+           'ClosedTrade', 'open_error', 'Journal', 'archive_before', 'archive_runs']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
 class JournalError(RuntimeError):
@@ -804,38 +805,334 @@ def _exit_reason(self, client_order_id: str, scan: int = 50) -> str | None:
 Journal.intents_after, Journal.known_client_ids, Journal.intent_count = _intents_after, _known_client_ids, _intent_count
 Journal.approved_plan, Journal.exit_reason = _approved_plan, _exit_reason
 
-# %% ../nbs/10_journal.ipynb #9663f306
+# %% ../nbs/10_journal.ipynb #c57ba2ab
+CHECKPOINT_KIND = "archive_checkpoint"     # the event carrying the Guardian fold of everything archived so far
+_NO_END = 2 ** 62
+_FOLD_SQL = ("SELECT event_id, 'trade' AS k, pnl, exit_time AS t, NULL AS reason FROM trades WHERE event_id >= :lo "
+             "AND event_id < :hi UNION ALL SELECT event_id, 'lock', NULL, ts, reason FROM locks WHERE event_id >= :lo "
+             "AND event_id < :hi UNION ALL SELECT event_id, 'unlock', NULL, ts, reason FROM unlocks WHERE event_id >= :lo "
+             "AND event_id < :hi ORDER BY event_id")
+
+
+def _fold(cp: Mapping, rows: Iterable[Mapping]) -> dict:
+    "Walk trade/lock/unlock rows (event order) on from checkpoint `cp`: streak, lock, PnL total and per UTC day."
+    st = dict(cut=0, losses=0, locked=False, since=None, reason=None, total=0.0, n=0, hw=None, last=None, changed=None)
+    st.update(cp)
+    st["days"] = dict(cp.get("days") or {})
+    for r in rows:
+        if r["k"] == "trade":
+            st["n"] += 1
+            st["total"] += r["pnl"]
+            d = utc_day(r["t"])
+            st["days"][d] = st["days"].get(d, 0.0) + r["pnl"]
+            st["losses"] = st["losses"] + 1 if r["pnl"] <= 0 else 0
+        elif r["k"] == "lock":
+            if not st["locked"]:
+                st["since"], st["reason"] = r["t"], r["reason"]
+            st["locked"] = True
+        else:
+            st.update(locked=False, since=None, reason=None, losses=0)
+    return st
+
+
+def _top(*xs):
+    "The largest of the values that are not None (None if all are)."
+    return max((x for x in xs if x is not None), default=None)
+
+
+def _checkpoint(self) -> dict:
+    "The latest archive checkpoint (the fold of every archived row), or {} if nothing was ever archived."
+    rows = self._query("SELECT data FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (CHECKPOINT_KIND,))
+    return json.loads(rows[0]["data"]) if rows and rows[0]["data"] else {}
+
+
+Journal.checkpoint = _checkpoint
+
+# %% ../nbs/10_journal.ipynb #5327f189
 def _rebuild_guardian_state(self, day: str | None = None, now: float | None = None) -> dict:
     "The Guardian's state computed ONLY from journal rows (see above). `day`: UTC `YYYY-MM-DD` for `day_pnl` (default today)."
     if day is None:
         day = utc_day(self.clock() if now is None else to_epoch(now, "now"))
-    rows = self._query(
-        "SELECT event_id, 'trade' AS k, pnl, exit_time AS t, NULL AS reason FROM trades "
-        "UNION ALL SELECT event_id, 'lock', NULL, ts, reason FROM locks "
-        "UNION ALL SELECT event_id, 'unlock', NULL, ts, reason FROM unlocks ORDER BY event_id")
-    losses, locked, since, reason, total, day_pnl, n = 0, False, None, None, 0.0, 0.0, 0
-    for r in rows:
-        if r["k"] == "trade":
-            n += 1
-            total += r["pnl"]
-            if utc_day(r["t"]) == day:
-                day_pnl += r["pnl"]
-            losses = losses + 1 if r["pnl"] <= 0 else 0
-        elif r["k"] == "lock":
-            if not locked:
-                since, reason = r["t"], r["reason"]
-            locked = True
-        else:
-            locked, since, reason, losses = False, None, None, 0
+    cp = self.checkpoint()                     # {} unless `archive` moved rows out (then the fold starts from it)
+    st = _fold(cp, self._query(_FOLD_SQL, dict(lo=cp.get("cut", 0), hi=_NO_END)))
     hw = self._query("SELECT MAX(e) AS hw FROM (SELECT MAX(equity) AS e FROM marks UNION ALL "
                      "SELECT MAX(equity_after) FROM trades)")[0]["hw"]
     last = self._query("SELECT MAX(candle_time) AS t FROM marks")[0]["t"]
     # when the last event that moves the streak or the lock was written: a state.json saved after it must agree
     changed = self._query("SELECT MAX(ts) AS t FROM events WHERE kind IN ('trade', 'lock', 'unlock')")[0]["t"]
-    return {"consecutive_losses": losses, "lock": {"locked": locked, "since": since, "reason": reason},
-            "pnl": {"day": day, "day_pnl": day_pnl, "total": total}, "equity_high_water": hw,
-            "last_candle": last, "trades": n, "changed_at": changed}
+    return {"consecutive_losses": st["losses"], "lock": {"locked": st["locked"], "since": st["since"],
+                                                         "reason": st["reason"]},
+            "pnl": {"day": day, "day_pnl": st["days"].get(day, 0.0), "total": st["total"]},
+            "equity_high_water": _top(hw, cp.get("hw")), "last_candle": _top(last, cp.get("last")),
+            "trades": st["n"], "changed_at": _top(changed, cp.get("changed"))}
 
 
 Journal.rebuild_guardian_state = _rebuild_guardian_state
 del _rebuild_guardian_state
+
+# %% ../nbs/10_journal.ipynb #4209a78e
+ARCHIVE_DIR = "archive"       # under the state dir: <table>/<run>.parquet and runs/<run>.json
+
+
+def archive_before(text, now: float) -> float:
+    "`--before DATE` as unix seconds: a UTC day `YYYY-MM-DD` (its midnight) or an ISO time with its offset; not after today."
+    t = str(text).strip()
+    try:
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            ts = to_epoch(text, "--before")
+        elif re.fullmatch(r"\d{4}-\d{2}-\d{2}", t):
+            ts = datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp()
+        else:
+            ts = to_epoch(t, "--before")
+    except (ValueError, JournalError):
+        raise JournalError(f"--before {text!r} is not a date: give a UTC day YYYY-MM-DD (e.g. 2026-01-01)") from None
+    today = to_epoch(utc_day(now) + "T00:00:00+00:00")
+    if ts > today:
+        raise JournalError(f"--before {t} is after the start of today ({utc_day(now)} UTC): today's rows feed the "
+                           f"Guardian's daily limits; give {utc_day(now)} or earlier")
+    return ts
+
+# %% ../nbs/10_journal.ipynb #4fb7374e
+def _archive_tables(con) -> list[str]:
+    "The journal's tables whose rows hang off an event (read from the schema, so a new table is covered too)."
+    names = [r[0] for r in con.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                       "'sqlite_%' AND name != 'events' ORDER BY name")]
+    return [n for n in names if "event_id" in _columns(con, n)]
+
+
+def _columns(con, table: str) -> list[str]:
+    return [r[1] for r in con.execute(f"PRAGMA main.table_info({table})")]
+
+
+def _groups_sql(con) -> str:
+    "(g, event_id) of every row that belongs to one client order id (a trade belongs to its entry's id)."
+    parts = [f"SELECT {k} AS g, event_id FROM {t} WHERE {k} IS NOT NULL" for t in _archive_tables(con)
+             for k in ("client_order_id", "trade_key") if k in _columns(con, t)]
+    return " UNION ALL ".join(parts)
+
+# %% ../nbs/10_journal.ipynb #a42bbe05
+def _still_needed(self, now: float) -> list[tuple[str, str]]:
+    "(client order id, what) of every open position, open or unknown order, pending intent and live approval."
+    out = [(p["client_order_id"], f"open position {p['symbol']} {p['client_order_id']}") for p in self.open_positions()]
+    out += [(i["client_order_id"], f"{'pending intent' if i['last_status'] is None else 'open order'} "
+             f"{i['client_order_id']} ({i['purpose']})") for i in self.open_intents()]
+    out += [(d["client_order_id"], f"unredeemed approval {d['decision_id']}") for d in self._query(
+        "SELECT decision_id, client_order_id FROM decisions d WHERE approved = 1 AND client_order_id IS NOT NULL "
+        "AND expires_at > ? AND NOT EXISTS (SELECT 1 FROM redemptions r WHERE r.approval_id = d.decision_id)", (now,))]
+    return out
+
+
+def _archive_cut(self, before: float, now: float) -> int:
+    "The event id below which every row is closed history older than `before` (see above); refuses what is needed."
+    q, groups = self._query, _groups_sql(self._con)
+    cut = q("SELECT MIN(id) AS c FROM events WHERE ts >= ?", (before,))[0]["c"]
+    cut = cut if cut is not None else q("SELECT COALESCE(MAX(id), 0) + 1 AS c FROM events")[0]["c"]
+    for cid, what in _still_needed(self, now):
+        lo = q(f"SELECT MIN(event_id) AS lo FROM ({groups}) WHERE g = ?", (cid,))[0]["lo"]
+        if lo is not None and lo < cut:
+            t = q("SELECT ts FROM events WHERE id = ?", (lo,))[0]["ts"]
+            raise JournalError(f"cannot archive before {iso(before)}: {what} still needs its rows (journaled "
+                               f"{iso(t)}); give a date on or before {utc_day(t)}, or close it first")
+    last_entry = q("SELECT MAX(event_id) AS e FROM intents WHERE purpose = 'entry'")[0]["e"]
+    cut = cut if last_entry is None else min(cut, last_entry)           # the last round trip stays
+    while True:                                                          # never split one client order id's rows
+        lo = q(f"SELECT MIN(lo) AS lo FROM (SELECT MIN(event_id) AS lo, MAX(event_id) AS hi FROM ({groups}) "
+               f"GROUP BY g) WHERE lo < ? AND hi >= ?", (cut, cut))[0]["lo"]
+        if lo is None:
+            return cut
+        cut = lo
+
+
+Journal._archive_cut = _archive_cut
+
+# %% ../nbs/10_journal.ipynb #b064c3d1
+def _archive_plan(self, before: float, now: float) -> dict:
+    "What an archive run would move: the cut and the rows per table below it (`events` last), and what stays."
+    cut, q = self._archive_cut(before, now), self._query
+    keep = {r["id"] for r in q("SELECT MAX(id) AS id FROM events GROUP BY kind UNION "
+                               "SELECT id FROM events WHERE kind = 'unprotected'")}
+    rows = {t: q(f"SELECT * FROM {t} WHERE event_id < ? ORDER BY id", (cut,)) for t in _archive_tables(self._con)}
+    rows["events"] = [r for r in q("SELECT * FROM events WHERE id < ? ORDER BY id", (cut,)) if r["id"] not in keep]
+    stays = q("SELECT COUNT(*) AS n FROM events WHERE ts < ?", (before,))[0]["n"] - len(rows["events"])
+    return dict(before=before, cut=cut, rows={t: r for t, r in rows.items() if r}, older_events_kept=stays)
+
+
+Journal._archive_plan = _archive_plan
+
+# %% ../nbs/10_journal.ipynb #19c4381b
+_ARROW = {"INTEGER": "int64", "REAL": "float64", "TEXT": "string"}
+
+
+def _parquet_bytes(con, table: str, rows: list[dict]) -> bytes:
+    "The rows of `table` as parquet bytes, typed from the SQLite schema (INTEGER int64, REAL float64, TEXT string)."
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([(r[1], _ARROW.get(str(r[2]).upper(), "string")) for r in
+                        con.execute(f"PRAGMA main.table_info({table})")])
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue().to_pybytes()
+
+
+def _crash(crash_at, point: str):
+    "Test hook: die here like a power cut (SIGKILL, no cleanup, no rollback handler runs)."
+    if crash_at == point:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _archive_write(self, plan: dict, archive_dir: Path, crash_at=None) -> dict:
+    "Write each table's rows (temp file, fsync, rename), then the run's manifest (the files' commit point)."
+    import hashlib
+    from cryptobot.files import atomic_write
+    lo = min(r["id" if t == "events" else "event_id"] for t, rows in plan["rows"].items() for r in rows)
+    name, files = f"e{lo:012d}-e{plan['cut'] - 1:012d}", {}
+    for t, rows in plan["rows"].items():
+        data = _parquet_bytes(self._con, t, rows)
+        atomic_write(archive_dir / t / f"{name}.parquet", data)
+        files[t] = dict(path=f"{t}/{name}.parquet", rows=len(rows), bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest())
+        _crash(crash_at, "after_file")
+    m = dict(name=name, cut=plan["cut"], before=plan["before"], created=self.clock(), files=files)
+    atomic_write(archive_dir / "runs" / f"{name}.json", json.dumps(m, indent=1, sort_keys=True) + "\n")
+    return m
+
+
+Journal._archive_write = _archive_write
+
+# %% ../nbs/10_journal.ipynb #96598395
+def _file_ids(archive_dir: Path, f: dict) -> list[int]:
+    "The row ids in one archived file, after checking its sha256 against the manifest."
+    import hashlib
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = (archive_dir / f["path"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != f["sha256"]:
+        raise JournalError(f"archive file {archive_dir / f['path']} does not match its manifest (sha256): it was changed "
+                           f"or damaged; restore it before archiving again")
+    return pq.read_table(pa.BufferReader(data), columns=["id"]).column("id").to_pylist()
+
+
+def _archive_commit(self, m: dict, archive_dir: Path, crash_at=None) -> bool:
+    "One transaction: check the journal rows below the cut are exactly the files' rows, write the checkpoint, delete them."
+    ids = {t: _file_ids(archive_dir, f) for t, f in m["files"].items()}
+    cut = m["cut"]
+    with self._tx() as con:
+        cp = self.checkpoint()
+        if cp.get("cut", 0) >= cut:
+            return False                                             # committed already
+        for t in _archive_tables(con):
+            have = [r[0] for r in con.execute(f"SELECT id FROM {t} WHERE event_id < ? ORDER BY id", (cut,))]
+            if have != sorted(ids.get(t, [])):
+                raise JournalError(f"archive run {m['name']}: table {t} holds {len(have)} rows below event {cut}, the "
+                                   f"archive {len(ids.get(t, []))}: not archiving (nothing deleted); investigate")
+        ev = ids.get("events", [])
+        n = sum(con.execute(f"SELECT COUNT(*) FROM events WHERE id IN ({','.join(map(str, ev[i:i + 500]))})").fetchone()[0]
+                for i in range(0, len(ev), 500))
+        if n != len(ev):
+            raise JournalError(f"archive run {m['name']}: {len(ev) - n} archived events are no longer in the journal; "
+                               f"investigate (nothing deleted)")
+        st = _fold(cp, self._query(_FOLD_SQL, dict(lo=cp.get("cut", 0), hi=cut)))
+        ex = self._query("SELECT (SELECT MAX(e) FROM (SELECT MAX(equity) AS e FROM marks WHERE event_id < :c UNION ALL "
+                         "SELECT MAX(equity_after) FROM trades WHERE event_id < :c)) AS hw, (SELECT MAX(candle_time) FROM "
+                         "marks WHERE event_id < :c) AS last, (SELECT MAX(ts) FROM events WHERE id < :c AND kind IN "
+                         "('trade', 'lock', 'unlock')) AS changed", dict(c=cut))[0]
+        st.update(cut=cut, run=m["name"], **{k: _top(ex[k], cp.get(k)) for k in ("hw", "last", "changed")})
+        self._event(con, CHECKPOINT_KIND, f"archived {sum(map(len, ids.values()))} rows below event {cut} ({m['name']})", st)
+        for t in _archive_tables(con):
+            con.execute(f"DELETE FROM {t} WHERE event_id < ?", (cut,))
+        con.executemany("DELETE FROM events WHERE id = ?", ((i,) for i in ev))
+        _crash(crash_at, "in_transaction")
+    return True
+
+
+Journal._archive_commit = _archive_commit
+
+# %% ../nbs/10_journal.ipynb #69657f63
+def archive_runs(archive_dir) -> list[dict]:
+    "The manifests of archive runs under `archive_dir`, oldest cut first (committed or not: compare `cut` to the checkpoint's)."
+    d = Path(archive_dir) / "runs"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            raise JournalError(f"archive manifest {p} is unreadable ({type(e).__name__}); restore it from a backup") from None
+    return sorted(out, key=lambda m: m["cut"])
+
+
+def _sweep_orphans(archive_dir: Path, runs: list[dict]) -> list[str]:
+    "Remove parquet files no manifest names and temp files of a killed writer (their rows are still in the journal)."
+    named = {f["path"] for m in runs for f in m["files"].values()}
+    gone = []
+    for p in sorted(archive_dir.glob("*/*")) if archive_dir.is_dir() else []:
+        rel = p.relative_to(archive_dir).as_posix()
+        if p.name.endswith(".tmp") or (p.suffix == ".parquet" and rel not in named):
+            p.unlink()
+            gone.append(rel)
+    return gone
+
+# %% ../nbs/10_journal.ipynb #d1ddd48b
+def _archive(self, archive_dir, before, *, now: float | None = None, dry_run: bool = False, crash_at=None) -> dict:
+    "Move closed history older than `before` to parquet under `archive_dir` (finishing an interrupted run first)."
+    archive_dir, now = Path(archive_dir), self.clock() if now is None else to_epoch(now, "now")
+    before = archive_before(before, now)
+    runs, finished, swept = archive_runs(archive_dir), [], []
+    if not dry_run:
+        for m in runs:
+            if m["cut"] > self.checkpoint().get("cut", 0) and self._archive_commit(m, archive_dir):
+                finished.append(m["name"])
+        swept = _sweep_orphans(archive_dir, runs)
+    plan = self._archive_plan(before, now)
+    out = dict(before=iso(before), cut=plan["cut"], moved={t: len(r) for t, r in plan["rows"].items()}, files=[],
+               bytes=0, older_events_kept=plan["older_events_kept"], finished=finished, swept=swept, dry_run=dry_run)
+    if dry_run or not plan["rows"]:
+        return out
+    m = self._archive_write(plan, archive_dir, crash_at)
+    _crash(crash_at, "after_manifest")
+    self._archive_commit(m, archive_dir, crash_at)
+    _crash(crash_at, "after_commit")
+    size = lambda: self._con.execute("PRAGMA page_count").fetchone()[0] * self._con.execute("PRAGMA page_size").fetchone()[0]
+    with self._lock:                           # give the freed pages back (the runner is not running: we hold its lock)
+        b0 = size()
+        try:
+            self._con.execute("VACUUM")
+        except sqlite3.OperationalError:       # a reader kept it busy: the pages are reused anyway, nothing is lost
+            pass
+        out["journal_bytes"] = (b0, size())
+    out.update(files=[str(archive_dir / f["path"]) for f in m["files"].values()] + [str(archive_dir / "runs" / f"{m['name']}.json")],
+               bytes=sum(f["bytes"] for f in m["files"].values()))
+    return out
+
+
+Journal.archive = _archive
+
+# %% ../nbs/10_journal.ipynb #5664a5cf
+def _attach_archive(self, archive_dir) -> dict:
+    "Read-only journals: every table also reads its archived rows (committed runs), through TEMP views. {table: rows}."
+    if not self.readonly:
+        raise JournalError("attach_archive is for read-only journals (the audit and other readers); writers never see it")
+    if getattr(self, "archive_rows", None) is not None:
+        return self.archive_rows
+    import pyarrow.parquet as pq
+    cut, archive_dir, counts = self.checkpoint().get("cut", 0), Path(archive_dir), {}
+    runs = [m for m in archive_runs(archive_dir) if m["cut"] <= cut]        # a run not committed yet is not read
+    with self._lock:
+        con = self._con
+        for t in sorted({t for m in runs for t in m["files"]}):
+            cols = _columns(con, t)
+            con.execute(f"CREATE TEMP TABLE arc_{t} AS SELECT * FROM main.{t} WHERE 0")
+            for m in (m for m in runs if t in m["files"]):
+                tab = pq.read_table(archive_dir / m["files"][t]["path"])
+                data = [tab.column(c).to_pylist() if c in tab.column_names else [None] * tab.num_rows for c in cols]
+                con.executemany(f"INSERT INTO temp.arc_{t} VALUES ({', '.join('?' * len(cols))})", zip(*data))
+            for k in ("client_order_id", "trade_key", "kind", "approval_id", "decision_id"):
+                if k in cols:
+                    con.execute(f"CREATE INDEX temp.arc_{t}_{k} ON arc_{t} ({k}, id)")
+            con.execute(f"CREATE TEMP VIEW {t} AS SELECT * FROM main.{t} UNION ALL SELECT * FROM temp.arc_{t}")
+            counts[t] = con.execute(f"SELECT COUNT(*) FROM temp.arc_{t}").fetchone()[0]
+    self.archive_rows = counts
+    return counts
+
+
+Journal.attach_archive = _attach_archive
