@@ -5,100 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from cryptobot.config import Secret, Settings
-from cryptobot.emulator import ORDER_TYPES, ORDER_TYPES_STOP_MARKET, Emulator
+from cryptobot.emulator import Emulator
 from cryptobot.live import EX_CONFIG, StartupRefused, setup_logging, start_runner
 from market import frame
-from test_notify import Receiver, closed_port
+from runner_rig import KEY, SECRET, Rig as RunnerRig, model  # noqa: F401 - `model` is a fixture
+from test_notify import closed_port, receiver  # noqa: F401 - `receiver` is a fixture
 
-KEY, SECRET = "alert-key-5d1e", "alert-secret-Qw81zz"
 TOKEN = "tok3nS3CRETzz91"                  # the secret part of every alert URL below
-SPEED = 360.0
 CRYPTOBOT = str(Path(sys.executable).parent / "cryptobot")
 FAST = dict(timeout_s=0.5, attempts=2, backoff_s=0.05)      # a dead receiver fails fast (bounded either way)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from cryptobot import data as D, model as M
-    c = D.synthetic_candles(n=1_200, seed=5)
-    res = M.train_walk_forward(c, n_folds=2, params={"max_iter": 20})
-    return res.save(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.close()
-
-
-class Rig:
-    "An accelerated emulator with STOP_LOSS, an always-long runner (kill switch after 1 loss) in a thread."
-
-    def __init__(self, tmp, model, url: str, stop_market: bool = True):
-        from cryptobot.model import Strategy
-        df = frame(1_300)
-        self.emu = Emulator(df, clock="accelerated", speed=SPEED, start=df.index[1_100] + pd.Timedelta(minutes=40),
-                            api_key=KEY, api_secret=SECRET,
-                            order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
-        self.emu.start()
-        self.s = Settings(state_dir=tmp / "st", exchange_url=self.emu.base_url, api_key=KEY, api_secret=SECRET,
-                          stop_check_s=60, kill_switch_losses=1, notify_urls=Secret(url))
-        self.stop_event = threading.Event()
-        self.runner = start_runner(self.s, "paper", model, strategy=Strategy(0.0, 0.0, 1000), stop_event=self.stop_event,
-                                   max_model_age_days=None, rate_limit_ms=1.0, notify_kw=FAST)
-        self.thread = threading.Thread(target=self.runner.run, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop_event.set()
-        self.thread.join(60)
-        self.emu.stop()
-
-    def rows(self, sql):
-        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(sql).fetchall()]
-        finally:
-            con.close()
-
-    def wait_for(self, cond, what, wall_s=90.0):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wall_s:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}: {self.rows('SELECT kind, message FROM events')[-12:]}")
-
-    def lose_once(self, lock: bool = True):
-        "Entry, its stop; then the next bar falls through the stop: a losing trade, the kill switch locks."
-        st = self.wait_for(lambda: [o for o in self.emu.orders if o["type"] in ("STOP_LOSS", "STOP_LOSS_LIMIT")],
-                           "the stop")[0]
-        tape = next(iter(self.emu.tapes.values()))
-        with self.emu._lock:
-            i = tape.bar_at(st["time"]) + 1
-            o = float(tape.c[i - 1])
-            low = st["stop_price"] * 0.97
-            tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
-        if lock:
-            self.wait_for(lambda: self.rows("SELECT * FROM locks"), "the kill switch")
-
-    def orders(self):
-        return self.rows("SELECT client_order_id, side, type, amount, price, stop_price, purpose, candle_time "
-                         "FROM intents ORDER BY id")
+def Rig(tmp, model, url: str, stop_market: bool = True, settings: dict | None = None, **kw) -> RunnerRig:
+    "The shared runner rig with alerts to `url` (kill switch after 1 loss unless `settings` say otherwise)."
+    return RunnerRig(tmp, model, stop_market=stop_market, notify_kw=FAST,
+                     settings={"kill_switch_losses": 1, "notify_urls": Secret(url), **(settings or {})}, **kw)
 
 
 def _run_to_lock(tmp, model, url):
