@@ -41,9 +41,10 @@ class Rig:
     """An accelerated emulator (STOP_LOSS listed or not), an always-long runner (the real `run` loop) in a thread.
     `start`: the emulator's first exchange time; `settings`: extra `Settings` fields; `runner_kw`: to `start_runner`."""
 
-    def __init__(self, tmp, model, *, stop_market: bool = True, start=None, settings: dict | None = None,
+    def __init__(self, tmp, model, *, stop_market: bool = True, start=None, settings: dict | None = None, df=None,
                  **runner_kw):
-        self.df = frame(1_300)
+        self.df = frame(1_300) if df is None else df
+        self.model, self.runner_kw = model, runner_kw
         start = self.df.index[1_100] + pd.Timedelta(minutes=40) if start is None else start
         self.emu = Emulator(self.df, clock="accelerated", speed=SPEED, start=start, api_key=KEY, api_secret=SECRET,
                             order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
@@ -64,6 +65,15 @@ class Rig:
         return start_runner(self.s, "paper", model, **{"strategy": Strategy(0.0, 0.0, 1000),
                                                        "stop_event": self.stop_event, "max_model_age_days": None,
                                                        "rate_limit_ms": 1.0, **runner_kw})
+
+    def restart(self):
+        "Stop the runner (as SIGTERM does) and start a new one on the same state dir and emulator."
+        self.stop_event.set()
+        self.thread.join(60)
+        self.stop_event = threading.Event()
+        self.runner = self.start_runner(self.model, **self.runner_kw)
+        self.thread = threading.Thread(target=self.runner.run, daemon=True)
+        self.thread.start()
 
     def close(self):
         self.stop_event.set()

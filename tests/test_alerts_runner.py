@@ -175,7 +175,9 @@ def test_fingerprint_refusal_reaches_the_receiver(receiver, model, tmp_path):
             start_runner(s, "paper", bad, max_model_age_days=None, rate_limit_ms=1.0)
         # close(5) ran before the refusal was raised: the alert is already delivered
         (body,) = [b for _, b in receiver.got]
-        assert body["title"] == "cryptobot: Strategy refused at start (BTC/USDT)" and "fingerprint" in body["message"]
+        assert body["title"] == "cryptobot: Model refused: feature fingerprint (BTC/USDT)"    # the reason, named
+        assert "trained with feature fingerprint 000000000000, this code computes" in body["message"]
+        assert body["type"] == "failure" and "nothing was traded" in body["message"]
         assert emu.orders_created == 0
     finally:
         emu.stop()
@@ -193,3 +195,138 @@ def test_gap_through_the_stop_limit_alerts_the_emergency_exit(receiver, model, t
     assert got[0]["title"] == "cryptobot: EMERGENCY EXIT BTC/USDT" and got[0]["type"] == "failure"
     (x,) = r.rows("SELECT amount FROM intents WHERE purpose = 'emergency_exit'")
     assert f"Closed {x['amount']} BTC/USDT at market" in got[0]["message"]
+
+
+def _titles(receiver, word):
+    return [b for _, b in receiver.got if word in b["title"]]
+
+
+def test_stop_rejected_reaches_the_receiver_with_the_emergency_exit(receiver, model, tmp_path):
+    "The bar after the first decision opens below where the stop goes: the exchange refuses the stop (it would "
+    "trigger immediately), the runner sells at market, and a person hears both."
+    df = frame(1_300)
+    o = float(df["close"].iloc[1_100]) * 0.95                        # 5 % under the decision close: under a 1.5 % stop
+    df.iloc[1_101, :4] = [o, o * 1.001, o * 0.999, o * 1.0005]
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), df=df)
+    try:
+        got = r.wait_for(lambda: _titles(receiver, "Stop not in place"), "the STOP_FAILED alert", 60)
+        ex = r.wait_for(lambda: _titles(receiver, "EMERGENCY"), "the EMERGENCY_EXIT alert", 30)
+    finally:
+        r.close()
+    (rej,) = r.rows("SELECT data FROM events WHERE kind = 'stop_rejected'")
+    stop = json.loads(rej["data"])["stop"]
+    assert got[0]["title"] == "cryptobot: Stop not in place: BTC/USDT" and got[0]["type"] == "failure"
+    assert f"Stop order {stop} was rejected: " in got[0]["message"] and "immediately" in got[0]["message"].lower()
+    assert len(got) == 1
+    (x,) = r.rows("SELECT amount FROM intents WHERE purpose = 'emergency_exit'")
+    assert ex[0]["message"].startswith(f"Closed {x['amount']} BTC/USDT at market: the stop was rejected")
+
+
+def test_stop_not_acknowledged_reaches_the_receiver(receiver, model, tmp_path):
+    "Every stop check fails (5xx on GET order) for longer than two intervals: the stop's state is unknown, said once."
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), settings={"kill_switch_losses": 3},
+            executor_kw={"retry": {"retries": 1, "base_delay": 0.05}})
+    try:
+        st = r.wait_for(r.stop_order, "the stop after the entry", 60)
+        r.emu.faults.add("server_error", count=10**6, endpoint="order", method="GET")
+        got = r.wait_for(lambda: _titles(receiver, "Stop not in place"), "the STOP_FAILED alert", 60)
+        n_err = len(r.rows("SELECT id FROM events WHERE kind IN ('poll_error', 'stop_unknown')"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind IN ('poll_error', 'stop_unknown')")) >= n_err + 5,
+                   "five more failed checks or polls", 60)
+        r.emu.faults.clear()
+    finally:
+        r.close()
+    assert got[0]["title"] == "cryptobot: Stop not in place: BTC/USDT" and got[0]["type"] == "failure"
+    assert f"Stop order {st['client_order_id']} was not acknowledged: " in got[0]["message"]
+    assert "new entries are locked" in got[0]["message"]
+    assert len(_titles(receiver, "Stop not in place")) == 1                 # rate-limited: not once per failed check
+
+
+def test_reconciliation_mismatch_at_start_reaches_the_receiver(receiver, model, tmp_path):
+    "An open order the journal does not know (placed by hand): the start-up reconciliation fails and says which."
+    from cryptobot.client import make_client
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET)
+    emu.start()
+    try:
+        hand = make_client(api_key=KEY, api_secret=SECRET, base_url=emu.base_url)
+        hand.load_markets()
+        hand.create_order("BTC/USDT", "limit", "buy", 0.001, 20_000.0, {"clientOrderId": "by-hand-7"})
+        s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                     notify_urls=Secret(receiver.url(f"/ok/{TOKEN}")))
+        r = start_runner(s, "paper", model, max_model_age_days=None, rate_limit_ms=1.0, notify_kw=FAST)
+        try:
+            assert r.executor.reconciled is False
+            assert r.notifier.flush(20)
+        finally:
+            r.close()
+            r.journal.close()
+        assert emu.orders_created == 1                                      # only the hand's order
+    finally:
+        emu.stop()
+    (body,) = _titles(receiver, "MISMATCH")
+    assert body["title"] == "cryptobot: Reconciliation MISMATCH BTC/USDT" and body["type"] == "failure"
+    assert "Journal and exchange disagree: NOT reconciled" in body["message"]
+    assert "1 unknown open orders (by-hand-7)" in body["message"] and TOKEN not in body["message"]
+
+
+def test_stale_data_alerts_once_and_once_more_when_it_recovers(receiver, model, tmp_path):
+    "The exchange stops answering klines: one STALE_DATA past a candle + CRYPTOBOT_MAX_DATA_AGE_S, not one per "
+    "poll; klines back: one DATA_RECOVERED."
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), settings={"max_data_age_s": 60},
+            retry={"retries": 1, "base_delay": 0.05})
+    try:
+        r.wait_for(lambda: r.rows("SELECT id FROM events WHERE kind = 'candle_done'"), "a first candle", 60)
+        last = r.runner.last_done
+        r.emu.faults.add("server_error", count=10**6, endpoint="klines")
+        stale = r.wait_for(lambda: _titles(receiver, "Stale data"), "the STALE_DATA alert", 90)
+        n_err = len(r.rows("SELECT id FROM events WHERE kind = 'poll_error'"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind = 'poll_error'")) >= n_err + 5,
+                   "five more failed polls", 60)
+        assert not _titles(receiver, "Data back")
+        r.emu.faults.clear()
+        back = r.wait_for(lambda: _titles(receiver, "Data back"), "the DATA_RECOVERED alert", 60)
+    finally:
+        r.close()
+    assert len(_titles(receiver, "Stale data")) == 1 and len(_titles(receiver, "Data back")) == 1
+    assert stale[0]["title"] == "cryptobot: Stale data BTC/USDT" and stale[0]["type"] == "warning"
+    assert "(limit 61 min)" in stale[0]["message"] and "no new entries until data returns" in stale[0]["message"]
+    from cryptobot.journal import iso
+    assert f"Last candle: {iso(last)}." in stale[0]["message"]
+    assert back[0]["title"] == "cryptobot: Data back BTC/USDT" and back[0]["message"].startswith("Fresh candles again")
+    (d,) = [json.loads(x["data"]) for x in r.rows("SELECT data FROM events WHERE kind = 'data_stale'")]
+    assert d["last_candle"] == last and d["age_s"] > d["limit_s"] == 3600 + 60
+    assert len(r.rows("SELECT id FROM events WHERE kind = 'data_recovered'")) == 1
+
+
+def test_daily_summary_at_the_utc_day_roll_once_across_a_restart(receiver, model, tmp_path):
+    "A losing trade late on 2024-02-15; at 00:00 UTC (exchange time) the day's summary; a restart after it sends no "
+    "second one (journaled)."
+    import pandas as pd
+    df = frame(1_300)
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), df=df, settings={"kill_switch_losses": 3},
+            start=df.index[1_101] + pd.Timedelta(minutes=40))
+    assert str(df.index[1_104]) == "2024-02-16 00:00:00+00:00"
+    try:
+        r.lose_once(lock=False)                                             # the stop fills in 23:00-24:00
+        got = r.wait_for(lambda: _titles(receiver, "Daily summary"), "the DAILY_SUMMARY alert", 60)
+        r.restart()
+        n_done = len(r.rows("SELECT id FROM events WHERE kind = 'candle_done'"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind = 'candle_done'")) > n_done,
+                   "a candle after the restart", 60)
+        assert r.runner.notifier.flush(20)
+    finally:
+        r.close()
+    (trade,) = r.rows("SELECT pnl, exit_time FROM trades")
+    assert trade["exit_time"] < df.index[1_104].timestamp() and trade["pnl"] < 0
+    assert len(_titles(receiver, "Daily summary")) == 1                     # once, across the restart
+    (ev,) = [json.loads(x["data"]) for x in r.rows("SELECT data FROM events WHERE kind = 'daily_summary'")]
+    assert got[0]["title"] == "cryptobot: Daily summary 2024-02-15" and got[0]["type"] == "info"
+    lines = got[0]["message"].splitlines()
+    assert lines[0] == f"PnL {trade['pnl']:+.2f} USDT over 1 closed trade(s)."
+    assert lines[-1] == "Kill switch: off (1 consecutive loss(es))."
+    pos = ev["open_positions"]
+    assert lines[1] == "Open positions: " + (", ".join(f"{k} {v}" for k, v in pos.items()) or "none") + "."
+    held = r.rows("SELECT client_order_id FROM intents WHERE purpose = 'entry' AND candle_time = ?",
+                  (df.index[1_104].timestamp(),))
+    assert bool(pos) == bool(held)                                          # the 00:00 entry, if the runner made one
+    assert ev["day"] == "2024-02-15" and ev["trades"] == 1 and ev["pnl"] == pytest.approx(trade["pnl"])
