@@ -330,3 +330,28 @@ def test_daily_summary_at_the_utc_day_roll_once_across_a_restart(receiver, model
                   (df.index[1_104].timestamp(),))
     assert bool(pos) == bool(held)                                          # the 00:00 entry, if the runner made one
     assert ev["day"] == "2024-02-15" and ev["trades"] == 1 and ev["pnl"] == pytest.approx(trade["pnl"])
+
+
+def test_audit_verdict_reaches_the_receiver_masked(receiver, tmp_path):
+    "`cryptobot audit` with alerts on: the verdict, risk score and first blockers reach a person; a target that "
+    "refuses is journaled; the exit code stays the audit's; no key, secret or URL token in what was sent."
+    from cryptobot.journal import Journal
+    Journal(tmp_path / "st" / "journal.sqlite").close()                     # a state dir that has a journal
+    api_key, api_secret = "AUDkey1234abcd", "AUDsecret5678efgh"
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "st"), "CRYPTOBOT_REPORTS_DIR": str(tmp_path / "rep"),
+           "CRYPTOBOT_DATA_DIR": str(tmp_path / "data"), "BINANCE_API_KEY": api_key, "BINANCE_API_SECRET": api_secret,
+           "CRYPTOBOT_NOTIFY_URLS": f"{receiver.url(f'/ok/{TOKEN}')}, json://127.0.0.1:{closed_port()}/{TOKEN}"}
+    r = _cli(["audit", "--quiet", "--date", "2026-11-28"], tmp_path, env)
+    assert r.returncode == 1, (r.stdout, r.stderr)                          # FAIL: an empty state dir
+    rep = json.loads((tmp_path / "rep" / "audit-2026-11-28.json").read_text())
+    (body,) = _titles(receiver, "Audit")
+    assert body["title"] == "cryptobot: Audit 2026-11-28: FAIL" and body["type"] == "failure"
+    lines = body["message"].splitlines()
+    n = len(rep["blockers"])
+    assert lines[0] == f"Risk score {rep['risk_score']:g}/100. {n} blocker(s), the first {min(n, 5)}:"
+    assert [l[:60] for l in lines[1:]] == [f"- {b}"[:60] for b in rep["blockers"][:5]]
+    sent = json.dumps([b for _, b in receiver.got]) + r.stdout + r.stderr
+    assert api_key not in sent and api_secret not in sent and TOKEN not in sent
+    with Journal(tmp_path / "st" / "journal.sqlite", readonly=True) as j:
+        (failed,) = j.last_events(5, kind="notify_failed")
+    assert failed["data"]["alert"] == "audit_verdict" and failed["data"]["target"] == "json://127.0.0.1:****"
