@@ -30,8 +30,8 @@ def Rig(tmp, model, url: str, stop_market: bool = True, settings: dict | None = 
                      settings={"kill_switch_losses": 1, "notify_urls": Secret(url), **(settings or {})}, **kw)
 
 
-def _run_to_lock(tmp, model, url):
-    r = Rig(tmp, model, url)
+def _run_to_lock(tmp, model, url, **kw):
+    r = Rig(tmp, model, url, **kw)
     try:
         r.lose_once()
         return r
@@ -61,10 +61,13 @@ def test_kill_switch_lock_reaches_the_receiver_and_the_secret_stays_out(receiver
 
 
 def test_dead_or_hanging_receiver_trades_exactly_the_same_and_is_journaled(receiver, model, tmp_path):
-    rigs = {}
+    "A lock late on 2024-02-15, then the day roll: with a hanging or refusing receiver the same orders, the same lock "
+    "and the same journaled daily summary as with a good one; each failed alert journaled."
+    import pandas as pd
+    rigs, start = {}, frame(1_300).index[1_101] + pd.Timedelta(minutes=40)
 
     def go(name, url):
-        rigs[name] = _run_to_lock(tmp_path / name, model, url)
+        rigs[name] = _run_to_lock(tmp_path / name, model, url, start=start)
 
     threads = [threading.Thread(target=go, args=a) for a in
                (("ok", receiver.url(f"/ok/{TOKEN}")), ("hang", receiver.url(f"/hang/{TOKEN}")),
@@ -86,6 +89,20 @@ def test_dead_or_hanging_receiver_trades_exactly_the_same_and_is_journaled(recei
             text = json.dumps(rigs[name].rows("SELECT * FROM events"))
             assert TOKEN not in text
         assert not rigs["ok"].rows("SELECT * FROM events WHERE kind = 'notify_failed'")
+        summaries = {n: r.wait_for(lambda r=r: r.rows("SELECT data FROM events WHERE kind = 'daily_summary'"),
+                                   f"the daily summary ({n})", 60) for n, r in rigs.items()}
+        for name, rows in summaries.items():                        # the fill prices follow the wall clock: PnL
+            (d,) = [json.loads(x["data"]) for x in rows]              # is each rig's own trade, the rest the same
+            (t,) = rigs[name].rows("SELECT pnl FROM trades")
+            assert d.pop("pnl") == pytest.approx(t["pnl"]) and "LOCKED" in d["kill_switch"]
+            summaries[name] = d
+        assert summaries["hang"] == summaries["refused"] == summaries["ok"]
+        for name in ("hang", "refused"):
+            rigs[name].wait_for(lambda n=name: rigs[n].rows("SELECT * FROM events WHERE kind = 'notify_failed' AND "
+                                                            "data LIKE '%daily_summary%'"), f"its failure ({name})", 30)
+            assert rigs[name].orders() == want, name
+        assert [b["title"] for p, b in receiver.got if p.startswith("/ok/") and "Daily" in b["title"]] == \
+            ["cryptobot: Daily summary 2024-02-15"]
     finally:
         for r in rigs.values():
             r.close()
