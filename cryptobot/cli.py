@@ -418,21 +418,21 @@ def _send_verdict(n, s, date: str) -> None:
     from cryptobot.audit import report_paths
     from cryptobot.guardian import JOURNAL_FILE
     from cryptobot.notify import secret_values
-    from cryptobot.verdict import FAIL, parse_verdict
+    from cryptobot.verdict import FAIL, PASS, parse_verdict, verdict_line
     md, _html, js = report_paths(s.reports_dir, date)
     word, line = (parse_verdict(md.read_text(encoding="utf-8")) if md.exists() else None) or (FAIL, "no report")
     rep = json.loads(js.read_text(encoding="utf-8")) if js.exists() else {}
-    if rep.get("verdict") == word:
+    if rep.get("verdict") == word and (word == PASS or verdict_line(FAIL, rep.get("blockers") or []).endswith(line)):
         blockers, risk = rep.get("blockers") or [], rep.get("risk_score")
-    else:                                              # the workflow did not complete: the .md says why
-        blockers, risk = ([line] if word != "PASS" else []), None
+    else:                                              # the workflow did not complete (the .md says why): no .json
+        blockers, risk = ([line.split(" to go-live: ", 1)[-1]] if word != PASS else []), None
     summary = f"Risk score {risk:g}/100." if isinstance(risk, (int, float)) else "Risk score: not computed."
-    n.mask(*secret_values(s))
-    n.notify("audit_verdict", verdict=word, blockers=blockers[:5], day=date,
-             summary=summary + (f" {len(blockers)} blocker(s), the first {min(5, len(blockers))}:" if blockers else ""))
     jp = Path(s.state_dir) / JOURNAL_FILE
     if jp.exists():                                    # notify_failed / notify_unsent, as the runner journals them
         n.on_failure = lambda *event: _journal_event(jp, *event)
+    n.mask(*secret_values(s))
+    n.notify("audit_verdict", verdict=word, blockers=blockers[:5], day=date,
+             summary=summary + (f" {len(blockers)} blocker(s), the first {min(5, len(blockers))}:" if blockers else ""))
 
 
 def _journal_event(path, kind: str, message: str, data=None) -> None:
