@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'redact', 'say', 'resolve_candles',
            'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
-           'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
+           'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock', 'cmd_audit',
            'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
@@ -347,12 +347,6 @@ def cmd_replay(a) -> int:
     return 0
 
 
-def cmd_audit(a) -> int:
-    from cryptobot.audit import audit_main
-    return audit_main(_settings(), model=a.model, candles=a.candles, date=a.date, dotenv_path=ENV_FILE,
-                      progress=not a.quiet)
-
-
 def cmd_emulator(a) -> int:
     from cryptobot.emulator import run_emulator
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
@@ -401,6 +395,50 @@ def _notifier(s):
         return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
     except NotifyError as e:
         raise ConfigError(str(e), "CRYPTOBOT_NOTIFY_URLS") from None
+
+
+# %% ../nbs/22_cli.ipynb #ca25896e
+def cmd_audit(a) -> int:
+    "Run the audit; with CRYPTOBOT_NOTIFY_URLS set, send its verdict (PASS/FAIL, risk score, first blockers)."
+    from cryptobot.audit import audit_main, utc_date
+    s, date = _settings(), a.date or utc_date()
+    n = _notifier(s)                                   # a URL apprise rejects: exit 78 before the long run
+    try:
+        rc = audit_main(s, model=a.model, candles=a.candles, date=date, dotenv_path=ENV_FILE, progress=not a.quiet)
+        if n.enabled:
+            _send_verdict(n, s, date)
+    finally:
+        n.close(10)
+    return rc
+
+
+def _send_verdict(n, s, date: str) -> None:
+    "Queue the verdict of `audit-<date>`; failures to send it go to the state dir's journal if there is one."
+    from pathlib import Path
+    from cryptobot.audit import report_paths
+    from cryptobot.guardian import JOURNAL_FILE
+    from cryptobot.notify import secret_values
+    from cryptobot.verdict import FAIL, PASS, parse_verdict, verdict_line
+    md, _html, js = report_paths(s.reports_dir, date)
+    word, line = (parse_verdict(md.read_text(encoding="utf-8")) if md.exists() else None) or (FAIL, "no report")
+    rep = json.loads(js.read_text(encoding="utf-8")) if js.exists() else {}
+    if rep.get("verdict") == word and (word == PASS or verdict_line(FAIL, rep.get("blockers") or []).endswith(line)):
+        blockers, risk = rep.get("blockers") or [], rep.get("risk_score")
+    else:                                              # the workflow did not complete (the .md says why): no .json
+        blockers, risk = ([line.split(" to go-live: ", 1)[-1]] if word != PASS else []), None
+    summary = f"Risk score {risk:g}/100." if isinstance(risk, (int, float)) else "Risk score: not computed."
+    jp = Path(s.state_dir) / JOURNAL_FILE
+    if jp.exists():                                    # notify_failed / notify_unsent, as the runner journals them
+        n.on_failure = lambda *event: _journal_event(jp, *event)
+    n.mask(*secret_values(s))
+    n.notify("audit_verdict", verdict=word, blockers=blockers[:5], day=date,
+             summary=summary + (f" {len(blockers)} blocker(s), the first {min(5, len(blockers))}:" if blockers else ""))
+
+
+def _journal_event(path, kind: str, message: str, data=None) -> None:
+    from cryptobot.journal import Journal
+    with Journal(path) as j:
+        j.log_event(kind, message, data)
 
 
 # %% ../nbs/22_cli.ipynb #ecea65b2

@@ -854,11 +854,66 @@ def _alert_poll(self) -> None:
         for x in exits:
             n.notify(Event.EMERGENCY_EXIT, symbol=x["symbol"], amount=x["amount"], reason=why)
         self._alert_mark = top
+        now = float(self.clock())
+        self._alert_stale(now)                         # data late past the limit / back (once each)
+        self._alert_daily(now)                         # the day's summary at the UTC day roll (once a day)
     except Exception as e:  # noqa: BLE001 - alerts never take trading down
         _event("alert_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
 
 
 Runner._alert_init, Runner._alert_poll = _alert_init, _alert_poll
+
+
+# %% ../nbs/14_live.ipynb #35d51497
+def _alert_stale(self, now: float) -> None:
+    "Alert once when no fresh candle came for longer than a candle + `max_data_age_s`, and once when one comes again."
+    if not hasattr(self, "_stale"):
+        last = self.journal.select("SELECT kind, data FROM events WHERE kind IN ('data_stale', 'data_recovered') "
+                                   "ORDER BY id DESC LIMIT 1")
+        self._stale = json.loads(last[0]["data"]) if last and last[0]["kind"] == "data_stale" else None
+        self._stale_t0 = now
+    limit = self.tf_s + float(self.settings.max_data_age_s)
+    base = max(self.last_done if self.last_done is not None else -math.inf, self._stale_t0 - self.tf_s)
+    if self._stale is None and now - base > limit:
+        self._stale = {"base": base, "last_candle": self.last_done, "age_s": now - base, "limit_s": limit}
+        self.journal.log_event("data_stale", f"no fresh candle for {now - base:.0f} s (limit {limit:.0f} s)",
+                               self._stale)
+        self.notifier.notify(Event.STALE_DATA, symbol=self.symbol, age_s=now - base, limit_s=limit,
+                             last_candle=iso(self.last_done))
+    elif self._stale is not None and self.last_done is not None and now - self.last_done <= limit and \
+            self.last_done > (self._stale.get("last_candle") or -math.inf):
+        without = now - float(self._stale["base"])
+        self.journal.log_event("data_recovered", f"fresh candles again after {without:.0f} s",
+                               {"without_s": without, "last_candle": self.last_done})
+        self.notifier.notify(Event.DATA_RECOVERED, symbol=self.symbol, stale_s=without, last_candle=iso(self.last_done))
+        self._stale = None
+
+
+def _alert_daily(self, now: float) -> None:
+    "At the UTC day roll (exchange time) the summary of the day that ended, once: journaled first (`daily_summary`)."
+    today = int(now // 86400)
+    if not hasattr(self, "_summary_next"):
+        last = self.journal.last_events(1, kind="daily_summary")
+        d = last[0]["data"] if last else None
+        self._summary_next = int(float(d["day_start"]) // 86400) + 1 if d else today
+    if today <= self._summary_next:
+        return
+    day0 = (today - 1) * 86400.0
+    t = self.journal.select("SELECT COUNT(*) AS n, COALESCE(SUM(pnl), 0) AS pnl FROM trades "
+                            "WHERE exit_time >= ? AND exit_time < ?", (day0, day0 + 86400.0))[0]
+    pos = self.executor.position() if self.executor is not None else None
+    st = self.guardian.current_state
+    facts = {"day": iso(day0)[:10], "pnl": round(float(t["pnl"]), 8), "trades": int(t["n"]),
+             "open_positions": {self.symbol: pos.open_amount} if pos is not None else {},
+             "kill_switch": f"LOCKED ({st.lock_reason})" if st.locked else
+             f"off ({st.consecutive_losses} consecutive loss(es))", "currency": self.symbol.split("/")[-1]}
+    self.journal.log_event("daily_summary", f"{facts['day']}: PnL {facts['pnl']:+.2f} over {facts['trades']} trade(s)",
+                           {**facts, "day_start": day0})
+    self._summary_next = today
+    self.notifier.notify(Event.DAILY_SUMMARY, **facts)
+
+
+Runner._alert_stale, Runner._alert_daily = _alert_stale, _alert_daily
 
 
 # %% ../nbs/14_live.ipynb #a7ee3687
@@ -933,6 +988,9 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
     try:                                               # alerts: a URL apprise cannot use is a settings error
         urls = split_urls(settings.notify_urls.reveal()) if settings.notify_urls is not None else []
         notifier = Notifier.from_urls(urls, **(notify_kw or {}))
+        if notifier.enabled:                           # no alert ever shows a key or the URLs' tokens
+            from cryptobot.notify import secret_values
+            notifier.mask(*secret_values(settings))
     except NotifyError as e:
         raise StartupRefused(f"configuration refused: {e}") from None
     try:
@@ -948,7 +1006,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
 # %% ../nbs/14_live.ipynb #1a3c5bf6
 def _refused(notifier: Notifier, settings: Settings, e: StartupRefused) -> StartupRefused:
     "Tell a person the runner will not trade this model/strategy (fingerprint, stale, wrong market)."
-    notifier.notify(Alert(Event.FINGERPRINT_REFUSED, f"Strategy refused at start ({settings.symbol})", str(e), "failure"))
+    notifier.notify(Event.START_REFUSED, symbol=settings.symbol, reason=str(e))   # names a fingerprint refusal
     return e
 
 

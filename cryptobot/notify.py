@@ -21,7 +21,8 @@ NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 # %% auto #0
 __all__ = ['log', 'NOTIFY_URLS_ENV', 'FORMATTERS', 'NotifyError', 'mask_url', 'Event', 'Alert', 'kill_locked', 'kill_unlocked',
            'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused', 'stale_data', 'audit_verdict',
-           'daily_summary', 'format_alert', 'split_urls', 'Notifier']
+           'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'split_urls', 'Notifier',
+           'secret_values']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
 class NotifyError(ValueError):
@@ -122,7 +123,9 @@ class Event(str, Enum):
     STOP_FAILED = "stop_failed"                  # a protective stop rejected or not acknowledged
     RECONCILE_MISMATCH = "reconcile_mismatch"
     FINGERPRINT_REFUSED = "fingerprint_refused"
+    START_REFUSED = "start_refused"              # any other reason the runner will not trade (stale model, market)
     STALE_DATA = "stale_data"                    # no fresh candle for longer than the limit
+    DATA_RECOVERED = "data_recovered"            # fresh candles again after stale data
     AUDIT_VERDICT = "audit_verdict"
     DAILY_SUMMARY = "daily_summary"
 
@@ -218,14 +221,30 @@ def audit_verdict(verdict: str, blockers: Iterable[str] = (), summary: str = "",
     return Alert(Event.AUDIT_VERDICT, f"Audit{when}: {str(verdict).upper()}", body,
                  "success" if ok else "failure", urgent=not ok)
 
+# %% ../nbs/17_notify.ipynb #5f3953d5
+def start_refused(symbol, reason: str) -> Alert:
+    "The runner refused to start trading: the fingerprint (named in the title when that is the reason) or another."
+    fp = "fingerprint" in str(reason)
+    what = "Model refused: feature fingerprint" if fp else "Strategy refused at start"
+    return Alert(Event.FINGERPRINT_REFUSED if fp else Event.START_REFUSED, f"{what} ({_scope(symbol)})",
+                 f"{reason}\nThe runner did not start; nothing was traded.", "failure")
+
+
+def data_recovered(symbol, stale_s: float, last_candle=None) -> Alert:
+    last = f" Last candle: {last_candle}." if last_candle is not None else ""
+    return Alert(Event.DATA_RECOVERED, f"Data back {symbol}",
+                 f"Fresh candles again after {_dur(stale_s)} without.{last}", "success", urgent=False)
+
+
 # %% ../nbs/17_notify.ipynb #b05d3d29
 def daily_summary(day, pnl: float, trades: int, open_positions: Mapping | Iterable = (), equity=None,
-                  currency: str = "USDT") -> Alert:
+                  currency: str = "USDT", kill_switch: str | None = None) -> Alert:
     pos = open_positions.items() if isinstance(open_positions, Mapping) else [(p, None) for p in open_positions]
     pos = [f"{s} {a}" if a is not None else str(s) for s, a in pos]
     body = f"PnL {float(pnl):+.2f} {currency} over {int(trades)} closed trade(s)."
     body += f"\nEquity: {float(equity):.2f} {currency}." if equity is not None else ""
     body += "\nOpen positions: " + (", ".join(pos) if pos else "none") + "."
+    body += f"\nKill switch: {kill_switch}." if kill_switch else ""
     return Alert(Event.DAILY_SUMMARY, f"Daily summary {day}", body, "info", urgent=False)
 
 
@@ -233,7 +252,8 @@ FORMATTERS: dict[Event, Callable[..., Alert]] = {
     Event.KILL_LOCKED: kill_locked, Event.KILL_UNLOCKED: kill_unlocked, Event.EMERGENCY_EXIT: emergency_exit,
     Event.STOP_FAILED: stop_failed, Event.RECONCILE_MISMATCH: reconcile_mismatch,
     Event.FINGERPRINT_REFUSED: fingerprint_refused, Event.STALE_DATA: stale_data,
-    Event.AUDIT_VERDICT: audit_verdict, Event.DAILY_SUMMARY: daily_summary}
+    Event.AUDIT_VERDICT: audit_verdict, Event.DAILY_SUMMARY: daily_summary, Event.START_REFUSED: start_refused,
+    Event.DATA_RECOVERED: data_recovered}
 
 
 def format_alert(kind: Event | str, /, **facts) -> Alert:
@@ -353,13 +373,40 @@ def _enqueue(self, alert: Alert) -> bool:
 
 Notifier._admit, Notifier._enqueue = _admit, _enqueue
 
+# %% ../nbs/17_notify.ipynb #1075e4ed
+def secret_values(settings) -> list[str]:
+    "What an alert must never show: the API key and secret, and the alert URLs' secret parts (not a bare port)."
+    vals = [s.reveal() for s in (getattr(settings, "api_key", None), getattr(settings, "api_secret", None)) if s is not None]
+    nu = getattr(settings, "notify_urls", None)
+    vals += [p for u in split_urls(nu.reveal() if nu is not None else "") for p in _secret_parts(u)
+             if not (p.isdigit() and len(p) <= 5)]
+    return sorted({v for v in vals if len(v) >= 4}, key=len, reverse=True)
+
+
+def _mask(self, *values: str) -> Notifier:
+    "Register `values` (4+ characters) that no alert title or body may show: each becomes `****`."
+    self._masks = sorted(set(getattr(self, "_masks", ())) | {str(v) for v in values if v and len(str(v)) >= 4},
+                         key=len, reverse=True)
+    return self
+
+
+def _scrub(self, alert: Alert) -> Alert:
+    t, b = alert.title, alert.body
+    for m in getattr(self, "_masks", ()):
+        t, b = t.replace(m, "****"), b.replace(m, "****")
+    return alert if (t, b) == (alert.title, alert.body) else replace(alert, title=t, body=b)
+
+
+Notifier.mask, Notifier._scrub = _mask, _scrub
+
+
 # %% ../nbs/17_notify.ipynb #8b9644f2
 def _notify(self, kind: Event | str | Alert, /, **facts) -> bool:
     "Format, rate-limit and enqueue; never raises, never waits on the network. True when the alert was queued."
     if not self._targets:
         return False
     try:
-        alert = kind if isinstance(kind, Alert) else format_alert(kind, **facts)
+        alert = self._scrub(kind if isinstance(kind, Alert) else format_alert(kind, **facts))
         with self._cond:
             alert = self._admit(alert)
         return alert is not None and self._enqueue(alert)

@@ -5,104 +5,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from cryptobot.config import Secret, Settings
-from cryptobot.emulator import ORDER_TYPES, ORDER_TYPES_STOP_MARKET, Emulator
+from cryptobot.emulator import Emulator
 from cryptobot.live import EX_CONFIG, StartupRefused, setup_logging, start_runner
 from market import frame
-from test_notify import Receiver, closed_port
+from runner_rig import KEY, SECRET, Rig as RunnerRig, model  # noqa: F401 - `model` is a fixture
+from test_notify import closed_port, receiver  # noqa: F401 - `receiver` is a fixture
 
-KEY, SECRET = "alert-key-5d1e", "alert-secret-Qw81zz"
 TOKEN = "tok3nS3CRETzz91"                  # the secret part of every alert URL below
-SPEED = 360.0
 CRYPTOBOT = str(Path(sys.executable).parent / "cryptobot")
 FAST = dict(timeout_s=0.5, attempts=2, backoff_s=0.05)      # a dead receiver fails fast (bounded either way)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from cryptobot import data as D, model as M
-    c = D.synthetic_candles(n=1_200, seed=5)
-    res = M.train_walk_forward(c, n_folds=2, params={"max_iter": 20})
-    return res.save(tmp_path_factory.mktemp("models"))
+def Rig(tmp, model, url: str, stop_market: bool = True, settings: dict | None = None, **kw) -> RunnerRig:
+    "The shared runner rig with alerts to `url` (kill switch after 1 loss unless `settings` say otherwise)."
+    return RunnerRig(tmp, model, stop_market=stop_market, notify_kw=FAST,
+                     settings={"kill_switch_losses": 1, "notify_urls": Secret(url), **(settings or {})}, **kw)
 
 
-@pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.close()
-
-
-class Rig:
-    "An accelerated emulator with STOP_LOSS, an always-long runner (kill switch after 1 loss) in a thread."
-
-    def __init__(self, tmp, model, url: str, stop_market: bool = True):
-        from cryptobot.model import Strategy
-        df = frame(1_300)
-        self.emu = Emulator(df, clock="accelerated", speed=SPEED, start=df.index[1_100] + pd.Timedelta(minutes=40),
-                            api_key=KEY, api_secret=SECRET,
-                            order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
-        self.emu.start()
-        self.s = Settings(state_dir=tmp / "st", exchange_url=self.emu.base_url, api_key=KEY, api_secret=SECRET,
-                          stop_check_s=60, kill_switch_losses=1, notify_urls=Secret(url))
-        self.stop_event = threading.Event()
-        self.runner = start_runner(self.s, "paper", model, strategy=Strategy(0.0, 0.0, 1000), stop_event=self.stop_event,
-                                   max_model_age_days=None, rate_limit_ms=1.0, notify_kw=FAST)
-        self.thread = threading.Thread(target=self.runner.run, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop_event.set()
-        self.thread.join(60)
-        self.emu.stop()
-
-    def rows(self, sql):
-        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(sql).fetchall()]
-        finally:
-            con.close()
-
-    def wait_for(self, cond, what, wall_s=90.0):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wall_s:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}: {self.rows('SELECT kind, message FROM events')[-12:]}")
-
-    def lose_once(self, lock: bool = True):
-        "Entry, its stop; then the next bar falls through the stop: a losing trade, the kill switch locks."
-        st = self.wait_for(lambda: [o for o in self.emu.orders if o["type"] in ("STOP_LOSS", "STOP_LOSS_LIMIT")],
-                           "the stop")[0]
-        tape = next(iter(self.emu.tapes.values()))
-        with self.emu._lock:
-            i = tape.bar_at(st["time"]) + 1
-            o = float(tape.c[i - 1])
-            low = st["stop_price"] * 0.97
-            tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
-        if lock:
-            self.wait_for(lambda: self.rows("SELECT * FROM locks"), "the kill switch")
-
-    def orders(self):
-        return self.rows("SELECT client_order_id, side, type, amount, price, stop_price, purpose, candle_time "
-                         "FROM intents ORDER BY id")
-
-
-def _run_to_lock(tmp, model, url):
-    r = Rig(tmp, model, url)
+def _run_to_lock(tmp, model, url, **kw):
+    r = Rig(tmp, model, url, **kw)
     try:
         r.lose_once()
         return r
@@ -132,10 +61,13 @@ def test_kill_switch_lock_reaches_the_receiver_and_the_secret_stays_out(receiver
 
 
 def test_dead_or_hanging_receiver_trades_exactly_the_same_and_is_journaled(receiver, model, tmp_path):
-    rigs = {}
+    "A lock late on 2024-02-15, then the day roll: with a hanging or refusing receiver the same orders, the same lock "
+    "and the same journaled daily summary as with a good one; each failed alert journaled."
+    import pandas as pd
+    rigs, start = {}, frame(1_300).index[1_101] + pd.Timedelta(minutes=40)
 
     def go(name, url):
-        rigs[name] = _run_to_lock(tmp_path / name, model, url)
+        rigs[name] = _run_to_lock(tmp_path / name, model, url, start=start)
 
     threads = [threading.Thread(target=go, args=a) for a in
                (("ok", receiver.url(f"/ok/{TOKEN}")), ("hang", receiver.url(f"/hang/{TOKEN}")),
@@ -157,6 +89,20 @@ def test_dead_or_hanging_receiver_trades_exactly_the_same_and_is_journaled(recei
             text = json.dumps(rigs[name].rows("SELECT * FROM events"))
             assert TOKEN not in text
         assert not rigs["ok"].rows("SELECT * FROM events WHERE kind = 'notify_failed'")
+        summaries = {n: r.wait_for(lambda r=r: r.rows("SELECT data FROM events WHERE kind = 'daily_summary'"),
+                                   f"the daily summary ({n})", 60) for n, r in rigs.items()}
+        for name, rows in summaries.items():                        # the fill prices follow the wall clock: PnL
+            (d,) = [json.loads(x["data"]) for x in rows]              # is each rig's own trade, the rest the same
+            (t,) = rigs[name].rows("SELECT pnl FROM trades")
+            assert d.pop("pnl") == pytest.approx(t["pnl"]) and "LOCKED" in d["kill_switch"]
+            summaries[name] = d
+        assert summaries["hang"] == summaries["refused"] == summaries["ok"]
+        for name in ("hang", "refused"):
+            rigs[name].wait_for(lambda n=name: rigs[n].rows("SELECT * FROM events WHERE kind = 'notify_failed' AND "
+                                                            "data LIKE '%daily_summary%'"), f"its failure ({name})", 30)
+            assert rigs[name].orders() == want, name
+        assert [b["title"] for p, b in receiver.got if p.startswith("/ok/") and "Daily" in b["title"]] == \
+            ["cryptobot: Daily summary 2024-02-15"]
     finally:
         for r in rigs.values():
             r.close()
@@ -246,7 +192,9 @@ def test_fingerprint_refusal_reaches_the_receiver(receiver, model, tmp_path):
             start_runner(s, "paper", bad, max_model_age_days=None, rate_limit_ms=1.0)
         # close(5) ran before the refusal was raised: the alert is already delivered
         (body,) = [b for _, b in receiver.got]
-        assert body["title"] == "cryptobot: Strategy refused at start (BTC/USDT)" and "fingerprint" in body["message"]
+        assert body["title"] == "cryptobot: Model refused: feature fingerprint (BTC/USDT)"    # the reason, named
+        assert "trained with feature fingerprint 000000000000, this code computes" in body["message"]
+        assert body["type"] == "failure" and "nothing was traded" in body["message"]
         assert emu.orders_created == 0
     finally:
         emu.stop()
@@ -264,3 +212,163 @@ def test_gap_through_the_stop_limit_alerts_the_emergency_exit(receiver, model, t
     assert got[0]["title"] == "cryptobot: EMERGENCY EXIT BTC/USDT" and got[0]["type"] == "failure"
     (x,) = r.rows("SELECT amount FROM intents WHERE purpose = 'emergency_exit'")
     assert f"Closed {x['amount']} BTC/USDT at market" in got[0]["message"]
+
+
+def _titles(receiver, word):
+    return [b for _, b in receiver.got if word in b["title"]]
+
+
+def test_stop_rejected_reaches_the_receiver_with_the_emergency_exit(receiver, model, tmp_path):
+    "The bar after the first decision opens below where the stop goes: the exchange refuses the stop (it would "
+    "trigger immediately), the runner sells at market, and a person hears both."
+    df = frame(1_300)
+    o = float(df["close"].iloc[1_100]) * 0.95                        # 5 % under the decision close: under a 1.5 % stop
+    df.iloc[1_101, :4] = [o, o * 1.001, o * 0.999, o * 1.0005]
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), df=df)
+    try:
+        got = r.wait_for(lambda: _titles(receiver, "Stop not in place"), "the STOP_FAILED alert", 60)
+        ex = r.wait_for(lambda: _titles(receiver, "EMERGENCY"), "the EMERGENCY_EXIT alert", 30)
+    finally:
+        r.close()
+    (rej,) = r.rows("SELECT data FROM events WHERE kind = 'stop_rejected'")
+    stop = json.loads(rej["data"])["stop"]
+    assert got[0]["title"] == "cryptobot: Stop not in place: BTC/USDT" and got[0]["type"] == "failure"
+    assert f"Stop order {stop} was rejected: " in got[0]["message"] and "immediately" in got[0]["message"].lower()
+    assert len(got) == 1
+    (x,) = r.rows("SELECT amount FROM intents WHERE purpose = 'emergency_exit'")
+    assert ex[0]["message"].startswith(f"Closed {x['amount']} BTC/USDT at market: the stop was rejected")
+
+
+def test_stop_not_acknowledged_reaches_the_receiver(receiver, model, tmp_path):
+    "Every stop check fails (5xx on GET order) for longer than two intervals: the stop's state is unknown, said once."
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), settings={"kill_switch_losses": 3},
+            executor_kw={"retry": {"retries": 1, "base_delay": 0.05}})
+    try:
+        st = r.wait_for(r.stop_order, "the stop after the entry", 60)
+        r.emu.faults.add("server_error", count=10**6, endpoint="order", method="GET")
+        got = r.wait_for(lambda: _titles(receiver, "Stop not in place"), "the STOP_FAILED alert", 60)
+        n_err = len(r.rows("SELECT id FROM events WHERE kind IN ('poll_error', 'stop_unknown')"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind IN ('poll_error', 'stop_unknown')")) >= n_err + 5,
+                   "five more failed checks or polls", 60)
+        r.emu.faults.clear()
+    finally:
+        r.close()
+    assert got[0]["title"] == "cryptobot: Stop not in place: BTC/USDT" and got[0]["type"] == "failure"
+    assert f"Stop order {st['client_order_id']} was not acknowledged: " in got[0]["message"]
+    assert "new entries are locked" in got[0]["message"]
+    assert len(_titles(receiver, "Stop not in place")) == 1                 # rate-limited: not once per failed check
+
+
+def test_reconciliation_mismatch_at_start_reaches_the_receiver(receiver, model, tmp_path):
+    "An open order the journal does not know (placed by hand): the start-up reconciliation fails and says which."
+    from cryptobot.client import make_client
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET)
+    emu.start()
+    try:
+        hand = make_client(api_key=KEY, api_secret=SECRET, base_url=emu.base_url)
+        hand.load_markets()
+        hand.create_order("BTC/USDT", "limit", "buy", 0.001, 20_000.0, {"clientOrderId": "by-hand-7"})
+        s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                     notify_urls=Secret(receiver.url(f"/ok/{TOKEN}")))
+        r = start_runner(s, "paper", model, max_model_age_days=None, rate_limit_ms=1.0, notify_kw=FAST)
+        try:
+            assert r.executor.reconciled is False
+            assert r.notifier.flush(20)
+        finally:
+            r.close()
+            r.journal.close()
+        assert emu.orders_created == 1                                      # only the hand's order
+    finally:
+        emu.stop()
+    (body,) = _titles(receiver, "MISMATCH")
+    assert body["title"] == "cryptobot: Reconciliation MISMATCH BTC/USDT" and body["type"] == "failure"
+    assert "Journal and exchange disagree: NOT reconciled" in body["message"]
+    assert "1 unknown open orders (by-hand-7)" in body["message"] and TOKEN not in body["message"]
+
+
+def test_stale_data_alerts_once_and_once_more_when_it_recovers(receiver, model, tmp_path):
+    "The exchange stops answering klines: one STALE_DATA past a candle + CRYPTOBOT_MAX_DATA_AGE_S, not one per "
+    "poll; klines back: one DATA_RECOVERED."
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), settings={"max_data_age_s": 60},
+            retry={"retries": 1, "base_delay": 0.05})
+    try:
+        r.wait_for(lambda: r.rows("SELECT id FROM events WHERE kind = 'candle_done'"), "a first candle", 60)
+        last = r.runner.last_done
+        r.emu.faults.add("server_error", count=10**6, endpoint="klines")
+        stale = r.wait_for(lambda: _titles(receiver, "Stale data"), "the STALE_DATA alert", 90)
+        n_err = len(r.rows("SELECT id FROM events WHERE kind = 'poll_error'"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind = 'poll_error'")) >= n_err + 5,
+                   "five more failed polls", 60)
+        assert not _titles(receiver, "Data back")
+        r.emu.faults.clear()
+        back = r.wait_for(lambda: _titles(receiver, "Data back"), "the DATA_RECOVERED alert", 60)
+    finally:
+        r.close()
+    assert len(_titles(receiver, "Stale data")) == 1 and len(_titles(receiver, "Data back")) == 1
+    assert stale[0]["title"] == "cryptobot: Stale data BTC/USDT" and stale[0]["type"] == "warning"
+    assert "(limit 61 min)" in stale[0]["message"] and "no new entries until data returns" in stale[0]["message"]
+    from cryptobot.journal import iso
+    assert f"Last candle: {iso(last)}." in stale[0]["message"]
+    assert back[0]["title"] == "cryptobot: Data back BTC/USDT" and back[0]["message"].startswith("Fresh candles again")
+    (d,) = [json.loads(x["data"]) for x in r.rows("SELECT data FROM events WHERE kind = 'data_stale'")]
+    assert d["last_candle"] == last and d["age_s"] > d["limit_s"] == 3600 + 60
+    assert len(r.rows("SELECT id FROM events WHERE kind = 'data_recovered'")) == 1
+
+
+def test_daily_summary_at_the_utc_day_roll_once_across_a_restart(receiver, model, tmp_path):
+    "A losing trade late on 2024-02-15; at 00:00 UTC (exchange time) the day's summary; a restart after it sends no "
+    "second one (journaled)."
+    import pandas as pd
+    df = frame(1_300)
+    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), df=df, settings={"kill_switch_losses": 3},
+            start=df.index[1_101] + pd.Timedelta(minutes=40))
+    assert str(df.index[1_104]) == "2024-02-16 00:00:00+00:00"
+    try:
+        r.lose_once(lock=False)                                             # the stop fills in 23:00-24:00
+        got = r.wait_for(lambda: _titles(receiver, "Daily summary"), "the DAILY_SUMMARY alert", 60)
+        r.restart()
+        n_done = len(r.rows("SELECT id FROM events WHERE kind = 'candle_done'"))
+        r.wait_for(lambda: len(r.rows("SELECT id FROM events WHERE kind = 'candle_done'")) > n_done,
+                   "a candle after the restart", 60)
+        assert r.runner.notifier.flush(20)
+    finally:
+        r.close()
+    (trade,) = r.rows("SELECT pnl, exit_time FROM trades")
+    assert trade["exit_time"] < df.index[1_104].timestamp() and trade["pnl"] < 0
+    assert len(_titles(receiver, "Daily summary")) == 1                     # once, across the restart
+    (ev,) = [json.loads(x["data"]) for x in r.rows("SELECT data FROM events WHERE kind = 'daily_summary'")]
+    assert got[0]["title"] == "cryptobot: Daily summary 2024-02-15" and got[0]["type"] == "info"
+    lines = got[0]["message"].splitlines()
+    assert lines[0] == f"PnL {trade['pnl']:+.2f} USDT over 1 closed trade(s)."
+    assert lines[-1] == "Kill switch: off (1 consecutive loss(es))."
+    pos = ev["open_positions"]
+    assert lines[1] == "Open positions: " + (", ".join(f"{k} {v}" for k, v in pos.items()) or "none") + "."
+    held = r.rows("SELECT client_order_id FROM intents WHERE purpose = 'entry' AND candle_time = ?",
+                  (df.index[1_104].timestamp(),))
+    assert bool(pos) == bool(held)                                          # the 00:00 entry, if the runner made one
+    assert ev["day"] == "2024-02-15" and ev["trades"] == 1 and ev["pnl"] == pytest.approx(trade["pnl"])
+
+
+def test_audit_verdict_reaches_the_receiver_masked(receiver, tmp_path):
+    "`cryptobot audit` with alerts on: the verdict, risk score and first blockers reach a person; a target that "
+    "refuses is journaled; the exit code stays the audit's; no key, secret or URL token in what was sent."
+    from cryptobot.journal import Journal
+    Journal(tmp_path / "st" / "journal.sqlite").close()                     # a state dir that has a journal
+    api_key, api_secret = "AUDkey1234abcd", "AUDsecret5678efgh"
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "st"), "CRYPTOBOT_REPORTS_DIR": str(tmp_path / "rep"),
+           "CRYPTOBOT_DATA_DIR": str(tmp_path / "data"), "BINANCE_API_KEY": api_key, "BINANCE_API_SECRET": api_secret,
+           "CRYPTOBOT_NOTIFY_URLS": f"{receiver.url(f'/ok/{TOKEN}')}, json://127.0.0.1:{closed_port()}/{TOKEN}"}
+    r = _cli(["audit", "--quiet", "--date", "2026-11-28"], tmp_path, env)
+    assert r.returncode == 1, (r.stdout, r.stderr)                          # FAIL: an empty state dir
+    rep = json.loads((tmp_path / "rep" / "audit-2026-11-28.json").read_text())
+    (body,) = _titles(receiver, "Audit")
+    assert body["title"] == "cryptobot: Audit 2026-11-28: FAIL" and body["type"] == "failure"
+    lines = body["message"].splitlines()
+    n = len(rep["blockers"])
+    assert lines[0] == f"Risk score {rep['risk_score']:g}/100. {n} blocker(s), the first {min(n, 5)}:"
+    assert [l[:60] for l in lines[1:]] == [f"- {b}"[:60] for b in rep["blockers"][:5]]
+    sent = json.dumps([b for _, b in receiver.got]) + r.stdout + r.stderr
+    assert api_key not in sent and api_secret not in sent and TOKEN not in sent
+    with Journal(tmp_path / "st" / "journal.sqlite", readonly=True) as j:
+        (failed,) = j.last_events(5, kind="notify_failed")
+    assert failed["data"]["alert"] == "audit_verdict" and failed["data"]["target"] == "json://127.0.0.1:****"

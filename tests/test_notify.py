@@ -89,8 +89,11 @@ FACTS = {
     Event.RECONCILE_MISMATCH: dict(symbol="BTC/USDT", summary="exchange holds 0.02 BTC, journal 0.01"),
     Event.FINGERPRINT_REFUSED: dict(model_id="m-2026", expected="a" * 64, actual="b" * 64, symbol="BTC/USDT"),
     Event.STALE_DATA: dict(symbol="BTC/USDT", age_s=1800, limit_s=600, last_candle="2026-11-28 22:00"),
+    Event.DATA_RECOVERED: dict(symbol="BTC/USDT", stale_s=5400, last_candle="2026-11-28 23:00"),
+    Event.START_REFUSED: dict(symbol="BTC/USDT", reason="model m-2026 is stale: its training data end 2026-09-01"),
     Event.AUDIT_VERDICT: dict(verdict="FAIL", blockers=["paper days 3 < 14"], summary="score 41", day="2026-11-28"),
-    Event.DAILY_SUMMARY: dict(day="2026-11-28", pnl=12.5, trades=4, open_positions={"BTC/USDT": 0.01}, equity=1012.5),
+    Event.DAILY_SUMMARY: dict(day="2026-11-28", pnl=12.5, trades=4, open_positions={"BTC/USDT": 0.01}, equity=1012.5,
+                              kill_switch="off (0 consecutive loss(es))"),
 }
 
 

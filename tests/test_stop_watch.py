@@ -3,8 +3,6 @@ the emulator's accelerated clock (a gap through a stop-limit mid-candle, a stop-
 switch, a stop cancelled by hand), with the real ccxt client, real SQLite and the real runner loop."""
 from __future__ import annotations
 
-import json
-import threading
 import time
 
 import pandas as pd
@@ -12,98 +10,21 @@ import pytest
 
 from cryptobot.client import make_client
 from cryptobot.config import Settings
-from cryptobot.emulator import ORDER_TYPES, ORDER_TYPES_STOP_MARKET, Emulator
-from cryptobot.exchange import ExecutorError
+from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
 from cryptobot.live import start_runner
 from market import frame
+from runner_rig import KEY, SECRET, Rig, model  # noqa: F401 - `model` is a fixture
 
-KEY, SECRET = "stop-key-71c2", "stop-secret-Zx90qq"
-SPEED = 360.0            # one 1h candle every 10 s of wall time; a 60 s check every 1/6 s
-CHECK_S = 60
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from cryptobot import data as D, model as M
-    c = D.synthetic_candles(n=1_200, seed=5)
-    res = M.train_walk_forward(c, n_folds=2, params={"max_iter": 20})
-    return res.save(tmp_path_factory.mktemp("models"))
-
-
-class Rig:
-    "An accelerated emulator, a runner in a thread (the real `run` loop), an always-long strategy."
-
-    def __init__(self, tmp, model, *, stop_market: bool, stop_order: str = "auto", kill: int = 3):
-        from cryptobot.model import Strategy
-        self.df = frame(1_300)
-        start = self.df.index[1_100] + pd.Timedelta(minutes=40)
-        self.emu = Emulator(self.df, clock="accelerated", speed=SPEED, start=start, api_key=KEY, api_secret=SECRET,
-                            order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
-        self.emu.start()
-        self.s = Settings(state_dir=tmp / "st", exchange_url=self.emu.base_url, api_key=KEY, api_secret=SECRET,
-                          stop_check_s=CHECK_S, stop_order=stop_order, kill_switch_losses=kill)
-        self.stop_event = threading.Event()
-        self.runner = start_runner(self.s, "paper", model, strategy=Strategy(0.0, 0.0, 1000),
-                                   stop_event=self.stop_event, max_model_age_days=None, rate_limit_ms=1.0)
-        self.thread = threading.Thread(target=self.runner.run, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop_event.set()
-        self.thread.join(60)
-        self.emu.stop()
-
-    def wait_for(self, cond, what: str, wall_s: float = 60.0):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wall_s:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}; events: {self.events()[-15:]}")
-
-    def events(self, kind=None):
-        import sqlite3
-        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
-        try:
-            sql = "SELECT ts, kind, message, data FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
-            rows = con.execute(sql, (kind,) if kind else ()).fetchall()
-        finally:
-            con.close()
-        return [(ts, k, m, json.loads(d) if d else None) for ts, k, m, d in rows]
-
-    def rows(self, sql):
-        "Rows from the journal through a read-only connection of the test's own (the runner keeps writing)."
-        import sqlite3
-        con = sqlite3.connect(f"file:{self.s.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=5)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(sql).fetchall()]
-        finally:
-            con.close()
-
-    def stop_order(self):
-        "The first stop the emulator accepted (after the entry), or None."
-        st = [o for o in self.emu.orders if o["type"] in ("STOP_LOSS", "STOP_LOSS_LIMIT")]
-        return st[0] if st else None
-
-    def crash_next_bar(self, stop: dict):
-        "Reshape the bar after the one the stop was placed in: a down bar whose path crosses the stop mid-candle."
-        tape = next(iter(self.emu.tapes.values()))
-        with self.emu._lock:
-            i = tape.bar_at(stop["time"]) + 1
-            o = float(tape.c[i - 1])
-            low = stop["stop_price"] * 0.97
-            tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
-        return i, int(tape.t[i]) / 1000.0
+CHECK_S = 60             # the stop check interval (exchange seconds)
 
 
 @pytest.fixture
 def rig_factory(tmp_path, model):
     rigs = []
 
-    def make(**kw):
-        r = Rig(tmp_path / f"r{len(rigs)}", model, **kw)
+    def make(*, stop_market: bool, stop_order: str = "auto", kill: int = 3):
+        r = Rig(tmp_path / f"r{len(rigs)}", model, stop_market=stop_market,
+                settings={"stop_check_s": CHECK_S, "stop_order": stop_order, "kill_switch_losses": kill})
         rigs.append(r)
         return r
     yield make
