@@ -9,6 +9,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pandas as pd
 from numba import njit
 
 from .model import FEE, SLIPPAGE, Strategy
-from .risk import Market, RiskEngine
+from .risk import Market, RiskEngine, floor_units, step_units
 from .strategy import Strategy as BaseStrategy, checked_signals
 
 # %% auto #0
@@ -35,36 +36,45 @@ TRADE_COLUMNS = ["entry_time", "entry_price", "amount", "stop_price", "exit_time
 EXIT_REASONS = ("stop", "signal", "max_hold", "take_profit", "end", "open")   # kernel codes 0..5
 
 # %% ../nbs/07_backtest.ipynb #a5d73968
-@njit(cache=True)
-def _floor_units(x, per_unit):
-    "floor(x) on a grid of 1/per_unit (the +1e-9 absorbs float noise at an exact grid point), as a correctly rounded float."
-    return math.floor(x * per_unit + 1e-9) / per_unit
+_floor = njit(cache=True)(floor_units)    # THE floor (cryptobot.risk.floor_units), compiled: one source, two runtimes
 
 
 @njit(cache=True)
-def _ceil_units(x, per_unit):
-    return math.ceil(x * per_unit - 1e-9) / per_unit
+def _ceil(x, m, k):
+    return -_floor(-x, m, k)
+
+
+@njit(cache=True)
+def _ticks_times(price, a, b, x, m, k):
+    """floor(price · a·10⁻ᵇ) on the tick grid (m, k), with `price` on that grid: in integers, exact as the RiskEngine's
+    rationals (a float product can land an ulp under a tick the exact one reaches). `x`: the float product, the
+    fallback when a < 0 (a fraction of over 15 digits) or the integers could overflow."""
+    n = round(price * 10 ** k / m)                   # price in ticks
+    if a < 0.0 or n * a >= 9e18:
+        return _floor(x, m, k)
+    return _floor((n * int(a) // 10 ** b) * m / 10 ** k, m, k)
 
 
 @njit(cache=True)
 def _plan_nb(price, equity, cash, g):
     "RiskEngine.plan in floats: (amount, stop, stop_limit, entry, code); code 0 = ok, 1 = rejected. `g` = settings."
-    tick_u, step_u, stop_frac, buf_frac, risk_frac, lev, plan_fee, min_amt, min_not, max_amt, full = g[:11]
-    entry = _ceil_units(price, tick_u)
-    stop = _floor_units(entry * (1.0 - stop_frac), tick_u)
-    stop_limit = _floor_units(stop * (1.0 - buf_frac), tick_u)
+    tick_m, tick_k, stop_frac, buf_frac, risk_frac, lev, plan_fee, min_amt, min_not, max_amt, full, sm, sk = g[:13]
+    tm, tk, sm, sk = int(tick_m), int(tick_k), int(sm), int(sk)
+    entry = _ceil(price, tm, tk)
+    stop = _ticks_times(entry, g[13], int(g[14]), entry * (1.0 - stop_frac), tm, tk)
+    stop_limit = _ticks_times(stop, g[15], int(g[16]), stop * (1.0 - buf_frac), tm, tk)
     if stop <= 0.0 or stop >= entry or stop_limit <= 0.0:
         return 0.0, stop, stop_limit, entry, 1
     if full > 0.0:                                   # all the cash: sized at the fill, checked there
         return 0.0, stop, stop_limit, entry, 0
     cap = min(equity * risk_frac / (entry - stop), equity * lev / entry, cash / (entry * (1.0 + plan_fee)), max_amt)
-    amount = _floor_units(cap, step_u)
+    amount = _floor(cap, sm, sk)
     for _ in range(3):                               # float guard, as RiskEngine._float_ok
         n = amount * entry
         if amount <= 0.0 or (n <= equity * lev and n * (1.0 + plan_fee) <= cash
                              and amount * (entry - stop) <= equity * risk_frac and amount <= max_amt):
             break
-        amount = (round(amount * step_u) - 1) / step_u
+        amount = _floor(math.nextafter(amount, -math.inf), sm, sk)    # one step down
     if amount <= 0.0 or amount < min_amt or amount * entry < min_not:
         return amount, stop, stop_limit, entry, 1
     return amount, stop, stop_limit, entry, 0
@@ -73,7 +83,7 @@ def _plan_nb(price, equity, cash, g):
 @njit(cache=True)
 def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
     """THE FILL RULES over all bars. Returns trade rows (float matrix), equity per bar, locks, counters."""
-    n, step_u, min_amt, min_not = len(o), g[1], g[7], g[8]
+    n, sm, sk, min_amt, min_not = len(o), int(g[11]), int(g[12]), g[7], g[8]
     T = np.empty((n + 1, 13))            # entry_bar, entry_px, amount, stop, exit_bar, exit_px, reason, e_fee, x_fee,
     locks = np.full((n + 1, 3), -1.0)    # stop_limit, signal_px, pnl, equity_after | lock_bar, unlock_bar, losses
     eq = np.empty(n)
@@ -87,7 +97,7 @@ def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_
             if g[10] > 0.0 or amt * px * (1.0 + fee) > cash:
                 if g[10] <= 0.0:
                     resized += 1
-                amt = _floor_units(cash / (px * (1.0 + fee)), step_u)
+                amt = _floor(cash / (px * (1.0 + fee)), sm, sk)
             if amt > 0.0 and amt >= min_amt and amt * px >= min_not:
                 amount, e_bar, e_px, e_fee = amt, t, px, amt * px * fee
                 cash -= amt * px + e_fee
@@ -157,13 +167,18 @@ def _settings_vector(risk_engine: RiskEngine, market: Market, sizing: str) -> np
     if sizing not in ("risk", "full"):
         raise BacktestError(f"sizing={sizing!r}: use 'risk' (the RiskEngine's plan) or 'full' (all the cash)")
     r = risk_engine
-    return np.array([round(1 / market.price_tick) if abs(1 / market.price_tick - round(1 / market.price_tick)) < 1e-9
-                     else 1 / market.price_tick,
-                     round(1 / market.amount_step) if abs(1 / market.amount_step - round(1 / market.amount_step)) < 1e-9
-                     else 1 / market.amount_step,
+    return np.array([*step_units(market.price_tick),                    # tick = m·10⁻ᵏ: (m, k)
                      r.stop_loss_pct / 100, r.stop_limit_buffer_pct / 100, r.risk_pct / 100, r.leverage,
                      r.fee_pct / 100, market.min_amount, market.min_notional,
-                     min(market.max_amount, 1e300), 1.0 if sizing == "full" else 0.0], dtype=np.float64)
+                     min(market.max_amount, 1e300), 1.0 if sizing == "full" else 0.0,
+                     *step_units(market.amount_step),                                   # lot step: (m, k)
+                     *_one_minus_pct(r.stop_loss_pct), *_one_minus_pct(r.stop_limit_buffer_pct)], dtype=np.float64)
+
+
+def _one_minus_pct(pct: float) -> tuple[int, int]:
+    "1 − pct/100 as (a, b), a·10⁻ᵇ, the decimal the RiskEngine uses; (-1, 0) if a needs over 15 digits (float path)."
+    a, b = step_units(Decimal(1) - Decimal(repr(float(pct))) / 100)
+    return (a, b) if a < 10 ** 15 else (-1, 0)
 
 
 def _ohlc(candles: pd.DataFrame):
