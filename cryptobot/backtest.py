@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,47 @@ def _ticks_times(price, a, b, x, m, k):
 
 
 @njit(cache=True)
+def _fits(n, sm, a, b, e, y, fallback):
+    """n lot steps × X ≤ the decimal `y` prints as, X = a·b·10⁻ᵉ an exact decimal (a, b integers; b < 0: X has no
+    short decimal). Exact when the product has at most 15 digits (then float(product) <= y decides it, as in
+    `floor_units`); else `fallback`, the caller's float comparison."""
+    if b >= 0 and e <= 18 and float(n) * sm * a * b < 1e15:
+        return (n * sm * a * int(b)) / 10 ** e <= y
+    return fallback
+
+
+@njit(cache=True)
+def _grid_product(amount, sm, sk, nt, tm, tk, xf):
+    """float(amount × nt ticks) rounded once, as RiskEngine's float(Fraction product): the integers divided by a power
+    of ten while they are below 2⁵³ (then both are exact floats); else the float product `amount * xf`."""
+    n = round(amount * 10 ** sk / sm)
+    if float(n) * sm * nt * tm < 9e15 and sk + tk <= 18:
+        return (n * sm * nt * tm) / 10 ** (sk + tk)
+    return amount * xf
+
+
+@njit(cache=True)
+def _fits_all(n, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+    "n steps within every cap of RiskEngine._size: risk, leverage, cash (fee included), max_amount."
+    a = n * sm / 10 ** sk
+    return (_fits(n, sm, 1, 1, sk, g[9], a <= g[9])
+            and _fits(n, sm, ne * tm, g[17], sk + tk + int(g[18]), cash, a * entry * (1.0 + g[6]) <= cash)
+            and _fits(n, sm, ne * tm, g[19], sk + tk + int(g[20]), equity, a * entry <= equity * g[5])
+            and _fits(n, sm, (ne - ns) * tm, g[21], sk + tk + int(g[22]), equity, a * (entry - stop) <= equity * g[4]))
+
+
+@njit(cache=True)
+def _affordable(amt, px, fee, cash, g):
+    "The fill's cash check, amt × px × (1 + fee) ≤ cash: exact as the plan's cash cap when px is on the tick grid."
+    sm, sk, tm, tk = int(g[11]), int(g[12]), int(g[0]), int(g[1])
+    n, npx = round(amt * 10 ** sk / sm), round(px * 10 ** tk / tm)
+    naive = amt * px * (1.0 + fee) <= cash
+    if fee != g[6] or npx * tm / 10 ** tk != px:
+        return naive
+    return _fits(n, sm, npx * tm, g[17], sk + tk + int(g[18]), cash, naive)
+
+# %% ../nbs/07_backtest.ipynb #a6afa68f
+@njit(cache=True)
 def _plan_nb(price, equity, cash, g):
     "RiskEngine.plan in floats: (amount, stop, stop_limit, entry, code); code 0 = ok, 1 = rejected. `g` = settings."
     tick_m, tick_k, stop_frac, buf_frac, risk_frac, lev, plan_fee, min_amt, min_not, max_amt, full, sm, sk = g[:13]
@@ -69,10 +111,18 @@ def _plan_nb(price, equity, cash, g):
         return 0.0, stop, stop_limit, entry, 0
     cap = min(equity * risk_frac / (entry - stop), equity * lev / entry, cash / (entry * (1.0 + plan_fee)), max_amt)
     amount = _floor(cap, sm, sk)
+    n = round(amount * 10 ** sk / sm)               # the floor of the float cap, in steps; the exact caps decide ±1
+    ne, ns = round(entry * 10 ** tk / tm), round(stop * 10 ** tk / tm)
+    if n * sm < 1e14:                               # (as the RiskEngine's rationals: the float cap errs by ulps)
+        if _fits_all(n + 1, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+            n += 1
+        elif n > 0 and not _fits_all(n, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+            n -= 1
+        amount = n * sm / 10 ** sk
     for _ in range(3):                               # float guard, as RiskEngine._float_ok
-        n = amount * entry
-        if amount <= 0.0 or (n <= equity * lev and n * (1.0 + plan_fee) <= cash
-                             and amount * (entry - stop) <= equity * risk_frac and amount <= max_amt):
+        n = _grid_product(amount, sm, sk, ne, tm, tk, entry)
+        if amount <= 0.0 or (n <= equity * lev and n * (1.0 + plan_fee) <= cash and amount <= max_amt
+                             and _grid_product(amount, sm, sk, ne - ns, tm, tk, entry - stop) <= equity * g[23] / 100):
             break
         amount = _floor(math.nextafter(amount, -math.inf), sm, sk)    # one step down
     if amount <= 0.0 or amount < min_amt or amount * entry < min_not:
@@ -94,7 +144,7 @@ def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_
         if p_buy:                                                    # (a) fills at the open
             px = o[t] * (1.0 + slip)
             amt = p_amt
-            if g[10] > 0.0 or amt * px * (1.0 + fee) > cash:
+            if g[10] > 0.0 or not _affordable(amt, px, fee, cash, g):
                 if g[10] <= 0.0:
                     resized += 1
                 amt = _floor(cash / (px * (1.0 + fee)), sm, sk)
@@ -172,7 +222,20 @@ def _settings_vector(risk_engine: RiskEngine, market: Market, sizing: str) -> np
                      r.fee_pct / 100, market.min_amount, market.min_notional,
                      min(market.max_amount, 1e300), 1.0 if sizing == "full" else 0.0,
                      *step_units(market.amount_step),                                   # lot step: (m, k)
-                     *_one_minus_pct(r.stop_loss_pct), *_one_minus_pct(r.stop_limit_buffer_pct)], dtype=np.float64)
+                     *_one_minus_pct(r.stop_loss_pct), *_one_minus_pct(r.stop_limit_buffer_pct),
+                     *_decimal_units(1 + Fraction(repr(r.fee_pct)) / 100),              # 1 + fee
+                     *_decimal_units(1 / Fraction(repr(r.leverage))),                   # 1 / leverage
+                     *_decimal_units(100 / Fraction(repr(r.risk_pct))),                # 1 / risk fraction
+                     r.risk_pct], dtype=np.float64)
+
+
+def _decimal_units(q: Fraction) -> tuple[int, int]:
+    "q as (a, b), a·10⁻ᵇ, if q is a decimal of at most 15 digits; (-1, 0) if not (the kernel then compares floats)."
+    b = 0
+    while 10 ** b % q.denominator and b <= 18:
+        b += 1
+    a = q * 10 ** b
+    return (int(a), b) if a.denominator == 1 and a < 10 ** 15 else (-1, 0)
 
 
 def _one_minus_pct(pct: float) -> tuple[int, int]:
