@@ -60,8 +60,9 @@ def _ticks_times(price, a, b, x, m, k):
 def _fits(n, sm, a, b, e, y, fallback):
     """n lot steps × X ≤ the decimal `y` prints as, X = a·b·10⁻ᵉ an exact decimal (a, b integers; b < 0: X has no
     short decimal). Exact when the product has at most 15 digits (then float(product) <= y decides it, as in
-    `floor_units`); else `fallback`, the caller's float comparison."""
-    if b >= 0 and e <= 18 and float(n) * sm * a * b < 1e15:
+    `floor_units`); up to 2⁵³ the product is still rounded once, exact unless it and y's decimal are two 16-digit
+    decimals of one float; beyond, `fallback`, the caller's float comparison."""
+    if b >= 0 and e <= 18 and float(n) * sm * a * b < 9e15:
         return (n * sm * a * int(b)) / 10 ** e <= y
     return fallback
 

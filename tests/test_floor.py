@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 from cryptobot.backtest import _ceil, _floor, simulate_signals
 from cryptobot.emulator import _Book
@@ -133,8 +133,11 @@ def _backtest_amount(eng: RiskEngine, m: Market, price: float, cash: float) -> f
 @given(n=st.integers(20, 10 ** 6), cents=st.integers(10_000, 10 ** 7), limit=st.sampled_from(["cash", "risk"]),
        ulps=st.integers(-1, 1))
 @example(n=20_000, cents=5_000_000, limit="cash", ulps=0)     # RiskEngine(0.2 %, 2 %) at 50 000, cash 10 010: 0.2 BTC
+@example(n=999_999, cents=999_995, limit="cash", ulps=0)      # a 16-digit tie: cash 100099.3994005005
 def test_backtest_and_risk_engine_size_alike_at_a_step_boundary(n, cents, limit, ulps):
-    "Cash chosen so the cap is exactly n lot steps (or one ulp off): the backtest's kernel buys what the plan says."
+    """Cash chosen so the cap is exactly n lot steps (or one ulp off): the backtest's kernel buys what the plan says.
+    The kernel is exact where the products have at most 15 digits (and at ties up to 16), as its prose says."""
+    assume(n * cents * 1001 < 10 ** 15 or ulps == 0 and n * cents * 1001 < 9 * 10 ** 15)
     eng = RiskEngine(stop_loss_pct=0.2, risk_pct=2) if limit == "cash" else RiskEngine(stop_loss_pct=5, risk_pct=1)
     m = Market(min_notional=0.0)
     price = cents / 100
