@@ -9,6 +9,8 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pandas as pd
 from numba import njit
 
 from .model import FEE, SLIPPAGE, Strategy
-from .risk import Market, RiskEngine
+from .risk import Market, RiskEngine, floor_units, step_units
 from .strategy import Strategy as BaseStrategy, checked_signals
 
 # %% auto #0
@@ -35,36 +37,95 @@ TRADE_COLUMNS = ["entry_time", "entry_price", "amount", "stop_price", "exit_time
 EXIT_REASONS = ("stop", "signal", "max_hold", "take_profit", "end", "open")   # kernel codes 0..5
 
 # %% ../nbs/07_backtest.ipynb #a5d73968
-@njit(cache=True)
-def _floor_units(x, per_unit):
-    "floor(x) on a grid of 1/per_unit (the +1e-9 absorbs float noise at an exact grid point), as a correctly rounded float."
-    return math.floor(x * per_unit + 1e-9) / per_unit
+_floor = njit(cache=True)(floor_units)    # THE floor (cryptobot.risk.floor_units), compiled: one source, two runtimes
 
 
 @njit(cache=True)
-def _ceil_units(x, per_unit):
-    return math.ceil(x * per_unit - 1e-9) / per_unit
+def _ceil(x, m, k):
+    return -_floor(-x, m, k)
 
 
+@njit(cache=True)
+def _ticks_times(price, a, b, x, m, k):
+    """floor(price · a·10⁻ᵇ) on the tick grid (m, k), with `price` on that grid: in integers, exact as the RiskEngine's
+    rationals (a float product can land an ulp under a tick the exact one reaches). `x`: the float product, the
+    fallback when a < 0 (a fraction of over 15 digits) or the integers could overflow."""
+    n = round(price * 10 ** k / m)                   # price in ticks
+    if a < 0.0 or n * a >= 9e18:
+        return _floor(x, m, k)
+    return _floor((n * int(a) // 10 ** b) * m / 10 ** k, m, k)
+
+
+@njit(cache=True)
+def _fits(n, sm, a, b, e, y, fallback):
+    """n lot steps × X ≤ the decimal `y` prints as, X = a·b·10⁻ᵉ an exact decimal (a, b integers; b < 0: X has no
+    short decimal). Exact when the product has at most 15 digits (then float(product) <= y decides it, as in
+    `floor_units`); up to 2⁵³ the product is still rounded once, exact unless it and y's decimal are two 16-digit
+    decimals of one float; beyond, `fallback`, the caller's float comparison."""
+    if b >= 0 and e <= 18 and float(n) * sm * a * b < 9e15:
+        return (n * sm * a * int(b)) / 10 ** e <= y
+    return fallback
+
+
+@njit(cache=True)
+def _grid_product(amount, sm, sk, nt, tm, tk, xf):
+    """float(amount × nt ticks) rounded once, as RiskEngine's float(Fraction product): the integers divided by a power
+    of ten while they are below 2⁵³ (then both are exact floats); else the float product `amount * xf`."""
+    n = round(amount * 10 ** sk / sm)
+    if float(n) * sm * nt * tm < 9e15 and sk + tk <= 18:
+        return (n * sm * nt * tm) / 10 ** (sk + tk)
+    return amount * xf
+
+
+@njit(cache=True)
+def _fits_all(n, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+    "n steps within every cap of RiskEngine._size: risk, leverage, cash (fee included), max_amount."
+    a = n * sm / 10 ** sk
+    return (_fits(n, sm, 1, 1, sk, g[9], a <= g[9])
+            and _fits(n, sm, ne * tm, g[17], sk + tk + int(g[18]), cash, a * entry * (1.0 + g[6]) <= cash)
+            and _fits(n, sm, ne * tm, g[19], sk + tk + int(g[20]), equity, a * entry <= equity * g[5])
+            and _fits(n, sm, (ne - ns) * tm, g[21], sk + tk + int(g[22]), equity, a * (entry - stop) <= equity * g[4]))
+
+
+@njit(cache=True)
+def _affordable(amt, px, fee, cash, g):
+    "The fill's cash check, amt × px × (1 + fee) ≤ cash: exact as the plan's cash cap when px is on the tick grid."
+    sm, sk, tm, tk = int(g[11]), int(g[12]), int(g[0]), int(g[1])
+    n, npx = round(amt * 10 ** sk / sm), round(px * 10 ** tk / tm)
+    naive = amt * px * (1.0 + fee) <= cash
+    if fee != g[6] or npx * tm / 10 ** tk != px:
+        return naive
+    return _fits(n, sm, npx * tm, g[17], sk + tk + int(g[18]), cash, naive)
+
+# %% ../nbs/07_backtest.ipynb #a6afa68f
 @njit(cache=True)
 def _plan_nb(price, equity, cash, g):
     "RiskEngine.plan in floats: (amount, stop, stop_limit, entry, code); code 0 = ok, 1 = rejected. `g` = settings."
-    tick_u, step_u, stop_frac, buf_frac, risk_frac, lev, plan_fee, min_amt, min_not, max_amt, full = g[:11]
-    entry = _ceil_units(price, tick_u)
-    stop = _floor_units(entry * (1.0 - stop_frac), tick_u)
-    stop_limit = _floor_units(stop * (1.0 - buf_frac), tick_u)
+    tick_m, tick_k, stop_frac, buf_frac, risk_frac, lev, plan_fee, min_amt, min_not, max_amt, full, sm, sk = g[:13]
+    tm, tk, sm, sk = int(tick_m), int(tick_k), int(sm), int(sk)
+    entry = _ceil(price, tm, tk)
+    stop = _ticks_times(entry, g[13], int(g[14]), entry * (1.0 - stop_frac), tm, tk)
+    stop_limit = _ticks_times(stop, g[15], int(g[16]), stop * (1.0 - buf_frac), tm, tk)
     if stop <= 0.0 or stop >= entry or stop_limit <= 0.0:
         return 0.0, stop, stop_limit, entry, 1
     if full > 0.0:                                   # all the cash: sized at the fill, checked there
         return 0.0, stop, stop_limit, entry, 0
     cap = min(equity * risk_frac / (entry - stop), equity * lev / entry, cash / (entry * (1.0 + plan_fee)), max_amt)
-    amount = _floor_units(cap, step_u)
+    amount = _floor(cap, sm, sk)
+    n = round(amount * 10 ** sk / sm)               # the floor of the float cap, in steps; the exact caps decide ±1
+    ne, ns = round(entry * 10 ** tk / tm), round(stop * 10 ** tk / tm)
+    if n * sm < 1e14:                               # (as the RiskEngine's rationals: the float cap errs by ulps)
+        if _fits_all(n + 1, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+            n += 1
+        elif n > 0 and not _fits_all(n, sm, sk, tm, tk, ne, ns, g, equity, cash, entry, stop):
+            n -= 1
+        amount = n * sm / 10 ** sk
     for _ in range(3):                               # float guard, as RiskEngine._float_ok
-        n = amount * entry
-        if amount <= 0.0 or (n <= equity * lev and n * (1.0 + plan_fee) <= cash
-                             and amount * (entry - stop) <= equity * risk_frac and amount <= max_amt):
+        n = _grid_product(amount, sm, sk, ne, tm, tk, entry)
+        if amount <= 0.0 or (n <= equity * lev and n * (1.0 + plan_fee) <= cash and amount <= max_amt
+                             and _grid_product(amount, sm, sk, ne - ns, tm, tk, entry - stop) <= equity * g[23] / 100):
             break
-        amount = (round(amount * step_u) - 1) / step_u
+        amount = _floor(math.nextafter(amount, -math.inf), sm, sk)    # one step down
     if amount <= 0.0 or amount < min_amt or amount * entry < min_not:
         return amount, stop, stop_limit, entry, 1
     return amount, stop, stop_limit, entry, 0
@@ -73,7 +134,7 @@ def _plan_nb(price, equity, cash, g):
 @njit(cache=True)
 def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
     """THE FILL RULES over all bars. Returns trade rows (float matrix), equity per bar, locks, counters."""
-    n, step_u, min_amt, min_not = len(o), g[1], g[7], g[8]
+    n, sm, sk, min_amt, min_not = len(o), int(g[11]), int(g[12]), g[7], g[8]
     T = np.empty((n + 1, 13))            # entry_bar, entry_px, amount, stop, exit_bar, exit_px, reason, e_fee, x_fee,
     locks = np.full((n + 1, 3), -1.0)    # stop_limit, signal_px, pnl, equity_after | lock_bar, unlock_bar, losses
     eq = np.empty(n)
@@ -84,10 +145,10 @@ def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_
         if p_buy:                                                    # (a) fills at the open
             px = o[t] * (1.0 + slip)
             amt = p_amt
-            if g[10] > 0.0 or amt * px * (1.0 + fee) > cash:
+            if g[10] > 0.0 or not _affordable(amt, px, fee, cash, g):
                 if g[10] <= 0.0:
                     resized += 1
-                amt = _floor_units(cash / (px * (1.0 + fee)), step_u)
+                amt = _floor(cash / (px * (1.0 + fee)), sm, sk)
             if amt > 0.0 and amt >= min_amt and amt * px >= min_not:
                 amount, e_bar, e_px, e_fee = amt, t, px, amt * px * fee
                 cash -= amt * px + e_fee
@@ -157,13 +218,31 @@ def _settings_vector(risk_engine: RiskEngine, market: Market, sizing: str) -> np
     if sizing not in ("risk", "full"):
         raise BacktestError(f"sizing={sizing!r}: use 'risk' (the RiskEngine's plan) or 'full' (all the cash)")
     r = risk_engine
-    return np.array([round(1 / market.price_tick) if abs(1 / market.price_tick - round(1 / market.price_tick)) < 1e-9
-                     else 1 / market.price_tick,
-                     round(1 / market.amount_step) if abs(1 / market.amount_step - round(1 / market.amount_step)) < 1e-9
-                     else 1 / market.amount_step,
+    return np.array([*step_units(market.price_tick),                    # tick = m·10⁻ᵏ: (m, k)
                      r.stop_loss_pct / 100, r.stop_limit_buffer_pct / 100, r.risk_pct / 100, r.leverage,
                      r.fee_pct / 100, market.min_amount, market.min_notional,
-                     min(market.max_amount, 1e300), 1.0 if sizing == "full" else 0.0], dtype=np.float64)
+                     min(market.max_amount, 1e300), 1.0 if sizing == "full" else 0.0,
+                     *step_units(market.amount_step),                                   # lot step: (m, k)
+                     *_one_minus_pct(r.stop_loss_pct), *_one_minus_pct(r.stop_limit_buffer_pct),
+                     *_decimal_units(1 + Fraction(repr(r.fee_pct)) / 100),              # 1 + fee
+                     *_decimal_units(1 / Fraction(repr(r.leverage))),                   # 1 / leverage
+                     *_decimal_units(100 / Fraction(repr(r.risk_pct))),                # 1 / risk fraction
+                     r.risk_pct], dtype=np.float64)
+
+
+def _decimal_units(q: Fraction) -> tuple[int, int]:
+    "q as (a, b), a·10⁻ᵇ, if q is a decimal of at most 15 digits; (-1, 0) if not (the kernel then compares floats)."
+    b = 0
+    while 10 ** b % q.denominator and b <= 18:
+        b += 1
+    a = q * 10 ** b
+    return (int(a), b) if a.denominator == 1 and a < 10 ** 15 else (-1, 0)
+
+
+def _one_minus_pct(pct: float) -> tuple[int, int]:
+    "1 − pct/100 as (a, b), a·10⁻ᵇ, the decimal the RiskEngine uses; (-1, 0) if a needs over 15 digits (float path)."
+    a, b = step_units(Decimal(1) - Decimal(repr(float(pct))) / 100)
+    return (a, b) if a < 10 ** 15 else (-1, 0)
 
 
 def _ohlc(candles: pd.DataFrame):

@@ -438,6 +438,8 @@ class _Book:
         self.orders_created = 0
 
 # %% ../nbs/12_emulator.ipynb #c8fa3dc3
+from .risk import floor_units, step_units
+
 # -- validation ------------------------------------------------------------
 def _book_check_lot(self, qty: Decimal) -> None:
     f = self.filters
@@ -458,8 +460,9 @@ def _book_check_notional(self, notional: Decimal, is_market: bool) -> None:
 
 
 def _book_floor_step(self, qty: Decimal) -> Decimal:
-    step = self.filters["step_size"]
-    return (qty / step).to_integral_value(ROUND_DOWN) * step
+    "Floor to the lot step: Binance's 8 decimals (down), then THE floor, `cryptobot.risk.floor_units`; a Decimal again."
+    q = qty.quantize(Q8, rounding=ROUND_DOWN)
+    return Decimal(repr(floor_units(float(q), *step_units(self.filters["step_size"]))))
 
 
 def _book_need(self, asset: str, amount: Decimal) -> None:

@@ -101,6 +101,9 @@ def protect_logs(*secrets_) -> None:
             lg.addFilter(_SECRET_FILTER)
 
 # %% ../nbs/13_exchange.ipynb #fad3a38c
+from .risk import floor_units, step_units
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.10g}"
@@ -113,11 +116,10 @@ def _frac(x) -> Fraction:
 
 
 def floor_step(x: float, step: float) -> float:
-    "Floor `x` to a multiple of `step`, exactly in decimal (0.0332667 → 0.03326 for step 1e-5)."
+    "Floor `x` to a multiple of `step`, exactly in decimal (0.0332667 → 0.03326 for step 1e-5): THE floor, `floor_units`."
     if x <= 0:
         return 0.0
-    st = _frac(step)
-    return float((_frac(x) // st) * st)
+    return floor_units(float(x), *step_units(step))
 
 # %% ../nbs/13_exchange.ipynb #09f07bcb
 class OrderQueue:

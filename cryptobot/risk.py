@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from cryptobot.config import Settings
 
 # %% auto #0
-__all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'RiskEngine']
+__all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'step_units', 'floor_units', 'ceil_units',
+           'RiskEngine']
 
 # %% ../nbs/09_risk.ipynb #039623a5
 class MarketError(ValueError):
@@ -150,27 +151,65 @@ class Rejection:
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
+# %% ../nbs/09_risk.ipynb #ccdc5790
+from decimal import Decimal
+
+
+def step_units(step) -> tuple[int, int]:
+    "A lot step or price tick as integers (m, k), step = m·10⁻ᵏ, from its decimal text (a float: the text it prints as)."
+    d = Decimal(str(step) if isinstance(step, (str, Decimal)) else repr(float(step))).normalize()
+    if not (d.is_finite() and d > 0):
+        raise ValueError(f"step {step!r} must be a positive finite decimal (like '0.00001')")
+    _, digits, exp = d.as_tuple()
+    m = int("".join(map(str, digits)))
+    if exp < -18:
+        raise ValueError(f"step {step!r} is finer than 1e-18; no exchange quotes such a step")
+    return (m * 10 ** exp, 0) if exp >= 0 else (m, -exp)
+
+
+def floor_units(x, m, k):
+    """The largest multiple of step = m·10⁻ᵏ not above the decimal `x` prints as, as the float nearest it. Floats and
+    ints only: the live path calls it, the backtest compiles this same function with numba."""
+    if not math.isfinite(x):
+        return x
+    while k > 0 and abs(x) * 10.0 ** k + m >= 1e15:    # over 15 significant digits on this grid: tenfold coarser
+        k -= 1
+    p = 10 ** k
+    if abs(x) * p + m >= 1e15:                        # 10^15 whole units: no market; the plain float floor
+        return (x // m) * m
+    n = math.floor(x * p / m)                         # the guess, off by at most one step
+    while (n + 1) * m / p <= x:                       # grid float <= x  <=>  grid decimal <= repr(x) (prose above)
+        n += 1
+    while n * m / p > x:
+        n -= 1
+    return n * m / p
+
+
+def ceil_units(x, m, k):
+    "The smallest multiple of the step not below the decimal `x` prints as (repr(-x) is -repr(x))."
+    return -floor_units(-x, m, k)
+
 # %% ../nbs/09_risk.ipynb #6d0d69c5
 def _positive_finite(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def _floor_to(x: Fraction, step: Fraction) -> Fraction:
-    return (x // step) * step
+def _floor_exact(q: Fraction, m: int, k: int) -> Fraction:
+    """`floor_units` for an exact rational (the engine's caps and stop products): the float nearest q may sit half an ulp
+    above a grid point that q is below; one exact comparison then steps back to the grid point below it."""
+    a = floor_units(float(q), m, k)
+    if Fraction(repr(a)) > q:
+        a = floor_units(math.nextafter(a, -math.inf), m, k)
+    return Fraction(repr(a))
 
 
-def _ceil_to(x: Fraction, step: Fraction) -> Fraction:
-    return -((-x) // step) * step
+def _ceil_exact(q: Fraction, m: int, k: int) -> Fraction:
+    return -_floor_exact(-q, m, k)
 
 
-def _floor_float_exact(amount: Fraction, step: Fraction) -> tuple[Fraction, Fraction]:
-    """Floor to a multiple of `step` whose float prints back as the same decimal (at most ~15 significant digits);
-    if it does not, coarsen the step tenfold until it does. Returns (amount, the step actually used)."""
-    amount = _floor_to(amount, step)
-    while amount > 0 and Fraction(repr(float(amount))) != amount:
-        step *= 10
-        amount = _floor_to(amount, step)
-    return amount, step
+def _step_below(a: Fraction, m: int, k: int) -> Fraction:
+    "The grid point one step below the grid point `a` (on the grid `floor_units` used for it)."
+    return Fraction(repr(floor_units(math.nextafter(float(a), -math.inf), m, k)))
 
 # %% ../nbs/09_risk.ipynb #93b4a071
 class RiskEngine:
@@ -200,9 +239,9 @@ class RiskEngine:
 # %% ../nbs/09_risk.ipynb #6260564f
 def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fraction] | Rejection:
     "(entry, stop, stop-limit price) on the tick grid for a long entry at `price`, or the `Rejection` saying why not."
-    tick = market.tick
-    entry = _ceil_to(_frac(price), tick)
-    stop = _floor_to(entry * (1 - self._s), tick)
+    tick = step_units(market.price_tick)
+    entry = _ceil_exact(_frac(price), *tick)
+    stop = _floor_exact(entry * (1 - self._s), *tick)
     if stop <= 0:
         return Rejection("stop_rounds_to_zero", f"stop for {price!r} rounds to 0 on tick {market.price_tick!r}")
     if stop >= entry:
@@ -210,7 +249,7 @@ def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fract
     if (entry - stop) / entry > Fraction(MAX_STOP_LOSS_PCT) / 100:
         return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop {float((entry - stop) / entry * 100):.3g}% "
                                             f"below {float(entry)!r}, beyond the {MAX_STOP_LOSS_PCT:g}% ceiling")
-    stop_limit = _floor_to(stop * (1 - self._b), tick)
+    stop_limit = _floor_exact(stop * (1 - self._b), *tick)
     if stop_limit <= 0:
         return Rejection("stop_rounds_to_zero", f"stop-limit price for stop {float(stop)!r} rounds to 0 on tick {market.price_tick!r}")
     if (entry - stop_limit) / entry > Fraction(MAX_STOP_LOSS_PCT + MAX_STOP_LIMIT_BUFFER_PCT) / 100:
@@ -240,11 +279,12 @@ def _size(self, entry: Fraction, stop: Fraction, equity, free_quote, market: Mar
             "max_amount": _frac(market.max_amount) if math.isfinite(market.max_amount) else None,
             "max_notional": _frac(market.max_notional) / entry if math.isfinite(market.max_notional) else None}
     limited_by = min((k for k in caps if caps[k] is not None), key=lambda k: caps[k])
-    amount, step = _floor_float_exact(caps[limited_by], market.step)
+    step = step_units(market.amount_step)
+    amount = _floor_exact(caps[limited_by], *step)
     for _ in range(3):   # float guard: step down if a float product lands a hair over a cap (exact ties)
         if amount <= 0 or self._float_ok(amount, entry, stop, float(equity), float(free_quote), market):
             return amount, limited_by
-        amount -= step
+        amount = _step_below(amount, *step)
     return Rejection("below_min_amount", "float guard could not fit the amount under the caps")
 
 
