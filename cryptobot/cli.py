@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from .files import redact
+
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'redact', 'say', 'resolve_candles',
-           'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
+__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'say', 'resolve_candles', 'cmd_import',
+           'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
            'cmd_parity', 'cmd_replay', 'cmd_audit', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
            'build_parser', 'main', 'cmd_sweep', 'cmd_promote']
@@ -24,12 +26,9 @@ SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
 EX_CONFIG = 78
 
 
-def redact(text: str, secrets=()) -> str:
-    "Mask every secret (from `secrets` and the secret environment variables) that appears in `text`."
-    values = [s for s in (*secrets, *(os.environ.get(k) for k in SECRET_ENV_KEYS)) if s and len(s) >= 4]
-    for v in values:
-        text = text.replace(v, "****")
-    return text
+def _redact_env(text: str) -> str:
+    "`files.redact` with the secret environment variables (API key and secret) as the values to mask."
+    return redact(text, [os.environ.get(k) for k in SECRET_ENV_KEYS])
 
 
 def say(*lines: str) -> None:
@@ -522,7 +521,7 @@ def main(argv=None) -> int:
     ENV_FILE = args.env_file or ".env"
     if args.env_file is not None and not Path(args.env_file).is_file():    # named on purpose: it must be there
         what = "does not exist" if not Path(args.env_file).exists() else "is not a regular file"
-        print(redact(f"cryptobot {args.command}: --env-file {args.env_file} {what}; pass the path of your settings "
+        print(_redact_env(f"cryptobot {args.command}: --env-file {args.env_file} {what}; pass the path of your settings "
                      "file (or omit --env-file to use ./.env if present)"), file=sys.stderr)
         return EX_CONFIG
     try:
@@ -536,10 +535,10 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place errors become one line and an exit code
         if os.environ.get("CRYPTOBOT_DEBUG"):
             import traceback
-            print(redact(traceback.format_exc()), file=sys.stderr)
+            print(_redact_env(traceback.format_exc()), file=sys.stderr)
         msg = " ".join(str(e).split()) or type(e).__name__
         known = type(e).__module__.startswith("cryptobot") or isinstance(e, (ValueError, OSError))
-        print(redact(f"cryptobot {args.command}: {msg}" if known else
+        print(_redact_env(f"cryptobot {args.command}: {msg}" if known else
                      f"cryptobot {args.command}: unexpected {type(e).__name__}: {msg}"), file=sys.stderr)
         from cryptobot.config import ConfigError
         return EX_CONFIG if isinstance(e, ConfigError) else 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as _wait_futures
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .files import atomic_write
+from .files import RedactFilter, atomic_write, redact
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -51,42 +50,8 @@ class ExchangeAuthError(ExecutorError):
     "The exchange refused our credentials or timestamp; nothing was executed. Never contains a secret."
 
 # %% ../nbs/13_exchange.ipynb #7daa1ac3
-_SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
-
-
-def _redact(text, secrets_=()) -> str:
-    "One line, at most 300 characters, with API key, secret and request signatures removed."
-    s = " ".join(str(text).split())
-    for sec in secrets_:
-        if isinstance(sec, str) and len(sec) >= 4:
-            s = s.replace(sec, "****")
-    return _SIG_RE.sub(r"\1****", s)[:300]
-
-
-class _SecretFilter(logging.Filter):
-    """Scrubs API keys/secrets and request signatures from third-party log records (ccxt at DEBUG prints the
-    `X-MBX-APIKEY` header; urllib3 prints signed GET URLs). Installed on those loggers by every Executor."""
-
-    _HDR = re.compile(r"(X-MBX-APIKEY['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+", re.I)
-
-    def __init__(self):
-        super().__init__("cryptobot-secrets")
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
-            return True
-        clean = self._HDR.sub(r"\1****", _SIG_RE.sub(r"\1****", msg))
-        for sec in self.secrets:
-            clean = clean.replace(sec, "****")
-        if clean != msg:
-            record.msg, record.args = clean, None
-        return True
-
-
-_SECRET_FILTER = _SecretFilter()
+# ccxt at DEBUG prints the `X-MBX-APIKEY` header, urllib3 prints signed GET URLs: `files.redact` on those loggers.
+_SECRET_FILTER = RedactFilter(name="cryptobot-secrets")
 
 
 _FILTERED_LOGGERS = ("ccxt", "ccxt.base.exchange", "urllib3.connectionpool", "cryptobot.client", "cryptobot.exchange")
@@ -94,7 +59,7 @@ _FILTERED_LOGGERS = ("ccxt", "ccxt.base.exchange", "urllib3.connectionpool", "cr
 
 def protect_logs(*secrets_) -> None:
     "Register secrets to scrub from ccxt/urllib3/cryptobot log records (and install the filter once)."
-    _SECRET_FILTER.secrets.update(s for s in secrets_ if isinstance(s, str) and len(s) >= 4)
+    _SECRET_FILTER.add(secrets_)
     for name in _FILTERED_LOGGERS:
         lg = logging.getLogger(name)
         if _SECRET_FILTER not in lg.filters:
@@ -154,7 +119,7 @@ class OrderQueue:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
-            msg = _redact(f"{type(e).__name__}: {e}")
+            msg = redact(f"{type(e).__name__}: {e}", one_line=True)[:300]
             log.error("event=job_failed symbol=%s job=%s error=%s", symbol, name, _fmt(msg))
             if self.journal is not None:
                 try:
@@ -487,7 +452,7 @@ def _ex_log(self, event: str, level: int = logging.INFO, **fields) -> None:
 
 
 def _ex_safe(self, e: BaseException) -> str:
-    return _redact(f"{type(e).__name__}: {e}", self._secrets())
+    return redact(f"{type(e).__name__}: {e}", self._secrets(), one_line=True)[:300]
 
 
 def _ex_call(self, fn, *args, idempotent: bool = True, what: str | None = None):

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import statistics
 import sys
@@ -30,6 +29,7 @@ import pandas as pd
 from .client import UnknownOutcome, call_with_retry, make_client
 from .config import ConfigError, Settings, load_settings
 from .data import OHLCV, closed_only, load_candles, raw_path, timeframe_delta
+from .files import RedactFilter, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
@@ -73,35 +73,11 @@ class StartupRefused(LiveError):
         super().__init__(message, exit_code)
 
 # %% ../nbs/14_live.ipynb #1dc44f30
-_SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
-_HDR_RE = re.compile(r"(X-MBX-APIKEY['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+", re.I)
-
-
-class RedactingFilter(logging.Filter):
-    "Handler filter: removes registered secrets, signatures and API-key headers; keeps each record on one line."
+class RedactingFilter(RedactFilter):
+    "Handler filter of the live log: `files.RedactFilter` on one line (a traceback becomes `error=Type: message`)."
 
     def __init__(self, secrets_=()):
-        super().__init__("cryptobot-live-redact")
-        self.secrets = {s for s in secrets_ if isinstance(s, str) and len(s) >= 4}
-
-    def scrub(self, text: str) -> str:
-        s = _HDR_RE.sub(r"\1****", _SIG_RE.sub(r"\1****", text))
-        for sec in self.secrets:
-            s = s.replace(sec, "****")
-        return " ".join(s.split())
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - print what we can
-            return True
-        clean = self.scrub(msg)
-        if clean != msg:
-            record.msg, record.args = clean, None
-        if record.exc_info:                          # a traceback could carry a signed URL: one clean line instead
-            record.msg = self.scrub(f"{record.getMessage()} error={record.exc_info[0].__name__}: {record.exc_info[1]}")
-            record.args, record.exc_info, record.exc_text = None, None, None
-        return True
+        super().__init__(secrets_, name="cryptobot-live-redact", one_line=True)
 
 
 def notify_secrets(settings: Settings) -> list[str]:
@@ -684,7 +660,7 @@ def _wait(self) -> str:
 
 def _poll_error(self, what: str, e: BaseException) -> None:
     msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    msg = _SIG_RE.sub(r"\1****", msg)
+    msg = redact(msg)
     try:
         self.journal.record_poll_error(msg, kind="poll")
     except Exception:  # noqa: BLE001 - the log line says it
@@ -788,7 +764,7 @@ def _check_unknown(self, now: float, e: BaseException) -> str:
     if self.unknown_since is None:
         self.unknown_since = now
     age = now - self.unknown_since
-    err = _SIG_RE.sub(r"\1****", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    err = redact(f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
     self.journal.log_event("stop_check", f"unknown at {iso(now)}: {err}",
                            {"t": now, "result": "unknown", "error": err, "since": self.unknown_since,
                             "interval_s": self.stop_check_s, "stop_type": getattr(self.executor, "stop_type", None)})

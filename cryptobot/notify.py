@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable, Iterable, Mapping
 
+from .files import RedactFilter
+
 log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 
@@ -75,40 +77,17 @@ def _secret_parts(url: str) -> set[str]:
 _COMMON = {"api", "hook", "hooks", "webhook", "webhooks", "notify", "json", "http", "https", "post", "get"}
 
 # %% ../nbs/17_notify.ipynb #4b94ac87
-class _Redact(logging.Filter):
-    "Replaces registered URL fragments in the records of the loggers that can print a notification URL."
+class _Redact(RedactFilter):
+    "`files.RedactFilter` on the loggers that can print a notification URL; `add` registers URL fragments."
 
     LOGGERS = ("apprise", "urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry",
                "urllib3.poolmanager", "requests_oauthlib.oauth1_session", "requests_oauthlib.oauth2_session")
 
-    def __init__(self):
-        super().__init__()
-        self._parts, self._pat, self._lock = set(), None, threading.Lock()
-
     def add(self, parts: Iterable[str]):
-        with self._lock:
-            self._parts |= set(parts)
-            ordered = sorted(self._parts, key=len, reverse=True)   # longest first: a URL before its pieces
-            self._pat = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        super().add(parts)
         for name in self.LOGGERS:
             if self not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(self)
-
-    def redact(self, text: str) -> str:
-        return self._pat.sub("****", str(text)) if self._pat is not None else str(text)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._pat is None:
-            return True
-        try:
-            msg = record.getMessage()
-        except Exception:
-            return True
-        if self._pat.search(msg):
-            record.msg, record.args = self.redact(msg), None
-        if record.exc_info:
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
-        return True
 
 
 _REDACT = _Redact()
