@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .files import atomic_write
+from .files import age_text, atomic_write
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import LIMITS, Settings
@@ -225,12 +225,7 @@ def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[
 
 # %% ../nbs/18_audit.ipynb #ee5b29a6
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = abs(seconds)
-    txt = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 \
-        else f"{s / 86400:.1f} days"
-    return txt if seconds >= 0 else f"in {txt}"
+    return age_text(seconds, none="never")
 
 
 def _iso(t: float | None) -> str:

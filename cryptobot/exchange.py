@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .files import RedactFilter, atomic_write, redact
+from .files import RedactFilter, atomic_write, log_value, redact
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -66,13 +66,6 @@ def protect_logs(*secrets_) -> None:
             lg.addFilter(_SECRET_FILTER)
 
 # %% ../nbs/13_exchange.ipynb #fad3a38c
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.10g}"
-    s = str(v)
-    return json.dumps(s) if (not s or any(c.isspace() or c in '="' for c in s)) else s
-
-
 def _frac(x) -> Fraction:
     return Fraction(repr(float(x))) if not isinstance(x, Fraction) else x
 
@@ -120,7 +113,7 @@ class OrderQueue:
             return fn(*args, **kwargs)
         except BaseException as e:
             msg = redact(f"{type(e).__name__}: {e}", one_line=True)[:300]
-            log.error("event=job_failed symbol=%s job=%s error=%s", symbol, name, _fmt(msg))
+            log.error("event=job_failed symbol=%s job=%s error=%s", symbol, name, log_value(msg))
             if self.journal is not None:
                 try:
                     self.journal.record_poll_error(f"{symbol} {name}: {msg}", kind="order_job")
@@ -448,7 +441,7 @@ def _candle_open_close(candle) -> tuple[float, float]:
 # %% ../nbs/13_exchange.ipynb #88f3ae24
 # ------------------------------------------------------------------ plumbing
 def _ex_log(self, event: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
+    log.log(level, "event=%s %s", event, " ".join(f"{k}={log_value(v)}" for k, v in fields.items() if v is not None))
 
 
 def _ex_safe(self, e: BaseException) -> str:

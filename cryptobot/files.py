@@ -25,7 +25,8 @@ def fsync_dir(d) -> None:
         os.close(fd)
 
 # %% auto #0
-__all__ = ['MASK', 'SIGNATURE_RE', 'API_KEY_HEADER_RE', 'fsync_dir', 'atomic_file', 'atomic_write', 'redact', 'RedactFilter']
+__all__ = ['MASK', 'SIGNATURE_RE', 'API_KEY_HEADER_RE', 'fsync_dir', 'atomic_file', 'atomic_write', 'redact', 'RedactFilter',
+           'log_value', 'age_text']
 
 # %% ../nbs/00_files.ipynb #f5c35ddd
 @contextmanager
@@ -52,7 +53,8 @@ def atomic_write(path, data: bytes | str) -> Path:
         f.write(data)
     return Path(path)
 
-# %% ../nbs/00_files.ipynb #c3d86f7f
+# %% ../nbs/00_files.ipynb #10732f1a
+import json
 import logging
 import re
 import threading
@@ -71,7 +73,7 @@ def redact(text, secrets: Iterable[str] = (), one_line: bool = False) -> str:
     s = API_KEY_HEADER_RE.sub(r"\1" + MASK, SIGNATURE_RE.sub(r"\1" + MASK, s))
     return " ".join(s.split()) if one_line else s
 
-# %% ../nbs/00_files.ipynb #b5cb3414
+# %% ../nbs/00_files.ipynb #dfd4917e
 class RedactFilter(logging.Filter):
     "A logging filter that passes each record's message (and traceback) through `redact` with its secrets."
 
@@ -101,3 +103,21 @@ class RedactFilter(logging.Filter):
         elif record.exc_info:
             record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+# %% ../nbs/00_files.ipynb #d2260c08
+def log_value(v) -> str:
+    "A `key=value` log field's value: floats to 10 digits; empty text or text with spaces, `=` or `\"` JSON-quoted."
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    s = str(v)
+    return json.dumps(s) if (not s or any(c.isspace() or c in '="' for c in s)) else s
+
+
+def age_text(seconds: float | None, none: str = "–") -> str:
+    "A duration for people ('30 s', '10 min', '2.5 h', '3.0 days'); negative is ahead ('in 2.0 h'); None is `none`."
+    if seconds is None:
+        return none
+    s = abs(float(seconds))
+    txt = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 \
+        else f"{s / 86400:.1f} days"
+    return txt if seconds >= 0 else f"in {txt}"

@@ -29,7 +29,7 @@ import pandas as pd
 from .client import UnknownOutcome, call_with_retry, make_client
 from .config import ConfigError, Settings, load_settings
 from .data import OHLCV, closed_only, load_candles, raw_path, timeframe_delta
-from .files import RedactFilter, redact
+from .files import RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
@@ -115,15 +115,8 @@ def setup_logging(settings: Settings | None = None, stream=None, level: str | No
     return h
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.10g}"
-    s = str(v)
-    return json.dumps(s) if (not s or any(c.isspace() or c in '="' for c in s)) else s
-
-
 def _event(event: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
+    log.log(level, "event=%s %s", event, " ".join(f"{k}={log_value(v)}" for k, v in fields.items() if v is not None))
 
 # %% ../nbs/14_live.ipynb #e7557101
 class ExchangeClock:
@@ -1024,7 +1017,7 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
         try:
             settings = load_settings()
         except ConfigError as e:
-            print(f"event=startup_refused code={EX_CONFIG} reason={_fmt(f'configuration refused: {e}')}", flush=True)
+            print(f"event=startup_refused code={EX_CONFIG} reason={log_value(f'configuration refused: {e}')}", flush=True)
             return EX_CONFIG
     if logs:
         setup_logging(settings)

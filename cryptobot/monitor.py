@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import jinja2
 
 from .config import Settings, load_settings
+from .files import age_text
 from .journal import Journal, JournalError, iso
 from .guardian import JOURNAL_FILE, status_report
 
@@ -365,13 +366,6 @@ def _t(x) -> str:
     return "–" if x is None else datetime.fromtimestamp(x, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(s) -> str:
-    if s is None:
-        return "–"
-    s = abs(float(s))
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
-
-
 def _money(x, sign=True) -> str:
     return "–" if x is None else (f"{x:+,.2f}" if sign else f"{x:,.2f}")
 
@@ -417,8 +411,8 @@ def _fresh_card(snap: dict) -> dict:
     if f["level"] == "none":
         return card("last candle", Span("none yet", id="cbm-fresh"), "the runner has not processed a candle", "none")
     return card("last candle", [Span({"ok": "fresh", "late": "LATE", "stale": "STALE"}[f["level"]], id="cbm-fresh"),
-                                f' · {_age(f["age_s"])} old'],
-                f'closed {_t(snap["status"].get("last_candle"))}; healthy while ≤ {_age(f["limit_s"])} '
+                                f' · {age_text(f["age_s"])} old'],
+                f'closed {_t(snap["status"].get("last_candle"))}; healthy while ≤ {age_text(f["limit_s"])} '
                 f'(timeframe {snap["timeframe"]} + max_data_age_s {snap["max_data_age_s"]} s)',
                 {"ok": "ok", "late": "warn", "stale": "bad"}[f["level"]])
 
@@ -429,7 +423,7 @@ def _stop_card(sv: dict | None) -> dict | None:
     u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
     check = (f'last check {_t(sv["last_check"])} · {sv["last_result"]}' if sv["last_check"] is not None
              else "not checked yet")
-    unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {_age(sv["unprotected_max_s"])}'
+    unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {age_text(sv["unprotected_max_s"])}'
     return card("stop", Span(sv["stop_type"] or "none", id="cbm-stop"),
                 [f'{check} · every {sv["interval_s"] or "?"} s', BR, Span(unp, id="cbm-unprotected")],
                 "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable, Iterable, Mapping
 
-from .files import RedactFilter
+from .files import RedactFilter, age_text
 
 log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
@@ -136,11 +136,6 @@ def _body(s, lines: int = 12, n: int = 1200) -> str:
     return out if len(out) <= n else out[:n - 1] + "…"
 
 # %% ../nbs/17_notify.ipynb #1d94db6e
-def _dur(s: float) -> str:
-    s = float(s)
-    return f"{s / 3600:.1f} h" if s >= 3 * 3600 else f"{s / 60:.0f} min" if s >= 120 else f"{s:.0f} s"
-
-
 def _scope(symbol) -> str:
     return symbol or "portfolio"
 
@@ -184,7 +179,7 @@ def fingerprint_refused(model_id, expected: str, actual: str, symbol=None) -> Al
 def stale_data(symbol, age_s: float, limit_s: float, last_candle=None) -> Alert:
     last = f" Last candle: {last_candle}." if last_candle is not None else ""
     return Alert(Event.STALE_DATA, f"Stale data {symbol}",
-                 f"No fresh candle for {_dur(age_s)} (limit {_dur(limit_s)}); no new entries until data returns.{last}",
+                 f"No fresh candle for {age_text(age_s)} (limit {age_text(limit_s)}); no new entries until data returns.{last}",
                  "warning")
 
 

@@ -104,3 +104,17 @@ def test_verdict_is_imported_by_the_gate_monitor_and_audit_and_imports_none_of_t
     assert {"live", "monitor", "audit"} & g["verdict"] == set(), g["verdict"]
     assert all("verdict" in g[m] for m in ("live", "monitor", "audit"))
     assert "audit" not in g["live"] and "audit" not in g["monitor"]
+
+
+def _defs(name: str) -> list[str]:
+    "Modules whose top level defines a function `name`."
+    return sorted(p.stem for p in PKG.glob("*.py") if p.stem != "_modidx"
+                  for n in ast.parse(p.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_one_log_value_and_one_age_formatter():
+    "The `key=value` field formatter and the '10 min' / '2.5 h' age text are written once (files), not per module."
+    assert _defs("_fmt") == [] and _defs("log_value") == ["files"]
+    assert _defs("age_text") == ["files"]
+    copies = [p.stem for p in PKG.glob("*.py") if p.stem != "_modidx" and "s / 3600:.1f} h" in p.read_text()]
+    assert copies == ["files"], copies
