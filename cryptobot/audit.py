@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .files import age_text, atomic_write
+from .files import CryptobotError, age_text, atomic_write
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import LIMITS, Settings
@@ -47,11 +47,8 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'report_json', 'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
-class AuditError(RuntimeError):
+class AuditError(CryptobotError, RuntimeError):
     "The audit cannot run as asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 WARN = "WARN"                                     # PASS and FAIL: cryptobot.verdict

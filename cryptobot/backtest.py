@@ -18,6 +18,7 @@ from numba import njit
 from .model import FEE, SLIPPAGE, Strategy
 from .risk import Market, RiskEngine
 from .strategy import Strategy as BaseStrategy, checked_signals
+from .files import CryptobotError
 
 # %% auto #0
 __all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals', 'simulate', 'orders_from_trades', 'portfolio',
@@ -25,7 +26,7 @@ __all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals',
            'backtest', 'result_json', 'report_html']
 
 # %% ../nbs/07_backtest.ipynb #7766985e
-class BacktestError(ValueError):
+class BacktestError(CryptobotError, ValueError):
     "The backtest cannot run as asked (one line: what is wrong, what to do)."
 
 

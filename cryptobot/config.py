@@ -26,12 +26,14 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.dataclasses import dataclass
 
+from .files import CryptobotError
+
 # %% ../nbs/01_config.ipynb #ba27324e
-class ConfigError(ValueError):
+class ConfigError(CryptobotError, ValueError):
     "A setting is missing, malformed or outside its safety ceiling. The message is one line and never shows a secret."
 
     def __init__(self, message: str, key: str | None = None):
-        super().__init__(" ".join(str(message).split()))   # always one line
+        super().__init__(message)
         self.key = key
 
 

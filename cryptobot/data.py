@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_file
+from .files import CryptobotError, atomic_file
 
 import numpy as np
 import pandas as pd
@@ -36,11 +36,11 @@ _TIMEFRAMES = {"1m": "1min", "3m": "3min", "5m": "5min", "15m": "15min", "30m": 
                "4h": "4h", "6h": "6h", "8h": "8h", "12h": "12h", "1d": "1D"}
 
 
-class CandleDataError(ValueError):
+class CandleDataError(CryptobotError, ValueError):
     "Candle data is unusable: one line naming the file (or source) and the problem. `.report` if one was made."
 
     def __init__(self, message: str, report: "CandleReport | None" = None):
-        super().__init__(" ".join(str(message).split()))    # always one line
+        super().__init__(message)
         self.report = report
 
 # %% ../nbs/02_data.ipynb #8374bac1

@@ -27,6 +27,7 @@ import pandas as pd
 from aiohttp import web
 
 from .journal import OrderStatus
+from .files import CryptobotError
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
@@ -54,7 +55,7 @@ _CLIENT_ID_RE = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
 _NUM_RE = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
 
 
-class EmulatorError(RuntimeError):
+class EmulatorError(CryptobotError, RuntimeError):
     "The emulator cannot do what was asked (one line: what is wrong, what to do)."
 
 

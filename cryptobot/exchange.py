@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .files import RedactFilter, atomic_write, log_value, redact
+from .files import CryptobotError, RedactFilter, atomic_write, log_value, redact
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -35,11 +35,8 @@ __all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'E
 log = logging.getLogger("cryptobot.exchange")
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(CryptobotError, RuntimeError):
     "The executor cannot do what was asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 class EntryRefused(ExecutorError):

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .files import CryptobotError
+
 # %% auto #0
 __all__ = ['FEATURE_VERSION', 'RTOL', 'ATOL', 'EWM_TOL', 'OHLCV', 'FEATURES_FILENAME', 'PARAMS', 'WARMUP', 'FEATURE_NAMES',
            'LOOKBACK', 'FeatureError', 'build_features', 'fingerprint', 'check_fingerprint', 'features_path',
@@ -46,7 +48,7 @@ PARAMS = {
 }
 
 # %% ../nbs/04_features.ipynb #5626adc3
-class FeatureError(ValueError):
+class FeatureError(CryptobotError, ValueError):
     "Candles unfit for `build_features`, or a feature spec/fingerprint mismatch (one line: what, and what to do)."
 
 

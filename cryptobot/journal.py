@@ -21,16 +21,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .files import CryptobotError
+
 # %% auto #0
 __all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'JournalError', 'to_epoch', 'iso',
            'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
-class JournalError(RuntimeError):
+class JournalError(CryptobotError, RuntimeError):
     "The journal cannot be used as asked (newer schema, conflicting replay, bad input). One line."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def to_epoch(t, what: str = "time") -> float:

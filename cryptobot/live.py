@@ -29,7 +29,7 @@ import pandas as pd
 from .client import UnknownOutcome, call_with_retry, make_client
 from .config import ConfigError, Settings, load_settings
 from .data import OHLCV, closed_only, load_candles, raw_path, timeframe_delta
-from .files import RedactFilter, log_value, redact
+from .files import CryptobotError, RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
@@ -58,11 +58,11 @@ NETWORK_ERRORS = (ccxt.NetworkError, ccxt.ExchangeNotAvailable, ccxt.OperationFa
                   UnknownOutcome)
 
 
-class LiveError(RuntimeError):
+class LiveError(CryptobotError, RuntimeError):
     "The runner cannot go on (one line: what is wrong, what to do)."
 
     def __init__(self, message: str, exit_code: int = EX_SOFTWARE):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(message)
         self.exit_code = exit_code
 
 

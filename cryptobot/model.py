@@ -21,6 +21,8 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from .files import CryptobotError
+
 # %% auto #0
 __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
            'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS',
@@ -32,7 +34,7 @@ __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE
            'policy_backtest']
 
 # %% ../nbs/06_model.ipynb #71dc3f6b
-class ModelError(ValueError):
+class ModelError(CryptobotError, ValueError):
     "A model, label, fold or artifact problem (one line: what is wrong, what to do)."
 
 

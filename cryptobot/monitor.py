@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jinja2
 
 from .config import Settings, load_settings
-from .files import age_text
+from .files import CryptobotError, age_text
 from .journal import Journal, JournalError, iso
 from .guardian import JOURNAL_FILE, status_report
 
@@ -33,11 +33,8 @@ __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 
            'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/19_monitor.ipynb #5cc97ade
-class MonitorError(RuntimeError):
+class MonitorError(CryptobotError, RuntimeError):
     "The monitor cannot do what was asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable, Iterable, Mapping
 
-from .files import RedactFilter, age_text
+from .files import CryptobotError, RedactFilter, age_text
 
 log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
@@ -26,11 +26,8 @@ __all__ = ['log', 'NOTIFY_URLS_ENV', 'FORMATTERS', 'NotifyError', 'mask_url', 'E
            'daily_summary', 'format_alert', 'split_urls', 'Notifier']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
-class NotifyError(ValueError):
+class NotifyError(CryptobotError, ValueError):
     "A notification setting cannot be used (the message names URLs only in their masked form)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)

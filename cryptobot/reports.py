@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cryptobot
-from .files import atomic_write
+from .files import CryptobotError, atomic_write
 
 
-class WorkflowError(RuntimeError):
+class WorkflowError(CryptobotError, RuntimeError):
     "A workflow notebook failed or could not be run (one line)."
 
 

@@ -12,6 +12,7 @@ from numbers import Real
 from typing import TYPE_CHECKING
 
 from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, check_limit
+from .files import CryptobotError
 
 if TYPE_CHECKING:
     from cryptobot.config import Settings
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'RiskEngine']
 
 # %% ../nbs/09_risk.ipynb #039623a5
-class MarketError(ValueError):
+class MarketError(CryptobotError, ValueError):
     "A market description is missing or inconsistent (one line)."
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .features import LOOKBACK, _ewm_min_periods
+from .files import CryptobotError
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'BUILTINS', 'STRATEGY_FILE',
@@ -31,7 +32,7 @@ ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
 EXIT_SIGNAL, EXIT_MAX_HOLD, EXIT_TAKE_PROFIT = "signal", "max_hold", "take_profit"
 
 
-class StrategyError(ValueError):
+class StrategyError(CryptobotError, ValueError):
     "A strategy that cannot be built or run as asked (one line: what is wrong, what to do)."
 
 

@@ -17,6 +17,7 @@ from .backtest import EXIT_REASONS, BacktestError, _after_lock_bars, _kernel, _o
 from .model import FEE, SLIPPAGE
 from .risk import Market, RiskEngine
 from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, resolve
+from .files import CryptobotError
 
 # %% auto #0
 __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'parse_grid', 'grid_signals', 'run_grid',
@@ -26,7 +27,7 @@ __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'pa
            'promote']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
-class SweepError(ValueError):
+class SweepError(CryptobotError, ValueError):
     "A sweep that cannot run as asked (one line: what is wrong, what to do)."
 
 

@@ -1,6 +1,7 @@
 """Package hygiene: every generated module imports, and its `__all__` names only what exists
 (a name deleted after `Class.method = fn` once broke `from cryptobot.journal import *`)."""
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,21 @@ def test_one_log_value_and_one_age_formatter():
     assert _defs("age_text") == ["files"]
     copies = [p.stem for p in PKG.glob("*.py") if p.stem != "_modidx" and "s / 3600:.1f} h" in p.read_text()]
     assert copies == ["files"], copies
+
+
+# The emulator's imitation of the exchange's wire error (the real exchange's arrives as a ccxt exception).
+NOT_OURS = {"cryptobot.emulator.BinanceError"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_exported_error_derives_from_cryptobot_error(name):
+    from cryptobot.files import CryptobotError
+    mod = importlib.import_module(f"cryptobot.{name}")
+    errors = [o for k, o in vars(mod).items() if not k.startswith("_") and isinstance(o, type)
+              and issubclass(o, BaseException) and o.__module__ == mod.__name__]
+    bad = [e.__name__ for e in errors if not issubclass(e, CryptobotError) and f"{mod.__name__}.{e.__name__}" not in NOT_OURS]
+    assert not bad, f"{mod.__name__}: {bad} do not derive from CryptobotError"
+    for e in errors:                                # none lost its built-in base or copies the one-line constructor
+        assert issubclass(e, Exception)
+        init = e.__dict__.get("__init__")
+        assert init is None or e is CryptobotError or ".split())" not in inspect.getsource(init), e
