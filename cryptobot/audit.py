@@ -23,6 +23,7 @@ from .files import CryptobotError, age_text, atomic_write
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import LIMITS, Settings
+from .guardian import STATE_SCHEMA_VERSION, GuardianState, load_state
 # the verdict's words, line and reader live in cryptobot.verdict (the runner's gate and the monitor import it
 # without importing the audit); re-exported here so `cryptobot.audit.latest_verdict` etc. keep working
 from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gate_blockers,
@@ -324,11 +325,8 @@ def _ev_q(self, sql: str, args=()) -> list[dict]:
 
 
 def _ev_state(self):
-    "(state dict | None, why not)."
-    def read():
-        from cryptobot.guardian import read_state
-        return read_state(self.state_path)
-    return self._once("state", read)
+    "(GuardianState | None, why not)."
+    return self._once("state", lambda: load_state(self.state_path))
 
 
 def _ev_rebuild(self, day: str | None = None):
@@ -437,7 +435,7 @@ def check_rate_limit(ev: Evidence) -> Check:
 def _last_candle(ev: Evidence) -> tuple[float | None, str]:
     st, _e = ev.state()
     rb = ev.rebuild()
-    cands = [(st or {}).get("last_candle"), (rb or {}).get("last_candle")]
+    cands = [st.last_candle if st is not None else None, (rb or {}).get("last_candle")]
     cands = [c for c in cands if c is not None]
     return (max(cands) if cands else None), ("state.json/journal marks" if cands else "")
 
@@ -590,9 +588,9 @@ def check_state_valid(ev: Evidence) -> Check:
         why = "missing" if "FileNotFound" in (err or "") else "unreadable" if st is None else "untrustworthy"
         return Check("guardian", "state_valid", FAIL, f"{ev.state_path}: {why} ({err or 'valid'}); {refused}",
                      "no trustworthy Guardian state: the runner would start locked (or has never run)")
-    age = ev.now - st["updated_at"]
-    txt = (f"{ev.state_path} valid (schema {st['schema_version']}); updated {_age(age)} ago; {refused}; loss streak "
-           f"{st['consecutive_losses']}")
+    age = ev.now - st.updated_at
+    txt = (f"{ev.state_path} valid (schema {STATE_SCHEMA_VERSION}); updated {_age(age)} ago; {refused}; loss streak "
+           f"{st.consecutive_losses}")
     if not gate:
         return Check("guardian", "state_valid", WARN, txt, "the runner refuses entries (kill switch or a state problem): "
                      "review, then cryptobot unlock")
@@ -608,19 +606,19 @@ def check_state_matches_journal(ev: Evidence) -> Check:
     if st is None or j is None:
         return Check("guardian", "state_matches_journal", WARN, f"nothing to compare (state: {err or 'ok'}; journal: "
                      f"{jerr or 'ok'})", "no state or no journal")
-    rb = ev.rebuild(day=st["pnl"]["day"])
+    rebuilt = ev.rebuild(day=st.day)
+    rb = GuardianState.from_rebuild(rebuilt, ev.now)
     diffs = []
-    if st["consecutive_losses"] != rb["consecutive_losses"]:
-        diffs.append(f"loss streak {st['consecutive_losses']} vs {rb['consecutive_losses']}")
-    for k in ("total", "day_pnl"):
-        if not math.isclose(st["pnl"][k], rb["pnl"][k], rel_tol=1e-9, abs_tol=1e-6):
-            diffs.append(f"pnl.{k} {st['pnl'][k]:.6f} vs {rb['pnl'][k]:.6f}")
-    if bool(st["lock"]["locked"]) != bool(rb["lock"]["locked"]):
-        diffs.append(f"lock {st['lock']['locked']} vs {rb['lock']['locked']}")
-    txt = (f"state.json vs journal rebuild ({rb['trades']} trades): loss streak {st['consecutive_losses']}/"
-           f"{rb['consecutive_losses']}, total pnl {st['pnl']['total']:+.2f}/{rb['pnl']['total']:+.2f}, day "
-           f"{st['pnl']['day']} pnl {st['pnl']['day_pnl']:+.2f}/{rb['pnl']['day_pnl']:+.2f}, locked "
-           f"{st['lock']['locked']}/{rb['lock']['locked']}")
+    if st.consecutive_losses != rb.consecutive_losses:
+        diffs.append(f"loss streak {st.consecutive_losses} vs {rb.consecutive_losses}")
+    for k, f in (("total", "total_pnl"), ("day_pnl", "day_pnl")):
+        if not math.isclose(getattr(st, f), getattr(rb, f), rel_tol=1e-9, abs_tol=1e-6):
+            diffs.append(f"pnl.{k} {getattr(st, f):.6f} vs {getattr(rb, f):.6f}")
+    if st.locked != rb.locked:
+        diffs.append(f"lock {st.locked} vs {rb.locked}")
+    txt = (f"state.json vs journal rebuild ({rebuilt['trades']} trades): loss streak {st.consecutive_losses}/"
+           f"{rb.consecutive_losses}, total pnl {st.total_pnl:+.2f}/{rb.total_pnl:+.2f}, day "
+           f"{st.day} pnl {st.day_pnl:+.2f}/{rb.day_pnl:+.2f}, locked {st.locked}/{rb.locked}")
     if diffs:
         return Check("guardian", "state_matches_journal", FAIL, txt, "state.json disagrees with the journal: "
                      + "; ".join(diffs) + " (restart the runner: it repairs to the stricter side; investigate why)")
@@ -1055,7 +1053,7 @@ def check_restart_always(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #ad6e70db
 def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
     "Trip the kill switch through the real Guardian in a temp dir, then read the lock back from disk (new objects)."
-    from cryptobot.guardian import Guardian, read_state
+    from cryptobot.guardian import Guardian
     from cryptobot.journal import ClosedTrade, Journal
     k = settings.kill_switch_losses
     with tempfile.TemporaryDirectory(prefix="cryptobot-audit-lock-") as tmp:
@@ -1069,13 +1067,13 @@ def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
                                            exit_time=t0 + 7200 * i + 3600, entry_price=100.0, exit_price=99.0,
                                            amount=1.0, fees=0.2, pnl=-1.2, exit_reason="stop"))
             tripped = g.locked
-        on_disk = read_state(Path(tmp) / "state.json")["lock"]
+        on_disk = load_state(Path(tmp) / "state.json")
         with Journal(Path(tmp) / "journal.sqlite") as j2:          # a new process would do exactly this
             g2 = Guardian(s, tmp, j2)
-            again, rb = g2.locked, j2.rebuild_guardian_state()["lock"]["locked"]
-    ok = tripped and on_disk["locked"] and again and rb
-    return ok, (f"{k} losing trades -> locked={tripped}; state.json read back: locked={on_disk['locked']} "
-                f"({_line(on_disk['reason'])[:60]}…); new Guardian on the same dir: locked={again}; journal rebuild: "
+            again, rb = g2.locked, GuardianState.from_rebuild(j2.rebuild_guardian_state(), time.time()).locked
+    ok = tripped and on_disk.locked and again and rb
+    return ok, (f"{k} losing trades -> locked={tripped}; state.json read back: locked={on_disk.locked} "
+                f"({_line(on_disk.lock_reason)[:60]}…); new Guardian on the same dir: locked={again}; journal rebuild: "
                 f"locked={rb}")
 
 # %% ../nbs/18_audit.ipynb #ff945997
