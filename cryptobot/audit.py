@@ -21,13 +21,20 @@ from pathlib import Path
 
 from .files import CryptobotError, age_text, atomic_write
 from typing import Any, Callable, Iterable, Mapping
+from types import SimpleNamespace
+
+import numpy as np
 
 from .config import LIMITS, Settings
-from .guardian import STATE_SCHEMA_VERSION, GuardianState, load_state
+from .guardian import (Approval, ApprovalError, Context, Guardian, GuardianState, STATE_SCHEMA_VERSION,
+                                Signal, entry_gate, load_state)
 # the verdict's words, line and reader live in cryptobot.verdict (the runner's gate and the monitor import it
 # without importing the audit); re-exported here so `cryptobot.audit.latest_verdict` etc. keep working
 from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gate_blockers,
                                latest_verdict, parse_verdict, report_stem, verdict_line)
+from .reports import WorkflowError, project_root, run_workflow
+from .journal import ClosedTrade, FINAL_STATUSES, Journal
+from .risk import Market, Plan, RiskEngine
 
 # %% auto #0
 __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN', 'POLL_ERRORS_FAIL',
@@ -171,7 +178,6 @@ def verdict(checks: list[Check], require_all: bool = True) -> tuple[str, list[st
 # %% ../nbs/18_audit.ipynb #275a0fad
 def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
     "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
-    import numpy as np
     e = np.asarray(expected, dtype="float64")
     a = np.asarray(actual, dtype="float64")
     e, a = e[np.isfinite(e)], a[np.isfinite(a)]
@@ -251,7 +257,6 @@ def default_env_files(repo_dir: Path | None) -> list[Path]:
 
 def default_repo() -> Path | None:
     "The checkout (or installed source tree) this cryptobot runs from: where `pyproject.toml` is; None if not found."
-    from cryptobot.reports import project_root
     root = project_root()
     return root if (root / "pyproject.toml").is_file() else None
 
@@ -312,7 +317,6 @@ class Evidence:
 def _ev_journal(self):
     "(Journal | None, why not)."
     def open_():
-        from cryptobot.journal import Journal
         if not self.journal_path.exists():
             raise FileNotFoundError(f"no journal at {self.journal_path} (the bot has not run with this state dir)")
         return Journal(self.journal_path, readonly=True)
@@ -342,7 +346,7 @@ Evidence.journal, Evidence.q, Evidence.state, Evidence.rebuild = _ev_journal, _e
 def _ev_artifact(self):
     "(Artifact | None, why not): the model the runner would trade."
     def load():
-        from cryptobot import model as M
+        from cryptobot import model as M  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
         m = self.model_arg
         if isinstance(m, M.Artifact):
             return m
@@ -354,7 +358,7 @@ def _ev_artifact(self):
 def _ev_model_candles(self):
     "(the candles the model was trained on, checked by checksum | None, why not)."
     def load():
-        from cryptobot import model as M
+        from cryptobot import model as M  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
         art, err = self.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")
@@ -368,8 +372,8 @@ Evidence.artifact, Evidence.model_candles = _ev_artifact, _ev_model_candles
 def _ev_candle_sources(self) -> list[tuple[str, Any]]:
     "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
     def load():
-        import pandas as pd
-        from cryptobot import data as D
+        import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+        from cryptobot import data as D  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (data: pandas)
         out = []
         c = self.candles_arg
         if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
@@ -398,7 +402,7 @@ Evidence.candle_sources = _ev_candle_sources
 # %% ../nbs/18_audit.ipynb #ad28ed40
 def _ev_covering(self, first_open: float, last_open: float, warmup: int = 0):
     "(label, candles) of the first source holding every bar from `warmup` bars before `first_open` to `last_open`."
-    import pandas as pd
+    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
     lo = pd.Timestamp(first_open - warmup * self.tf_s, unit="s", tz="UTC")
     hi = pd.Timestamp(last_open, unit="s", tz="UTC")
     for label, df in self.candle_sources():
@@ -414,7 +418,7 @@ Evidence.covering = _ev_covering
 # %% ../nbs/18_audit.ipynb #18088e3f
 def check_rate_limit(ev: Evidence) -> Check:
     "The ccxt client the runner builds (`cryptobot.client.make_client`, as `start_runner` calls it) has the limiter on."
-    from cryptobot.client import make_client
+    from cryptobot.client import make_client  # lazy: ccxt stays out of `import cryptobot.audit` (test_audit_module_is_lean)
     s = ev.settings
     c = make_client(base_url=s.exchange_url, sandbox=s.mode == "testnet")
     on, ms = getattr(c, "enableRateLimit", None) is True, float(getattr(c, "rateLimit", 0) or 0)
@@ -507,10 +511,6 @@ def check_orders_approved(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #46c5642e
 def exercise_approval_gate(settings: Settings) -> tuple[bool, list[str]]:
     "Try to get past the real Guardian with bad approvals in a temp state dir: (all refused and genuine accepted, steps)."
-    from types import SimpleNamespace
-    from cryptobot.guardian import Approval, ApprovalError, Context, Guardian, Signal
-    from cryptobot.journal import Journal
-    from cryptobot.risk import Market, Plan, RiskEngine
     steps, ok = [], True
     with tempfile.TemporaryDirectory(prefix="cryptobot-audit-gate-") as tmp:
         s = dataclasses.replace(settings, state_dir=Path(tmp) / "a", go_live=False, testnet=False, api_key=None,
@@ -580,7 +580,6 @@ def check_approval_gate(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #054c6243
 def check_state_valid(ev: Evidence) -> Check:
     "state.json validates and is current, and the entry gate (the runner's own answer) allows entries."
-    from cryptobot.guardian import entry_gate
     gate = entry_gate(ev.state_dir, now=ev.now)
     refused = "entries REFUSED: " + "; ".join(gate.reasons) if not gate else "entries allowed"
     st, err = ev.state()
@@ -632,7 +631,6 @@ def _plan_figures(plan: Mapping) -> tuple[float, float, float]:
 
 
 def check_risk_limits(ev: Evidence) -> Check:
-    from cryptobot.risk import Market, Plan, RiskEngine
     s = ev.settings
     vals = {k: getattr(s, k) for k in PROMISED}
     outside = [f"{k}={v:g} outside {LIMITS[k].text}" for k, v in vals.items() if not LIMITS[k].contains(v)]
@@ -692,7 +690,6 @@ def check_plans_in_bounds(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #0a10c091
 def _open_positions_with_stops(ev: Evidence) -> list[dict]:
-    from cryptobot.journal import FINAL_STATUSES
     out = []
     j, _e = ev.journal()
     if j is None:
@@ -713,7 +710,7 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
     book = ev.state_dir / "paper_book.json"
     if ev.ask_exchange and (s.exchange_url or (s.api_key is not None and s.api_secret is not None and s.mode != "paper")):
         try:
-            from cryptobot.client import make_client
+            from cryptobot.client import make_client  # lazy: ccxt stays out of `import cryptobot.audit` (test_audit_module_is_lean)
             c = make_client(api_key=s.api_key.reveal() if s.api_key else None,
                             api_secret=s.api_secret.reveal() if s.api_secret else None,
                             base_url=s.exchange_url, sandbox=s.mode == "testnet", timeout_ms=10_000)
@@ -737,7 +734,7 @@ STOP_REVIEW_DAYS = 14          # the stop watch's unprotected intervals are revi
 
 def _unprotected_check(ev: Evidence) -> Check | None:
     "FAIL when a position went unprotected for longer than two stop-check intervals in the reviewed period."
-    from cryptobot.live import format_stop, stop_report
+    from cryptobot.live import format_stop, stop_report  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (live: pandas, ccxt)
     d = stop_report(ev.journal_path, now=ev.now, since=ev.now - STOP_REVIEW_DAYS * 86400,
                     interval_s=ev.settings.stop_check_s)
     lim = 2 * ev.settings.stop_check_s
@@ -857,7 +854,7 @@ def check_logging(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb53721
 def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[float, str]]) -> list[dict]:
     "Mark trades missing on one side after the paper run's first kill-switch lock `explained='kill_switch'`."
-    import pandas as pd
+    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
     ks = [float(ts) for ts, msg in locks if str(msg).startswith("kill switch")]
     if not ks:
         return list(divergences)
@@ -868,12 +865,11 @@ def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[floa
 # %% ../nbs/18_audit.ipynb #bb8430a8
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
-    import pandas as pd
-    from cryptobot import parity as L
-    from cryptobot.backtest import simulate
-    from cryptobot.features import LOOKBACK, build_features
-    from cryptobot.model import Strategy
-    from cryptobot.risk import Market, RiskEngine
+    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    from cryptobot import parity as L  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (parity: pandas, ccxt)
+    from cryptobot.backtest import simulate  # lazy: numba and pandas stay out of `import cryptobot.audit`
+    from cryptobot.features import LOOKBACK, build_features  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
+    from cryptobot.model import Strategy  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})"
@@ -932,7 +928,7 @@ def check_paper_vs_backtest(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #4a32bf9c
 def check_model_fingerprint(ev: Evidence) -> Check:
-    from cryptobot.features import fingerprint
+    from cryptobot.features import fingerprint  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
     art, err = ev.artifact()
     code = fingerprint()
     if art is None:
@@ -950,14 +946,14 @@ def check_feature_parity(ev: Evidence) -> Check:
     if j is None:
         return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
     try:
-        from cryptobot.parity import parity
+        from cryptobot.parity import parity  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (parity: pandas, ccxt)
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
         return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
                      "parity not checked")
     rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
     if not rng["n"]:
         return Check("drift", "feature_parity", WARN, "the journal holds no live feature rows", "nothing to compare")
-    from cryptobot.features import LOOKBACK
+    from cryptobot.features import LOOKBACK  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
     label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
     if candles is None:
         return Check("drift", "feature_parity", WARN, f"{rng['n']} live feature rows {_iso(rng['a'])} .. "
@@ -974,8 +970,8 @@ def check_feature_parity(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     "({feature: PSI} | None, where the recent rows came from / why not, the recent rows all lie after the training span)."
-    import pandas as pd
-    from cryptobot.features import build_features, fingerprint
+    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    from cryptobot.features import build_features, fingerprint  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})", False
@@ -1053,8 +1049,6 @@ def check_restart_always(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #ad6e70db
 def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
     "Trip the kill switch through the real Guardian in a temp dir, then read the lock back from disk (new objects)."
-    from cryptobot.guardian import Guardian
-    from cryptobot.journal import ClosedTrade, Journal
     k = settings.kill_switch_losses
     with tempfile.TemporaryDirectory(prefix="cryptobot-audit-lock-") as tmp:
         s = dataclasses.replace(settings, state_dir=Path(tmp), go_live=False, testnet=False, api_key=None,
@@ -1266,7 +1260,7 @@ def check_training_data(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #cd776ad1
 def check_model_freshness(ev: Evidence) -> Check:
-    import pandas as pd
+    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
     art, err = ev.artifact()
     if art is None:
         return Check("strategy", "model_freshness", FAIL, f"no model: {err}", "train one (cryptobot train)")
@@ -1308,8 +1302,7 @@ def check_oos_metrics(ev: Evidence) -> Check:
 def oos_backtest(ev: Evidence):
     "The backtest of the artifact's OOS probabilities with the configured costs and risk (cached)."
     def run():
-        from cryptobot.backtest import run_backtest
-        from cryptobot.risk import Market, RiskEngine
+        from cryptobot.backtest import run_backtest  # lazy: numba and pandas stay out of `import cryptobot.audit`
         art, err = ev.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")
@@ -1492,7 +1485,6 @@ def report_json(checks: list[Check], date: str) -> dict:
 def audit_main(settings: Settings, *, model: str | None = "latest", models_dir=None, repo_dir=None, candles=None,
                dotenv_path=".env", date: str | None = None, progress: bool = False, print_=print) -> int:
     "`cryptobot audit`: run the audit workflow, print the verdict line and the report paths; 0 on PASS, 1 on FAIL."
-    from cryptobot.reports import WorkflowError, run_workflow
     date = date or utc_date()
     reports_dir = Path(settings.reports_dir).resolve()
     md, html, js = report_paths(reports_dir, date)

@@ -11,8 +11,17 @@ import os
 import sys
 import time
 from pathlib import Path
+import shutil
+from dataclasses import replace
+import traceback
 
-from .files import redact
+from .files import atomic_write, redact
+from .config import ConfigError, load_settings
+from .reports import run_workflow, utc_stamp
+from .risk import RiskEngine
+from .guardian import JOURNAL_FILE, format_status, runner_lock, status_report, unlock_cli
+from .journal import Journal
+from .notify import Notifier, NotifyError, split_urls
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'say', 'resolve_candles', 'cmd_import',
@@ -41,7 +50,6 @@ ENV_FILE = ".env"   # set by the global --env-file option
 
 
 def _settings():
-    from cryptobot.config import load_settings
     return load_settings(dotenv_path=ENV_FILE)
 
 # %% ../nbs/22_cli.ipynb #f5731bcb
@@ -50,7 +58,7 @@ SYNTHETIC_BANNER = "SYNTHETIC market (seeded generator, not real prices): result
 
 def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Path, n_synthetic: int = 26_280):
     "Candles for `data`: 'synthetic', a CSV/parquet path, or None = the stored candles for symbol/timeframe, else synthetic."
-    from cryptobot import data as D
+    from cryptobot import data as D  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
     if data and data != "synthetic":
         return D.load_candles(data)
     stored = D.raw_path(data_dir, symbol, timeframe)
@@ -63,7 +71,7 @@ def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Pat
 
 
 def cmd_import(a) -> int:
-    from cryptobot.data import CandleDataError, import_candles
+    from cryptobot.data import CandleDataError, import_candles  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     try:
         path, report = import_candles(a.path, a.symbol or s.symbol, a.timeframe or s.timeframe, s.data_dir,
@@ -77,8 +85,8 @@ def cmd_import(a) -> int:
 
 
 def cmd_download(a) -> int:
-    from cryptobot.client import make_client
-    from cryptobot.data import download_candles
+    from cryptobot.client import make_client  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.data import download_candles  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     client = make_client(a.exchange, base_url=a.url or (s.exchange_url or None))
     path, n_new = download_candles(a.symbol or s.symbol, a.timeframe or s.timeframe, a.since, s.data_dir,
@@ -88,7 +96,7 @@ def cmd_download(a) -> int:
 
 
 def cmd_features(a) -> int:
-    from cryptobot import features as F
+    from cryptobot import features as F  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     out = Path(a.out or s.data_dir / "features" / "features_1H_advanced.parquet")
@@ -116,7 +124,7 @@ def _params(pairs) -> dict:
 
 def _data_param(data: str | None, s) -> str:
     "The workflows' `data` parameter: an absolute path, or 'synthetic'."
-    from cryptobot.data import raw_path
+    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
     if data and data != "synthetic":
         return str(Path(data).resolve())
     stored = raw_path(s.data_dir, s.symbol, s.timeframe)
@@ -128,7 +136,6 @@ def _data_param(data: str | None, s) -> str:
 
 def run_job(name: str, params: dict, reports_dir: Path, progress: bool = True) -> dict:
     "Run workflow `name`, print where its report is, return its JSON result."
-    from cryptobot.reports import run_workflow, utc_stamp
     stamp = utc_stamp()
     out_json = Path(reports_dir) / f"{name}-{stamp}.json"
     params = {**params, "out_json": str(out_json.resolve())}
@@ -193,10 +200,8 @@ def _kill_switch(v: str, s) -> int | None:
 
 # %% ../nbs/22_cli.ipynb #6dc66ac3
 def cmd_backtest_strategy(a) -> int:
-    from cryptobot.backtest import backtest, report_html, result_json
-    from cryptobot.risk import RiskEngine
-    from cryptobot.strategy import make_strategy
-    from cryptobot.files import atomic_write
+    from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.strategy import make_strategy  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     strategy = make_strategy(a.strategy, _params(a.param))
     ks = _kill_switch(a.kill_switch, s)
@@ -210,12 +215,11 @@ def cmd_backtest_strategy(a) -> int:
                    risk_engine=RiskEngine.from_settings(s), kill_switch=ks, after_lock=a.after_lock,
                    min_balance=s.min_balance_usd, end=a.end)
     out = result_json(res, would_lock_after=s.kill_switch_losses)
-    from cryptobot.reports import utc_stamp
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
     if getattr(a, "save_artifact", None) is not None:
-        from cryptobot.strategy import artifact_dir, save_strategy_artifact
+        from cryptobot.strategy import artifact_dir, save_strategy_artifact  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
         out["artifact"] = str(save_strategy_artifact(strategy, a.save_artifact or artifact_dir(s.data_dir, strategy),
                                                      symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats)))
     if a.json:
@@ -233,8 +237,8 @@ DEMO_REPLAY = 300  # candles the demo's paper runner trades after the training s
 
 
 def cmd_demo(a) -> int:
-    from cryptobot import data as D, features as F
-    from cryptobot.parity import replay
+    from cryptobot import data as D, features as F  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     t0 = time.perf_counter()
     n = a.n_synthetic + DEMO_REPLAY
@@ -257,7 +261,6 @@ def cmd_demo(a) -> int:
                  progress=not a.quiet)
     state_dir = Path(s.state_dir) / "demo"
     if state_dir.exists():
-        import shutil
         shutil.rmtree(state_dir)  # the demo's own paper history: fresh each run
     say(f"[5/6] paper runner against the emulator: the {DEMO_REPLAY} candles after the training span")
     rep = replay(candles, trained["artifact"], n_candles=DEMO_REPLAY, state_dir=state_dir, fills="paper",
@@ -265,12 +268,10 @@ def cmd_demo(a) -> int:
     say("      " + rep.summary())
     if len(rep.trades):
         say(rep.trades.to_string(max_rows=20))
-    from dataclasses import replace
-    from cryptobot.guardian import status_report
     st = status_report(replace(s, state_dir=state_dir))
     say(f"      kill switch: LOCKED ({st['lock_reason']})" if st["locked"] else
         f"      kill switch: unlocked, loss streak {st['consecutive_losses']}/{st['kill_switch_losses']}")
-    from cryptobot.audit import audit_main
+    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack) loads only for the commands that use it (the CLI is the live runner's entry point)
     say("[6/6] go-live readiness audit of the demo's artefacts (synthetic data and paper history cannot pass)")
     verdict = audit_main(replace(s, state_dir=state_dir), model=trained["artifact"], candles=str(raw.resolve()),
                          dotenv_path=ENV_FILE, progress=not a.quiet)
@@ -286,8 +287,7 @@ def cmd_demo(a) -> int:
 
 # %% ../nbs/22_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
-    from cryptobot.guardian import format_status, status_report
-    from cryptobot.live import format_stop, stop_report
+    from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     report = status_report(s)
     report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
@@ -305,8 +305,7 @@ def cmd_config(a) -> int:
 
 def cmd_run(a, mode=None) -> int:
     "The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID)."
-    from cryptobot.guardian import runner_lock
-    from cryptobot.live import run
+    from cryptobot.live import run  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     with runner_lock(s.state_dir):
         return run(s, mode=mode, model=a.model, max_candles=a.max_candles)
@@ -321,8 +320,8 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError
-    from cryptobot.parity import parity
+    from cryptobot.live import LiveError  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.parity import parity  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
     try:
         rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
     except LiveError as e:
@@ -333,8 +332,8 @@ def cmd_parity(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from cryptobot.parity import replay
-    from cryptobot.model import latest_model
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.model import latest_model  # lazy: per command: scikit-learn/joblib loads only for the commands that use it (the CLI is the live runner's entry point)
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     model = a.model or latest_model(s.data_dir / "models")
@@ -347,26 +346,26 @@ def cmd_replay(a) -> int:
 
 
 def cmd_audit(a) -> int:
-    from cryptobot.audit import audit_main
+    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack) loads only for the commands that use it (the CLI is the live runner's entry point)
     return audit_main(_settings(), model=a.model, candles=a.candles, date=a.date, dotenv_path=ENV_FILE,
                       progress=not a.quiet)
 
 
 def cmd_emulator(a) -> int:
-    from cryptobot.emulator import run_emulator
+    from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp loads only for the commands that use it (the CLI is the live runner's entry point)
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
                  balances=a.balance or None, start=a.start, stop_market=a.stop_market)
     return 0
 
 
 def cmd_dashboard(a) -> int:
-    from cryptobot.monitor import serve_dashboard
+    from cryptobot.monitor import serve_dashboard  # lazy: per command: jinja2/plotly/Voila loads only for the commands that use it (the CLI is the live runner's entry point)
     return serve_dashboard(a.state_dir, a.port, a.host, a.open_browser, settings=_settings(),
                            allow_remote=a.allow_remote)
 
 
 def cmd_bench(a) -> int:
-    from cryptobot.bench import run_bench
+    from cryptobot.bench import run_bench  # lazy: per command: the whole research stack loads only for the commands that use it (the CLI is the live runner's entry point)
     result = run_bench(data=a.data, out=a.json)
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
@@ -374,15 +373,12 @@ def cmd_bench(a) -> int:
 # %% ../nbs/22_cli.ipynb #684bf475
 def cmd_unlock(a) -> int:
     "Lift the lock; with CRYPTOBOT_NOTIFY_URLS set, tell a person (KILL_UNLOCKED, at most 5 s, failures journaled)."
-    from cryptobot.guardian import JOURNAL_FILE, unlock_cli
     s = _settings()
     n = _notifier(s)
     try:
         msg = unlock_cli(s, a.reason)
         say(msg)
         if n.enabled and msg.startswith("unlocked"):
-            from pathlib import Path
-            from cryptobot.journal import Journal
             with Journal(Path(s.state_dir) / JOURNAL_FILE) as j:
                 n.on_failure = j.log_event
                 n.notify("kill_unlocked", symbol=s.symbol, reason=a.reason)
@@ -394,8 +390,6 @@ def cmd_unlock(a) -> int:
 
 def _notifier(s):
     "The alert notifier of settings `s` (off when no URL); a URL apprise rejects is a settings error (exit 78)."
-    from cryptobot.config import ConfigError
-    from cryptobot.notify import Notifier, NotifyError, split_urls
     try:
         return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
     except NotifyError as e:
@@ -534,21 +528,17 @@ def main(argv=None) -> int:
         return 0
     except Exception as e:  # noqa: BLE001 - the one place errors become one line and an exit code
         if os.environ.get("CRYPTOBOT_DEBUG"):
-            import traceback
             print(_redact_env(traceback.format_exc()), file=sys.stderr)
         msg = " ".join(str(e).split()) or type(e).__name__
         known = type(e).__module__.startswith("cryptobot") or isinstance(e, (ValueError, OSError))
         print(_redact_env(f"cryptobot {args.command}: {msg}" if known else
                      f"cryptobot {args.command}: unexpected {type(e).__name__}: {msg}"), file=sys.stderr)
-        from cryptobot.config import ConfigError
         return EX_CONFIG if isinstance(e, ConfigError) else 1
 
 # %% ../nbs/22_cli.ipynb #62fc492e
 def cmd_sweep(a) -> int:
     "`cryptobot sweep`: grid x walk-forward folds on Dask (resumable), PBO and DSR, an HTML report and JSON."
-    from cryptobot.files import atomic_write
-    from cryptobot.reports import utc_stamp
-    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary
+    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary  # lazy: per command: dask/scipy loads only for the commands that use it (the CLI is the live runner's entry point) (test_the_live_path_and_the_cli_import_no_dask_and_no_sweep)
     s = _settings()
     configs = parse_grid(a.grid or [], a.strategy)
     fee = s.fee_pct if a.fee is None else a.fee
@@ -586,7 +576,7 @@ def cmd_sweep(a) -> int:
 
 def cmd_promote(a) -> int:
     "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
-    from cryptobot.sweep import promote
+    from cryptobot.sweep import promote  # lazy: per command: dask/scipy loads only for the commands that use it (the CLI is the live runner's entry point) (test_the_live_path_and_the_cli_import_no_dask_and_no_sweep)
     s = _settings()
     m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, Path(s.data_dir) / "strategies")
     ev = m["evidence"]

@@ -15,11 +15,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+import fcntl
 
 from .files import CryptobotError, atomic_file
+from .client import call_with_retry, make_client
 
 import numpy as np
 import pandas as pd
+import ccxt
+from tqdm import tqdm
 
 log = logging.getLogger("cryptobot.data")
 
@@ -712,11 +716,6 @@ def save_candles(df: pd.DataFrame, path) -> Path:
 def _store_lock(path: Path):
     "Exclusive flock on the store's folder around read-merge-write: concurrent writers cannot lose rows."
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -814,7 +813,6 @@ def _fetch_pages(call, client, symbol: str, timeframe: str, cursor: int, end_ms:
 
     The cursor moves strictly forward, so a server that repeats a page cannot loop it; a ccxt error is raised as
     `failed(error, cursor)`, naming where the download stopped."""
-    import ccxt   # only when downloading: reading and validating candles does not need the exchange client
     rows, pages = [], 0
     try:
         while cursor < end_ms and (max_pages is None or pages < max_pages):
@@ -852,10 +850,7 @@ def download_candles(symbol: str, timeframe: str, since, data_dir, exchange: str
                      until=None, progress: bool = True, *, now=None, limit: int = 1000,
                      max_pages: int | None = None, retries: int = 5, sleep=time.sleep) -> tuple[Path, int]:
     "Download closed candles with ccxt, resuming after the store's last candle; merge atomically. -> (path, n_new)."
-    import ccxt
-    from tqdm import tqdm
 
-    from cryptobot.client import call_with_retry, make_client
 
     tf = timeframe_delta(timeframe)
     tf_ms = _ms(pd.Timestamp(0, tz="UTC") + tf)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .journal import OrderStatus
 from .files import CryptobotError
+from . import data as D
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
@@ -1592,7 +1593,6 @@ Emulator.serve = _emu_serve
 # %% ../nbs/12_emulator.ipynb #82e227a5
 def load_market(data=None) -> pd.DataFrame:
     "Candles for the emulator: a DataFrame as is, a file via `cryptobot.data.load_candles`, None → the synthetic market."
-    from cryptobot import data as D
     if isinstance(data, pd.DataFrame):
         return data
     if data is None:

@@ -20,6 +20,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import ccxt
+import requests
+from requests.structures import CaseInsensitiveDict
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
@@ -166,8 +168,6 @@ class _EngineAdapter:
     "A `requests` transport adapter that answers from a MatchingEngine (import of requests kept lazy)."
 
     def __new__(cls, engine, on_change=None):
-        import requests
-        from requests.structures import CaseInsensitiveDict
 
         class Adapter(requests.adapters.BaseAdapter):
             def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
@@ -196,7 +196,7 @@ class PaperVenue:
     def __init__(self, candles, price: float | None = None, *, symbol: str = "BTC/USDT", timeframe: str = "1h",
                  balance_usd: float = 10_000.0, fee_pct: float = 0.1, slippage_pct: float = 0.05,
                  market: Market | None = None, state_path=None):
-        from cryptobot.emulator import MatchingEngine      # lazy: pandas/aiohttp stay off the live import path
+        from cryptobot.emulator import MatchingEngine  # lazy: pandas/aiohttp stay off the live import path (test_live.py::test_import_is_lean)
         self.state_path = Path(state_path) if state_path else None
         state = None
         if self.state_path is not None and self.state_path.exists():

@@ -28,7 +28,7 @@ import pandas as pd
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .config import ConfigError, Settings, load_settings
-from .data import OHLCV, closed_only, load_candles, raw_path, timeframe_delta
+from .data import CandleDataError, OHLCV, check_finite, closed_only, load_candles, raw_path, timeframe_delta
 from .files import CryptobotError, RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
@@ -199,7 +199,7 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
 # %% ../nbs/14_live.ipynb #b4f15851
 def load_model(settings: Settings, model=None, now: float | None = None, max_age_days: float | None = 30.0):
     "The model artifact the runner trades, or `StartupRefused` (one line) saying why not."
-    from cryptobot import model as M                                # lazy: scikit-learn is heavy
+    from cryptobot import model as M  # lazy: scikit-learn loads only to train or score, never on the live path (test_live.py::test_import_is_lean)
     try:
         if isinstance(model, M.Artifact):
             art = model
@@ -240,7 +240,7 @@ def select_strategy(settings: Settings, strategy=None):
     if strategy is None and (settings.strategy != "model" or settings.strategy_params):
         strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
     if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
-        from cryptobot.model import Strategy as ModelPolicy
+        from cryptobot.model import Strategy as ModelPolicy  # lazy: scikit-learn loads only to train or score, never on the live path (test_live.py::test_import_is_lean)
         strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
                                strategy.max_hold if strategy.max_hold is not None else 10**9)
     return strategy
@@ -418,7 +418,6 @@ class Runner:
 
     def _bad_candles(self, closed: pd.DataFrame, next_open: float | None) -> str | None:
         "One line if the feature window or the forming candle's open holds inf/NaN (then: no trade), else None."
-        from cryptobot.data import CandleDataError, check_finite
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
             check_finite(closed.iloc[-self.need:], where, fix)

@@ -9,13 +9,9 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Real
-from typing import TYPE_CHECKING
 
-from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, check_limit
+from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, Settings, check_limit
 from .files import CryptobotError
-
-if TYPE_CHECKING:
-    from cryptobot.config import Settings
 
 # %% auto #0
 __all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'RiskEngine']

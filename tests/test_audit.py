@@ -366,7 +366,7 @@ def test_audit_main_fails_closed_when_the_workflow_breaks(tmp_path, monkeypatch,
     A.write_report_md(GOOD, s.reports_dir, date=date)                   # an earlier PASS today …
     def broken(*a, **k):
         raise reports.WorkflowError("audit workflow failed in cell 3: KeyError")
-    monkeypatch.setattr(reports, "run_workflow", broken)
+    monkeypatch.setattr(A, "run_workflow", broken)                      # the audit's own (top-level) import
     assert A.audit_main(s, date=date) == 1
     assert A.latest_verdict(s.reports_dir).verdict == A.FAIL              # … can never open the gate afterwards
     assert "did not complete" in capsys.readouterr().out

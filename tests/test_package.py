@@ -137,3 +137,12 @@ def test_every_exported_error_derives_from_cryptobot_error(name):
         assert issubclass(e, Exception)
         init = e.__dict__.get("__init__")
         assert init is None or e is CryptobotError or ".split())" not in inspect.getsource(init), e
+
+
+def test_every_function_local_import_says_why_it_is_lazy():
+    "Imports belong at the top; the few kept inside a function (heavy library off the live path, the known cycle) say why."
+    import re
+    bare = [f"{p.name}:{k}: {line.strip()}" for p in sorted(PKG.glob("*.py")) if p.stem != "_modidx"
+            for k, line in enumerate(p.read_text().splitlines(), 1)
+            if re.match(r"\s+(from|import) ", line) and "# lazy: " not in line]
+    assert not bare, "\n".join(bare)
