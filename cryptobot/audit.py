@@ -346,7 +346,7 @@ Evidence.journal, Evidence.q, Evidence.state, Evidence.rebuild = _ev_journal, _e
 def _ev_artifact(self):
     "(Artifact | None, why not): the model the runner would trade."
     def load():
-        from cryptobot import model as M  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
+        from cryptobot import model as M  # lazy: lean audit import (pandas, scikit-learn)
         m = self.model_arg
         if isinstance(m, M.Artifact):
             return m
@@ -358,7 +358,7 @@ def _ev_artifact(self):
 def _ev_model_candles(self):
     "(the candles the model was trained on, checked by checksum | None, why not)."
     def load():
-        from cryptobot import model as M  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
+        from cryptobot import model as M  # lazy: lean audit import (pandas, scikit-learn)
         art, err = self.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")
@@ -372,8 +372,8 @@ Evidence.artifact, Evidence.model_candles = _ev_artifact, _ev_model_candles
 def _ev_candle_sources(self) -> list[tuple[str, Any]]:
     "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
     def load():
-        import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
-        from cryptobot import data as D  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (data: pandas)
+        import pandas as pd  # lazy: lean audit import (pandas)
+        from cryptobot import data as D  # lazy: lean audit import (pandas)
         out = []
         c = self.candles_arg
         if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
@@ -402,7 +402,7 @@ Evidence.candle_sources = _ev_candle_sources
 # %% ../nbs/18_audit.ipynb #ad28ed40
 def _ev_covering(self, first_open: float, last_open: float, warmup: int = 0):
     "(label, candles) of the first source holding every bar from `warmup` bars before `first_open` to `last_open`."
-    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    import pandas as pd  # lazy: lean audit import (pandas)
     lo = pd.Timestamp(first_open - warmup * self.tf_s, unit="s", tz="UTC")
     hi = pd.Timestamp(last_open, unit="s", tz="UTC")
     for label, df in self.candle_sources():
@@ -418,7 +418,7 @@ Evidence.covering = _ev_covering
 # %% ../nbs/18_audit.ipynb #18088e3f
 def check_rate_limit(ev: Evidence) -> Check:
     "The ccxt client the runner builds (`cryptobot.client.make_client`, as `start_runner` calls it) has the limiter on."
-    from cryptobot.client import make_client  # lazy: ccxt stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    from cryptobot.client import make_client  # lazy: lean audit import (ccxt)
     s = ev.settings
     c = make_client(base_url=s.exchange_url, sandbox=s.mode == "testnet")
     on, ms = getattr(c, "enableRateLimit", None) is True, float(getattr(c, "rateLimit", 0) or 0)
@@ -710,7 +710,7 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
     book = ev.state_dir / "paper_book.json"
     if ev.ask_exchange and (s.exchange_url or (s.api_key is not None and s.api_secret is not None and s.mode != "paper")):
         try:
-            from cryptobot.client import make_client  # lazy: ccxt stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+            from cryptobot.client import make_client  # lazy: lean audit import (ccxt)
             c = make_client(api_key=s.api_key.reveal() if s.api_key else None,
                             api_secret=s.api_secret.reveal() if s.api_secret else None,
                             base_url=s.exchange_url, sandbox=s.mode == "testnet", timeout_ms=10_000)
@@ -734,7 +734,7 @@ STOP_REVIEW_DAYS = 14          # the stop watch's unprotected intervals are revi
 
 def _unprotected_check(ev: Evidence) -> Check | None:
     "FAIL when a position went unprotected for longer than two stop-check intervals in the reviewed period."
-    from cryptobot.live import format_stop, stop_report  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (live: pandas, ccxt)
+    from cryptobot.live import format_stop, stop_report  # lazy: lean audit import (pandas, ccxt)
     d = stop_report(ev.journal_path, now=ev.now, since=ev.now - STOP_REVIEW_DAYS * 86400,
                     interval_s=ev.settings.stop_check_s)
     lim = 2 * ev.settings.stop_check_s
@@ -854,7 +854,7 @@ def check_logging(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb53721
 def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[float, str]]) -> list[dict]:
     "Mark trades missing on one side after the paper run's first kill-switch lock `explained='kill_switch'`."
-    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    import pandas as pd  # lazy: lean audit import (pandas)
     ks = [float(ts) for ts, msg in locks if str(msg).startswith("kill switch")]
     if not ks:
         return list(divergences)
@@ -865,11 +865,11 @@ def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[floa
 # %% ../nbs/18_audit.ipynb #bb8430a8
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
-    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
-    from cryptobot import parity as L  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (parity: pandas, ccxt)
-    from cryptobot.backtest import simulate  # lazy: numba and pandas stay out of `import cryptobot.audit`
-    from cryptobot.features import LOOKBACK, build_features  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
-    from cryptobot.model import Strategy  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (model: pandas, scikit-learn)
+    import pandas as pd  # lazy: lean audit import (pandas)
+    from cryptobot import parity as L  # lazy: lean audit import (pandas, ccxt)
+    from cryptobot.backtest import simulate  # lazy: lean audit import (numba, pandas)
+    from cryptobot.features import LOOKBACK, build_features  # lazy: lean audit import (pandas)
+    from cryptobot.model import Strategy  # lazy: lean audit import (pandas, scikit-learn)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})"
@@ -928,7 +928,7 @@ def check_paper_vs_backtest(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #4a32bf9c
 def check_model_fingerprint(ev: Evidence) -> Check:
-    from cryptobot.features import fingerprint  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
+    from cryptobot.features import fingerprint  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     code = fingerprint()
     if art is None:
@@ -946,14 +946,14 @@ def check_feature_parity(ev: Evidence) -> Check:
     if j is None:
         return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
     try:
-        from cryptobot.parity import parity  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (parity: pandas, ccxt)
+        from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
         return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
                      "parity not checked")
     rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
     if not rng["n"]:
         return Check("drift", "feature_parity", WARN, "the journal holds no live feature rows", "nothing to compare")
-    from cryptobot.features import LOOKBACK  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
+    from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
     label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
     if candles is None:
         return Check("drift", "feature_parity", WARN, f"{rng['n']} live feature rows {_iso(rng['a'])} .. "
@@ -970,8 +970,8 @@ def check_feature_parity(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     "({feature: PSI} | None, where the recent rows came from / why not, the recent rows all lie after the training span)."
-    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
-    from cryptobot.features import build_features, fingerprint  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean) (features: pandas)
+    import pandas as pd  # lazy: lean audit import (pandas)
+    from cryptobot.features import build_features, fingerprint  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})", False
@@ -1260,7 +1260,7 @@ def check_training_data(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #cd776ad1
 def check_model_freshness(ev: Evidence) -> Check:
-    import pandas as pd  # lazy: pandas stays out of `import cryptobot.audit` (test_audit_module_is_lean)
+    import pandas as pd  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     if art is None:
         return Check("strategy", "model_freshness", FAIL, f"no model: {err}", "train one (cryptobot train)")
@@ -1302,7 +1302,7 @@ def check_oos_metrics(ev: Evidence) -> Check:
 def oos_backtest(ev: Evidence):
     "The backtest of the artifact's OOS probabilities with the configured costs and risk (cached)."
     def run():
-        from cryptobot.backtest import run_backtest  # lazy: numba and pandas stay out of `import cryptobot.audit`
+        from cryptobot.backtest import run_backtest  # lazy: lean audit import (numba, pandas)
         art, err = ev.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")

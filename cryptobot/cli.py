@@ -58,7 +58,7 @@ SYNTHETIC_BANNER = "SYNTHETIC market (seeded generator, not real prices): result
 
 def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Path, n_synthetic: int = 26_280):
     "Candles for `data`: 'synthetic', a CSV/parquet path, or None = the stored candles for symbol/timeframe, else synthetic."
-    from cryptobot import data as D  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot import data as D  # lazy: per command: pandas/ccxt
     if data and data != "synthetic":
         return D.load_candles(data)
     stored = D.raw_path(data_dir, symbol, timeframe)
@@ -71,7 +71,7 @@ def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Pat
 
 
 def cmd_import(a) -> int:
-    from cryptobot.data import CandleDataError, import_candles  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.data import CandleDataError, import_candles  # lazy: per command: pandas/ccxt
     s = _settings()
     try:
         path, report = import_candles(a.path, a.symbol or s.symbol, a.timeframe or s.timeframe, s.data_dir,
@@ -85,8 +85,8 @@ def cmd_import(a) -> int:
 
 
 def cmd_download(a) -> int:
-    from cryptobot.client import make_client  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
-    from cryptobot.data import download_candles  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.client import make_client  # lazy: per command: pandas/ccxt
+    from cryptobot.data import download_candles  # lazy: per command: pandas/ccxt
     s = _settings()
     client = make_client(a.exchange, base_url=a.url or (s.exchange_url or None))
     path, n_new = download_candles(a.symbol or s.symbol, a.timeframe or s.timeframe, a.since, s.data_dir,
@@ -96,7 +96,7 @@ def cmd_download(a) -> int:
 
 
 def cmd_features(a) -> int:
-    from cryptobot import features as F  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot import features as F  # lazy: per command: pandas/ccxt
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     out = Path(a.out or s.data_dir / "features" / "features_1H_advanced.parquet")
@@ -124,7 +124,7 @@ def _params(pairs) -> dict:
 
 def _data_param(data: str | None, s) -> str:
     "The workflows' `data` parameter: an absolute path, or 'synthetic'."
-    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt
     if data and data != "synthetic":
         return str(Path(data).resolve())
     stored = raw_path(s.data_dir, s.symbol, s.timeframe)
@@ -200,8 +200,8 @@ def _kill_switch(v: str, s) -> int | None:
 
 # %% ../nbs/22_cli.ipynb #6dc66ac3
 def cmd_backtest_strategy(a) -> int:
-    from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
-    from cryptobot.strategy import make_strategy  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas
+    from cryptobot.strategy import make_strategy  # lazy: per command: numba/pandas
     s = _settings()
     strategy = make_strategy(a.strategy, _params(a.param))
     ks = _kill_switch(a.kill_switch, s)
@@ -219,7 +219,7 @@ def cmd_backtest_strategy(a) -> int:
     html.parent.mkdir(parents=True, exist_ok=True)
     out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
     if getattr(a, "save_artifact", None) is not None:
-        from cryptobot.strategy import artifact_dir, save_strategy_artifact  # lazy: per command: numba/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+        from cryptobot.strategy import artifact_dir, save_strategy_artifact  # lazy: per command: numba/pandas
         out["artifact"] = str(save_strategy_artifact(strategy, a.save_artifact or artifact_dir(s.data_dir, strategy),
                                                      symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats)))
     if a.json:
@@ -237,8 +237,8 @@ DEMO_REPLAY = 300  # candles the demo's paper runner trades after the training s
 
 
 def cmd_demo(a) -> int:
-    from cryptobot import data as D, features as F  # lazy: per command: pandas/ccxt loads only for the commands that use it (the CLI is the live runner's entry point)
-    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot import data as D, features as F  # lazy: per command: pandas/ccxt
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas
     s = _settings()
     t0 = time.perf_counter()
     n = a.n_synthetic + DEMO_REPLAY
@@ -271,7 +271,7 @@ def cmd_demo(a) -> int:
     st = status_report(replace(s, state_dir=state_dir))
     say(f"      kill switch: LOCKED ({st['lock_reason']})" if st["locked"] else
         f"      kill switch: unlocked, loss streak {st['consecutive_losses']}/{st['kill_switch_losses']}")
-    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack) loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack)
     say("[6/6] go-live readiness audit of the demo's artefacts (synthetic data and paper history cannot pass)")
     verdict = audit_main(replace(s, state_dir=state_dir), model=trained["artifact"], candles=str(raw.resolve()),
                          dotenv_path=ENV_FILE, progress=not a.quiet)
@@ -287,7 +287,7 @@ def cmd_demo(a) -> int:
 
 # %% ../nbs/22_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
-    from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas
     s = _settings()
     report = status_report(s)
     report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
@@ -305,7 +305,7 @@ def cmd_config(a) -> int:
 
 def cmd_run(a, mode=None) -> int:
     "The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID)."
-    from cryptobot.live import run  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.live import run  # lazy: per command: ccxt/pandas
     s = _settings()
     with runner_lock(s.state_dir):
         return run(s, mode=mode, model=a.model, max_candles=a.max_candles)
@@ -320,8 +320,8 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
-    from cryptobot.parity import parity  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.live import LiveError  # lazy: per command: ccxt/pandas
+    from cryptobot.parity import parity  # lazy: per command: ccxt/pandas
     try:
         rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
     except LiveError as e:
@@ -332,8 +332,8 @@ def cmd_parity(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas loads only for the commands that use it (the CLI is the live runner's entry point)
-    from cryptobot.model import latest_model  # lazy: per command: scikit-learn/joblib loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas
+    from cryptobot.model import latest_model  # lazy: per command: scikit-learn/joblib
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     model = a.model or latest_model(s.data_dir / "models")
@@ -346,26 +346,26 @@ def cmd_replay(a) -> int:
 
 
 def cmd_audit(a) -> int:
-    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack) loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack)
     return audit_main(_settings(), model=a.model, candles=a.candles, date=a.date, dotenv_path=ENV_FILE,
                       progress=not a.quiet)
 
 
 def cmd_emulator(a) -> int:
-    from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
                  balances=a.balance or None, start=a.start, stop_market=a.stop_market)
     return 0
 
 
 def cmd_dashboard(a) -> int:
-    from cryptobot.monitor import serve_dashboard  # lazy: per command: jinja2/plotly/Voila loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.monitor import serve_dashboard  # lazy: per command: jinja2/plotly/Voila
     return serve_dashboard(a.state_dir, a.port, a.host, a.open_browser, settings=_settings(),
                            allow_remote=a.allow_remote)
 
 
 def cmd_bench(a) -> int:
-    from cryptobot.bench import run_bench  # lazy: per command: the whole research stack loads only for the commands that use it (the CLI is the live runner's entry point)
+    from cryptobot.bench import run_bench  # lazy: per command: the whole research stack
     result = run_bench(data=a.data, out=a.json)
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
 # %% ../nbs/22_cli.ipynb #62fc492e
 def cmd_sweep(a) -> int:
     "`cryptobot sweep`: grid x walk-forward folds on Dask (resumable), PBO and DSR, an HTML report and JSON."
-    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary  # lazy: per command: dask/scipy loads only for the commands that use it (the CLI is the live runner's entry point) (test_the_live_path_and_the_cli_import_no_dask_and_no_sweep)
+    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary  # lazy: per command: dask/scipy
     s = _settings()
     configs = parse_grid(a.grid or [], a.strategy)
     fee = s.fee_pct if a.fee is None else a.fee
@@ -576,7 +576,7 @@ def cmd_sweep(a) -> int:
 
 def cmd_promote(a) -> int:
     "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
-    from cryptobot.sweep import promote  # lazy: per command: dask/scipy loads only for the commands that use it (the CLI is the live runner's entry point) (test_the_live_path_and_the_cli_import_no_dask_and_no_sweep)
+    from cryptobot.sweep import promote  # lazy: per command: dask/scipy
     s = _settings()
     m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, Path(s.data_dir) / "strategies")
     ev = m["evidence"]

@@ -466,7 +466,7 @@ def _from_text(key: str, raw: str | None):
 @functools.cache
 def _env_model():
     "The `BaseSettings` class reading every key of `SETTINGS_KEYS` (built once, on first use)."
-    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict  # lazy: pydantic-settings loads python-dotenv; `import cryptobot.config` stays lean (test_config_import_is_lean)
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict  # lazy: pydantic-settings loads python-dotenv (lean config import)
 
     def field(key):
         name = SETTINGS_KEYS[key][0]
@@ -528,7 +528,7 @@ def dotenv_permission_warning(path) -> str | None:
 
 def _read_dotenv(path: Path) -> dict[str, str | None]:
     "The KEY=value pairs of the `.env` at `path`, parsed once; `ConfigError` for a bad file, line or repeated key."
-    from dotenv.parser import parse_stream  # lazy: python-dotenv only to read a .env file (test_config_import_is_lean)
+    from dotenv.parser import parse_stream  # lazy: python-dotenv only to read a .env file
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a .env file; pass the file's path", None)
     if not path.is_file():               # a FIFO would block the read forever

@@ -196,7 +196,7 @@ class PaperVenue:
     def __init__(self, candles, price: float | None = None, *, symbol: str = "BTC/USDT", timeframe: str = "1h",
                  balance_usd: float = 10_000.0, fee_pct: float = 0.1, slippage_pct: float = 0.05,
                  market: Market | None = None, state_path=None):
-        from cryptobot.emulator import MatchingEngine  # lazy: pandas/aiohttp stay off the live import path (test_live.py::test_import_is_lean)
+        from cryptobot.emulator import MatchingEngine  # lazy: pandas/aiohttp off the live import path
         self.state_path = Path(state_path) if state_path else None
         state = None
         if self.state_path is not None and self.state_path.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .files import CryptobotError, atomic_file
+import cryptobot.files   # absolute, not `from .files`: this module must also load from a copied file (tests)
 
 # %% auto #0
 __all__ = ['FEATURE_VERSION', 'RTOL', 'ATOL', 'EWM_TOL', 'OHLCV', 'FEATURES_FILENAME', 'PARAMS', 'WARMUP', 'FEATURE_NAMES',
@@ -48,7 +48,7 @@ PARAMS = {
 }
 
 # %% ../nbs/04_features.ipynb #5626adc3
-class FeatureError(CryptobotError, ValueError):
+class FeatureError(cryptobot.files.CryptobotError, ValueError):
     "Candles unfit for `build_features`, or a feature spec/fingerprint mismatch (one line: what, and what to do)."
 
 
@@ -366,7 +366,7 @@ def write_features(candles: pd.DataFrame, path) -> Path:
              "rows": str(len(feats))}
     meta.update({(_META_PREFIX + k).encode(): v.encode() for k, v in extra.items()})
     table = table.replace_schema_metadata(meta)
-    with atomic_file(path) as f:            # temp file, fsync, rename, fsync the folder
+    with cryptobot.files.atomic_file(path) as f:            # temp file, fsync, rename, fsync the folder
         pq.write_table(table, f)
     return path
 

@@ -199,7 +199,7 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
 # %% ../nbs/14_live.ipynb #b4f15851
 def load_model(settings: Settings, model=None, now: float | None = None, max_age_days: float | None = 30.0):
     "The model artifact the runner trades, or `StartupRefused` (one line) saying why not."
-    from cryptobot import model as M  # lazy: scikit-learn loads only to train or score, never on the live path (test_live.py::test_import_is_lean)
+    from cryptobot import model as M  # lazy: scikit-learn only to train or score, off the live path
     try:
         if isinstance(model, M.Artifact):
             art = model
@@ -240,7 +240,7 @@ def select_strategy(settings: Settings, strategy=None):
     if strategy is None and (settings.strategy != "model" or settings.strategy_params):
         strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
     if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
-        from cryptobot.model import Strategy as ModelPolicy  # lazy: scikit-learn loads only to train or score, never on the live path (test_live.py::test_import_is_lean)
+        from cryptobot.model import Strategy as ModelPolicy  # lazy: scikit-learn only to train or score, off the live path
         strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
                                strategy.max_hold if strategy.max_hold is not None else 10**9)
     return strategy

@@ -158,7 +158,7 @@ def walk_forward_folds(trainable: np.ndarray, predictable: np.ndarray, horizon: 
 # %% ../nbs/06_model.ipynb #779a8e38
 def oos_metrics(y, proba, entry_threshold: float) -> dict:
     "AUC, precision at the entry threshold, Brier, positive rate, n (labelled rows only); NaN + note if undefined."
-    from sklearn.metrics import brier_score_loss, roc_auc_score  # lazy: scikit-learn loads only to train or score, never on the live path
+    from sklearn.metrics import brier_score_loss, roc_auc_score  # lazy: scikit-learn only to train or score, off the live path
     y, p = np.asarray(y, float), np.asarray(proba, float)
     m = ~np.isnan(y) & ~np.isnan(p)
     y, p = y[m], p[m]
@@ -196,13 +196,13 @@ class ConstantModel:
 
 
 def _sklearn_version() -> str:
-    import sklearn  # lazy: scikit-learn loads only to train or score, never on the live path
+    import sklearn  # lazy: scikit-learn only to train or score, off the live path
     return sklearn.__version__
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, params: dict | None = None):
     "A `HistGradientBoostingClassifier` with `DEFAULT_PARAMS` updated by `params` (constant model if one class)."
-    from sklearn.ensemble import HistGradientBoostingClassifier  # lazy: scikit-learn loads only to train or score, never on the live path
+    from sklearn.ensemble import HistGradientBoostingClassifier  # lazy: scikit-learn only to train or score, off the live path
     if len(np.unique(y)) < 2:
         return ConstantModel(float(y[0]) if len(y) else 0.5, X.shape[1])
     return HistGradientBoostingClassifier(**{**DEFAULT_PARAMS, **(params or {})}).fit(X, y)
@@ -658,7 +658,7 @@ def choose_policy(candles, proba: pd.Series, max_hold: int = DEFAULT_HORIZON, fe
 
 def fit_calibrator(proba, y):
     "Isotonic calibration map (raw probability -> observed frequency), clipped outside the fitted range."
-    from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn loads only to train or score, never on the live path
+    from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn only to train or score, off the live path
     m = ~np.isnan(np.asarray(proba, float)) & ~np.isnan(np.asarray(y, float))
     return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(np.asarray(proba)[m], np.asarray(y)[m])
 

@@ -386,7 +386,7 @@ BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/m
 def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
     "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
     from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator  # lazy: aiohttp server only for replays, not on the live path
-    from cryptobot.model import Strategy  # lazy: scikit-learn loads only to train or score, never on the live path
+    from cryptobot.model import Strategy  # lazy: scikit-learn only to train or score, off the live path
     key, secret = "bench-stop-key-01", "bench-stop-secret-01"
     emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
                    order_types=ORDER_TYPES_STOP_MARKET).start()

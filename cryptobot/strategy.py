@@ -299,7 +299,7 @@ class ModelStrategy(Strategy):
         if self.model is None:
             raise StrategyError("ModelStrategy needs model= (an artifact folder) or proba= (out-of-sample)")
         if not hasattr(self.model, "predict_proba"):
-            from cryptobot.model import load_artifact  # lazy: cycle: backtest imports model and strategy (and scikit-learn off `import cryptobot.strategy`)
+            from cryptobot.model import load_artifact  # lazy: cycle: backtest imports model and strategy
             self.model = load_artifact(self.model, lean=True)
         return self.model.predict_proba(features)
 
