@@ -19,14 +19,24 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .files import atomic_write
+from .files import CryptobotError, age_text, atomic_write
 from typing import Any, Callable, Iterable, Mapping
+from types import SimpleNamespace
+
+import numpy as np
 
 from .config import LIMITS, Settings
+from .guardian import (Approval, ApprovalError, Context, Guardian, GuardianState, STATE_SCHEMA_VERSION,
+                                Signal, entry_gate, load_state)
 # the verdict's words, line and reader live in cryptobot.verdict (the runner's gate and the monitor import it
 # without importing the audit); re-exported here so `cryptobot.audit.latest_verdict` etc. keep working
 from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gate_blockers,
                                latest_verdict, parse_verdict, report_stem, verdict_line)
+from .reports import WorkflowError, project_root, run_workflow
+from .journal import ClosedTrade, FINAL_STATUSES, Journal
+from .risk import Market, Plan, RiskEngine
+from .journal import ARCHIVE_DIR
+
 
 # %% auto #0
 __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN', 'POLL_ERRORS_FAIL',
@@ -48,11 +58,8 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
-class AuditError(RuntimeError):
+class AuditError(CryptobotError, RuntimeError):
     "The audit cannot run as asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 WARN = "WARN"                                     # PASS and FAIL: cryptobot.verdict
@@ -178,7 +185,6 @@ def verdict(checks: list[Check], require_all: bool = True) -> tuple[str, list[st
 # %% ../nbs/18_audit.ipynb #275a0fad
 def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
     "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
-    import numpy as np
     e = np.asarray(expected, dtype="float64")
     a = np.asarray(actual, dtype="float64")
     e, a = e[np.isfinite(e)], a[np.isfinite(a)]
@@ -230,12 +236,7 @@ def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[
 
 # %% ../nbs/18_audit.ipynb #ee5b29a6
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = abs(seconds)
-    txt = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 \
-        else f"{s / 86400:.1f} days"
-    return txt if seconds >= 0 else f"in {txt}"
+    return age_text(seconds, none="never")
 
 
 def _iso(t: float | None) -> str:
@@ -263,7 +264,6 @@ def default_env_files(repo_dir: Path | None) -> list[Path]:
 
 def default_repo() -> Path | None:
     "The checkout (or installed source tree) this cryptobot runs from: where `pyproject.toml` is; None if not found."
-    from cryptobot.reports import project_root
     root = project_root()
     return root if (root / "pyproject.toml").is_file() else None
 
@@ -324,7 +324,6 @@ class Evidence:
 def _ev_journal(self):
     "(Journal | None, why not)."
     def open_():
-        from cryptobot.journal import Journal
         if not self.journal_path.exists():
             raise FileNotFoundError(f"no journal at {self.journal_path} (the bot has not run with this state dir)")
         return Journal(self.journal_path, readonly=True)
@@ -337,11 +336,8 @@ def _ev_q(self, sql: str, args=()) -> list[dict]:
 
 
 def _ev_state(self):
-    "(state dict | None, why not)."
-    def read():
-        from cryptobot.guardian import read_state
-        return read_state(self.state_path)
-    return self._once("state", read)
+    "(GuardianState | None, why not)."
+    return self._once("state", lambda: load_state(self.state_path))
 
 
 def _ev_rebuild(self, day: str | None = None):
@@ -362,7 +358,6 @@ def _ev_journal_archived(self):
     j, err = _ev_journal_only(self)
     if j is None:
         return j, err
-    from cryptobot.journal import ARCHIVE_DIR
     _rows, why = self._once("archive", lambda: j.attach_archive(self.state_dir / ARCHIVE_DIR))
     return (j, err) if why is None else (None, f"journal archive unreadable: {why}")
 
@@ -373,7 +368,7 @@ Evidence.journal = _ev_journal_archived
 def _ev_artifact(self):
     "(Artifact | None, why not): the model the runner would trade."
     def load():
-        from cryptobot import model as M
+        from cryptobot import model as M  # lazy: lean audit import (pandas, scikit-learn)
         m = self.model_arg
         if isinstance(m, M.Artifact):
             return m
@@ -385,7 +380,7 @@ def _ev_artifact(self):
 def _ev_model_candles(self):
     "(the candles the model was trained on, checked by checksum | None, why not)."
     def load():
-        from cryptobot import model as M
+        from cryptobot import model as M  # lazy: lean audit import (pandas, scikit-learn)
         art, err = self.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")
@@ -399,8 +394,8 @@ Evidence.artifact, Evidence.model_candles = _ev_artifact, _ev_model_candles
 def _ev_candle_sources(self) -> list[tuple[str, Any]]:
     "Candidate market data, in order: the candles given, the stored binance file, the stored synthetic file, the model's."
     def load():
-        import pandas as pd
-        from cryptobot import data as D
+        import pandas as pd  # lazy: lean audit import (pandas)
+        from cryptobot import data as D  # lazy: lean audit import (pandas)
         out = []
         c = self.candles_arg
         if c is not None:                     # a frame, or a file path (a str has .index too: test the type)
@@ -429,7 +424,7 @@ Evidence.candle_sources = _ev_candle_sources
 # %% ../nbs/18_audit.ipynb #ad28ed40
 def _ev_covering(self, first_open: float, last_open: float, warmup: int = 0):
     "(label, candles) of the first source holding every bar from `warmup` bars before `first_open` to `last_open`."
-    import pandas as pd
+    import pandas as pd  # lazy: lean audit import (pandas)
     lo = pd.Timestamp(first_open - warmup * self.tf_s, unit="s", tz="UTC")
     hi = pd.Timestamp(last_open, unit="s", tz="UTC")
     for label, df in self.candle_sources():
@@ -445,7 +440,7 @@ Evidence.covering = _ev_covering
 # %% ../nbs/18_audit.ipynb #18088e3f
 def check_rate_limit(ev: Evidence) -> Check:
     "The ccxt client the runner builds (`cryptobot.client.make_client`, as `start_runner` calls it) has the limiter on."
-    from cryptobot.client import make_client
+    from cryptobot.client import make_client  # lazy: lean audit import (ccxt)
     s = ev.settings
     c = make_client(base_url=s.exchange_url, sandbox=s.mode == "testnet")
     on, ms = getattr(c, "enableRateLimit", None) is True, float(getattr(c, "rateLimit", 0) or 0)
@@ -466,7 +461,7 @@ def check_rate_limit(ev: Evidence) -> Check:
 def _last_candle(ev: Evidence) -> tuple[float | None, str]:
     st, _e = ev.state()
     rb = ev.rebuild()
-    cands = [(st or {}).get("last_candle"), (rb or {}).get("last_candle")]
+    cands = [st.last_candle if st is not None else None, (rb or {}).get("last_candle")]
     cands = [c for c in cands if c is not None]
     return (max(cands) if cands else None), ("state.json/journal marks" if cands else "")
 
@@ -538,10 +533,6 @@ def check_orders_approved(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #46c5642e
 def exercise_approval_gate(settings: Settings) -> tuple[bool, list[str]]:
     "Try to get past the real Guardian with bad approvals in a temp state dir: (all refused and genuine accepted, steps)."
-    from types import SimpleNamespace
-    from cryptobot.guardian import Approval, ApprovalError, Context, Guardian, Signal
-    from cryptobot.journal import Journal
-    from cryptobot.risk import Market, Plan, RiskEngine
     steps, ok = [], True
     with tempfile.TemporaryDirectory(prefix="cryptobot-audit-gate-") as tmp:
         s = dataclasses.replace(settings, state_dir=Path(tmp) / "a", go_live=False, testnet=False, api_key=None,
@@ -611,7 +602,6 @@ def check_approval_gate(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #054c6243
 def check_state_valid(ev: Evidence) -> Check:
     "state.json validates and is current, and the entry gate (the runner's own answer) allows entries."
-    from cryptobot.guardian import entry_gate
     gate = entry_gate(ev.state_dir, now=ev.now)
     refused = "entries REFUSED: " + "; ".join(gate.reasons) if not gate else "entries allowed"
     st, err = ev.state()
@@ -619,9 +609,9 @@ def check_state_valid(ev: Evidence) -> Check:
         why = "missing" if "FileNotFound" in (err or "") else "unreadable" if st is None else "untrustworthy"
         return Check("guardian", "state_valid", FAIL, f"{ev.state_path}: {why} ({err or 'valid'}); {refused}",
                      "no trustworthy Guardian state: the runner would start locked (or has never run)")
-    age = ev.now - st["updated_at"]
-    txt = (f"{ev.state_path} valid (schema {st['schema_version']}); updated {_age(age)} ago; {refused}; loss streak "
-           f"{st['consecutive_losses']}")
+    age = ev.now - st.updated_at
+    txt = (f"{ev.state_path} valid (schema {STATE_SCHEMA_VERSION}); updated {_age(age)} ago; {refused}; loss streak "
+           f"{st.consecutive_losses}")
     if not gate:
         return Check("guardian", "state_valid", WARN, txt, "the runner refuses entries (kill switch or a state problem): "
                      "review, then cryptobot unlock")
@@ -637,19 +627,19 @@ def check_state_matches_journal(ev: Evidence) -> Check:
     if st is None or j is None:
         return Check("guardian", "state_matches_journal", WARN, f"nothing to compare (state: {err or 'ok'}; journal: "
                      f"{jerr or 'ok'})", "no state or no journal")
-    rb = ev.rebuild(day=st["pnl"]["day"])
+    rebuilt = ev.rebuild(day=st.day)
+    rb = GuardianState.from_rebuild(rebuilt, ev.now)
     diffs = []
-    if st["consecutive_losses"] != rb["consecutive_losses"]:
-        diffs.append(f"loss streak {st['consecutive_losses']} vs {rb['consecutive_losses']}")
-    for k in ("total", "day_pnl"):
-        if not math.isclose(st["pnl"][k], rb["pnl"][k], rel_tol=1e-9, abs_tol=1e-6):
-            diffs.append(f"pnl.{k} {st['pnl'][k]:.6f} vs {rb['pnl'][k]:.6f}")
-    if bool(st["lock"]["locked"]) != bool(rb["lock"]["locked"]):
-        diffs.append(f"lock {st['lock']['locked']} vs {rb['lock']['locked']}")
-    txt = (f"state.json vs journal rebuild ({rb['trades']} trades): loss streak {st['consecutive_losses']}/"
-           f"{rb['consecutive_losses']}, total pnl {st['pnl']['total']:+.2f}/{rb['pnl']['total']:+.2f}, day "
-           f"{st['pnl']['day']} pnl {st['pnl']['day_pnl']:+.2f}/{rb['pnl']['day_pnl']:+.2f}, locked "
-           f"{st['lock']['locked']}/{rb['lock']['locked']}")
+    if st.consecutive_losses != rb.consecutive_losses:
+        diffs.append(f"loss streak {st.consecutive_losses} vs {rb.consecutive_losses}")
+    for k, f in (("total", "total_pnl"), ("day_pnl", "day_pnl")):
+        if not math.isclose(getattr(st, f), getattr(rb, f), rel_tol=1e-9, abs_tol=1e-6):
+            diffs.append(f"pnl.{k} {getattr(st, f):.6f} vs {getattr(rb, f):.6f}")
+    if st.locked != rb.locked:
+        diffs.append(f"lock {st.locked} vs {rb.locked}")
+    txt = (f"state.json vs journal rebuild ({rebuilt['trades']} trades): loss streak {st.consecutive_losses}/"
+           f"{rb.consecutive_losses}, total pnl {st.total_pnl:+.2f}/{rb.total_pnl:+.2f}, day "
+           f"{st.day} pnl {st.day_pnl:+.2f}/{rb.day_pnl:+.2f}, locked {st.locked}/{rb.locked}")
     if diffs:
         return Check("guardian", "state_matches_journal", FAIL, txt, "state.json disagrees with the journal: "
                      + "; ".join(diffs) + " (restart the runner: it repairs to the stricter side; investigate why)")
@@ -663,7 +653,6 @@ def _plan_figures(plan: Mapping) -> tuple[float, float, float]:
 
 
 def check_risk_limits(ev: Evidence) -> Check:
-    from cryptobot.risk import Market, Plan, RiskEngine
     s = ev.settings
     vals = {k: getattr(s, k) for k in PROMISED}
     outside = [f"{k}={v:g} outside {LIMITS[k].text}" for k, v in vals.items() if not LIMITS[k].contains(v)]
@@ -723,7 +712,6 @@ def check_plans_in_bounds(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #0a10c091
 def _open_positions_with_stops(ev: Evidence) -> list[dict]:
-    from cryptobot.journal import FINAL_STATUSES
     out = []
     j, _e = ev.journal()
     if j is None:
@@ -744,7 +732,7 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
     book = ev.state_dir / "paper_book.json"
     if ev.ask_exchange and (s.exchange_url or (s.api_key is not None and s.api_secret is not None and s.mode != "paper")):
         try:
-            from cryptobot.client import make_client
+            from cryptobot.client import make_client  # lazy: lean audit import (ccxt)
             c = make_client(api_key=s.api_key.reveal() if s.api_key else None,
                             api_secret=s.api_secret.reveal() if s.api_secret else None,
                             base_url=s.exchange_url, sandbox=s.mode == "testnet", timeout_ms=10_000)
@@ -768,7 +756,7 @@ STOP_REVIEW_DAYS = 14          # the stop watch's unprotected intervals are revi
 
 def _unprotected_check(ev: Evidence) -> Check | None:
     "FAIL when a position went unprotected for longer than two stop-check intervals in the reviewed period."
-    from cryptobot.live import format_stop, stop_report
+    from cryptobot.live import format_stop, stop_report  # lazy: lean audit import (pandas, ccxt)
     d = stop_report(ev.journal_path, now=ev.now, since=ev.now - STOP_REVIEW_DAYS * 86400,
                     interval_s=ev.settings.stop_check_s)
     lim = 2 * ev.settings.stop_check_s
@@ -888,7 +876,7 @@ def check_logging(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb53721
 def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[float, str]]) -> list[dict]:
     "Mark trades missing on one side after the paper run's first kill-switch lock `explained='kill_switch'`."
-    import pandas as pd
+    import pandas as pd  # lazy: lean audit import (pandas)
     ks = [float(ts) for ts, msg in locks if str(msg).startswith("kill switch")]
     if not ks:
         return list(divergences)
@@ -899,12 +887,11 @@ def explain_lock_divergences(divergences: list[dict], locks: Iterable[tuple[floa
 # %% ../nbs/18_audit.ipynb #bb8430a8
 def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     "Backtest the span the runner decided on (same candles, model, strategy, costs) and compare trade lists."
-    import pandas as pd
-    from cryptobot import parity as L
-    from cryptobot.backtest import simulate
-    from cryptobot.features import LOOKBACK, build_features
-    from cryptobot.model import Strategy
-    from cryptobot.risk import Market, RiskEngine
+    import pandas as pd  # lazy: lean audit import (pandas)
+    from cryptobot import parity as L  # lazy: lean audit import (pandas, ccxt)
+    from cryptobot.backtest import simulate  # lazy: lean audit import (numba, pandas)
+    from cryptobot.features import LOOKBACK, build_features  # lazy: lean audit import (pandas)
+    from cryptobot.model import Strategy  # lazy: lean audit import (pandas, scikit-learn)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})"
@@ -963,7 +950,7 @@ def check_paper_vs_backtest(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #4a32bf9c
 def check_model_fingerprint(ev: Evidence) -> Check:
-    from cryptobot.features import fingerprint
+    from cryptobot.features import fingerprint  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     code = fingerprint()
     if art is None:
@@ -981,14 +968,14 @@ def check_feature_parity(ev: Evidence) -> Check:
     if j is None:
         return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
     try:
-        from cryptobot.parity import parity
+        from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
         return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
                      "parity not checked")
     rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
     if not rng["n"]:
         return Check("drift", "feature_parity", WARN, "the journal holds no live feature rows", "nothing to compare")
-    from cryptobot.features import LOOKBACK
+    from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
     label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
     if candles is None:
         return Check("drift", "feature_parity", WARN, f"{rng['n']} live feature rows {_iso(rng['a'])} .. "
@@ -1005,8 +992,8 @@ def check_feature_parity(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     "({feature: PSI} | None, where the recent rows came from / why not, the recent rows all lie after the training span)."
-    import pandas as pd
-    from cryptobot.features import build_features, fingerprint
+    import pandas as pd  # lazy: lean audit import (pandas)
+    from cryptobot.features import build_features, fingerprint  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})", False
@@ -1084,8 +1071,6 @@ def check_restart_always(ev: Evidence) -> Check:
 # %% ../nbs/18_audit.ipynb #ad6e70db
 def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
     "Trip the kill switch through the real Guardian in a temp dir, then read the lock back from disk (new objects)."
-    from cryptobot.guardian import Guardian, read_state
-    from cryptobot.journal import ClosedTrade, Journal
     k = settings.kill_switch_losses
     with tempfile.TemporaryDirectory(prefix="cryptobot-audit-lock-") as tmp:
         s = dataclasses.replace(settings, state_dir=Path(tmp), go_live=False, testnet=False, api_key=None,
@@ -1098,13 +1083,13 @@ def exercise_lock_persistence(settings: Settings) -> tuple[bool, str]:
                                            exit_time=t0 + 7200 * i + 3600, entry_price=100.0, exit_price=99.0,
                                            amount=1.0, fees=0.2, pnl=-1.2, exit_reason="stop"))
             tripped = g.locked
-        on_disk = read_state(Path(tmp) / "state.json")["lock"]
+        on_disk = load_state(Path(tmp) / "state.json")
         with Journal(Path(tmp) / "journal.sqlite") as j2:          # a new process would do exactly this
             g2 = Guardian(s, tmp, j2)
-            again, rb = g2.locked, j2.rebuild_guardian_state()["lock"]["locked"]
-    ok = tripped and on_disk["locked"] and again and rb
-    return ok, (f"{k} losing trades -> locked={tripped}; state.json read back: locked={on_disk['locked']} "
-                f"({_line(on_disk['reason'])[:60]}…); new Guardian on the same dir: locked={again}; journal rebuild: "
+            again, rb = g2.locked, GuardianState.from_rebuild(j2.rebuild_guardian_state(), time.time()).locked
+    ok = tripped and on_disk.locked and again and rb
+    return ok, (f"{k} losing trades -> locked={tripped}; state.json read back: locked={on_disk.locked} "
+                f"({_line(on_disk.lock_reason)[:60]}…); new Guardian on the same dir: locked={again}; journal rebuild: "
                 f"locked={rb}")
 
 # %% ../nbs/18_audit.ipynb #ff945997
@@ -1297,7 +1282,7 @@ def check_training_data(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #cd776ad1
 def check_model_freshness(ev: Evidence) -> Check:
-    import pandas as pd
+    import pandas as pd  # lazy: lean audit import (pandas)
     art, err = ev.artifact()
     if art is None:
         return Check("strategy", "model_freshness", FAIL, f"no model: {err}", "train one (cryptobot train)")
@@ -1339,8 +1324,7 @@ def check_oos_metrics(ev: Evidence) -> Check:
 def oos_backtest(ev: Evidence):
     "The backtest of the artifact's OOS probabilities with the configured costs and risk (cached)."
     def run():
-        from cryptobot.backtest import run_backtest
-        from cryptobot.risk import Market, RiskEngine
+        from cryptobot.backtest import run_backtest  # lazy: lean audit import (numba, pandas)
         art, err = ev.artifact()
         if art is None:
             raise AuditError(f"no model ({err})")
@@ -1386,7 +1370,7 @@ MODEL_CHECKS: dict[str, tuple[str, str]] = {
 def _ev_strategy(self):
     "(the rule strategy the runner trades | None when it trades the model, why not): the runner's `select_strategy`."
     def resolve_():
-        from cryptobot.live import is_rule, select_strategy
+        from cryptobot.live import is_rule, select_strategy  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
         st = select_strategy(self.settings)
         return st if is_rule(st) else None
     return self._once("strategy", resolve_)
@@ -1413,8 +1397,8 @@ def _pct(x) -> str:
 
 def check_strategy_evidence(ev: Evidence) -> Check:
     "The artifact the runner would trade for a rule strategy: its sweep evidence (PBO, walk-forward OOS return)."
-    from cryptobot.live import StartupRefused, load_strategy
-    from cryptobot.strategy import StrategyError, artifact_dir, load_strategy_artifact
+    from cryptobot.live import StartupRefused, load_strategy  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+    from cryptobot.strategy import StrategyError, artifact_dir, load_strategy_artifact  # lazy: pandas stays off the lean audit import
     C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
     st, err = ev.strategy()
     if err:
@@ -1601,7 +1585,6 @@ def report_json(checks: list[Check], date: str) -> dict:
 def audit_main(settings: Settings, *, model: str | None = "latest", models_dir=None, repo_dir=None, candles=None,
                dotenv_path=".env", date: str | None = None, progress: bool = False, print_=print) -> int:
     "`cryptobot audit`: run the audit workflow, print the verdict line and the report paths; 0 on PASS, 1 on FAIL."
-    from cryptobot.reports import WorkflowError, run_workflow
     date = date or utc_date()
     reports_dir = Path(settings.reports_dir).resolve()
     md, html, js = report_paths(reports_dir, date)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+import importlib.resources
+from html import escape
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,9 @@ from numba import njit
 from .model import FEE, SLIPPAGE, Strategy
 from .risk import Market, RiskEngine, floor_units, step_units
 from .strategy import Strategy as BaseStrategy, checked_signals
+from .files import CryptobotError, atomic_write
+from .features import build_features
+
 
 # %% auto #0
 __all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals', 'simulate', 'orders_from_trades', 'portfolio',
@@ -27,7 +32,7 @@ __all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals',
            'backtest', 'result_json', 'report_html']
 
 # %% ../nbs/07_backtest.ipynb #7766985e
-class BacktestError(ValueError):
+class BacktestError(CryptobotError, ValueError):
     "The backtest cannot run as asked (one line: what is wrong, what to do)."
 
 
@@ -348,8 +353,8 @@ def _flex_order_nb():
     "vectorbt's flexible order function, compiled on first use (vectorbt is imported only here and in `portfolio`)."
     global _FLEX
     if _FLEX is None:
-        from vectorbt.portfolio.enums import Direction
-        from vectorbt.portfolio.nb import order_nb, order_nothing_nb
+        from vectorbt.portfolio.enums import Direction  # lazy: vectorbt only when a portfolio is asked for
+        from vectorbt.portfolio.nb import order_nb, order_nothing_nb  # lazy: vectorbt only when a portfolio is asked for
         long_only = Direction.LongOnly
 
         @njit
@@ -381,7 +386,7 @@ def orders_from_trades(trades: pd.DataFrame, n_bars: int, fee: float):
 def portfolio(candles: pd.DataFrame, trades: pd.DataFrame, fee: float | None = None,
               initial_cash: float | None = None, freq=None):
     "A `vectorbt.Portfolio` executing exactly the simulated fills (trades from `simulate`)."
-    import vectorbt as vbt
+    import vectorbt as vbt  # lazy: vectorbt only when a portfolio is asked for
     fee = trades.attrs.get("fee", FEE) if fee is None else fee
     initial_cash = trades.attrs.get("initial_cash", 10_000.0) if initial_cash is None else initial_cash
     if freq is None:
@@ -532,8 +537,8 @@ def _thin(s: pd.Series, max_points: int = 8000) -> pd.Series:
 
 def plot_equity(result: BacktestResult, title: str = "Equity vs buy-and-hold"):
     "Equity and buy-and-hold (top) and their drawdowns (bottom)."
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # lazy: plotly only for the HTML report
+    from plotly.subplots import make_subplots  # lazy: plotly only for the HTML report
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.04)
     eq, bh = result.equity, result.benchmark
     for s, name in ((eq, "strategy"), (bh, "buy & hold")):
@@ -550,7 +555,7 @@ def plot_equity(result: BacktestResult, title: str = "Equity vs buy-and-hold"):
 
 def plot_trades(candles: pd.DataFrame, trades: pd.DataFrame, title: str = "Trades on price", max_trades: int = 2000):
     "Close price with entries (triangles up) and exits (down, coloured by reason); the last `max_trades` trades."
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # lazy: plotly only for the HTML report
     tr = trades.tail(max_trades)
     span = candles.loc[tr["entry_time"].min():tr["exit_time"].max()] if len(tr) else candles
     c = _thin(span["close"], 20_000)
@@ -580,7 +585,6 @@ def backtest(candles: pd.DataFrame, strategy: BaseStrategy, sizing: str = "risk"
                             "build one with cryptobot.strategy.make_strategy")
     t0 = time.perf_counter()
     if strategy.uses_features and features is None:
-        from cryptobot.features import build_features
         features = build_features(candles)
     enter, exit_ = checked_signals(strategy, candles, features)
     trades, eq, locks = _simulate(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing,
@@ -660,9 +664,6 @@ def _report_figures(res: BacktestResult, max_points: int = 4000, max_trades: int
 # %% ../nbs/07_backtest.ipynb #63d0828f
 def report_html(res: BacktestResult, path, title: str = "cryptobot backtest") -> Path:
     "A self-contained HTML report (plotly.js inlined, no CDN, no papermill): stats, exits, locks, equity, trades."
-    import importlib.resources
-    from html import escape
-    from cryptobot.files import atomic_write
     js = result_json(res)
     plotly_js = (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
     figs = "".join(f"<div id='fig{i}'></div><script>Plotly.newPlot('fig{i}', {json.dumps(f['data'])}, "

@@ -13,6 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import sqlite3
+import tempfile
+
+import numpy as np
 
 N_CANDLES = 43_776
 FIVE_YEAR_FILE = "binance-usdm_BTCUSDT_1h_2020-09-13_2025-09-11.csv"
@@ -73,7 +77,7 @@ def default_data(cwd: str | Path | None = None) -> Path | None:
 # %% ../nbs/21_bench.ipynb #9ed89ec7
 def bench_candles(data: str | Path | None = None, cwd: str | Path | None = None):
     "The candles to measure on: (`candles`, `source`, `data_file` — the absolute path used, or None if synthetic)."
-    from cryptobot import data as D
+    from cryptobot import data as D  # lazy: a bench key loads only the stack it measures
     src = Path(data) if data else default_data(cwd)
     if src is None:
         return D.synthetic_candles(n=N_CANDLES), "SYNTHETIC (shared data absent)", None
@@ -83,7 +87,7 @@ def bench_candles(data: str | Path | None = None, cwd: str | Path | None = None)
 # %% ../nbs/21_bench.ipynb #adbd9c9c
 def _bench_features(candles, progress=print, repeats: int = 3) -> dict:
     "`features_s` (warm, best of 5), `import_features_s` (median of `repeats`) and what that import pulls in."
-    from cryptobot import features as F
+    from cryptobot import features as F  # lazy: a bench key loads only the stack it measures
     F.build_features(candles)  # warm-up
     r = {"features_s": round(best_of(lambda: F.build_features(candles), 5), 4)}
     progress(f"features_s {r['features_s']}")
@@ -95,9 +99,9 @@ def _bench_features(candles, progress=print, repeats: int = 3) -> dict:
 # %% ../nbs/21_bench.ipynb #a114a893
 def live_worker(a: dict) -> dict:
     "The runner side of `bench_live` (`a`: state dir, emulator url, key, secret, model, `n` candles): ticks ms, RSS MB."
-    import cryptobot.live as L
-    from cryptobot.config import Settings
-    from cryptobot.model import Strategy
+    import cryptobot.live as L  # lazy: a bench key loads only the stack it measures
+    from cryptobot.config import Settings  # lazy: a bench key loads only the stack it measures
+    from cryptobot.model import Strategy  # lazy: a bench key loads only the stack it measures
     ticks = []
 
     def hook(runner, tick):
@@ -110,13 +114,12 @@ def live_worker(a: dict) -> dict:
     rc = L.run(s, "paper", a["model"], max_candles=a["n"], logs=False, strategy=Strategy(0.0, 0.0, 1),
                max_model_age_days=None, settle_s=0.0, poll_s=0.005, min_poll_s=0.005, rate_limit_ms=1.0,
                after_candle=hook, executor_kw={"settle_s": 0.0})
-    from cryptobot.parity import _rss_mb
+    from cryptobot.parity import _rss_mb  # lazy: a bench key loads only the stack it measures
     return {"rc": rc, "ticks": ticks, "rss": _rss_mb()}
 
 
 def _follow(emu, journal: Path, n: int, running=lambda: True) -> int:
     "Advance the stepped `emu` one candle each time `journal` records the current one done; candles done."
-    import sqlite3
     done = 0
     while done < n and running():
         want = round(emu.now.timestamp())
@@ -155,14 +158,12 @@ LIVE_KEYS = ("live_tick_ms", "import_live_s", "live_rss_mb", "stop_check_ms", "s
 
 def bench_live(n_candles: int = 500) -> dict:
     "`live_tick_ms`, `import_live_s`, `live_rss_mb`, `stop_check_ms` (+ details): the runner in its own process."
-    import tempfile
-    import numpy as np
-    from cryptobot import data as D
-    from cryptobot import model as M
-    from cryptobot.emulator import Emulator
-    from cryptobot.guardian import JOURNAL_FILE
-    from cryptobot.live import LiveError
-    from cryptobot.parity import bench_stop_check
+    from cryptobot import data as D  # lazy: a bench key loads only the stack it measures
+    from cryptobot import model as M  # lazy: a bench key loads only the stack it measures
+    from cryptobot.emulator import Emulator  # lazy: a bench key loads only the stack it measures
+    from cryptobot.guardian import JOURNAL_FILE  # lazy: a bench key loads only the stack it measures
+    from cryptobot.live import LiveError  # lazy: a bench key loads only the stack it measures
+    from cryptobot.parity import bench_stop_check  # lazy: a bench key loads only the stack it measures
     c = D.synthetic_candles(n=4_000 + n_candles + 2, seed=11)
     tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-live-"))
     path = M.train_walk_forward(c.iloc[:4_000], n_folds=2, params={"max_iter": 60}).save(tmp / "models")
@@ -208,10 +209,10 @@ def _bench_live(progress=print) -> dict:
 # %% ../nbs/21_bench.ipynb #c04b10ae
 def _bench_research(candles, progress=print) -> dict:
     "Train walk-forward on the candles; backtest EMA(12/26) warm (backtest_s), the model's OOS signals, a CLI process."
-    from cryptobot.features import build_features
-    from cryptobot.model import Strategy, train_walk_forward
-    from cryptobot.risk import RiskEngine
-    from cryptobot.strategy import EmaCross
+    from cryptobot.features import build_features  # lazy: a bench key loads only the stack it measures
+    from cryptobot.model import Strategy, train_walk_forward  # lazy: a bench key loads only the stack it measures
+    from cryptobot.risk import RiskEngine  # lazy: a bench key loads only the stack it measures
+    from cryptobot.strategy import EmaCross  # lazy: a bench key loads only the stack it measures
 
     feats = build_features(candles)
     t0 = time.perf_counter()
@@ -220,7 +221,7 @@ def _bench_research(candles, progress=print) -> dict:
     progress(f"train_s {train_s:.2f} (out-of-sample AUC {trained.overall.get('auc', float('nan')):.3f})")
 
     t0 = time.perf_counter()
-    from cryptobot.backtest import backtest, run_backtest  # numba (the kernel); vectorbt only if a portfolio is asked
+    from cryptobot.backtest import backtest, run_backtest  # lazy: a bench key loads only the stack it measures
     import_bt_s = time.perf_counter() - t0
     ema = EmaCross(fast=12, slow=26)
     backtest(candles, ema, sizing="full")  # warm-up: numba loads the compiled kernel
@@ -239,7 +240,6 @@ def _bench_research(candles, progress=print) -> dict:
 # %% ../nbs/21_bench.ipynb #d13eaa9c
 def _backtest_cold_s(candles) -> float:
     "A whole `cryptobot backtest --strategy ema_cross` process with its HTML report, best of 2 after a warming run."
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "candles.parquet"
         candles.to_parquet(path)
@@ -274,7 +274,7 @@ _bench_research_backtest = _bench_research
 
 def _bench_sweep(candles, progress=print) -> dict:
     "An EMA grid (fast=5:50:5 x slow=20:200:10) through the many-column kernel, signals included, best of 3."
-    from cryptobot.sweep import parse_grid, run_grid
+    from cryptobot.sweep import parse_grid, run_grid  # lazy: a bench key loads only the stack it measures
     cfg = parse_grid(["fast=5:50:5", "slow=20:200:10"])
     run = lambda: run_grid(candles, "ema_cross", cfg, sizing="full", fee=0.001, slippage=0.0)  # noqa: E731
     run()                                                                 # warm: numba loads the compiled code

@@ -11,10 +11,26 @@ import os
 import sys
 import time
 from pathlib import Path
+import shutil
+from dataclasses import replace
+import traceback
+
+from .files import atomic_write, redact
+from .config import ConfigError, load_settings
+from .reports import run_workflow, utc_stamp
+from .risk import RiskEngine
+from .guardian import JOURNAL_FILE, format_status, runner_lock, status_report, unlock_cli
+from .journal import Journal
+from .notify import Notifier, NotifyError, split_urls
+from .notify import secret_values
+from .verdict import FAIL, PASS, parse_verdict, verdict_line
+from .guardian import RunnerLocked
+from .journal import ARCHIVE_DIR, JournalError
+
 
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'redact', 'say', 'resolve_candles',
-           'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
+__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'say', 'resolve_candles', 'cmd_import',
+           'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
            'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock', 'cmd_audit',
            'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
@@ -24,12 +40,9 @@ SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
 EX_CONFIG = 78
 
 
-def redact(text: str, secrets=()) -> str:
-    "Mask every secret (from `secrets` and the secret environment variables) that appears in `text`."
-    values = [s for s in (*secrets, *(os.environ.get(k) for k in SECRET_ENV_KEYS)) if s and len(s) >= 4]
-    for v in values:
-        text = text.replace(v, "****")
-    return text
+def _redact_env(text: str) -> str:
+    "`files.redact` with the secret environment variables (API key and secret) as the values to mask."
+    return redact(text, [os.environ.get(k) for k in SECRET_ENV_KEYS])
 
 
 def say(*lines: str) -> None:
@@ -42,7 +55,6 @@ ENV_FILE = ".env"   # set by the global --env-file option
 
 
 def _settings():
-    from cryptobot.config import load_settings
     return load_settings(dotenv_path=ENV_FILE)
 
 # %% ../nbs/22_cli.ipynb #f5731bcb
@@ -51,7 +63,7 @@ SYNTHETIC_BANNER = "SYNTHETIC market (seeded generator, not real prices): result
 
 def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Path, n_synthetic: int = 26_280):
     "Candles for `data`: 'synthetic', a CSV/parquet path, or None = the stored candles for symbol/timeframe, else synthetic."
-    from cryptobot import data as D
+    from cryptobot import data as D  # lazy: per command: pandas/ccxt
     if data and data != "synthetic":
         return D.load_candles(data)
     stored = D.raw_path(data_dir, symbol, timeframe)
@@ -64,7 +76,7 @@ def resolve_candles(data: str | None, symbol: str, timeframe: str, data_dir: Pat
 
 
 def cmd_import(a) -> int:
-    from cryptobot.data import CandleDataError, import_candles
+    from cryptobot.data import CandleDataError, import_candles  # lazy: per command: pandas/ccxt
     s = _settings()
     try:
         path, report = import_candles(a.path, a.symbol or s.symbol, a.timeframe or s.timeframe, s.data_dir,
@@ -78,8 +90,8 @@ def cmd_import(a) -> int:
 
 
 def cmd_download(a) -> int:
-    from cryptobot.client import make_client
-    from cryptobot.data import download_candles
+    from cryptobot.client import make_client  # lazy: per command: pandas/ccxt
+    from cryptobot.data import download_candles  # lazy: per command: pandas/ccxt
     s = _settings()
     client = make_client(a.exchange, base_url=a.url or (s.exchange_url or None))
     path, n_new = download_candles(a.symbol or s.symbol, a.timeframe or s.timeframe, a.since, s.data_dir,
@@ -89,7 +101,7 @@ def cmd_download(a) -> int:
 
 
 def cmd_features(a) -> int:
-    from cryptobot import features as F
+    from cryptobot import features as F  # lazy: per command: pandas/ccxt
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     out = Path(a.out or s.data_dir / "features" / "features_1H_advanced.parquet")
@@ -117,7 +129,7 @@ def _params(pairs) -> dict:
 
 def _data_param(data: str | None, s) -> str:
     "The workflows' `data` parameter: an absolute path, or 'synthetic'."
-    from cryptobot.data import raw_path
+    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt
     if data and data != "synthetic":
         return str(Path(data).resolve())
     stored = raw_path(s.data_dir, s.symbol, s.timeframe)
@@ -129,7 +141,6 @@ def _data_param(data: str | None, s) -> str:
 
 def run_job(name: str, params: dict, reports_dir: Path, progress: bool = True) -> dict:
     "Run workflow `name`, print where its report is, return its JSON result."
-    from cryptobot.reports import run_workflow, utc_stamp
     stamp = utc_stamp()
     out_json = Path(reports_dir) / f"{name}-{stamp}.json"
     params = {**params, "out_json": str(out_json.resolve())}
@@ -194,10 +205,8 @@ def _kill_switch(v: str, s) -> int | None:
 
 # %% ../nbs/22_cli.ipynb #6dc66ac3
 def cmd_backtest_strategy(a) -> int:
-    from cryptobot.backtest import backtest, report_html, result_json
-    from cryptobot.risk import RiskEngine
-    from cryptobot.strategy import make_strategy
-    from cryptobot.files import atomic_write
+    from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas
+    from cryptobot.strategy import make_strategy  # lazy: per command: numba/pandas
     s = _settings()
     strategy = make_strategy(a.strategy, _params(a.param))
     ks = _kill_switch(a.kill_switch, s)
@@ -211,12 +220,11 @@ def cmd_backtest_strategy(a) -> int:
                    risk_engine=RiskEngine.from_settings(s), kill_switch=ks, after_lock=a.after_lock,
                    min_balance=s.min_balance_usd, end=a.end)
     out = result_json(res, would_lock_after=s.kill_switch_losses)
-    from cryptobot.reports import utc_stamp
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
     if getattr(a, "save_artifact", None) is not None:
-        from cryptobot.strategy import artifact_dir, save_strategy_artifact
+        from cryptobot.strategy import artifact_dir, save_strategy_artifact  # lazy: per command: numba/pandas
         out["artifact"] = str(save_strategy_artifact(strategy, a.save_artifact or artifact_dir(s.data_dir, strategy),
                                                      symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats)))
     if a.json:
@@ -234,8 +242,8 @@ DEMO_REPLAY = 300  # candles the demo's paper runner trades after the training s
 
 
 def cmd_demo(a) -> int:
-    from cryptobot import data as D, features as F
-    from cryptobot.parity import replay
+    from cryptobot import data as D, features as F  # lazy: per command: pandas/ccxt
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas
     s = _settings()
     t0 = time.perf_counter()
     n = a.n_synthetic + DEMO_REPLAY
@@ -258,7 +266,6 @@ def cmd_demo(a) -> int:
                  progress=not a.quiet)
     state_dir = Path(s.state_dir) / "demo"
     if state_dir.exists():
-        import shutil
         shutil.rmtree(state_dir)  # the demo's own paper history: fresh each run
     say(f"[5/6] paper runner against the emulator: the {DEMO_REPLAY} candles after the training span")
     rep = replay(candles, trained["artifact"], n_candles=DEMO_REPLAY, state_dir=state_dir, fills="paper",
@@ -266,12 +273,10 @@ def cmd_demo(a) -> int:
     say("      " + rep.summary())
     if len(rep.trades):
         say(rep.trades.to_string(max_rows=20))
-    from dataclasses import replace
-    from cryptobot.guardian import status_report
     st = status_report(replace(s, state_dir=state_dir))
     say(f"      kill switch: LOCKED ({st['lock_reason']})" if st["locked"] else
         f"      kill switch: unlocked, loss streak {st['consecutive_losses']}/{st['kill_switch_losses']}")
-    from cryptobot.audit import audit_main
+    from cryptobot.audit import audit_main  # lazy: per command: the audit (and through it the research stack)
     say("[6/6] go-live readiness audit of the demo's artefacts (synthetic data and paper history cannot pass)")
     verdict = audit_main(replace(s, state_dir=state_dir), model=trained["artifact"], candles=str(raw.resolve()),
                          dotenv_path=ENV_FILE, progress=not a.quiet)
@@ -287,8 +292,7 @@ def cmd_demo(a) -> int:
 
 # %% ../nbs/22_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
-    from cryptobot.guardian import format_status, status_report
-    from cryptobot.live import format_stop, stop_report
+    from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas
     s = _settings()
     report = status_report(s)
     report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
@@ -306,8 +310,7 @@ def cmd_config(a) -> int:
 
 def cmd_run(a, mode=None) -> int:
     "The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID)."
-    from cryptobot.guardian import runner_lock
-    from cryptobot.live import run
+    from cryptobot.live import run  # lazy: per command: ccxt/pandas
     s = _settings()
     with runner_lock(s.state_dir):
         return run(s, mode=mode, model=a.model, max_candles=a.max_candles)
@@ -322,8 +325,8 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError
-    from cryptobot.parity import parity
+    from cryptobot.live import LiveError  # lazy: per command: ccxt/pandas
+    from cryptobot.parity import parity  # lazy: per command: ccxt/pandas
     try:
         rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
     except LiveError as e:
@@ -334,8 +337,8 @@ def cmd_parity(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from cryptobot.parity import replay
-    from cryptobot.model import latest_model
+    from cryptobot.parity import replay  # lazy: per command: ccxt/pandas
+    from cryptobot.model import latest_model  # lazy: per command: scikit-learn/joblib
     s = _settings()
     candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
     model = a.model or latest_model(s.data_dir / "models")
@@ -348,20 +351,20 @@ def cmd_replay(a) -> int:
 
 
 def cmd_emulator(a) -> int:
-    from cryptobot.emulator import run_emulator
+    from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
                  balances=a.balance or None, start=a.start, stop_market=a.stop_market)
     return 0
 
 
 def cmd_dashboard(a) -> int:
-    from cryptobot.monitor import serve_dashboard
+    from cryptobot.monitor import serve_dashboard  # lazy: per command: jinja2/plotly/Voila
     return serve_dashboard(a.state_dir, a.port, a.host, a.open_browser, settings=_settings(),
                            allow_remote=a.allow_remote)
 
 
 def cmd_bench(a) -> int:
-    from cryptobot.bench import run_bench
+    from cryptobot.bench import run_bench  # lazy: per command: the whole research stack
     result = run_bench(data=a.data, out=a.json)
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
@@ -369,15 +372,12 @@ def cmd_bench(a) -> int:
 # %% ../nbs/22_cli.ipynb #684bf475
 def cmd_unlock(a) -> int:
     "Lift the lock; with CRYPTOBOT_NOTIFY_URLS set, tell a person (KILL_UNLOCKED, at most 5 s, failures journaled)."
-    from cryptobot.guardian import JOURNAL_FILE, unlock_cli
     s = _settings()
     n = _notifier(s)
     try:
         msg = unlock_cli(s, a.reason)
         say(msg)
         if n.enabled and msg.startswith("unlocked"):
-            from pathlib import Path
-            from cryptobot.journal import Journal
             with Journal(Path(s.state_dir) / JOURNAL_FILE) as j:
                 n.on_failure = j.log_event
                 n.notify("kill_unlocked", symbol=s.symbol, reason=a.reason)
@@ -389,8 +389,6 @@ def cmd_unlock(a) -> int:
 
 def _notifier(s):
     "The alert notifier of settings `s` (off when no URL); a URL apprise rejects is a settings error (exit 78)."
-    from cryptobot.config import ConfigError
-    from cryptobot.notify import Notifier, NotifyError, split_urls
     try:
         return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
     except NotifyError as e:
@@ -400,7 +398,7 @@ def _notifier(s):
 # %% ../nbs/22_cli.ipynb #ca25896e
 def cmd_audit(a) -> int:
     "Run the audit; with CRYPTOBOT_NOTIFY_URLS set, send its verdict (PASS/FAIL, risk score, first blockers)."
-    from cryptobot.audit import audit_main, utc_date
+    from cryptobot.audit import audit_main, utc_date  # lazy: per command: the audit (and through it the research stack)
     s, date = _settings(), a.date or utc_date()
     n = _notifier(s)                                   # a URL apprise rejects: exit 78 before the long run
     try:
@@ -414,11 +412,7 @@ def cmd_audit(a) -> int:
 
 def _send_verdict(n, s, date: str) -> None:
     "Queue the verdict of `audit-<date>`; failures to send it go to the state dir's journal if there is one."
-    from pathlib import Path
-    from cryptobot.audit import report_paths
-    from cryptobot.guardian import JOURNAL_FILE
-    from cryptobot.notify import secret_values
-    from cryptobot.verdict import FAIL, PASS, parse_verdict, verdict_line
+    from cryptobot.audit import report_paths  # lazy: per command: the audit (and through it the research stack)
     md, _html, js = report_paths(s.reports_dir, date)
     word, line = (parse_verdict(md.read_text(encoding="utf-8")) if md.exists() else None) or (FAIL, "no report")
     rep = json.loads(js.read_text(encoding="utf-8")) if js.exists() else {}
@@ -436,7 +430,6 @@ def _send_verdict(n, s, date: str) -> None:
 
 
 def _journal_event(path, kind: str, message: str, data=None) -> None:
-    from cryptobot.journal import Journal
     with Journal(path) as j:
         j.log_event(kind, message, data)
 
@@ -560,7 +553,7 @@ def main(argv=None) -> int:
     ENV_FILE = args.env_file or ".env"
     if args.env_file is not None and not Path(args.env_file).is_file():    # named on purpose: it must be there
         what = "does not exist" if not Path(args.env_file).exists() else "is not a regular file"
-        print(redact(f"cryptobot {args.command}: --env-file {args.env_file} {what}; pass the path of your settings "
+        print(_redact_env(f"cryptobot {args.command}: --env-file {args.env_file} {what}; pass the path of your settings "
                      "file (or omit --env-file to use ./.env if present)"), file=sys.stderr)
         return EX_CONFIG
     try:
@@ -573,21 +566,17 @@ def main(argv=None) -> int:
         return 0
     except Exception as e:  # noqa: BLE001 - the one place errors become one line and an exit code
         if os.environ.get("CRYPTOBOT_DEBUG"):
-            import traceback
-            print(redact(traceback.format_exc()), file=sys.stderr)
+            print(_redact_env(traceback.format_exc()), file=sys.stderr)
         msg = " ".join(str(e).split()) or type(e).__name__
         known = type(e).__module__.startswith("cryptobot") or isinstance(e, (ValueError, OSError))
-        print(redact(f"cryptobot {args.command}: {msg}" if known else
+        print(_redact_env(f"cryptobot {args.command}: {msg}" if known else
                      f"cryptobot {args.command}: unexpected {type(e).__name__}: {msg}"), file=sys.stderr)
-        from cryptobot.config import ConfigError
         return EX_CONFIG if isinstance(e, ConfigError) else 1
 
 # %% ../nbs/22_cli.ipynb #62fc492e
 def cmd_sweep(a) -> int:
     "`cryptobot sweep`: grid x walk-forward folds on Dask (resumable), PBO and DSR, an HTML report and JSON."
-    from cryptobot.files import atomic_write
-    from cryptobot.reports import utc_stamp
-    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary
+    from cryptobot.sweep import parse_grid, report_sweep_html, run_sweep, sweep_summary  # lazy: per command: dask/scipy
     s = _settings()
     configs = parse_grid(a.grid or [], a.strategy)
     fee = s.fee_pct if a.fee is None else a.fee
@@ -625,7 +614,7 @@ def cmd_sweep(a) -> int:
 
 def cmd_promote(a) -> int:
     "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
-    from cryptobot.sweep import promote, runner_env
+    from cryptobot.sweep import promote, runner_env  # lazy: per command: dask/scipy
     s = _settings()
     m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir)
     ev = m["evidence"]
@@ -675,8 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/22_cli.ipynb #deeb0775
 def cmd_journal_archive(a) -> int:
     "`cryptobot journal archive --before DATE [--dry-run]`: closed history to parquet; prints rows per table and files."
-    from cryptobot.guardian import JOURNAL_FILE, RunnerLocked, runner_lock
-    from cryptobot.journal import ARCHIVE_DIR, Journal, JournalError
     sd = Path(_settings().state_dir)
     if not (sd / JOURNAL_FILE).exists():
         raise JournalError(f"no journal at {sd / JOURNAL_FILE} (the bot has not run with this state dir): nothing to archive")

@@ -12,12 +12,14 @@ from urllib.parse import urlsplit
 
 import ccxt
 
+from .files import CryptobotError
+
 log = logging.getLogger("cryptobot.client")
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-class ClientConfigError(ValueError):
+class ClientConfigError(CryptobotError, ValueError):
     "A client could not be built as asked (one line, no secrets)."
 
 # %% auto #0
@@ -77,7 +79,7 @@ def make_client(exchange: str = "binance", *, api_key: str | None = None, api_se
     return client
 
 # %% ../nbs/03_client.ipynb #ff29c918
-class UnknownOutcome(Exception):
+class UnknownOutcome(CryptobotError):
     "A non-idempotent call failed in a way that leaves its outcome unknown: reconcile before anything else."
 
     def __init__(self, what: str, cause: BaseException):

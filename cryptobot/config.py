@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, create_model
 from pydantic.dataclasses import dataclass
 
+from .files import CryptobotError
+from .notify import mask_url, split_urls
+
 # %% ../nbs/01_config.ipynb #ba27324e
-class ConfigError(ValueError):
+class ConfigError(CryptobotError, ValueError):
     "A setting is missing, malformed or outside its safety ceiling. The message is one line and never shows a secret."
 
     def __init__(self, message: str, key: str | None = None):
-        super().__init__(" ".join(str(message).split()))   # always one line
+        super().__init__(message)
         self.key = key
 
 
@@ -395,7 +398,6 @@ Settings.live_blockers = _live_blockers
 # %% ../nbs/01_config.ipynb #bfdd151f
 def _masked_urls(v: Secret | None) -> str | None:
     "Alert URLs as scheme and host only (`json://127.0.0.1:****`), never their tokens."
-    from cryptobot.notify import mask_url, split_urls      # stdlib-only module; apprise is loaded by the runner
     return None if v is None else ",".join(mask_url(u) for u in split_urls(v.reveal())) or None
 
 
@@ -464,8 +466,7 @@ def _from_text(key: str, raw: str | None):
 @functools.cache
 def _env_model():
     "The `BaseSettings` class reading every key of `SETTINGS_KEYS` (built once, on first use)."
-    from pydantic import create_model
-    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict  # lazy: pydantic-settings loads python-dotenv (lean config import)
 
     def field(key):
         name = SETTINGS_KEYS[key][0]
@@ -527,7 +528,7 @@ def dotenv_permission_warning(path) -> str | None:
 
 def _read_dotenv(path: Path) -> dict[str, str | None]:
     "The KEY=value pairs of the `.env` at `path`, parsed once; `ConfigError` for a bad file, line or repeated key."
-    from dotenv.parser import parse_stream
+    from dotenv.parser import parse_stream  # lazy: python-dotenv only to read a .env file
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a .env file; pass the file's path", None)
     if not path.is_file():               # a FIFO would block the read forever

@@ -15,11 +15,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+import fcntl
 
-from .files import atomic_file
+from .files import CryptobotError, atomic_file
+from .client import call_with_retry, make_client
 
 import numpy as np
 import pandas as pd
+import ccxt
+from tqdm import tqdm
 
 log = logging.getLogger("cryptobot.data")
 
@@ -36,11 +40,11 @@ _TIMEFRAMES = {"1m": "1min", "3m": "3min", "5m": "5min", "15m": "15min", "30m": 
                "4h": "4h", "6h": "6h", "8h": "8h", "12h": "12h", "1d": "1D"}
 
 
-class CandleDataError(ValueError):
+class CandleDataError(CryptobotError, ValueError):
     "Candle data is unusable: one line naming the file (or source) and the problem. `.report` if one was made."
 
     def __init__(self, message: str, report: "CandleReport | None" = None):
-        super().__init__(" ".join(str(message).split()))    # always one line
+        super().__init__(message)
         self.report = report
 
 # %% ../nbs/02_data.ipynb #8374bac1
@@ -712,11 +716,6 @@ def save_candles(df: pd.DataFrame, path) -> Path:
 def _store_lock(path: Path):
     "Exclusive flock on the store's folder around read-merge-write: concurrent writers cannot lose rows."
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -814,7 +813,6 @@ def _fetch_pages(call, client, symbol: str, timeframe: str, cursor: int, end_ms:
 
     The cursor moves strictly forward, so a server that repeats a page cannot loop it; a ccxt error is raised as
     `failed(error, cursor)`, naming where the download stopped."""
-    import ccxt   # only when downloading: reading and validating candles does not need the exchange client
     rows, pages = [], 0
     try:
         while cursor < end_ms and (max_pages is None or pages < max_pages):
@@ -852,10 +850,7 @@ def download_candles(symbol: str, timeframe: str, since, data_dir, exchange: str
                      until=None, progress: bool = True, *, now=None, limit: int = 1000,
                      max_pages: int | None = None, retries: int = 5, sleep=time.sleep) -> tuple[Path, int]:
     "Download closed candles with ccxt, resuming after the store's last candle; merge atomically. -> (path, n_new)."
-    import ccxt
-    from tqdm import tqdm
 
-    from cryptobot.client import call_with_retry, make_client
 
     tf = timeframe_delta(timeframe)
     tf_ms = _ms(pd.Timestamp(0, tz="UTC") + tf)

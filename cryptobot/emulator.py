@@ -27,6 +27,8 @@ import pandas as pd
 from aiohttp import web
 
 from .journal import OrderStatus
+from .files import CryptobotError
+from . import data as D
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
@@ -54,7 +56,7 @@ _CLIENT_ID_RE = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
 _NUM_RE = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
 
 
-class EmulatorError(RuntimeError):
+class EmulatorError(CryptobotError, RuntimeError):
     "The emulator cannot do what was asked (one line: what is wrong, what to do)."
 
 
@@ -1594,7 +1596,6 @@ Emulator.serve = _emu_serve
 # %% ../nbs/12_emulator.ipynb #82e227a5
 def load_market(data=None) -> pd.DataFrame:
     "Candles for the emulator: a DataFrame as is, a file via `cryptobot.data.load_candles`, None → the synthetic market."
-    from cryptobot import data as D
     if isinstance(data, pd.DataFrame):
         return data
     if data is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as _wait_futures
@@ -16,11 +15,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .files import atomic_write
+from .files import CryptobotError, RedactFilter, atomic_write, log_value, redact
 from typing import Callable
 from urllib.parse import urlsplit
 
 import ccxt
+import requests
+from requests.structures import CaseInsensitiveDict
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
@@ -36,11 +37,8 @@ __all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'E
 log = logging.getLogger("cryptobot.exchange")
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(CryptobotError, RuntimeError):
     "The executor cannot do what was asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 class EntryRefused(ExecutorError):
@@ -51,42 +49,8 @@ class ExchangeAuthError(ExecutorError):
     "The exchange refused our credentials or timestamp; nothing was executed. Never contains a secret."
 
 # %% ../nbs/13_exchange.ipynb #7daa1ac3
-_SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
-
-
-def _redact(text, secrets_=()) -> str:
-    "One line, at most 300 characters, with API key, secret and request signatures removed."
-    s = " ".join(str(text).split())
-    for sec in secrets_:
-        if isinstance(sec, str) and len(sec) >= 4:
-            s = s.replace(sec, "****")
-    return _SIG_RE.sub(r"\1****", s)[:300]
-
-
-class _SecretFilter(logging.Filter):
-    """Scrubs API keys/secrets and request signatures from third-party log records (ccxt at DEBUG prints the
-    `X-MBX-APIKEY` header; urllib3 prints signed GET URLs). Installed on those loggers by every Executor."""
-
-    _HDR = re.compile(r"(X-MBX-APIKEY['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+", re.I)
-
-    def __init__(self):
-        super().__init__("cryptobot-secrets")
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
-            return True
-        clean = self._HDR.sub(r"\1****", _SIG_RE.sub(r"\1****", msg))
-        for sec in self.secrets:
-            clean = clean.replace(sec, "****")
-        if clean != msg:
-            record.msg, record.args = clean, None
-        return True
-
-
-_SECRET_FILTER = _SecretFilter()
+# ccxt at DEBUG prints the `X-MBX-APIKEY` header, urllib3 prints signed GET URLs: `files.redact` on those loggers.
+_SECRET_FILTER = RedactFilter(name="cryptobot-secrets")
 
 
 _FILTERED_LOGGERS = ("ccxt", "ccxt.base.exchange", "urllib3.connectionpool", "cryptobot.client", "cryptobot.exchange")
@@ -94,7 +58,7 @@ _FILTERED_LOGGERS = ("ccxt", "ccxt.base.exchange", "urllib3.connectionpool", "cr
 
 def protect_logs(*secrets_) -> None:
     "Register secrets to scrub from ccxt/urllib3/cryptobot log records (and install the filter once)."
-    _SECRET_FILTER.secrets.update(s for s in secrets_ if isinstance(s, str) and len(s) >= 4)
+    _SECRET_FILTER.add(secrets_)
     for name in _FILTERED_LOGGERS:
         lg = logging.getLogger(name)
         if _SECRET_FILTER not in lg.filters:
@@ -102,13 +66,6 @@ def protect_logs(*secrets_) -> None:
 
 # %% ../nbs/13_exchange.ipynb #fad3a38c
 from .risk import floor_units, step_units
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.10g}"
-    s = str(v)
-    return json.dumps(s) if (not s or any(c.isspace() or c in '="' for c in s)) else s
 
 
 def _frac(x) -> Fraction:
@@ -156,8 +113,8 @@ class OrderQueue:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
-            msg = _redact(f"{type(e).__name__}: {e}")
-            log.error("event=job_failed symbol=%s job=%s error=%s", symbol, name, _fmt(msg))
+            msg = redact(f"{type(e).__name__}: {e}", one_line=True)[:300]
+            log.error("event=job_failed symbol=%s job=%s error=%s", symbol, name, log_value(msg))
             if self.journal is not None:
                 try:
                     self.journal.record_poll_error(f"{symbol} {name}: {msg}", kind="order_job")
@@ -213,8 +170,6 @@ class _EngineAdapter:
     "A `requests` transport adapter that answers from a MatchingEngine (import of requests kept lazy)."
 
     def __new__(cls, engine, on_change=None):
-        import requests
-        from requests.structures import CaseInsensitiveDict
 
         class Adapter(requests.adapters.BaseAdapter):
             def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
@@ -243,7 +198,7 @@ class PaperVenue:
     def __init__(self, candles, price: float | None = None, *, symbol: str = "BTC/USDT", timeframe: str = "1h",
                  balance_usd: float = 10_000.0, fee_pct: float = 0.1, slippage_pct: float = 0.05,
                  market: Market | None = None, state_path=None):
-        from cryptobot.emulator import MatchingEngine      # lazy: pandas/aiohttp stay off the live import path
+        from cryptobot.emulator import MatchingEngine  # lazy: pandas/aiohttp off the live import path
         self.state_path = Path(state_path) if state_path else None
         state = None
         if self.state_path is not None and self.state_path.exists():
@@ -485,11 +440,11 @@ def _candle_open_close(candle) -> tuple[float, float]:
 # %% ../nbs/13_exchange.ipynb #88f3ae24
 # ------------------------------------------------------------------ plumbing
 def _ex_log(self, event: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
+    log.log(level, "event=%s %s", event, " ".join(f"{k}={log_value(v)}" for k, v in fields.items() if v is not None))
 
 
 def _ex_safe(self, e: BaseException) -> str:
-    return _redact(f"{type(e).__name__}: {e}", self._secrets())
+    return redact(f"{type(e).__name__}: {e}", self._secrets(), one_line=True)[:300]
 
 
 def _ex_call(self, fn, *args, idempotent: bool = True, what: str | None = None):

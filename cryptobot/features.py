@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import cryptobot.files   # absolute, not `from .files`: this module must also load from a copied file (tests)
+
 # %% auto #0
 __all__ = ['FEATURE_VERSION', 'RTOL', 'ATOL', 'EWM_TOL', 'OHLCV', 'FEATURES_FILENAME', 'PARAMS', 'WARMUP', 'FEATURE_NAMES',
            'LOOKBACK', 'FeatureError', 'build_features', 'fingerprint', 'check_fingerprint', 'features_path',
@@ -46,7 +48,7 @@ PARAMS = {
 }
 
 # %% ../nbs/04_features.ipynb #5626adc3
-class FeatureError(ValueError):
+class FeatureError(cryptobot.files.CryptobotError, ValueError):
     "Candles unfit for `build_features`, or a feature spec/fingerprint mismatch (one line: what, and what to do)."
 
 
@@ -353,8 +355,8 @@ def features_path(data_dir="data") -> Path:
 
 def write_features(candles: pd.DataFrame, path) -> Path:
     "build_features(candles) -> parquet at `path`, atomically, with fingerprint/LOOKBACK/source in the schema metadata."
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: pyarrow only for feature files; the live runner never writes one
+    import pyarrow.parquet as pq  # lazy: pyarrow only for feature files; the live runner never writes one
     path = Path(path)
     feats = build_features(candles)
     table = pa.Table.from_pandas(feats, preserve_index=True)
@@ -364,15 +366,14 @@ def write_features(candles: pd.DataFrame, path) -> Path:
              "rows": str(len(feats))}
     meta.update({(_META_PREFIX + k).encode(): v.encode() for k, v in extra.items()})
     table = table.replace_schema_metadata(meta)
-    from cryptobot.files import atomic_file   # here, not at the top: the feature code stays self-contained
-    with atomic_file(path) as f:            # temp file, fsync, rename, fsync the folder
+    with cryptobot.files.atomic_file(path) as f:            # temp file, fsync, rename, fsync the folder
         pq.write_table(table, f)
     return path
 
 
 def read_feature_meta(path) -> dict:
     "The cryptobot metadata of a feature parquet file (fingerprint, lookback, version, names, source, rows)."
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow only for feature files; the live runner never writes one
     raw = pq.read_schema(path).metadata or {}
     meta = {k.decode()[len(_META_PREFIX):]: v.decode() for k, v in raw.items() if k.decode().startswith(_META_PREFIX)}
     if "fingerprint" not in meta:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .files import atomic_write, fsync_dir
+from .files import CryptobotError, atomic_write, fsync_dir
 from typing import Any, Callable, Mapping
 
 from .journal import ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
@@ -40,11 +40,8 @@ def _one_line(s) -> str:
     return " ".join(str(s).split())
 
 
-class GuardianError(RuntimeError):
+class GuardianError(CryptobotError, RuntimeError):
     "The Guardian refuses an operation (bad unlock, bad trade record …). One line."
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
 
 
 class ApprovalError(GuardianError):

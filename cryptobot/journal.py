@@ -21,17 +21,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .files import CryptobotError
+import signal
+import hashlib
+from .files import atomic_write
+
+
 # %% auto #0
 __all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'CHECKPOINT_KIND', 'ARCHIVE_DIR',
            'JournalError', 'to_epoch', 'iso', 'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition',
            'ClosedTrade', 'open_error', 'Journal', 'archive_before', 'archive_runs']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
-class JournalError(RuntimeError):
+class JournalError(CryptobotError, RuntimeError):
     "The journal cannot be used as asked (newer schema, conflicting replay, bad input). One line."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def to_epoch(t, what: str = "time") -> float:
@@ -965,8 +968,8 @@ _ARROW = {"INTEGER": "int64", "REAL": "float64", "TEXT": "string"}
 
 def _parquet_bytes(con, table: str, rows: list[dict]) -> bytes:
     "The rows of `table` as parquet bytes, typed from the SQLite schema (INTEGER int64, REAL float64, TEXT string)."
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: pyarrow only for archiving, never on the live path
+    import pyarrow.parquet as pq  # lazy: pyarrow only for archiving, never on the live path
     schema = pa.schema([(r[1], _ARROW.get(str(r[2]).upper(), "string")) for r in
                         con.execute(f"PRAGMA main.table_info({table})")])
     buf = pa.BufferOutputStream()
@@ -977,14 +980,11 @@ def _parquet_bytes(con, table: str, rows: list[dict]) -> bytes:
 def _crash(crash_at, point: str):
     "Test hook: die here like a power cut (SIGKILL, no cleanup, no rollback handler runs)."
     if crash_at == point:
-        import signal
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _archive_write(self, plan: dict, archive_dir: Path, crash_at=None) -> dict:
     "Write each table's rows (temp file, fsync, rename), then the run's manifest (the files' commit point)."
-    import hashlib
-    from cryptobot.files import atomic_write
     lo = min(r["id" if t == "events" else "event_id"] for t, rows in plan["rows"].items() for r in rows)
     name, files = f"e{lo:012d}-e{plan['cut'] - 1:012d}", {}
     for t, rows in plan["rows"].items():
@@ -1003,9 +1003,8 @@ Journal._archive_write = _archive_write
 # %% ../nbs/10_journal.ipynb #96598395
 def _file_ids(archive_dir: Path, f: dict) -> list[int]:
     "The row ids in one archived file, after checking its sha256 against the manifest."
-    import hashlib
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: pyarrow only for archiving, never on the live path
+    import pyarrow.parquet as pq  # lazy: pyarrow only for archiving, never on the live path
     data = (archive_dir / f["path"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != f["sha256"]:
         raise JournalError(f"archive file {archive_dir / f['path']} does not match its manifest (sha256): it was changed "
@@ -1114,7 +1113,7 @@ def _attach_archive(self, archive_dir) -> dict:
         raise JournalError("attach_archive is for read-only journals (the audit and other readers); writers never see it")
     if getattr(self, "archive_rows", None) is not None:
         return self.archive_rows
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow only for archiving, never on the live path
     cut, archive_dir, counts = self.checkpoint().get("cut", 0), Path(archive_dir), {}
     runs = [m for m in archive_runs(archive_dir) if m["cut"] <= cut]        # a run not committed yet is not read
     with self._lock:

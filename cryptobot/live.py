@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import statistics
 import sys
@@ -29,7 +28,8 @@ import pandas as pd
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .config import ConfigError, Settings, load_settings
-from .data import OHLCV, closed_only, load_candles, raw_path, timeframe_delta
+from .data import CandleDataError, OHLCV, check_finite, closed_only, load_candles, raw_path, timeframe_delta
+from .files import CryptobotError, RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
@@ -40,6 +40,7 @@ from .risk import Plan, RiskEngine
 from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
 from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
 from .strategy import make_strategy, parse_params, required_window, spec_of
+from .notify import secret_values
 
 
 # %% auto #0
@@ -58,11 +59,11 @@ NETWORK_ERRORS = (ccxt.NetworkError, ccxt.ExchangeNotAvailable, ccxt.OperationFa
                   UnknownOutcome)
 
 
-class LiveError(RuntimeError):
+class LiveError(CryptobotError, RuntimeError):
     "The runner cannot go on (one line: what is wrong, what to do)."
 
     def __init__(self, message: str, exit_code: int = EX_SOFTWARE):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(message)
         self.exit_code = exit_code
 
 
@@ -73,35 +74,11 @@ class StartupRefused(LiveError):
         super().__init__(message, exit_code)
 
 # %% ../nbs/14_live.ipynb #1dc44f30
-_SIG_RE = re.compile(r"(signature=)[0-9a-fA-F]+")
-_HDR_RE = re.compile(r"(X-MBX-APIKEY['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+", re.I)
-
-
-class RedactingFilter(logging.Filter):
-    "Handler filter: removes registered secrets, signatures and API-key headers; keeps each record on one line."
+class RedactingFilter(RedactFilter):
+    "Handler filter of the live log: `files.RedactFilter` on one line (a traceback becomes `error=Type: message`)."
 
     def __init__(self, secrets_=()):
-        super().__init__("cryptobot-live-redact")
-        self.secrets = {s for s in secrets_ if isinstance(s, str) and len(s) >= 4}
-
-    def scrub(self, text: str) -> str:
-        s = _HDR_RE.sub(r"\1****", _SIG_RE.sub(r"\1****", text))
-        for sec in self.secrets:
-            s = s.replace(sec, "****")
-        return " ".join(s.split())
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - print what we can
-            return True
-        clean = self.scrub(msg)
-        if clean != msg:
-            record.msg, record.args = clean, None
-        if record.exc_info:                          # a traceback could carry a signed URL: one clean line instead
-            record.msg = self.scrub(f"{record.getMessage()} error={record.exc_info[0].__name__}: {record.exc_info[1]}")
-            record.args, record.exc_info, record.exc_text = None, None, None
-        return True
+        super().__init__(secrets_, name="cryptobot-live-redact", one_line=True)
 
 
 def notify_secrets(settings: Settings) -> list[str]:
@@ -139,15 +116,8 @@ def setup_logging(settings: Settings | None = None, stream=None, level: str | No
     return h
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.10g}"
-    s = str(v)
-    return json.dumps(s) if (not s or any(c.isspace() or c in '="' for c in s)) else s
-
-
 def _event(event: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, "event=%s %s", event, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None))
+    log.log(level, "event=%s %s", event, " ".join(f"{k}={log_value(v)}" for k, v in fields.items() if v is not None))
 
 # %% ../nbs/14_live.ipynb #e7557101
 class ExchangeClock:
@@ -230,7 +200,7 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
 # %% ../nbs/14_live.ipynb #b4f15851
 def load_model(settings: Settings, model=None, now: float | None = None, max_age_days: float | None = 30.0):
     "The model artifact the runner trades, or `StartupRefused` (one line) saying why not."
-    from cryptobot import model as M                                # lazy: scikit-learn is heavy
+    from cryptobot import model as M  # lazy: scikit-learn only to train or score, off the live path
     try:
         if isinstance(model, M.Artifact):
             art = model
@@ -271,7 +241,7 @@ def select_strategy(settings: Settings, strategy=None):
     if strategy is None and (settings.strategy != "model" or settings.strategy_params):
         strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
     if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
-        from cryptobot.model import Strategy as ModelPolicy
+        from cryptobot.model import Strategy as ModelPolicy  # lazy: scikit-learn only to train or score, off the live path
         strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
                                strategy.max_hold if strategy.max_hold is not None else 10**9)
     return strategy
@@ -449,7 +419,6 @@ class Runner:
 
     def _bad_candles(self, closed: pd.DataFrame, next_open: float | None) -> str | None:
         "One line if the feature window or the forming candle's open holds inf/NaN (then: no trade), else None."
-        from cryptobot.data import CandleDataError, check_finite
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
             check_finite(closed.iloc[-self.need:], where, fix)
@@ -684,7 +653,7 @@ def _wait(self) -> str:
 
 def _poll_error(self, what: str, e: BaseException) -> None:
     msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    msg = _SIG_RE.sub(r"\1****", msg)
+    msg = redact(msg)
     try:
         self.journal.record_poll_error(msg, kind="poll")
     except Exception:  # noqa: BLE001 - the log line says it
@@ -788,7 +757,7 @@ def _check_unknown(self, now: float, e: BaseException) -> str:
     if self.unknown_since is None:
         self.unknown_since = now
     age = now - self.unknown_since
-    err = _SIG_RE.sub(r"\1****", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    err = redact(f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
     self.journal.log_event("stop_check", f"unknown at {iso(now)}: {err}",
                            {"t": now, "result": "unknown", "error": err, "since": self.unknown_since,
                             "interval_s": self.stop_check_s, "stop_type": getattr(self.executor, "stop_type", None)})
@@ -989,7 +958,6 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         urls = split_urls(settings.notify_urls.reveal()) if settings.notify_urls is not None else []
         notifier = Notifier.from_urls(urls, **(notify_kw or {}))
         if notifier.enabled:                           # no alert ever shows a key or the URLs' tokens
-            from cryptobot.notify import secret_values
             notifier.mask(*secret_values(settings))
     except NotifyError as e:
         raise StartupRefused(f"configuration refused: {e}") from None
@@ -1106,7 +1074,7 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
         try:
             settings = load_settings()
         except ConfigError as e:
-            print(f"event=startup_refused code={EX_CONFIG} reason={_fmt(f'configuration refused: {e}')}", flush=True)
+            print(f"event=startup_refused code={EX_CONFIG} reason={log_value(f'configuration refused: {e}')}", flush=True)
             return EX_CONFIG
     if logs:
         setup_logging(settings)

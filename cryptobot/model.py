@@ -16,10 +16,17 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+import time
 
 import joblib
 import numpy as np
 import pandas as pd
+
+from .files import CryptobotError
+from . import features as F
+from .features import build_features
+import cryptobot
+from . import data as D
 
 # %% auto #0
 __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
@@ -32,7 +39,7 @@ __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE
            'policy_backtest']
 
 # %% ../nbs/06_model.ipynb #71dc3f6b
-class ModelError(ValueError):
+class ModelError(CryptobotError, ValueError):
     "A model, label, fold or artifact problem (one line: what is wrong, what to do)."
 
 
@@ -151,7 +158,7 @@ def walk_forward_folds(trainable: np.ndarray, predictable: np.ndarray, horizon: 
 # %% ../nbs/06_model.ipynb #779a8e38
 def oos_metrics(y, proba, entry_threshold: float) -> dict:
     "AUC, precision at the entry threshold, Brier, positive rate, n (labelled rows only); NaN + note if undefined."
-    from sklearn.metrics import brier_score_loss, roc_auc_score
+    from sklearn.metrics import brier_score_loss, roc_auc_score  # lazy: scikit-learn only to train or score, off the live path
     y, p = np.asarray(y, float), np.asarray(proba, float)
     m = ~np.isnan(y) & ~np.isnan(p)
     y, p = y[m], p[m]
@@ -189,13 +196,13 @@ class ConstantModel:
 
 
 def _sklearn_version() -> str:
-    import sklearn
+    import sklearn  # lazy: scikit-learn only to train or score, off the live path
     return sklearn.__version__
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, params: dict | None = None):
     "A `HistGradientBoostingClassifier` with `DEFAULT_PARAMS` updated by `params` (constant model if one class)."
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.ensemble import HistGradientBoostingClassifier  # lazy: scikit-learn only to train or score, off the live path
     if len(np.unique(y)) < 2:
         return ConstantModel(float(y[0]) if len(y) else 0.5, X.shape[1])
     return HistGradientBoostingClassifier(**{**DEFAULT_PARAMS, **(params or {})}).fit(X, y)
@@ -212,7 +219,6 @@ def _proba(model, X: np.ndarray) -> np.ndarray:
 
 def current_feature_spec() -> dict:
     "Names, LOOKBACK and fingerprint of the feature code this process runs (`cryptobot.features`)."
-    from cryptobot import features as F
     return {"feature_names": list(F.FEATURE_NAMES), "lookback": int(F.LOOKBACK), "fingerprint": F.fingerprint()}
 
 
@@ -262,7 +268,6 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
     spec = feature_spec or current_feature_spec()
     names = list(spec["feature_names"])
     if features is None:
-        from cryptobot.features import build_features
         features = build_features(candles)
     if not features.index.equals(candles.index):
         raise ModelError("features and candles have different indexes: build features from the same candles")
@@ -303,7 +308,6 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
     tr = np.flatnonzero(trainable)
     created = datetime.now(timezone.utc)
     model_id = f"{_slug(symbol)}_{_slug(timeframe)}_{created:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
-    import cryptobot
     manifest = {
         "manifest_version": MANIFEST_VERSION, "model_id": model_id, "created_utc": created.isoformat(),
         "feature_fingerprint": spec["fingerprint"], "feature_names": names, "lookback": int(spec["lookback"]),
@@ -341,7 +345,6 @@ def data_spec(data: str | None = "synthetic", timeframe: str = "1h", n_synthetic
 
 def candles_from_spec(spec: dict) -> pd.DataFrame:
     "Load the candles a `data_spec` describes (`cryptobot.data`); `attrs['source']` says real or synthetic."
-    from cryptobot import data as D
     if spec["data"] == "synthetic":
         c = D.synthetic_candles(n=spec["n_synthetic"], seed=spec["seed"], timeframe=spec["timeframe"])
     else:
@@ -627,7 +630,7 @@ def policy_grid(p) -> list[tuple[float, float]]:
 def after_cost_return(candles, proba: pd.Series, entry: float, exit_: float, max_hold: int, fee: float,
                       slippage: float, risk_engine=None) -> tuple[float, int]:
     "Total return after costs (and trades) of thresholds `entry`/`exit_` on the span `proba` covers."
-    from cryptobot.backtest import simulate_signals       # lazy: the backtest imports this module
+    from cryptobot.backtest import simulate_signals  # lazy: cycle: backtest imports model and strategy
     span = candles.loc[proba.index[0]:proba.index[-1]]
     p = proba.reindex(span.index).to_numpy("float64")
     with np.errstate(invalid="ignore"):
@@ -655,7 +658,7 @@ def choose_policy(candles, proba: pd.Series, max_hold: int = DEFAULT_HORIZON, fe
 
 def fit_calibrator(proba, y):
     "Isotonic calibration map (raw probability -> observed frequency), clipped outside the fitted range."
-    from sklearn.isotonic import IsotonicRegression
+    from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn only to train or score, off the live path
     m = ~np.isnan(np.asarray(proba, float)) & ~np.isnan(np.asarray(y, float))
     return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(np.asarray(proba)[m], np.asarray(y)[m])
 
@@ -702,10 +705,9 @@ def policy_signals(oos: pd.DataFrame, candles: pd.DataFrame):
 def policy_backtest(candles, oos: pd.DataFrame, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
                     slippage: float = SLIPPAGE, risk_engine=None, **kw):
     "Out-of-sample backtest (cryptobot.backtest result) of the per-fold policy, on the span the OOS rows cover."
-    from cryptobot.backtest import _result, _simulate
-    import time as _t
+    from cryptobot.backtest import _result, _simulate  # lazy: cycle: backtest imports model and strategy
     span = candles.loc[oos.index[0]:oos.index[-1]]
     enter, exit_ = policy_signals(oos, span)
-    t0 = _t.perf_counter()
+    t0 = time.perf_counter()
     out = _simulate(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
     return _result(span, *out, fee, slippage, 10_000.0, t0)

@@ -17,12 +17,19 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
+import asyncio
+import ipaddress
+import threading
 
 import jinja2
 
-from .config import Settings, load_settings
-from .journal import Journal, JournalError, iso
-from .guardian import JOURNAL_FILE, status_report
+from .config import ConfigError, Settings, load_settings
+from .files import CryptobotError, age_text
+from .journal import ClosedTrade, Journal, JournalError, iso
+from .guardian import Context, Guardian, JOURNAL_FILE, Signal, status_report
+from .risk import RiskEngine
+from .live import stop_report
+from .reports import project_root
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
@@ -32,11 +39,8 @@ __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 
            'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/19_monitor.ipynb #5cc97ade
-class MonitorError(RuntimeError):
+class MonitorError(CryptobotError, RuntimeError):
     "The monitor cannot do what was asked (one line: what is wrong, what to do)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -65,9 +69,6 @@ from .verdict import latest_verdict as latest_audit
 # %% ../nbs/19_monitor.ipynb #18be63c6
 def example_state(state_dir, now: float | None = None, *, losses: int = 3, settings: Settings | None = None) -> dict:
     "Build a small state dir with real Journal + Guardian calls: a win, `losses` losses (kill switch), a denial, an open position."
-    from cryptobot.guardian import Context, Guardian, Signal
-    from cryptobot.journal import ClosedTrade
-    from cryptobot.risk import RiskEngine
 
     state_dir = Path(state_dir)
     s = settings or Settings(state_dir=state_dir)
@@ -256,7 +257,6 @@ def _problems(snap: dict, settings) -> list[str]:
 
 def _stop_view(jp: Path, now: float, settings) -> dict | None:
     "The stop's type, last check and unprotected time (cryptobot.live.stop_report), or None if unreadable."
-    from cryptobot.live import stop_report
     try:
         return stop_report(jp, now=now, interval_s=settings.stop_check_s)
     except Exception:  # noqa: BLE001 — the journal problem is already a banner
@@ -365,13 +365,6 @@ def _t(x) -> str:
     return "–" if x is None else datetime.fromtimestamp(x, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(s) -> str:
-    if s is None:
-        return "–"
-    s = abs(float(s))
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
-
-
 def _money(x, sign=True) -> str:
     return "–" if x is None else (f"{x:+,.2f}" if sign else f"{x:,.2f}")
 
@@ -417,8 +410,8 @@ def _fresh_card(snap: dict) -> dict:
     if f["level"] == "none":
         return card("last candle", Span("none yet", id="cbm-fresh"), "the runner has not processed a candle", "none")
     return card("last candle", [Span({"ok": "fresh", "late": "LATE", "stale": "STALE"}[f["level"]], id="cbm-fresh"),
-                                f' · {_age(f["age_s"])} old'],
-                f'closed {_t(snap["status"].get("last_candle"))}; healthy while ≤ {_age(f["limit_s"])} '
+                                f' · {age_text(f["age_s"])} old'],
+                f'closed {_t(snap["status"].get("last_candle"))}; healthy while ≤ {age_text(f["limit_s"])} '
                 f'(timeframe {snap["timeframe"]} + max_data_age_s {snap["max_data_age_s"]} s)',
                 {"ok": "ok", "late": "warn", "stale": "bad"}[f["level"]])
 
@@ -429,7 +422,7 @@ def _stop_card(sv: dict | None) -> dict | None:
     u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
     check = (f'last check {_t(sv["last_check"])} · {sv["last_result"]}' if sv["last_check"] is not None
              else "not checked yet")
-    unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {_age(sv["unprotected_max_s"])}'
+    unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {age_text(sv["unprotected_max_s"])}'
     return card("stop", Span(sv["stop_type"] or "none", id="cbm-stop"),
                 [f'{check} · every {sv["interval_s"] or "?"} s', BR, Span(unp, id="cbm-unprotected")],
                 "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok")
@@ -567,8 +560,8 @@ def equity_series(snap: dict) -> tuple[list[float], list[float], str]:
 # %% ../nbs/19_monitor.ipynb #00be18a3
 def equity_figure(snap: dict):
     "Plotly figure: equity (or cumulative PnL) above its drawdown in %; None when there is nothing to draw."
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # lazy: plotly only to draw the dashboard
+    from plotly.subplots import make_subplots  # lazy: plotly only to draw the dashboard
 
     ts, vs, label = equity_series(snap)
     if not ts:
@@ -603,7 +596,7 @@ def figure_output(fig) -> dict:
         text = "no equity marks or trades yet"
         data = {"text/html": render("no_chart", text=text), "text/plain": text}
     else:
-        import plotly.io as pio
+        import plotly.io as pio  # lazy: plotly only to draw the dashboard
         data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
         data["text/plain"] = f"equity figure ({len(fig.data[0].x)} points)"
     return {"output_type": "display_data", "data": data, "metadata": {}}
@@ -613,7 +606,7 @@ class MonitorApp:
     "The monitor's widgets; `refresh()` re-reads the state dir; `start()` displays it and starts the browser timer."
 
     def __init__(self, settings, refresh_s: float = 5.0, clock=time.time, kick_s: float = 60.0):
-        import ipywidgets as w
+        import ipywidgets as w  # lazy: Jupyter only inside the Voila dashboard
         self.settings, self.refresh_s, self.clock, self.kick_s = settings, float(refresh_s), clock, float(kick_s)
         self.status, self.position, self.tables, self.audit = w.HTML(), w.HTML(), w.HTML(), w.HTML()
         self.error = w.HTML()
@@ -675,8 +668,7 @@ MonitorApp.refresh, MonitorApp._draw = _refresh, _draw
 # %% ../nbs/19_monitor.ipynb #a0da5662
 def _start(self):
     "Display the widgets and start the browser-side timer (kicked from the kernel until the first tick)."
-    import asyncio
-    from IPython.display import display
+    from IPython.display import display  # lazy: Jupyter only inside the Voila dashboard
     display(self.widget)
     try:
         loop = asyncio.get_running_loop()
@@ -687,7 +679,6 @@ def _start(self):
 
 
 async def _kick(self):
-    import asyncio
     t_end = time.monotonic() + self.kick_s
     while self.ticks == 0 and time.monotonic() < t_end:
         self.timer.playing = False
@@ -700,8 +691,7 @@ MonitorApp.start, MonitorApp._kick = _start, _kick
 # %% ../nbs/19_monitor.ipynb #ed5d7104
 def launch(state_dir=None, reports_dir=None, refresh_s: float = 5.0):
     "What the dashboard notebook runs: settings from the environment (no keys), a started `MonitorApp`; config errors shown."
-    from IPython.display import HTML, display
-    from cryptobot.config import ConfigError
+    from IPython.display import HTML, display  # lazy: Jupyter only inside the Voila dashboard
     try:
         settings = dashboard_settings(state_dir, reports_dir)
     except ConfigError as e:
@@ -719,7 +709,6 @@ PASSED_SETTINGS = {"CRYPTOBOT_STATE_DIR": "state_dir", "CRYPTOBOT_REPORTS_DIR": 
 
 def dashboard_notebook() -> Path:
     "`<project root>/nbs/dashboard/monitor.ipynb` (the checkout the package is installed from)."
-    from cryptobot.reports import project_root
     nb = project_root() / "nbs" / "dashboard" / "monitor.ipynb"
     if not nb.is_file():
         raise MonitorError(f"dashboard notebook not found at {nb}; run cryptobot dashboard from a cryptobot checkout "
@@ -728,7 +717,6 @@ def dashboard_notebook() -> Path:
 
 # %% ../nbs/19_monitor.ipynb #e2407790
 def _is_loopback(host: str) -> bool:
-    import ipaddress
     if host in LOOPBACK_HOSTS:
         return True
     try:
@@ -840,7 +828,6 @@ def start_dashboard(settings, port: int = 8866, host: str = "127.0.0.1", *, open
 def serve_dashboard(state_dir=None, port: int = 8866, host: str = "127.0.0.1", open_browser: bool = False, *,
                     settings: Settings | None = None, allow_remote: bool = False, say=print) -> int:
     "`cryptobot dashboard`: serve the monitor with Voila until Ctrl-C/SIGTERM; returns Voila's exit code (0 after those)."
-    import threading
     settings = settings if settings is not None else load_settings()
     if state_dir is not None:
         settings = replace(settings, state_dir=Path(state_dir))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable, Iterable, Mapping
 
+from .files import CryptobotError, RedactFilter, age_text
+
 log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 
@@ -25,11 +27,8 @@ __all__ = ['log', 'NOTIFY_URLS_ENV', 'FORMATTERS', 'NotifyError', 'mask_url', 'E
            'secret_values']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
-class NotifyError(ValueError):
+class NotifyError(CryptobotError, ValueError):
     "A notification setting cannot be used (the message names URLs only in their masked form)."
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
@@ -76,40 +75,17 @@ def _secret_parts(url: str) -> set[str]:
 _COMMON = {"api", "hook", "hooks", "webhook", "webhooks", "notify", "json", "http", "https", "post", "get"}
 
 # %% ../nbs/17_notify.ipynb #4b94ac87
-class _Redact(logging.Filter):
-    "Replaces registered URL fragments in the records of the loggers that can print a notification URL."
+class _Redact(RedactFilter):
+    "`files.RedactFilter` on the loggers that can print a notification URL; `add` registers URL fragments."
 
     LOGGERS = ("apprise", "urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry",
                "urllib3.poolmanager", "requests_oauthlib.oauth1_session", "requests_oauthlib.oauth2_session")
 
-    def __init__(self):
-        super().__init__()
-        self._parts, self._pat, self._lock = set(), None, threading.Lock()
-
     def add(self, parts: Iterable[str]):
-        with self._lock:
-            self._parts |= set(parts)
-            ordered = sorted(self._parts, key=len, reverse=True)   # longest first: a URL before its pieces
-            self._pat = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        super().add(parts)
         for name in self.LOGGERS:
             if self not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(self)
-
-    def redact(self, text: str) -> str:
-        return self._pat.sub("****", str(text)) if self._pat is not None else str(text)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._pat is None:
-            return True
-        try:
-            msg = record.getMessage()
-        except Exception:
-            return True
-        if self._pat.search(msg):
-            record.msg, record.args = self.redact(msg), None
-        if record.exc_info:
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
-        return True
 
 
 _REDACT = _Redact()
@@ -160,11 +136,6 @@ def _body(s, lines: int = 12, n: int = 1200) -> str:
     return out if len(out) <= n else out[:n - 1] + "…"
 
 # %% ../nbs/17_notify.ipynb #1d94db6e
-def _dur(s: float) -> str:
-    s = float(s)
-    return f"{s / 3600:.1f} h" if s >= 3 * 3600 else f"{s / 60:.0f} min" if s >= 120 else f"{s:.0f} s"
-
-
 def _scope(symbol) -> str:
     return symbol or "portfolio"
 
@@ -208,7 +179,7 @@ def fingerprint_refused(model_id, expected: str, actual: str, symbol=None) -> Al
 def stale_data(symbol, age_s: float, limit_s: float, last_candle=None) -> Alert:
     last = f" Last candle: {last_candle}." if last_candle is not None else ""
     return Alert(Event.STALE_DATA, f"Stale data {symbol}",
-                 f"No fresh candle for {_dur(age_s)} (limit {_dur(limit_s)}); no new entries until data returns.{last}",
+                 f"No fresh candle for {age_text(age_s)} (limit {age_text(limit_s)}); no new entries until data returns.{last}",
                  "warning")
 
 
@@ -298,7 +269,7 @@ class Notifier:
             return []
         for u in urls:
             _REDACT.add(_secret_parts(u) | _secret_parts(_with_timeouts(u, self.timeout_s)))
-        import apprise                                      # lazy: ~190 plugins, only when alerts are configured
+        import apprise  # lazy: apprise (~190 plugins) only when alerts are configured
         out = []
         for u in urls:
             ap = apprise.Apprise(asset=apprise.AppriseAsset(storage_mode="memory"))

@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+import secrets as _secrets
+import resource
 
 import numpy as np
 import pandas as pd
@@ -201,8 +203,7 @@ def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, 
            speed: float = 36_000.0, unlock_kill_switch: bool = False, max_model_age_days: float | None = None,
            logs: bool = False, progress: Callable | None = None, order_types=None) -> ReplayResult:
     "Run the runner against the emulator on `candles` for `n_candles` decisions; the trades and the journal path."
-    from cryptobot.emulator import Emulator                         # lazy: aiohttp server, not on the live path
-    import secrets as _secrets
+    from cryptobot.emulator import Emulator  # lazy: aiohttp server only for replays, not on the live path
     candles = _model_candles(candles)
     n = len(candles)
     if start is None:
@@ -373,7 +374,6 @@ def _rss_mb() -> float:
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 # %% ../nbs/15_parity.ipynb #b11f4122
@@ -385,8 +385,8 @@ BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/m
 
 def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
     "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
-    from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator
-    from cryptobot.model import Strategy
+    from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator  # lazy: aiohttp server only for replays, not on the live path
+    from cryptobot.model import Strategy  # lazy: scikit-learn only to train or score, off the live path
     key, secret = "bench-stop-key-01", "bench-stop-secret-01"
     emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
                    order_types=ORDER_TYPES_STOP_MARKET).start()

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cryptobot
-from .files import atomic_write
+from .files import CryptobotError, atomic_write
 
 
-class WorkflowError(RuntimeError):
+class WorkflowError(CryptobotError, RuntimeError):
     "A workflow notebook failed or could not be run (one line)."
 
 
@@ -45,8 +45,8 @@ _EXTERNAL_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</scr
 # %% ../nbs/20_reports.ipynb #9e982e67
 def render_html(ipynb: Path, html: Path | None = None, title: str | None = None) -> Path:
     "Render an executed notebook as self-contained HTML without code cells; returns the HTML path."
-    import nbformat
-    from nbconvert import HTMLExporter
+    import nbformat  # lazy: Jupyter/papermill only to run a workflow notebook
+    from nbconvert import HTMLExporter  # lazy: Jupyter/papermill only to run a workflow notebook
 
     ipynb = Path(ipynb)
     html = Path(html) if html else ipynb.with_suffix(".html")
@@ -62,7 +62,7 @@ def render_html(ipynb: Path, html: Path | None = None, title: str | None = None)
 # %% ../nbs/20_reports.ipynb #e94e3c2c
 def _ipc_kernel_manager():
     "A jupyter_client KernelManager whose kernel uses IPC sockets instead of TCP ports."
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import KernelManager  # lazy: Jupyter/papermill only to run a workflow notebook
 
     class IPCKernelManager(KernelManager):
         def __init__(self, **kw):
@@ -83,7 +83,7 @@ class Report:
 def run_workflow(name: str, parameters: dict, reports_dir, *, stamp: str | None = None,
                  progress: bool = True, title: str | None = None) -> Report:
     "Execute `nbs/workflows/<name>.ipynb` with `parameters` into `reports_dir`; render HTML; return the paths."
-    import papermill as pm
+    import papermill as pm  # lazy: Jupyter/papermill only to run a workflow notebook
 
     src = workflows_dir() / f"{name}.ipynb"
     if not src.exists():

@@ -9,19 +9,16 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Real
-from typing import TYPE_CHECKING
 
-from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, check_limit
-
-if TYPE_CHECKING:
-    from cryptobot.config import Settings
+from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, Settings, check_limit
+from .files import CryptobotError
 
 # %% auto #0
 __all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'step_units', 'floor_units', 'ceil_units',
            'RiskEngine']
 
 # %% ../nbs/09_risk.ipynb #039623a5
-class MarketError(ValueError):
+class MarketError(CryptobotError, ValueError):
     "A market description is missing or inconsistent (one line)."
 
 

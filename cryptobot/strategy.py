@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from .features import LOOKBACK, _ewm_min_periods
+from .files import CryptobotError, atomic_write
+from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'BUILTINS', 'STRATEGY_FILE',
@@ -31,7 +33,7 @@ ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
 EXIT_SIGNAL, EXIT_MAX_HOLD, EXIT_TAKE_PROFIT = "signal", "max_hold", "take_profit"
 
 
-class StrategyError(ValueError):
+class StrategyError(CryptobotError, ValueError):
     "A strategy that cannot be built or run as asked (one line: what is wrong, what to do)."
 
 
@@ -297,7 +299,7 @@ class ModelStrategy(Strategy):
         if self.model is None:
             raise StrategyError("ModelStrategy needs model= (an artifact folder) or proba= (out-of-sample)")
         if not hasattr(self.model, "predict_proba"):
-            from cryptobot.model import load_artifact          # lazy: keeps this module light
+            from cryptobot.model import load_artifact  # lazy: cycle: backtest imports model and strategy
             self.model = load_artifact(self.model, lean=True)
         return self.model.predict_proba(features)
 
@@ -395,8 +397,6 @@ class StrategyArtifact:
 def save_strategy_artifact(strategy: Strategy, folder, *, symbol: str | None = None, timeframe: str | None = None,
                            stats: dict | None = None) -> Path:
     "Write `folder/strategy.json` for `strategy` (atomically); its path."
-    from cryptobot.features import fingerprint as feature_fingerprint
-    from cryptobot.files import atomic_write
     m = {"kind": "strategy", "strategy": spec_of(strategy), "params": strategy.to_dict(),
          "strategy_fingerprint": strategy.fingerprint(), "feature_fingerprint": feature_fingerprint(),
          "symbol": symbol, "timeframe": timeframe, "backtest": stats or {}}

@@ -8,15 +8,31 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from pathlib import Path
+import io
+import hashlib
+import os
+import sys
+import json
+import importlib.resources
+from html import escape
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
 from numba import njit
+from scipy.stats import kurtosis, norm, skew
+from distributed import Client, LocalCluster, as_completed
 
-from .backtest import EXIT_REASONS, BacktestError, _after_lock_bars, _kernel, _ohlc, _settings_vector
+from .backtest import (BacktestError, EXIT_REASONS, _after_lock_bars, _drawdown, _json_safe, _kernel, _ohlc,
+                                _settings_vector, _simulate, _thin, _xs)
 from .model import FEE, SLIPPAGE
 from .risk import Market, RiskEngine
-from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, resolve
+from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, make_strategy, resolve
+from .files import CryptobotError, atomic_write
+from .strategy import STRATEGY_FILE, artifact_dir, parse_params, spec_of
+from .features import fingerprint as feature_fingerprint
+
 
 # %% auto #0
 __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'parse_grid', 'grid_signals', 'run_grid',
@@ -26,7 +42,7 @@ __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'pa
            'promote', 'runner_env']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
-class SweepError(ValueError):
+class SweepError(CryptobotError, ValueError):
     "A sweep that cannot run as asked (one line: what is wrong, what to do)."
 
 
@@ -216,7 +232,6 @@ def run_grid(candles: pd.DataFrame, strategy, configs: list[dict], sizing: str =
 def grid_trades(candles: pd.DataFrame, strategy, configs: list[dict], which, sizing: str = "risk", fee: float = FEE,
                 slippage: float = SLIPPAGE, initial_cash: float = 10_000.0, signals=None, **kw) -> list[pd.DataFrame]:
     "The full trade frames of columns `which` (e.g. the top configurations), from the grid's own signal rows."
-    from cryptobot.backtest import _simulate
     cls = resolve(strategy) if isinstance(strategy, str) else strategy
     EN, EX = signals if signals is not None else grid_signals(cls, candles, [configs[j] for j in which])
     rows = range(len(which)) if signals is None else which
@@ -293,7 +308,6 @@ EULER_GAMMA = 0.5772156649015329
 
 def expected_max_sharpe(var_sr: float, n_trials: int) -> float:
     "SR0: the expected maximum Sharpe of `n_trials` unskilled trials whose Sharpe estimates have variance `var_sr`."
-    from scipy.stats import norm
     if n_trials < 2:
         return 0.0
     g = EULER_GAMMA
@@ -303,7 +317,6 @@ def expected_max_sharpe(var_sr: float, n_trials: int) -> float:
 def deflated_sharpe(sr: float, n_obs: int, n_trials: int, var_sr: float, skew: float = 0.0, kurt: float = 3.0) -> float:
     """Deflated Sharpe ratio (Bailey & López de Prado 2014): P(true Sharpe > SR0) given the observed per-period `sr`
     over `n_obs` returns with `skew` and (non-excess) `kurt`, SR0 the expected best of `n_trials` unskilled trials."""
-    from scipy.stats import norm
     sr0 = expected_max_sharpe(var_sr, n_trials)
     den = 1 - skew * sr + (kurt - 1) / 4 * sr * sr
     if n_obs < 2 or den <= 0:
@@ -339,7 +352,6 @@ def walk_forward(candles: pd.DataFrame, strategy, configs: list[dict], objective
 def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage,
                         initial_cash) -> dict:
     "From the summaries (`grid`: per fold in/out of sample; `whole` and block sums `B`): choices, stitched equity, PBO, DSR."
-    from cryptobot.backtest import _simulate
     rows, eqs, cash = [], [], float(initial_cash)
     for f in folds:
         ins = grid[(grid.fold == f["fold"]) & (grid["sample"] == "is")].sort_values("config")
@@ -374,8 +386,6 @@ def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds,
 
 def _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage, initial_cash) -> dict:
     "The deflated Sharpe ratio of the config best on the whole span (per-bar Sharpe, its skew and kurtosis)."
-    from scipy.stats import kurtosis, skew
-    from cryptobot.backtest import _simulate
     j = _pick(whole.sort_values("config"), objective)
     s = cls(**configs[j])
     en, ex = grid_signals(cls, candles, [configs[j]])
@@ -393,7 +403,6 @@ def _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage,
 # %% ../nbs/08_sweep.ipynb #dc5d5682
 def sweep_summary(sw: dict, top: int = 10) -> dict:
     "The JSON summary of a `run_sweep` result: per symbol the walk-forward figures, PBO, DSR, folds and top configs."
-    from cryptobot.backtest import _json_safe
     rec = lambda f: [{k: _json_safe(v) for k, v in r.items()} for r in f.to_dict("records")]  # noqa: E731
     out = {"id": sw["id"], "path": sw["path"], "strategy": sw["strategy"], "objective": sw["objective"],
            "configs": len(sw["configs"]), "tasks": sw["tasks"], "computed": sw["computed"], "reused": sw["reused"],
@@ -454,21 +463,17 @@ def task_list(n_configs: int, n_folds: int, block_size: int) -> list[tuple[int, 
 
 
 def task_path(root, symbol: str, first: int, fold: int):
-    from pathlib import Path
     return Path(root) / re.sub(r"[^A-Za-z0-9_.-]", "_", symbol) / f"c{first:07d}_{'whole' if fold < 0 else f'f{fold:02d}'}.parquet"
 
 
 def save_task(path, frame: pd.DataFrame) -> None:
     "Atomically: a task file either holds its whole result or does not exist (a killed sweep leaves no half file)."
-    import io
-    from cryptobot.files import atomic_write
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     atomic_write(path, buf.getvalue())
 
 # %% ../nbs/08_sweep.ipynb #f537e64f
 def _fingerprint_candles(c: pd.DataFrame) -> str:
-    import hashlib
     h = hashlib.sha256(c.index.asi8.tobytes())
     for k in ("open", "high", "low", "close"):
         h.update(np.ascontiguousarray(c[k].to_numpy("float64")).tobytes())
@@ -477,8 +482,6 @@ def _fingerprint_candles(c: pd.DataFrame) -> str:
 
 def _client(scheduler, n_tasks: int):
     "(client, cluster) for `scheduler`: None/'inprocess' -> (None, None); 'local' -> a LocalCluster sized to the machine."
-    import os
-    from distributed import Client, LocalCluster
     if scheduler == "local":
         cluster = LocalCluster(n_workers=min(os.cpu_count() or 1, max(n_tasks, 1)), threads_per_worker=1,
                                processes=True, dashboard_address=None)
@@ -491,7 +494,6 @@ def _client(scheduler, n_tasks: int):
 
 
 def _stderr(msg: str) -> None:
-    import sys
     print(msg, file=sys.stderr, flush=True)
 
 # %% ../nbs/08_sweep.ipynb #917d1f51
@@ -503,9 +505,6 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
     `root/<sweep_id>/` as parquet as it finishes; a restart with the same id computes only the missing tasks.
     `scheduler`: None (in-process for small sweeps, else a LocalCluster sized to the machine), 'inprocess',
     'local', or a dask scheduler address. Returns the walk-forward result per symbol."""
-    import json
-    from pathlib import Path
-    from cryptobot.files import atomic_write
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", sweep_id or ""):
         raise SweepError(f"--id {sweep_id!r}: use letters, digits, '_', '-', '.' (up to 100)")
     if objective not in OBJECTIVES:
@@ -551,7 +550,6 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
         for t in missing:
             store(t, sweep_task(data[t[0]], *args(*t)))
     elif missing:
-        from distributed import as_completed
         client, cluster = _client(scheduler, len(missing))
         try:
             progress(f"sweep {sweep_id}: on {scheduler} ({len(client.scheduler_info().get('workers', {}))} workers)")
@@ -573,7 +571,6 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
 # %% ../nbs/08_sweep.ipynb #ef073330
 def load_sweep(d, symbol, candles, strategy, configs, objective, folds, settings) -> dict:
     "A symbol's stored task files, assembled into the walk-forward result (choices, stitched equity, PBO, DSR)."
-    from pathlib import Path
     files = sorted((Path(d) / re.sub(r"[^A-Za-z0-9_.-]", "_", symbol)).glob("c*.parquet"))
     f = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
     whole = f[f["sample"] == "whole"].sort_values("config").reset_index(drop=True)
@@ -609,12 +606,6 @@ def _heatmaps(sw: dict, symbol: str) -> list[dict]:
 # %% ../nbs/08_sweep.ipynb #eab64202
 def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
     "A self-contained HTML report (plotly.js inlined): per symbol the heatmaps, top configurations, walk-forward, PBO, DSR."
-    import importlib.resources
-    import json
-    from html import escape
-    from pathlib import Path
-    from cryptobot.backtest import _drawdown, _thin, _xs
-    from cryptobot.files import atomic_write
     js = sweep_summary(sw)
     plotly_js = (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
     k = itertools.count()
@@ -669,12 +660,6 @@ def evidence_failures(evidence: dict) -> list[str]:
 def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data") -> dict:
     """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
     strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it."""
-    import json
-    from datetime import datetime, timezone
-    from pathlib import Path
-    from cryptobot.files import atomic_write
-    from cryptobot.features import fingerprint as feature_fingerprint
-    from cryptobot.strategy import STRATEGY_FILE, artifact_dir, make_strategy, spec_of
     res = Path(sweep_dir) / "result.json"
     if not res.exists():
         raise SweepError(f"{sweep_dir}: no finished sweep there (result.json missing): run or resume `cryptobot sweep` first")
@@ -712,7 +697,6 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
 # %% ../nbs/08_sweep.ipynb #d5fc7dbd
 def runner_env(manifest: dict) -> dict[str, str]:
     "The `CRYPTOBOT_STRATEGY` / `CRYPTOBOT_STRATEGY_PARAMS` values that make the runner trade this promoted artifact."
-    from cryptobot.strategy import make_strategy, parse_params
     text = ",".join(f"{k}={v}" for k, v in manifest["params"].items() if v is not None)
     env = {"CRYPTOBOT_STRATEGY": manifest["strategy"], "CRYPTOBOT_STRATEGY_PARAMS": text}
     if make_strategy(env["CRYPTOBOT_STRATEGY"], parse_params(text)).fingerprint() != manifest["strategy_fingerprint"]:

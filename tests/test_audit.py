@@ -213,6 +213,25 @@ def test_lock_persistence_is_read_back_from_disk():
     assert ok and "state.json read back: locked=True" in txt and "2 losing trades" in txt
 
 
+def test_the_audit_reads_guardian_state_typed(tmp_path):
+    "The audit reads state.json through guardian.load_state (a GuardianState), never as a hand-indexed dict."
+    from cryptobot.guardian import Guardian, GuardianState
+    from cryptobot.journal import ClosedTrade, Journal
+    s = settings_for(tmp_path, kill_switch_losses=1)
+    t0 = time.time() - 7200
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        Guardian(s, s.state_dir, j).record_trade(ClosedTrade(trade_key="t1", symbol=s.symbol, entry_time=t0,
+                                                             exit_time=t0 + 60, entry_price=100.0, exit_price=99.0,
+                                                             amount=1.0, fees=0.2, pnl=-1.2, exit_reason="stop"))
+    with A.Evidence(s) as ev:
+        st, err = ev.state()
+        assert isinstance(st, GuardianState) and err is None and st.locked and st.consecutive_losses == 1
+        c = A.run_check("state_matches_journal", ev)
+    assert c.status == A.PASS and "loss streak 1/1" in c.evidence and "locked True/True" in c.evidence, c
+    src = Path(A.__file__).read_text()
+    assert '["lock"]' not in src and "read_state" not in src
+
+
 # ------------------------------------------------------------------------------------------------ journal evidence
 def test_entry_without_approval_and_position_without_stop_fail(tmp_path):
     from cryptobot.journal import Journal
@@ -347,7 +366,7 @@ def test_audit_main_fails_closed_when_the_workflow_breaks(tmp_path, monkeypatch,
     A.write_report_md(GOOD, s.reports_dir, date=date)                   # an earlier PASS today …
     def broken(*a, **k):
         raise reports.WorkflowError("audit workflow failed in cell 3: KeyError")
-    monkeypatch.setattr(reports, "run_workflow", broken)
+    monkeypatch.setattr(A, "run_workflow", broken)                      # the audit's own (top-level) import
     assert A.audit_main(s, date=date) == 1
     assert A.latest_verdict(s.reports_dir).verdict == A.FAIL              # … can never open the gate afterwards
     assert "did not complete" in capsys.readouterr().out
@@ -404,7 +423,7 @@ def test_state_valid_reports_the_runners_entry_gate(tmp_path, damage):
     assert c.status == (A.FAIL if damage == "journal_deleted" else A.WARN)
     if damage == "streak_lowered_by_hand":
         with Journal(s.state_dir / "journal.sqlite") as j:                    # the runner agrees
-            assert Guardian(s, s.state_dir, j).state["lock"]["reason"] == gate.reasons[0]
+            assert Guardian(s, s.state_dir, j).current_state.lock_reason == gate.reasons[0]
 
 
 def test_paper_run_locked_by_the_kill_switch_matches_a_backtest_with_the_same_kill_switch(demo, tmp_path):

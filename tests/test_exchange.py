@@ -177,7 +177,7 @@ def test_full_life_cycle_stop_loss(e, df):
     exp_fees = entry * held * 0.001 / 0.999 + a.stop_price * held * 0.001
     assert abs(t["fees"] - exp_fees) < 1e-6
     assert abs(t["pnl"] - ((t["exit_price"] - t["entry_price"]) * held - t["fees"])) < 1e-8 and t["pnl"] < 0
-    assert e.g.state["consecutive_losses"] == 1
+    assert e.g.current_state.consecutive_losses == 1
     assert_consistent(e)
     assert e.emu.orders_created == 2                         # entry + stop, nothing else
 
@@ -195,7 +195,7 @@ def test_winning_exit_by_the_model_cancels_the_stop_then_sells(e, df):
     sells = [o for o in e.emu.orders if o["side"] == "SELL" and o["type"] == "MARKET"]
     assert len(sells) == 1 and sells[0]["executed_qty"] == res.held
     assert abs(trade.exit_price - 30_500.0 * (1 - 0.0005)) < 1e-6
-    assert e.ex.position() is None and e.g.state["consecutive_losses"] == 0
+    assert e.ex.position() is None and e.g.current_state.consecutive_losses == 0
     assert e.ex.exit(e.emu.now.timestamp()) is None            # flat: nothing more to do
     assert_consistent(e)
 
@@ -225,7 +225,7 @@ def test_stop_rejected_by_the_exchange_triggers_an_emergency_exit(e, df):
     assert [o["type"] for o in sells] == ["MARKET"] and sells[0]["status"] == "FILLED"
     [t] = e.j.trades()
     assert t["exit_reason"] == "stop_rejected" and t["amount"] == res.held
-    assert e.ex.position() is None and e.g.state["consecutive_losses"] == 1
+    assert e.ex.position() is None and e.g.current_state.consecutive_losses == 1
     assert_consistent(e)
 
 

@@ -325,16 +325,16 @@ def test_loss_streak_rules(env):
     g = env.g
     for k, pnl, streak in [("a", -1.0, 1), ("b", 2.0, 0), ("c", 0.0, 1), ("d", -0.01, 2)]:
         assert g.record_trade(trade(k, pnl))
-        assert g.state["consecutive_losses"] == streak
+        assert g.current_state.consecutive_losses == streak
     assert not g.locked
     assert not g.record_trade(trade("d", -0.01))           # replay: no double count
-    assert g.state["consecutive_losses"] == 2
+    assert g.current_state.consecutive_losses == 2
     g.record_trade(trade("e", -3.0))
-    st = g.state
-    assert st["lock"]["locked"] and "3 consecutive losing trades" in st["lock"]["reason"]
+    st = g.current_state
+    assert st.locked and "3 consecutive losing trades" in st.lock_reason
     assert [e["kind"] for e in env.j.last_events(2)] == ["trade", "lock"]
     g.record_trade(trade("f", 5.0))                        # exits while locked still count; a win does not unlock
-    assert g.locked and g.state["consecutive_losses"] == 0
+    assert g.locked and g.current_state.consecutive_losses == 0
     with pytest.raises(GuardianError, match="needs a reason"):
         g.unlock(" \t\n ", who="ops")
     msg = g.unlock("reviewed", who="ops")
@@ -357,17 +357,17 @@ def test_rebuild_agrees_with_state(env):
              lambda: g.record_trade(trade("t6", 2.0, exit_time=day2 + 180, equity_after=10_020.0))]
     for i, step in enumerate(steps):
         step()
-        st = g.state
-        rb = j.rebuild_guardian_state(day=st["pnl"]["day"])
-        assert rb["consecutive_losses"] == st["consecutive_losses"], i
-        assert rb["lock"] == st["lock"], i
-        assert math.isclose(rb["pnl"]["total"], st["pnl"]["total"]) and math.isclose(rb["pnl"]["day_pnl"], st["pnl"]["day_pnl"]), i
-        assert rb["equity_high_water"] == st["equity_high_water"], i
-        assert rb["last_candle"] == st["last_candle"], i
-    assert st["pnl"] == {"day": "2024-01-02", "day_pnl": -4.0 + 0.0 - 1.5 + 2.0, "total": 6.0}
-    assert st["equity_high_water"] == 10_100.0 and st["consecutive_losses"] == 0 and not st["lock"]["locked"]
+        st = g.current_state
+        rb = G.GuardianState.from_rebuild(j.rebuild_guardian_state(day=st.day), st.updated_at)
+        assert rb.consecutive_losses == st.consecutive_losses, i
+        assert (rb.trading, rb.locked_since, rb.lock_reason) == (st.trading, st.locked_since, st.lock_reason), i
+        assert math.isclose(rb.total_pnl, st.total_pnl) and math.isclose(rb.day_pnl, st.day_pnl), i
+        assert rb.equity_high_water == st.equity_high_water, i
+        assert rb.last_candle == st.last_candle, i
+    assert (st.day, st.day_pnl, st.total_pnl) == ("2024-01-02", -4.0 + 0.0 - 1.5 + 2.0, 6.0)
+    assert st.equity_high_water == 10_100.0 and st.consecutive_losses == 0 and not st.locked
     # the file on disk is the same state
-    assert read_state(env.dir / "state.json") == st
+    assert G.load_state(env.dir / "state.json") == st
 
 
 def test_state_behind_journal_takes_stricter_side(env):
@@ -380,8 +380,8 @@ def test_state_behind_journal_takes_stricter_side(env):
     older["updated_at"] = env.j.last_events(1, kind="trade")[0]["ts"] - 1     # saved before the last journaled trade
     G.write_state_atomic(env.dir / "state.json", older)
     g2 = Guardian(env.s, env.dir, env.j, clock=env.clock)
-    st = g2.state
-    assert st["lock"]["locked"] and st["consecutive_losses"] == 3 and st["pnl"]["total"] == -3.0
+    st = g2.current_state
+    assert st.locked and st.consecutive_losses == 3 and st.total_pnl == -3.0
     assert env.j.last_events(1, kind="state_repaired")
     assert set(g2.approve(env.sig, env.plan, env.ctx).reasons) == {Reason.KILL_SWITCH}
 
@@ -419,11 +419,11 @@ def test_unreadable_state_locks_and_is_kept(env, name):
         raw = CORRUPTIONS[name](env)
         path.write_bytes(raw)
     g2 = Guardian(env.s, env.dir, Journal(env.dir / "journal.sqlite", clock=env.clock), clock=env.clock)
-    st = g2.state
-    assert st["lock"]["locked"], name
-    assert st["lock"]["reason"].startswith("state.json unreadable: ") and "cryptobot unlock --reason" in st["lock"]["reason"]
-    assert "\n" not in st["lock"]["reason"]
-    assert st["pnl"]["total"] == 7.0                   # numbers come from the journal
+    st = g2.current_state
+    assert st.locked, name
+    assert st.lock_reason.startswith("state.json unreadable: ") and "cryptobot unlock --reason" in st.lock_reason
+    assert "\n" not in st.lock_reason
+    assert st.total_pnl == 7.0                   # numbers come from the journal
     assert set(g2.approve(env.sig, env.plan, env.ctx).reasons) == {Reason.KILL_SWITCH}
     g2.record_trade(trade("x", -1.0))                  # exits while locked are journaled; the file is not touched
     assert (path.read_bytes() if raw is not None else path.exists()) == (raw if raw is not None else False)
@@ -437,8 +437,8 @@ def test_unreadable_state_locks_and_is_kept(env, name):
         assert len(corrupt) == 1 and corrupt[0].read_bytes() == raw and corrupt[0].name in msg
     else:
         assert corrupt == []
-    st = read_state(path)
-    assert not st["lock"]["locked"] and st["pnl"]["total"] == 6.0 and st["consecutive_losses"] == 0
+    st = G.load_state(path)
+    assert not st.locked and st.total_pnl == 6.0 and st.consecutive_losses == 0
     assert Guardian(env.s, env.dir, env.j, clock=env.clock).approve(env.sig, env.plan, env.ctx)
 
 
@@ -463,7 +463,7 @@ def test_first_run_fresh_and_existing_state_with_empty_journal_locks(tmp_path):
     for p in tmp_path.glob("journal.sqlite*"):
         p.unlink()
     g = Guardian(e.s, tmp_path, Journal(tmp_path / "journal.sqlite", clock=e.clock), clock=e.clock)
-    assert g.locked and "journal is empty" in g.state["lock"]["reason"]
+    assert g.locked and "journal is empty" in g.current_state.lock_reason
 
 
 # ----------------------------------------------------------------------------------------------- CLI helpers
@@ -580,8 +580,8 @@ def test_hand_lowered_loss_streak_locks_status_and_runner(tmp_path):
     assert "loss streak 0 in state.json, 2 in the journal" in d["lock_reason"] and "edited by hand" in d["lock_reason"]
     dec = _runner_decision(e)
     assert isinstance(dec, Denial) and dec.reasons == (Reason.KILL_SWITCH,) and dec.failures[0].detail == d["lock_reason"]
-    st = read_state(tmp_path / "state.json")                          # the runner repaired and locked, journaled once
-    assert st["consecutive_losses"] == 2 and st["lock"]["reason"] == d["lock_reason"]
+    st = G.load_state(tmp_path / "state.json")                        # the runner repaired and locked, journaled once
+    assert st.consecutive_losses == 2 and st.lock_reason == d["lock_reason"]
     assert [x["message"] for x in e.j.last_events(5, kind="lock")] == [d["lock_reason"]]
     assert status_report(e.s, now=e.clock.t)["lock_reason"] == d["lock_reason"]
     assert "unlocked by" in unlock_cli(e.s, "looked at the edit", who="ops")

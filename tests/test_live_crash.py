@@ -140,7 +140,7 @@ def done_candles(journal: Path) -> set:
 
 def check_invariants(emu, state_dir: Path) -> list[str]:
     "Everything that must hold after any number of crashes (empty list: all good)."
-    from cryptobot.guardian import read_state
+    from cryptobot.guardian import GuardianState, load_state
     from cryptobot.journal import Journal
     problems = []
     orders = emu.orders
@@ -204,14 +204,14 @@ def check_invariants(emu, state_dir: Path) -> list[str]:
             problems.append(f"the journal shows open position {pos[0]['client_order_id']} the emulator does not hold")
         if len(open_stops) > 1:
             problems.append(f"{len(open_stops)} stop orders open at once")
-        st = read_state(state_dir / "state.json")
-        rb = j.rebuild_guardian_state(day=st["pnl"]["day"])
-        if st["consecutive_losses"] != rb["consecutive_losses"]:
-            problems.append(f"state.json loss streak {st['consecutive_losses']} != journal {rb['consecutive_losses']}")
-        if st["lock"]["locked"] != rb["lock"]["locked"]:
-            problems.append(f"state.json lock {st['lock']['locked']} != journal {rb['lock']['locked']}")
-        if abs(st["pnl"]["total"] - rb["pnl"]["total"]) > 1e-6:
-            problems.append(f"state.json pnl {st['pnl']['total']} != journal {rb['pnl']['total']}")
+        st = load_state(state_dir / "state.json")
+        rb = GuardianState.from_rebuild(j.rebuild_guardian_state(day=st.day), st.updated_at)
+        if st.consecutive_losses != rb.consecutive_losses:
+            problems.append(f"state.json loss streak {st.consecutive_losses} != journal {rb.consecutive_losses}")
+        if st.locked != rb.locked:
+            problems.append(f"state.json lock {st.locked} != journal {rb.locked}")
+        if abs(st.total_pnl - rb.total_pnl) > 1e-6:
+            problems.append(f"state.json pnl {st.total_pnl} != journal {rb.total_pnl}")
     finally:
         j.close()
     return problems

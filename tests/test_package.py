@@ -1,6 +1,7 @@
 """Package hygiene: every generated module imports, and its `__all__` names only what exists
 (a name deleted after `Class.method = fn` once broke `from cryptobot.journal import *`)."""
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,44 @@ def test_verdict_is_imported_by_the_gate_monitor_and_audit_and_imports_none_of_t
     assert {"live", "monitor", "audit"} & g["verdict"] == set(), g["verdict"]
     assert all("verdict" in g[m] for m in ("live", "monitor", "audit"))
     assert "audit" not in g["live"] and "audit" not in g["monitor"]
+
+
+def _defs(name: str) -> list[str]:
+    "Modules whose top level defines a function `name`."
+    return sorted(p.stem for p in PKG.glob("*.py") if p.stem != "_modidx"
+                  for n in ast.parse(p.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_one_log_value_and_one_age_formatter():
+    "The `key=value` field formatter and the '10 min' / '2.5 h' age text are written once (files), not per module."
+    assert _defs("_fmt") == [] and _defs("log_value") == ["files"]
+    assert _defs("age_text") == ["files"]
+    copies = [p.stem for p in PKG.glob("*.py") if p.stem != "_modidx" and "s / 3600:.1f} h" in p.read_text()]
+    assert copies == ["files"], copies
+
+
+# The emulator's imitation of the exchange's wire error (the real exchange's arrives as a ccxt exception).
+NOT_OURS = {"cryptobot.emulator.BinanceError"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_exported_error_derives_from_cryptobot_error(name):
+    from cryptobot.files import CryptobotError
+    mod = importlib.import_module(f"cryptobot.{name}")
+    errors = [o for k, o in vars(mod).items() if not k.startswith("_") and isinstance(o, type)
+              and issubclass(o, BaseException) and o.__module__ == mod.__name__]
+    bad = [e.__name__ for e in errors if not issubclass(e, CryptobotError) and f"{mod.__name__}.{e.__name__}" not in NOT_OURS]
+    assert not bad, f"{mod.__name__}: {bad} do not derive from CryptobotError"
+    for e in errors:                                # none lost its built-in base or copies the one-line constructor
+        assert issubclass(e, Exception)
+        init = e.__dict__.get("__init__")
+        assert init is None or e is CryptobotError or ".split())" not in inspect.getsource(init), e
+
+
+def test_every_function_local_import_says_why_it_is_lazy():
+    "Imports belong at the top; the few kept inside a function (heavy library off the live path, the known cycle) say why."
+    import re
+    bare = [f"{p.name}:{k}: {line.strip()}" for p in sorted(PKG.glob("*.py")) if p.stem != "_modidx"
+            for k, line in enumerate(p.read_text().splitlines(), 1)
+            if re.match(r"\s+(from|import) ", line) and "# lazy: " not in line]
+    assert not bare, "\n".join(bare)

@@ -97,7 +97,7 @@ def test_stop_market_fills_at_the_trigger_and_updates_the_kill_switch(rig_factor
     assert locks[0]["ts"] < bar_open + 3600                          # the kill switch, before the candle closed
     print(f"stop-market fill {trade['exit_time'] - bar_open:.0f} s into the candle -> kill switch "
           f"{locks[0]['ts'] - trade['exit_time']:.1f} s later, {bar_open + 3600 - locks[0]['ts']:.0f} s before the close")
-    assert r.runner.guardian.locked and "kill switch" in r.runner.guardian.state["lock"]["reason"]
+    assert r.runner.guardian.locked and "kill switch" in r.runner.guardian.current_state.lock_reason
     assert r.events("unprotected") == []
     checks = [e for e in r.events("stop_check") if e[3]["result"] == "stopped_out"]
     assert checks and bar_open < checks[0][3]["t"] < bar_open + 3600
