@@ -5,7 +5,9 @@
 # %% ../nbs/07_backtest.ipynb #2bc94339
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from html import escape
 
 import numpy as np
 import pandas as pd
+import numba
 from numba import njit
 
 from .model import FEE, SLIPPAGE, Strategy
@@ -27,9 +30,28 @@ from .features import build_features
 
 
 # %% auto #0
-__all__ = ['TRADE_COLUMNS', 'EXIT_REASONS', 'BacktestError', 'simulate_signals', 'simulate', 'orders_from_trades', 'portfolio',
-           'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt', 'plot_equity', 'plot_trades',
-           'backtest', 'result_json', 'report_html']
+__all__ = ['NUMBA_MODULES', 'TRADE_COLUMNS', 'EXIT_REASONS', 'numba_cache_dir', 'BacktestError', 'simulate_signals', 'simulate',
+           'orders_from_trades', 'portfolio', 'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt',
+           'plot_equity', 'plot_trades', 'backtest', 'result_json', 'report_html']
+
+# %% ../nbs/07_backtest.ipynb #02421357
+NUMBA_MODULES = ("risk.py", "backtest.py", "sweep.py")     # every module whose code numba compiles or inlines
+
+
+def numba_cache_dir(root=None) -> Path:
+    "Numba's cache folder for this exact source of `NUMBA_MODULES` (under `$XDG_CACHE_HOME` or `~/.cache`)."
+    root = Path(root) if root is not None else Path(str(importlib.resources.files("cryptobot")))
+    h = hashlib.sha256()
+    for m in NUMBA_MODULES:
+        f = root / m
+        h.update(m.encode() + b"\0" + (f.read_bytes() if f.exists() else b"-") + b"\0")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cryptobot" / "numba" / h.hexdigest()[:16]
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):          # set before any @njit below (and in sweep) is decorated
+    numba.config.CACHE_DIR = str(numba_cache_dir())
+
 
 # %% ../nbs/07_backtest.ipynb #7766985e
 class BacktestError(CryptobotError, ValueError):
