@@ -1426,6 +1426,9 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
         bad.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} or unknown (the sweep's best is "
                    "likely luck)")
+    synthetic = sorted(s for s, src in (x.get("sources") or {}).items() if str(src).startswith("synthetic"))
+    if synthetic:
+        bad.append(f"its sweep ran on the synthetic market ({', '.join(synthetic)}), which says nothing about a real one")
     if not (isinstance(ret, (int, float)) and ret > 0):
         bad.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive (it loses money)")
     if bad:

@@ -520,10 +520,11 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
     man = d / "sweep.json"
     if man.exists():
         old = json.loads(man.read_text())
-        if {k: v for k, v in old.items() if k != "objective"} != json.loads(json.dumps(spec)):
+        if {k: v for k, v in old.items() if k not in ("objective", "sources")} != json.loads(json.dumps(spec)):
             raise SweepError(f"sweep {sweep_id} exists in {d} with other settings, grid or data: use a new --id")
     else:
-        atomic_write(man, json.dumps({**spec, "objective": objective}, indent=1, default=str))
+        sources = {s: str(c.attrs.get("source", "unknown")) for s, c in data.items()}   # the audit refuses synthetic
+        atomic_write(man, json.dumps({**spec, "objective": objective, "sources": sources}, indent=1, default=str))
     for tmp in d.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)                                    # a killed write; its task is simply redone
     todo = [(s, b, f) for s in data for b, f in task_list(len(configs), n_folds, block_size)]
@@ -677,6 +678,7 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     ev_syms = [symbol] if symbol else syms
     evidence = {"sweep_id": js["id"], "objective": js["objective"], "rank": rank, "configs_tried": js["configs"],
                 "symbols": ev_syms, "data": {s: spec["data"][s] for s in ev_syms},
+                "sources": {s: spec.get("sources", {}).get(s, "unknown") for s in ev_syms},
                 "costs": {k: spec[k] for k in ("sizing", "fee", "slippage")}, "n_folds": spec["n_folds"],
                 "pbo": max(js["symbols"][s]["pbo"] if js["symbols"][s]["pbo"] is not None else float("inf") for s in ev_syms),
                 "walk_forward_oos_return": min(js["symbols"][s]["oos_return"] for s in ev_syms),

@@ -47,7 +47,8 @@ def _settings(tmp_path, env: dict | None = None) -> Settings:
 
 def _good(ev: dict) -> bool:
     "The go-live bar, from the manifest's own figures."
-    return ev["pbo"] is not None and ev["pbo"] <= 0.5 and ev["walk_forward_oos_return"] > 0
+    synthetic = any(str(v).startswith("synthetic") for v in ev["sources"].values())
+    return ev["pbo"] is not None and ev["pbo"] <= 0.5 and ev["walk_forward_oos_return"] > 0 and not synthetic
 
 
 @pytest.mark.parametrize("data", ["real", "synthetic"])
@@ -65,6 +66,9 @@ def test_promoted_sweep_is_judged_by_the_audit_and_loaded_by_the_runner(tmp_path
     c = checks["strategy_evidence"]
     print(f"{data} cheap: {c.status} {c.evidence} -> {c.detail}")
     assert c.status == (A.PASS if _good(ev) else A.FAIL), c
+    assert all(str(v).startswith("real:" if data == "real" else "synthetic") for v in ev["sources"].values()), ev
+    if data == "synthetic":               # evidence from the synthetic market never passes, whatever its figures
+        assert c.status == A.FAIL and "synthetic market" in c.detail, c
     assert "sweep cheap" in c.evidence and f"{ev['configs_tried']} configurations tried" in c.evidence
     assert f"walk-forward OOS return after costs {ev['walk_forward_oos_return']:+.2%}" in c.evidence
     # a rule strategy is not failed for lacking a model; the paper-vs-backtest comparison says it is unverified
