@@ -204,7 +204,7 @@ def _check_dir(v):
         raise _Bad("is not a directory path")
     return Path(v)
 
-# %% ../nbs/01_config.ipynb #62b802a2
+# %% ../nbs/01_config.ipynb #abcfbc1f
 MAX_SYMBOLS = 20
 
 
@@ -309,7 +309,7 @@ PROCESS_ENV_KEYS: dict[str, str] = {
     "CRYPTOBOT_SHARED_DATA": "bench: folder of the shared real-data files",
 }
 
-# %% ../nbs/01_config.ipynb #06e69d73
+# %% ../nbs/01_config.ipynb #e4558504
 def _portfolio_symbols(s: "Settings") -> None:
     "Make `symbols` and `symbol` agree (called from `Settings.__post_init__`): fill one from the other or refuse."
     if not s.symbols:
@@ -622,7 +622,7 @@ def _read_env(env: Mapping[str, str], file_vals: Mapping[str, Any], path) -> tup
         return {}, _problems(e, where, {**file_vals, **env})
     return {n: getattr(m, n) for n in m.model_fields_set}, []
 
-# %% ../nbs/01_config.ipynb #afe1dcf2
+# %% ../nbs/01_config.ipynb #0dd0506e
 def _one_symbol_key(values: dict) -> None:
     "CRYPTOBOT_SYMBOLS alone sets the primary symbol to its first; with CRYPTOBOT_SYMBOL too, the two must say the same."
     many, one = values.get("symbols") or (), values.get("symbol")

@@ -25,7 +25,8 @@ from pathlib import Path
 from .files import atomic_write, fsync_dir
 from typing import Any, Callable, Mapping
 
-from .journal import ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .journal import FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .config import LIMITS
 from .risk import Market, Plan, RiskEngine
 
 # %% auto #0
@@ -33,7 +34,7 @@ __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'R
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
            'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
-           'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
+           'Room', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
 
 # %% ../nbs/11_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
@@ -71,6 +72,9 @@ class Reason(StrEnum):
     SYMBOL_MISMATCH = "symbol_mismatch"
     DUPLICATE_ORDER = "duplicate_order"
     INVALID_INPUT = "invalid_input"
+    MAX_POSITIONS = "max_open_positions"     # portfolio: as many positions open (or committed) as allowed
+    TOTAL_RISK = "total_risk_limit"          # portfolio: open risk + this entry's > CRYPTOBOT_MAX_TOTAL_RISK_PCT
+    CASH_COMMITTED = "cash_committed"        # portfolio: this candle's other entries already took the cash
 
 
 @dataclass(frozen=True)
@@ -761,8 +765,8 @@ def _signal_checks(self, signal, plan, ctx, st: GuardianState) -> list[Callable]
 
     def symbols():
         ps = plan.symbol if type(plan) is Plan else symbol     # a non-Plan is reported by plan_bounds
-        if not (symbol == ps == s.symbol) or (market is not None and market.symbol != symbol):
-            return [F(Reason.SYMBOL_MISMATCH, f"signal {symbol}, plan {ps}, configured {s.symbol}"
+        if not (symbol == ps and symbol in s.symbols) or (market is not None and market.symbol != symbol):
+            return [F(Reason.SYMBOL_MISMATCH, f"signal {symbol}, plan {ps}, configured {','.join(s.symbols)}"
                                               + (f", market {market.symbol}" if market is not None else ""))]
 
     def fingerprint():
@@ -853,11 +857,98 @@ def _book_checks(self, signal, plan, ctx) -> list[Callable]:
 Guardian._book_checks = _book_checks
 del _book_checks
 
+# %% ../nbs/11_guardian.ipynb #a2701b5a
+@dataclass(frozen=True)
+class Room:
+    "What the portfolio limits leave for one new entry (`Guardian.room`)."
+    positions: tuple[str, ...]     # client order ids open or committed: filled, sent, or approved on this candle
+    open_risk: float               # sum of amount × (entry − stop) over them
+    reserved_quote: float          # cash (notional + fee) of this candle's approvals for other symbols
+    max_positions: int
+    risk_budget: float             # max_total_risk_pct of equity
+
+    @property
+    def slots(self) -> int:
+        return self.max_positions - len(self.positions)
+
+    @property
+    def risk_left(self) -> float:
+        return max(0.0, self.risk_budget - self.open_risk)
+
+
+def _book_risk(self, candle_time) -> tuple[dict, float]:
+    "({client id: risk} of every position open or committed, cash reserved by this candle's approvals) per symbol."
+    s, j, fee = self.settings, self.journal, self.settings.fee_pct / 100
+    book, reserved = {}, {}
+    for p in j.open_positions():
+        it = j.intent(p["client_order_id"]) or {}
+        entry = p["entry_price"] or it.get("price") or 0.0
+        stop = it.get("stop_price") or entry * (1 - s.stop_loss_pct / 100)
+        book[p["client_order_id"]] = p["amount"] * max(0.0, entry - stop)
+    for it in j.open_intents():
+        if it["purpose"] == "entry" and it["client_order_id"] not in book:
+            plan = j.approved_plan(it["client_order_id"]) or {}
+            book[it["client_order_id"]] = plan.get("risk_amount") or                 it["amount"] * max(0.0, (it["price"] or 0.0) - (it["stop_price"] or 0.0))
+    ct = to_epoch(candle_time, "candle_time")
+    for d in j._query("SELECT symbol, plan, client_order_id FROM decisions WHERE approved = 1 AND candle_time = ?", (ct,)):
+        last, plan = j.last_order(d["client_order_id"]), json.loads(d["plan"] or "{}")
+        if last is not None and last["status"] in FINAL_STATUSES and not (last["filled"] or 0) > 0:
+            continue                                  # ended unfilled: neither a position nor spent cash
+        if not j._query("SELECT 1 FROM trades WHERE trade_key = ?", (d["client_order_id"],)):
+            book.setdefault(d["client_order_id"], plan.get("risk_amount", 0.0))
+        reserved[d["symbol"]] = reserved.get(d["symbol"], 0.0) + plan.get("notional", 0.0) * (1 + fee)
+    return book, reserved
+
+
+def _room(self, symbol: str, candle_time, equity: float) -> Room:
+    "What `max_open_positions`, `max_total_risk_pct` and this candle's other entries leave for an entry in `symbol`."
+    book, reserved = self._book_risk(candle_time)
+    return Room(tuple(book), float(sum(book.values())), float(sum(v for k, v in reserved.items() if k != symbol)),
+                self.settings.max_open_positions, float(equity) * self.settings.max_total_risk_pct / 100)
+
+
+Guardian._book_risk, Guardian.room = _book_risk, _room
+del _book_risk, _room
+
+# %% ../nbs/11_guardian.ipynb #c35e998e
+def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
+    "The portfolio limits (closures): positions, total open risk, cash already committed on this candle."
+    s, F = self.settings, Failure
+
+    def portfolio():
+        E = ctx.equity
+        try:
+            to_epoch(signal.candle_time, "signal.candle_time")
+        except JournalError:
+            return []                                 # reported by signal_candle
+        if not (_is_num(E) and E > 0) or type(plan) is not Plan:
+            return []                                 # reported by plan_bounds
+        room, out = self.room(signal.symbol, signal.candle_time, E), []
+        if room.slots < 1:
+            out.append(F(Reason.MAX_POSITIONS, f"{len(room.positions)} positions open or committed (limit "
+                                               f"{s.max_open_positions}); no new entry until one closes"))
+        risk = plan.amount * (plan.entry_price - plan.stop_price)
+        if room.open_risk + risk > room.risk_budget * (1 + 1e-9):
+            out.append(F(Reason.TOTAL_RISK, f"open risk {room.open_risk:.8g} + this entry's {risk:.8g} > "
+                                            f"{s.max_total_risk_pct:g}% of equity {E:.8g} ({room.risk_budget:.8g})"))
+        need, cash = plan.notional * (1 + s.fee_pct / 100), ctx.free_quote - room.reserved_quote
+        if room.reserved_quote > 0 and need > cash * (1 + 1e-9):
+            out.append(F(Reason.CASH_COMMITTED, f"notional + fee {need:.8g} > free quote {ctx.free_quote:.8g} less "
+                                                f"{room.reserved_quote:.8g} committed to this candle's other entries"))
+        return out
+
+    return [portfolio]
+
+
+Guardian._portfolio_checks = _portfolio_checks
+del _portfolio_checks
+
 # %% ../nbs/11_guardian.ipynb #ff0b82b7
 def _checks(self, signal, plan, ctx, st: GuardianState) -> list[Failure]:
     "Every check, in order; an exception in one is an `invalid_input` failure naming the check."
     out = []
-    for fn in self._signal_checks(signal, plan, ctx, st) + self._book_checks(signal, plan, ctx):
+    for fn in self._signal_checks(signal, plan, ctx, st) + self._book_checks(signal, plan, ctx) + \
+            self._portfolio_checks(signal, plan, ctx):
         try:
             out.extend(fn() or [])
         except Exception as e:   # a malformed input must deny, never crash past the Guardian
@@ -940,6 +1031,33 @@ def _redeem(self, approval) -> Plan:
 
 Guardian.redeem = _redeem
 del _redeem
+
+# %% ../nbs/11_guardian.ipynb #f788afbe
+def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Market | None = None):
+    "A `Plan` sized within the portfolio room (or the full plan, for `approve` to deny), or the RiskEngine's `Rejection`."
+    mk = market or Market(symbol=symbol)
+    full = self.risk_engine.plan(price, ctx.equity, ctx.free_quote, mk, symbol)
+    if type(full) is not Plan:
+        return full
+    room, r = self.room(symbol, candle_time, ctx.equity), self.risk_engine
+    cash = ctx.free_quote - room.reserved_quote
+    if full.risk_amount <= room.risk_left and room.reserved_quote == 0:
+        return full
+    pct = min(r.risk_pct, room.risk_left / ctx.equity * 100)
+    if room.slots < 1 or cash <= 0 or pct < LIMITS["risk_pct"].lo:
+        return full                                   # no room: approve() denies it, with the reason
+    eng = RiskEngine(stop_loss_pct=r.stop_loss_pct, risk_pct=pct, leverage=r.leverage,
+                     stop_limit_buffer_pct=r.stop_limit_buffer_pct, fee_pct=r.fee_pct)
+    down = eng.plan(price, ctx.equity, cash, mk, symbol)
+    if type(down) is not Plan:
+        return full
+    why = {"risk": "portfolio_risk" if pct < r.risk_pct else "risk", "cash": "portfolio_cash"
+           if room.reserved_quote > 0 else "cash"}.get(down.limited_by, down.limited_by)
+    return dataclasses.replace(down, limited_by=why)
+
+
+Guardian.size_entry = _size_entry
+del _size_entry
 
 # %% ../nbs/11_guardian.ipynb #c98b7bc4
 def status_report(settings, now: float | None = None) -> dict:
