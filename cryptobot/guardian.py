@@ -34,7 +34,7 @@ __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'R
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
            'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
-           'Room', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
+           'symbol_locks', 'Room', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
 
 # %% ../nbs/11_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
@@ -637,6 +637,43 @@ def _locked(self) -> bool:
 Guardian.current_state, Guardian.state, Guardian.locked = property(_current_state), property(_state_dict), property(_locked)
 del _current_state, _state_dict, _locked
 
+# %% ../nbs/11_guardian.ipynb #d5f74f15
+def symbol_locks(journal: Journal, limit: int) -> dict[str, dict]:
+    "{symbol: {losses, locked, since, reason}} for every symbol with a closed trade, from journal rows only."
+    out: dict[str, dict] = {}
+    fresh = lambda: {"losses": 0, "locked": False, "since": None, "reason": None}
+    for r in journal._query("SELECT kind, ts, data FROM events WHERE kind IN ('trade', 'symbol_unlock', 'unlock') "
+                            "ORDER BY id"):
+        d = json.loads(r["data"] or "{}")
+        if r["kind"] == "unlock":                  # the portfolio unlock lifts every symbol
+            out = {k: fresh() for k in out}
+            continue
+        sym = d.get("symbol")
+        if not sym:
+            continue
+        st = out.setdefault(sym, fresh())
+        if r["kind"] == "symbol_unlock":
+            out[sym] = fresh()
+        else:
+            st["losses"] = st["losses"] + 1 if d["pnl"] <= 0 else 0
+            if st["losses"] >= limit and not st["locked"]:
+                st.update(locked=True, since=r["ts"], reason=(
+                    f"kill switch for {sym}: {st['losses']} consecutive losing trades on {sym} (limit {limit}); "
+                    f"investigate, then cryptobot unlock --symbol {sym} --reason TEXT"))
+    return out
+
+
+def _symbol_lock_event(self, symbol: str) -> None:
+    "Journal a `symbol_lock` event when `symbol`'s own kill switch has just engaged (several symbols only)."
+    s = self.settings
+    st = symbol_locks(self.journal, s.kill_switch_losses).get(symbol) if len(s.symbols) > 1 else None
+    if st is not None and st["locked"] and st["losses"] == s.kill_switch_losses:
+        self.journal.log_event("symbol_lock", st["reason"], {"symbol": symbol, "losses": st["losses"]})
+
+
+Guardian._symbol_lock_event = _symbol_lock_event
+del _symbol_lock_event
+
 # %% ../nbs/11_guardian.ipynb #36d5caa6
 def _record_trade(self, trade) -> bool:
     "Update PnL and the loss streak from a CLOSED trade; set the kill-switch lock at the limit. False if already recorded."
@@ -653,6 +690,7 @@ def _record_trade(self, trade) -> bool:
                            f"investigate, then cryptobot unlock --reason TEXT")
         if not self.journal.record_trade(trade, lock_reason=lock_reason):
             return False
+        self._symbol_lock_event(trade.symbol)
         new = dict(consecutive_losses=losses, total_pnl=st.total_pnl + trade.pnl)
         day = utc_day(trade.exit_time)
         if st.day == day:
@@ -857,7 +895,7 @@ def _book_checks(self, signal, plan, ctx) -> list[Callable]:
 Guardian._book_checks = _book_checks
 del _book_checks
 
-# %% ../nbs/11_guardian.ipynb #a2701b5a
+# %% ../nbs/11_guardian.ipynb #d53c5673
 @dataclass(frozen=True)
 class Room:
     "What the portfolio limits leave for one new entry (`Guardian.room`)."
@@ -910,9 +948,9 @@ def _room(self, symbol: str, candle_time, equity: float) -> Room:
 Guardian._book_risk, Guardian.room = _book_risk, _room
 del _book_risk, _room
 
-# %% ../nbs/11_guardian.ipynb #c35e998e
+# %% ../nbs/11_guardian.ipynb #47a04295
 def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
-    "The portfolio limits (closures): positions, total open risk, cash already committed on this candle."
+    "The portfolio limits (closures): the symbol's kill switch, positions, total open risk, cash committed on this candle."
     s, F = self.settings, Failure
 
     def portfolio():
@@ -937,7 +975,13 @@ def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
                                                 f"{room.reserved_quote:.8g} committed to this candle's other entries"))
         return out
 
-    return [portfolio]
+    def symbol_lock():
+        if len(s.symbols) > 1:
+            st = symbol_locks(self.journal, s.kill_switch_losses).get(signal.symbol)
+            if st is not None and st["locked"]:
+                return [F(Reason.KILL_SWITCH, st["reason"])]
+
+    return [symbol_lock, portfolio]
 
 
 Guardian._portfolio_checks = _portfolio_checks
@@ -1032,7 +1076,7 @@ def _redeem(self, approval) -> Plan:
 Guardian.redeem = _redeem
 del _redeem
 
-# %% ../nbs/11_guardian.ipynb #f788afbe
+# %% ../nbs/11_guardian.ipynb #82e12004
 def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Market | None = None):
     "A `Plan` sized within the portfolio room (or the full plan, for `approve` to deny), or the RiskEngine's `Rejection`."
     mk = market or Market(symbol=symbol)
@@ -1059,6 +1103,25 @@ def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Marke
 Guardian.size_entry = _size_entry
 del _size_entry
 
+# %% ../nbs/11_guardian.ipynb #84f7f11b
+def _unlock_symbol(self, symbol: str, reason: str, who: str | None = None) -> str:
+    "Lift `symbol`'s own kill switch (journaled: who, when, why) and reset its streak. Refuses a blank reason."
+    reason, who = _one_line(reason or ""), _one_line(who or _whoami())
+    if not reason:
+        raise GuardianError(f"unlock needs a reason: say what you checked, e.g. cryptobot unlock --symbol {symbol} "
+                            f"--reason 'reviewed losses'")
+    with self._mutex:
+        st = symbol_locks(self.journal, self.settings.kill_switch_losses).get(symbol)
+        if st is None or not st["locked"]:
+            return f"{symbol} is not locked: nothing to unlock"
+        self.journal.log_event("symbol_unlock", f"{symbol} by {who}: {reason}", {"symbol": symbol, "who": who,
+                                                                                 "reason": reason})
+    return f"{symbol} unlocked by {who} at {iso(self.clock())}: {reason} (was: {st['reason']})"
+
+
+Guardian.unlock_symbol = _unlock_symbol
+del _unlock_symbol
+
 # %% ../nbs/11_guardian.ipynb #c98b7bc4
 def status_report(settings, now: float | None = None) -> dict:
     "Mode, the entry gate (locked and why), loss streak, realised PnL, open positions, last candle — read-only."
@@ -1074,6 +1137,10 @@ def status_report(settings, now: float | None = None) -> dict:
         try:
             with Journal(jp, readonly=True) as j:
                 d["open_positions"], d["open_orders"] = j.open_positions(), len(j.open_intents())
+                if len(settings.symbols) > 1:
+                    d["symbols"] = list(settings.symbols)
+                    d["symbol_locks"] = {k: v["reason"] for k, v in
+                                         symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
         except JournalError as e:
             d["journal_error"] = str(e)
     st, rb = g.state, g.rebuild
@@ -1108,6 +1175,8 @@ def format_status(d: dict) -> str:
         lines.append("state      never run (no journal, no state.json yet): entries allowed on the first run")
     else:
         lines.append("lock       unlocked: entries allowed")
+    for sym, why in (d.get("symbol_locks") or {}).items():
+        lines.append(f"LOCKED     {sym}: {why}")
     n = d["consecutive_losses"]
     lines.append(f"losses     {'?' if n is None else n} in a row (kill switch at {d['kill_switch_losses']})")
     hw = d.get("equity_high_water")
@@ -1128,13 +1197,14 @@ def format_status(d: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/11_guardian.ipynb #1b13891f
-def unlock_cli(settings, reason: str, who: str | None = None) -> str:
-    "`cryptobot unlock --reason TEXT`: lift the lock for the configured state dir; the message to print."
+def unlock_cli(settings, reason: str, who: str | None = None, symbol: str | None = None) -> str:
+    "`cryptobot unlock [--symbol SYMBOL] --reason TEXT`: lift the (symbol's) lock in the configured state dir; the message."
     if not _one_line(reason or ""):
         raise GuardianError("unlock needs a reason: say what you checked, e.g. cryptobot unlock --reason 'reviewed losses'")
     sd = Path(settings.state_dir)
     with Journal(sd / JOURNAL_FILE) as j:
-        return Guardian(settings, sd, j).unlock(reason, who or _whoami())
+        g = Guardian(settings, sd, j)
+        return g.unlock_symbol(symbol, reason, who) if symbol else g.unlock(reason, who or _whoami())
 
 # %% ../nbs/11_guardian.ipynb #fe4442d3
 RUNNER_LOCK_FILE = "runner.lock"

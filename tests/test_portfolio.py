@@ -97,3 +97,60 @@ def test_single_symbol_settings_are_unchanged(book):
     p, a = enter(g, "BTC/USDT")
     assert isinstance(a, Approval) and p == g.risk_engine.plan(PRICE["BTC/USDT"], 10_000.0, 10_000.0,
                                                                Market(symbol="BTC/USDT"), "BTC/USDT")
+
+
+# ---------------------------------------------------------------------------------------------------- kill switches
+def _trade(k, sym, pnl):
+    from cryptobot.journal import ClosedTrade
+    return ClosedTrade(trade_key=k, symbol=sym, entry_time=T - 7200, exit_time=T - 3600, entry_price=100.0,
+                       exit_price=100.0 + pnl, amount=1.0, fees=0.2, pnl=pnl, exit_reason="stop")
+
+
+def _cli(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_")) and k != "GO_LIVE"}
+    env.update(CRYPTOBOT_STATE_DIR=str(tmp_path), CRYPTOBOT_SYMBOLS=",".join(SYMS))
+    return subprocess.run([str(Path(sys.executable).parent / "cryptobot"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_symbol_kill_switch_persists_and_only_unlock_symbol_lifts_it(book, tmp_path):
+    make, clock = book
+    s, j, g = make()
+    for i, (sym, pnl) in enumerate([("ETH/USDT", -1.0), ("BTC/USDT", 3.0), ("ETH/USDT", -2.0), ("SOL/USDT", 1.0),
+                                    ("ETH/USDT", -1.0)]):
+        assert g.record_trade(_trade(f"t{i}", sym, pnl))
+    assert not g.current_state.locked                          # the portfolio streak is 1
+    p, d = enter(g, "ETH/USDT")
+    assert not d and d.reasons == (Reason.KILL_SWITCH,) and "kill switch for ETH/USDT" in str(d)
+    j.close()
+    r = _cli(tmp_path, "status")                               # another process, after a "restart"
+    assert r.returncode == 0 and "LOCKED     ETH/USDT: kill switch for ETH/USDT: 3 consecutive" in r.stdout, r
+    s, j, g = make()                                           # a restarted Guardian: still locked, BTC still trades
+    assert not enter(g, "ETH/USDT")[1] and enter(g, "BTC/USDT")[1]
+    j.close()
+    r = _cli(tmp_path, "unlock", "--symbol", "ETH/USDT", "--reason", "reviewed the ETH losses")
+    assert r.returncode == 0 and "ETH/USDT unlocked by" in r.stdout, r
+    s, j, g = make()
+    assert enter(g, "ETH/USDT", t=T + 3600)[1]                 # lifted (a new candle: BTC's approval is history)
+    assert j.last_events(1, kind="symbol_unlock")[0]["data"]["reason"] == "reviewed the ETH losses"
+
+
+def test_portfolio_kill_switch_counts_losses_across_symbols(book, tmp_path):
+    make, clock = book
+    s, j, g = make()
+    for i, sym in enumerate(SYMS):                             # one loss on each symbol: 3 in a row for the portfolio
+        g.record_trade(_trade(f"p{i}", sym, -1.0))
+    assert g.current_state.locked and g.current_state.lock_reason.startswith("kill switch: 3 consecutive losing")
+    j.close()
+    s, j, g = make()                                           # persistent (state.json and the journal agree)
+    assert g.current_state.locked and j.rebuild_guardian_state()["lock"]["locked"]
+    assert all(not enter(g, sym)[1] for sym in SYMS)
+    j.close()
+    r = _cli(tmp_path, "unlock", "--reason", "reviewed all three")
+    assert r.returncode == 0 and r.stdout.startswith("unlocked by"), r
+    s, j, g = make()
+    assert not g.current_state.locked and enter(g, "SOL/USDT", t=T + 3600)[1]
