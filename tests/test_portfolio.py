@@ -154,3 +154,148 @@ def test_portfolio_kill_switch_counts_losses_across_symbols(book, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("unlocked by"), r
     s, j, g = make()
     assert not g.current_state.locked and enter(g, "SOL/USDT", t=T + 3600)[1]
+
+
+# ---------------------------------------------------------------------------------------------------- the runner
+KEY, SECRET = "portfolio-key-0001", "portfolio-secret-0001"
+N_BARS, START = 1_000, 640
+OWN_FILTERS = {"ETH/USDT": {"step_size": "0.0001", "min_qty": "0.0001", "min_notional": "10"},
+               "SOL/USDT": {"step_size": "0.01", "min_qty": "0.01", "tick_size": "0.001", "min_price": "0.001"}}
+
+
+def _market(seeds):
+    "Three symbols: BTC at ~10 000, ETH at ~1/20 and SOL at ~1/100 of it (per-symbol seeds; SOL on a 0.001 tick)."
+    from cryptobot.data import synthetic_candles
+    return {sym: synthetic_candles(n=N_BARS, seed=seed, start_price=10_000.0 / div, price_decimals=dec)
+            for (sym, div, dec), seed in zip((("BTC/USDT", 1, 2), ("ETH/USDT", 20, 2), ("SOL/USDT", 100, 3)), seeds)}
+
+
+def _paper_portfolio(tmp_path, candles, strat, **limits):
+    from cryptobot.emulator import Emulator
+    from cryptobot.live import start_portfolio
+    from cryptobot.strategy import save_strategy_artifact
+    emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
+                   clock="stepped", start=START, filters={k: v for k, v in OWN_FILTERS.items() if k in candles})
+    emu.start()
+    s = Settings(state_dir=tmp_path / "state", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                 symbols=tuple(candles), kill_switch_losses=10, **limits)
+    arts = {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), symbol=sym,
+                                        timeframe="1h").parent for sym in candles}
+    try:
+        pr = start_portfolio(s, "paper", arts, strategy=strat, settle_s=0.0, poll_s=0.02, min_poll_s=0.01,
+                             executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
+                             retry={"retries": 3, "base_delay": 0.05, "max_delay": 0.2}, rate_limit_ms=1.0)
+    except BaseException:
+        emu.stop()
+        raise
+    return emu, s, pr
+
+
+def _open_risk(j):
+    out = 0.0
+    for p in j.open_positions():
+        it = j.intent(p["client_order_id"])
+        out += p["amount"] * (p["entry_price"] - it["stop_price"])
+    return out
+
+
+def _stepped(emu, pr, n, each=None):
+    ticks = []
+    for k in range(n):
+        if k:
+            emu.advance(1)
+        before = emu.balances["USDT"]["free"]
+        t = pr.step()
+        ticks.append(t or {})
+        if each is not None:
+            each(k, before, t or {})
+    pr.queue.drain(60)
+    return ticks
+
+
+def test_three_symbol_paper_run_on_the_emulator_trades_under_the_portfolio_limits(tmp_path):
+    from cryptobot.strategy import make_strategy
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    emu, s, pr = _paper_portfolio(tmp_path, _market((7, 11, 13)), strat, max_open_positions=2, max_total_risk_pct=1.5)
+    j, seen = pr.journal, {"max_open": 0, "max_risk_pct": 0.0}
+
+    def each(k, usdt_before, ticks):
+        n_open = len(j.open_positions())
+        eq = (j.select("SELECT equity FROM marks WHERE equity IS NOT NULL ORDER BY id DESC LIMIT 1") or [{"equity": 1e4}])[0]["equity"]
+        seen["max_open"] = max(seen["max_open"], n_open)
+        seen["max_risk_pct"] = max(seen["max_risk_pct"], _open_risk(j) / eq * 100)
+        assert n_open <= 2, (k, j.open_positions())              # never more than CRYPTOBOT_MAX_OPEN_POSITIONS
+    try:
+        # each executor trades its own market: the emulator's per-symbol filters, through the real ccxt client
+        steps = {r.symbol: r.executor.market.amount_step for r in pr.runners}
+        assert steps == {"BTC/USDT": 1e-5, "ETH/USDT": 1e-4, "SOL/USDT": 0.01}, steps
+        assert {type(r.executor.venue).__name__ for r in pr.runners} == {"binance"}
+        ticks = _stepped(emu, pr, 250, each)
+        assert all(len(t) == 3 for t in ticks), "every symbol decides on every candle close"
+        decisions = j.decisions(10_000)
+        approved = [d for d in decisions if d["approved"]]
+        denied = [d for d in decisions if not d["approved"]]
+        reasons = {r.split(" ")[0] for d in denied for r in d["reasons"]}
+        trades = j.trades()
+        print(f"approved {len(approved)} denied {len(denied)} reasons {sorted(reasons)} trades {len(trades)} "
+              f"max open {seen['max_open']} max open risk {seen['max_risk_pct']:.3f}% of equity")
+        assert {d["symbol"] for d in approved} == set(SYMS), "every symbol traded"
+        assert len(trades) >= 10 and {t["symbol"] for t in trades} == set(SYMS)
+        assert seen["max_open"] == 2, "the position limit was reached"
+        assert reasons & {"max_open_positions", "total_risk_limit"}, reasons   # and it denied entries
+        assert any(d["plan"]["limited_by"] == "portfolio_risk" for d in approved), "an entry was sized down"
+        # open risk (actual fills) within the 1.5 % budget, up to the fills' slippage above the planned entry
+        assert seen["max_risk_pct"] <= 1.5 * (1 + 0.05), seen
+        assert not j.select("SELECT 1 FROM orders WHERE status = 'rejected'"), "no order refused by the exchange"
+        for r in pr.runners:                                    # every open position has its stop on the exchange
+            pos = r.executor.position()
+            if pos is not None:
+                assert emu.order(client_order_id=pos.stop_cid)["status"] == "NEW", pos
+    finally:
+        pr.close()
+        j.close()
+        emu.stop()
+
+
+@pytest.mark.parametrize("risk_pct,second", [(1.0, "sized"), (2.0, "denied")])
+def test_same_candle_entries_through_the_runner_never_over_commit_cash(tmp_path, risk_pct, second):
+    """BTC and ETH on the same price path (ETH = BTC/20): they enter on the same candles. 1 % risk at a 1.5 % stop is
+    2/3 of the cash each: the second is sized on the third the first left. 2 % wants all of it (the leverage cap): the
+    second is denied (cash_committed)."""
+    from cryptobot.data import synthetic_candles
+    from cryptobot.strategy import make_strategy
+    btc = synthetic_candles(n=N_BARS, seed=5)
+    eth = btc.copy()
+    eth[["open", "high", "low", "close"]] = (eth[["open", "high", "low", "close"]] / 20).round(2)
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    emu, s, pr = _paper_portfolio(tmp_path, {"BTC/USDT": btc, "ETH/USDT": eth}, strat, risk_pct=risk_pct,
+                                  max_open_positions=3, max_total_risk_pct=5.0)
+    j, both = pr.journal, []
+
+    def each(k, usdt_before, ticks):
+        ct = {t.candle_time for t in ticks.values()}
+        rows = [d for d in j.decisions(10) if d["candle_time"] in ct and d["approved"]]
+        if len(rows) == 2:
+            both.append(rows)
+            spent = sum(d["plan"]["notional"] for d in rows) * (1 + s.fee_pct / 100)
+            assert spent <= usdt_before * (1 + 1e-9), (k, spent, usdt_before, rows)
+            assert rows[1]["plan"]["limited_by"] == "portfolio_cash", rows[1]["plan"]
+    try:
+        _stepped(emu, pr, 150, each)
+        entries = [d for d in j.decisions(10_000) if d["plan"] and d["candle_time"]]
+        same = {}
+        for d in entries:
+            same.setdefault(d["candle_time"], []).append(d)
+        pairs = [v for v in same.values() if len(v) == 2]
+        print(f"candles with two entry decisions: {len(pairs)}, both approved: {len(both)}")
+        assert pairs, "the two symbols never signalled on the same candle"
+        for v in pairs:                                         # the second: sized down on what was left, or denied
+            d2 = v[1]
+            assert d2["approved"] and d2["plan"]["limited_by"] == "portfolio_cash" or \
+                (not d2["approved"] and any(r.startswith("cash_committed") for r in d2["reasons"])), d2
+        assert (len(both) == len(pairs)) if second == "sized" else (both == []), (len(both), len(pairs))
+        assert not j.select("SELECT 1 FROM orders WHERE status = 'rejected'"), "no order refused for lack of funds"
+    finally:
+        pr.close()
+        j.close()
+        emu.stop()
