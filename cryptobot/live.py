@@ -1150,7 +1150,11 @@ def _pf_snapshot(self, ex, close_t: float, price: float) -> tuple[float, float]:
         others = [s for s, a in held.items() if a > 0 and s != ex.symbol]
         last = {ex.symbol: float(price)}
         if others:
+            t0 = time.perf_counter()
             tk = call_with_retry(self.data_client.fetch_tickers, others, what="fetch_tickers", **self.retry)
+            for r in self.runners:                 # network wait: the deciding runner's, not its tick's work
+                if r.executor is ex:
+                    r.net.total += time.perf_counter() - t0
             last.update({s: float(tk[s]["last"]) for s in others})
         equity = float(q.get("total") or 0.0) + sum(a * last[s] for s, a in held.items() if a > 0)
         self._snap = (close_t, float(q.get("free") or 0.0), equity)
