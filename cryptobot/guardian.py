@@ -1137,7 +1137,7 @@ def status_report(settings, now: float | None = None) -> dict:
         try:
             with Journal(jp, readonly=True) as j:
                 d["open_positions"], d["open_orders"] = j.open_positions(), len(j.open_intents())
-                if len(settings.symbols) > 1:
+                if len(getattr(settings, "symbols", ())) > 1:      # duck-typed settings: one symbol
                     d["symbols"] = list(settings.symbols)
                     d["symbol_locks"] = {k: v["reason"] for k, v in
                                          symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
