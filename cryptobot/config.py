@@ -312,10 +312,11 @@ PROCESS_ENV_KEYS: dict[str, str] = {
 # %% ../nbs/01_config.ipynb #e4558504
 def _portfolio_symbols(s: "Settings") -> None:
     "Make `symbols` and `symbol` agree (called from `Settings.__post_init__`): fill one from the other or refuse."
-    if not s.symbols:
+    default = Settings.__dataclass_fields__["symbol"].default
+    if not s.symbols or (len(s.symbols) == 1 and s.symbol != default):   # one symbol: `symbol` decides (replace())
         object.__setattr__(s, "symbols", (s.symbol,))
     elif s.symbol not in s.symbols:
-        if s.symbol != Settings.__dataclass_fields__["symbol"].default:
+        if s.symbol != default:
             raise ConfigError(f"CRYPTOBOT_SYMBOL={s.symbol} is not in CRYPTOBOT_SYMBOLS={','.join(s.symbols)}; set one "
                               "of them (CRYPTOBOT_SYMBOLS for several symbols)", "CRYPTOBOT_SYMBOLS")
         object.__setattr__(s, "symbol", s.symbols[0])

@@ -479,3 +479,12 @@ def test_symbol_and_symbols_both_set_and_different_exit_78_in_one_line(tmp_path)
 def test_portfolio_settings_have_ceilings(key, value, msg):
     with pytest.raises(ConfigError, match=msg):
         load_settings({key: value}, None)
+
+
+def test_replace_symbol_on_single_symbol_settings_keeps_working():
+    s = dataclasses.replace(Settings(), symbol="ETH/USDT")          # as the monitor, parity and tests do
+    assert (s.symbol, s.symbols) == ("ETH/USDT", ("ETH/USDT",))
+    m = Settings(symbols=("BTC/USDT", "ETH/USDT"))
+    assert dataclasses.replace(m, symbol="ETH/USDT").symbols == ("BTC/USDT", "ETH/USDT")
+    with pytest.raises(ConfigError, match="is not in CRYPTOBOT_SYMBOLS"):
+        dataclasses.replace(m, symbol="SOL/USDT")
