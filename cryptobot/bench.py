@@ -25,6 +25,7 @@ TARGETS = {                              # the one place for the limits; `failed
     "backtest_s": 0.03, "backtest_cold_s": 5.0,                   # the backtest (issue 11)
     "live_tick_ms": 20.0, "import_live_s": 1.5, "live_rss_mb": 250.0,   # the live runner
     "sweep_ms_per_backtest": 1.0,          # sweeps (issue 12): >= 1,000 backtests per second, reported as sweep_per_s
+    "portfolio_tick_ms": 50.0, "portfolio_rss_mb": 300.0,        # 10 symbols in one runner (issue 13)
 }
 
 
@@ -33,8 +34,9 @@ def failed_targets(r: dict) -> list[str]:
     return [k for k, limit in TARGETS.items() if k in r and r[k] > limit]
 
 # %% auto #0
-__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'LIVE_KEYS', 'failed_targets', 'best_of', 'fresh_import_s', 'imported_heavy',
-           'shared_data_dir', 'default_data', 'bench_candles', 'live_worker', 'worker_main', 'bench_live', 'run_bench']
+__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'PORTFOLIO_SYMBOLS', 'PORTFOLIO_KEYS', 'LIVE_KEYS', 'failed_targets',
+           'best_of', 'fresh_import_s', 'imported_heavy', 'shared_data_dir', 'default_data', 'bench_candles',
+           'live_worker', 'portfolio_worker', 'worker_main', 'bench_live', 'run_bench', 'bench_portfolio']
 
 # %% ../nbs/21_bench.ipynb #74a4567d
 def best_of(fn, n: int) -> float:
@@ -137,6 +139,38 @@ def _follow(emu, journal: Path, n: int, running=lambda: True) -> int:
             time.sleep(0.002)
     return done
 
+# %% ../nbs/21_bench.ipynb #8dc5b9f9
+PORTFOLIO_SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT", "BNB/USDT", "XRP/USDT", "ADA/USDT", "DOGE/USDT", "DOT/USDT",
+                     "LTC/USDT", "LINK/USDT")
+PORTFOLIO_KEYS = ("portfolio_tick_ms", "portfolio_rss_mb")
+
+
+def portfolio_worker(a: dict) -> dict:
+    "The runner side of `bench_portfolio` (`a`: state, url, key, secret, symbols, arts, `n`): portfolio ticks ms, RSS MB."
+    import cryptobot.live as L  # lazy: a bench key loads only what it measures
+    from cryptobot.config import Settings  # lazy: a bench key loads only what it measures
+    from cryptobot.guardian import symbol_locks  # lazy: a bench key loads only what it measures
+    from cryptobot.strategy import make_strategy  # lazy: a bench key loads only what it measures
+    ticks = []
+
+    def hook(pr, tk):
+        if pr.guardian.locked:                       # the bench measures order work, not kill-switch denials
+            pr.guardian.unlock("bench_portfolio", who="bench")
+        for sym, st in symbol_locks(pr.journal, pr.guardian.settings.kill_switch_losses).items():
+            if st["locked"]:
+                pr.guardian.unlock_symbol(sym, "bench_portfolio", who="bench")
+        if len(tk) == len(pr.runners):
+            ticks.append(sum(t.tick_ms for t in tk.values()))
+
+    s = Settings(state_dir=a["state"], exchange_url=a["url"], api_key=a["key"], api_secret=a["secret"],
+                 symbols=tuple(a["symbols"]), kill_switch_losses=10)
+    rc = L.run(s, "paper", a["arts"], max_candles=a["n"], logs=False,
+               strategy=make_strategy("ema_cross", {"fast": 2, "slow": 4}), settle_s=0.0, poll_s=0.005, min_poll_s=0.005, rate_limit_ms=1.0, after_candle=hook,
+               executor_kw={"settle_s": 0.0})
+    from cryptobot.parity import _rss_mb  # lazy: a bench key loads only what it measures
+    return {"rc": rc, "ticks": ticks, "rss": _rss_mb()}
+
+
 # %% ../nbs/21_bench.ipynb #d8f0909b
 def worker_main(argv: list[str] | None = None) -> int:
     "`python -m cryptobot.bench --worker JSON`: run `live_worker`, print its result as one JSON line; the exit code."
@@ -145,7 +179,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         print("usage: python -m cryptobot.bench --worker JSON (the live runner of `cryptobot bench`; run that instead)",
               file=sys.stderr)
         return 2
-    print(json.dumps(live_worker(json.loads(argv[1]))), flush=True)
+    a = json.loads(argv[1])
+    print(json.dumps(portfolio_worker(a) if a.get("symbols") else live_worker(a)), flush=True)
     return 0
 
 
@@ -287,3 +322,88 @@ def _bench_sweep(candles, progress=print) -> dict:
 def _bench_research(candles, progress=print) -> dict:
     "The backtest figures, then the sweep's."
     return {**_bench_research_backtest(candles, progress), **_bench_sweep(candles, progress)}
+
+# %% ../nbs/21_bench.ipynb #d901c0a7
+def _follow_all(emu, journal: Path, n: int, k: int, running=lambda: True) -> int:
+    "`_follow` for `k` symbols: advance the stepped `emu` once every symbol has recorded the current candle done."
+    import sqlite3  # lazy: a bench key loads only what it measures
+    done = 0
+    while done < n and running():
+        want = round(emu.now.timestamp())
+        try:
+            con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=1)
+            got = con.execute("SELECT COUNT(*) FROM events WHERE kind = 'candle_done' AND "
+                              "json_extract(data, '$.candle_time') = ?", (want,)).fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            got = 0
+        if got >= k:
+            done += 1
+            if done < n:
+                emu.advance(1)
+        else:
+            time.sleep(0.002)
+    return done
+
+# %% ../nbs/21_bench.ipynb #1e7982cd
+def bench_portfolio(n_candles: int = 60, n_symbols: int = 10) -> dict:
+    "`portfolio_tick_ms`, `portfolio_rss_mb` (+ details): one runner process for `n_symbols` symbols on the emulator."
+    import tempfile  # lazy: a bench key loads only what it measures
+    import numpy as np  # lazy: a bench key loads only what it measures
+    from cryptobot import data as D  # lazy: a bench key loads only what it measures
+    from cryptobot.emulator import Emulator  # lazy: a bench key loads only what it measures
+    from cryptobot.features import LOOKBACK  # lazy: a bench key loads only what it measures
+    from cryptobot.guardian import JOURNAL_FILE  # lazy: a bench key loads only what it measures
+    from cryptobot.live import LiveError  # lazy: a bench key loads only what it measures
+    from cryptobot.strategy import make_strategy, save_strategy_artifact  # lazy: a bench key loads only what it measures
+    syms = PORTFOLIO_SYMBOLS[:n_symbols]
+    c = {s: D.synthetic_candles(n=LOOKBACK + 60 + n_candles, seed=20 + i, start_price=10_000.0 / (i + 1))
+         for i, s in enumerate(syms)}
+    tmp = Path(tempfile.mkdtemp(prefix="cryptobot-bench-portfolio-"))
+    strat = make_strategy("ema_cross", {"fast": 2, "slow": 4})
+    arts = {s: str(save_strategy_artifact(strat, tmp / "art" / s.replace("/", ""), symbol=s, timeframe="1h").parent)
+            for s in syms}
+    key, secret = "bench-key-0002", "bench-secret-0002"
+    emu = Emulator(c, clock="stepped", start=LOOKBACK + 59, api_key=key, api_secret=secret, balances={"USDT": 10_000})
+    emu.start()
+    args = {"state": str(tmp / "state"), "url": emu.base_url, "key": key, "secret": secret, "symbols": list(syms),
+            "arts": arts, "n": n_candles}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "cryptobot.bench", "--worker", json.dumps(args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _follow_all(emu, tmp / "state" / JOURNAL_FILE, n_candles, len(syms), running=lambda: p.poll() is None)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        emu.stop()
+    if p.returncode != 0:
+        raise LiveError(f"bench_portfolio runner failed: {(err.strip().splitlines() or ['?'])[-1]}")
+    res = json.loads(out.strip().splitlines()[-1])
+    ticks = res["ticks"]
+    out = {"portfolio_tick_ms": statistics.median(ticks), "portfolio_tick_ms_p90": float(np.percentile(ticks, 90)),
+           "portfolio_ticks": len(ticks), "portfolio_rss_mb": res["rss"], "symbols": len(syms),
+           "orders": emu.orders_created, "candles": n_candles, "run_s": time.perf_counter() - t0}
+    out["targets"] = {k: TARGETS[k] for k in PORTFOLIO_KEYS}
+    out["ok"] = not failed_targets({k: out[k] for k in PORTFOLIO_KEYS})
+    return out
+
+
+def _bench_portfolio(progress=print) -> dict:
+    "The portfolio figures for `run_bench`: `PORTFOLIO_KEYS` rounded, the rest under `portfolio_details`."
+    progress("portfolio runner: 10 symbols, 60 candles against the emulator ...")
+    pf = bench_portfolio()
+    r = {k: round(float(pf[k]), 3) for k in PORTFOLIO_KEYS}
+    r["portfolio_details"] = {k: v for k, v in pf.items() if k not in PORTFOLIO_KEYS}
+    progress(f"portfolio_tick_ms {r['portfolio_tick_ms']} (10 symbols, one candle close), "
+             f"portfolio_rss_mb {r['portfolio_rss_mb']}")
+    return r
+
+
+_bench_live_runner = _bench_live
+
+
+def _bench_live(progress=print) -> dict:
+    "The single-symbol runner's figures, then the portfolio's."
+    return {**_bench_live_runner(progress), **_bench_portfolio(progress)}

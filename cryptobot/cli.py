@@ -375,12 +375,12 @@ def cmd_unlock(a) -> int:
     s = _settings()
     n = _notifier(s)
     try:
-        msg = unlock_cli(s, a.reason)
+        msg = unlock_cli(s, a.reason, symbol=getattr(a, "symbol", None))
         say(msg)
-        if n.enabled and msg.startswith("unlocked"):
+        if n.enabled and " unlocked by " in f" {msg}":
             with Journal(Path(s.state_dir) / JOURNAL_FILE) as j:
                 n.on_failure = j.log_event
-                n.notify("kill_unlocked", symbol=s.symbol, reason=a.reason)
+                n.notify("kill_unlocked", symbol=getattr(a, "symbol", None) or s.symbol, reason=a.reason)
                 n.close(5)
     finally:
         n.close(5)
@@ -532,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("unlock", cmd_unlock, "lift the kill-switch lock (journaled with who, when and why)")
     sp.add_argument("--reason", required=True)
+    sp.add_argument("--symbol", help="lift this symbol's own kill switch (several symbols); default: the portfolio lock")
 
     sp = add("dashboard", cmd_dashboard, "serve the read-only Voila monitor (127.0.0.1 by default)")
     sp.add_argument("--state-dir", help="state dir to show (default: CRYPTOBOT_STATE_DIR)")

@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['LIMITS', 'MIN_STOP_LOSS_PCT', 'MAX_STOP_LOSS_PCT', 'MAX_RISK_PCT', 'MAX_LEVERAGE', 'MIN_BALANCE_FLOOR_USD',
-           'MAX_STOP_LIMIT_BUFFER_PCT', 'TIMEFRAMES', 'USD_QUOTES', 'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'STOP_ORDERS',
-           'STRATEGY_RE', 'PARAMS_RE', 'SETTINGS_KEYS', 'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'log', 'ConfigError', 'Limit',
-           'check_limit', 'Secret', 'Settings', 'dotenv_permission_warning', 'load_settings']
+           'MAX_STOP_LIMIT_BUFFER_PCT', 'MAX_OPEN_POSITIONS', 'MAX_TOTAL_RISK_PCT', 'TIMEFRAMES', 'USD_QUOTES',
+           'SYMBOL_RE', 'MODES', 'LOG_LEVELS', 'STOP_ORDERS', 'STRATEGY_RE', 'PARAMS_RE', 'MAX_SYMBOLS',
+           'SETTINGS_KEYS', 'FIELD_KEYS', 'PROCESS_ENV_KEYS', 'log', 'ConfigError', 'Limit', 'check_limit', 'Secret',
+           'Settings', 'dotenv_permission_warning', 'load_settings']
 
 # %% ../nbs/01_config.ipynb #ee2ef3fe
 import dataclasses
@@ -74,6 +75,8 @@ LIMITS: dict[str, Limit] = {
     "stop_limit_buffer_pct": Limit(0.05, 5.0, "percent below the stop trigger for the stop-limit order's limit price"),
     "paper_balance_usd": Limit(100.0, 1e9, "starting quote balance (USD) of the paper executor; at least the 100 floor"),
     "stop_check_s": Limit(5, 300, "seconds between checks that the protective stop is still on the exchange", integer=True),
+    "max_open_positions": Limit(1, 10, "positions open at once across all symbols (portfolio limit)", integer=True),
+    "max_total_risk_pct": Limit(0.01, 5.0, "percent of equity at risk over all open positions together (portfolio limit)"),
 }
 
 MIN_STOP_LOSS_PCT, MAX_STOP_LOSS_PCT = LIMITS["stop_loss_pct"].lo, LIMITS["stop_loss_pct"].hi
@@ -81,6 +84,7 @@ MAX_RISK_PCT = LIMITS["risk_pct"].hi
 MAX_LEVERAGE = LIMITS["leverage"].hi
 MIN_BALANCE_FLOOR_USD = LIMITS["min_balance_usd"].lo
 MAX_STOP_LIMIT_BUFFER_PCT = LIMITS["stop_limit_buffer_pct"].hi
+MAX_OPEN_POSITIONS, MAX_TOTAL_RISK_PCT = int(LIMITS["max_open_positions"].hi), LIMITS["max_total_risk_pct"].hi
 
 # %% ../nbs/01_config.ipynb #740541c9
 def check_limit(name: str, value, key: str | None = None, fix: str = "fix it in .env or the environment"):
@@ -203,6 +207,31 @@ def _check_dir(v):
         raise _Bad("is not a directory path")
     return Path(v)
 
+# %% ../nbs/01_config.ipynb #abcfbc1f
+MAX_SYMBOLS = 20
+
+
+def _as_symbols(v):
+    "A comma-separated text or a list as a tuple of stripped symbols (code may pass either)."
+    if isinstance(v, str):
+        return tuple(s.strip() for s in v.split(",")) if v.strip() else ()
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _check_symbols(v: tuple[str, ...]) -> tuple[str, ...]:
+    for s in v:
+        try:
+            _check_symbol(s)
+        except _Bad as e:
+            raise _Bad(f"lists {_show(s)}, which {e.problem}") from None
+    if len(set(v)) != len(v):
+        raise _Bad("lists a symbol twice; list each once")
+    if len({s.split("/")[1] for s in v}) > 1:
+        raise _Bad("mixes quote currencies; the portfolio shares one cash balance: use one quote (e.g. all /USDT)")
+    if len(v) > MAX_SYMBOLS:
+        raise _Bad(f"lists {len(v)} symbols; at most {MAX_SYMBOLS} in one runner")
+    return v
+
 # %% ../nbs/01_config.ipynb #18c6a74d
 def _check_secret(v: Secret | None) -> Secret | None:
     if v is not None and not re.fullmatch(r"[\x21-\x7e]+", v.reveal()):
@@ -268,6 +297,9 @@ SETTINGS_KEYS: dict[str, tuple[str, str, str, str]] = {
     "CRYPTOBOT_STRATEGY": ("strategy", "text", "model", "strategy the runner trades: model, ema_cross, rsi_reversion or module:Class"),
     "CRYPTOBOT_STRATEGY_PARAMS": ("strategy_params", "optional", "", "its parameters, name=value,... (e.g. fast=12,slow=26)"),
     "CRYPTOBOT_NOTIFY_URLS": ("notify_urls", "secret", "", "apprise alert URLs, comma-separated; empty: alerts off"),
+    "CRYPTOBOT_SYMBOLS": ("symbols", "list", "", "several symbols in one runner, comma-separated; empty: CRYPTOBOT_SYMBOL alone"),
+    "CRYPTOBOT_MAX_OPEN_POSITIONS": ("max_open_positions", "int", "3", LIMITS["max_open_positions"].what),
+    "CRYPTOBOT_MAX_TOTAL_RISK_PCT": ("max_total_risk_pct", "float", "3.0", LIMITS["max_total_risk_pct"].what),
     "CRYPTOBOT_MODE": ("", "mode", "", "optional assertion: paper | testnet | live; must agree with GO_LIVE/BINANCE_TESTNET"),
 }
 FIELD_KEYS = {f: k for k, (f, *_ignored) in SETTINGS_KEYS.items() if f}
@@ -279,6 +311,18 @@ PROCESS_ENV_KEYS: dict[str, str] = {
     "CRYPTOBOT_WORKFLOWS": "reports: folder of the papermill workflow notebooks",
     "CRYPTOBOT_SHARED_DATA": "bench: folder of the shared real-data files",
 }
+
+# %% ../nbs/01_config.ipynb #e4558504
+def _portfolio_symbols(s: "Settings") -> None:
+    "Make `symbols` and `symbol` agree (called from `Settings.__post_init__`): fill one from the other or refuse."
+    default = Settings.__dataclass_fields__["symbol"].default
+    if not s.symbols or (len(s.symbols) == 1 and s.symbol != default):   # one symbol: `symbol` decides (replace())
+        object.__setattr__(s, "symbols", (s.symbol,))
+    elif s.symbol not in s.symbols:
+        if s.symbol != default:
+            raise ConfigError(f"CRYPTOBOT_SYMBOL={s.symbol} is not in CRYPTOBOT_SYMBOLS={','.join(s.symbols)}; set one "
+                              "of them (CRYPTOBOT_SYMBOLS for several symbols)", "CRYPTOBOT_SYMBOLS")
+        object.__setattr__(s, "symbol", s.symbols[0])
 
 # %% ../nbs/01_config.ipynb #91fe417f
 @dataclass(frozen=True, config=ConfigDict(strict=True))
@@ -310,6 +354,9 @@ class Settings:
     strategy: Annotated[str, AfterValidator(_check_strategy)] = "model"
     strategy_params: Annotated[str | None, AfterValidator(_check_params)] = None
     notify_urls: Annotated[Secret | None, AfterValidator(_check_notify)] = None
+    symbols: Annotated[tuple[str, ...], BeforeValidator(_as_symbols), AfterValidator(_check_symbols)] = ()
+    max_open_positions: _number("max_open_positions") = 3
+    max_total_risk_pct: _number("max_total_risk_pct") = 3.0
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
     secrets_file_insecure: bool = dataclasses.field(default=False, compare=False, repr=False)
 
@@ -320,6 +367,8 @@ class Settings:
         if self.testnet and self.exchange_url:
             raise ConfigError(f"BINANCE_TESTNET=true and CRYPTOBOT_EXCHANGE_URL={self.exchange_url} contradict each other; "
                               "use the testnet or the local emulator, not both", "BINANCE_TESTNET")
+        _portfolio_symbols(self)
+
 
 # %% ../nbs/01_config.ipynb #4c805164
 _API_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -409,7 +458,8 @@ def _public_dict(self) -> dict[str, Any]:
             continue
         v = getattr(self, f.name)
         out[f.name] = ("****" if v is not None else None) if f.name in ("api_key", "api_secret") else \
-            _masked_urls(v) if f.name == "notify_urls" else str(v) if isinstance(v, Path) else v
+            _masked_urls(v) if f.name == "notify_urls" else str(v) if isinstance(v, Path) else \
+            ",".join(v) if isinstance(v, tuple) else v
     out["mode"] = self.mode
     return out
 
@@ -440,6 +490,8 @@ def _from_text(key: str, raw: str | None):
     if raw is None or raw.strip() == "":
         if kind in ("secret", "optional", "mode"):
             return None
+        if kind == "list":
+            return ()
         lim = LIMITS.get(name)
         allowed = f" in {lim.text} ({lim.what})" if lim else f" ({what})"
         raise _Bad(f"is empty; set a value{allowed} or remove it to use the default {default}", show=False)
@@ -460,6 +512,8 @@ def _from_text(key: str, raw: str | None):
         return v.upper()
     if kind == "mode":
         return _one_of(MODES, "a mode")(v)
+    if kind == "list":
+        return _as_symbols(v)
     return Path(v) if kind == "path" else v
 
 # %% ../nbs/01_config.ipynb #f252d380
@@ -570,6 +624,16 @@ def _read_env(env: Mapping[str, str], file_vals: Mapping[str, Any], path) -> tup
         return {}, _problems(e, where, {**file_vals, **env})
     return {n: getattr(m, n) for n in m.model_fields_set}, []
 
+# %% ../nbs/01_config.ipynb #0dd0506e
+def _one_symbol_key(values: dict) -> None:
+    "CRYPTOBOT_SYMBOLS alone sets the primary symbol to its first; with CRYPTOBOT_SYMBOL too, the two must say the same."
+    many, one = values.get("symbols") or (), values.get("symbol")
+    if many and one is not None and tuple(many) != (one,):
+        raise ConfigError(f"CRYPTOBOT_SYMBOL={one} and CRYPTOBOT_SYMBOLS={','.join(many)} are both set and differ; keep "
+                          "one (CRYPTOBOT_SYMBOLS for several symbols)", "CRYPTOBOT_SYMBOLS")
+    if many and one is None:
+        values["symbol"] = many[0]
+
 # %% ../nbs/01_config.ipynb #2fdcbf83
 def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env") -> Settings:
     "Settings from `.env` (if it exists) overridden by `env` (default `os.environ`); `ConfigError` (one line) if unsafe."
@@ -584,6 +648,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | os.Pa
     if problems:
         raise _one(problems)
     asserted = values.pop("asserted_mode", None)
+    _one_symbol_key(values)
     insecure = bool(notes) and any(file_vals.get(k) and k not in env for k in _API_KEYS)
     s = Settings(**values, warnings=tuple(notes), secrets_file_insecure=insecure)
     if asserted and asserted != s.mode:

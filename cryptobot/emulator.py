@@ -415,10 +415,13 @@ class _Order:
 
 class _Book:
     def __init__(self, tapes: dict[str, _Tape], balances: dict, filters: dict, fee_pct: float,
-                 slippage_pct: float, unique_client_ids: bool, faults: Faults, order_types=None):
+                 slippage_pct: float, unique_client_ids: bool, faults: Faults, order_types=None,
+                 symbol_filters: dict | None = None):
         self.tapes = tapes                                   # by exchange id
         self.order_types = list(ORDER_TYPES) if order_types is None else order_types   # the Emulator's list, shared
         self.filters = {k: Decimal(str(v)) for k, v in filters.items()}
+        self.symbol_filters = {s.replace("/", ""): {**self.filters, **{k: Decimal(str(v)) for k, v in f.items()}}
+                               for s, f in (symbol_filters or {}).items()}   # per symbol (exchange id), over the defaults
         self.fee = _dec(fee_pct) / 100
         self.slip = _dec(slippage_pct) / 100
         self.unique_client_ids = unique_client_ids
@@ -443,28 +446,33 @@ class _Book:
 from .risk import floor_units, step_units
 
 # -- validation ------------------------------------------------------------
-def _book_check_lot(self, qty: Decimal) -> None:
-    f = self.filters
+def _book_filters(self, sym: str | None = None) -> dict:
+    "The filters of symbol `sym` (exchange id): its own if given, else the defaults."
+    return self.symbol_filters.get(sym, self.filters)
+
+
+def _book_check_lot(self, qty: Decimal, sym: str | None = None) -> None:
+    f = self._filters(sym)
     if qty < f["min_qty"] or qty > f["max_qty"] or (qty - f["min_qty"]) % f["step_size"] != 0:
         raise BinanceError(-1013, "Filter failure: LOT_SIZE")
 
 
-def _book_check_price(self, price: Decimal) -> None:
-    f = self.filters
+def _book_check_price(self, price: Decimal, sym: str | None = None) -> None:
+    f = self._filters(sym)
     if price < f["min_price"] or price > f["max_price"] or (price - f["min_price"]) % f["tick_size"] != 0:
         raise BinanceError(-1013, "Filter failure: PRICE_FILTER")
 
 
-def _book_check_notional(self, notional: Decimal, is_market: bool) -> None:
-    f = self.filters
+def _book_check_notional(self, notional: Decimal, is_market: bool, sym: str | None = None) -> None:
+    f = self._filters(sym)
     if notional < f["min_notional"] or (not is_market and notional > f["max_notional"]):
         raise BinanceError(-1013, "Filter failure: NOTIONAL")
 
 
-def _book_floor_step(self, qty: Decimal) -> Decimal:
-    "Floor to the lot step: Binance's 8 decimals (down), then THE floor, `cryptobot.risk.floor_units`; a Decimal again."
+def _book_floor_step(self, qty: Decimal, sym: str | None = None) -> Decimal:
+    "Floor to `sym`'s lot step: Binance's 8 decimals (down), then THE floor, `cryptobot.risk.floor_units`; a Decimal again."
     q = qty.quantize(Q8, rounding=ROUND_DOWN)
-    return Decimal(repr(floor_units(float(q), *step_units(self.filters["step_size"]))))
+    return Decimal(repr(floor_units(float(q), *step_units(self._filters(sym)["step_size"]))))
 
 
 def _book_need(self, asset: str, amount: Decimal) -> None:
@@ -480,6 +488,7 @@ def _book_market_price(self, tape: _Tape, side: str, now: int) -> Decimal:
     return _q8(o * (1 + self.slip) if side == "BUY" else o * (1 - self.slip))
 
 
+_Book._filters = _book_filters
 _Book._check_lot = _book_check_lot
 _Book._check_price = _book_check_price
 _Book._check_notional = _book_check_notional
@@ -535,7 +544,7 @@ def _book_fill_resting(self, o: _Order, price: Decimal, when: int, maker: bool) 
     qty = o.remaining
     frac = self.faults._take_partial()
     if frac is not None:
-        qty = min(qty, self._floor_step(qty * _dec(frac)))
+        qty = min(qty, self._floor_step(qty * _dec(frac), o.symbol))
     if qty > 0:
         self._fill(o, qty, price, when, maker)
     o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.PARTIALLY_FILLED)
@@ -614,13 +623,13 @@ def _book_place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
         raise BinanceError(-1106, "Parameter 'quoteOrderQty' sent when not required.")
     if "quoteOrderQty" in p:
         o.quote_order_qty = _num(p, "quoteOrderQty")
-        qty = self._floor_step(o.quote_order_qty / price)
+        qty = self._floor_step(o.quote_order_qty / price, tape.id)
     elif "quantity" in p:
         qty = _num(p, "quantity")
     else:
         raise BinanceError(-1102, "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!")
-    self._check_lot(qty)
-    self._check_notional(_q8(qty * price), is_market=True)
+    self._check_lot(qty, tape.id)
+    self._check_notional(_q8(qty * price), is_market=True, sym=tape.id)
     if o.side == "BUY":
         self._need(tape.quote, _q8(qty * price))
     else:
@@ -628,7 +637,7 @@ def _book_place_market(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
     o.qty = qty
     self._register(o)
     frac = self.faults._take_partial()
-    fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac))
+    fill_qty = qty if frac is None else self._floor_step(qty * _dec(frac), tape.id)
     if fill_qty > 0:
         self._fill(o, fill_qty, price, now, maker=False)
     o.status = o.status.to(OrderStatus.FILLED if o.remaining == 0 else OrderStatus.EXPIRED)
@@ -653,9 +662,9 @@ _Book._lock = _book_lock
 # %% ../nbs/12_emulator.ipynb #1d3d964b
 def _book_place_limit(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
     o.qty, o.price = _num(p, "quantity"), _num(p, "price")
-    self._check_price(o.price)
-    self._check_lot(o.qty)
-    self._check_notional(_q8(o.qty * o.price), is_market=False)
+    self._check_price(o.price, tape.id)
+    self._check_lot(o.qty, tape.id)
+    self._check_notional(_q8(o.qty * o.price), is_market=False, sym=tape.id)
     mkt = self.market_price(tape, o.side, now)
     marketable = o.price >= mkt if o.side == "BUY" else o.price <= mkt
     self._lock(o, tape, o.price)
@@ -674,10 +683,10 @@ def _book_place_stop(self, o: _Order, p: dict, tape: _Tape, now: int) -> None:
     if market:
         o.time_in_force = "GTC"
     else:
-        self._check_price(o.price)
-    self._check_price(o.stop_price)
-    self._check_lot(o.qty)
-    self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market)
+        self._check_price(o.price, tape.id)
+    self._check_price(o.stop_price, tape.id)
+    self._check_lot(o.qty, tape.id)
+    self._check_notional(_q8(o.qty * (o.stop_price if market else o.price)), is_market=market, sym=tape.id)
     last = _dec(f"{tape.last_price(now):.8f}")
     if (o.side == "SELL" and o.stop_price >= last) or (o.side == "BUY" and o.stop_price <= last):
         raise BinanceError(-2010, "Stop price would trigger immediately.")
@@ -860,9 +869,12 @@ class Emulator:
             raise EmulatorError(f"order_types {self.order_types} must hold LIMIT and MARKET and only "
                                 f"{', '.join(ORDER_TYPES_STOP_MARKET)}")
         self._lock = threading.RLock()
+        own = {k: v for k, v in (filters or {}).items() if "/" in k}     # {"ETH/USDT": {...}}: that symbol's
+        if set(own) - set(frames):
+            raise EmulatorError(f"filters for {', '.join(sorted(set(own) - set(frames)))}: no such tape")
         self._book = _Book(self.tapes, DEFAULT_BALANCES if balances is None else balances,
-                           {**DEFAULT_FILTERS, **(filters or {})}, fee_pct, slippage_pct, unique_client_ids,
-                           self.faults, self.order_types)
+                           {**DEFAULT_FILTERS, **{k: v for k, v in (filters or {}).items() if "/" not in k}}, fee_pct,
+                           slippage_pct, unique_client_ids, self.faults, self.order_types, symbol_filters=own)
         self._requests: Counter = Counter()
         tape0 = next(iter(self.tapes.values()))
         self.start_ms = self._resolve_start(tape0, start)
@@ -1176,7 +1188,7 @@ def _emu_tape(self, p: dict, required: bool = True) -> _Tape | None:
 
 
 def _emu_symbol_info(self, tape: _Tape) -> dict:
-    f = self._book.filters
+    f = self._book._filters(tape.id)
     return {
         "symbol": tape.id, "status": "TRADING", "baseAsset": tape.base, "baseAssetPrecision": 8,
         "quoteAsset": tape.quote, "quotePrecision": 8, "quoteAssetPrecision": 8,

@@ -25,7 +25,8 @@ from pathlib import Path
 from .files import CryptobotError, atomic_write, fsync_dir
 from typing import Any, Callable, Mapping
 
-from .journal import ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .journal import FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .config import LIMITS
 from .risk import Market, Plan, RiskEngine
 
 # %% auto #0
@@ -33,7 +34,7 @@ __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'R
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
            'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
-           'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
+           'symbol_locks', 'Room', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
 
 # %% ../nbs/11_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
@@ -68,6 +69,9 @@ class Reason(StrEnum):
     SYMBOL_MISMATCH = "symbol_mismatch"
     DUPLICATE_ORDER = "duplicate_order"
     INVALID_INPUT = "invalid_input"
+    MAX_POSITIONS = "max_open_positions"     # portfolio: as many positions open (or committed) as allowed
+    TOTAL_RISK = "total_risk_limit"          # portfolio: open risk + this entry's > CRYPTOBOT_MAX_TOTAL_RISK_PCT
+    CASH_COMMITTED = "cash_committed"        # portfolio: this candle's other entries already took the cash
 
 
 @dataclass(frozen=True)
@@ -630,6 +634,43 @@ def _locked(self) -> bool:
 Guardian.current_state, Guardian.state, Guardian.locked = property(_current_state), property(_state_dict), property(_locked)
 del _current_state, _state_dict, _locked
 
+# %% ../nbs/11_guardian.ipynb #d5f74f15
+def symbol_locks(journal: Journal, limit: int) -> dict[str, dict]:
+    "{symbol: {losses, locked, since, reason}} for every symbol with a closed trade, from journal rows only."
+    out: dict[str, dict] = {}
+    fresh = lambda: {"losses": 0, "locked": False, "since": None, "reason": None}
+    for r in journal._query("SELECT kind, ts, data FROM events WHERE kind IN ('trade', 'symbol_unlock', 'unlock') "
+                            "ORDER BY id"):
+        d = json.loads(r["data"] or "{}")
+        if r["kind"] == "unlock":                  # the portfolio unlock lifts every symbol
+            out = {k: fresh() for k in out}
+            continue
+        sym = d.get("symbol")
+        if not sym:
+            continue
+        st = out.setdefault(sym, fresh())
+        if r["kind"] == "symbol_unlock":
+            out[sym] = fresh()
+        else:
+            st["losses"] = st["losses"] + 1 if d["pnl"] <= 0 else 0
+            if st["losses"] >= limit and not st["locked"]:
+                st.update(locked=True, since=r["ts"], reason=(
+                    f"kill switch for {sym}: {st['losses']} consecutive losing trades on {sym} (limit {limit}); "
+                    f"investigate, then cryptobot unlock --symbol {sym} --reason TEXT"))
+    return out
+
+
+def _symbol_lock_event(self, symbol: str) -> None:
+    "Journal a `symbol_lock` event when `symbol`'s own kill switch has just engaged (several symbols only)."
+    s = self.settings
+    st = symbol_locks(self.journal, s.kill_switch_losses).get(symbol) if len(s.symbols) > 1 else None
+    if st is not None and st["locked"] and st["losses"] == s.kill_switch_losses:
+        self.journal.log_event("symbol_lock", st["reason"], {"symbol": symbol, "losses": st["losses"]})
+
+
+Guardian._symbol_lock_event = _symbol_lock_event
+del _symbol_lock_event
+
 # %% ../nbs/11_guardian.ipynb #36d5caa6
 def _record_trade(self, trade) -> bool:
     "Update PnL and the loss streak from a CLOSED trade; set the kill-switch lock at the limit. False if already recorded."
@@ -646,6 +687,7 @@ def _record_trade(self, trade) -> bool:
                            f"investigate, then cryptobot unlock --reason TEXT")
         if not self.journal.record_trade(trade, lock_reason=lock_reason):
             return False
+        self._symbol_lock_event(trade.symbol)
         new = dict(consecutive_losses=losses, total_pnl=st.total_pnl + trade.pnl)
         day = utc_day(trade.exit_time)
         if st.day == day:
@@ -758,8 +800,8 @@ def _signal_checks(self, signal, plan, ctx, st: GuardianState) -> list[Callable]
 
     def symbols():
         ps = plan.symbol if type(plan) is Plan else symbol     # a non-Plan is reported by plan_bounds
-        if not (symbol == ps == s.symbol) or (market is not None and market.symbol != symbol):
-            return [F(Reason.SYMBOL_MISMATCH, f"signal {symbol}, plan {ps}, configured {s.symbol}"
+        if not (symbol == ps and symbol in s.symbols) or (market is not None and market.symbol != symbol):
+            return [F(Reason.SYMBOL_MISMATCH, f"signal {symbol}, plan {ps}, configured {','.join(s.symbols)}"
                                               + (f", market {market.symbol}" if market is not None else ""))]
 
     def fingerprint():
@@ -850,11 +892,104 @@ def _book_checks(self, signal, plan, ctx) -> list[Callable]:
 Guardian._book_checks = _book_checks
 del _book_checks
 
+# %% ../nbs/11_guardian.ipynb #d53c5673
+@dataclass(frozen=True)
+class Room:
+    "What the portfolio limits leave for one new entry (`Guardian.room`)."
+    positions: tuple[str, ...]     # client order ids open or committed: filled, sent, or approved on this candle
+    open_risk: float               # sum of amount × (entry − stop) over them
+    reserved_quote: float          # cash (notional + fee) of this candle's approvals for other symbols
+    max_positions: int
+    risk_budget: float             # max_total_risk_pct of equity
+
+    @property
+    def slots(self) -> int:
+        return self.max_positions - len(self.positions)
+
+    @property
+    def risk_left(self) -> float:
+        return max(0.0, self.risk_budget - self.open_risk)
+
+
+def _book_risk(self, candle_time) -> tuple[dict, float]:
+    "({client id: risk} of every position open or committed, cash reserved by this candle's approvals) per symbol."
+    s, j, fee = self.settings, self.journal, self.settings.fee_pct / 100
+    book, reserved = {}, {}
+    for p in j.open_positions():
+        it = j.intent(p["client_order_id"]) or {}
+        entry = p["entry_price"] or it.get("price") or 0.0
+        stop = it.get("stop_price") or entry * (1 - s.stop_loss_pct / 100)
+        book[p["client_order_id"]] = p["amount"] * max(0.0, entry - stop)
+    for it in j.open_intents():
+        if it["purpose"] == "entry" and it["client_order_id"] not in book:
+            plan = j.approved_plan(it["client_order_id"]) or {}
+            book[it["client_order_id"]] = plan.get("risk_amount") or                 it["amount"] * max(0.0, (it["price"] or 0.0) - (it["stop_price"] or 0.0))
+    ct = to_epoch(candle_time, "candle_time")
+    for d in j._query("SELECT symbol, plan, client_order_id FROM decisions WHERE approved = 1 AND candle_time = ?", (ct,)):
+        last, plan = j.last_order(d["client_order_id"]), json.loads(d["plan"] or "{}")
+        if last is not None and last["status"] in FINAL_STATUSES and not (last["filled"] or 0) > 0:
+            continue                                  # ended unfilled: neither a position nor spent cash
+        if not j._query("SELECT 1 FROM trades WHERE trade_key = ?", (d["client_order_id"],)):
+            book.setdefault(d["client_order_id"], plan.get("risk_amount", 0.0))
+        reserved[d["symbol"]] = reserved.get(d["symbol"], 0.0) + plan.get("notional", 0.0) * (1 + fee)
+    return book, reserved
+
+
+def _room(self, symbol: str, candle_time, equity: float) -> Room:
+    "What `max_open_positions`, `max_total_risk_pct` and this candle's other entries leave for an entry in `symbol`."
+    book, reserved = self._book_risk(candle_time)
+    return Room(tuple(book), float(sum(book.values())), float(sum(v for k, v in reserved.items() if k != symbol)),
+                self.settings.max_open_positions, float(equity) * self.settings.max_total_risk_pct / 100)
+
+
+Guardian._book_risk, Guardian.room = _book_risk, _room
+del _book_risk, _room
+
+# %% ../nbs/11_guardian.ipynb #47a04295
+def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
+    "The portfolio limits (closures): the symbol's kill switch, positions, total open risk, cash committed on this candle."
+    s, F = self.settings, Failure
+
+    def portfolio():
+        E = ctx.equity
+        try:
+            to_epoch(signal.candle_time, "signal.candle_time")
+        except JournalError:
+            return []                                 # reported by signal_candle
+        if not (_is_num(E) and E > 0) or type(plan) is not Plan:
+            return []                                 # reported by plan_bounds
+        room, out = self.room(signal.symbol, signal.candle_time, E), []
+        if room.slots < 1:
+            out.append(F(Reason.MAX_POSITIONS, f"{len(room.positions)} positions open or committed (limit "
+                                               f"{s.max_open_positions}); no new entry until one closes"))
+        risk = plan.amount * (plan.entry_price - plan.stop_price)
+        if room.open_risk + risk > room.risk_budget * (1 + 1e-9):
+            out.append(F(Reason.TOTAL_RISK, f"open risk {room.open_risk:.8g} + this entry's {risk:.8g} > "
+                                            f"{s.max_total_risk_pct:g}% of equity {E:.8g} ({room.risk_budget:.8g})"))
+        need, cash = plan.notional * (1 + s.fee_pct / 100), ctx.free_quote - room.reserved_quote
+        if room.reserved_quote > 0 and need > cash * (1 + 1e-9):
+            out.append(F(Reason.CASH_COMMITTED, f"notional + fee {need:.8g} > free quote {ctx.free_quote:.8g} less "
+                                                f"{room.reserved_quote:.8g} committed to this candle's other entries"))
+        return out
+
+    def symbol_lock():
+        if len(s.symbols) > 1:
+            st = symbol_locks(self.journal, s.kill_switch_losses).get(signal.symbol)
+            if st is not None and st["locked"]:
+                return [F(Reason.KILL_SWITCH, st["reason"])]
+
+    return [symbol_lock, portfolio]
+
+
+Guardian._portfolio_checks = _portfolio_checks
+del _portfolio_checks
+
 # %% ../nbs/11_guardian.ipynb #ff0b82b7
 def _checks(self, signal, plan, ctx, st: GuardianState) -> list[Failure]:
     "Every check, in order; an exception in one is an `invalid_input` failure naming the check."
     out = []
-    for fn in self._signal_checks(signal, plan, ctx, st) + self._book_checks(signal, plan, ctx):
+    for fn in self._signal_checks(signal, plan, ctx, st) + self._book_checks(signal, plan, ctx) + \
+            self._portfolio_checks(signal, plan, ctx):
         try:
             out.extend(fn() or [])
         except Exception as e:   # a malformed input must deny, never crash past the Guardian
@@ -938,6 +1073,52 @@ def _redeem(self, approval) -> Plan:
 Guardian.redeem = _redeem
 del _redeem
 
+# %% ../nbs/11_guardian.ipynb #82e12004
+def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Market | None = None):
+    "A `Plan` sized within the portfolio room (or the full plan, for `approve` to deny), or the RiskEngine's `Rejection`."
+    mk = market or Market(symbol=symbol)
+    full = self.risk_engine.plan(price, ctx.equity, ctx.free_quote, mk, symbol)
+    if type(full) is not Plan:
+        return full
+    room, r = self.room(symbol, candle_time, ctx.equity), self.risk_engine
+    cash = ctx.free_quote - room.reserved_quote
+    if full.risk_amount <= room.risk_left and room.reserved_quote == 0:
+        return full
+    pct = min(r.risk_pct, room.risk_left / ctx.equity * 100)
+    if room.slots < 1 or cash <= 0 or pct < LIMITS["risk_pct"].lo:
+        return full                                   # no room: approve() denies it, with the reason
+    eng = RiskEngine(stop_loss_pct=r.stop_loss_pct, risk_pct=pct, leverage=r.leverage,
+                     stop_limit_buffer_pct=r.stop_limit_buffer_pct, fee_pct=r.fee_pct)
+    down = eng.plan(price, ctx.equity, cash, mk, symbol)
+    if type(down) is not Plan:
+        return full
+    why = {"risk": "portfolio_risk" if pct < r.risk_pct else "risk", "cash": "portfolio_cash"
+           if room.reserved_quote > 0 else "cash"}.get(down.limited_by, down.limited_by)
+    return dataclasses.replace(down, limited_by=why)
+
+
+Guardian.size_entry = _size_entry
+del _size_entry
+
+# %% ../nbs/11_guardian.ipynb #84f7f11b
+def _unlock_symbol(self, symbol: str, reason: str, who: str | None = None) -> str:
+    "Lift `symbol`'s own kill switch (journaled: who, when, why) and reset its streak. Refuses a blank reason."
+    reason, who = _one_line(reason or ""), _one_line(who or _whoami())
+    if not reason:
+        raise GuardianError(f"unlock needs a reason: say what you checked, e.g. cryptobot unlock --symbol {symbol} "
+                            f"--reason 'reviewed losses'")
+    with self._mutex:
+        st = symbol_locks(self.journal, self.settings.kill_switch_losses).get(symbol)
+        if st is None or not st["locked"]:
+            return f"{symbol} is not locked: nothing to unlock"
+        self.journal.log_event("symbol_unlock", f"{symbol} by {who}: {reason}", {"symbol": symbol, "who": who,
+                                                                                 "reason": reason})
+    return f"{symbol} unlocked by {who} at {iso(self.clock())}: {reason} (was: {st['reason']})"
+
+
+Guardian.unlock_symbol = _unlock_symbol
+del _unlock_symbol
+
 # %% ../nbs/11_guardian.ipynb #c98b7bc4
 def status_report(settings, now: float | None = None) -> dict:
     "Mode, the entry gate (locked and why), loss streak, realised PnL, open positions, last candle — read-only."
@@ -953,6 +1134,10 @@ def status_report(settings, now: float | None = None) -> dict:
         try:
             with Journal(jp, readonly=True) as j:
                 d["open_positions"], d["open_orders"] = j.open_positions(), len(j.open_intents())
+                if len(getattr(settings, "symbols", ())) > 1:      # duck-typed settings: one symbol
+                    d["symbols"] = list(settings.symbols)
+                    d["symbol_locks"] = {k: v["reason"] for k, v in
+                                         symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
         except JournalError as e:
             d["journal_error"] = str(e)
     st, rb = g.state, g.rebuild
@@ -987,6 +1172,8 @@ def format_status(d: dict) -> str:
         lines.append("state      never run (no journal, no state.json yet): entries allowed on the first run")
     else:
         lines.append("lock       unlocked: entries allowed")
+    for sym, why in (d.get("symbol_locks") or {}).items():
+        lines.append(f"LOCKED     {sym}: {why}")
     n = d["consecutive_losses"]
     lines.append(f"losses     {'?' if n is None else n} in a row (kill switch at {d['kill_switch_losses']})")
     hw = d.get("equity_high_water")
@@ -1007,13 +1194,14 @@ def format_status(d: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/11_guardian.ipynb #1b13891f
-def unlock_cli(settings, reason: str, who: str | None = None) -> str:
-    "`cryptobot unlock --reason TEXT`: lift the lock for the configured state dir; the message to print."
+def unlock_cli(settings, reason: str, who: str | None = None, symbol: str | None = None) -> str:
+    "`cryptobot unlock [--symbol SYMBOL] --reason TEXT`: lift the (symbol's) lock in the configured state dir; the message."
     if not _one_line(reason or ""):
         raise GuardianError("unlock needs a reason: say what you checked, e.g. cryptobot unlock --reason 'reviewed losses'")
     sd = Path(settings.state_dir)
     with Journal(sd / JOURNAL_FILE) as j:
-        return Guardian(settings, sd, j).unlock(reason, who or _whoami())
+        g = Guardian(settings, sd, j)
+        return g.unlock_symbol(symbol, reason, who) if symbol else g.unlock(reason, who or _whoami())
 
 # %% ../nbs/11_guardian.ipynb #fe4442d3
 RUNNER_LOCK_FILE = "runner.lock"

@@ -33,7 +33,7 @@ from .files import CryptobotError, RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
-from .guardian import JOURNAL_FILE, Approval, Guardian, Signal
+from .guardian import JOURNAL_FILE, Approval, Context, Guardian, Signal
 from .journal import Journal, iso, to_epoch
 from .notify import Alert, Event, Notifier, NotifyError, _secret_parts, split_urls
 from .risk import Plan, RiskEngine
@@ -48,7 +48,7 @@ __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CON
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'LiveError', 'StartupRefused',
            'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
            'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'load_strategy', 'CrashPoints', 'Tick',
-           'Runner', 'stop_report', 'format_stop', 'start_runner', 'run']
+           'Runner', 'stop_report', 'format_stop', 'start_runner', 'run', 'PortfolioRunner', 'start_portfolio']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -589,8 +589,7 @@ def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str |
     return str(d), d.reason
 
 def _enter(self, tick: Tick, ctx) -> float | None:
-    plan = self.risk.plan(price=tick.close, equity=ctx.equity, free_quote=ctx.free_quote,
-                          market=self.executor.market, symbol=self.symbol)
+    plan = self.guardian.size_entry(self.symbol, tick.candle_time, tick.close, ctx, self.executor.market)
     if not isinstance(plan, Plan):
         tick.outcome = "risk_rejected"
         self.journal.log_event("risk_rejected", f"{iso(tick.candle_time)}: {plan}",
@@ -1087,7 +1086,8 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            runner = start_runner(settings, mode, model, stop_event=stop_event, **kw)
+            runner = start_runner(settings, mode, model, stop_event=stop_event, **kw) if len(settings.symbols) < 2 \
+                else start_portfolio(settings, mode, model, stop_event=stop_event, **kw)
         except LiveError as e:
             _event("startup_refused", logging.ERROR, code=e.exit_code, reason=str(e))
             return e.exit_code
@@ -1101,3 +1101,280 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+# %% ../nbs/14_live.ipynb #f0ca3526
+class _SymbolJournal:
+    "The shared journal as one symbol's runner sees it: its own `signal`/`candle_done` events and feature rows."
+    OWN = ("signal", "candle_done")
+
+    def __init__(self, journal: Journal, symbol: str, primary: bool):
+        self._j, self.symbol, self._primary = journal, symbol, primary
+
+    def __getattr__(self, name):
+        return getattr(self._j, name)
+
+    def log_event(self, kind: str, message: str = "", data=None, ts=None) -> int:
+        if kind in self.OWN and isinstance(data, dict):
+            data, message = {**data, "symbol": self.symbol}, f"{self.symbol} {message}"
+        return self._j.log_event(kind, message, data, ts)
+
+    def last_events(self, n: int = 50, kind: str | None = None) -> list[dict]:
+        if kind not in self.OWN:
+            return self._j.last_events(n, kind)
+        rows = self._j.select("SELECT * FROM events WHERE kind = ? AND json_extract(data, '$.symbol') = ? "
+                              "ORDER BY id DESC LIMIT ?", (kind, self.symbol, int(n)))[::-1]
+        for r in rows:
+            r["data"] = json.loads(r["data"]) if r["data"] else None
+        return rows
+
+    def record_feature_row(self, candle_time, fingerprint: str, features, source: str = "live", ts=None) -> bool:
+        src = source if self._primary else f"{source}:{self.symbol}"
+        return self._j.record_feature_row(candle_time, fingerprint, features, source=src, ts=ts)
+
+# %% ../nbs/14_live.ipynb #daa366be
+class PortfolioRunner:
+    "One process, several symbols: a `Runner` per symbol over one journal, Guardian, order queue and clock."
+
+    def __init__(self, runners: list, journal: Journal, guardian: Guardian, clock, queue: OrderQueue, *,
+                 data_client=None, stop_event: threading.Event | None = None, after_candle: Callable | None = None,
+                 retry: dict | None = None):
+        self.runners, self.journal, self.guardian, self.clock, self.queue = runners, journal, guardian, clock, queue
+        self.symbols = tuple(r.symbol for r in runners)
+        self.data_client, self.after_candle = data_client or runners[0].data_client, after_candle
+        self.stop_event = stop_event or threading.Event()
+        self.retry = {"retries": 3, "base_delay": 0.5, "max_delay": 10.0, **(retry or {})}
+        self.tick_ms: list[float] = []            # per candle: every symbol decided and its orders queued (no network)
+        self._snap: tuple | None = None           # (candle close, free quote, equity): one balance read per candle
+        self.started = False
+        for r in runners:
+            r.stop_event, r.queue = self.stop_event, queue
+
+    def __repr__(self):
+        return f"PortfolioRunner({', '.join(self.symbols)}, last_done={iso(self.last_done)})"
+
+    @property
+    def last_done(self) -> float | None:
+        "The last candle every symbol has processed (None until each has one)."
+        done = [r.last_done for r in self.runners]
+        return None if any(d is None for d in done) else min(done)
+
+    def start(self) -> "PortfolioRunner":
+        "Start (build the executor and reconcile) each symbol in turn; their context is the portfolio's."
+        for r in self.runners:
+            r.start()
+            r.executor.context = lambda ex=r.executor, **kw: self._context(ex, **kw)
+        self.started = True
+        return self
+
+# %% ../nbs/14_live.ipynb #cebf349f
+def _pf_snapshot(self, ex, close_t: float, price: float) -> tuple[float, float]:
+    "(free quote, equity) for the candle closing at `close_t`: read once, before this candle's first entry."
+    if self._snap is None or self._snap[0] != close_t:
+        bal = ex._call(ex.venue.fetch_balance, what="fetch_balance")
+        q = bal.get(ex.quote) or {}
+        held = {s: float((bal.get(s.split("/")[0]) or {}).get("total") or 0.0) for s in self.symbols}
+        others = [s for s, a in held.items() if a > 0 and s != ex.symbol]
+        last = {ex.symbol: float(price)}
+        if others:
+            t0 = time.perf_counter()
+            tk = call_with_retry(self.data_client.fetch_tickers, others, what="fetch_tickers", **self.retry)
+            for r in self.runners:                 # network wait: the deciding runner's, not its tick's work
+                if r.executor is ex:
+                    r.net.total += time.perf_counter() - t0
+            last.update({s: float(tk[s]["last"]) for s in others})
+        equity = float(q.get("total") or 0.0) + sum(a * last[s] for s, a in held.items() if a > 0)
+        self._snap = (close_t, float(q.get("free") or 0.0), equity)
+    return self._snap[1], self._snap[2]
+
+
+def _pf_context(self, ex, *, now, last_candle_close, feature_fingerprint: str, price: float) -> Context:
+    "The Guardian `Context` for `ex`'s symbol: the portfolio's balance snapshot, this executor's book."
+    with ex._lock:
+        ex._ensure_markets()
+        free, equity = self._snapshot(ex, float(last_candle_close), price)
+        pos = ex.position()
+        return Context(now=now, last_candle_close=last_candle_close, feature_fingerprint=feature_fingerprint,
+                       mode=ex.mode, free_quote=free, equity=equity,
+                       positions={ex.symbol: pos.open_amount if pos else 0.0},
+                       unknown_orders=len(ex.unknown_orders), reconciled=ex.reconciled, market=ex.market)
+
+
+PortfolioRunner._snapshot, PortfolioRunner._context = _pf_snapshot, _pf_context
+
+# %% ../nbs/14_live.ipynb #7c1cd54e
+def _pf_step(self, decide: bool = True) -> dict | None:
+    "Every symbol's tick for its newest closed candle, in order: {symbol: Tick}, or None if none had a new one."
+    if not self.started:
+        self.start()
+    ticks = {}
+    for r in self.runners:
+        try:
+            tk = r.step(decide)
+        except NETWORK_ERRORS as e:          # one symbol's network error never stops the others
+            r._poll_error("tick", e)
+            continue
+        if tk is not None:
+            ticks[r.symbol] = tk
+    if not ticks:
+        return None
+    ms = sum(t.tick_ms for t in ticks.values())
+    self.tick_ms = (self.tick_ms + [ms])[-1000:]
+    _event("portfolio_candle", symbols=len(ticks), entered=sum(t.outcome == "entered" for t in ticks.values()),
+           denied=sum(t.outcome == "denied" for t in ticks.values()), tick_ms=round(ms, 2))
+    if self.after_candle is not None:
+        self.after_candle(self, ticks)
+    return ticks
+
+
+def _pf_wait(self) -> str:
+    "Sleep, in exchange time, until the next candle close + settle ('candle') or any symbol's stop check ('check')."
+    p, first = self.runners[0], True
+    while not self.stop_event.is_set():
+        try:
+            now = self.clock.sync()
+        except NETWORK_ERRORS as e:
+            p._poll_error("fetch_time", e)
+            self.stop_event.wait(p.min_poll_s)
+            return "candle"
+        base = self.last_done if self.last_done is not None else (now // p.tf_s) * p.tf_s
+        target = base + p.tf_s + p.settle_s
+        if target <= now:
+            if first:
+                self.stop_event.wait(self.clock.wall(max(p.settle_s, 1.0), cap=p.min_poll_s, unknown=p.min_poll_s))
+            return "candle"
+        checks = [r.next_check for r in self.runners if r.next_check is not None]
+        if checks:
+            if min(checks) <= now:
+                return "check"
+            target = min(target, min(checks))
+        self.stop_event.wait(self.clock.wall(target - now, cap=p.poll_s, unknown=p.min_poll_s))
+        first = False
+    return "candle"
+
+
+PortfolioRunner.step, PortfolioRunner._wait = _pf_step, _pf_wait
+
+# %% ../nbs/14_live.ipynb #da501244
+def _pf_run(self, max_candles: int | None = None) -> int:
+    "Loop until `stop_event` or `max_candles` candles done by every symbol; drain the queue; keep the stops."
+    if not self.started:
+        self.start()
+    n, why, seen = 0, "candle", self.last_done
+    try:
+        while not self.stop_event.is_set():
+            if why == "check":
+                now = float(self.clock())
+                for r in self.runners:
+                    if r.next_check is not None and r.next_check <= now:
+                        r.check_stop()
+            elif self.step() is not None:
+                if self.last_done is not None and self.last_done != seen:
+                    n, seen = n + 1, self.last_done
+                    if max_candles is not None and n >= max_candles:
+                        break
+                continue
+            why = self._wait()
+    finally:
+        self.close()
+    return EX_OK
+
+
+def _pf_close(self) -> None:
+    "Drain the shared order queue, then close each symbol's runner (each journals its shutdown; the stops stay)."
+    self.queue.drain(max(r.order_timeout_s for r in self.runners))
+    for r in self.runners:
+        r.close()
+
+
+PortfolioRunner.run, PortfolioRunner.close = _pf_run, _pf_close
+
+# %% ../nbs/14_live.ipynb #1607092f
+def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days):
+    "One symbol's artifact: `given`, else its own folder (`strategies/<name>/<BASEQUOTE>`, `models/<BASEQUOTE>`)."
+    own = ss.symbol.replace("/", "")
+    try:
+        if is_rule(strategy):
+            d = artifact_dir(ss.data_dir, strategy) / own
+            return load_strategy(ss, strategy, given if given is not None else (d if d.exists() else None))
+        if given is None and (Path(ss.data_dir) / "models" / own).is_dir():
+            from cryptobot.model import latest_model  # lazy: scikit-learn/joblib stay off the live path, as in load_model
+            given = latest_model(Path(ss.data_dir) / "models" / own)
+        return load_model(ss, given, now=now, max_age_days=max_age_days)
+    except StartupRefused as e:
+        raise StartupRefused(f"{ss.symbol}: {e}") from None
+
+# %% ../nbs/14_live.ipynb #fba7d0ac
+def start_portfolio(settings: Settings | None = None, mode: str | None = None, models=None, *, strategy=None,
+                    stop_event: threading.Event | None = None, settle_s: float = 2.0, poll_s: float = 10.0,
+                    min_poll_s: float = 1.0, max_model_age_days: float | None = 30.0, executor_kw: dict | None = None,
+                    after_candle: Callable | None = None, data_client=None, retry: dict | None = None,
+                    rate_limit_ms: float | None = None, crash_at: str | dict | None = None,
+                    audit: Callable | None = None) -> PortfolioRunner:
+    "Settings → mode gate → per-symbol artifacts → clock → journal/Guardian/queue → a Runner per symbol → reconcile."
+    settings = settings if settings is not None else load_settings()
+    if mode is not None and mode != settings.mode:
+        raise StartupRefused(f"cryptobot {mode} refused: the settings give mode {settings.mode}; {_MODE_FIX.get(mode, '')}")
+    if settings.mode == "live" and settings.live_blockers():
+        raise StartupRefused("live trading refused: " + "; ".join(settings.live_blockers()))
+    if settings.mode == "paper" and not settings.exchange_url:
+        raise StartupRefused("several symbols trade one account: paper mode needs the local emulator "
+                             "(CRYPTOBOT_EXCHANGE_URL) or use the testnet; the in-process paper venue holds one symbol")
+    data_client = data_client or make_client(base_url=settings.exchange_url, sandbox=settings.mode == "testnet")
+    if rate_limit_ms is not None:
+        data_client.rateLimit = float(rate_limit_ms)
+    clock = ExchangeClock(data_client, retry)
+    try:
+        now = clock.sync()
+    except NETWORK_ERRORS as e:
+        raise LiveError(f"the exchange is unreachable ({type(e).__name__}); check the network or "
+                        f"CRYPTOBOT_EXCHANGE_URL and restart", EX_UNAVAILABLE) from None
+    try:
+        strategy = select_strategy(settings, strategy)
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    views = {s: dataclasses.replace(settings, symbol=s) for s in settings.symbols}
+    arts = {s: _portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
+                                   max_model_age_days) for s, ss in views.items()}
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
+    try:
+        guardian, queue, kw = Guardian(settings, state_dir, journal, clock=clock), OrderQueue(journal), dict(executor_kw or {})
+        if settings.mode == "live":
+            probe = make_executor(views[settings.symbol], journal, guardian, **kw)
+            bal = probe._call(probe.venue.fetch_balance, what="fetch_balance")
+            blockers = live_gate_blockers(settings, float((bal.get(probe.quote) or {}).get("free") or 0.0), audit)
+            if blockers:
+                raise StartupRefused("live trading refused: " + "; ".join(blockers))
+
+        def make_exec(ss):
+            def build(closed, nxt):
+                ex = make_executor(ss, journal, guardian, **kw)
+                if rate_limit_ms is not None:
+                    ex.venue.rateLimit = float(rate_limit_ms)
+                return ex
+            return build
+        runners = [Runner(ss, arts[s], data_client=data_client, journal=_SymbolJournal(journal, s, s == settings.symbol),
+                          guardian=guardian, clock=clock, make_exec=make_exec(ss), fills="exchange", strategy=strategy,
+                          settle_s=settle_s, poll_s=poll_s, min_poll_s=min_poll_s, crash=CrashPoints(crash_at),
+                          retry=retry) for s, ss in views.items()]
+        pr = PortfolioRunner(runners, journal, guardian, clock, queue, data_client=data_client, stop_event=stop_event,
+                             after_candle=after_candle, retry=retry)
+        _event("startup", mode=settings.mode, fills="exchange", symbols=",".join(settings.symbols),
+               timeframe=settings.timeframe, state_dir=str(state_dir), max_open_positions=settings.max_open_positions,
+               max_total_risk_pct=settings.max_total_risk_pct,
+               models=",".join(f"{s}={a.model_id}" for s, a in arts.items()))
+        return pr.start()
+    except ExchangeAuthError as e:
+        journal.close()
+        raise LiveError(str(e), EX_NOPERM) from None
+    except ExecutorError as e:
+        journal.close()
+        raise StartupRefused(str(e)) from None
+    except NETWORK_ERRORS as e:
+        journal.close()
+        raise LiveError(f"the exchange is unreachable during start-up ({type(e).__name__}); restart later",
+                        EX_UNAVAILABLE) from None
+    except BaseException:
+        journal.close()
+        raise

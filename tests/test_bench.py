@@ -27,3 +27,11 @@ def test_worker_entry_point_refuses_other_arguments_in_one_line():
 def test_the_worker_is_exported_code_not_a_string():
     assert {"live_worker", "worker_main", "bench_live"} <= set(bench.__all__)
     assert not any(isinstance(v, str) and "L.run(" in v for v in vars(bench).values())
+
+
+def test_bench_portfolio_runs_several_symbols_in_one_worker_process():
+    out = bench.bench_portfolio(n_candles=3, n_symbols=3)
+    assert out["symbols"] == 3 and out["portfolio_ticks"] >= 1 and out["portfolio_tick_ms"] > 0
+    assert out["portfolio_rss_mb"] > 0 and set(out["targets"]) == set(bench.PORTFOLIO_KEYS)
+    assert {k: bench.TARGETS[k] for k in bench.PORTFOLIO_KEYS} == {"portfolio_tick_ms": 50.0, "portfolio_rss_mb": 300.0}
+    json.dumps(out)

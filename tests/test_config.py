@@ -456,3 +456,35 @@ def test_strategy_and_its_parameters():
         with pytest.raises(ConfigError):
             Settings(**kw)
     assert SETTINGS_KEYS["CRYPTOBOT_STRATEGY"][0] == "strategy" and "CRYPTOBOT_STRATEGY_PARAMS=" in s.summary()
+
+
+# ---------------------------------------------------------------------------------------------------- several symbols
+def test_symbol_and_symbols_both_set_and_different_exit_78_in_one_line(tmp_path):
+    env = _clean_env(CRYPTOBOT_SYMBOL="BTC/USDT", CRYPTOBOT_SYMBOLS="BTC/USDT,ETH/USDT")
+    r = subprocess.run([str(Path(sys.executable).parent / "cryptobot"), "config"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 78, r
+    assert r.stderr.count("\n") == 1 and "CRYPTOBOT_SYMBOL=BTC/USDT and CRYPTOBOT_SYMBOLS=BTC/USDT,ETH/USDT are both set " \
+        "and differ" in r.stderr, r.stderr
+    s = load_settings({"CRYPTOBOT_SYMBOLS": "ETH/USDT,SOL/USDT,BTC/USDT"}, None)
+    assert (s.symbol, s.symbols, s.max_open_positions, s.max_total_risk_pct) == \
+        ("ETH/USDT", ("ETH/USDT", "SOL/USDT", "BTC/USDT"), 3, 3.0)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("CRYPTOBOT_MAX_OPEN_POSITIONS", "11", "outside the allowed range 1..10"),
+    ("CRYPTOBOT_MAX_TOTAL_RISK_PCT", "5.01", "outside the allowed range 0.01..5"),
+    ("CRYPTOBOT_SYMBOLS", "BTC/USDT,ETH/USDC", "mixes quote currencies"),
+])
+def test_portfolio_settings_have_ceilings(key, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_settings({key: value}, None)
+
+
+def test_replace_symbol_on_single_symbol_settings_keeps_working():
+    s = dataclasses.replace(Settings(), symbol="ETH/USDT")          # as the monitor, parity and tests do
+    assert (s.symbol, s.symbols) == ("ETH/USDT", ("ETH/USDT",))
+    m = Settings(symbols=("BTC/USDT", "ETH/USDT"))
+    assert dataclasses.replace(m, symbol="ETH/USDT").symbols == ("BTC/USDT", "ETH/USDT")
+    with pytest.raises(ConfigError, match="is not in CRYPTOBOT_SYMBOLS"):
+        dataclasses.replace(m, symbol="SOL/USDT")
