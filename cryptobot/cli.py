@@ -148,6 +148,13 @@ def cmd_train(a) -> int:
     result = run_job("train", params, s.reports_dir, progress=not a.quiet)
     if result.get("artifact"):
         say(f"model artifact: {result['artifact']}")
+    pol, o = result.get("policy"), result.get("oos_after_cost") or {}
+    if pol:
+        say("model policy: " + (f"enter p >= {pol['entry_threshold']:.4f}, exit p < {pol['exit_threshold']:.4f}, "
+                                f"max_hold {pol['max_hold']}" if pol["trade"] else
+                                "trade false: no threshold beat costs on the training folds, the runner never enters")
+            + f"; {pol['flat_folds']} folds flat; walk-forward OOS after costs {o.get('trades')} trades, "
+            f"{o.get('total_return', 0):+.2%} (buy-and-hold {o.get('buy_and_hold_return', 0):+.2%}, flat +0.00%)")
     return 0
 
 
@@ -287,7 +294,7 @@ def cmd_demo(a) -> int:
         say("  " + line)
     return 0
 
-# %% ../nbs/22_cli.ipynb #ac1fa941
+# %% ../nbs/22_cli.ipynb #93ec223f
 def _demo_policy_lines(bt: dict) -> list[str]:
     "The backtest report's cost-aware model policy, Guardian and rule strategy, one line each (the demo's summary)."
     pct = lambda v: "n/a" if v is None else f"{v:+.2%}"                                    # noqa: E731
