@@ -302,3 +302,27 @@ def test_runner_uses_explicit_thresholds_and_refuses_a_model_without_a_policy(po
     (old / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(StartupRefused, match="no cost-aware policy"):
         model_strategy(None, load_artifact(old, lean=True))
+
+
+def test_model_decides_bar_by_bar_like_policy_signals_on_every_bar(policy_model):
+    "ModelStrategy.decide on each bar's trailing window (what the tick runs) = policy_signals, flat and in position."
+    from cryptobot.features import build_features
+    from cryptobot.live import model_strategy
+    from cryptobot.model import load_artifact
+    from cryptobot.strategy import required_window
+    c, res, art_dir = policy_model
+    pol = res.manifest["policy"]
+    n = 1_500
+    span, enter, exit_ = _policy_vectorised(c, art_dir, pol, n)
+    st = model_strategy(None, load_artifact(art_dir, lean=True))       # as the runner builds it: no thresholds given
+    need = required_window(st)
+    got_enter, got_exit = [], []
+    for k in range(1, len(span)):                                        # decision bars TRAIN.stop .. TRAIN.stop+n-1
+        i = TRAIN.stop - 1 + k
+        w = c.iloc[i - need + 1:i + 1]
+        f = build_features(w)
+        got_enter.append(st.decide(w, f) == "enter")
+        got_exit.append(st.decide(w, f, in_position=True, bars_held=1) == "exit")
+    assert np.array_equal(np.array(got_enter), enter[1:] & ~exit_[1:])
+    assert np.array_equal(np.array(got_exit), exit_[1:])
+    assert sum(got_enter) >= 10 and sum(got_exit) >= 10
