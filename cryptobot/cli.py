@@ -159,6 +159,13 @@ def cmd_train(a) -> int:
     result = run_job("train", params, s.reports_dir, progress=not a.quiet)
     if result.get("artifact"):
         say(f"model artifact: {result['artifact']}")
+    pol, o = result.get("policy"), result.get("oos_after_cost") or {}
+    if pol:
+        say("model policy: " + (f"enter p >= {pol['entry_threshold']:.4f}, exit p < {pol['exit_threshold']:.4f}, "
+                                f"max_hold {pol['max_hold']}" if pol["trade"] else
+                                "trade false: no threshold beat costs on the training folds, the runner never enters")
+            + f"; {pol['flat_folds']} folds flat; walk-forward OOS after costs {o.get('trades')} trades, "
+            f"{o.get('total_return', 0):+.2%} (buy-and-hold {o.get('buy_and_hold_return', 0):+.2%}, flat +0.00%)")
     return 0
 
 
@@ -288,7 +295,34 @@ def cmd_demo(a) -> int:
         f"{Path(s.reports_dir).resolve()}/audit-*.html")
     if bt.get("stats"):
         say("  backtest: " + ", ".join(f"{k} {v}" for k, v in bt["stats"].items()))
+    for line in _demo_policy_lines(bt):
+        say("  " + line)
     return 0
+
+# %% ../nbs/22_cli.ipynb #93ec223f
+def _demo_policy_lines(bt: dict) -> list[str]:
+    "The backtest report's cost-aware model policy, Guardian and rule strategy, one line each (the demo's summary)."
+    pct = lambda v: "n/a" if v is None else f"{v:+.2%}"                                    # noqa: E731
+    cap, out = bt.get("cost_aware_policy") or {}, []
+    pol, old = cap.get("manifest_policy") or {}, cap.get("old_fixed") or {}
+    if pol:
+        out.append("model policy: " + (f"enter p >= {pol['entry_threshold']:.4f}, exit p < {pol['exit_threshold']:.4f}"
+                   if pol.get("trade") else "trade false (no threshold beat costs on the training folds: never enters)")
+                   + f"; walk-forward OOS {cap.get('trades')} trades {pct(cap.get('total_return'))}, "
+                   f"{cap.get('flat_folds')}/{cap.get('folds')} folds flat; old fixed 0.55/0.45: "
+                   f"{old.get('trades')} trades {pct(old.get('total_return'))}")
+    g, r = bt.get("guardian") or {}, bt.get("rule_strategy") or {}
+    rg = r.get("guarded") or {}
+    if g:
+        out.append(f"Guardian in the backtest (kill switch {g.get('kill_switch')}, {g.get('after_lock')}): model "
+                   f"{g.get('trades')} trades, {len(g.get('kill_switch_locks') or [])} lock(s)" + (
+                   f"; {r.get('strategy')} {rg.get('trades')} trades, {len(rg.get('kill_switch_locks') or [])} "
+                   f"lock(s), {pct(rg.get('total_return'))}" if rg else ""))
+    if r:
+        out.append(f"rule strategy beside it: {r.get('strategy')}: {r.get('trades')} trades {pct(r.get('total_return'))}"
+                   f" (buy-and-hold {pct((bt.get('stats') or {}).get('buy_and_hold_return'))})")
+    return out
+
 
 # %% ../nbs/22_cli.ipynb #eda807a8
 def cmd_status(a) -> int:

@@ -39,7 +39,7 @@ from .notify import Alert, Event, Notifier, NotifyError, _secret_parts, split_ur
 from .risk import Plan, RiskEngine
 from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
 from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
-from .strategy import make_strategy, parse_params, required_window, spec_of
+from .strategy import NO_EDGE, make_strategy, parse_params, required_window, spec_of
 from .notify import secret_values
 
 
@@ -47,8 +47,9 @@ from .notify import secret_values
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'LiveError', 'StartupRefused',
            'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
-           'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'load_strategy', 'CrashPoints', 'Tick',
-           'Runner', 'stop_report', 'format_stop', 'start_runner', 'run', 'PortfolioRunner', 'start_portfolio']
+           'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy', 'load_strategy',
+           'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'start_runner', 'run', 'PortfolioRunner',
+           'start_portfolio']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -232,7 +233,7 @@ MAX_KLINES = 1000          # Binance (and the emulator) return at most this many
 
 
 def is_rule(strategy) -> bool:
-    "A `cryptobot.strategy` rule the runner evaluates with `decide()` (the model runs on its probability path)."
+    "A `cryptobot.strategy` rule backtested as such (a strategy artifact); the model's artifact is its model."
     return isinstance(strategy, RuleStrategy) and not isinstance(strategy, ModelStrategy)
 
 
@@ -240,11 +241,26 @@ def select_strategy(settings: Settings, strategy=None):
     "The strategy to trade: `strategy` if given, else `CRYPTOBOT_STRATEGY`/`_PARAMS`; None = the model artifact's own."
     if strategy is None and (settings.strategy != "model" or settings.strategy_params):
         strategy = make_strategy(settings.strategy, parse_params(settings.strategy_params))
-    if isinstance(strategy, ModelStrategy):           # the model's thresholds on the runner's probability path
-        from cryptobot.model import Strategy as ModelPolicy  # lazy: scikit-learn only to train or score, off the live path
-        strategy = ModelPolicy(strategy.entry_threshold, strategy.exit_threshold,
-                               strategy.max_hold if strategy.max_hold is not None else 10**9)
     return strategy
+
+
+def model_strategy(strategy, artifact):
+    """What the runner decides with: a rule as it is; the model as a `ModelStrategy` on `artifact`, trading the
+    artifact's cost-aware policy unless thresholds were given (`_PARAMS`, or a `cryptobot.model.Strategy`)."""
+    if is_rule(strategy):
+        return strategy
+    given = strategy.given if isinstance(strategy, ModelStrategy) else {}
+    if strategy is not None and not isinstance(strategy, ModelStrategy):            # cryptobot.model.Strategy
+        d = strategy.to_dict()
+        given = {**d, "max_hold": d["max_hold"] if d["max_hold"] <= 100_000 else None}
+    try:
+        s = ModelStrategy(model=artifact, **given)
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}") from None
+    if not s.trade:
+        _event("model_policy_flat", logging.WARNING, model=getattr(artifact, "model_id", None), reason=NO_EDGE,
+               detail="no threshold beat costs on the training folds: the runner will not enter")
+    return s
 
 
 def load_strategy(settings: Settings, strategy, artifact=None):
@@ -371,7 +387,7 @@ class Runner:
         self.settings, self.artifact = settings, artifact
         self.data_client, self.journal, self.guardian, self.clock = data_client, journal, guardian, clock
         self._make_exec, self.fills = make_exec, fills
-        self.strategy = strategy if strategy is not None else artifact.strategy
+        self.strategy = model_strategy(strategy, artifact)   # the model too: one decide() path (issue 11)
         self.rule = is_rule(self.strategy)        # a cryptobot.strategy rule: decide() on the trailing window
         self.need = max(LOOKBACK, required_window(self.strategy)) if self.rule else LOOKBACK
         if self.need + 2 > MAX_KLINES:
@@ -535,15 +551,9 @@ def _step(self, decide: bool = True) -> Tick | None:
         prior = self._journaled_signal(close_t)
         if prior is not None:
             tick.action, tick.reason, tick.replayed = prior["action"], prior.get("reason"), True
-        elif self.rule:
-            tick.action, tick.reason = self._decide_rule(closed, pos, held)
-            self.journal.log_event("signal", f"{tick.action} at {iso(close_t)}",
-                                   {"candle_time": close_t, "proba": None, "action": tick.action,
-                                    "reason": tick.reason, "bars_held": held, "position": pos is not None})
-        else:
-            tick.action = self.strategy.decide(proba, pos is not None, held)
-            tick.reason = self.strategy.exit_reason(proba, held) if tick.action == EXIT else None
-            self.journal.log_event("signal", f"{tick.action} p={proba:.4f} at {iso(close_t)}",
+        else:                                          # rules and the model: the strategy's decide() on its window
+            tick.action, tick.reason = self._decide_rule(closed, pos, held, feats)
+            self.journal.log_event("signal", f"{tick.action}{'' if proba is None else f' p={proba:.4f}'} at {iso(close_t)}",
                                    {"candle_time": close_t, "proba": proba, "action": tick.action,
                                     "reason": tick.reason, "bars_held": held, "position": pos is not None})
         ctx = self.executor.context(now=self.clock(), last_candle_close=close_t, feature_fingerprint=self.fp,
@@ -580,10 +590,12 @@ Runner.step = _step
 
 
 # %% ../nbs/14_live.ipynb #c1d92aba
-def _decide_rule(self, closed: pd.DataFrame, pos, held: int) -> tuple[str, str | None]:
-    "The rule strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
+def _decide_rule(self, closed: pd.DataFrame, pos, held: int, feats=None) -> tuple[str, str | None]:
+    "The strategy's decision on its trailing window (`required_window` closed candles): (action, reason)."
     w = closed.iloc[-required_window(self.strategy):]
-    d = self.strategy.decide(w, build_features(w) if self.strategy.uses_features else None,
+    f = None if not self.strategy.uses_features else feats if feats is not None and feats.index.equals(w.index) \
+        else build_features(w)                          # the tick's features when they cover the same window
+    d = self.strategy.decide(w, f,
                              in_position=pos is not None, bars_held=held,
                              entry_price=pos.entry_price if pos is not None else None)
     return str(d), d.reason

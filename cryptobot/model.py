@@ -16,27 +16,27 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-import time
 
 import joblib
 import numpy as np
 import pandas as pd
-
+import time
 from .files import CryptobotError
 from . import features as F
 from .features import build_features
 import cryptobot
 from . import data as D
 
+
 # %% auto #0
 __all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
-           'HOLD', 'FLAT', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS',
-           'POLICY_QUANTILES', 'EXIT_QUANTILES', 'ModelError', 'Strategy', 'round_trip_cost', 'make_labels', 'Fold',
-           'walk_forward_folds', 'oos_metrics', 'ConstantModel', 'fit_classifier', 'current_feature_spec',
-           'data_fingerprint', 'TrainResult', 'train_walk_forward', 'data_spec', 'candles_from_spec',
-           'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact', 'load_artifact', 'latest_model',
-           'policy_grid', 'after_cost_return', 'choose_policy', 'fit_calibrator', 'cost_aware_policy', 'policy_signals',
-           'policy_backtest']
+           'HOLD', 'FLAT', 'POLICY_QUANTILES', 'EXIT_QUANTILES', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL',
+           'TREES_FILE', 'REQUIRED_KEYS', 'ModelError', 'Strategy', 'round_trip_cost', 'make_labels', 'Fold',
+           'walk_forward_folds', 'oos_metrics', 'policy_grid', 'after_cost_return', 'choose_policy', 'fit_calibrator',
+           'cost_aware_policy', 'policy_signals', 'policy_backtest', 'trained_policy', 'policy_strategy',
+           'ConstantModel', 'fit_classifier', 'current_feature_spec', 'data_fingerprint', 'TrainResult',
+           'train_walk_forward', 'data_spec', 'candles_from_spec', 'check_same_candles', 'TreeEnsemble',
+           'save_artifact', 'Artifact', 'load_artifact', 'latest_model']
 
 # %% ../nbs/06_model.ipynb #71dc3f6b
 class ModelError(CryptobotError, ValueError):
@@ -59,6 +59,7 @@ class Strategy:
     entry_threshold: float = 0.55
     exit_threshold: float = 0.45
     max_hold: int = DEFAULT_HORIZON
+    trade: bool = True          # False: the cost-aware policy found no edge after costs, never enter
 
     def __post_init__(self):
         e, x, m = self.entry_threshold, self.exit_threshold, self.max_hold
@@ -66,12 +67,14 @@ class Strategy:
             raise ModelError(f"strategy thresholds entry={e!r} exit={x!r} invalid: need 0 <= exit <= entry <= 1")
         if not (isinstance(m, (int, np.integer)) and m >= 1):
             raise ModelError(f"strategy max_hold={m!r} invalid: need an integer number of bars >= 1")
+        if not isinstance(self.trade, (bool, np.bool_)):
+            raise ModelError(f"strategy trade={self.trade!r} invalid: need true or false")
 
     def decide(self, proba: float, in_position: bool, bars_held: int = 0) -> str:
         "`'enter' | 'exit' | 'hold' | 'flat'` for the close of a bar (see the rules above)."
         if in_position:
             return EXIT if (bars_held >= self.max_hold or proba < self.exit_threshold) else HOLD
-        return ENTER if proba >= self.entry_threshold else FLAT
+        return ENTER if (self.trade and proba >= self.entry_threshold) else FLAT
 
     def exit_reason(self, proba: float, bars_held: int) -> str:
         "Why an `'exit'` decision was taken: `'max_hold'` if the holding limit is reached, else `'signal'`."
@@ -79,7 +82,7 @@ class Strategy:
 
     def to_dict(self) -> dict:
         return {"entry_threshold": float(self.entry_threshold), "exit_threshold": float(self.exit_threshold),
-                "max_hold": int(self.max_hold)}
+                "max_hold": int(self.max_hold), "trade": bool(self.trade)}
 
 # %% ../nbs/06_model.ipynb #46ffd226
 def round_trip_cost(fee: float = FEE, slippage: float = SLIPPAGE, margin: float = 0.0) -> float:
@@ -180,6 +183,130 @@ def oos_metrics(y, proba, entry_threshold: float) -> dict:
     out["note"] = "; ".join(notes)
     return out
 
+# %% ../nbs/06_model.ipynb #c2b5c4fe
+POLICY_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # entry-threshold candidates (quantiles of the probabilities)
+EXIT_QUANTILES = (0.3, 0.5)                          # exit-threshold candidates, plus exit == entry
+
+
+def policy_grid(p) -> list[tuple[float, float]]:
+    "(entry, exit) threshold pairs from quantiles of `p` (models differ in scale, so fixed numbers would not do)."
+    p = np.asarray(p, float)
+    p = p[~np.isnan(p)]
+    if len(p) == 0:
+        return []
+    ent = np.quantile(p, POLICY_QUANTILES)
+    ext = np.quantile(p, EXIT_QUANTILES)
+    return sorted({(float(e), float(min(x, e))) for e in ent for x in (*ext, e)})
+
+
+def after_cost_return(candles, proba: pd.Series, entry: float, exit_: float, max_hold: int, fee: float,
+                      slippage: float, risk_engine=None) -> tuple[float, int]:
+    "Total return after costs (and trades) of thresholds `entry`/`exit_` on the span `proba` covers."
+    from cryptobot.backtest import simulate_signals       # lazy: the backtest imports this module
+    span = candles.loc[proba.index[0]:proba.index[-1]]
+    p = proba.reindex(span.index).to_numpy("float64")
+    with np.errstate(invalid="ignore"):
+        tr = simulate_signals(span, p >= entry, p < exit_, risk_engine, None, fee, slippage, 10_000.0,
+                              max_hold=max_hold)
+    return tr.attrs["final_equity"] / 10_000.0 - 1.0, len(tr)
+
+# %% ../nbs/06_model.ipynb #e4a510d0
+def choose_policy(candles, proba: pd.Series, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
+                  slippage: float = SLIPPAGE, risk_engine=None) -> dict:
+    "The grid pair with the best after-cost return on `proba`'s span, or flat (`trade=False`) if none beats 0."
+    proba = proba.dropna()
+    best = {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
+            "candidates": 0}
+    if len(proba) < 2:
+        return best
+    grid = policy_grid(proba)
+    best["candidates"] = len(grid)
+    for e, x in grid:
+        ret, n = after_cost_return(candles, proba, e, x, max_hold, fee, slippage, risk_engine)
+        if n > 0 and ret > best["train_return"]:
+            best.update(trade=True, entry_threshold=e, exit_threshold=x, train_return=ret, train_trades=n)
+    return best
+
+
+def fit_calibrator(proba, y):
+    "Isotonic calibration map (raw probability -> observed frequency), clipped outside the fitted range."
+    from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn only to train or score, off the live path
+    m = ~np.isnan(np.asarray(proba, float)) & ~np.isnan(np.asarray(y, float))
+    return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(np.asarray(proba)[m], np.asarray(y)[m])
+
+# %% ../nbs/06_model.ipynb #0637f3b0
+def cost_aware_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, max_hold: int = DEFAULT_HORIZON,
+                      fee: float = FEE, slippage: float = SLIPPAGE, risk_engine=None):
+    "Per fold: calibrate and choose thresholds on the earlier folds only. Returns (folds table, oos + policy, final)."
+    oos = oos.copy()
+    for c in ("proba_cal", "entry_threshold", "exit_threshold"):
+        oos[c] = np.nan
+    pos = pd.Series(np.arange(len(candles)), index=candles.index)
+    rows = []
+    for k in sorted(oos["fold"].unique()):
+        test = oos["fold"] == k
+        start = oos.index[test][0]
+        start_pos = pos[start]
+        prior = oos[(oos["fold"] < k) & (pos.reindex(oos.index).to_numpy() + horizon < start_pos)]
+        pol = choose_policy(candles, prior["proba"], max_hold, fee, slippage, risk_engine) if len(prior) else \
+            {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
+             "candidates": 0}
+        if len(prior) and prior["label"].notna().any():
+            oos.loc[test, "proba_cal"] = fit_calibrator(prior["proba"], prior["label"]).predict(
+                oos.loc[test, "proba"].fillna(0.5).to_numpy()) * np.where(oos.loc[test, "proba"].isna(), np.nan, 1)
+        if pol["trade"]:
+            oos.loc[test, "entry_threshold"] = pol["entry_threshold"]
+            oos.loc[test, "exit_threshold"] = pol["exit_threshold"]
+        rows.append({"fold": int(k), "test_start": start, "prior_rows": len(prior), **pol,
+                     "decision": "trade" if pol["trade"] else "flat: no threshold beat costs on earlier folds"
+                     if len(prior) else "flat: no earlier out-of-sample evidence"})
+    final = choose_policy(candles, oos["proba"], max_hold, fee, slippage, risk_engine)
+    return pd.DataFrame(rows).set_index("fold"), oos, final
+
+# %% ../nbs/06_model.ipynb #467fb414
+def policy_signals(oos: pd.DataFrame, candles: pd.DataFrame):
+    "Per-bar enter/exit booleans of a `cost_aware_policy` frame on `candles`' index (flat where no threshold)."
+    o = oos.reindex(candles.index)
+    p, e, x = (o[c].to_numpy("float64") for c in ("proba", "entry_threshold", "exit_threshold"))
+    with np.errstate(invalid="ignore"):
+        enter = (p >= e) & ~np.isnan(e)
+        exit_ = (p < x) | (np.isnan(e) & ~np.isnan(p))           # a flat fold also closes what is open
+    return enter, exit_
+
+
+def policy_backtest(candles, oos: pd.DataFrame, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
+                    slippage: float = SLIPPAGE, risk_engine=None, **kw):
+    "Out-of-sample backtest (cryptobot.backtest result) of the per-fold policy, on the span the OOS rows cover."
+    from cryptobot.backtest import _result, _simulate  # lazy: cycle: backtest imports model and strategy
+    span = candles.loc[oos.index[0]:oos.index[-1]]
+    enter, exit_ = policy_signals(oos, span)
+    t0 = time.perf_counter()
+    out = _simulate(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
+    return _result(span, *out, fee, slippage, 10_000.0, t0)
+
+# %% ../nbs/06_model.ipynb #0ea8c3a3
+def trained_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, max_hold: int = DEFAULT_HORIZON,
+                   fee: float = FEE, slippage: float = SLIPPAGE, risk_engine=None):
+    "(manifest `policy`, per-fold table, OOS frame with the per-fold thresholds) of `cost_aware_policy` on `oos`."
+    tab, pol_oos, final = cost_aware_policy(candles, oos, horizon, max_hold, fee, slippage, risk_engine)
+    k = sorted(int(x) for x in oos["fold"].unique())
+    policy = {"trade": bool(final["trade"]), "entry_threshold": final["entry_threshold"],
+              "exit_threshold": final["exit_threshold"], "max_hold": int(max_hold),
+              "train_return": float(final["train_return"]), "train_trades": int(final["train_trades"]),
+              "candidates": int(final["candidates"]), "flat_folds": int((~tab["trade"].astype(bool)).sum()),
+              "chosen_on": f"after-cost backtest return (fee {fee:g}, slippage {slippage:g} a side) of "
+                           f"{final['candidates']} threshold pairs on the out-of-sample walk-forward probabilities of "
+                           f"folds {k[0]}-{k[-1]} ({_ts(oos.index[0])} .. {_ts(oos.index[-1])}, {len(oos)} bars)"}
+    return policy, tab, pol_oos
+
+
+def policy_strategy(policy: dict) -> Strategy:
+    "The `Strategy` a manifest `policy` trades: its thresholds, or never entering (`trade=False`) when flat."
+    if policy["trade"]:
+        return Strategy(float(policy["entry_threshold"]), float(policy["exit_threshold"]), int(policy["max_hold"]))
+    return Strategy(1.0, 1.0, int(policy["max_hold"]), trade=False)
+
+
 # %% ../nbs/06_model.ipynb #0870e389
 DEFAULT_PARAMS = dict(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=200,
                       l2_regularization=1.0, random_state=0, early_stopping=False)
@@ -246,6 +373,8 @@ class TrainResult:
     last_fold_model: object = None
     last_fold_test: np.ndarray | None = None   # positions of the last fold's test rows (permutation importance)
     check_X: np.ndarray | None = None          # training rows the lean predictor must reproduce (see TreeEnsemble)
+    policy_folds: pd.DataFrame | None = None   # cost_aware_policy's per-fold table (flat folds said)
+    policy_oos: pd.DataFrame | None = None     # the OOS frame with each fold's thresholds (policy_backtest)
 
     def save(self, models_dir, model_id: str | None = None) -> Path:
         "Write `<models_dir>/<id>/` atomically (temp dir + rename); returns the artifact directory."
@@ -257,6 +386,7 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in s.lower()).strip("-")
 
 
+# %% ../nbs/06_model.ipynb #f87fe98a
 def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = None, *,
                        horizon: int = DEFAULT_HORIZON, cost: float | None = None, margin: float = 0.0,
                        fee: float = FEE, slippage: float = SLIPPAGE, n_folds: int = 5, embargo: int | None = None,
@@ -303,6 +433,7 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
     oos.index.name = "timestamp"
     overall = oos_metrics(oos["label"], oos["proba"], strategy.entry_threshold)
     fold_df = pd.DataFrame(rows).set_index("fold")
+    policy, pol_tab, pol_oos = trained_policy(candles, oos, horizon, int(strategy.max_hold), fee, slippage)
 
     final = fit_classifier(X[trainable], y[trainable], params)
     tr = np.flatnonzero(trainable)
@@ -319,18 +450,19 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
         "label": {"horizon": int(horizon), "cost": cost, "margin": float(margin), "fee": fee, "slippage": slippage},
         "walk_forward": {"n_folds": n_folds, "embargo": embargo, "window": window, "train_size": train_size,
                          "min_train": min_train},
-        "strategy": strategy.to_dict(),
+        "strategy": policy_strategy(policy).to_dict(),     # what the runner and a backtest of the artifact trade
+        "policy": policy, "policy_folds": json.loads(pol_tab.reset_index().to_json(orient="records", date_format="iso")),
         "params": {**DEFAULT_PARAMS, **(params or {})},
         "model_class": type(final).__name__,
         "metrics": {"folds": json.loads(fold_df.reset_index().to_json(orient="records")),
                     "overall": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                for k, v in overall.items()}},
+                                for k, v in overall.items()}, "entry_threshold": float(strategy.entry_threshold)},
         "versions": {"python": platform.python_version(), "sklearn": _sklearn_version(),
                      "pandas": pd.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
                      "cryptobot": cryptobot.__version__},
     }
     return TrainResult(final, oos, fold_df, overall, manifest, last_fold_model, last_test,
-                       check_X=X[tr[-CHECK_ROWS:]])
+                       check_X=X[tr[-CHECK_ROWS:]], policy_folds=pol_tab, policy_oos=pol_oos)
 
 # %% ../nbs/06_model.ipynb #61dd9d84
 def data_spec(data: str | None = "synthetic", timeframe: str = "1h", n_synthetic: int = 4000, seed: int = 7,
@@ -527,6 +659,11 @@ class Artifact:
         return Strategy(**self.manifest["strategy"])
 
     @property
+    def policy(self) -> dict | None:
+        "The cost-aware policy chosen at training (None: trained before it existed)."
+        return self.manifest.get("policy")
+
+    @property
     def model_id(self) -> str:
         return self.manifest["model_id"]
 
@@ -610,104 +747,3 @@ def latest_model(models_dir) -> Path:
     if best is None:
         raise ModelError(f"no model artifact in {models_dir}: train one first (cryptobot train)")
     return best[1]
-
-# %% ../nbs/06_model.ipynb #c2b5c4fe
-POLICY_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # entry-threshold candidates (quantiles of the probabilities)
-EXIT_QUANTILES = (0.3, 0.5)                          # exit-threshold candidates, plus exit == entry
-
-
-def policy_grid(p) -> list[tuple[float, float]]:
-    "(entry, exit) threshold pairs from quantiles of `p` (models differ in scale, so fixed numbers would not do)."
-    p = np.asarray(p, float)
-    p = p[~np.isnan(p)]
-    if len(p) == 0:
-        return []
-    ent = np.quantile(p, POLICY_QUANTILES)
-    ext = np.quantile(p, EXIT_QUANTILES)
-    return sorted({(float(e), float(min(x, e))) for e in ent for x in (*ext, e)})
-
-
-def after_cost_return(candles, proba: pd.Series, entry: float, exit_: float, max_hold: int, fee: float,
-                      slippage: float, risk_engine=None) -> tuple[float, int]:
-    "Total return after costs (and trades) of thresholds `entry`/`exit_` on the span `proba` covers."
-    from cryptobot.backtest import simulate_signals  # lazy: cycle: backtest imports model and strategy
-    span = candles.loc[proba.index[0]:proba.index[-1]]
-    p = proba.reindex(span.index).to_numpy("float64")
-    with np.errstate(invalid="ignore"):
-        tr = simulate_signals(span, p >= entry, p < exit_, risk_engine, None, fee, slippage, 10_000.0,
-                              max_hold=max_hold)
-    return tr.attrs["final_equity"] / 10_000.0 - 1.0, len(tr)
-
-# %% ../nbs/06_model.ipynb #e4a510d0
-def choose_policy(candles, proba: pd.Series, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
-                  slippage: float = SLIPPAGE, risk_engine=None) -> dict:
-    "The grid pair with the best after-cost return on `proba`'s span, or flat (`trade=False`) if none beats 0."
-    proba = proba.dropna()
-    best = {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
-            "candidates": 0}
-    if len(proba) < 2:
-        return best
-    grid = policy_grid(proba)
-    best["candidates"] = len(grid)
-    for e, x in grid:
-        ret, n = after_cost_return(candles, proba, e, x, max_hold, fee, slippage, risk_engine)
-        if n > 0 and ret > best["train_return"]:
-            best.update(trade=True, entry_threshold=e, exit_threshold=x, train_return=ret, train_trades=n)
-    return best
-
-
-def fit_calibrator(proba, y):
-    "Isotonic calibration map (raw probability -> observed frequency), clipped outside the fitted range."
-    from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn only to train or score, off the live path
-    m = ~np.isnan(np.asarray(proba, float)) & ~np.isnan(np.asarray(y, float))
-    return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(np.asarray(proba)[m], np.asarray(y)[m])
-
-# %% ../nbs/06_model.ipynb #0637f3b0
-def cost_aware_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, max_hold: int = DEFAULT_HORIZON,
-                      fee: float = FEE, slippage: float = SLIPPAGE, risk_engine=None):
-    "Per fold: calibrate and choose thresholds on the earlier folds only. Returns (folds table, oos + policy, final)."
-    oos = oos.copy()
-    for c in ("proba_cal", "entry_threshold", "exit_threshold"):
-        oos[c] = np.nan
-    pos = pd.Series(np.arange(len(candles)), index=candles.index)
-    rows = []
-    for k in sorted(oos["fold"].unique()):
-        test = oos["fold"] == k
-        start = oos.index[test][0]
-        start_pos = pos[start]
-        prior = oos[(oos["fold"] < k) & (pos.reindex(oos.index).to_numpy() + horizon < start_pos)]
-        pol = choose_policy(candles, prior["proba"], max_hold, fee, slippage, risk_engine) if len(prior) else \
-            {"trade": False, "entry_threshold": None, "exit_threshold": None, "train_return": 0.0, "train_trades": 0,
-             "candidates": 0}
-        if len(prior) and prior["label"].notna().any():
-            oos.loc[test, "proba_cal"] = fit_calibrator(prior["proba"], prior["label"]).predict(
-                oos.loc[test, "proba"].fillna(0.5).to_numpy()) * np.where(oos.loc[test, "proba"].isna(), np.nan, 1)
-        if pol["trade"]:
-            oos.loc[test, "entry_threshold"] = pol["entry_threshold"]
-            oos.loc[test, "exit_threshold"] = pol["exit_threshold"]
-        rows.append({"fold": int(k), "test_start": start, "prior_rows": len(prior), **pol,
-                     "decision": "trade" if pol["trade"] else "flat: no threshold beat costs on earlier folds"
-                     if len(prior) else "flat: no earlier out-of-sample evidence"})
-    final = choose_policy(candles, oos["proba"], max_hold, fee, slippage, risk_engine)
-    return pd.DataFrame(rows).set_index("fold"), oos, final
-
-# %% ../nbs/06_model.ipynb #467fb414
-def policy_signals(oos: pd.DataFrame, candles: pd.DataFrame):
-    "Per-bar enter/exit booleans of a `cost_aware_policy` frame on `candles`' index (flat where no threshold)."
-    o = oos.reindex(candles.index)
-    p, e, x = (o[c].to_numpy("float64") for c in ("proba", "entry_threshold", "exit_threshold"))
-    with np.errstate(invalid="ignore"):
-        enter = (p >= e) & ~np.isnan(e)
-        exit_ = (p < x) | (np.isnan(e) & ~np.isnan(p))           # a flat fold also closes what is open
-    return enter, exit_
-
-
-def policy_backtest(candles, oos: pd.DataFrame, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
-                    slippage: float = SLIPPAGE, risk_engine=None, **kw):
-    "Out-of-sample backtest (cryptobot.backtest result) of the per-fold policy, on the span the OOS rows cover."
-    from cryptobot.backtest import _result, _simulate  # lazy: cycle: backtest imports model and strategy
-    span = candles.loc[oos.index[0]:oos.index[-1]]
-    enter, exit_ = policy_signals(oos, span)
-    t0 = time.perf_counter()
-    out = _simulate(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
-    return _result(span, *out, fee, slippage, 10_000.0, t0)

@@ -22,10 +22,10 @@ from .files import CryptobotError, atomic_write
 from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
-__all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'BUILTINS', 'STRATEGY_FILE',
-           'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema',
-           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy',
-           'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
+__all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
+           'STRATEGY_FILE', 'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window',
+           'ewm_warmup', 'ema', 'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve',
+           'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
            'load_strategy_artifact']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
@@ -277,6 +277,29 @@ class RsiReversion(Strategy):
         return (r < self.lower).fillna(False), (r > self.upper).fillna(False)
 
 # %% ../nbs/05_strategy.ipynb #47c30883
+NO_EDGE = "no_edge_after_costs"     # why a model whose cost-aware policy is flat does not enter
+
+
+def _manifest_of(model) -> dict:
+    "The manifest of `model` (a loaded artifact or its folder), without loading the model."
+    m = getattr(model, "manifest", None)
+    if m is None:
+        try:
+            m = json.loads((Path(model) / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StrategyError(f"model artifact {model}: manifest.json unreadable ({type(e).__name__}); "
+                                "train one (cryptobot train)") from None
+    return m
+
+
+def _flag(v) -> bool:
+    "A boolean parameter from Python or a command line (true/false, 1/0, yes/no)."
+    s = str(v).strip().lower()
+    if isinstance(v, (bool, np.bool_)) or s in ("true", "false", "1", "0", "yes", "no"):
+        return bool(v) if isinstance(v, (bool, np.bool_)) else s in ("true", "1", "yes")
+    raise StrategyError(f"ModelStrategy: trade={v!r} is not true or false")
+
+
 class ModelStrategy(Strategy):
     "The trained model: enter when P(up) >= entry_threshold, exit when P(up) < exit_threshold."
     name = "model"
@@ -284,8 +307,20 @@ class ModelStrategy(Strategy):
     max_hold_default = 12
     params = {"entry_threshold": Param(float, 0.55, 0.0, 1.0), "exit_threshold": Param(float, 0.45, 0.0, 1.0)}
 
-    def __init__(self, model=None, proba: pd.Series | None = None, **kw):
+    def __init__(self, model=None, proba: pd.Series | None = None, trade=None, **kw):
         self.model, self.proba = model, proba
+        self.given = {**kw, **({} if trade is None else {"trade": trade})}     # what the user set explicitly
+        if model is not None and not {"entry_threshold", "exit_threshold"} & set(kw):
+            m = _manifest_of(model)                    # the artifact's cost-aware policy, not fixed thresholds
+            if "policy" not in m:
+                raise StrategyError(f"model {m.get('model_id', model)} has no cost-aware policy (trained by an older "
+                                    "version): retrain it (cryptobot train) or pass entry_threshold/exit_threshold")
+            st = m["strategy"]
+            mh = st.get("max_hold")
+            kw = {"max_hold": mh if mh is None or mh <= 100_000 else None, **kw,
+                  "entry_threshold": st["entry_threshold"], "exit_threshold": st["exit_threshold"]}
+            trade = st.get("trade", True) if trade is None else trade
+        self.trade = True if trade is None else _flag(trade)
         super().__init__(**kw)
 
     def check(self):
@@ -305,7 +340,15 @@ class ModelStrategy(Strategy):
 
     def signals(self, candles, features=None):
         p = self.probabilities(features)
-        return (p >= self.entry_threshold).fillna(False), (p < self.exit_threshold).fillna(False)
+        return ((p >= self.entry_threshold) & self.trade).fillna(False), (p < self.exit_threshold).fillna(False)
+
+    def decide(self, *a, **kw) -> Decision:
+        "`Strategy.decide`; a flat policy's `'flat'` says why (`no_edge_after_costs`)."
+        d = Strategy.decide(self, *a, **kw)
+        return Decision(FLAT, NO_EDGE) if d == FLAT and not self.trade else d
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "trade": self.trade}
 
     def fingerprint_extra(self):
         m = self.model

@@ -69,6 +69,17 @@ def test_backtest_workflow_on_the_trained_model(trained):
     assert s["start"] > "2020-01-01" and s["bars"] < N            # only the out-of-sample span is backtested
     text = _text(nb)
     assert "SYNTHETIC DATA" in text and "vectorbt agrees with the simulation trade for trade" in text
+    # the model trades the manifest's cost-aware policy; beside it the walk-forward policy, the old fixed thresholds,
+    # the Guardian (kill switch) and a rule strategy
+    from cryptobot.backtest import run_backtest
+    from cryptobot.model import candles_from_spec, load_artifact, policy_strategy
+    art = load_artifact(t["artifact"])
+    assert art.strategy == policy_strategy(art.manifest["policy"])
+    assert b["cost_aware_policy"]["manifest_policy"] == art.manifest["policy"]
+    c = candles_from_spec(art.manifest["data"]["spec"])
+    assert s["trades"] == run_backtest(c, art.oos["proba"], art.strategy, vectorbt=False).stats["trades"]
+    assert b["cost_aware_policy"]["old_fixed"]["trades"] > 0 and b["rule_strategy"]["trades"] > 0
+    assert "old fixed 0.55/0.45" in text and "model + kill switch" in text and "folds flat" in text
 
 
 def test_backtest_refuses_candles_the_model_was_not_trained_on(trained):
@@ -76,3 +87,24 @@ def test_backtest_refuses_candles_the_model_was_not_trained_on(trained):
     with pytest.raises(pm.PapermillExecutionError, match="not the ones model"):
         _run("backtest", tmp / "bad.ipynb", model="latest", models_dir=str(models), data="synthetic",
              n_synthetic=N - 500)
+
+
+def test_train_workflow_reports_the_cost_aware_policy(trained):
+    "The chosen policy, the per-fold table with flat folds, the OOS after-cost result beside buy-and-hold and flat."
+    from cryptobot.model import candles_from_spec, load_artifact, policy_backtest, trained_policy
+    tmp, models, nb, out = trained
+    art = load_artifact(out["artifact"])
+    pol = art.manifest["policy"]
+    assert out["policy"] == pol
+    c = candles_from_spec(art.manifest["data"]["spec"])
+    _, tab, pol_oos = trained_policy(c, art.oos, art.manifest["label"]["horizon"], pol["max_hold"])
+    walk = policy_backtest(c, pol_oos, max_hold=pol["max_hold"])
+    o = out["oos_after_cost"]
+    assert o["trades"] == walk.stats["trades"] and o["total_return"] == pytest.approx(walk.stats["total_return"])
+    assert o["buy_and_hold_return"] == pytest.approx(walk.stats["buy_and_hold_return"]) and o["flat_return"] == 0.0
+    text = _text(nb)
+    assert "live policy:" in text and f"flat folds: {pol['flat_folds']} of {len(tab)}" in text
+    assert "no earlier out-of-sample evidence" in text and "buy-and-hold" in text
+    html = [v for c in nb.cells for o in c.get("outputs", []) for k, v in (o.get("data") or {}).items()
+            if k == "text/html"]
+    assert any("calibrated on earlier folds" in h for h in html)             # the reliability plot

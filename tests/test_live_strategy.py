@@ -199,3 +199,130 @@ def test_backtest_cli_saves_the_artifact_the_runner_trades(emu, tmp_path):
     assert _run(s) == (0, [])
     rc, refused = _run(dataclasses.replace(s, strategy_params="period=11", state_dir=tmp_path / "st2"))
     assert rc == EX_CONFIG and "differs in its parameters" in refused[0]
+
+
+# --- the model as a strategy: the runner trades the artifact's cost-aware policy (issue 11) ------------------------
+
+TRAIN = slice(5_776, 11_776)    # 2021-05 .. 2022-01 of the real file: its cost-aware policy trades (measured)
+N_MODEL = 300                   # decisions replayed, from the first bar after the training span
+
+
+@pytest.fixture(scope="module")
+def policy_model(tmp_path_factory):
+    "A model trained on a real span whose walk-forward policy beat costs; its artifact and the candles."
+    from market import real_candles
+    from cryptobot import features as F, model as M
+    c = real_candles()
+    res = M.train_walk_forward(c.iloc[TRAIN], F.build_features(c.iloc[:TRAIN.stop]).iloc[TRAIN.start:], n_folds=4,
+                               params={"max_iter": 100})
+    return c, res, res.save(tmp_path_factory.mktemp("models"))
+
+
+def _policy_vectorised(c, art_dir, policy, n):
+    "The research pass for the manifest's policy: lean probabilities over the whole history, `policy_signals`."
+    from cryptobot import features as F, model as M
+    start = TRAIN.stop
+    hist = c.iloc[:start + n]
+    p = M.load_artifact(art_dir, lean=True).predict_proba(F.build_features(hist))
+    oos = pd.DataFrame({"proba": p, "entry_threshold": policy["entry_threshold"] if policy["trade"] else np.nan,
+                        "exit_threshold": policy["exit_threshold"] if policy["trade"] else np.nan}, index=hist.index)
+    enter, exit_ = M.policy_signals(oos, hist)
+    sl = slice(start - 1, start + n)
+    return c.iloc[sl], enter[sl], exit_[sl]
+
+
+def test_runner_trades_the_models_cost_aware_policy_like_the_vectorised_pass(policy_model, tmp_path):
+    from cryptobot.backtest import simulate_signals
+    from cryptobot.risk import RiskEngine
+    c, res, art_dir = policy_model
+    pol = res.manifest["policy"]
+    assert pol["trade"] and pol["entry_threshold"] > 0.6 and res.manifest["strategy"]["entry_threshold"] == \
+        pol["entry_threshold"], pol                                     # not the old fixed 0.55 / 0.45
+    s = Settings(kill_switch_losses=10)
+    r = replay(c, art_dir, n_candles=N_MODEL, start=TRAIN.stop, fills="paper", state_dir=tmp_path / "state",
+               settings=s, unlock_kill_switch=True)
+    span, enter, exit_ = _policy_vectorised(c, art_dir, pol, N_MODEL)
+    sig = r.signals
+    assert len(sig) == N_MODEL
+    bar = span.index.get_indexer(sig["candle_time"] - pd.Timedelta(hours=1))
+    assert (bar >= 0).all()
+    flat = ~sig["position"].astype(bool).to_numpy()
+    held = sig["bars_held"].to_numpy()
+    want = np.where(flat, np.where(enter[bar] & ~exit_[bar], "enter", "flat"),
+                    np.where(exit_[bar] | (held >= pol["max_hold"]), "exit", "hold"))
+    assert (sig["action"].to_numpy() == want).all(), sig[sig["action"].to_numpy() != want].head()
+    assert (sig["action"] == "enter").sum() >= 3, "too few entries for the comparison to mean much"
+    bt = simulate_signals(span, enter, exit_, RiskEngine.from_settings(s), fee=s.fee_pct / 100,
+                          slippage=s.slippage_pct / 100, max_hold=pol["max_hold"])
+    cmp = compare_trades(r.trades, bt)
+    print(r.summary(), format_comparison(cmp), sep="\n")
+    assert len(bt) >= 2 and cmp["unexplained"] == [], format_comparison(cmp)
+    assert cmp["n_live"] == cmp["n_backtest"] == cmp["matched_entries"] == cmp["same_exit_bar"] == cmp["same_reason"]
+
+
+def test_a_model_whose_policy_found_no_edge_never_enters(policy_model, tmp_path):
+    "Same model and bars, manifest policy `trade: false`: no entry, every flat decision says no_edge_after_costs."
+    import json
+    import shutil
+    from cryptobot import model as M
+    c, res, art_dir = policy_model
+    flat_dir = tmp_path / "flat" / art_dir.name
+    shutil.copytree(art_dir, flat_dir)
+    man = json.loads((flat_dir / "manifest.json").read_text())
+    man["policy"] = {**man["policy"], "trade": False, "entry_threshold": None, "exit_threshold": None}
+    man["strategy"] = M.policy_strategy(man["policy"]).to_dict()
+    (flat_dir / "manifest.json").write_text(json.dumps(man))
+    r = replay(c, flat_dir, n_candles=N_MODEL, start=TRAIN.stop, fills="paper", state_dir=tmp_path / "state",
+               settings=Settings(kill_switch_losses=10))
+    assert len(r.signals) == N_MODEL and len(r.trades) == 0
+    assert (r.signals["action"] == "flat").all() and (r.signals["reason"] == "no_edge_after_costs").all()
+    span, enter, _ = _policy_vectorised(c, art_dir, res.manifest["policy"], N_MODEL)
+    assert enter.sum() >= 3                        # the same bars with the trading policy would have entered
+
+
+def test_runner_uses_explicit_thresholds_and_refuses_a_model_without_a_policy(policy_model, tmp_path):
+    import json
+    import shutil
+    from cryptobot.live import StartupRefused, model_strategy, select_strategy
+    from cryptobot.model import load_artifact
+    c, res, art_dir = policy_model
+    art = load_artifact(art_dir, lean=True)
+    s = Settings(strategy="model", strategy_params="entry_threshold=0.55,exit_threshold=0.45")
+    st = model_strategy(select_strategy(s), art)
+    assert (st.entry_threshold, st.exit_threshold, st.trade) == (0.55, 0.45, True)       # the user's, explicitly
+    st = model_strategy(select_strategy(Settings(strategy="model")), art)
+    pol = res.manifest["policy"]
+    assert (st.entry_threshold, st.exit_threshold, st.max_hold) == (pol["entry_threshold"], pol["exit_threshold"],
+                                                                    pol["max_hold"])
+    old = tmp_path / art_dir.name
+    shutil.copytree(art_dir, old)
+    man = json.loads((old / "manifest.json").read_text())
+    del man["policy"]
+    man["strategy"] = {"entry_threshold": 0.55, "exit_threshold": 0.45, "max_hold": 12}
+    (old / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(StartupRefused, match="no cost-aware policy"):
+        model_strategy(None, load_artifact(old, lean=True))
+
+
+def test_model_decides_bar_by_bar_like_policy_signals_on_every_bar(policy_model):
+    "ModelStrategy.decide on each bar's trailing window (what the tick runs) = policy_signals, flat and in position."
+    from cryptobot.features import build_features
+    from cryptobot.live import model_strategy
+    from cryptobot.model import load_artifact
+    from cryptobot.strategy import required_window
+    c, res, art_dir = policy_model
+    pol = res.manifest["policy"]
+    n = 1_500
+    span, enter, exit_ = _policy_vectorised(c, art_dir, pol, n)
+    st = model_strategy(None, load_artifact(art_dir, lean=True))       # as the runner builds it: no thresholds given
+    need = required_window(st)
+    got_enter, got_exit = [], []
+    for k in range(1, len(span)):                                        # decision bars TRAIN.stop .. TRAIN.stop+n-1
+        i = TRAIN.stop - 1 + k
+        w = c.iloc[i - need + 1:i + 1]
+        f = build_features(w)
+        got_enter.append(st.decide(w, f) == "enter")
+        got_exit.append(st.decide(w, f, in_position=True, bars_held=1) == "exit")
+    assert np.array_equal(np.array(got_enter), enter[1:] & ~exit_[1:])
+    assert np.array_equal(np.array(got_exit), exit_[1:])
+    assert sum(got_enter) >= 10 and sum(got_exit) >= 10

@@ -167,12 +167,13 @@ def test_artifact_roundtrip_and_manifest(trained):
     assert man["lookback"] == F.LOOKBACK and man["data"]["source"] == "synthetic"
     assert man["symbol"] == "BTC/USDT" and man["timeframe"] == "1h"
     assert man["label"]["horizon"] == 6 and man["label"]["cost"] == pytest.approx(0.003)
-    assert man["strategy"] == {"entry_threshold": 0.5, "exit_threshold": 0.4, "max_hold": 6}
+    assert man["strategy"] == M.policy_strategy(man["policy"]).to_dict()     # the cost-aware policy, not 0.5/0.4
+    assert man["policy"]["max_hold"] == 6 and man["metrics"]["entry_threshold"] == 0.5
     assert set(man["versions"]) >= {"python", "sklearn", "pandas", "numpy", "cryptobot"}
     assert len(man["metrics"]["folds"]) == 3 and "auc" in man["metrics"]["overall"]
     span = man["training_span"]
     assert pd.Timestamp(span["last"]) == c.index[-1 - 6]       # last labelled row
-    assert a.strategy == Strategy(0.5, 0.4, 6)
+    assert a.strategy == M.policy_strategy(man["policy"]) and a.policy == man["policy"]
     pd.testing.assert_frame_equal(a.oos, res.oos, check_freq=False)
     p = a.predict_proba(f)
     ok = ~f.isna().any(axis=1)
@@ -341,3 +342,30 @@ def test_a_folds_policy_depends_only_on_earlier_folds():
     assert tab.loc[:k, "trade"].any()                                      # the check is about a real choice
     assert not tab2.loc[k + 1:, cols].equals(tab.loc[k + 1:, cols])         # ...and the rewrite did matter later
     assert pol["proba_cal"].between(0, 1).all() or pol["proba_cal"].isna().any()
+
+
+def test_training_stores_the_cost_aware_policy_in_the_manifest(trained):
+    "manifest policy = cost_aware_policy's `final` on the OOS probabilities; per-fold table with flat folds said."
+    c, f, res, path, d = trained
+    man = load_artifact(path).manifest
+    pol = man["policy"]
+    assert set(pol) >= {"trade", "entry_threshold", "exit_threshold", "max_hold", "train_return", "train_trades",
+                        "chosen_on"}
+    tab, _, final = M.cost_aware_policy(c, res.oos, horizon=6, max_hold=6)
+    for k in ("trade", "entry_threshold", "exit_threshold", "train_return", "train_trades"):
+        assert pol[k] == final[k], k
+    assert "out-of-sample" in pol["chosen_on"] and pol["flat_folds"] == int((~tab["trade"].astype(bool)).sum())
+    assert [r["decision"] for r in man["policy_folds"]] == list(tab["decision"])
+    assert man["policy_folds"][0]["decision"].startswith("flat")             # fold 0 has no earlier evidence
+
+
+def test_a_policy_without_edge_after_costs_is_stored_as_no_trade():
+    "A falling market with uninformative features: nothing beats costs, the manifest says trade: false."
+    c, f = random_market(4000, seed=5, drift=-0.001)
+    res = train_walk_forward(c, f, n_folds=3, params={"max_iter": 20}, feature_spec=SPEC)
+    pol, st = res.manifest["policy"], Strategy(**res.manifest["strategy"])
+    assert pol["trade"] is False and pol["entry_threshold"] is None and pol["flat_folds"] == 3
+    assert st.trade is False and all(st.decide(p, False) == "flat" for p in np.linspace(0, 1, 11))
+    assert st.decide(0.5, True, 1) == "exit"                  # an open position is still closed
+    from cryptobot.backtest import run_backtest
+    assert run_backtest(c, res.oos["proba"], st, vectorbt=False).stats["trades"] == 0
