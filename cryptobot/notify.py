@@ -204,7 +204,7 @@ def start_refused(symbol, reason: str) -> Alert:
 def data_recovered(symbol, stale_s: float, last_candle=None) -> Alert:
     last = f" Last candle: {last_candle}." if last_candle is not None else ""
     return Alert(Event.DATA_RECOVERED, f"Data back {symbol}",
-                 f"Fresh candles again after {_dur(stale_s)} without.{last}", "success", urgent=False)
+                 f"Fresh candles again after {age_text(stale_s)} without.{last}", "success", urgent=False)
 
 
 # %% ../nbs/17_notify.ipynb #b05d3d29
