@@ -1350,6 +1350,9 @@ def check_oos_backtest(ev: Evidence) -> Check:
            f"{st['slippage']:.3%}, stop {ev.settings.stop_loss_pct:g} %: total return {st['total_return']:+.2%}, "
            f"max drawdown {st['max_drawdown']:.2%}, Sharpe {st['sharpe']:.2f}, {st['trades']} trades, win rate "
            f"{st['win_rate']:.1%}, fees {st['fees_paid']:.2f}; buy-and-hold {st['buy_and_hold_return']:+.2%}")
+    if st["trades"] == 0:
+        return Check("strategy", "oos_backtest", FAIL, txt, "the model does not trade out of sample: its cost-aware "
+                     "policy found no edge after costs on the training folds, so there is nothing to trade live")
     if not st["total_return"] > 0:
         return Check("strategy", "oos_backtest", FAIL, txt, f"the model loses money out of sample after costs "
                      f"({st['total_return']:+.2%}): it must not trade real money")

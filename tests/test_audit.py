@@ -278,6 +278,10 @@ def test_backtest_threshold_both_ways(tmp_path):
         ev = A.Evidence(settings_for(tmp_path))
         ev._cache.update(oos_backtest=(R(ret, n), None), artifact=(Art(), None))
         assert A.run_check("oos_backtest", ev).status == want, (ret, n)
+    ev = A.Evidence(settings_for(tmp_path))            # a flat cost-aware policy: says it does not trade
+    ev._cache.update(oos_backtest=(R(0.0, 0), None), artifact=(Art(), None))
+    c = A.run_check("oos_backtest", ev)
+    assert c.status == A.FAIL and "does not trade" in c.detail and "loses money" not in c.detail, c
 
 
 # ------------------------------------------------------------------------------------------------ demo artefacts
