@@ -1401,7 +1401,7 @@ def _pct(x) -> str:
 def check_strategy_evidence(ev: Evidence) -> Check:
     "The artifact the runner would trade for a rule strategy: its sweep evidence (PBO, walk-forward OOS return)."
     from cryptobot.live import StartupRefused, load_strategy  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
-    from cryptobot.strategy import StrategyError, artifact_dir, load_strategy_artifact  # lazy: pandas stays off the lean audit import
+    from cryptobot.strategy import StrategyError, artifact_dir, evidence_failures, load_strategy_artifact  # lazy: pandas stays off the lean audit import
     C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
     st, err = ev.strategy()
     if err:
@@ -1425,15 +1425,7 @@ def check_strategy_evidence(ev: Evidence) -> Check:
            f"configurations tried, objective {x.get('objective')}, {x.get('n_folds')} folds, data "
            f"{', '.join(x.get('symbols') or [])}): PBO {pbo if pbo is None else round(pbo, 3)}, walk-forward OOS return "
            f"after costs {_pct(ret)}" + (f", deflated Sharpe {dsr}" if dsr else ""))
-    bad = []
-    if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
-        bad.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} or unknown (the sweep's best is "
-                   "likely luck)")
-    synthetic = sorted(s for s, src in (x.get("sources") or {}).items() if str(src).startswith("synthetic"))
-    if synthetic:
-        bad.append(f"its sweep ran on the synthetic market ({', '.join(synthetic)}), which says nothing about a real one")
-    if not (isinstance(ret, (int, float)) and ret > 0):
-        bad.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive (it loses money)")
+    bad = evidence_failures(x)                         # the bar promote warns with, written once
     if bad:
         return C(FAIL, txt, "; ".join(bad) + ": it must not trade real money")
     return C(PASS, txt)

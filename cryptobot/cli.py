@@ -623,7 +623,7 @@ def cmd_sweep(a) -> int:
         names = [Path(d).stem for d in a.data]
         if len(set(names)) != len(names):
             raise ValueError("--data: two files with the same name; rename one (the name labels the symbol)")
-        data = {n: resolve_candles(d, s.symbol, s.timeframe, s.data_dir) for n, d in zip(names, a.data)}
+        data = {n: resolve_candles(d, s.symbol, s.timeframe, s.data_dir, a.n_synthetic) for n, d in zip(names, a.data)}
     else:
         c = resolve_candles(None, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
         data = {(s.symbol + (" (synthetic)" if c.attrs.get("source") == "synthetic" else "")): c}

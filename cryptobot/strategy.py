@@ -23,10 +23,10 @@ from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
-           'STRATEGY_FILE', 'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window',
-           'ewm_warmup', 'ema', 'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve',
-           'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
-           'load_strategy_artifact']
+           'STRATEGY_FILE', 'PBO_FAIL', 'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals',
+           'required_window', 'ewm_warmup', 'ema', 'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy',
+           'resolve', 'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact',
+           'save_strategy_artifact', 'load_strategy_artifact', 'evidence_failures']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
@@ -461,4 +461,22 @@ def load_strategy_artifact(path) -> StrategyArtifact:
         raise StrategyError(f"no usable strategy artifact at {p} ({type(e).__name__}): run cryptobot backtest "
                             "--strategy NAME --param ... --save-artifact first") from None
     return StrategyArtifact(m, p)
+
+
+# %% ../nbs/05_strategy.ipynb #94c49340
+PBO_FAIL = 0.5          # probability of backtest overfitting above this: the sweep's best is likely luck
+
+
+def evidence_failures(evidence: dict) -> list[str]:
+    "Why a promoted configuration's sweep evidence fails the go-live bar (empty list: it passes)."
+    out = []
+    pbo, ret = evidence.get("pbo"), evidence.get("walk_forward_oos_return")
+    if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
+        out.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} or unknown (the sweep's best is likely luck)")
+    if not (isinstance(ret, (int, float)) and ret > 0):
+        out.append(f"walk-forward out-of-sample return after costs {ret} is not positive (it loses money)")
+    synthetic = sorted(s for s, src in (evidence.get("sources") or {}).items() if str(src).startswith("synthetic"))
+    if synthetic:
+        out.append(f"its sweep ran on the synthetic market ({', '.join(synthetic)}), which says nothing about a real one")
+    return out
 

@@ -30,7 +30,7 @@ from .model import FEE, SLIPPAGE
 from .risk import Market, RiskEngine
 from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, make_strategy, resolve
 from .files import CryptobotError, atomic_write
-from .strategy import STRATEGY_FILE, artifact_dir, parse_params, spec_of
+from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_params, spec_of
 from .features import fingerprint as feature_fingerprint
 
 
@@ -38,8 +38,8 @@ from .features import fingerprint as feature_fingerprint
 __all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'parse_grid', 'grid_signals', 'run_grid',
            'grid_trades', 'make_folds', 'block_stats', 'pbo_cscv', 'expected_max_sharpe', 'deflated_sharpe',
            'walk_forward', 'finish_walk_forward', 'sweep_summary', 'pooled_configs', 'top_configs', 'sweep_task',
-           'task_list', 'task_path', 'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'evidence_failures',
-           'promote', 'runner_env']
+           'task_list', 'task_path', 'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'promote',
+           'runner_env']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
 class SweepError(CryptobotError, ValueError):
@@ -648,16 +648,6 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
     return atomic_write(Path(path), page)
 
 # %% ../nbs/08_sweep.ipynb #8857b1cf
-def evidence_failures(evidence: dict) -> list[str]:
-    "Why a promoted configuration's sweep evidence fails the go-live bar (empty list: it passes)."
-    out = []
-    if evidence.get("pbo") is None or not evidence["pbo"] <= 0.5:
-        out.append(f"probability of backtest overfitting {evidence.get('pbo')} is above 0.5 (or unknown)")
-    if evidence.get("walk_forward_oos_return") is None or not evidence["walk_forward_oos_return"] > 0:
-        out.append(f"walk-forward out-of-sample return after costs {evidence.get('walk_forward_oos_return')} is not positive")
-    return out
-
-
 def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data") -> dict:
     """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
     strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it."""

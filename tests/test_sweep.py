@@ -278,6 +278,11 @@ def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path)
     assert art == tmp_path / "data" / "strategies" / "ema_cross" / "strategy.json"        # where the runner looks
     ev = m["evidence"]
     assert ev["sweep_id"] == "s1" and ev["rank"] == 2 and ev["configs_tried"] == 6 and 0 <= ev["pbo"] <= 1
+    from cryptobot.data import synthetic_candles
+    from cryptobot.sweep import _fingerprint_candles
+    assert list(ev["data"].values()) == [_fingerprint_candles(synthetic_candles(n=3000))]   # --n-synthetic honoured
+    assert list(ev["sources"].values()) == ["synthetic"]
+    assert any("synthetic market" in w for w in m["evidence_failures"])                    # never a go-live pass
     bad = [w for w in ("overfitting", "not positive") if w in " ".join(m["evidence_failures"])]
     assert bad == [w for w, fails in (("overfitting", ev["pbo"] > 0.5), ("not positive", ev["walk_forward_oos_return"] <= 0))
                    if fails]
