@@ -1465,6 +1465,7 @@ def _symbol_candles(ev: Evidence) -> dict[str, float]:
 
 _candle_age_one, _paper_trades_one = check_candle_age, check_paper_trades
 _state_matches_one, _strategy_evidence_one = check_state_matches_journal, check_strategy_evidence
+_reconciliation_one = check_last_reconciliation
 
 
 # %% ../nbs/18_audit.ipynb #900373b5
@@ -1542,6 +1543,20 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     head = (f"{len(syms)} symbols, {'the model' if st is None else repr(st)}: the artifact each symbol trades, resolved "
             "as the portfolio runner does")          # a shared artifact is one fallback of that resolution
     return _per_symbol(Check("strategy", "strategy_evidence", PASS, head), parts)
+
+
+def check_last_reconciliation(ev: Evidence) -> Check:
+    "The newest reconciliation (`_reconciliation_one`), and with several symbols each symbol's newest: each executor reconciles its own."
+    c, syms = _reconciliation_one(ev), _symbols(ev)
+    if len(syms) < 2 or ev.journal()[0] is None:
+        return c
+    last = {r["s"]: r for r in ev.q("SELECT json_extract(result, '$.symbol') AS s, ts, ok, summary FROM reconciliations "
+                                    "WHERE id IN (SELECT MAX(id) FROM reconciliations GROUP BY json_extract(result, '$.symbol'))")}
+    parts = [(sym, FAIL, "no reconciliation journaled", f"{sym} was never reconciled with the exchange: restart the runner")
+             if sym not in last else (sym, PASS if last[sym]["ok"] else FAIL, f"{_iso(last[sym]['ts'])} "
+             f"{'ok' if last[sym]['ok'] else 'FAILED'}: {last[sym]['summary'][:120]}", "" if last[sym]["ok"] else
+             f"journal and exchange disagree on {sym}: resolve before trading") for sym in syms]
+    return _per_symbol(c, parts)
 
 
 # %% ../nbs/18_audit.ipynb #3600bc74
