@@ -127,6 +127,26 @@ def test_audit_gathers_every_symbols_evidence_and_names_the_one_that_lacks_it(tm
         for n in ("candle_age", "paper_trades", "state_matches_journal", "strategy_evidence"):
             assert all(f"{sym} " in c[n].evidence for sym in s.symbols), (n, c[n])
         assert c["candle_age"].status == A.PASS and c["strategy_evidence"].status == A.PASS, c
+        # the exchange holds less of `other`'s coin than its journaled position: a restart's reconciliation of that
+        # symbol (not the first) reports the shortfall and keeps its entries off; the other symbols reconcile
+        base = other.split("/")[0]
+        from decimal import Decimal
+        with emu._lock:                                # the coin left the account (no API moves a stop-locked coin)
+            kept = (emu._book.free[base], emu._book.locked[base])
+            emu._book.free[base] = emu._book.locked[base] = Decimal(0)
+        pr2 = start_portfolio(s, "paper", {sym: tmp_path / "art" / sym.replace("/", "") for sym in s.symbols},
+                              strategy=strat, settle_s=0.0, poll_s=0.02, min_poll_s=0.01,
+                              executor_kw={"settle_s": 0.0, "sleep": lambda _s: None}, rate_limit_ms=1.0)
+        try:
+            ok = {r.symbol: r.executor.reconciled for r in pr2.runners}
+            assert ok == {sym: sym != other for sym in s.symbols}, ok
+            rep = next(r.executor.last_report for r in pr2.runners if r.symbol == other)
+            assert any(f"exchange holds 0 {base}" in p for p in rep.problems), rep
+        finally:
+            pr2.close()
+            pr2.journal.close()
+            with emu._lock:
+                emu._book.free[base], emu._book.locked[base] = kept
         # one symbol's stop is cancelled by hand, another symbol's artifact is gone
         cl = make_client(api_key=KEY, api_secret=SECRET, base_url=emu.base_url)
         cl.cancel_order(None, other, {"clientOrderId": stops[other]})
