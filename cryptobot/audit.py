@@ -437,6 +437,12 @@ def _ev_covering(self, first_open: float, last_open: float, warmup: int = 0):
 
 Evidence.covering = _ev_covering
 
+# %% ../nbs/18_audit.ipynb #9b75c284
+def _symbols(ev: Evidence) -> tuple[str, ...]:
+    "The configured symbols (`CRYPTOBOT_SYMBOLS`); one symbol: `(CRYPTOBOT_SYMBOL,)`, the single-symbol audit unchanged."
+    return tuple(getattr(ev.settings, "symbols", None) or (ev.settings.symbol,))
+
+
 # %% ../nbs/18_audit.ipynb #18088e3f
 def check_rate_limit(ev: Evidence) -> Check:
     "The ccxt client the runner builds (`cryptobot.client.make_client`, as `start_runner` calls it) has the limiter on."
@@ -736,7 +742,7 @@ def _exchange_open_orders(ev: Evidence) -> tuple[set | None, str]:
             c = make_client(api_key=s.api_key.reveal() if s.api_key else None,
                             api_secret=s.api_secret.reveal() if s.api_secret else None,
                             base_url=s.exchange_url, sandbox=s.mode == "testnet", timeout_ms=10_000)
-            orders = c.fetch_open_orders(s.symbol)
+            orders = [o for sym in _symbols(ev) for o in c.fetch_open_orders(sym)]   # every symbol's stops
             where = s.exchange_url or ("Binance testnet" if s.mode == "testnet" else "Binance")
             return {o.get("clientOrderId") for o in orders}, f"asked the exchange ({where}: fetch_open_orders)"
         except Exception as e:  # noqa: BLE001 - unreachable: fall back to the journal and say so
@@ -791,7 +797,7 @@ def check_stops_on_exchange(ev: Evidence) -> Check:
                      + (f"{st['client_order_id']} {st['stop_price']:g} ({st['status']})" if st else "NONE")
                      + ("" if on_ex is None else f", on the exchange: {'yes' if on_ex else 'NO'}"))
         if st is None or on_ex is False:
-            bad.append(p["client_order_id"])
+            bad.append(p["client_order_id"] + (f" ({p['symbol']})" if len(_symbols(ev)) > 1 else ""))
     txt = f"{len(pos)} open position(s) — " + "; ".join(lines) + f" [{where}]"
     if bad:
         return Check("capital", "stops_on_exchange", FAIL, txt, f"position(s) without a live stop: {', '.join(bad)} — "
@@ -1415,6 +1421,12 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     except (StrategyError, StartupRefused) as e:
         return C(FAIL, f"rule strategy {st!r}: {e}", "no promoted artifact for the configured strategy: run cryptobot "
                  "sweep, then cryptobot promote SWEEP_ID and set the CRYPTOBOT_STRATEGY/_PARAMS it prints")
+    return _judge_sweep(art, st)
+
+
+def _judge_sweep(art, st) -> Check:
+    "A rule strategy's artifact by its sweep evidence: PBO, real data, walk-forward OOS return after costs."
+    C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
     x = art.manifest.get("evidence") or {}
     if not x:
         return C(FAIL, f"{art.path}: {st!r} has no sweep evidence (a single backtest's --save-artifact)",
@@ -1429,6 +1441,117 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     if bad:
         return C(FAIL, txt, "; ".join(bad) + ": it must not trade real money")
     return C(PASS, txt)
+
+
+# %% ../nbs/18_audit.ipynb #36621803
+def _per_symbol(c: Check, parts: list[tuple[str, str, str, str]]) -> Check:
+    "`c` with each symbol's (symbol, status, evidence, detail) added: the worst status; a failing symbol is named."
+    txt = c.evidence + " | per symbol: " + "; ".join(f"{sym} {st}: {e}" for sym, st, e, _d in parts)
+    bad = [f"{sym}: {d or e}" for sym, st, e, d in parts if st != PASS]
+    return Check(c.domain, c.name, _worst([c.status] + [p[1] for p in parts]), txt, "; ".join([c.detail] * bool(c.detail) + bad))
+
+
+def _symbol_candles(ev: Evidence) -> dict[str, float]:
+    "{symbol: close time of its newest processed candle} from the runners' `candle_done` events (journal + archive)."
+    rows = ev.q("SELECT json_extract(data, '$.symbol') AS s, MAX(CAST(json_extract(data, '$.candle_time') AS REAL)) "
+                "AS t FROM events WHERE kind = 'candle_done' GROUP BY s")
+    return {r["s"]: r["t"] for r in rows if r["s"] and r["t"] is not None}
+
+
+_candle_age_one, _paper_trades_one = check_candle_age, check_paper_trades
+_state_matches_one, _strategy_evidence_one = check_state_matches_journal, check_strategy_evidence
+_reconciliation_one = check_last_reconciliation
+
+
+# %% ../nbs/18_audit.ipynb #900373b5
+def check_candle_age(ev: Evidence) -> Check:
+    "The newest processed candle's age (`_candle_age_one`), and with several symbols each symbol's own."
+    c, syms = _candle_age_one(ev), _symbols(ev)
+    if len(syms) < 2:
+        return c
+    last, ok_s, late_s, parts = _symbol_candles(ev), ev.tf_s + ev.settings.max_data_age_s, \
+        2 * ev.tf_s + ev.settings.max_data_age_s, []
+    for sym in syms:
+        t = last.get(sym)
+        if t is None:
+            parts.append((sym, FAIL, "no processed candle", f"the runner never processed a {sym} candle"))
+            continue
+        age = ev.now - t
+        st = PASS if -60 < age <= ok_s else WARN if 0 < age <= late_s else FAIL
+        parts.append((sym, st, f"last candle closed {_iso(t)}, {_age(age)} ago", "" if st == PASS else
+                      f"{sym}'s feed is {'a candle late' if st == WARN else 'stale'}: check its data and the runner"))
+    return _per_symbol(c, parts)
+
+
+def check_paper_trades(ev: Evidence) -> Check:
+    "The paper test phase (`_paper_trades_one`), and with several symbols each symbol's closed trades."
+    c, syms = _paper_trades_one(ev), _symbols(ev)
+    if len(syms) < 2:
+        return c
+    got = {r["symbol"]: r for r in ev.q("SELECT symbol, COUNT(*) AS n, SUM(pnl) AS pnl FROM trades GROUP BY symbol")}
+    return _per_symbol(c, [(sym, PASS if sym in got else FAIL, f"{got[sym]['n']} closed trades, pnl "
+                            f"{got[sym]['pnl']:+.2f}" if sym in got else "no closed trade",
+                            "" if sym in got else f"no paper evidence for {sym}: keep paper trading it") for sym in syms])
+
+
+# %% ../nbs/18_audit.ipynb #71f6fe2f
+def check_state_matches_journal(ev: Evidence) -> Check:
+    "state.json vs the journal (`_state_matches_one`), and with several symbols each symbol's kill switch (journal only)."
+    from cryptobot.guardian import symbol_locks  # lazy: kept in this cell (the module is imported already)
+    c, syms = _state_matches_one(ev), _symbols(ev)
+    j, _err = ev.journal()
+    if len(syms) < 2 or j is None:
+        return c
+    locks = symbol_locks(j, ev.settings.kill_switch_losses)
+    parts = []
+    for sym in syms:
+        st = locks.get(sym) or {"losses": 0, "locked": False}
+        parts.append((sym, WARN if st["locked"] else PASS, f"loss streak {st['losses']}, " + (
+            f"LOCKED since {_iso(st['since'])}" if st["locked"] else "entries allowed"), st.get("reason") or ""))
+    return _per_symbol(c, parts)
+
+
+def check_strategy_evidence(ev: Evidence) -> Check:
+    "The strategy evidence (`_strategy_evidence_one`), and with several symbols the artifact each symbol would trade."
+    from cryptobot.live import StartupRefused, _portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+    syms = _symbols(ev)
+    st, err = ev.strategy()
+    if len(syms) < 2 or err:
+        return _strategy_evidence_one(ev)
+    parts = []
+    for sym in syms:
+        ss = dataclasses.replace(ev.settings, symbol=sym)
+        try:
+            art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
+        except StartupRefused as e:
+            parts.append((sym, FAIL, f"no artifact the runner would trade: {_line(e)}", "no promoted artifact for "
+                          f"{sym}: sweep it and promote its configuration into {ss.data_dir}"
+                          f" (strategies/<name>/{sym.replace('/', '')} for its own)"))
+            continue
+        if st is None:
+            fp = art.manifest.get("feature_fingerprint", "?")
+            parts.append((sym, PASS, f"model {art.model_id} (feature fingerprint {str(fp)[:12]} checked)", ""))
+        else:
+            j = _judge_sweep(art, st)
+            parts.append((sym, j.status, f"{art.path} ({art.manifest.get('strategy_fingerprint', '?')[:12]}): "
+                          + j.evidence.split(": ", 1)[-1], j.detail))
+    head = (f"{len(syms)} symbols, {'the model' if st is None else repr(st)}: the artifact each symbol trades, resolved "
+            "as the portfolio runner does")          # a shared artifact is one fallback of that resolution
+    return _per_symbol(Check("strategy", "strategy_evidence", PASS, head), parts)
+
+
+def check_last_reconciliation(ev: Evidence) -> Check:
+    "The newest reconciliation (`_reconciliation_one`), and with several symbols each symbol's newest: each executor reconciles its own."
+    c, syms = _reconciliation_one(ev), _symbols(ev)
+    if len(syms) < 2 or ev.journal()[0] is None:
+        return c
+    last = {r["s"]: r for r in ev.q("SELECT json_extract(result, '$.symbol') AS s, ts, ok, summary FROM reconciliations "
+                                    "WHERE id IN (SELECT MAX(id) FROM reconciliations GROUP BY json_extract(result, '$.symbol'))")}
+    parts = [(sym, FAIL, "no reconciliation journaled", f"{sym} was never reconciled with the exchange: restart the runner")
+             if sym not in last else (sym, PASS if last[sym]["ok"] else FAIL, f"{_iso(last[sym]['ts'])} "
+             f"{'ok' if last[sym]['ok'] else 'FAILED'}: {last[sym]['summary'][:120]}", "" if last[sym]["ok"] else
+             f"journal and exchange disagree on {sym}: resolve before trading") for sym in syms]
+    return _per_symbol(c, parts)
 
 
 # %% ../nbs/18_audit.ipynb #3600bc74

@@ -927,7 +927,7 @@ def _ex_reconcile(self) -> ReconcileReport:
         self.reconciled = ok
         report = ReconcileReport(ok, tuple(actions), tuple(problems), tuple(unknown), pos)
         self.journal.record_reconciliation(ok, str(report), {"actions": actions, "problems": problems,
-                                                             "unknown_orders": unknown})
+                                                             "unknown_orders": unknown, "symbol": self.symbol})
         if unknown:
             self._log("unknown_open_orders", logging.ERROR, count=len(unknown),
                       cids=",".join(str(o["clientOrderId"]) for o in unknown),

@@ -637,26 +637,12 @@ del _current_state, _state_dict, _locked
 # %% ../nbs/11_guardian.ipynb #d5f74f15
 def symbol_locks(journal: Journal, limit: int) -> dict[str, dict]:
     "{symbol: {losses, locked, since, reason}} for every symbol with a closed trade, from journal rows only."
-    out: dict[str, dict] = {}
-    fresh = lambda: {"losses": 0, "locked": False, "since": None, "reason": None}
-    for r in journal._query("SELECT kind, ts, data FROM events WHERE kind IN ('trade', 'symbol_unlock', 'unlock') "
-                            "ORDER BY id"):
-        d = json.loads(r["data"] or "{}")
-        if r["kind"] == "unlock":                  # the portfolio unlock lifts every symbol
-            out = {k: fresh() for k in out}
-            continue
-        sym = d.get("symbol")
-        if not sym:
-            continue
-        st = out.setdefault(sym, fresh())
-        if r["kind"] == "symbol_unlock":
-            out[sym] = fresh()
-        else:
-            st["losses"] = st["losses"] + 1 if d["pnl"] <= 0 else 0
-            if st["losses"] >= limit and not st["locked"]:
-                st.update(locked=True, since=r["ts"], reason=(
-                    f"kill switch for {sym}: {st['losses']} consecutive losing trades on {sym} (limit {limit}); "
-                    f"investigate, then cryptobot unlock --symbol {sym} --reason TEXT"))
+    out = {}
+    for sym, v in journal.symbol_streaks().items():   # the walk, continued from an archive checkpoint (10_journal)
+        locked = len(v["reached"]) >= limit
+        out[sym] = {"losses": v["losses"], "locked": locked, "since": v["reached"][limit - 1] if locked else None,
+                    "reason": (f"kill switch for {sym}: {limit} consecutive losing trades on {sym} (limit {limit}); "
+                               f"investigate, then cryptobot unlock --symbol {sym} --reason TEXT") if locked else None}
     return out
 
 

@@ -851,6 +851,42 @@ def _checkpoint(self) -> dict:
 
 Journal.checkpoint = _checkpoint
 
+# %% ../nbs/10_journal.ipynb #c4598954
+_SYMBOL_SQL = ("SELECT id, kind, ts, data FROM events WHERE id >= :lo AND id < :hi AND kind IN ('trade', 'symbol_unlock', "
+               "'unlock') ORDER BY id")
+
+
+def _fold_symbols(cp: Mapping | None, rows: Iterable[Mapping]) -> dict:
+    "{symbol: {losses, reached}} walked on from a checkpoint's `symbols` over trade/symbol_unlock/unlock events."
+    fresh = lambda: {"losses": 0, "reached": []}  # noqa: E731
+    out = {k: {"losses": v["losses"], "reached": list(v["reached"])} for k, v in (cp or {}).items()}
+    for r in rows:
+        d = json.loads(r["data"] or "{}")
+        if r["kind"] == "unlock":                  # the portfolio unlock lifts every symbol
+            out = {k: fresh() for k in out}
+            continue
+        sym = d.get("symbol")
+        if not sym:
+            continue
+        st = out.setdefault(sym, fresh())
+        if r["kind"] == "symbol_unlock":
+            out[sym] = fresh()
+        else:
+            st["losses"] = st["losses"] + 1 if d["pnl"] <= 0 else 0
+            if st["losses"] > len(st["reached"]):
+                st["reached"].append(r["ts"])
+    return out
+
+
+def _symbol_streaks(self) -> dict:
+    "{symbol: {losses, reached}}: each symbol's loss streak from the archive checkpoint on (see above)."
+    cp = self.checkpoint()
+    return _fold_symbols(cp.get("symbols"), self._query(_SYMBOL_SQL, dict(lo=cp.get("cut", 0), hi=_NO_END)))
+
+
+Journal.symbol_streaks = _symbol_streaks
+
+
 # %% ../nbs/10_journal.ipynb #5327f189
 def _rebuild_guardian_state(self, day: str | None = None, now: float | None = None) -> dict:
     "The Guardian's state computed ONLY from journal rows (see above). `day`: UTC `YYYY-MM-DD` for `day_pnl` (default today)."
@@ -938,6 +974,9 @@ def _archive_cut(self, before: float, now: float) -> int:
                                f"{iso(t)}); give a date on or before {utc_day(t)}, or close it first")
     last_entry = q("SELECT MAX(event_id) AS e FROM intents WHERE purpose = 'entry'")[0]["e"]
     cut = cut if last_entry is None else min(cut, last_entry)           # the last round trip stays
+    newest = q("SELECT MIN(event_id) AS e FROM decisions WHERE approved = 1 AND candle_time = (SELECT MAX(candle_time) "
+               "FROM decisions WHERE approved = 1)")[0]["e"]
+    cut = cut if newest is None else min(cut, newest)   # the newest candle's approvals stay: Guardian.room() reads them
     while True:                                                          # never split one client order id's rows
         lo = q(f"SELECT MIN(lo) AS lo FROM (SELECT MIN(event_id) AS lo, MAX(event_id) AS hi FROM ({groups}) "
                f"GROUP BY g) WHERE lo < ? AND hi >= ?", (cut, cut))[0]["lo"]
@@ -1037,6 +1076,7 @@ def _archive_commit(self, m: dict, archive_dir: Path, crash_at=None) -> bool:
                          "marks WHERE event_id < :c) AS last, (SELECT MAX(ts) FROM events WHERE id < :c AND kind IN "
                          "('trade', 'lock', 'unlock')) AS changed", dict(c=cut))[0]
         st.update(cut=cut, run=m["name"], **{k: _top(ex[k], cp.get(k)) for k in ("hw", "last", "changed")})
+        st["symbols"] = _fold_symbols(cp.get("symbols"), self._query(_SYMBOL_SQL, dict(lo=cp.get("cut", 0), hi=cut)))
         self._event(con, CHECKPOINT_KIND, f"archived {sum(map(len, ids.values()))} rows below event {cut} ({m['name']})", st)
         for t in _archive_tables(con):
             con.execute(f"DELETE FROM {t} WHERE event_id < ?", (cut,))

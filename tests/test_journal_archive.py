@@ -264,3 +264,148 @@ def test_audit_evidence_is_the_same_after_archiving(sd, monkeypatch):
     monkeypatch.setattr(A.Evidence, "journal", A._ev_journal_only)          # the audit without the archive rows
     blind = checks()
     assert blind["paper_trades"] != before["paper_trades"] and blind["orders_approved"] != before["orders_approved"]
+
+
+# ------------------------------------------------------------------------------------ several symbols (issue 13)
+SYMS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+PRICE3 = {"BTC/USDT": 42_000.0, "ETH/USDT": 2_000.0, "SOL/USDT": 100.0}
+# (day, [(symbol, pnl), ...] one candle each, or a tuple of them for entries on the same candle). BTC locks on day 2
+# and stays locked; ETH locks on day 1 and is unlocked (`unlock --symbol`) on day 3; SOL loses twice on day 4 (the
+# streak crosses the first archive date, day 5) and a third time on day 7, the newest candle, where ETH also entered:
+# its rows are what `Guardian.room()` reads for that candle. Wins in between keep the portfolio kill switch off.
+TRADES3 = [(0, [("BTC/USDT", 3.0), ("ETH/USDT", -1.0), ("SOL/USDT", 3.0)]),
+           (1, [("ETH/USDT", -1.0), ("BTC/USDT", 3.0), ("ETH/USDT", -1.0), ("SOL/USDT", 3.0), ("ETH/USDT", -1.0)]),
+           (2, [("BTC/USDT", -1.0), ("SOL/USDT", 3.0), ("BTC/USDT", -1.0), ("SOL/USDT", 3.0), ("BTC/USDT", -1.0)]),
+           (3, [("ETH/USDT", 3.0)]), (4, [("SOL/USDT", -1.0), ("ETH/USDT", 3.0), ("SOL/USDT", -1.0)]),
+           (6, [("ETH/USDT", 3.0)]), (7, [(("ETH/USDT", 3.0), ("SOL/USDT", -1.0))])]
+LAST3 = T0 + 7 * 86400 + 3600                  # the newest candle (two entries on it)
+NOW3 = T0 + 8 * 86400 + 7200
+
+
+def settings3(sd: Path) -> Settings:
+    return Settings(state_dir=sd, data_dir=sd.parent / "data", reports_dir=sd.parent / "reports", symbols=SYMS,
+                    max_open_positions=3, max_total_risk_pct=5.0)
+
+
+def entry3(j: Journal, g: Guardian, k: str, sym: str, t: float, pnl: float, clock: list):
+    "An approved decision on candle `t` (with its plan), redemption + entry intent, fill, exit and the closed trade."
+    e, x, px = f"cb-e-{k}", f"cb-x-{k}", PRICE3[sym]
+    plan = dict(notional=px, amount=1.0, entry_price=px, stop_price=px * 0.985, risk_amount=px * 0.015)
+    j.record_decision(f"a-{k}", True, [], symbol=sym, side="buy", candle_time=t, plan=plan, client_order_id=e,
+                      mode="paper", expires_at=t + 60, ts=t + 5)
+    j.record_redemption(f"a-{k}", e, dict(client_order_id=e, symbol=sym, side="buy", type="market", amount=1.0,
+                        price=None, stop_price=px * 0.985, purpose="entry", candle_time=t, approval_id=f"a-{k}"), ts=t + 6)
+    j.record_order_status(e, "closed", "1" + k, filled=1.0, average=px, ts=t + 7)
+    j.record_fill(f"f-{k}", e, px, 1.0, fee=0.1, ts=t + 7, symbol=sym, side="buy")
+    return lambda: exit3(j, g, k, sym, t, pnl, clock)
+
+
+def exit3(j, g, k, sym, t, pnl, clock):
+    x, px = f"cb-x-{k}", PRICE3[sym]
+    j.record_intent(x, sym, "sell", "market", 1.0, purpose="exit", ts=t + 601)
+    j.record_order_status(x, "closed", "3" + k, filled=1.0, average=px + pnl, ts=t + 602)
+    j.record_fill(f"g-{k}", x, px + pnl, 1.0, fee=0.1, ts=t + 602, symbol=sym, side="sell")
+    clock[0] = t + 603
+    g.record_trade(ClosedTrade(f"cb-e-{k}", sym, t + 7, t + 602, px, px + pnl, 1.0, 0.2, pnl, "model",
+                               equity_after=10_000.0 + pnl))
+
+
+def build3(sd: Path):
+    clock = [T0]
+    j = Journal(sd / "journal.sqlite", clock=lambda: clock[0])
+    g = Guardian(settings3(sd), sd, j, clock=lambda: clock[0])
+    for d, candles in TRADES3:
+        if d == 3:
+            clock[0] = T0 + d * 86400 + 60
+            assert g.unlock_symbol("ETH/USDT", "reviewed ETH", who="tester").startswith("ETH/USDT unlocked")
+        for n, c in enumerate(candles):
+            t = T0 + d * 86400 + 3600 * (1 + n)
+            exits = [entry3(j, g, f"{d}-{n}-{i}", sym, t, pnl, clock) for i, (sym, pnl) in
+                     enumerate(c if isinstance(c[0], tuple) else [c])]
+            for x in exits:
+                x()
+            clock[0] = t + 3600
+            g.note_candle(t + 3600, 10_000.0)
+    assert not g.locked                                  # the portfolio kill switch stays off: only symbols lock
+    j.close()
+
+
+@pytest.fixture(scope="module")
+def built3(tmp_path_factory) -> Path:
+    sd = tmp_path_factory.mktemp("built3") / "var"
+    build3(sd)
+    return sd
+
+
+@pytest.fixture
+def sd3(built3, tmp_path) -> Path:
+    out = tmp_path / "var3"
+    shutil.copytree(built3, out)
+    return out
+
+
+def portfolio_view(sd: Path, tmp: Path) -> dict:
+    "symbol_locks, room() on the newest candle, status, and the Guardian's answer per symbol on the next candle."
+    from cryptobot.guardian import Context, Signal, format_status, symbol_locks
+    from cryptobot.risk import Market
+    s = settings3(sd)
+    with Journal(sd / "journal.sqlite", readonly=True) as j:
+        out = dict(locks=symbol_locks(j, s.kill_switch_losses))
+    st = status_report(s, now=NOW3)
+    out.update(status=st, screen=format_status(st), gate=entry_gate(sd, now=NOW3).reasons)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(sd, tmp)                             # approving journals a decision: ask a throw-away copy
+    with Journal(tmp / "journal.sqlite", clock=lambda: NOW3 + 10) as j:
+        g = Guardian(s, tmp, j, clock=lambda: NOW3 + 10)
+        out["room"] = {sym: g.room(sym, LAST3, 10_000.0) for sym in SYMS}
+        t = NOW3                                     # a later candle: the entry gate per symbol
+        c = Context(now=t + 10, last_candle_close=t, feature_fingerprint="fp", mode="paper", free_quote=10_000.0,
+                    equity=10_000.0, reconciled=True)
+        out["approve"] = {}
+        for sym in SYMS:
+            plan = g.size_entry(sym, t, PRICE3[sym], c, Market(symbol=sym))
+            d = g.approve(Signal(sym, "buy", t, "fp"), plan, c)
+            out["approve"][sym] = (bool(d), [str(r) for r in getattr(d, "reasons", ())], str(d)[:300] if not d else "")
+    return out
+
+
+def test_three_symbols_kill_switches_room_and_status_equal_across_archive_runs(sd3, tmp_path):
+    ref = portfolio_view(sd3, tmp_path / "probe")
+    locks = ref["locks"]
+    assert locks["BTC/USDT"]["locked"] and locks["BTC/USDT"]["since"] == T0 + 2 * 86400 + 5 * 3600 + 603
+    assert not locks["ETH/USDT"]["locked"] and locks["SOL/USDT"]["locked"] and locks["SOL/USDT"]["losses"] == 3
+    assert [sym for sym, a in ref["approve"].items() if not a[0]] == ["BTC/USDT", "SOL/USDT"]
+    assert "kill switch for BTC/USDT" in ref["approve"]["BTC/USDT"][2] and ref["approve"]["ETH/USDT"][0]
+    assert len(ref["room"]["BTC/USDT"].positions) == 0 and ref["room"]["BTC/USDT"].reserved_quote > 0
+    assert set(ref["status"]["symbol_locks"]) == {"BTC/USDT", "SOL/USDT"}
+    out = archive3(sd3, day(5))                      # SOL's streak (2) and BTC's lock (day 2) cross this date
+    assert out["moved"]["trades"] > 0
+    with Journal(sd3 / "journal.sqlite", readonly=True) as j:
+        cp = j.checkpoint()
+        assert cp["symbols"]["SOL/USDT"]["losses"] == 2 and len(cp["symbols"]["BTC/USDT"]["reached"]) == 3
+        assert not j.select("SELECT 1 FROM events WHERE kind = 'trade' AND json_extract(data, '$.symbol') = "
+                            "'BTC/USDT' AND id >= ?", (cp["cut"],))          # BTC's lock lives in the checkpoint only
+    assert portfolio_view(sd3, tmp_path / "probe") == ref
+    out = archive3(sd3, day(8))                      # everything up to the newest candle is older than this date
+    with Journal(sd3 / "journal.sqlite", readonly=True) as j:
+        kept = {r["symbol"] for r in j.select("SELECT symbol FROM decisions WHERE candle_time = ?", (LAST3,))}
+        assert kept == {"ETH/USDT", "SOL/USDT"}      # room()'s rows for the newest candle stayed
+    assert portfolio_view(sd3, tmp_path / "probe") == ref
+
+
+def archive3(sd: Path, date: str, **kw) -> dict:
+    with Journal(sd / "journal.sqlite", clock=lambda: NOW3) as j:
+        return j.archive(sd / ARCHIVE_DIR, date, **kw)
+
+
+@pytest.mark.parametrize("point", ["after_file", "after_manifest", "in_transaction", "after_commit"])
+def test_three_symbols_sigkill_during_archive_keeps_the_kill_switches(sd3, tmp_path, point):
+    ref = portfolio_view(sd3, tmp_path / "probe")
+    code = (f"from cryptobot.journal import Journal; j = Journal({str(sd3 / 'journal.sqlite')!r}, clock=lambda: {NOW3});"
+            f" j.archive({str(sd3 / ARCHIVE_DIR)!r}, {day(5)!r}, crash_at={point!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    assert portfolio_view(sd3, tmp_path / "probe") == ref                 # after the kill, before the rerun
+    archive3(sd3, day(5))
+    assert portfolio_view(sd3, tmp_path / "probe") == ref
+    assert archive3(sd3, day(8))["moved"] and portfolio_view(sd3, tmp_path / "probe") == ref
