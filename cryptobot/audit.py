@@ -1407,7 +1407,7 @@ def _pct(x) -> str:
 def check_strategy_evidence(ev: Evidence) -> Check:
     "The artifact the runner would trade for a rule strategy: its sweep evidence (PBO, walk-forward OOS return)."
     from cryptobot.live import StartupRefused, load_strategy  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
-    from cryptobot.strategy import StrategyError, artifact_dir, evidence_failures, load_strategy_artifact  # lazy: pandas stays off the lean audit import
+    from cryptobot.strategy import StrategyError, artifact_dir, load_strategy_artifact  # lazy: pandas stays off the lean audit import
     C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
     st, err = ev.strategy()
     if err:
@@ -1426,6 +1426,7 @@ def check_strategy_evidence(ev: Evidence) -> Check:
 
 def _judge_sweep(art, st) -> Check:
     "A rule strategy's artifact by its sweep evidence: PBO, real data, walk-forward OOS return after costs."
+    from cryptobot.strategy import evidence_failures  # lazy: pandas stays off the lean audit import
     C = lambda status, evidence, detail="": Check("strategy", "strategy_evidence", status, evidence, detail)  # noqa: E731
     x = art.manifest.get("evidence") or {}
     if not x:

@@ -463,7 +463,7 @@ def load_strategy_artifact(path) -> StrategyArtifact:
     return StrategyArtifact(m, p)
 
 
-# %% ../nbs/05_strategy.ipynb #94c49340
+# %% ../nbs/05_strategy.ipynb #343fad2e
 PBO_FAIL = 0.5          # probability of backtest overfitting above this: the sweep's best is likely luck
 
 
