@@ -330,7 +330,7 @@ def _alerting_portfolio(tmp_path, url, candles=None, arts=None, hand_order=True)
             hand.load_markets()
             hand.create_order("SOL/USDT", "limit", "buy", 1.0, 50.0, {"clientOrderId": "by-hand-sol"})
         s = Settings(state_dir=tmp_path / "state", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
-                     symbols=tuple(candles), kill_switch_losses=1, notify_urls=Secret(url))
+                     symbols=tuple(candles), kill_switch_losses=1, **({"notify_urls": Secret(url)} if url else {}))
         arts = arts or {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), symbol=sym,
                                                     timeframe="1h").parent for sym in candles}
         emu.faults.add("stop_unfilled")            # the first stop that triggers does not fill: an emergency exit
@@ -500,3 +500,117 @@ def test_start_refusal_names_the_refused_symbol(receiver, tmp_path):
     (body,) = [b for _, b in receiver.got]          # close(5) ran before the refusal was raised: delivered
     assert body["title"] == "cryptobot: Strategy refused at start (ETH/USDT)" and body["type"] == "failure"
     assert body["message"].startswith("ETH/USDT: strategy ") and "nothing was traded" in body["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- status, dashboard
+def portfolio_state_dir(tmp_path) -> tuple[Settings, dict]:
+    "A 3-symbol stepped paper run (no alerts): the first loss locks its symbol and the portfolio; the portfolio is "
+    "unlocked (the symbol stays locked) and the run goes on until a position is open. What the runner saw, per symbol."
+    from cryptobot.guardian import unlock_cli
+    emu, s, pr = _alerting_portfolio(tmp_path, None, hand_order=False)
+    j, seen = pr.journal, {}
+    try:
+        for k in range(200):
+            if k:
+                emu.advance(1)
+            pr.step()
+            if pr.guardian.locked:
+                break
+        (locked,) = pr._locks()
+        unlock_cli(s, "reviewed the portfolio")
+        for k in range(200):
+            emu.advance(1)
+            pr.step()
+            if any(r.executor.position() is not None for r in pr.runners):
+                break
+        pr.queue.drain(60)
+        for r in pr.runners:
+            pos = r.executor.position()
+            sig = r.journal.last_events(1, kind="signal")
+            seen[r.symbol] = {"amount": emu.order(client_order_id=pos.entry_cid)["executed_qty"] if pos else None,
+                              "entry": pos.entry_price if pos else None,
+                              "stop": emu.order(client_order_id=pos.stop_cid)["stop_price"] if pos else None,
+                              "signal": sig[0]["data"]["action"] if sig else None}
+        assert not pr._locks() and locked, "the portfolio unlock lifts the symbol's lock too"
+        eq = j.select("SELECT equity FROM marks WHERE equity IS NOT NULL ORDER BY id DESC LIMIT 1")[0]["equity"]
+        seen["_risk_pct"] = _open_risk(j) / eq * 100
+    finally:
+        pr.close()
+        j.close()
+        emu.stop()
+    assert any(v["amount"] for k, v in seen.items() if k in SYMS)
+    return s, seen
+
+
+def _status_cli(s, *args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_")) and k != "GO_LIVE"}
+    env.update(CRYPTOBOT_STATE_DIR=str(s.state_dir), CRYPTOBOT_SYMBOLS=",".join(s.symbols),
+               CRYPTOBOT_KILL_SWITCH_LOSSES=str(s.kill_switch_losses))
+    return subprocess.run([str(Path(sys.executable).parent / "cryptobot"), "status", *args], cwd=s.state_dir, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_status_shows_each_symbol_and_the_portfolio(tmp_path):
+    from cryptobot.monitor import position_html, snapshot, status_html
+    s, seen = portfolio_state_dir(tmp_path)
+    r = _status_cli(s, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    pf, rows = d["portfolio"], {x["symbol"]: x for x in d["per_symbol"]}
+    n_open = sum(1 for x in SYMS if seen[x]["amount"])
+    assert (pf["open_positions"], pf["max_open_positions"], pf["max_total_risk_pct"]) == (n_open, 3, 3.0)
+    assert pf["open_risk_pct"] == pytest.approx(seen["_risk_pct"]) and d["locked"] is False
+    for x in SYMS:
+        assert (rows[x]["position"] == pytest.approx(seen[x]["amount"])) if seen[x]["amount"] else rows[x]["position"] is None
+        assert (rows[x]["stop_price"] == pytest.approx(float(seen[x]["stop"]))) if seen[x]["amount"] else True
+        assert rows[x]["stop_status"] == ("open" if seen[x]["amount"] else None)
+        assert rows[x]["last_signal"]["action"] == seen[x]["signal"] and rows[x]["locked"] is False
+        assert rows[x]["last_decision"] is None or rows[x]["last_decision"]["symbol"] == x
+    r = _status_cli(s)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    (pline,) = [l for l in lines if l.startswith("portfolio  ")]
+    assert pline.startswith(f"portfolio  {n_open}/3 positions open · open risk ") and pline.endswith("kill switch unlocked")
+    assert f"{seen['_risk_pct']:.2f} % of equity" in pline and "limit 3 %" in pline
+    for x in SYMS:
+        (l,) = [l for l in lines if l.startswith(f"{x:<10} ")]
+        assert l.endswith(" · unlocked"), l
+        assert (f"{seen[x]['amount']:g} @ " in l and "(open)" in l) if seen[x]["amount"] else " flat · " in l
+        assert f"signal {seen[x]['signal']} at " in l
+    # the dashboard's panels: the portfolio and a row per symbol
+    snap = snapshot(s)
+    html = position_html(snap)
+    assert "<h2>Portfolio</h2>" in html and f'id="cbm-pf-positions">{n_open} / 3<' in html
+    for x in SYMS:
+        assert f'id="cbm-sym-{x.replace("/", "")}"' in html
+    assert ", ".join(SYMS) in status_html(snap)
+    # one symbol configured on the same state dir: the panels as before (no portfolio section, one symbol's header)
+    one = dataclasses.replace(s, symbols=(s.symbol,))
+    snap1 = snapshot(one)
+    assert "portfolio" not in snap1["status"] and "Portfolio" not in position_html(snap1)
+    assert f"cryptobot monitor — {s.symbol} 1h<" in status_html(snap1)
+
+
+def test_status_shows_a_symbol_lock_while_the_portfolio_trades(book, tmp_path):
+    make, clock = book
+    s, j, g = make()
+    for i, (sym, pnl) in enumerate([("ETH/USDT", -1.0), ("BTC/USDT", 3.0), ("ETH/USDT", -2.0), ("SOL/USDT", 1.0),
+                                    ("ETH/USDT", -1.0)]):
+        assert g.record_trade(_trade(f"t{i}", sym, pnl))
+    j.close()
+    r = _status_cli(s)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    (pline,) = [l for l in lines if l.startswith("portfolio  ")]
+    assert pline.startswith("portfolio  0/3 positions open · open risk 0.00 (equity unknown; limit 3 %)")
+    assert pline.endswith("kill switch unlocked")
+    rows = {x: [l for l in lines if l.startswith(f"{x:<10} ")][0] for x in SYMS}
+    assert rows["ETH/USDT"].endswith("LOCKED (3 losses)") and rows["BTC/USDT"].endswith("unlocked")
+    assert " flat · no signal yet · no decision yet · " in rows["SOL/USDT"]
+    from cryptobot.monitor import position_html, snapshot
+    html = position_html(snapshot(s))
+    assert 'id="cbm-pf-lock">unlocked<' in html and '<td class="neg">LOCKED (3 losses)</td>' in html
