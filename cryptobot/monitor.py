@@ -450,7 +450,7 @@ def status_html(snap: dict) -> str:
     return render("status", symbol=", ".join(st.get("symbols") or [snap["symbol"]]), timeframe=snap["timeframe"], updated=_t(snap["now"]),
                   state_dir=snap["state_dir"], problems=snap["problems"], cards=[c for c in cards if c])
 
-# %% ../nbs/19_monitor.ipynb #9efd922d
+# %% ../nbs/19_monitor.ipynb #d7778f83
 _TEMPLATES["portfolio"] = """{% from "macros" import card %}{% include "css" %}<div class="cbm"><h2>Portfolio</h2>
 <div class="cards" id="cbm-portfolio">{% for c in cards %}{{ card(c) }}{% endfor %}</div>
 <table id="cbm-symbols"><tr><th>symbol</th><th>position</th><th>stop</th><th>last signal</th><th>last decision</th><th>kill switch</th></tr>
@@ -788,6 +788,7 @@ def dashboard_env(settings, base: Mapping[str, str] | None = None, scrub_secrets
     if len(getattr(settings, "symbols", ())) > 1:   # a portfolio: its symbols and limits (one symbol: as before)
         env.update(CRYPTOBOT_SYMBOLS=",".join(settings.symbols), CRYPTOBOT_MAX_OPEN_POSITIONS=str(
             settings.max_open_positions), CRYPTOBOT_MAX_TOTAL_RISK_PCT=str(settings.max_total_risk_pct))
+        env.pop("CRYPTOBOT_SYMBOL")                    # the first of them; both set is a settings error
     env.pop("CRYPTOBOT_MODE", None)        # derived from GO_LIVE / BINANCE_TESTNET, which are passed
     return env
 
