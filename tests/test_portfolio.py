@@ -614,3 +614,53 @@ def test_status_shows_a_symbol_lock_while_the_portfolio_trades(book, tmp_path):
     from cryptobot.monitor import position_html, snapshot
     html = position_html(snapshot(s))
     assert 'id="cbm-pf-lock">unlocked<' in html and '<td class="neg">LOCKED (3 losses)</td>' in html
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+def test_parity_and_the_audit_check_each_symbols_feature_rows(tmp_path):
+    "Each symbol's journaled feature rows (`live` for the first, `live:SYMBOL` for the others) against its own stored "
+    "candles: all agree after a 3-symbol run; one altered ETH row fails ETH's parity and the audit check, naming ETH."
+    from cryptobot.audit import FAIL, PASS, Evidence, check_feature_parity
+    from cryptobot.data import raw_path, save_candles
+    from cryptobot.parity import feature_source, parity
+    from cryptobot.strategy import make_strategy
+    candles = _market((7, 11, 13))
+    emu, s, pr = _paper_portfolio(tmp_path, candles, make_strategy("ema_cross", {"fast": 3, "slow": 8}))
+    try:
+        _stepped(emu, pr, 40)
+    finally:
+        pr.close()
+        pr.journal.close()
+        emu.stop()
+    s = dataclasses.replace(s, data_dir=tmp_path / "data")
+    for sym, df in candles.items():
+        save_candles(df, raw_path(s.data_dir, sym, "1h"))
+    assert [feature_source(s, x) for x in SYMS] == ["live", "live:ETH/USDT", "live:SOL/USDT"]
+    for sym in SYMS:
+        rep = parity(s, symbol=sym)
+        assert rep.compared >= 30 and rep.ok, (sym, str(rep))
+    assert parity(s).rows == parity(s, symbol="BTC/USDT").rows                 # the first symbol: as before
+    ev = Evidence(s, ask_exchange=False, backtest=False)
+    try:
+        c = check_feature_parity(ev)
+    finally:
+        ev.close()
+    assert c.status == PASS and all(f"{x}: parity OK: " in c.evidence for x in SYMS), c
+    import sqlite3
+    con = sqlite3.connect(s.state_dir / JOURNAL_FILE)            # one ETH row altered after the fact
+    with con:
+        rid, feats = con.execute("SELECT id, features FROM feature_rows WHERE source = 'live:ETH/USDT' "
+                                 "ORDER BY id DESC LIMIT 1").fetchone()
+        f = json.loads(feats)
+        k = next(iter(f))
+        f[k] = (f[k] or 0.0) + 1.0
+        con.execute("UPDATE feature_rows SET features = ? WHERE id = ?", (json.dumps(f), rid))
+    con.close()
+    assert parity(s, symbol="ETH/USDT").mismatched == 1 and parity(s).ok and parity(s, symbol="SOL/USDT").ok
+    ev = Evidence(s, ask_exchange=False, backtest=False)
+    try:
+        c = check_feature_parity(ev)
+    finally:
+        ev.close()
+    assert c.status == FAIL and "ETH/USDT: the runner computed other features" in c.detail, c
+    assert "BTC/USDT" not in c.detail and "SOL/USDT" not in c.detail
