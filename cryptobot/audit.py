@@ -995,10 +995,10 @@ def check_feature_parity(ev: Evidence) -> Check:
 def _feature_parity_symbols(ev: Evidence) -> Check:
     "Several symbols: the first symbol's check as for one symbol, each other symbol's rows (`live:SYMBOL`) against "
     "its own stored candles; the worst status, every symbol named."
-    import copy
     from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
     s = ev.settings
-    one = copy.copy(ev)                                  # the same evidence (journal, candles) as one symbol
+    one = Evidence.__new__(Evidence)                     # the same evidence (journal, candles) as one symbol
+    one.__dict__.update(ev.__dict__)
     one.settings = dataclasses.replace(s, symbols=(s.symbol,))
     first = check_feature_parity(one)
     out = [(first.status, f"{s.symbol}: {first.evidence}", first.detail)]
