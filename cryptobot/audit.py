@@ -970,6 +970,8 @@ def check_model_fingerprint(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #c7b2905d
 def check_feature_parity(ev: Evidence) -> Check:
+    if len(getattr(ev.settings, "symbols", ())) > 1:    # several symbols: each its own rows (`_feature_parity_symbols`)
+        return _feature_parity_symbols(ev)
     j, err = ev.journal()
     if j is None:
         return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
@@ -994,6 +996,32 @@ def check_feature_parity(ev: Evidence) -> Check:
     if not rep.ok:
         return Check("drift", "feature_parity", WARN, txt, "no row could be compared")
     return Check("drift", "feature_parity", PASS, txt)
+
+# %% ../nbs/18_audit.ipynb #7d3c82bb
+def _feature_parity_symbols(ev: Evidence) -> Check:
+    "Several symbols: the first symbol's check as for one symbol, each other symbol's rows (`live:SYMBOL`) against "
+    "its own stored candles; the worst status, every symbol named."
+    from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
+    s = ev.settings
+    one = Evidence.__new__(Evidence)                     # the same evidence (journal, candles) as one symbol
+    one.__dict__.update(ev.__dict__)
+    one.settings = dataclasses.replace(s, symbols=(s.symbol,))
+    first = check_feature_parity(one)
+    out = [(first.status, f"{s.symbol}: {first.evidence}", first.detail)]
+    for sym in s.symbols[1:]:
+        try:
+            rep = parity(s, journal_path=ev.journal_path, symbol=sym)
+        except Exception as e:  # noqa: BLE001 - no stored candles for it: say which
+            out.append((WARN, f"{sym}: {_line(str(e))[:200]}", "parity not checked for this symbol"))
+            continue
+        txt = f"{sym}: {str(rep).splitlines()[0]}"
+        out.append((FAIL, txt, f"{sym}: the runner computed other features than the offline code (data-source "
+                    "drift): run cryptobot parity and investigate") if rep.mismatched else
+                   (WARN, txt, f"{sym}: no row could be compared") if not rep.ok else (PASS, txt, ""))
+    worst = FAIL if any(x[0] == FAIL for x in out) else WARN if any(x[0] == WARN for x in out) else PASS
+    return Check("drift", "feature_parity", worst, "; ".join(x[1] for x in out),
+                 "; ".join(x[2] for x in out if x[2] and x[0] == worst))
+
 
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:

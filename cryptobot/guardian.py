@@ -34,7 +34,8 @@ __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'R
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
            'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
-           'symbol_locks', 'Room', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked', 'runner_lock']
+           'symbol_locks', 'Room', 'portfolio_status', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked',
+           'runner_lock']
 
 # %% ../nbs/11_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
@@ -1105,6 +1106,51 @@ def _unlock_symbol(self, symbol: str, reason: str, who: str | None = None) -> st
 Guardian.unlock_symbol = _unlock_symbol
 del _unlock_symbol
 
+# %% ../nbs/11_guardian.ipynb #2164cfbc
+def _last_by_symbol(j: Journal, sql: str, default: str) -> dict[str, dict]:
+    "The newest row per symbol of `sql` (rows with `ts` and a JSON `data` carrying `symbol`), data parsed."
+    out = {}
+    for r in j.select(sql):
+        d = json.loads(r["data"] or "{}")
+        out[d.get("symbol") or default] = dict(d, ts=r["ts"])
+    return out
+
+
+def portfolio_status(j: Journal, settings) -> tuple[dict, list[dict]]:
+    "(the portfolio, [each symbol]) for `status_report` with several symbols, from journal rows only."
+    locks, pos = symbol_locks(j, settings.kill_switch_losses), {p["symbol"]: p for p in j.open_positions()}
+    eq = j.select("SELECT equity FROM marks WHERE equity IS NOT NULL ORDER BY id DESC LIMIT 1")
+    equity = eq[0]["equity"] if eq else None
+    sig = _last_by_symbol(j, "SELECT ts, data FROM events WHERE id IN (SELECT MAX(id) FROM events WHERE kind = "
+                             "'signal' GROUP BY json_extract(data, '$.symbol'))", settings.symbol)
+    dec = {r["symbol"]: dict(r, approved=bool(r["approved"]), reasons=json.loads(r["reasons"] or "[]")) for r in
+           j.select("SELECT symbol, ts, candle_time, approved, reasons FROM decisions WHERE id IN "
+                    "(SELECT MAX(id) FROM decisions GROUP BY symbol)")}
+    rows, risk = [], 0.0
+    for s in settings.symbols:
+        p, lk, row = pos.get(s), locks.get(s) or {}, {"symbol": s, "position": None, "entry_price": None,
+                                                      "stop_price": None, "stop_status": None, "risk": None}
+        if p is not None:
+            it = j.intent(p["client_order_id"]) or {}
+            st = j.select("SELECT i.client_order_id, i.stop_price, o.status FROM intents i LEFT JOIN orders o ON o.id = "
+                          "(SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) WHERE i.purpose = "
+                          "'stop' AND i.symbol = ? AND i.id > ? ORDER BY i.id DESC LIMIT 1", (s, it.get("id", 0)))
+            stop = (st[0]["stop_price"] if st else None) or it.get("stop_price")
+            row.update(position=p["amount"], entry_price=p["entry_price"], stop_price=stop,
+                       stop_status=st[0]["status"] or "not acknowledged" if st else "none journaled",
+                       risk=p["amount"] * max(0.0, (p["entry_price"] or 0.0) - stop) if stop else None)
+            risk += row["risk"] or 0.0
+        g = sig.get(s)
+        row.update(last_signal={k: g.get(k) for k in ("action", "reason", "candle_time")} if g else None,
+                   last_decision=dec.get(s), locked=bool(lk.get("locked")), lock_reason=lk.get("reason") if lk.get(
+                       "locked") else None, losses=lk.get("losses", 0))
+        rows.append(row)
+    pf = {"open_positions": len(pos), "max_open_positions": settings.max_open_positions, "open_risk": risk,
+          "equity": equity, "open_risk_pct": risk / equity * 100 if equity else None,
+          "max_total_risk_pct": settings.max_total_risk_pct}
+    return pf, rows
+
+
 # %% ../nbs/11_guardian.ipynb #c98b7bc4
 def status_report(settings, now: float | None = None) -> dict:
     "Mode, the entry gate (locked and why), loss streak, realised PnL, open positions, last candle — read-only."
@@ -1124,6 +1170,7 @@ def status_report(settings, now: float | None = None) -> dict:
                     d["symbols"] = list(settings.symbols)
                     d["symbol_locks"] = {k: v["reason"] for k, v in
                                          symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
+                    d["portfolio"], d["per_symbol"] = portfolio_status(j, settings)
         except JournalError as e:
             d["journal_error"] = str(e)
     st, rb = g.state, g.rebuild
@@ -1145,6 +1192,26 @@ def status_report(settings, now: float | None = None) -> dict:
              pnl_day=day_pnl, pnl_day_date=today, pnl_total=total, equity_high_water=top("equity_high_water"),
              last_candle=iso(last), last_candle_age_s=None if last is None else round(now - last, 1))
     return d
+
+# %% ../nbs/11_guardian.ipynb #36166efa
+def _format_portfolio(d: dict) -> list[str]:
+    "The portfolio line and a line per symbol for `format_status` (several symbols only)."
+    pf, n = d["portfolio"], lambda x, f=",.2f": "?" if x is None else format(x, f)
+    pct = f"{n(pf['open_risk_pct'], '.2f')} % of equity {n(pf['equity'])}" if pf["equity"] else "equity unknown"
+    out = [f"portfolio  {pf['open_positions']}/{pf['max_open_positions']} positions open · open risk "
+           f"{n(pf['open_risk'])} ({pct}; limit {pf['max_total_risk_pct']:g} %) · kill switch "
+           + ("LOCKED" if d["locked"] else "unlocked")]
+    for r in d["per_symbol"]:
+        pos = "flat" if r["position"] is None else (f"{r['position']:g} @ {n(r['entry_price'])} stop "
+                                                    f"{n(r['stop_price'])} ({r['stop_status']})")
+        g, dc = r["last_signal"], r["last_decision"]
+        sig = f"signal {g['action']} at {iso(g['candle_time'])}" if g else "no signal yet"
+        dec = "no decision yet" if not dc else "approved" if dc["approved"] else \
+            "denied: " + ", ".join(x.split(" ")[0] for x in dc["reasons"])
+        lock = f"LOCKED ({r['losses']} losses)" if r["locked"] else "unlocked"
+        out.append(f"{r['symbol']:<10} {pos} · {sig} · {dec} · {lock}")
+    return out
+
 
 # %% ../nbs/11_guardian.ipynb #65447f7b
 def format_status(d: dict) -> str:
@@ -1168,6 +1235,8 @@ def format_status(d: dict) -> str:
     pos = d.get("open_positions") or []
     lines.append("position   " + ("flat" if not pos else "; ".join(
         f"{p['symbol']} {p['amount']:g} @ {p['entry_price'] or 0:,.2f} since {iso(p['since'])}" for p in pos)))
+    if d.get("portfolio"):
+        lines += _format_portfolio(d)
     if d.get("open_orders"):
         lines.append(f"orders     {d['open_orders']} journaled orders without a final status (reconcile)")
     age = d.get("last_candle_age_s")

@@ -714,7 +714,8 @@ def _close_runner(self) -> None:
     except Exception:  # noqa: BLE001
         pass
     self._alert_poll()
-    self.notifier.close(5)                             # bounded: a dead receiver never holds the shutdown
+    if self.portfolio is None:                         # a portfolio closes its one notifier after every symbol
+        self.notifier.close(5)                         # bounded: a dead receiver never holds the shutdown
     _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
            stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
 
@@ -787,6 +788,7 @@ Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_sto
 
 # %% ../nbs/14_live.ipynb #b09f13de
 Runner.notifier = Notifier()            # off (no thread, no apprise) unless `start_runner` gives the runner one
+Runner.portfolio = None                 # a `PortfolioRunner` when this is one of its symbols (it sends the alerts)
 
 
 def _alert_init(self) -> None:
@@ -797,6 +799,8 @@ def _alert_init(self) -> None:
 
 def _alert_poll(self) -> None:
     "Queue alerts for a lock change and for the stop failures, emergency exits and mismatches journaled since. Never raises."
+    if self.portfolio is not None:                     # one of several symbols: the portfolio alerts for all
+        return self.portfolio._alert_poll(self)
     n = self.notifier
     if not n.enabled:
         return
@@ -848,8 +852,9 @@ Runner._alert_init, Runner._alert_poll = _alert_init, _alert_poll
 def _alert_stale(self, now: float) -> None:
     "Alert once when no fresh candle came for longer than a candle + `max_data_age_s`, and once when one comes again."
     if not hasattr(self, "_stale"):
-        last = self.journal.select("SELECT kind, data FROM events WHERE kind IN ('data_stale', 'data_recovered') "
-                                   "ORDER BY id DESC LIMIT 1")
+        last = self.journal.select("SELECT kind, data FROM events WHERE kind IN ('data_stale', 'data_recovered') AND "
+                                   "COALESCE(json_extract(data, '$.symbol'), ?) = ? ORDER BY id DESC LIMIT 1",
+                                   (self.symbol, self.symbol))          # a portfolio's symbols: each its own
         self._stale = json.loads(last[0]["data"]) if last and last[0]["kind"] == "data_stale" else None
         self._stale_t0 = now
     limit = self.tf_s + float(self.settings.max_data_age_s)
@@ -1117,7 +1122,7 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
 # %% ../nbs/14_live.ipynb #f0ca3526
 class _SymbolJournal:
     "The shared journal as one symbol's runner sees it: its own `signal`/`candle_done` events and feature rows."
-    OWN = ("signal", "candle_done")
+    OWN = ("signal", "candle_done", "data_stale", "data_recovered", "stop_unknown")
 
     def __init__(self, journal: Journal, symbol: str, primary: bool):
         self._j, self.symbol, self._primary = journal, symbol, primary
@@ -1174,6 +1179,7 @@ class PortfolioRunner:
         "Start (build the executor and reconcile) each symbol in turn; their context is the portfolio's."
         for r in self.runners:
             r.start()
+            self._alert_poll(r)                # a mismatch found by this symbol's start-up reconciliation
             r.executor.context = lambda ex=r.executor, **kw: self._context(ex, **kw)
         self.started = True
         return self
@@ -1225,6 +1231,8 @@ def _pf_step(self, decide: bool = True) -> dict | None:
         except NETWORK_ERRORS as e:          # one symbol's network error never stops the others
             r._poll_error("tick", e)
             continue
+        finally:
+            self._alert_poll(r)              # stale data, a lock, a stop failure: tell a person
         if tk is not None:
             ticks[r.symbol] = tk
     if not ticks:
@@ -1278,7 +1286,10 @@ def _pf_run(self, max_candles: int | None = None) -> int:
                 now = float(self.clock())
                 for r in self.runners:
                     if r.next_check is not None and r.next_check <= now:
-                        r.check_stop()
+                        try:
+                            r.check_stop()
+                        finally:
+                            self._alert_poll(r)
             elif self.step() is not None:
                 if self.last_done is not None and self.last_done != seen:
                     n, seen = n + 1, self.last_done
@@ -1296,12 +1307,157 @@ def _pf_close(self) -> None:
     self.queue.drain(max(r.order_timeout_s for r in self.runners))
     for r in self.runners:
         r.close()
+    self._alert_poll()
+    self.notifier.close(5)                   # one notifier for the process; bounded: a dead receiver never holds it
 
 
 PortfolioRunner.run, PortfolioRunner.close = _pf_run, _pf_close
 
+# %% ../nbs/14_live.ipynb #b5048e68
+from .guardian import symbol_locks
+
+PortfolioRunner.notifier = Notifier()   # off unless `start_portfolio` gives the portfolio one (one per process)
+
+
+def _pf_wire_alerts(self, notifier: Notifier) -> "PortfolioRunner":
+    "Use `notifier` for every symbol (its failures journaled); each symbol's runner alerts through the portfolio."
+    self.notifier = notifier
+    if notifier.enabled:
+        notifier.on_failure = self.journal.log_event
+    for r in self.runners:
+        r.notifier, r.portfolio = notifier, self
+    if notifier.enabled:
+        self._alert_init()                   # alert only on what happens from here on
+    return self
+
+
+def _pf_locks(self) -> dict[str, dict]:
+    "{symbol: its own kill switch} for each symbol whose kill switch is locked (from the journal)."
+    return {k: v for k, v in symbol_locks(self.journal, self.runners[0].settings.kill_switch_losses).items()
+            if v["locked"]}
+
+
+def _pf_alert_init(self) -> None:
+    "Remember where the journal, the portfolio lock and each symbol's lock stand."
+    self._alert_mark = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
+    self._alert_locked, self._alert_locks = self.guardian.locked, set(self._locks())
+
+
+PortfolioRunner._wire_alerts, PortfolioRunner._locks, PortfolioRunner._alert_init = \
+    _pf_wire_alerts, _pf_locks, _pf_alert_init
+
+
+# %% ../nbs/14_live.ipynb #e6538741
+def _pf_alert_locks(self, n: Notifier) -> None:
+    "A LOCKED / unlocked alert when the portfolio kill switch or a symbol's own one changes."
+    st = self.guardian.current_state
+    if st.locked != self._alert_locked:
+        if st.locked:
+            n.notify(Event.KILL_LOCKED, symbol=None, reason=st.lock_reason or "", losses=st.consecutive_losses)
+        else:
+            u = self.journal.last_events(1, kind="unlock")
+            n.notify(Event.KILL_UNLOCKED, symbol=None, reason=u[0]["message"] if u else "state lifted")
+        self._alert_locked = st.locked
+    locks = self._locks()
+    for s in sorted(set(locks) - self._alert_locks):
+        n.notify(Event.KILL_LOCKED, symbol=s, reason=locks[s]["reason"], losses=locks[s]["losses"])
+    for s in sorted(self._alert_locks - set(locks)):          # `cryptobot unlock --symbol` (or the portfolio unlock)
+        u = self.journal.select("SELECT message FROM events WHERE kind = 'unlock' OR (kind = 'symbol_unlock' AND "
+                                "json_extract(data, '$.symbol') = ?) ORDER BY id DESC LIMIT 1", (s,))
+        n.notify(Event.KILL_UNLOCKED, symbol=s, reason=u[0]["message"] if u else "state lifted")
+    self._alert_locks = set(locks)
+
+
+def _pf_alert_events(self, n: Notifier, runner=None) -> None:
+    "Stop failures, mismatches and emergency exits journaled since the last poll, each under its own symbol."
+    top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
+    rows = self.journal.select("SELECT id, kind, message, data FROM events WHERE id > ? AND id <= ? AND kind IN "
+                               "('stop_rejected', 'stop_unknown', 'reconcile') ORDER BY id", (self._alert_mark, top))
+    exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
+                                "purpose = 'emergency_exit' ORDER BY id", (self._alert_mark, top))
+    by, rejected = {r.symbol: r for r in self.runners}, set()
+    for r in rows:
+        d = json.loads(r["data"]) if r["data"] else {}
+        it = self.journal.intent(d["entry"]) if d.get("entry") else None
+        sym = d.get("symbol") or (it or {}).get("symbol") or (runner.symbol if runner is not None else None)
+        if r["kind"] == "stop_rejected":
+            rejected.add(sym)
+            n.notify(Event.STOP_FAILED, symbol=sym, client_order_id=d.get("stop") or d.get("entry"),
+                     reason=d.get("reason") or r["message"])
+        elif r["kind"] == "stop_unknown":
+            ex = by[sym].executor if sym in by else None
+            pos = ex.position() if ex is not None else None
+            n.notify(Event.STOP_FAILED, symbol=sym, client_order_id=pos.stop_cid if pos else "?",
+                     reason=r["message"], rejected=False)
+        elif str(r["message"]).startswith("MISMATCH"):
+            n.notify(Event.RECONCILE_MISMATCH, symbol=sym, summary=r["message"].removeprefix("MISMATCH: "))
+    for x in exits:
+        why = "the stop was rejected" if x["symbol"] in rejected else \
+            "the stop did not protect the position (see the journal)"
+        n.notify(Event.EMERGENCY_EXIT, symbol=x["symbol"], amount=x["amount"], reason=why)
+    self._alert_mark = top
+
+
+def _pf_alert_poll(self, runner=None) -> None:
+    "The portfolio's alerts; `runner`: the symbol whose step or stop check just ran. Never raises."
+    n = self.notifier
+    if not n.enabled:
+        return
+    try:
+        if getattr(self, "_alert_mark", None) is None:
+            self._alert_init()
+        self._alert_lock_changes(n)
+        self._alert_events(n, runner)
+        now = float(self.clock())
+        for r in self.runners:
+            r._alert_stale(now)                # each symbol's data late past the limit / back (once each)
+        self._alert_daily(now)
+    except Exception as e:  # noqa: BLE001 - alerts never take trading down
+        _event("alert_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
+
+
+PortfolioRunner._alert_lock_changes, PortfolioRunner._alert_events, PortfolioRunner._alert_poll = \
+    _pf_alert_locks, _pf_alert_events, _pf_alert_poll
+
+
+# %% ../nbs/14_live.ipynb #b0936c67
+def _pf_alert_daily(self, now: float) -> None:
+    "At the UTC day roll (exchange time) the portfolio's summary of the day that ended, once: journaled first."
+    today = int(now // 86400)
+    if not hasattr(self, "_summary_next"):
+        last = self.journal.last_events(1, kind="daily_summary")
+        d = last[0]["data"] if last else None
+        self._summary_next = int(float(d["day_start"]) // 86400) + 1 if d else today
+    if today <= self._summary_next:
+        return
+    day0 = (today - 1) * 86400.0
+    t = {r["symbol"]: r for r in self.journal.select(
+        "SELECT symbol, COUNT(*) AS n, COALESCE(SUM(pnl), 0) AS pnl FROM trades WHERE exit_time >= ? AND "
+        "exit_time < ? GROUP BY symbol", (day0, day0 + 86400.0))}
+    locks, st, per = self._locks(), self.guardian.current_state, {}
+    for r in self.runners:
+        pos = r.executor.position() if r.executor is not None else None
+        x = t.get(r.symbol) or {"n": 0, "pnl": 0.0}
+        per[r.symbol] = {"pnl": round(float(x["pnl"]), 8), "trades": int(x["n"]),
+                         "open": pos.open_amount if pos is not None else None,
+                         "lock": f"{locks[r.symbol]['losses']} consecutive losses" if r.symbol in locks else None}
+    facts = {"day": iso(day0)[:10], "pnl": round(sum(float(x["pnl"]) for x in t.values()), 8),
+             "trades": sum(int(x["n"]) for x in t.values()),
+             "open_positions": {s: v["open"] for s, v in per.items() if v["open"] is not None},
+             "kill_switch": f"LOCKED ({st.lock_reason})" if st.locked else
+             f"off ({st.consecutive_losses} consecutive loss(es))", "currency": self.symbols[0].split("/")[-1],
+             "symbols": per}
+    self.journal.log_event("daily_summary", f"{facts['day']}: PnL {facts['pnl']:+.2f} over {facts['trades']} trade(s) "
+                           f"on {len(per)} symbols", {**facts, "day_start": day0})
+    self._summary_next = today
+    self.notifier.notify(Event.DAILY_SUMMARY, **facts)
+
+
+PortfolioRunner._alert_daily = _pf_alert_daily
+
+
 # %% ../nbs/14_live.ipynb #1607092f
-def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days):
+def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days, notifier: Notifier | None = None):
     "One symbol's artifact: `given`, else its own folder (`strategies/<name>/<BASEQUOTE>`, `models/<BASEQUOTE>`)."
     own = ss.symbol.replace("/", "")
     try:
@@ -1313,15 +1469,18 @@ def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days)
             given = latest_model(Path(ss.data_dir) / "models" / own)
         return load_model(ss, given, now=now, max_age_days=max_age_days)
     except StartupRefused as e:
-        raise StartupRefused(f"{ss.symbol}: {e}") from None
+        err = StartupRefused(f"{ss.symbol}: {e}")
+        if notifier is not None:                       # a person hears which symbol's artifact was refused
+            notifier.notify(Event.START_REFUSED, symbol=ss.symbol, reason=str(err))
+        raise err from None
 
 # %% ../nbs/14_live.ipynb #fba7d0ac
-def start_portfolio(settings: Settings | None = None, mode: str | None = None, models=None, *, strategy=None,
+def _start_portfolio(settings: Settings | None = None, mode: str | None = None, models=None, *, strategy=None,
                     stop_event: threading.Event | None = None, settle_s: float = 2.0, poll_s: float = 10.0,
                     min_poll_s: float = 1.0, max_model_age_days: float | None = 30.0, executor_kw: dict | None = None,
                     after_candle: Callable | None = None, data_client=None, retry: dict | None = None,
                     rate_limit_ms: float | None = None, crash_at: str | dict | None = None,
-                    audit: Callable | None = None) -> PortfolioRunner:
+                    audit: Callable | None = None, notifier: Notifier = PortfolioRunner.notifier) -> PortfolioRunner:
     "Settings → mode gate → per-symbol artifacts → clock → journal/Guardian/queue → a Runner per symbol → reconcile."
     settings = settings if settings is not None else load_settings()
     if mode is not None and mode != settings.mode:
@@ -1343,10 +1502,12 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
     try:
         strategy = select_strategy(settings, strategy)
     except StrategyError as e:
-        raise StartupRefused(f"strategy refused: {e}") from None
+        err = StartupRefused(f"strategy refused: {e}")
+        notifier.notify(Event.START_REFUSED, symbol=None, reason=str(err))      # the portfolio's strategy
+        raise err from None
     views = {s: dataclasses.replace(settings, symbol=s) for s in settings.symbols}
     arts = {s: _portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
-                                   max_model_age_days) for s, ss in views.items()}
+                                   max_model_age_days, notifier) for s, ss in views.items()}
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
@@ -1371,7 +1532,7 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
                           settle_s=settle_s, poll_s=poll_s, min_poll_s=min_poll_s, crash=CrashPoints(crash_at),
                           retry=retry) for s, ss in views.items()]
         pr = PortfolioRunner(runners, journal, guardian, clock, queue, data_client=data_client, stop_event=stop_event,
-                             after_candle=after_candle, retry=retry)
+                             after_candle=after_candle, retry=retry)._wire_alerts(notifier)
         _event("startup", mode=settings.mode, fills="exchange", symbols=",".join(settings.symbols),
                timeframe=settings.timeframe, state_dir=str(state_dir), max_open_positions=settings.max_open_positions,
                max_total_risk_pct=settings.max_total_risk_pct,
@@ -1390,3 +1551,22 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
     except BaseException:
         journal.close()
         raise
+
+# %% ../nbs/14_live.ipynb #3fd50440
+def start_portfolio(settings: Settings | None = None, mode: str | None = None, models=None, *,
+                    notify_kw: dict | None = None, **kw) -> PortfolioRunner:
+    "Settings → the notifier (one for every symbol) → `_start_portfolio` (see above). A started `PortfolioRunner`."
+    settings = settings if settings is not None else load_settings()
+    try:                                               # alerts: a URL apprise cannot use is a settings error
+        urls = split_urls(settings.notify_urls.reveal()) if settings.notify_urls is not None else []
+        notifier = Notifier.from_urls(urls, **(notify_kw or {}))
+        if notifier.enabled:                           # no alert ever shows a key or the URLs' tokens
+            notifier.mask(*secret_values(settings))
+    except NotifyError as e:
+        raise StartupRefused(f"configuration refused: {e}") from None
+    try:
+        return _start_portfolio(settings, mode, models, notifier=notifier, **kw)
+    except BaseException:
+        notifier.close(5)                              # bounded: what was queued (a refusal) goes out first
+        raise
+

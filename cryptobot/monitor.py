@@ -34,9 +34,9 @@ from .reports import project_root
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
            'MonitorError', 'dashboard_settings', 'example_state', 'freshness', 'snapshot', 'Span', 'card', 'render',
-           'status_html', 'position_html', 'tables_html', 'audit_html', 'equity_series', 'equity_figure',
-           'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command', 'dashboard_env',
-           'DashboardServer', 'start_dashboard', 'serve_dashboard']
+           'status_html', 'portfolio_html', 'position_html', 'tables_html', 'audit_html', 'equity_series',
+           'equity_figure', 'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command',
+           'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/19_monitor.ipynb #5cc97ade
 class MonitorError(CryptobotError, RuntimeError):
@@ -447,8 +447,44 @@ def status_html(snap: dict) -> str:
     st = snap["status"]
     cards = [_mode_card(snap), _lock_card(st), _streak_card(st, snap["kill_switch_losses"]), _pnl_card(snap),
              _fresh_card(snap), _stop_card(snap.get("stop")), _recon_card(snap)]
-    return render("status", symbol=snap["symbol"], timeframe=snap["timeframe"], updated=_t(snap["now"]),
+    return render("status", symbol=", ".join(st.get("symbols") or [snap["symbol"]]), timeframe=snap["timeframe"], updated=_t(snap["now"]),
                   state_dir=snap["state_dir"], problems=snap["problems"], cards=[c for c in cards if c])
+
+# %% ../nbs/19_monitor.ipynb #d7778f83
+_TEMPLATES["portfolio"] = """{% from "macros" import card %}{% include "css" %}<div class="cbm"><h2>Portfolio</h2>
+<div class="cards" id="cbm-portfolio">{% for c in cards %}{{ card(c) }}{% endfor %}</div>
+<table id="cbm-symbols"><tr><th>symbol</th><th>position</th><th>stop</th><th>last signal</th><th>last decision</th><th>kill switch</th></tr>
+{% for r in rows %}<tr id="cbm-sym-{{ r.id }}"><td>{{ r.symbol }}</td><td class="n">{{ r.position }}</td><td>{{ r.stop }}</td><td>{{ r.signal }}</td><td>{{ r.decision }}</td><td class="{{ r.lock_cls }}">{{ r.lock }}</td></tr>
+{% endfor %}</table></div>"""
+
+
+def _symbol_row(r: dict) -> dict:
+    g, dc = r["last_signal"], r["last_decision"]
+    return {"id": r["symbol"].replace("/", ""), "symbol": r["symbol"],
+            "position": "flat" if r["position"] is None else f'{r["position"]:g} @ {_money(r["entry_price"], False)}',
+            "stop": "–" if r["position"] is None else f'{_money(r["stop_price"], False)} ({r["stop_status"]})',
+            "signal": f'{g["action"]} at {_t(g["candle_time"])}' if g else "none yet",
+            "decision": "none yet" if not dc else "approved" if dc["approved"] else
+            "denied: " + ", ".join(x.split(" ")[0] for x in dc["reasons"]),
+            "lock": f'LOCKED ({r["losses"]} losses)' if r["locked"] else "unlocked", "lock_cls": "neg" if r["locked"] else ""}
+
+
+def portfolio_html(snap: dict) -> str:
+    "Several symbols: open positions vs the limit, open risk vs its limit, the portfolio lock, a row per symbol. Else ''."
+    st = snap["status"]
+    pf = st.get("portfolio")
+    if not pf:
+        return ""
+    full, pct, lim = pf["open_positions"] >= pf["max_open_positions"], pf["open_risk_pct"], pf["max_total_risk_pct"]
+    cards = [card("open positions", Span(f'{pf["open_positions"]} / {pf["max_open_positions"]}', id="cbm-pf-positions"),
+                  "no new entry until one closes" if full else "max_open_positions", "warn" if full else "ok"),
+             card("open risk", [Span("?" if pct is None else f"{pct:.2f} %", id="cbm-pf-risk"), f" / {lim:g} %"],
+                  f'{_money(pf["open_risk"], False)} at risk to the stops · equity {_money(pf["equity"], False)}',
+                  "none" if pct is None else "warn" if pct > lim * 0.8 else "ok"),
+             card("portfolio kill switch", Span("LOCKED" if st["locked"] else "unlocked", id="cbm-pf-lock"),
+                  st["lock_reason"] or "consecutive losses across symbols", "bad" if st["locked"] else "ok")]
+    return render("portfolio", cards=cards, rows=[_symbol_row(r) for r in st["per_symbol"]])
+
 
 # %% ../nbs/19_monitor.ipynb #3b4bd2af
 def _position_cards(p: dict) -> list[dict]:
@@ -479,7 +515,7 @@ _TEMPLATES["position"] = """{% from "macros" import card %}{% include "css" %}<d
 
 def position_html(snap: dict) -> str:
     "The open position(s): entry, amount, stop and stop order, mark price and its source, unrealised PnL."
-    return render("position", positions=[_position_cards(p) for p in snap["positions"]])
+    return portfolio_html(snap) + render("position", positions=[_position_cards(p) for p in snap["positions"]])
 
 # %% ../nbs/19_monitor.ipynb #e1fceeca
 _TEMPLATES["tables"] = """{% include "css" %}<div class="cbm"><h2>Last trades</h2>
@@ -749,6 +785,10 @@ def dashboard_env(settings, base: Mapping[str, str] | None = None, scrub_secrets
     for key, name in PASSED_SETTINGS.items():
         v = getattr(settings, name)
         env[key] = str(Path(v).resolve()) if isinstance(v, Path) else str(v).lower() if isinstance(v, bool) else str(v)
+    if len(getattr(settings, "symbols", ())) > 1:   # a portfolio: its symbols and limits (one symbol: as before)
+        env.update(CRYPTOBOT_SYMBOLS=",".join(settings.symbols), CRYPTOBOT_MAX_OPEN_POSITIONS=str(
+            settings.max_open_positions), CRYPTOBOT_MAX_TOTAL_RISK_PCT=str(settings.max_total_risk_pct))
+        env.pop("CRYPTOBOT_SYMBOL")                    # the first of them; both set is a settings error
     env.pop("CRYPTOBOT_MODE", None)        # derived from GO_LIVE / BINANCE_TESTNET, which are passed
     return env
 

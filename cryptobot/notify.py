@@ -209,13 +209,17 @@ def data_recovered(symbol, stale_s: float, last_candle=None) -> Alert:
 
 # %% ../nbs/17_notify.ipynb #b05d3d29
 def daily_summary(day, pnl: float, trades: int, open_positions: Mapping | Iterable = (), equity=None,
-                  currency: str = "USDT", kill_switch: str | None = None) -> Alert:
+                  currency: str = "USDT", kill_switch: str | None = None, symbols: Mapping | None = None) -> Alert:
     pos = open_positions.items() if isinstance(open_positions, Mapping) else [(p, None) for p in open_positions]
     pos = [f"{s} {a}" if a is not None else str(s) for s, a in pos]
     body = f"PnL {float(pnl):+.2f} {currency} over {int(trades)} closed trade(s)."
     body += f"\nEquity: {float(equity):.2f} {currency}." if equity is not None else ""
     body += "\nOpen positions: " + (", ".join(pos) if pos else "none") + "."
     body += f"\nKill switch: {kill_switch}." if kill_switch else ""
+    for s, v in (symbols or {}).items():              # a portfolio: {symbol: {pnl, trades, open, lock}}, a line each
+        body += (f"\n{s}: PnL {float(v.get('pnl') or 0):+.2f} over {int(v.get('trades') or 0)} trade(s), "
+                 f"{'open ' + format(v['open'], 'g') if v.get('open') else 'flat'}"
+                 f"{', LOCKED (' + str(v['lock']) + ')' if v.get('lock') else ''}.")
     return Alert(Event.DAILY_SUMMARY, f"Daily summary {day}", body, "info", urgent=False)
 
 

@@ -34,8 +34,14 @@ from .journal import Journal, iso, to_epoch
 from .live import EX_CONFIG, LiveError, Tick, _epoch_s, setup_logging, start_runner
 
 # %% auto #0
-__all__ = ['TRADE_COLUMNS', 'EXPLAINED', 'BINANCE_WEIGHTS', 'ParityReport', 'parity', 'ReplayResult', 'journal_trades', 'replay',
-           'compare_trades', 'format_comparison', 'bench_stop_check']
+__all__ = ['TRADE_COLUMNS', 'EXPLAINED', 'BINANCE_WEIGHTS', 'feature_source', 'ParityReport', 'parity', 'ReplayResult',
+           'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'bench_stop_check']
+
+# %% ../nbs/15_parity.ipynb #ac0e36f4
+def feature_source(settings: Settings, symbol: str | None = None, source: str = "live") -> str:
+    "The `feature_rows.source` of `symbol`'s live rows: `live` for the first (or only) symbol, `live:SYMBOL` for the others."
+    return source if symbol is None or symbol == settings.symbol else f"{source}:{symbol}"
+
 
 # %% ../nbs/15_parity.ipynb #8bb59dd8
 @dataclass
@@ -73,8 +79,10 @@ class ParityReport:
 
 
 def parity(settings: Settings, candles=None, *, journal_path=None, since=None, until=None, rtol: float = 1e-9,
-           atol: float = 1e-9, source: str = "live") -> ParityReport:
+           atol: float = 1e-9, source: str = "live", symbol: str | None = None) -> ParityReport:
     "Recompute the journaled live feature rows from stored candles and report every difference."
+    if symbol is not None and symbol != settings.symbol:   # another symbol of a portfolio: its own rows and candles
+        settings, source = dataclasses.replace(settings, symbol=symbol), feature_source(settings, symbol, source)
     jp = Path(journal_path) if journal_path else Path(settings.state_dir) / JOURNAL_FILE
     if not jp.exists():
         raise LiveError(f"no journal at {jp}: the runner has not run with this CRYPTOBOT_STATE_DIR", EX_CONFIG)

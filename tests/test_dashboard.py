@@ -221,3 +221,18 @@ def test_markup_lives_only_in_autoescaped_templates():
     for bad in ("html.escape", "Markup", "|safe", "| safe", "autoescape=False"):
         assert bad not in src, f"{bad} in cryptobot/monitor.py"
     assert m._JINJA.autoescape is True and "<script>" not in m.render("error", text="<script>")
+
+
+def test_child_environment_carries_the_portfolio_and_loads_back():
+    "Several symbols: the Voila child gets CRYPTOBOT_SYMBOLS and the portfolio limits (not also CRYPTOBOT_SYMBOL, a "
+    "settings error next to a differing CRYPTOBOT_SYMBOLS); one symbol: as before."
+    from cryptobot.monitor import dashboard_env, dashboard_settings
+    syms = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+    s = Settings(symbols=syms, max_open_positions=2, max_total_risk_pct=1.5)
+    env = dashboard_env(s, base={"BINANCE_API_KEY": "cbFAKEkeyAAAA1111", "CRYPTOBOT_SYMBOL": "XRP/USDT"})
+    assert "CRYPTOBOT_SYMBOL" not in env and "BINANCE_API_KEY" not in env
+    back = dashboard_settings(env=env)
+    assert (back.symbols, back.symbol, back.max_open_positions, back.max_total_risk_pct) == (syms, "BTC/USDT", 2, 1.5)
+    one = dashboard_env(Settings(symbol="ETH/USDT"), base={})
+    assert one["CRYPTOBOT_SYMBOL"] == "ETH/USDT" and not [k for k in one if k.startswith("CRYPTOBOT_MAX_OPEN")]
+    assert "CRYPTOBOT_SYMBOLS" not in one

@@ -212,6 +212,8 @@ def test_monitor_page_shows_state_refreshes_and_hides_secrets(browser, tmp_path)
         page.wait_for_selector("svg.main-svg", timeout=30_000)          # plotly drew the equity chart
         text = no_problem_text(page, srv)
         assert page.inner_text("#cbm-mode") == "PAPER"
+        assert page.locator("#cbm-portfolio").count() == 0 and page.locator("#cbm-symbols").count() == 0  # one symbol
+        assert page.inner_text(".top .t") == "cryptobot monitor — BTC/USDT 1h"
         assert page.inner_text("#cbm-lock") == "unlocked" and page.inner_text("#cbm-losses") == "0"
         trades = page.inner_text("#cbm-trades")
         assert f"{loss['pnl']:+,.2f}" in trades and f"{win['pnl']:+,.2f}" in trades
@@ -248,6 +250,8 @@ def test_monitor_page_shows_state_refreshes_and_hides_secrets(browser, tmp_path)
         seen_after = time.time() - t_write
         assert page.inner_text("#cbm-losses") == "3"
         assert "3 consecutive losing trades" in page.inner_text("#cbm-lock-reason")
+        page.wait_for_function("document.querySelector('#cbm-trades').innerText.includes('-5.67')",  # its own widget:
+                               timeout=int((REFRESH_S + 5) * 1000))                                 # a message later
         assert "-12.34" in page.inner_text("#cbm-trades") and "-5.67" in page.inner_text("#cbm-trades")
         assert "flat" in page.inner_text("#cbm-position")
         no_problem_text(page, srv)
@@ -312,3 +316,28 @@ def test_markup_in_the_journal_shows_as_text_and_runs_nothing(browser, tmp_path)
 def test_notebook_is_the_one_served():
     nb = dashboard_notebook()
     assert nb.name == "monitor.ipynb" and nb.parent.name == "dashboard" and "launch(" in nb.read_text()
+
+
+def test_monitor_page_shows_each_symbol_and_the_portfolio(browser, tmp_path):
+    "A 3-symbol paper run on the emulator (tests/test_portfolio.py): the page shows the portfolio (open positions vs "
+    "the limit, open risk vs its limit, the portfolio kill switch) and a row per symbol with its position and stop."
+    from test_portfolio import SYMS, portfolio_state_dir
+    s, seen = portfolio_state_dir(tmp_path)
+    n_open = sum(1 for x in SYMS if seen[x]["amount"])
+    with serve(s, tmp_path) as srv:
+        page = open_page(browser, srv)
+        page.wait_for_selector("#cbm-symbols", timeout=30_000)
+        no_problem_text(page, srv)
+        assert page.inner_text("#cbm-pf-positions") == f"{n_open} / 3"
+        assert page.inner_text("#cbm-pf-risk") == f"{seen['_risk_pct']:.2f} %"
+        assert page.inner_text("#cbm-pf-lock") == "unlocked"
+        assert ", ".join(SYMS) in page.inner_text(".top .t")
+        for x in SYMS:
+            row = page.inner_text(f"#cbm-sym-{x.replace('/', '')}")
+            assert row.startswith(x) and row.rstrip().endswith("unlocked") and seen[x]["signal"] in row, row
+            if seen[x]["amount"]:
+                assert f"{seen[x]['amount']:g} @ " in row and f"{float(seen[x]['stop']):,.2f} (open)" in row, row
+            else:
+                assert "flat" in row, row
+        screenshot(page, "dashboard-test-portfolio.png")
+        page.close()

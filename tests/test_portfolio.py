@@ -1,6 +1,7 @@
 """Several symbols in one guarded bot: the Guardian's portfolio limits (real journal, real state dir) and a 3-symbol
 paper run of the runner against the real emulator on 127.0.0.1 through the real `ccxt.binance` client."""
 import dataclasses
+import json
 
 import pytest
 
@@ -299,3 +300,367 @@ def test_same_candle_entries_through_the_runner_never_over_commit_cash(tmp_path,
         pr.close()
         j.close()
         emu.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- alerts
+# One notifier for the portfolio (apprise's json:// webhook to a real receiver on 127.0.0.1), each alert naming its
+# symbol; a dead receiver changes nothing about trading.
+from test_notify import closed_port, receiver  # noqa: E402,F401 - `receiver` is a fixture
+
+TOKEN = "pfTok3nS3CRET77"
+FAST = dict(timeout_s=0.5, attempts=2, backoff_s=0.05)
+
+
+def _alerting_portfolio(tmp_path, url, candles=None, arts=None, hand_order=True):
+    "A stepped 3-symbol emulator (stop-limit stops), kill switch after 1 loss, alerts to `url`; SOL has an order "
+    "placed by hand (the start-up reconciliation of SOL fails)."
+    from cryptobot.client import make_client
+    from cryptobot.emulator import Emulator
+    from cryptobot.config import Secret
+    from cryptobot.live import start_portfolio
+    from cryptobot.strategy import make_strategy, save_strategy_artifact
+    candles = candles or _market((7, 11, 13))
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
+                   clock="stepped", start=START, filters=OWN_FILTERS)
+    emu.start()
+    try:
+        if hand_order:
+            hand = make_client(api_key=KEY, api_secret=SECRET, base_url=emu.base_url)
+            hand.load_markets()
+            hand.create_order("SOL/USDT", "limit", "buy", 1.0, 50.0, {"clientOrderId": "by-hand-sol"})
+        s = Settings(state_dir=tmp_path / "state", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                     symbols=tuple(candles), kill_switch_losses=1, **({"notify_urls": Secret(url)} if url else {}))
+        arts = arts or {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), symbol=sym,
+                                                    timeframe="1h").parent for sym in candles}
+        emu.faults.add("stop_unfilled")            # the first stop that triggers does not fill: an emergency exit
+        pr = start_portfolio(s, "paper", arts, strategy=strat, settle_s=0.0, poll_s=0.02, min_poll_s=0.01,
+                             executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
+                             retry={"retries": 1, "base_delay": 0.01, "max_delay": 0.02}, rate_limit_ms=1.0,
+                             notify_kw=FAST)
+    except BaseException:
+        emu.stop()
+        raise
+    return emu, s, pr
+
+
+def _crash_next_bar(emu, stop_cid):
+    "Reshape the bar after the one `stop_cid` was placed in: a down bar through the stop (as `runner_rig` does)."
+    (st,) = [o for o in emu.orders if o["client_order_id"] == stop_cid]
+    tape = emu.tapes[st["symbol"].replace("/", "")]
+    with emu._lock:
+        i = tape.bar_at(st["time"]) + 1
+        o, low = float(tape.c[i - 1]), st["stop_price"] * 0.97
+        tape.set_bar(i, o, o * 1.001, low, low * 1.003, 12.0)
+    return st
+
+
+def _scenario(emu, s, pr):
+    "Trade to the first loss (kill switches lock), unlock the symbol then the portfolio, 2 h without klines, back."
+    from cryptobot.guardian import unlock_cli
+    crashed = None
+    for k in range(200):
+        if k:
+            emu.advance(1)
+        pr.step()
+        if pr.guardian.locked:
+            break
+        held = [r for r in pr.runners if r.executor.position() is not None]
+        if crashed is None and held:                 # the bar after the stop's falls through it: the stop triggers
+            crashed = _crash_next_bar(emu, held[0].executor.position().stop_cid)
+    assert pr.guardian.locked, "no losing trade in 200 candles"
+    (sym,) = pr._locks()                        # the losing trade's symbol is locked too (1 loss)
+    emu.advance(1)
+    pr.step()
+    assert unlock_cli(s, "reviewed the symbol's loss", symbol=sym).startswith(f"{sym} unlocked")
+    emu.advance(1)
+    pr.step()
+    assert unlock_cli(s, "reviewed the portfolio").startswith("unlocked")
+    emu.advance(1)
+    pr.step()
+    emu.faults.add("server_error", count=10**6, endpoint="klines")
+    for _ in range(2):
+        emu.advance(1)
+        pr.step()
+    emu.faults.clear()
+    for _ in range(30):                         # data back, and past the next UTC midnight (the daily summary)
+        emu.advance(1)
+        pr.step()
+    pr.queue.drain(60)
+    return sym
+
+
+def _titles(receiver, *words):
+    return [b for p, b in receiver.got if p.startswith("/ok/") and all(w in b["title"] for w in words)]
+
+
+def test_portfolio_alerts_reach_the_receiver_each_naming_its_symbol(receiver, tmp_path):
+    emu, s, pr = _alerting_portfolio(tmp_path, receiver.url(f"/ok/{TOKEN}"))
+    j = pr.journal
+    try:
+        sym = _scenario(emu, s, pr)
+        assert pr.notifier.flush(30)
+        events = j.select("SELECT kind, message, data FROM events ORDER BY id")
+        trades = j.trades()
+        exits = j.select("SELECT symbol, amount FROM intents WHERE purpose = 'emergency_exit'")
+    finally:
+        pr.close()
+        j.close()
+        emu.stop()
+    t = lambda *w: [b["title"].removeprefix("cryptobot: ") for b in _titles(receiver, *w)]
+    # the start-up reconciliation of SOL: named, once (not once per candle while it stays unreconciled)
+    assert t("MISMATCH") == ["Reconciliation MISMATCH SOL/USDT"]
+    assert "1 unknown open orders (by-hand-sol)" in _titles(receiver, "MISMATCH")[0]["message"]
+    # the losing trade locked its symbol's kill switch and the portfolio's: one alert each, each unlock once
+    locks = [json.loads(e["data"])["symbol"] for e in events if e["kind"] == "symbol_lock"]
+    assert locks[0] == sym and t("LOCKED")[:2] == ["Kill switch LOCKED (portfolio)", f"Kill switch LOCKED ({sym})"]
+    assert [x for x in t("LOCKED") if "portfolio" not in x] == [f"Kill switch LOCKED ({x})" for x in locks]
+    assert f"kill switch for {sym}: 1 consecutive losing trades on {sym}" in _titles(receiver, "LOCKED", sym)[0]["message"]
+    assert f"cryptobot unlock --symbol {sym}" in _titles(receiver, "LOCKED", sym)[0]["message"]
+    assert t("unlocked") == [f"Kill switch unlocked ({sym})", "Kill switch unlocked (portfolio)"]
+    assert "reviewed the symbol's loss" in _titles(receiver, "unlocked", sym)[0]["message"]
+    assert "reviewed the portfolio" in _titles(receiver, "unlocked", "portfolio")[0]["message"]
+    # the first stop that triggered did not fill: the emergency exit, named by its symbol
+    assert exits, "no stop triggered"
+    assert t("EMERGENCY") == [f"EMERGENCY EXIT {x['symbol']}" for x in exits]
+    assert _titles(receiver, "EMERGENCY")[0]["message"].startswith(f"Closed {exits[0]['amount']} {exits[0]['symbol']}")
+    # no klines for 2 h: each symbol's stale data once, then its recovery once
+    assert sorted(t("Stale data")) == [f"Stale data {x}" for x in SYMS]
+    assert sorted(t("Data back")) == [f"Data back {x}" for x in SYMS]
+    stale = [json.loads(e["data"]) for e in events if e["kind"] == "data_stale"]
+    assert sorted(d["symbol"] for d in stale) == list(SYMS)
+    # the daily summary covers the portfolio: per-symbol PnL, trades, open positions and locks, as journaled
+    summaries = [json.loads(e["data"]) for e in events if e["kind"] == "daily_summary"]
+    assert summaries and len(_titles(receiver, "Daily summary")) == len(summaries)
+    assert sum(d["trades"] for d in summaries) == len(trades) >= 1
+    for d, body in zip(summaries, _titles(receiver, "Daily summary")):
+        day = [x for x in trades if d["day_start"] <= x["exit_time"] < d["day_start"] + 86400]
+        assert d["trades"] == len(day) and d["pnl"] == pytest.approx(sum(x["pnl"] for x in day))
+        assert set(d["symbols"]) == set(SYMS) and body["title"] == f"cryptobot: Daily summary {d['day']}"
+        for x in SYMS:
+            mine, v = [y for y in day if y["symbol"] == x], d["symbols"][x]
+            assert v["trades"] == len(mine) and v["pnl"] == pytest.approx(sum(y["pnl"] for y in mine))
+            line = f"{x}: PnL {v['pnl']:+.2f} over {len(mine)} trade(s), " + (f"open {v['open']:g}" if v["open"] else "flat")
+            assert line + (f", LOCKED ({v['lock']})." if v["lock"] else ".") in body["message"].splitlines()
+    assert TOKEN not in json.dumps(events) and not [e for e in events if e["kind"] in ("notify_failed", "alert_error")]
+
+
+def test_dead_or_hanging_receiver_trades_the_portfolio_exactly_the_same(receiver, tmp_path):
+    "The same 3-symbol scenario with a good, a hanging and a refusing receiver: the same orders, trades, decisions, "
+    "locks and journaled daily summaries; each alert that did not arrive journaled (notify_failed / notify_unsent)."
+    runs = {}
+    for name, url in (("ok", receiver.url(f"/ok/{TOKEN}")), ("hang", receiver.url(f"/hang/{TOKEN}")),
+                      ("refused", f"json://127.0.0.1:{closed_port()}/{TOKEN}")):
+        emu, s, pr = _alerting_portfolio(tmp_path / name, url)
+        j = pr.journal
+        try:
+            sym = _scenario(emu, s, pr)
+        finally:
+            pr.close()                              # bounded: a hanging receiver holds the shutdown 5 s at most
+        try:
+            q = lambda sql: [dict(r) for r in j.select(sql)]
+            runs[name] = dict(
+                sym=sym, locks=sorted(pr._locks()), portfolio_locked=pr.guardian.locked,
+                intents=q("SELECT client_order_id, symbol, side, type, amount, price, stop_price, purpose, candle_time "
+                          "FROM intents ORDER BY id"),
+                trades=q("SELECT trade_key, symbol, entry_price, exit_price, amount, pnl, exit_reason FROM trades ORDER BY id"),
+                decisions=q("SELECT symbol, candle_time, approved, reasons, plan FROM decisions ORDER BY id"),
+                summaries=[json.loads(r["data"]) for r in q("SELECT data FROM events WHERE kind = 'daily_summary'")],
+                failed=[json.loads(r["data"]) for r in q("SELECT data FROM events WHERE kind IN ('notify_failed', "
+                                                         "'notify_unsent') ORDER BY id")],
+                text=json.dumps(q("SELECT * FROM events")))
+        finally:
+            j.close()
+            emu.stop()
+    ok = runs["ok"]
+    assert ok["intents"] and ok["trades"] and ok["summaries"] and not ok["failed"]
+    assert {i["purpose"] for i in ok["intents"]} >= {"entry", "stop", "emergency_exit"}
+    for name in ("hang", "refused"):
+        r = runs[name]
+        for k in ("sym", "locks", "portfolio_locked", "intents", "trades", "decisions", "summaries"):
+            assert r[k] == ok[k], (name, k)
+        assert r["failed"], name
+        kinds = {f.get("alert") for f in r["failed"] if "alert" in f}
+        assert "kill_locked" in kinds or any("unsent" in f for f in r["failed"]), (name, r["failed"])
+        assert all(f.get("target", "json://127.0.0.1:****") == "json://127.0.0.1:****" for f in r["failed"])
+        assert TOKEN not in r["text"]
+    assert {f["alert"] for f in runs["refused"]["failed"] if "alert" in f} >= \
+        {"reconcile_mismatch", "kill_locked", "kill_unlocked", "emergency_exit", "stale_data", "daily_summary"}
+
+
+def test_start_refusal_names_the_refused_symbol(receiver, tmp_path):
+    "ETH's artifact was backtested on another market: the portfolio does not start, and a person hears which symbol."
+    from cryptobot.live import StartupRefused
+    from cryptobot.strategy import make_strategy, save_strategy_artifact
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    arts = {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), timeframe="1h",
+                                        symbol="BTC/USDT" if sym == "ETH/USDT" else sym).parent for sym in SYMS}
+    with pytest.raises(StartupRefused, match="ETH/USDT: strategy .* was backtested on BTC/USDT 1h"):
+        _alerting_portfolio(tmp_path, receiver.url(f"/ok/{TOKEN}"), arts=arts, hand_order=False)
+    (body,) = [b for _, b in receiver.got]          # close(5) ran before the refusal was raised: delivered
+    assert body["title"] == "cryptobot: Strategy refused at start (ETH/USDT)" and body["type"] == "failure"
+    assert body["message"].startswith("ETH/USDT: strategy ") and "nothing was traded" in body["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- status, dashboard
+def portfolio_state_dir(tmp_path) -> tuple[Settings, dict]:
+    "A 3-symbol stepped paper run (no alerts): the first loss locks its symbol and the portfolio; the portfolio is "
+    "unlocked (the symbol stays locked) and the run goes on until a position is open. What the runner saw, per symbol."
+    from cryptobot.guardian import unlock_cli
+    emu, s, pr = _alerting_portfolio(tmp_path, None, hand_order=False)
+    j, seen = pr.journal, {}
+    try:
+        for k in range(200):
+            if k:
+                emu.advance(1)
+            pr.step()
+            if pr.guardian.locked:
+                break
+        (locked,) = pr._locks()
+        unlock_cli(s, "reviewed the portfolio")
+        for k in range(200):
+            emu.advance(1)
+            pr.step()
+            if any(r.executor.position() is not None for r in pr.runners):
+                break
+        pr.queue.drain(60)
+        for r in pr.runners:
+            pos = r.executor.position()
+            sig = r.journal.last_events(1, kind="signal")
+            seen[r.symbol] = {"amount": emu.order(client_order_id=pos.entry_cid)["executed_qty"] if pos else None,
+                              "entry": pos.entry_price if pos else None,
+                              "stop": emu.order(client_order_id=pos.stop_cid)["stop_price"] if pos else None,
+                              "signal": sig[0]["data"]["action"] if sig else None}
+        assert not pr._locks() and locked, "the portfolio unlock lifts the symbol's lock too"
+        eq = j.select("SELECT equity FROM marks WHERE equity IS NOT NULL ORDER BY id DESC LIMIT 1")[0]["equity"]
+        seen["_risk_pct"] = _open_risk(j) / eq * 100
+    finally:
+        pr.close()
+        j.close()
+        emu.stop()
+    assert any(v["amount"] for k, v in seen.items() if k in SYMS)
+    return s, seen
+
+
+def _status_cli(s, *args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTOBOT_", "BINANCE_")) and k != "GO_LIVE"}
+    env.update(CRYPTOBOT_STATE_DIR=str(s.state_dir), CRYPTOBOT_SYMBOLS=",".join(s.symbols),
+               CRYPTOBOT_KILL_SWITCH_LOSSES=str(s.kill_switch_losses))
+    return subprocess.run([str(Path(sys.executable).parent / "cryptobot"), "status", *args], cwd=s.state_dir, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_status_shows_each_symbol_and_the_portfolio(tmp_path):
+    from cryptobot.monitor import position_html, snapshot, status_html
+    s, seen = portfolio_state_dir(tmp_path)
+    r = _status_cli(s, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    pf, rows = d["portfolio"], {x["symbol"]: x for x in d["per_symbol"]}
+    n_open = sum(1 for x in SYMS if seen[x]["amount"])
+    assert (pf["open_positions"], pf["max_open_positions"], pf["max_total_risk_pct"]) == (n_open, 3, 3.0)
+    assert pf["open_risk_pct"] == pytest.approx(seen["_risk_pct"]) and d["locked"] is False
+    for x in SYMS:
+        assert (rows[x]["position"] == pytest.approx(seen[x]["amount"])) if seen[x]["amount"] else rows[x]["position"] is None
+        assert (rows[x]["stop_price"] == pytest.approx(float(seen[x]["stop"]))) if seen[x]["amount"] else True
+        assert rows[x]["stop_status"] == ("open" if seen[x]["amount"] else None)
+        assert rows[x]["last_signal"]["action"] == seen[x]["signal"] and rows[x]["locked"] is False
+        assert rows[x]["last_decision"] is None or rows[x]["last_decision"]["symbol"] == x
+    r = _status_cli(s)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    (pline,) = [l for l in lines if l.startswith("portfolio  ")]
+    assert pline.startswith(f"portfolio  {n_open}/3 positions open · open risk ") and pline.endswith("kill switch unlocked")
+    assert f"{seen['_risk_pct']:.2f} % of equity" in pline and "limit 3 %" in pline
+    for x in SYMS:
+        (l,) = [l for l in lines if l.startswith(f"{x:<10} ")]
+        assert l.endswith(" · unlocked"), l
+        assert (f"{seen[x]['amount']:g} @ " in l and "(open)" in l) if seen[x]["amount"] else " flat · " in l
+        assert f"signal {seen[x]['signal']} at " in l
+    # the dashboard's panels: the portfolio and a row per symbol
+    snap = snapshot(s)
+    html = position_html(snap)
+    assert "<h2>Portfolio</h2>" in html and f'id="cbm-pf-positions">{n_open} / 3<' in html
+    for x in SYMS:
+        assert f'id="cbm-sym-{x.replace("/", "")}"' in html
+    assert ", ".join(SYMS) in status_html(snap)
+    # one symbol configured on the same state dir: the panels as before (no portfolio section, one symbol's header)
+    one = dataclasses.replace(s, symbols=(s.symbol,))
+    snap1 = snapshot(one)
+    assert "portfolio" not in snap1["status"] and "Portfolio" not in position_html(snap1)
+    assert f"cryptobot monitor — {s.symbol} 1h<" in status_html(snap1)
+
+
+def test_status_shows_a_symbol_lock_while_the_portfolio_trades(book, tmp_path):
+    make, clock = book
+    s, j, g = make()
+    for i, (sym, pnl) in enumerate([("ETH/USDT", -1.0), ("BTC/USDT", 3.0), ("ETH/USDT", -2.0), ("SOL/USDT", 1.0),
+                                    ("ETH/USDT", -1.0)]):
+        assert g.record_trade(_trade(f"t{i}", sym, pnl))
+    j.close()
+    r = _status_cli(s)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    (pline,) = [l for l in lines if l.startswith("portfolio  ")]
+    assert pline.startswith("portfolio  0/3 positions open · open risk 0.00 (equity unknown; limit 3 %)")
+    assert pline.endswith("kill switch unlocked")
+    rows = {x: [l for l in lines if l.startswith(f"{x:<10} ")][0] for x in SYMS}
+    assert rows["ETH/USDT"].endswith("LOCKED (3 losses)") and rows["BTC/USDT"].endswith("unlocked")
+    assert " flat · no signal yet · no decision yet · " in rows["SOL/USDT"]
+    from cryptobot.monitor import position_html, snapshot
+    html = position_html(snapshot(s))
+    assert 'id="cbm-pf-lock">unlocked<' in html and '<td class="neg">LOCKED (3 losses)</td>' in html
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+def test_parity_and_the_audit_check_each_symbols_feature_rows(tmp_path):
+    "Each symbol's journaled feature rows (`live` for the first, `live:SYMBOL` for the others) against its own stored "
+    "candles: all agree after a 3-symbol run; one altered ETH row fails ETH's parity and the audit check, naming ETH."
+    from cryptobot.audit import FAIL, PASS, Evidence, check_feature_parity
+    from cryptobot.data import raw_path, save_candles
+    from cryptobot.parity import feature_source, parity
+    from cryptobot.strategy import make_strategy
+    candles = _market((7, 11, 13))
+    emu, s, pr = _paper_portfolio(tmp_path, candles, make_strategy("ema_cross", {"fast": 3, "slow": 8}))
+    try:
+        _stepped(emu, pr, 40)
+    finally:
+        pr.close()
+        pr.journal.close()
+        emu.stop()
+    s = dataclasses.replace(s, data_dir=tmp_path / "data")
+    for sym, df in candles.items():
+        save_candles(df, raw_path(s.data_dir, sym, "1h"))
+    assert [feature_source(s, x) for x in SYMS] == ["live", "live:ETH/USDT", "live:SOL/USDT"]
+    for sym in SYMS:
+        rep = parity(s, symbol=sym)
+        assert rep.compared >= 30 and rep.ok, (sym, str(rep))
+    assert parity(s).rows == parity(s, symbol="BTC/USDT").rows                 # the first symbol: as before
+    ev = Evidence(s, ask_exchange=False, backtest=False)
+    try:
+        c = check_feature_parity(ev)
+    finally:
+        ev.close()
+    assert c.status == PASS and all(f"{x}: parity OK: " in c.evidence for x in SYMS), c
+    import sqlite3
+    con = sqlite3.connect(s.state_dir / JOURNAL_FILE)            # one ETH row altered after the fact
+    with con:
+        rid, feats = con.execute("SELECT id, features FROM feature_rows WHERE source = 'live:ETH/USDT' "
+                                 "ORDER BY id DESC LIMIT 1").fetchone()
+        f = json.loads(feats)
+        k = next(iter(f))
+        f[k] = (f[k] or 0.0) + 1.0
+        con.execute("UPDATE feature_rows SET features = ? WHERE id = ?", (json.dumps(f), rid))
+    con.close()
+    assert parity(s, symbol="ETH/USDT").mismatched == 1 and parity(s).ok and parity(s, symbol="SOL/USDT").ok
+    ev = Evidence(s, ask_exchange=False, backtest=False)
+    try:
+        c = check_feature_parity(ev)
+    finally:
+        ev.close()
+    assert c.status == FAIL and "ETH/USDT: the runner computed other features" in c.detail, c
+    assert "BTC/USDT" not in c.detail and "SOL/USDT" not in c.detail
