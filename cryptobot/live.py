@@ -419,6 +419,9 @@ class Runner:
 
     def _bad_candles(self, closed: pd.DataFrame, next_open: float | None) -> str | None:
         "One line if the feature window or the forming candle's open holds inf/NaN (then: no trade), else None."
+        a = closed.to_numpy()[-self.need:]              # the common case first, without the message's frames
+        if a.dtype.kind == "f" and np.isfinite(a).all() and (next_open is None or math.isfinite(next_open)):
+            return None
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
             check_finite(closed.iloc[-self.need:], where, fix)
