@@ -28,9 +28,9 @@ from .files import atomic_write
 
 
 # %% auto #0
-__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'CHECKPOINT_KIND', 'ARCHIVE_DIR',
-           'JournalError', 'to_epoch', 'iso', 'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition',
-           'ClosedTrade', 'open_error', 'Journal', 'archive_before', 'archive_runs']
+__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'DEFERRABLE', 'CHECKPOINT_KIND',
+           'ARCHIVE_DIR', 'JournalError', 'to_epoch', 'iso', 'utc_day', 'OrderStatusError', 'OrderStatus',
+           'order_transition', 'ClosedTrade', 'open_error', 'Journal', 'archive_before', 'archive_runs']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
 class JournalError(CryptobotError, RuntimeError):
@@ -316,6 +316,7 @@ def _connect(path: Path, readonly: bool, timeout_s: float) -> sqlite3.Connection
 # %% ../nbs/10_journal.ipynb #2db00723
 class Journal:
     "The SQLite journal in `path` (WAL, synchronous=FULL, one transaction per event, versioned schema)."
+    _depth, _timer, hold_s, flushes = 0, None, 1.0, 0   # batch(): nesting, hold timer, longest hold (s), commits
 
     def __init__(self, path, *, readonly: bool = False, timeout_s: float = 10.0, clock=time.time):
         self.path = Path(path)
@@ -371,18 +372,34 @@ class Journal:
         return self._con.execute("PRAGMA synchronous").fetchone()[0]
 
     @contextmanager
-    def _tx(self):
+    def _tx(self, defer: bool = False):
+        "One write: its own transaction; inside `batch()`, a `defer` write joins the open one, any other write commits it."
         if self.readonly:
             raise JournalError(f"journal {self.path} is open read-only")
         with self._lock:
-            self._con.execute("BEGIN IMMEDIATE")
+            con, pending = self._con, self._con.in_transaction
+            if not pending and not (defer and self._depth):
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+                return
+            if not pending:                                # the batch's first held-back write opens its transaction
+                con.execute("BEGIN IMMEDIATE")
+                self._hold_timer()
+            con.execute("SAVEPOINT w")                     # a failing write undoes itself, never the rows before it
             try:
-                yield self._con
+                yield con
             except BaseException:
-                self._con.execute("ROLLBACK")
+                con.execute("ROLLBACK TO w")
+                con.execute("RELEASE w")
                 raise
-            else:
-                self._con.execute("COMMIT")
+            con.execute("RELEASE w")
+            if not defer:                                  # durable now, and every held-back row before it too
+                self._flush()
 
 # %% ../nbs/10_journal.ipynb #0acc2815
 def _close(self):
@@ -599,7 +616,7 @@ def _record_decision(self, decision_id: str, approved: bool, reasons: list, symb
             ct = to_epoch(candle_time, "candle_time")
         except JournalError:
             ct = None
-    with self._tx() as con:
+    with self._tx(defer=True) as con:
         msg = ("approved" if approved else "denied: " + "; ".join(str(r) for r in reasons)) + f" {symbol} {side}"
         eid = self._event(con, "decision", msg, dict(decision_id=decision_id, reasons=[str(r) for r in reasons]), ts)
         con.execute("INSERT INTO decisions (event_id, decision_id, ts, symbol, side, candle_time, approved, reasons, plan, "
@@ -636,7 +653,7 @@ def _record_mark(self, equity: float | None, candle_time=None, ts=None) -> int |
     ct = None if candle_time is None else to_epoch(candle_time, "candle_time")
     if not ok and ct is None:
         return None
-    with self._tx() as con:
+    with self._tx(defer=True) as con:
         eid = self._event(con, "mark", f"equity {equity} candle {iso(ct)}", None, ts)
         con.execute("INSERT INTO marks (event_id, ts, candle_time, equity) SELECT ?, ts, ?, ? FROM events WHERE id = ?",
                     (eid, ct, float(equity) if ok else None, eid))
@@ -668,7 +685,7 @@ Journal.record_poll_error = _record_poll_error
 def _record_feature_row(self, candle_time, fingerprint: str, features: Mapping, source: str = "live", ts=None) -> bool:
     "Journal the feature row the live runner fed the model (parity check hook). Idempotent per candle/fingerprint/source."
     ct = to_epoch(candle_time, "candle_time")
-    with self._tx() as con:
+    with self._tx(defer=True) as con:
         if con.execute("SELECT 1 FROM feature_rows WHERE candle_time = ? AND fingerprint = ? AND source = ?",
                        (ct, fingerprint, source)).fetchone():
             return False
@@ -679,13 +696,52 @@ def _record_feature_row(self, candle_time, fingerprint: str, features: Mapping, 
         return True
 
 
+DEFERRABLE = ("signal", "candle_done", "stop_check")   # `log_event` kinds a batch may hold back (`Journal.batch` below)
+
+
 def _log_event(self, kind: str, message: str = "", data=None, ts=None) -> int:
     "Journal a generic event (startup, shutdown, warnings …)."
-    with self._tx() as con:
+    with self._tx(defer=kind in DEFERRABLE) as con:
         return self._event(con, kind, message, data, ts)
 
 
 Journal.record_feature_row, Journal.log_event = _record_feature_row, _log_event
+
+# %% ../nbs/10_journal.ipynb #442a8385
+def _flush(self) -> bool:
+    "Commit the rows a batch holds back (a no-op when none are pending); True if it committed."
+    with self._lock:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.readonly or not self._con.in_transaction:
+            return False
+        self._con.execute("COMMIT")
+        self.flushes += 1
+        return True
+
+
+def _hold_timer(self):
+    "Commit a held-back batch after `hold_s` even if the batch is still open (never block other writers long)."
+    self._timer = threading.Timer(self.hold_s, self._flush)
+    self._timer.daemon = True
+    self._timer.start()
+
+
+@contextmanager
+def _batch(self):
+    "Hold back `defer` writes (feature rows, signals, candle_done, stop checks, marks, decisions) until the end; nests."
+    self._depth += 1
+    try:
+        yield self
+    finally:
+        self._depth -= 1
+        if not self._depth:
+            self._flush()
+
+
+Journal._flush, Journal._hold_timer, Journal.batch = _flush, _hold_timer, _batch
+
 
 # %% ../nbs/10_journal.ipynb #87b86c57
 def _has_history(self) -> bool:

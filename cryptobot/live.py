@@ -435,6 +435,9 @@ class Runner:
 
     def _bad_candles(self, closed: pd.DataFrame, next_open: float | None) -> str | None:
         "One line if the feature window or the forming candle's open holds inf/NaN (then: no trade), else None."
+        a = closed.to_numpy()[-self.need:]              # the common case first, without the message's frames
+        if a.dtype.kind == "f" and np.isfinite(a).all() and (next_open is None or math.isfinite(next_open)):
+            return None
         where, fix = f"exchange candles {self.symbol} {self.tf}", "no trade on this candle (fail closed)"
         try:
             check_finite(closed.iloc[-self.need:], where, fix)
@@ -520,14 +523,8 @@ def _step(self, decide: bool = True) -> Tick | None:
         window = closed.iloc[-self.need:]
         if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
             _event("candle_gap", logging.WARNING, candle=iso(close_t))
-        feats = build_features(window.iloc[-LOOKBACK:])
-        row = feats.iloc[-1]
-        if self.rule:                                  # the rule decides on candles; the row is journaled if whole
-            if not row.isna().any():
-                self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()},
-                                                source="live")
-            self.crash.hit("features")
-        elif usable := not row.isna().any():
+        feats = None if self.rule else build_features(window.iloc[-LOOKBACK:])   # a rule decides on candles
+        if feats is not None and (usable := not (row := feats.iloc[-1]).isna().any()):
             self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
             self.crash.hit("features")
             proba = float(self.artifact.predict_proba(feats.iloc[[-1]]).iloc[0])
@@ -569,6 +566,8 @@ def _step(self, decide: bool = True) -> Tick | None:
         t_out = time.perf_counter()
     tick.net_ms = (self.net.total - net0) * 1000.0
     tick.tick_ms = max(0.0, (t_out - t_in) * 1000.0 - tick.net_ms)
+    if self.rule and usable:                          # the rule's feature row (parity): after its orders are queued
+        self._rule_features(closed, close_t)
     self.guardian.note_candle(close_t, ctx.equity if ctx is not None else None)
     self._checked(stop)                               # the close's stop check counts; schedule the next one
     self.crash.hit("done")
@@ -587,6 +586,24 @@ def _step(self, decide: bool = True) -> Tick | None:
 
 
 Runner.step = _step
+
+
+# %% ../nbs/14_live.ipynb #766a6374
+def _rule_features(self, closed: pd.DataFrame, close_t: float) -> None:
+    "A rule's feature row for the candle closing at `close_t`, journaled if whole (parity), after the decision."
+    row = build_features(closed.iloc[-LOOKBACK:]).iloc[-1]
+    if not row.isna().any():
+        self.journal.record_feature_row(close_t, self.fp, {k: float(v) for k, v in row.items()}, source="live")
+    self.crash.hit("features")
+
+
+def _batched_step(self, decide: bool = True) -> Tick | None:
+    "`step` with the tick's bookkeeping held back into one journal transaction (intents still commit before a send)."
+    with self.journal.batch():
+        return _step(self, decide)
+
+
+Runner._rule_features, Runner.step = _rule_features, _batched_step
 
 
 # %% ../nbs/14_live.ipynb #c1d92aba
@@ -1273,6 +1290,16 @@ def _pf_wait(self) -> str:
 
 
 PortfolioRunner.step, PortfolioRunner._wait = _pf_step, _pf_wait
+
+# %% ../nbs/14_live.ipynb #90947f4f
+def _pf_batched_step(self, decide: bool = True) -> dict | None:
+    "`step` for every symbol with one journal transaction for the candle's bookkeeping (see `Journal.batch`)."
+    with self.journal.batch():
+        return _pf_step(self, decide)
+
+
+PortfolioRunner.step = _pf_batched_step
+
 
 # %% ../nbs/14_live.ipynb #da501244
 def _pf_run(self, max_candles: int | None = None) -> int:
