@@ -38,7 +38,8 @@ def all_floors(x: float, step: str) -> dict:
     if x > 0:
         got["exchange.floor_step"] = floor_step(x, float(step))
         if Decimal(step) >= Decimal("1e-8"):
-            book = SimpleNamespace(filters={"step_size": Decimal(step)})
+            f = {"step_size": Decimal(step)}
+            book = SimpleNamespace(filters=f, _filters=lambda sym=None: f)     # the book's per-symbol filters
             got["emulator _floor_step"] = float(_Book._floor_step(book, Decimal(repr(x))))
     return got
 
