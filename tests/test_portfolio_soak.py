@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptobot.live import CRASH_POINTS, EX_UNAVAILABLE
+from cryptobot.live import CRASH_POINTS, EX_IOERR, EX_UNAVAILABLE
 from crashkit import ForkServer, check_invariants, done_candles, held_from_fills
 
 KEY, SECRET = "soak-key-5c2a", "soak-secret-Pq81vd"
@@ -211,6 +211,17 @@ def make_market(n: int, folder: Path):
     return candles, arts, strat
 
 
+def runner_args(state: Path, emu, arts: dict, strat, logf: Path, **kw) -> dict:
+    "What the fork server needs to start one portfolio runner (3 symbols, the limits, the short client timeout)."
+    return dict(state=str(state), url=emu.base_url, key=KEY, secret=SECRET, model=arts, strategy=strat, log=str(logf),
+                timeout_ms=TIMEOUT_MS, retry={"ban_pause": 0.2}, settings={"symbols": list(SYMS), **LIMITS}, **kw)
+
+
+def all_done(journal: Path, close: int) -> bool:
+    "Every symbol's runner journaled the candle closing at `close` as done."
+    return all(close in done_candles(journal, s) for s in SYMS)
+
+
 def quiet(emu, journal: Path, settle: float = 0.3, limit: float = 10.0) -> None:
     "Wait until the emulator's book and the journal stop changing (the order queue has finished this candle)."
     def snap():
@@ -233,32 +244,31 @@ def quiet(emu, journal: Path, settle: float = 0.3, limit: float = 10.0) -> None:
             return
 
 
-def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str], str]:
+def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience: int = PATIENCE, chaos: bool = True,
+         break_reconcile: bool = False) -> tuple[dict, list[str], str]:
+    """Replay `days` of candles on 3 symbols with at least `kills` SIGKILLs; `chaos`: random faults and a full disk.
+    (stats, invariant violations, the runners' log)."""
     from cryptobot.emulator import Emulator
     rng = random.Random(seed)
     bars_plan = int(days * 24)
-    candles, arts, strat = make_market(START + bars_plan + kills * PATIENCE + 20, tmp / "art")
+    candles, arts, strat = make_market(START + bars_plan + kills * patience + 20, tmp / "art")
     emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
                    clock="stepped", start=START, filters=OWN_FILTERS)
     assert not emu._book.unique_client_ids, "the soak must run on Binance's client-order-id rule"
-    disk = state_disk(tmp)
+    disk = state_disk(tmp) if chaos else None
     state = (disk.mnt if disk else tmp) / "state"
     journal, logf = state / "journal.sqlite", tmp / "runner.log"
-    base = dict(state=str(state), url=None, key=KEY, secret=SECRET, model=arts, strategy=strat, log=str(logf),
-                timeout_ms=TIMEOUT_MS, retry={"ban_pause": 0.2}, settings={"symbols": list(SYMS), **LIMITS})
     stats = {"seed": seed, "days": 0.0, "bars": 0, "kills": 0, "crash_point_kills": 0, "timed_kills": 0,
              "patience_kills": 0, "spawns": 0, "unavailable_exits": 0, "disk_full_exits": 0,
-             "disk_full": "loop-mounted ext4, ENOSPC" if disk else "unavailable (needs root and mkfs.ext4)",
+             "disk_full": "loop-mounted ext4, ENOSPC" if disk else "off" if not chaos else
+                          "unavailable (needs root and mkfs.ext4)",
              "disk_full_episodes": 0, "restart_checks": 0}
     armed, free_at, samples, violations, deferred = [], {}, [], [], {}
     fs = ForkServer(tmp, env={"SOAK_PRELOAD_MODEL": "0"})
     emu.start()
-    base["url"] = emu.base_url
+    base = runner_args(state, emu, arts, strat, logf, break_reconcile=break_reconcile)
     t0, pid, spec, runner_bars, disk_in_life, fresh = time.time(), None, None, 0, False, False
     last = lambda: stats["bars"] >= bars_plan - QUIET_BARS
-
-    def all_done(close):
-        return all(close in done_candles(journal, s) for s in SYMS)
 
     def check(final: bool):
         "The invariants; an unprotected position only counts if it is still unprotected one candle later."
@@ -281,16 +291,16 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
 
     try:
         while stats["bars"] < bars_plan or stats["kills"] < kills:
-            if stats["bars"] + START + 2 >= START + bars_plan + kills * PATIENCE + 20:
+            if stats["bars"] + START + 2 >= START + bars_plan + kills * patience + 20:
                 raise AssertionError(f"out of candles: {stats}")
             if pid is None:
                 spec, runner_bars, disk_in_life, fresh = None, 0, disk is not None and disk.full, True
                 if stats["kills"] < kills and not last() and rng.random() < 0.6:
-                    spec = f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 3)}"
+                    spec = rng.choice(specs) if specs else f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 3)}"
                 pid = fs.spawn({**base, "crash": spec})
                 stats["spawns"] += 1
             close, t_bar = round(emu.now.timestamp()), time.time()
-            while not all_done(close):
+            while not all_done(journal, close):
                 if disk is not None and disk.full and time.time() - t_bar > 1.0:
                     disk.free()                                  # about a second of a full disk, then space again
                 if not fs.alive(pid):
@@ -300,10 +310,10 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
                         stats["crash_point_kills"] += 1
                     elif code == EX_UNAVAILABLE:                 # start-up hit a fault: fail closed, restarted
                         stats["unavailable_exits"] += 1
-                    elif disk_in_life or (disk is not None and disk.full):
-                        stats["disk_full_exits"] += 1
+                    elif code == EX_IOERR and (disk_in_life or (disk is not None and disk.full)):
+                        stats["disk_full_exits"] += 1            # a full disk: one fatal line, exit 74
                     else:
-                        raise AssertionError(f"runner exited {code} (not a kill, no full disk): "
+                        raise AssertionError(f"runner exited {code} (not a kill, not a full disk's 74): "
                                              f"{logf.read_text()[-4000:]}")
                     if disk is not None and disk.full:
                         disk.free()
@@ -325,7 +335,7 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
             fresh = False
             orders = emu.orders
             samples.append({"bar": stats["bars"], **limit_sample(emu, journal, orders)})
-            if not last():                                       # faults for the next candle
+            if chaos and not last():                             # faults for the next candle
                 for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
                     if len(emu.faults.pending()) < 4:
                         armed.append(arm_fault(emu, rng))
@@ -338,7 +348,7 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
                 stats["disk_full_episodes"] += 1
             due = stats["kills"] < kills and not last()
             left = max(1, bars_plan - QUIET_BARS - stats["bars"])
-            overdue = spec is not None and runner_bars >= PATIENCE
+            overdue = spec is not None and runner_bars >= patience
             if due and (overdue or (spec is None and rng.random() < min(1.0, 1.6 * (kills - stats["kills"]) / left))):
                 time.sleep(rng.uniform(0.0, 0.08))               # SIGKILL at a random moment of the candle
                 if fs.alive(pid):
@@ -357,7 +367,7 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
                 pid = fs.spawn({**base, "crash": None})
                 stats["spawns"] += 1
             close, end = round(emu.now.timestamp()), time.time() + 60
-            while not all_done(close) or started() <= n_started:
+            while not all_done(journal, close) or started() <= n_started:
                 assert time.time() < end and fs.alive(pid), logf.read_text()[-4000:]
                 time.sleep(0.01)
             quiet(emu, journal)
@@ -384,8 +394,8 @@ def soak(tmp: Path, seed: int, days: float, kills: int) -> tuple[dict, list[str]
             fired[label] += f.fired
         stats["faults_injected"] = dict(sorted(fired.items()))
         stats["faults_armed"] = len(armed)
-        stats["max_open_positions"] = max(max(s["held"], s["journal_open"]) for s in samples)
-        stats["max_open_risk_pct"] = round(max(s["risk_pct"] for s in samples), 3)
+        stats["max_open_positions"] = max([max(s["held"], s["journal_open"]) for s in samples] or [0])
+        stats["max_open_risk_pct"] = round(max([s["risk_pct"] for s in samples] or [0.0]), 3)
         log = logf.read_text()
         stats["crash_points"] = {p: log.count(f"point={p} ") for p in CRASH_POINTS if f"point={p} " in log}
         stats["violations"] = len(violations)
@@ -413,3 +423,62 @@ def test_portfolio_soak_sigkills_faults_full_disk(tmp_path, seed):
     assert sum(stats["faults_injected"].values()) >= 5, stats
     assert stats["cash_checked_candles"] >= 1, f"no entry's cash was checked: {stats}"
     assert SECRET not in log and KEY not in log
+
+
+def test_the_checks_catch_a_portfolio_runner_that_skips_reconciliation(tmp_path):
+    "Negative control: killed right after sending its first order and restarted without reconciling, the runner leaves an order the journal does not know (or a position it does not know it holds)."
+    stats, violations, _ = soak(tmp_path, 3, 2, 1, specs=["send:1"], patience=10_000, chaos=False,
+                                break_reconcile=True)
+    print(json.dumps(stats), violations)
+    assert stats["crash_point_kills"] == 1 and stats["crash_points"] == {"send": 1}, stats
+    assert any("never journaled" in v or "journal shows none" in v or "unprotected" in v for v in violations), violations
+
+
+def test_a_full_state_disk_stops_the_runner_with_one_line_and_a_restart_recovers(tmp_path):
+    """The state dir's file system full on a candle close: the runner cannot journal, so it stops with one
+    `event=fatal` line and exit code 74 (it used to die with a traceback and exit 1); freed, a restart carries on."""
+    from cryptobot.emulator import Emulator
+    disk = state_disk(tmp_path)
+    if disk is None:
+        pytest.skip("a full disk needs a loop-mounted file system (root and mkfs.ext4)")
+    candles, arts, strat = make_market(START + 40, tmp_path / "art")
+    emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
+                   clock="stepped", start=START, filters=OWN_FILTERS)
+    emu.start()
+    fs = ForkServer(tmp_path, env={"SOAK_PRELOAD_MODEL": "0"})
+    state, logf, pid = disk.mnt / "state", tmp_path / "runner.log", None
+    journal, base = state / "journal.sqlite", runner_args(state, emu, arts, strat, logf, crash=None)
+
+    def until_done(close):
+        end = time.time() + 60
+        while not all_done(journal, close):
+            assert time.time() < end and fs.alive(pid), logf.read_text()[-3000:]
+            time.sleep(0.01)
+    try:
+        pid = fs.spawn(base)
+        until_done(round(emu.now.timestamp()))
+        quiet(emu, journal)
+        disk.fill()
+        seen = len(logf.read_text())
+        emu.advance(1)
+        code = fs.wait(pid, 60)
+        tail = logf.read_text()[seen:]
+        assert code == EX_IOERR, (code, tail[-3000:])
+        assert "Traceback" not in tail, tail[-3000:]
+        fatal = [ln for ln in tail.splitlines() if "event=fatal" in ln]
+        assert len(fatal) == 1 and "code=74" in fatal[0] and "is full" in fatal[0] and "free space there" in fatal[0], tail
+        disk.free()
+        pid = fs.spawn(base)                             # space again: the restart finishes the candle
+        until_done(round(emu.now.timestamp()))
+        quiet(emu, journal)
+        assert check_invariants(emu, state, SYMS) == []
+        os.kill(pid, signal.SIGTERM)
+        assert fs.wait(pid, 60) == 0
+        pid = None
+    finally:
+        if pid is not None and fs.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            fs.wait(pid)
+        fs.close()
+        emu.stop()
+        disk.close()
