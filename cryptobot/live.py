@@ -439,7 +439,8 @@ def _start(self) -> "Runner":
             raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
                             EX_UNAVAILABLE)
         self.executor = self._make_exec(closed, nxt)
-    self.crash.install(self.journal, self.executor.venue)
+    self.crash.install(self.executor.journal, self.executor.venue)    # the journal the executor writes (a portfolio:
+                                                                     # the shared one, not this symbol's view)
     self.net.install(self.executor.venue)
     self.executor.market                               # markets + the stop's order type: refused here if impossible
     rep = self.executor.reconcile()

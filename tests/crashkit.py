@@ -145,7 +145,7 @@ _WANT = {"FILLED": "closed", "NEW": "open", "PARTIALLY_FILLED": "open", "CANCELE
 
 
 def book_problems(emu, j) -> list[str]:
-    "No duplicate order, every emulator order journaled with its status, no lost fill (every symbol)."
+    "No duplicate order, every emulator order journaled with its status, journal fills == emulator fills (every symbol)."
     problems = []
     orders = emu.orders
     cids = [o["client_order_id"] for o in orders]
@@ -166,6 +166,9 @@ def book_problems(emu, j) -> list[str]:
     lost = [t["id"] for t in emu.trades if f"{t['symbol'].replace('/', '')}-{t['id']}" not in fills]
     if lost:
         problems.append(f"{len(lost)} emulator fills missing from the journal (trade ids {lost[:5]})")
+    extra = fills - {f"{t['symbol'].replace('/', '')}-{t['id']}" for t in emu.trades}
+    if extra:
+        problems.append(f"{len(extra)} journal fills the emulator never made ({sorted(extra)[:5]})")
     return problems
 
 

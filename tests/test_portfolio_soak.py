@@ -45,6 +45,8 @@ DAYS = float(os.environ.get("CRYPTOBOT_SOAK_DAYS", "3"))
 KILLS = int(os.environ.get("CRYPTOBOT_SOAK_KILLS", "20"))
 SEEDS = int(os.environ.get("CRYPTOBOT_SOAK_SEEDS", "2"))
 PATIENCE = 3                    # bars a runner with an armed crash point may run before the harness kills it itself
+ORDER_POINTS = ("decision", "redeem", "intent", "send", "fill", "trade", "cancel")   # on the order path: rarer,
+ORDER_PATIENCE = 8              # so a runner armed with one of them (at its 1st hit) gets more bars to reach it
 QUIET_BARS = 3                  # the last bars run without faults or kills: the end state must be fully clean
 BAR_TIMEOUT = 40.0              # seconds a candle may take (faults, restarts); longer is a hung runner
 TIMEOUT_MS = 400                # the client's timeout: a `slow` reply (0.8 s) is a timeout
@@ -171,9 +173,12 @@ def portfolio_problems(journal: Path, free_at: dict, samples: list[dict]) -> tup
     problems, checked = [], 0
     con = _ro(journal)
     try:
-        for r in con.execute("SELECT symbol, candle_time, COUNT(*) n FROM decisions WHERE approved = 1 AND side = 'buy' "
+        # an approval a killed runner never redeemed is dead (its process held it); the restart asks again. What
+        # must be unique is an approval that became an order.
+        used = "approved = 1 AND side = 'buy' AND client_order_id IN (SELECT client_order_id FROM intents)"
+        for r in con.execute(f"SELECT symbol, candle_time, COUNT(*) n FROM decisions WHERE {used} "
                              "GROUP BY symbol, candle_time HAVING n > 1"):
-            problems.append(f"{r['n']} approved entries for {r['symbol']} on candle {r['candle_time']}")
+            problems.append(f"{r['n']} entries sent for {r['symbol']} on candle {r['candle_time']}")
         for r in con.execute("SELECT symbol, candle_time, COUNT(*) n FROM intents WHERE purpose = 'entry' "
                              "GROUP BY symbol, candle_time HAVING n > 1"):
             problems.append(f"{r['n']} entry intents for {r['symbol']} on candle {r['candle_time']}")
@@ -181,7 +186,7 @@ def portfolio_problems(journal: Path, free_at: dict, samples: list[dict]) -> tup
                              "AND raw_status != 'NOT_SENT'"):       # NOT_SENT: looked up, never reached the exchange
             problems.append(f"order {r['client_order_id']} refused by the exchange ({r['raw_status']})")
         spent = Counter()
-        for r in con.execute("SELECT candle_time, plan FROM decisions WHERE approved = 1 AND side = 'buy'"):
+        for r in con.execute(f"SELECT candle_time, plan FROM decisions WHERE {used}"):
             spent[round(r["candle_time"])] += json.loads(r["plan"])["notional"] * (1 + FEE / 100)
         for t, cash in spent.items():
             checked += t in free_at
@@ -222,6 +227,28 @@ def all_done(journal: Path, close: int) -> bool:
     return all(close in done_candles(journal, s) for s in SYMS)
 
 
+def unlock_all(state: Path, emu) -> int:
+    "Lift the portfolio's and every symbol's kill switch (journaled, with a reason) while no runner runs; how many."
+    from cryptobot.config import Settings
+    from cryptobot.guardian import Guardian, symbol_locks
+    from cryptobot.journal import Journal
+    if not (state / "journal.sqlite").exists():
+        return 0
+    clock = lambda: emu.now.timestamp()                  # the exchange's time, as the runner's journal rows
+    s = Settings(state_dir=state, symbols=SYMS, kill_switch_losses=10, **LIMITS)
+    n = 0
+    with Journal(state / "journal.sqlite", clock=clock) as j:
+        g = Guardian(s, state, j, clock=clock)
+        if g.current_state.locked:
+            g.unlock("soak: the operator reviewed the losses", "soak")
+            n += 1
+        for sym, st in symbol_locks(j, s.kill_switch_losses).items():
+            if st["locked"]:
+                g.unlock_symbol(sym, "soak: the operator reviewed the losses", "soak")
+                n += 1
+    return n
+
+
 def quiet(emu, journal: Path, settle: float = 0.3, limit: float = 10.0) -> None:
     "Wait until the emulator's book and the journal stop changing (the order queue has finished this candle)."
     def snap():
@@ -251,7 +278,8 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
     from cryptobot.emulator import Emulator
     rng = random.Random(seed)
     bars_plan = int(days * 24)
-    candles, arts, strat = make_market(START + bars_plan + kills * patience + 20, tmp / "art")
+    margin = kills * max(patience, ORDER_PATIENCE if specs is None else 0) + 20
+    candles, arts, strat = make_market(START + bars_plan + margin, tmp / "art")
     emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
                    clock="stepped", start=START, filters=OWN_FILTERS)
     assert not emu._book.unique_client_ids, "the soak must run on Binance's client-order-id rule"
@@ -262,8 +290,9 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
              "patience_kills": 0, "spawns": 0, "unavailable_exits": 0, "disk_full_exits": 0,
              "disk_full": "loop-mounted ext4, ENOSPC" if disk else "off" if not chaos else
                           "unavailable (needs root and mkfs.ext4)",
-             "disk_full_episodes": 0, "restart_checks": 0}
+             "disk_full_episodes": 0, "restart_checks": 0, "unlocks": 0}
     armed, free_at, samples, violations, deferred = [], {}, [], [], {}
+    armed_points = Counter()
     fs = ForkServer(tmp, env={"SOAK_PRELOAD_MODEL": "0"})
     emu.start()
     base = runner_args(state, emu, arts, strat, logf, break_reconcile=break_reconcile)
@@ -291,14 +320,18 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
 
     try:
         while stats["bars"] < bars_plan or stats["kills"] < kills:
-            if stats["bars"] + START + 2 >= START + bars_plan + kills * patience + 20:
+            if stats["bars"] + 2 >= bars_plan + margin:
                 raise AssertionError(f"out of candles: {stats}")
+            if pid is None and chaos and not (disk is not None and disk.full):
+                stats["unlocks"] += unlock_all(state, emu)       # an operator reviews a kill-switch lock, lifts it
             if pid is None:
                 spec, runner_bars, disk_in_life, fresh = None, 0, disk is not None and disk.full, True
                 if stats["kills"] < kills and not last() and rng.random() < 0.6:
-                    spec = rng.choice(specs) if specs else f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 3)}"
+                    spec = rng.choice(specs) if specs else f"{rng.choice(ORDER_POINTS)}:1" if rng.random() < 0.5 \
+                        else f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 3)}"
                 pid = fs.spawn({**base, "crash": spec})
                 stats["spawns"] += 1
+                armed_points[spec.split(":")[0] if spec else "none"] += 1
             close, t_bar = round(emu.now.timestamp()), time.time()
             while not all_done(journal, close):
                 if disk is not None and disk.full and time.time() - t_bar > 1.0:
@@ -348,7 +381,8 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
                 stats["disk_full_episodes"] += 1
             due = stats["kills"] < kills and not last()
             left = max(1, bars_plan - QUIET_BARS - stats["bars"])
-            overdue = spec is not None and runner_bars >= patience
+            overdue = spec is not None and runner_bars >= (ORDER_PATIENCE if specs is None and spec.split(":")[0] in
+                                                           ORDER_POINTS and spec.endswith(":1") else patience)
             if due and (overdue or (spec is None and rng.random() < min(1.0, 1.6 * (kills - stats["kills"]) / left))):
                 time.sleep(rng.uniform(0.0, 0.08))               # SIGKILL at a random moment of the candle
                 if fs.alive(pid):
@@ -397,6 +431,7 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
         stats["max_open_positions"] = max([max(s["held"], s["journal_open"]) for s in samples] or [0])
         stats["max_open_risk_pct"] = round(max([s["risk_pct"] for s in samples] or [0.0]), 3)
         log = logf.read_text()
+        stats["armed_points"] = dict(armed_points)
         stats["crash_points"] = {p: log.count(f"point={p} ") for p in CRASH_POINTS if f"point={p} " in log}
         stats["violations"] = len(violations)
         stats["seconds"] = round(time.time() - t0, 1)
@@ -422,6 +457,7 @@ def test_portfolio_soak_sigkills_faults_full_disk(tmp_path, seed):
     assert stats["orders"] >= 10 and stats["trades"] >= 3, f"too little trading to mean anything: {stats}"
     assert sum(stats["faults_injected"].values()) >= 5, stats
     assert stats["cash_checked_candles"] >= 1, f"no entry's cash was checked: {stats}"
+    assert set(stats["crash_points"]) & set(ORDER_POINTS), f"no kill on the order path: {stats}"
     assert SECRET not in log and KEY not in log
 
 
@@ -482,3 +518,40 @@ def test_a_full_state_disk_stops_the_runner_with_one_line_and_a_restart_recovers
         fs.close()
         emu.stop()
         disk.close()
+
+
+def test_every_crash_point_fires_in_a_portfolio_runner(tmp_path):
+    """The soak's kills at the journal's fault points (redeem, intent, fill, trade) must reach the journal the
+    executors write: a portfolio runner's executors share the one journal, not the symbol's view of it (they used to
+    be wrapped on the view, so those four points never fired in a portfolio and the soak never killed there)."""
+    from cryptobot.config import Settings
+    from cryptobot.emulator import Emulator
+    from cryptobot.live import start_portfolio
+    from cryptobot.strategy import make_strategy
+    candles, arts, (name, params) = make_market(START + 120, tmp_path / "art")
+    emu = Emulator(candles, timeframe="1h", balances={"USDT": 10_000}, api_key=KEY, api_secret=SECRET,
+                   clock="stepped", start=START, filters=OWN_FILTERS)
+    emu.start()
+    s = Settings(state_dir=tmp_path / "state", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
+                 symbols=SYMS, kill_switch_losses=10, **LIMITS)
+    spec = ",".join(f"{p}:1" for p in CRASH_POINTS)
+    hits = []
+    try:
+        pr = start_portfolio(s, "paper", arts, strategy=make_strategy(name, params), settle_s=0.0, poll_s=0.02,
+                             min_poll_s=0.01, crash_at=spec, executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
+                             retry={"retries": 3, "base_delay": 0.05, "max_delay": 0.2}, rate_limit_ms=1.0)
+        for r in pr.runners:                             # record instead of SIGKILL
+            r.crash.action = lambda point, sym=r.symbol: hits.append((sym, point))
+        for k in range(100):
+            if k:
+                emu.advance(1)
+            pr.step()
+            pr.queue.drain(60)
+            if {"redeem", "intent", "send", "fill", "trade"} <= {p for _, p in hits}:
+                break
+        pr.close()
+        pr.journal.close()
+    finally:
+        emu.stop()
+    points = {p for _, p in hits}
+    assert {"redeem", "intent", "send", "fill", "trade", "decision"} <= points, sorted(hits)
