@@ -26,6 +26,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -173,9 +174,9 @@ def portfolio_problems(journal: Path, free_at: dict, samples: list[dict]) -> tup
     problems, checked = [], 0
     con = _ro(journal)
     try:
-        # an approval a killed runner never redeemed is dead (its process held it); the restart asks again. What
-        # must be unique is an approval that became an order.
-        used = "approved = 1 AND side = 'buy' AND client_order_id IN (SELECT client_order_id FROM intents)"
+        # an approval a killed runner never redeemed is dead (its process held it); the restart asks again (with the
+        # same client order id). What must be unique is an approval that was redeemed: it became the order.
+        used = "approved = 1 AND side = 'buy' AND decision_id IN (SELECT approval_id FROM redemptions)"
         for r in con.execute(f"SELECT symbol, candle_time, COUNT(*) n FROM decisions WHERE {used} "
                              "GROUP BY symbol, candle_time HAVING n > 1"):
             problems.append(f"{r['n']} entries sent for {r['symbol']} on candle {r['candle_time']}")
@@ -186,7 +187,11 @@ def portfolio_problems(journal: Path, free_at: dict, samples: list[dict]) -> tup
                              "AND raw_status != 'NOT_SENT'"):       # NOT_SENT: looked up, never reached the exchange
             problems.append(f"order {r['client_order_id']} refused by the exchange ({r['raw_status']})")
         spent = Counter()
-        for r in con.execute(f"SELECT candle_time, plan FROM decisions WHERE {used}"):
+        for r in con.execute(f"SELECT d.candle_time, d.plan, o.status, o.filled FROM decisions d LEFT JOIN orders o "
+                             f"ON o.id = (SELECT MAX(id) FROM orders WHERE client_order_id = d.client_order_id) "
+                             f"WHERE {used}"):
+            if r["status"] in ("closed", "canceled", "expired", "rejected") and not (r["filled"] or 0) > 0:
+                continue                                  # ended unfilled (e.g. never sent): it spent nothing
             spent[round(r["candle_time"])] += json.loads(r["plan"])["notional"] * (1 + FEE / 100)
         for t, cash in spent.items():
             checked += t in free_at
@@ -387,14 +392,26 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
                 time.sleep(rng.uniform(0.0, 0.08))               # SIGKILL at a random moment of the candle
                 if fs.alive(pid):
                     os.kill(pid, signal.SIGKILL)
-                    assert fs.wait(pid) == -signal.SIGKILL
-                    stats["kills"] += 1
-                    stats["timed_kills"] += 1
-                    stats["patience_kills"] += overdue
+                    code = fs.wait(pid)
+                    if code == -signal.SIGKILL:
+                        stats["kills"] += 1
+                        stats["timed_kills"] += 1
+                        stats["patience_kills"] += overdue
+                    else:                                        # it had just exited by itself: a full disk's 74
+                        assert code == EX_IOERR and (disk_in_life or (disk is not None and disk.full)), \
+                            (code, logf.read_text()[-4000:])
+                        stats["disk_full_exits"] += 1
                     pid = None
         if not violations:                                       # a last clean runner, then a graceful SIGTERM
             if disk is not None:
                 disk.free()
+            if pid is not None and spec is not None:             # still armed: it could die in the clean phase
+                os.kill(pid, signal.SIGKILL)
+                code = fs.wait(pid)
+                assert code in (-signal.SIGKILL, EX_IOERR), (code, logf.read_text()[-4000:])
+                stats["kills" if code < 0 else "disk_full_exits"] += 1
+                stats["timed_kills"] += code < 0
+                pid = None
             started = lambda: logf.read_text().count("event=startup_reconciled") if logf.exists() else 0
             n_started = started() - (0 if pid is None else 1)
             if pid is None:
@@ -443,6 +460,8 @@ def soak(tmp: Path, seed: int, days: float, kills: int, *, specs=None, patience:
         fs.close()
         emu.stop()
         if disk is not None:
+            if violations or sys.exc_info()[0] is not None:   # keep the evidence off the loop mount
+                shutil.copytree(state, tmp / "state_kept", dirs_exist_ok=True)
             disk.close()
 
 
