@@ -45,11 +45,11 @@ from .notify import secret_values
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'LiveError', 'StartupRefused',
-           'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock', 'candles_from_ohlcv',
-           'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy', 'load_strategy',
-           'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'start_runner', 'run', 'PortfolioRunner',
-           'start_portfolio']
+           'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR', 'LiveError',
+           'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
+           'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy',
+           'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'start_runner', 'disk_full',
+           'run', 'PortfolioRunner', 'start_portfolio']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -457,7 +457,8 @@ def _start(self) -> "Runner":
             raise LiveError("the exchange returned no closed candles; check the symbol and timeframe",
                             EX_UNAVAILABLE)
         self.executor = self._make_exec(closed, nxt)
-    self.crash.install(self.journal, self.executor.venue)
+    self.crash.install(self.executor.journal, self.executor.venue)    # the journal the executor writes (a portfolio:
+                                                                     # the shared one, not this symbol's view)
     self.net.install(self.executor.venue)
     self.executor.market                               # markets + the stop's order type: refused here if impossible
     rep = self.executor.reconcile()
@@ -1099,6 +1100,34 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
         raise
 
 
+# %% ../nbs/14_live.ipynb #71316a01
+import errno
+import sqlite3
+
+EX_IOERR = 74                     # sysexits EX_IOERR: the state dir's disk is full
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(e: BaseException | None) -> bool:
+    "True if `e`, or an exception it was raised from or during, says the disk is full (OS errno or SQLITE_FULL)."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorname", "") == "SQLITE_FULL"
+                                             or "database or disk is full" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full_exit(settings: Settings, e: BaseException) -> int:
+    _event("fatal", logging.ERROR, code=EX_IOERR, reason=f"the disk of the state dir {settings.state_dir} is full "
+           f"({type(e).__name__}: {e}); free space there, then restart (start-up reconciles with the exchange; the "
+           f"stops stay on it)")
+    return EX_IOERR
+
 # %% ../nbs/14_live.ipynb #48491502
 def run(settings: Settings | None = None, mode: str | None = None, model=None, max_candles: int | None = None,
         stop_event: threading.Event | None = None, *, logs: bool = True, **kw) -> int:
@@ -1125,11 +1154,19 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
         except LiveError as e:
             _event("startup_refused", logging.ERROR, code=e.exit_code, reason=str(e))
             return e.exit_code
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            return _disk_full_exit(settings, e)
         try:
             return runner.run(max_candles)
         except ExchangeAuthError as e:
             _event("fatal", logging.ERROR, code=EX_NOPERM, reason=str(e))
             return EX_NOPERM
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            return _disk_full_exit(settings, e)
         finally:
             runner.journal.close()
     finally:
