@@ -25,7 +25,7 @@ from pathlib import Path
 from .files import CryptobotError, atomic_write, fsync_dir
 from typing import Any, Callable, Mapping
 
-from .journal import FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .journal import ARCHIVE_DIR, FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
 from .config import LIMITS
 from .risk import Market, Plan, RiskEngine
 
@@ -1170,6 +1170,8 @@ def status_report(settings, now: float | None = None) -> dict:
                     d["symbols"] = list(settings.symbols)
                     d["symbol_locks"] = {k: v["reason"] for k, v in
                                          symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
+                    if (jp.parent / ARCHIVE_DIR).is_dir():   # a symbol's last decision may be archived
+                        j.attach_archive(jp.parent / ARCHIVE_DIR)
                     d["portfolio"], d["per_symbol"] = portfolio_status(j, settings)
         except JournalError as e:
             d["journal_error"] = str(e)
