@@ -1170,8 +1170,9 @@ def status_report(settings, now: float | None = None) -> dict:
                     d["symbols"] = list(settings.symbols)
                     d["symbol_locks"] = {k: v["reason"] for k, v in
                                          symbol_locks(j, settings.kill_switch_losses).items() if v["locked"]}
-                    if (jp.parent / ARCHIVE_DIR).is_dir():   # a symbol's last decision may be archived
-                        j.attach_archive(jp.parent / ARCHIVE_DIR)
+                    seen = {r["symbol"] for r in j.select("SELECT DISTINCT symbol FROM decisions")}
+                    if (jp.parent / ARCHIVE_DIR).is_dir() and not seen >= set(settings.symbols):
+                        j.attach_archive(jp.parent / ARCHIVE_DIR)   # a symbol's last decision is archived
                     d["portfolio"], d["per_symbol"] = portfolio_status(j, settings)
         except JournalError as e:
             d["journal_error"] = str(e)
