@@ -30,8 +30,8 @@ from .risk import Market
 
 # %% auto #0
 __all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'protect_logs', 'floor_step',
-           'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'BinanceExecutor',
-           'PaperExecutor', 'make_executor']
+           'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'planned_stop',
+           'stop_differences', 'BinanceExecutor', 'PaperExecutor', 'make_executor']
 
 # %% ../nbs/13_exchange.ipynb #65b23e9a
 log = logging.getLogger("cryptobot.exchange")
@@ -801,6 +801,171 @@ Executor._protect = _ex_protect
 Executor._retire_stop = _ex_retire_stop
 Executor._sell_out = _ex_sell_out
 
+# %% ../nbs/13_exchange.ipynb #bdd995da
+def _order_type(o: dict) -> str:
+    "Binance's own type of an order as ccxt returns it (`info.type`; else from ccxt's unified type and trigger price)."
+    raw = (o.get("info") or {}).get("type")
+    if raw:
+        return str(raw).upper()
+    t = str(o.get("type") or "").lower()
+    if t in ("stop_loss", "stop_loss_limit"):
+        return t.upper()
+    if o.get("triggerPrice") or o.get("stopPrice"):
+        return "STOP_LOSS" if t == "market" else "STOP_LOSS_LIMIT"
+    return t.upper()
+
+
+def _positive(*vals) -> float | None:
+    "The first value that is a positive number (Binance writes 0 for a price an order type has not), else None."
+    for v in vals:
+        try:
+            if v is not None and float(v) > 0:
+                return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _same(a, b, q) -> bool:
+    "a and b are the same multiple of the exchange's precision `q` (both missing counts as the same)."
+    if a is None or b is None:
+        return a is None and b is None
+    if q:
+        return round(_frac(a) / _frac(q)) == round(_frac(b) / _frac(q))
+    return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+
+
+def _txt(x) -> str:
+    return "none" if x is None else f"{float(x):.12g}"
+
+
+def planned_stop(intent: dict, *, price_tick: float | None = None, amount_step: float | None = None,
+                 open_amount: float | None = None) -> dict:
+    "What the journal planned for a stop (its `intents` row), in the shape `stop_differences` compares."
+    return {"client_order_id": intent.get("client_order_id"), "symbol": intent.get("symbol"),
+            "side": intent.get("side"), "type": str(intent.get("type") or "").upper(), "amount": intent.get("amount"),
+            "stop_price": intent.get("stop_price"), "price": intent.get("price"), "open_amount": open_amount,
+            "price_tick": price_tick, "amount_step": amount_step}
+
+
+def stop_differences(order: dict, planned: dict) -> list[str]:
+    "Each field in which an open stop `order` (as ccxt returns it) differs from `planned` (`planned_stop`); [] if ours."
+    info, out = order.get("info") or {}, []
+    tick, step = planned.get("price_tick"), planned.get("amount_step")
+    for field, have, want in (("clientOrderId", order.get("clientOrderId") or info.get("clientOrderId"),
+                               planned.get("client_order_id")),
+                              ("symbol", order.get("symbol"), planned.get("symbol")),
+                              ("side", str(order.get("side") or info.get("side") or "").lower() or None,
+                               planned.get("side"))):
+        if want is not None and have != want:
+            out.append(f"{field} {have} != planned {want}")
+    kind, want_kind = _order_type(order), planned.get("type")
+    if want_kind and kind != want_kind:
+        out.append(f"type {kind or 'none'} != planned {want_kind}")
+    amount = _positive(order.get("amount"), info.get("origQty"))
+    if planned.get("amount") is not None and not _same(amount, float(planned["amount"]), step):
+        out.append(f"amount {_txt(amount)} != planned {_txt(planned['amount'])}")
+    if planned.get("open_amount") is not None:
+        rem = order.get("remaining")
+        rem = rem if rem is not None else (amount or 0.0) - float(order.get("filled") or 0.0)
+        if not _same(float(rem), float(planned["open_amount"]), step):
+            out.append(f"remaining {_txt(rem)} != position {_txt(planned['open_amount'])}")
+    stop = _positive(order.get("triggerPrice"), order.get("stopPrice"), info.get("stopPrice"))
+    want_stop = _positive(planned.get("stop_price"))
+    if not _same(stop, want_stop, tick):
+        out.append(f"stopPrice {_txt(stop)} != planned {_txt(want_stop)}")
+    limit, want_limit = _positive(order.get("price"), info.get("price")), _positive(planned.get("price"))
+    if not _same(limit, want_limit, tick):
+        out.append(f"price {_txt(limit)} != planned {_txt(want_limit)}")
+    tif = order.get("timeInForce") or info.get("timeInForce")
+    if want_kind == "STOP_LOSS_LIMIT" and tif is not None and str(tif).upper() != "GTC":
+        out.append(f"timeInForce {tif} != planned GTC")
+    return out
+
+# %% ../nbs/13_exchange.ipynb #8b832590
+Executor.max_stop_replacements = 3     # stop mismatches replaced per position before it is sold out instead
+Executor._stop_mismatches = ()         # what the watch found since the last reconciliation began (for its report)
+Executor._stop_cancelled = ()          # exchange ids of foreign orders cancelled since then
+
+
+def _ex_mismatch(self, pos: Position, message: str, **data) -> None:
+    "Journal (and log) one `stop_mismatch`; the runner alerts it, the reconciliation reports it."
+    self.journal.log_event("stop_mismatch", message, {"symbol": self.symbol, "entry": pos.entry_cid, **data})
+    self._log("stop_mismatch", logging.WARNING, entry=pos.entry_cid, what=message, **{
+        k: v for k, v in data.items() if k in ("stop", "action")})
+    self._stop_mismatches = (*self._stop_mismatches, message)
+
+
+def _ex_free_for_stop(self, pos: Position) -> float:
+    "Cancel foreign open sells (newest first, as few as needed) that hold the coins the stop needs; returns free base."
+    bal = self._call(self.venue.fetch_balance, what="fetch_balance")
+    free = float((bal.get(self.base) or {}).get("free") or 0.0)
+    if free + 1e-12 >= pos.open_amount:
+        return free
+    ours = {it["client_order_id"] for it in self.journal.open_intents(self.symbol)}
+    opens = self._call(self.venue.fetch_open_orders, self.symbol, what="fetch_open_orders")
+    foreign = [o for o in opens if str(o.get("side")).lower() == "sell" and o.get("clientOrderId") not in ours]
+    for o in sorted(foreign, key=lambda o: o.get("timestamp") or 0, reverse=True):
+        if free + 1e-12 >= pos.open_amount:
+            break
+        rem = float(o.get("remaining") if o.get("remaining") is not None else o.get("amount") or 0.0)
+        try:
+            self._call(self.venue.cancel_order, o["id"], self.symbol, what="cancel_order foreign")
+        except ccxt.OrderNotFound:
+            continue                                            # gone meanwhile (filled or cancelled)
+        self._stop_cancelled = (*self._stop_cancelled, str(o["id"]))
+        self._mismatch(pos, f"stop {self.symbol}: sell order {o.get('clientOrderId')} ({_order_type(o)} "
+                            f"{_txt(rem)}) holds the coins the stop needs (free {_txt(free)} < "
+                            f"{_txt(pos.open_amount)}); cancelled",
+                       action="cancelled", order_id=str(o["id"]), client_order_id=o.get("clientOrderId"),
+                       type=_order_type(o), amount=rem)
+        free += rem
+    return free
+
+
+def _ex_verify_stop(self, o: dict, candle_time: float) -> str | None:
+    "None if the open order `o` under the stop's id is the stop the journal planned; else replace it, return what happened."
+    pos = self.position()                                 # after `_settle`: the stop's own fills are counted
+    if pos is None or pos.stop_cid is None:
+        return None
+    plan = planned_stop(self.journal.intent(pos.stop_cid), price_tick=self.market.price_tick,
+                        amount_step=self.market.amount_step, open_amount=pos.open_amount)
+    diffs = stop_differences(o, plan)
+    if not diffs:
+        return None
+    since = _order_ms(o, "time")                          # the foreign order's placement: protection ended there
+    seen = self.journal.select("SELECT COUNT(*) AS n FROM events WHERE kind = 'stop_mismatch' AND "
+                               "json_extract(data, '$.entry') = ? AND json_extract(data, '$.action') IN "
+                               "('replaced', 'sold_out')", (pos.entry_cid,))[0]["n"]
+    bound = seen >= self.max_stop_replacements
+    action = "sold_out" if bound else "replaced"
+    msg = f"stop {self.symbol}: " + "; ".join(diffs)
+    self._mismatch(pos, msg + (f" (replaced {seen}x already: selling out)" if bound else ""), action=action,
+                   stop=pos.stop_cid, differences=diffs, replacements=seen,
+                   order={"id": o.get("id"), "type": _order_type(o), "side": o.get("side"), "amount": o.get("amount"),
+                          "filled": o.get("filled"), "stopPrice": o.get("triggerPrice") or o.get("stopPrice"),
+                          "price": o.get("price")})
+    self._retire_stop(pos)                                # cancel what answers to our id; journal its final state
+    pos = self.position()
+    if pos is None:
+        return "closed"
+    if pos.open_amount <= 0 or pos.stop_cid is not None:  # it had sold it all / the cancel did not take
+        return self._check_position(candle_time)
+    if bound:
+        self._free_for_stop(pos)
+        self._sell_out("emergency_exit", candle_time, "stop_mismatch")
+        self._unprotected(pos, since, "stop_mismatch", None)
+        return "emergency_exit"
+    self._free_for_stop(pos)
+    placed = self._protect(pos, candle_time)
+    self._unprotected(pos, since, "stop_mismatch", placed)
+    return "stop_replaced" if placed else "emergency_exit"
+
+
+Executor._mismatch = _ex_mismatch
+Executor._free_for_stop = _ex_free_for_stop
+Executor._verify_stop = _ex_verify_stop
+
 # %% ../nbs/13_exchange.ipynb #21fcda40
 def _ex_check_position(self, candle_time: float) -> str:
     "The stop check of one closed candle (see the rules); returns what happened."
@@ -820,6 +985,7 @@ def _ex_check_position(self, candle_time: float) -> str:
                                    {"entry": pos.entry_cid})
         since = self._gone_since if self._gone_since is not None else (pos.entry_time if first else None)
         self._gone_since = None
+        self._free_for_stop(pos)                     # foreign sells holding the coins: cancelled first
         placed = self._protect(pos, pos.candle_time if first else candle_time)
         if since is not None:
             self._unprotected(pos, since, "stop_missing" if first else "stop_cancelled", placed)
@@ -835,6 +1001,10 @@ def _ex_check_position(self, candle_time: float) -> str:
         if pos is not None:
             self._close_trade(pos, "stop")
         return "stopped_out"
+    if not status.is_final:                          # open: believed only if it is the stop we planned
+        replaced = self._verify_stop(o, candle_time)
+        if replaced is not None:
+            return replaced
     if not status.is_final and working:
         self._log("stop_triggered_unfilled", logging.WARNING, cid=pos.stop_cid, filled=o.get("filled"))
         since = _order_ms(o, "workingTime")
@@ -885,6 +1055,7 @@ def _ex_reconcile(self) -> ReconcileReport:
     "Bring journal, Guardian and position in line with the exchange (on start and after any unknown outcome)."
     with self._lock:
         actions, problems, unknown = [], [], []
+        self._stop_mismatches, self._stop_cancelled = (), ()
         pos = None
         try:
             self._ensure_markets(reload=True)          # orderTypes (the stop's type) re-read after a reconnect
@@ -909,6 +1080,8 @@ def _ex_reconcile(self) -> ReconcileReport:
             what = self._check_position(self._candle_now())
             if self.journal.intent_count() != n_before or what == "closed":
                 actions.append(f"position: {what}")
+            problems += list(self._stop_mismatches)       # a stop that was not ours: replaced, but not ok
+            unknown = [u for u in unknown if str(u.get("id")) not in self._stop_cancelled]
             pos = self.position()
             bal = self._call(self.venue.fetch_balance, what="fetch_balance")
             held = float((bal.get(self.base) or {}).get("total") or 0.0)
