@@ -23,8 +23,8 @@ NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 # %% auto #0
 __all__ = ['log', 'NOTIFY_URLS_ENV', 'FORMATTERS', 'NotifyError', 'mask_url', 'Event', 'Alert', 'kill_locked', 'kill_unlocked',
            'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused', 'stale_data', 'audit_verdict',
-           'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'split_urls', 'Notifier',
-           'secret_values']
+           'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'stop_mismatch', 'split_urls',
+           'Notifier', 'secret_values']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
 class NotifyError(CryptobotError, ValueError):
@@ -97,6 +97,7 @@ class Event(str, Enum):
     KILL_UNLOCKED = "kill_unlocked"
     EMERGENCY_EXIT = "emergency_exit"
     STOP_FAILED = "stop_failed"                  # a protective stop rejected or not acknowledged
+    STOP_MISMATCH = "stop_mismatch"              # the order on the exchange is not the stop we planned
     RECONCILE_MISMATCH = "reconcile_mismatch"
     FINGERPRINT_REFUSED = "fingerprint_refused"
     START_REFUSED = "start_refused"              # any other reason the runner will not trade (stale model, market)
@@ -234,6 +235,19 @@ FORMATTERS: dict[Event, Callable[..., Alert]] = {
 def format_alert(kind: Event | str, /, **facts) -> Alert:
     "The `Alert` for event `kind` from the runner's facts (keyword arguments of that event's formatter)."
     return FORMATTERS[Event(getattr(kind, "value", kind))](**facts)
+
+# %% ../nbs/17_notify.ipynb #63273924
+def stop_mismatch(symbol, summary: str, action: str = "replaced") -> Alert:
+    "The stop on the exchange was not the one the journal planned (`stop_mismatch` event): what differed, what was done."
+    did = {"replaced": "cancelled it and placed the planned stop again",
+           "cancelled": "cancelled that order so that the planned stop can be placed",
+           "sold_out": "sold the position at market: its stop kept being changed"}.get(action, str(action))
+    return Alert(Event.STOP_MISMATCH, f"Stop MISMATCH {symbol}",
+                 f"The order on the exchange is not the stop the bot planned: {summary}.\nThe runner {did}. "
+                 "Something else is placing orders with this API key: find out what.", "failure")
+
+
+FORMATTERS[Event.STOP_MISMATCH] = stop_mismatch
 
 # %% ../nbs/17_notify.ipynb #667a45df
 def split_urls(raw: str | None) -> list[str]:

@@ -87,6 +87,7 @@ FACTS = {
     Event.EMERGENCY_EXIT: dict(symbol="ETH/USDT", amount=0.5, reason="stop rejected", price=3000),
     Event.STOP_FAILED: dict(symbol="ETH/USDT", client_order_id="cb-stop-7", reason="-2010 insufficient balance"),
     Event.RECONCILE_MISMATCH: dict(symbol="BTC/USDT", summary="exchange holds 0.02 BTC, journal 0.01"),
+    Event.STOP_MISMATCH: dict(symbol="BTC/USDT", summary="stop BTC/USDT: stopPrice 101 != planned 46896"),
     Event.FINGERPRINT_REFUSED: dict(model_id="m-2026", expected="a" * 64, actual="b" * 64, symbol="BTC/USDT"),
     Event.STALE_DATA: dict(symbol="BTC/USDT", age_s=1800, limit_s=600, last_candle="2026-11-28 22:00"),
     Event.DATA_RECOVERED: dict(symbol="BTC/USDT", stale_s=5400, last_candle="2026-11-28 23:00"),
