@@ -837,7 +837,7 @@ def _alert_poll(self) -> None:
         mark = self._alert_mark
         top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
         rows = self.journal.select("SELECT id, kind, message, data FROM events WHERE id > ? AND id <= ? AND kind IN "
-                                   "('stop_rejected', 'stop_unknown', 'reconcile') ORDER BY id", (mark, top))
+                                   "('stop_rejected', 'stop_unknown', 'stop_mismatch', 'reconcile') ORDER BY id", (mark, top))
         exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
                                     "purpose = 'emergency_exit' ORDER BY id", (mark, top))
         pos = self.executor.position() if self.executor is not None else None
@@ -849,6 +849,9 @@ def _alert_poll(self) -> None:
             elif r["kind"] == "stop_unknown":
                 n.notify(Event.STOP_FAILED, symbol=self.symbol, client_order_id=pos.stop_cid if pos else "?",
                          reason=r["message"], rejected=False)
+            elif r["kind"] == "stop_mismatch":
+                n.notify(Event.STOP_MISMATCH, symbol=d.get("symbol") or self.symbol, summary=r["message"],
+                         action=d.get("action") or "replaced")
             elif str(r["message"]).startswith("MISMATCH"):
                 n.notify(Event.RECONCILE_MISMATCH, symbol=self.symbol, summary=r["message"].removeprefix("MISMATCH: "))
         why = "the stop was rejected" if any(r["kind"] == "stop_rejected" for r in rows) else \
@@ -920,18 +923,33 @@ Runner._alert_stale, Runner._alert_daily = _alert_stale, _alert_daily
 
 
 # %% ../nbs/14_live.ipynb #a7ee3687
+def _open_mismatch(j: Journal) -> str | None:
+    "The newest `stop_mismatch` of an open position that no later stop check of that position found protected."
+    entries = [p["client_order_id"] for p in j.open_positions()]
+    if not entries:
+        return None
+    rows = j.select(
+        "SELECT m.message FROM events m WHERE m.kind = 'stop_mismatch' AND json_extract(m.data, '$.entry') IN "
+        f"({', '.join('?' * len(entries))}) AND NOT EXISTS (SELECT 1 FROM events c WHERE c.kind = 'stop_check' AND "
+        "c.id > m.id AND json_extract(c.data, '$.entry') = json_extract(m.data, '$.entry') AND "
+        "json_extract(c.data, '$.result') = 'protected') ORDER BY m.id DESC LIMIT 1", tuple(entries))
+    return rows[0]["message"] if rows else None
+
+
 def stop_report(journal_path, now: float | None = None, since: float | None = None, until: float | None = None,
                 interval_s: float | None = None) -> dict:
     "The stop's type, the last stop check and the unprotected intervals (in [since, until]) from the journal."
     jp = Path(journal_path)
     d = {"stop_type": None, "stop": None, "last_check": None, "last_check_age_s": None, "last_result": None,
-         "interval_s": interval_s, "unprotected": [], "unprotected_max_s": 0.0, "unprotected_total_s": 0.0}
+         "interval_s": interval_s, "unprotected": [], "unprotected_max_s": 0.0, "unprotected_total_s": 0.0,
+         "mismatch": None}
     if not jp.exists():
         return d
     with Journal(jp, readonly=True) as j:
         last = j.last_events(1, kind="stop_check")
         stops = j.select("SELECT client_order_id, type FROM intents WHERE purpose = 'stop' ORDER BY id DESC LIMIT 1")
         rows = j.select("SELECT data FROM events WHERE kind = 'unprotected' ORDER BY id")
+        mismatch = _open_mismatch(j)
     if stops:
         d["stop"], d["stop_type"] = stops[0]["client_order_id"], stops[0]["type"].upper()
     if last and last[0]["data"]:
@@ -940,6 +958,8 @@ def stop_report(journal_path, now: float | None = None, since: float | None = No
         d["interval_s"] = interval_s if interval_s is not None else c.get("interval_s")
         if now is not None and c.get("t") is not None:
             d["last_check_age_s"] = float(now) - float(c["t"])
+    if mismatch is not None:                 # the watch or a reconciliation found a stop that was not ours
+        d["mismatch"], d["last_result"] = mismatch, "stop_mismatch"
     for r in rows:
         u = json.loads(r["data"]) if r["data"] else {}
         if (since is None or u.get("end", 0) >= since) and (until is None or u.get("start", 0) <= until):
@@ -961,6 +981,8 @@ def format_stop(d: dict) -> str:
     unp = ("never unprotected" if not u else
            f"UNPROTECTED {len(u)}x, longest {d['unprotected_max_s']:,.0f} s (last: {u[-1].get('cause')} "
            f"from {iso(u[-1].get('start'))})")
+    if d.get("mismatch"):
+        check = f"STOP MISMATCH, not protected until a stop check confirms ours: {d['mismatch']}"
     return f"{kind}; {check}; {unp}"
 
 # %% ../nbs/14_live.ipynb #d18b8656
@@ -1436,7 +1458,7 @@ def _pf_alert_events(self, n: Notifier, runner=None) -> None:
     "Stop failures, mismatches and emergency exits journaled since the last poll, each under its own symbol."
     top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
     rows = self.journal.select("SELECT id, kind, message, data FROM events WHERE id > ? AND id <= ? AND kind IN "
-                               "('stop_rejected', 'stop_unknown', 'reconcile') ORDER BY id", (self._alert_mark, top))
+                               "('stop_rejected', 'stop_unknown', 'stop_mismatch', 'reconcile') ORDER BY id", (self._alert_mark, top))
     exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
                                 "purpose = 'emergency_exit' ORDER BY id", (self._alert_mark, top))
     by, rejected = {r.symbol: r for r in self.runners}, set()
@@ -1453,6 +1475,8 @@ def _pf_alert_events(self, n: Notifier, runner=None) -> None:
             pos = ex.position() if ex is not None else None
             n.notify(Event.STOP_FAILED, symbol=sym, client_order_id=pos.stop_cid if pos else "?",
                      reason=r["message"], rejected=False)
+        elif r["kind"] == "stop_mismatch":
+            n.notify(Event.STOP_MISMATCH, symbol=sym, summary=r["message"], action=d.get("action") or "replaced")
         elif str(r["message"]).startswith("MISMATCH"):
             n.notify(Event.RECONCILE_MISMATCH, symbol=sym, summary=r["message"].removeprefix("MISMATCH: "))
     for x in exits:

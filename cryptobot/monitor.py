@@ -422,10 +422,11 @@ def _stop_card(sv: dict | None) -> dict | None:
     u, lim = sv["unprotected"], 2 * (sv["interval_s"] or 60)
     check = (f'last check {_t(sv["last_check"])} · {sv["last_result"]}' if sv["last_check"] is not None
              else "not checked yet")
+    check += f' · NOT protected until a check confirms ours: {sv["mismatch"]}' if sv.get("mismatch") else ""
     unp = "never unprotected" if not u else f'unprotected {len(u)}x, longest {age_text(sv["unprotected_max_s"])}'
     return card("stop", Span(sv["stop_type"] or "none", id="cbm-stop"),
                 [f'{check} · every {sv["interval_s"] or "?"} s', BR, Span(unp, id="cbm-unprotected")],
-                "bad" if sv["unprotected_max_s"] > lim else "warn" if u else "ok")
+                "bad" if sv["unprotected_max_s"] > lim or sv.get("mismatch") else "warn" if u else "ok")
 
 
 def _recon_card(snap: dict) -> dict | None:
