@@ -169,6 +169,9 @@ def test_wrong_price_under_our_client_id_is_replaced_at_restart(stepped, receive
     line = format_stop(rep)
     assert "STOP MISMATCH, not protected until a stop check confirms ours: " + want in line, line
     assert "protected" not in line.replace("not protected", ""), line
+    from cryptobot.monitor import snapshot, status_html
+    html = status_html(snapshot(t.s, now=t.r.clock()))
+    assert "stop_mismatch · NOT protected until a check confirms ours: " + want in html
     t.r._alert_poll()
     t.r.notifier.flush(10)
     got = _alerts(receiver, "Stop MISMATCH")
