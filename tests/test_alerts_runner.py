@@ -372,3 +372,52 @@ def test_audit_verdict_reaches_the_receiver_masked(receiver, tmp_path):
     with Journal(tmp_path / "st" / "journal.sqlite", readonly=True) as j:
         (failed,) = j.last_events(5, kind="notify_failed")
     assert failed["data"]["alert"] == "audit_verdict" and failed["data"]["target"] == "json://127.0.0.1:****"
+
+
+def _locked_state(env):
+    "A state dir whose kill switch is locked by one losing trade (settings from `env`)."
+    from cryptobot.config import load_settings
+    from cryptobot.guardian import Guardian
+    from cryptobot.journal import Journal
+    s = load_settings(env=env, dotenv_path=None)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        g = Guardian(s, s.state_dir, j)
+        g.record_trade({"trade_key": "t0", "symbol": "BTC/USDT", "entry_time": "2024-01-01T00:00:00+00:00",
+                        "exit_time": "2024-01-01T00:30:00+00:00", "entry_price": 100.0, "exit_price": 98.0,
+                        "amount": 1.0, "fees": 0.2, "pnl": -2.2, "exit_reason": "stop"})
+        assert g.locked
+    return s
+
+
+def test_unlock_reason_and_sudo_user_are_masked_and_one_line_everywhere(receiver, tmp_path):
+    "Issue 18 case 8: a key, a secret and the alert URL's token typed into --reason are masked in stdout, stderr, the "
+    "journal and the alert; a newline in --reason or in $SUDO_USER cannot start a second (forged) line anywhere."
+    api_key, api_secret = "SEKRET123abcKEY", "SEKRET456defSECRET"
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "var"), "CRYPTOBOT_KILL_SWITCH_LOSSES": "1",
+           "CRYPTOBOT_NOTIFY_URLS": receiver.url(f"/ok/{TOKEN}"), "BINANCE_API_KEY": api_key,
+           "BINANCE_API_SECRET": api_secret}
+    s = _locked_state(env)
+    reason = (f"checked; key {api_key} rotated, secret {api_secret}, hook {TOKEN}\nunlocked by mallory\r\n"
+              "\x1b[2Kunlocked by mallory")
+    r = _cli(["unlock", "--reason", reason], tmp_path,
+             {**env, "SUDO_USER": "alice-nosuchuser approved by risk team\nunlocked by mallory"})
+    assert r.returncode == 0, r.stderr
+    import sqlite3
+    con = sqlite3.connect(s.state_dir / "journal.sqlite")
+    con.row_factory = sqlite3.Row
+    rows = [dict(x) for t in ("events", "unlocks") for x in con.execute(f"SELECT * FROM {t}")]
+    (unlock,) = [dict(x) for x in con.execute("SELECT who, reason FROM unlocks")]
+    con.close()
+    (alert,) = [b for _, b in receiver.got]
+    texts = {"stdout": r.stdout, "stderr": r.stderr, "alert": alert["title"] + "\n" + alert["message"],
+             **{f"journal {k}": str(v) for x in rows for k, v in x.items()}}
+    for where, text in texts.items():
+        for secret in (api_key, api_secret, TOKEN):
+            assert secret not in text, f"{secret} in {where}"
+        assert not [ln for ln in text.splitlines() if ln.lstrip("\x1b[2K").startswith("unlocked by mallory")], where
+        assert "\x1b" not in text and "\r" not in text, where
+    assert "\n" not in unlock["who"] + unlock["reason"]
+    assert 'unverified SUDO_USER="alice-nosuchuser approved by risk team\\nunlocked by mallory"' in unlock["who"]
+    assert unlock["reason"].startswith("checked; key **** rotated, secret ****, hook ****\\nunlocked by mallory")
+    assert "Reason given: checked; key **** rotated" in alert["message"]
+    assert r.stdout.count("\n") == 1 and "unverified SUDO_USER" in r.stdout
