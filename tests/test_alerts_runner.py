@@ -421,3 +421,61 @@ def test_unlock_reason_and_sudo_user_are_masked_and_one_line_everywhere(receiver
     assert unlock["reason"].startswith("checked; key **** rotated, secret ****, hook ****\\nunlocked by mallory")
     assert "Reason given: checked; key **** rotated" in alert["message"]
     assert r.stdout.count("\n") == 1 and "unverified SUDO_USER" in r.stdout
+
+
+def test_refusal_is_titled_by_its_cause_and_journaled_with_its_alert_failure(receiver, tmp_path):
+    "Issue 18 case 9: a strategy-parameter mismatch is titled as such (not 'feature fingerprint'); with a journal in "
+    "the state dir the refusal and the refusing receiver's failure are journaled; without one nothing is created."
+    import dataclasses
+    from cryptobot.journal import Journal
+    from cryptobot.strategy import EmaCross, artifact_dir, save_strategy_artifact
+    from runner_rig import read_rows
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET)
+    emu.start()
+    try:
+        data = tmp_path / "data"
+        save_strategy_artifact(EmaCross(fast=12, slow=26), artifact_dir(data, EmaCross()), symbol="BTC/USDT",
+                               timeframe="1h")
+        urls = f"{receiver.url(f'/ok/{TOKEN}')},json://127.0.0.1:{closed_port()}/{TOKEN}"      # one good, one refusing
+        s = Settings(state_dir=tmp_path / "st", data_dir=data, exchange_url=emu.base_url, api_key=KEY,
+                     api_secret=SECRET, strategy="ema_cross", strategy_params="fast=13,slow=26",
+                     notify_urls=Secret(urls))
+        Journal(s.state_dir / "journal.sqlite").close()                       # a state dir that has run before
+        with pytest.raises(StartupRefused, match="differs in its parameters"):
+            start_runner(s, "paper", notify_kw=FAST, rate_limit_ms=1.0)
+        (body,) = [b for _, b in receiver.got]
+        assert body["title"] == "cryptobot: Strategy refused: parameters differ from the backtest (BTC/USDT)"
+        rows = read_rows(s.state_dir, "SELECT kind, message, data FROM events ORDER BY id")
+        assert [r["kind"] for r in rows] == ["start_refused", "notify_failed"]
+        assert json.loads(rows[0]["data"])["cause"] == "strategy_parameters"
+        assert "differs in its parameters" in rows[0]["message"] and "\n" not in rows[0]["message"]
+        failed = json.loads(rows[1]["data"])
+        assert (failed["alert"], failed["target"]) == ("start_refused", "json://127.0.0.1:****")
+        assert TOKEN not in json.dumps([dict(r) for r in rows])
+        s2 = dataclasses.replace(s, state_dir=tmp_path / "new")                # no state dir: alerted, none created
+        with pytest.raises(StartupRefused, match="differs in its parameters"):
+            start_runner(s2, "paper", notify_kw=FAST, rate_limit_ms=1.0)
+        assert len(receiver.got) == 2 and not s2.state_dir.exists()
+        assert emu.orders_created == 0
+    finally:
+        emu.stop()
+
+
+def test_runner_stopping_while_a_hung_receiver_times_out_journals_the_failure(receiver, model, tmp_path, caplog):
+    "Issue 18 case 9: the kill-switch alert hangs in the receiver when the runner stops; the shutdown waits (bounded) "
+    "for that attempt, journals its failure while the journal is open, and nothing ever calls the closed journal."
+    caplog.set_level(logging.WARNING)
+    r = RunnerRig(tmp_path, model, notify_kw=dict(timeout_s=6, attempts=1),
+                  settings={"kill_switch_losses": 1, "notify_urls": Secret(receiver.url(f"/hang/{TOKEN}"))})
+    try:
+        r.lose_once()
+        r.wait_for(lambda: [b for _, b in receiver.got if "LOCKED" in b["title"]], "the lock alert in flight", 60)
+        assert not r.rows("SELECT * FROM events WHERE kind = 'notify_failed'")    # still hanging in the receiver
+    finally:
+        r.close()                                      # SIGTERM's path: the run loop ends, the runner closes
+    r.runner.journal.close()                           # as `live.run` does once the runner returns
+    r.runner.notifier._thread.join(30)
+    assert not r.runner.notifier._thread.is_alive()
+    (failed,) = r.rows("SELECT data FROM events WHERE kind = 'notify_failed'")
+    assert json.loads(failed["data"])["alert"] == "kill_locked"
+    assert "could not record" not in caplog.text and "Cannot operate on a closed database" not in caplog.text
