@@ -82,9 +82,16 @@ def cmd_import(a) -> int:
         path, report = import_candles(a.path, a.symbol or s.symbol, a.timeframe or s.timeframe, s.data_dir,
                                       exchange=a.exchange)
     except CandleDataError as e:
-        if getattr(e, "report", None) is not None:  # the file was read but refused: show what is wrong with it
+        if getattr(e, "report", None) is None:
+            raise
+        # the file was read but refused: one line; the full report only when asked for (--report FILE, --verbose)
+        if a.verbose:
             print(e.report.summary(), file=sys.stderr)
-        raise
+        if a.report:
+            atomic_write(a.report, e.report.summary() + "\n")
+        more = f"; full report in {a.report}" if a.report else "" if a.verbose else \
+            "; for the full report add --report FILE (or --verbose)"
+        raise CandleDataError(f"{e}{more}", e.report) from None
     say(report.summary(), f"store: {path}")
     return 0
 
@@ -503,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-synthetic", type=int, default=26_280, help="synthetic candles if synthetic (default 3 years)")
 
     sp = add("import", cmd_import, "validate a candle file and store it as parquet under data/raw/")
+    sp.add_argument("--report", metavar="FILE", help="write the validation report of a refused file to FILE")
+    sp.add_argument("--verbose", action="store_true", help="print the validation report of a refused file")
     sp.add_argument("path")
     sp.add_argument("--symbol")
     sp.add_argument("--timeframe")
