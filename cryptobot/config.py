@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, SecretS
 from pydantic.dataclasses import dataclass
 
 from .files import CryptobotError
-from .notify import mask_url, split_urls
+from .notify import NOTIFY_URLS_ENV, Notifier, NotifyError, mask_url, split_urls
 
 # %% ../nbs/01_config.ipynb #ba27324e
 class ConfigError(CryptobotError, ValueError):
@@ -241,10 +241,15 @@ def _check_secret(v: Secret | None) -> Secret | None:
 
 
 def _check_notify(v: Secret | None) -> Secret | None:
-    "None, or apprise URLs; the runner checks each URL with apprise when it starts (value never shown)."
+    "None, or apprise URLs that apprise accepts, checked as the notifier checks them (value never shown)."
     if v is not None and re.search(r"[\x00-\x1f\x7f]", v.reveal()):
         raise _Bad("contains control characters (value not shown); list apprise URLs separated by commas",
                    show=False, fix=False)
+    if v is not None and v.reveal().strip():
+        try:                                  # the notifier's own check (builds, starts no thread, sends nothing)
+            Notifier.from_urls(split_urls(v.reveal()), start=False)
+        except NotifyError as e:
+            raise _Bad("entry " + str(e).removeprefix(f"{NOTIFY_URLS_ENV}: "), show=False) from None
     return v
 
 

@@ -120,12 +120,15 @@ def test_setup_logging_redacts_the_url_token():
 
 
 def test_invalid_url_is_a_settings_error_masked(tmp_path, model):
-    s = Settings(state_dir=tmp_path / "st", notify_urls=Secret(f"nosuchscheme://user:{TOKEN}@example.com/x"))
-    with pytest.raises(StartupRefused) as e:
-        start_runner(s, "paper", model, max_model_age_days=None)
-    assert e.value.exit_code == EX_CONFIG == 78
-    assert "CRYPTOBOT_NOTIFY_URLS" in str(e.value) and "nosuchscheme://example.com:****" in str(e.value)
-    assert TOKEN not in str(e.value) and "\n" not in str(e.value)
+    "A URL apprise rejects is refused where the settings are read, as `Notifier` checks it: one line, masked."
+    from cryptobot.config import ConfigError, load_settings
+    bad = f"nosuchscheme://user:{TOKEN}@example.com/x"
+    for make in (lambda: Settings(state_dir=tmp_path / "st", notify_urls=Secret(bad)),
+                 lambda: load_settings({"CRYPTOBOT_NOTIFY_URLS": bad, "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")}, None)):
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert e.value.key == "CRYPTOBOT_NOTIFY_URLS" and "nosuchscheme://example.com:****" in str(e.value)
+        assert TOKEN not in str(e.value) and "\n" not in str(e.value) and "apprise" in str(e.value)
     assert not (tmp_path / "st").exists()                                   # refused before anything was written
 
 
@@ -147,13 +150,19 @@ def test_cryptobot_config_shows_the_url_masked(tmp_path):
     assert "CRYPTOBOT_NOTIFY_URLS=" in r.stdout.splitlines()                  # unset: alerts off
 
 
-def test_cryptobot_paper_refuses_an_invalid_url_exit_78(tmp_path):
-    r = _cli(["paper", "--max-candles", "1"], tmp_path, {"CRYPTOBOT_NOTIFY_URLS": f"nosuchscheme://{TOKEN}@example.com",
-                                                         "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")})
-    assert r.returncode == 78, (r.stdout, r.stderr)
-    out = r.stdout + r.stderr
-    line = [l for l in out.splitlines() if "startup_refused" in l]
-    assert len(line) == 1 and "nosuchscheme://example.com:****" in line[0] and "apprise" in line[0] and TOKEN not in out
+@pytest.mark.parametrize("bad", [f"nosuchscheme://{TOKEN}@example.com", f"json:/127.0.0.1/{TOKEN}",
+                                 f"json://127.0.0.1:8080/ok, tgram://{TOKEN}", f"127.0.0.1:8080/{TOKEN}"])
+def test_config_and_paper_refuse_an_invalid_url_alike_exit_78(tmp_path, bad):
+    "Issue 18 case 10: `cryptobot config` exited 0 where `run` exited 78; both now refuse with the same one line."
+    env = {"CRYPTOBOT_NOTIFY_URLS": bad, "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")}
+    lines = {}
+    for cmd in (["config"], ["paper", "--max-candles", "1"]):
+        r = _cli(cmd, tmp_path, env)
+        assert r.returncode == 78, (cmd, r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and TOKEN not in r.stderr
+        lines[cmd[0]] = r.stderr.strip().removeprefix(f"cryptobot {cmd[0]}: ")
+    assert lines["config"] == lines["paper"]
+    assert lines["config"].startswith("CRYPTOBOT_NOTIFY_URLS entry ") and "apprise" in lines["config"]
 
 
 def test_unlock_sends_kill_unlocked(receiver, tmp_path):
