@@ -485,8 +485,17 @@ Settings.public_dict = _public_dict
 Settings.summary = _summary
 
 # %% ../nbs/01_config.ipynb #ea469cb5
-_NUM_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_INT_RE = re.compile(r"[+-]?[0-9]+")
+_NUM_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")      # plain decimal numerals only (see above)
+_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _numeral(name: str, v: str):
+    "The numeric setting `name` from its text `v`: a plain decimal numeral (see above), else `_Bad`. Bounds come later."
+    lim = LIMITS[name]
+    if not isinstance(v, str) or not (_INT_RE if lim.integer else _NUM_RE).fullmatch(v):
+        noun = "a whole number" if lim.integer else "a plain decimal number (like 1.5)"
+        raise _Bad(f"is not {noun}; allowed range {lim.text} ({lim.what})")
+    return int(v) if lim.integer else float(v)
 
 
 def _from_text(key: str, raw: str | None):
@@ -502,11 +511,7 @@ def _from_text(key: str, raw: str | None):
         raise _Bad(f"is empty; set a value{allowed} or remove it to use the default {default}", show=False)
     v = raw.strip()
     if kind in ("float", "int"):
-        lim = LIMITS[name]
-        if not (_INT_RE if kind == "int" else _NUM_RE).fullmatch(v):
-            noun = "a whole number" if kind == "int" else "a plain decimal number (like 1.5)"
-            raise _Bad(f"is not {noun}; allowed range {lim.text} ({lim.what})")
-        return int(v) if kind == "int" else float(v)
+        return _numeral(name, raw)            # unstripped: spaces around a number are refused
     if kind == "bool":
         if v.lower() in _TRUE + _FALSE:
             return v.lower() in _TRUE
