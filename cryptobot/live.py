@@ -219,7 +219,7 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
     m = art.manifest
     if m.get("symbol") != settings.symbol or m.get("timeframe") != settings.timeframe:
         raise StartupRefused(f"model {art.model_id} is for {m.get('symbol')} {m.get('timeframe')}, the runner trades "
-                             f"{settings.symbol} {settings.timeframe}: train one for this market", cause="market")
+                             f"{settings.symbol} {settings.timeframe}: train one for this market", cause="model_market")
     if max_age_days is not None and now is not None:
         last = pd.Timestamp(m["data"]["last"])
         last = last.tz_localize("UTC") if last.tz is None else last
@@ -280,7 +280,7 @@ def load_strategy(settings: Settings, strategy, artifact=None):
     if (m.get("symbol"), m.get("timeframe")) not in ((None, None), (settings.symbol, settings.timeframe)):
         raise StartupRefused(f"strategy {art.model_id} was backtested on {m.get('symbol')} {m.get('timeframe')}, "
                              f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market",
-                             cause="market")
+                             cause="strategy_market")
     return art
 
 
