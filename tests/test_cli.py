@@ -217,12 +217,13 @@ def test_status_says_locked_for_a_hand_lowered_streak_and_unlock_records_the_acc
     assert r.returncode == 0 and head.startswith("LOCKED") and "entries allowed" not in r.stdout, r.stdout
     assert f"loss streak 0 in state.json, {s.kill_switch_losses - 1} in the journal" in head, head
     assert json.loads(run(["status", "--json"], tmp_path, env=env).stdout)["entries_allowed"] is False
+    sudo = pwd.getpwuid(0).pw_name                      # $SUDO_USER is believed only for an account that exists
     r = run(["unlock", "--reason", "reviewed the edit"], tmp_path, env={**env, "USER": "mallory", "LOGNAME": "mallory",
-                                                                        "SUDO_USER": "alice"})
+                                                                        "SUDO_USER": sudo})
     me = pwd.getpwuid(os.getuid()).pw_name
-    assert r.returncode == 0 and f"unlocked by {me} (uid {os.getuid()}, SUDO_USER=alice)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"unlocked by {me} (uid {os.getuid()}, SUDO_USER={sudo})" in r.stdout, r.stdout + r.stderr
     with Journal(s.state_dir / "journal.sqlite", readonly=True) as j:
-        assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER=alice)"
+        assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER={sudo})"
     assert run(["status"], tmp_path, env=env).stdout.splitlines()[1] == "lock       unlocked: entries allowed"
 
 
