@@ -488,3 +488,26 @@ def test_runner_stopping_while_a_hung_receiver_times_out_journals_the_failure(re
     (failed,) = r.rows("SELECT data FROM events WHERE kind = 'notify_failed'")
     assert json.loads(failed["data"])["alert"] == "kill_locked"
     assert "could not record" not in caplog.text and "Cannot operate on a closed database" not in caplog.text
+
+
+def test_portfolio_refusal_is_titled_and_journaled_like_one_symbols(receiver, tmp_path):
+    "One symbol is a portfolio of one: a portfolio whose ETH artifact was backtested on another market is refused "
+    "with that title, naming ETH, and the refusal and the refusing receiver's failure land in its existing journal."
+    from cryptobot.journal import Journal
+    from cryptobot.strategy import make_strategy, save_strategy_artifact
+    from runner_rig import read_rows
+    from test_portfolio import SYMS, _alerting_portfolio
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    arts = {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), timeframe="1h",
+                                        symbol="BTC/USDT" if sym == "ETH/USDT" else sym).parent for sym in SYMS}
+    Journal(tmp_path / "state" / "journal.sqlite").close()                 # a state dir that has run before
+    urls = f"{receiver.url(f'/ok/{TOKEN}')},json://127.0.0.1:{closed_port()}/{TOKEN}"
+    with pytest.raises(StartupRefused, match="ETH/USDT: strategy .* was backtested on BTC/USDT 1h"):
+        _alerting_portfolio(tmp_path, urls, arts=arts, hand_order=False)
+    (body,) = [b for _, b in receiver.got]
+    assert body["title"] == "cryptobot: Strategy refused: backtested on another market (ETH/USDT)"
+    rows = read_rows(tmp_path / "state", "SELECT kind, data FROM events ORDER BY id")
+    assert [r["kind"] for r in rows] == ["start_refused", "notify_failed"]
+    assert {k: json.loads(rows[0]["data"])[k] for k in ("cause", "symbol")} == \
+        {"cause": "strategy_market", "symbol": "ETH/USDT"}
+    assert json.loads(rows[1]["data"])["alert"] == "start_refused" and TOKEN not in json.dumps(rows)
