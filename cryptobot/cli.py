@@ -15,7 +15,7 @@ import shutil
 from dataclasses import replace
 import traceback
 
-from .files import atomic_write, redact
+from .files import atomic_write, free_text, redact
 from .config import ConfigError, load_settings
 from .reports import run_workflow, utc_stamp
 from .risk import RiskEngine
@@ -29,11 +29,11 @@ from .journal import ARCHIVE_DIR, JournalError
 
 
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'say', 'resolve_candles', 'cmd_import',
-           'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
-           'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
-           'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock', 'cmd_audit',
-           'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
+__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'FREE_TEXT_ARGS', 'say',
+           'resolve_candles', 'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest',
+           'backtest_args', 'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper',
+           'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
+           'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -82,9 +82,16 @@ def cmd_import(a) -> int:
         path, report = import_candles(a.path, a.symbol or s.symbol, a.timeframe or s.timeframe, s.data_dir,
                                       exchange=a.exchange)
     except CandleDataError as e:
-        if getattr(e, "report", None) is not None:  # the file was read but refused: show what is wrong with it
+        if getattr(e, "report", None) is None:
+            raise
+        # the file was read but refused: one line; the full report only when asked for (--report FILE, --verbose)
+        if a.verbose:
             print(e.report.summary(), file=sys.stderr)
-        raise
+        if a.report:
+            atomic_write(a.report, e.report.summary() + "\n")
+        more = f"; full report in {a.report}" if a.report else "" if a.verbose else \
+            "; for the full report add --report FILE (or --verbose)"
+        raise CandleDataError(f"{e}{more}", e.report) from None
     say(report.summary(), f"store: {path}")
     return 0
 
@@ -424,10 +431,27 @@ def cmd_unlock(a) -> int:
 def _notifier(s):
     "The alert notifier of settings `s` (off when no URL); a URL apprise rejects is a settings error (exit 78)."
     try:
-        return Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
+        n = Notifier.from_urls(split_urls(s.notify_urls.reveal()) if s.notify_urls is not None else [])
     except NotifyError as e:
         raise ConfigError(str(e), "CRYPTOBOT_NOTIFY_URLS") from None
+    return n.mask(*secret_values(s)) if n.enabled else n      # no alert shows a key or the URLs' tokens
 
+
+# %% ../nbs/22_cli.ipynb #a809b44c
+FREE_TEXT_ARGS = ("reason",)     # options a person types as prose: journaled, printed and alerted
+
+
+def _clean_free_text(args) -> None:
+    "Each free-text option of `args` through `files.free_text` with the settings' secrets (masked, one bounded line)."
+    typed = [k for k in FREE_TEXT_ARGS if isinstance(getattr(args, k, None), str)]
+    if not typed:
+        return
+    try:
+        secrets = secret_values(_settings())
+    except (ConfigError, OSError):   # settings that do not load: the command refuses them; mask the environment's keys
+        secrets = [os.environ.get(k) for k in SECRET_ENV_KEYS]
+    for k in typed:
+        setattr(args, k, free_text(getattr(args, k), secrets))
 
 # %% ../nbs/22_cli.ipynb #ca25896e
 def cmd_audit(a) -> int:
@@ -486,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-synthetic", type=int, default=26_280, help="synthetic candles if synthetic (default 3 years)")
 
     sp = add("import", cmd_import, "validate a candle file and store it as parquet under data/raw/")
+    sp.add_argument("--report", metavar="FILE", help="write the validation report of a refused file to FILE")
+    sp.add_argument("--verbose", action="store_true", help="print the validation report of a refused file")
     sp.add_argument("path")
     sp.add_argument("--symbol")
     sp.add_argument("--timeframe")
@@ -592,6 +618,7 @@ def main(argv=None) -> int:
                      "file (or omit --env-file to use ./.env if present)"), file=sys.stderr)
         return EX_CONFIG
     try:
+        _clean_free_text(args)                             # before any command, journal, log or alert sees it
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"cryptobot {args.command}: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, SecretS
 from pydantic.dataclasses import dataclass
 
 from .files import CryptobotError
-from .notify import mask_url, split_urls
+from .notify import NOTIFY_URLS_ENV, Notifier, NotifyError, mask_url, split_urls
 
 # %% ../nbs/01_config.ipynb #ba27324e
 class ConfigError(CryptobotError, ValueError):
@@ -241,10 +241,15 @@ def _check_secret(v: Secret | None) -> Secret | None:
 
 
 def _check_notify(v: Secret | None) -> Secret | None:
-    "None, or apprise URLs; the runner checks each URL with apprise when it starts (value never shown)."
+    "None, or apprise URLs that apprise accepts, checked as the notifier checks them (value never shown)."
     if v is not None and re.search(r"[\x00-\x1f\x7f]", v.reveal()):
         raise _Bad("contains control characters (value not shown); list apprise URLs separated by commas",
                    show=False, fix=False)
+    if v is not None and v.reveal().strip():
+        try:                                  # the notifier's own check (builds, starts no thread, sends nothing)
+            Notifier.from_urls(split_urls(v.reveal()), start=False)
+        except NotifyError as e:
+            raise _Bad("entry " + str(e).removeprefix(f"{NOTIFY_URLS_ENV}: "), show=False) from None
     return v
 
 
@@ -480,8 +485,17 @@ Settings.public_dict = _public_dict
 Settings.summary = _summary
 
 # %% ../nbs/01_config.ipynb #ea469cb5
-_NUM_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_INT_RE = re.compile(r"[+-]?[0-9]+")
+_NUM_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")      # plain decimal numerals only (see above)
+_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _numeral(name: str, v: str):
+    "The numeric setting `name` from its text `v`: a plain decimal numeral (see above), else `_Bad`. Bounds come later."
+    lim = LIMITS[name]
+    if not isinstance(v, str) or not (_INT_RE if lim.integer else _NUM_RE).fullmatch(v):
+        noun = "a whole number" if lim.integer else "a plain decimal number (like 1.5)"
+        raise _Bad(f"is not {noun}; allowed range {lim.text} ({lim.what})")
+    return int(v) if lim.integer else float(v)
 
 
 def _from_text(key: str, raw: str | None):
@@ -497,11 +511,7 @@ def _from_text(key: str, raw: str | None):
         raise _Bad(f"is empty; set a value{allowed} or remove it to use the default {default}", show=False)
     v = raw.strip()
     if kind in ("float", "int"):
-        lim = LIMITS[name]
-        if not (_INT_RE if kind == "int" else _NUM_RE).fullmatch(v):
-            noun = "a whole number" if kind == "int" else "a plain decimal number (like 1.5)"
-            raise _Bad(f"is not {noun}; allowed range {lim.text} ({lim.what})")
-        return int(v) if kind == "int" else float(v)
+        return _numeral(name, raw)            # unstripped: spaces around a number are refused
     if kind == "bool":
         if v.lower() in _TRUE + _FALSE:
             return v.lower() in _TRUE

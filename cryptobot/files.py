@@ -26,7 +26,7 @@ def fsync_dir(d) -> None:
 
 # %% auto #0
 __all__ = ['MASK', 'SIGNATURE_RE', 'API_KEY_HEADER_RE', 'fsync_dir', 'atomic_file', 'atomic_write', 'redact', 'RedactFilter',
-           'log_value', 'age_text', 'CryptobotError']
+           'free_text', 'log_value', 'age_text', 'CryptobotError']
 
 # %% ../nbs/00_files.ipynb #f5c35ddd
 @contextmanager
@@ -103,6 +103,22 @@ class RedactFilter(logging.Filter):
         elif record.exc_info:
             record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+# %% ../nbs/00_files.ipynb #4ce4dc85
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# C0 and C1 controls, DEL, Unicode line/paragraph separators and the bidirectional overrides that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m) -> str:
+    c = m.group()
+    return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def free_text(text, secrets: Iterable[str] = (), limit: int = 300) -> str:
+    "Text a person typed, safe to journal, log, print or alert: secrets masked, control characters escaped, one bounded line."
+    s = _UNSAFE.sub(_escape, redact(text, secrets)).strip()
+    return s if len(s) <= limit else s[:limit - 1] + "…"
 
 # %% ../nbs/00_files.ipynb #93cf5ab8
 def log_value(v) -> str:

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .files import CryptobotError, atomic_write, fsync_dir
+from .files import CryptobotError, atomic_write, free_text, fsync_dir
 from typing import Any, Callable, Mapping
 
 from .journal import ARCHIVE_DIR, FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
 from .config import LIMITS
 from .risk import Market, Plan, RiskEngine
+from .notify import secret_values
 
 # %% auto #0
 __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'RUNNER_LOCK_FILE', 'GuardianError',
@@ -417,8 +418,16 @@ def _whoami() -> str:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:                  # no passwd entry (some containers)
         name = f"uid-{uid}"
-    sudo = os.environ.get("SUDO_USER", "").strip()
-    return f"{name} (uid {uid}, SUDO_USER={_one_line(sudo)})" if sudo else f"{name} (uid {uid})"
+    sudo = os.environ.get("SUDO_USER", "")
+    if not sudo.strip():
+        return f"{name} (uid {uid})"
+    try:                              # anyone can set $SUDO_USER: believe it only if it names a real account
+        known = pwd.getpwnam(sudo).pw_name == sudo
+    except (KeyError, ValueError):    # no such account; ValueError: a NUL inside
+        known = False
+    shown = free_text(sudo, limit=64)
+    return (f"{name} (uid {uid}, SUDO_USER={shown})" if known else
+            f'{name} (uid {uid}, unverified SUDO_USER="{shown}": not in the password database)')
 
 # %% ../nbs/11_guardian.ipynb #7fa67fe1
 @dataclass(frozen=True)
@@ -720,10 +729,19 @@ def _mark(self, st: GuardianState, candle_close, equity) -> GuardianState:
 Guardian.note_candle, Guardian._mark = _note_candle, _mark
 del _note_candle, _mark
 
+# %% ../nbs/11_guardian.ipynb #1eb43e70
+def _typed(self, text) -> str:
+    "What a person typed (a reason, a name) as it is journaled and shown: `files.free_text` with the settings' secrets."
+    return free_text(text or "", secret_values(self.settings))
+
+
+Guardian._typed = _typed
+del _typed
+
 # %% ../nbs/11_guardian.ipynb #af438030
 def _unlock(self, reason: str, who: str | None = None) -> str:
     "Lift the lock (journaled: who, when, why) and reset the loss streak to 0. Refuses a blank reason."
-    reason, who = _one_line(reason or ""), _one_line(who or _whoami())
+    reason, who = self._typed(reason), self._typed(who or _whoami())
     if not reason:
         raise GuardianError("unlock needs a reason: say what you checked, e.g. cryptobot unlock --reason 'reviewed losses'")
     with self._transaction() as st:
@@ -1090,7 +1108,7 @@ del _size_entry
 # %% ../nbs/11_guardian.ipynb #84f7f11b
 def _unlock_symbol(self, symbol: str, reason: str, who: str | None = None) -> str:
     "Lift `symbol`'s own kill switch (journaled: who, when, why) and reset its streak. Refuses a blank reason."
-    reason, who = _one_line(reason or ""), _one_line(who or _whoami())
+    reason, who = self._typed(reason), self._typed(who or _whoami())
     if not reason:
         raise GuardianError(f"unlock needs a reason: say what you checked, e.g. cryptobot unlock --symbol {symbol} "
                             f"--reason 'reviewed losses'")

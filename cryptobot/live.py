@@ -71,8 +71,9 @@ class LiveError(CryptobotError, RuntimeError):
 class StartupRefused(LiveError):
     "The runner refuses to start (configuration, mode gate, model); nothing was sent. Exit code 78 unless said."
 
-    def __init__(self, message: str, exit_code: int = EX_CONFIG):
+    def __init__(self, message: str, exit_code: int = EX_CONFIG, cause: str | None = None, symbol: str | None = None):
         super().__init__(message, exit_code)
+        self.cause, self.symbol = cause, symbol      # why (`notify.REFUSAL_TITLES` names it) and for which symbol
 
 # %% ../nbs/14_live.ipynb #1dc44f30
 class RedactingFilter(RedactFilter):
@@ -205,19 +206,20 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
     try:
         if isinstance(model, M.Artifact):
             art = model
-            if art.manifest.get("feature_fingerprint") != feature_fingerprint():
-                raise M.ModelError(f"model {art.model_id} was trained with feature fingerprint "
-                                   f"{str(art.manifest.get('feature_fingerprint'))[:12]}, this code computes "
-                                   f"{feature_fingerprint()[:12]}: retrain the model with the current features")
-        else:
+        else:                                         # the fingerprint is checked below, to name it as the cause
             path = Path(model) if model else M.latest_model(Path(settings.data_dir) / "models")
-            art = M.load_artifact(path, check_fingerprint=True, lean=True)   # no scikit-learn on the live path
+            art = M.load_artifact(path, check_fingerprint=False, lean=True)   # no scikit-learn on the live path
     except M.ModelError as e:
-        raise StartupRefused(f"model refused: {e}") from None
+        raise StartupRefused(f"model refused: {e}", cause="model") from None
+    if art.manifest.get("feature_fingerprint") != feature_fingerprint():
+        raise StartupRefused(f"model refused: model {art.model_id} was trained with feature fingerprint "
+                             f"{str(art.manifest.get('feature_fingerprint'))[:12]}, this code computes "
+                             f"{feature_fingerprint()[:12]}: retrain the model with the current features",
+                             cause="feature_fingerprint")
     m = art.manifest
     if m.get("symbol") != settings.symbol or m.get("timeframe") != settings.timeframe:
         raise StartupRefused(f"model {art.model_id} is for {m.get('symbol')} {m.get('timeframe')}, the runner trades "
-                             f"{settings.symbol} {settings.timeframe}: train one for this market")
+                             f"{settings.symbol} {settings.timeframe}: train one for this market", cause="model_market")
     if max_age_days is not None and now is not None:
         last = pd.Timestamp(m["data"]["last"])
         last = last.tz_localize("UTC") if last.tz is None else last
@@ -225,7 +227,7 @@ def load_model(settings: Settings, model=None, now: float | None = None, max_age
         if age_days > max_age_days:
             raise StartupRefused(f"model {art.model_id} is stale: its training data end {last:%Y-%m-%d %H:%M}, "
                                  f"{age_days:.0f} days before the exchange's time (limit {max_age_days:g}); "
-                                 f"retrain it (cryptobot train)")
+                                 f"retrain it (cryptobot train)", cause="model_stale")
     return art
 
 # %% ../nbs/14_live.ipynb #756994ea
@@ -256,7 +258,7 @@ def model_strategy(strategy, artifact):
     try:
         s = ModelStrategy(model=artifact, **given)
     except StrategyError as e:
-        raise StartupRefused(f"strategy refused: {e}") from None
+        raise StartupRefused(f"strategy refused: {e}", cause="strategy") from None
     if not s.trade:
         _event("model_policy_flat", logging.WARNING, model=getattr(artifact, "model_id", None), reason=NO_EDGE,
                detail="no threshold beat costs on the training folds: the runner will not enter")
@@ -268,14 +270,27 @@ def load_strategy(settings: Settings, strategy, artifact=None):
     try:
         art = artifact if hasattr(artifact, "check") else load_strategy_artifact(
             artifact or artifact_dir(settings.data_dir, strategy))
+    except StrategyError as e:
+        raise StartupRefused(f"strategy refused: {e}", cause="strategy") from None
+    try:
         art.check(strategy, feature_fingerprint())
     except StrategyError as e:
-        raise StartupRefused(f"strategy refused: {e}") from None
+        raise StartupRefused(f"strategy refused: {e}", cause=_mismatch(art.manifest, strategy)) from None
     m = art.manifest
     if (m.get("symbol"), m.get("timeframe")) not in ((None, None), (settings.symbol, settings.timeframe)):
         raise StartupRefused(f"strategy {art.model_id} was backtested on {m.get('symbol')} {m.get('timeframe')}, "
-                             f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market")
+                             f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market",
+                             cause="strategy_market")
     return art
+
+
+def _mismatch(manifest: dict, strategy) -> str:
+    "Which part of a strategy artifact's check failed: another strategy, its parameters, its code, or the features."
+    if spec_of(strategy) != manifest.get("strategy"):
+        return "strategy_other"
+    if strategy.fingerprint() != manifest.get("strategy_fingerprint"):
+        return "strategy_parameters" if strategy.to_dict() != manifest.get("params") else "strategy_code"
+    return "strategy_features"
 
 # %% ../nbs/14_live.ipynb #aa412888
 CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")
@@ -1003,35 +1018,56 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
             settings = load_settings()
         except ConfigError as e:
             raise StartupRefused(f"configuration refused: {e}") from None
-    if mode is not None and mode != settings.mode:
-        raise StartupRefused(f"cryptobot {mode} refused: the settings give mode {settings.mode}; {_MODE_FIX[mode]}"
-                             if mode in _MODE_FIX else f"unknown mode {mode!r}: paper, testnet or live")
-    if settings.mode == "live":
-        pre = [b for b in settings.live_blockers()]
-        if pre:
-            raise StartupRefused("live trading refused: " + "; ".join(pre))
     try:                                               # alerts: a URL apprise cannot use is a settings error
         urls = split_urls(settings.notify_urls.reveal()) if settings.notify_urls is not None else []
         notifier = Notifier.from_urls(urls, **(notify_kw or {}))
         if notifier.enabled:                           # no alert ever shows a key or the URLs' tokens
             notifier.mask(*secret_values(settings))
     except NotifyError as e:
-        raise StartupRefused(f"configuration refused: {e}") from None
+        raise StartupRefused(f"configuration refused: {e}", cause="settings") from None
     try:
+        if mode is not None and mode != settings.mode:
+            raise StartupRefused(f"cryptobot {mode} refused: the settings give mode {settings.mode}; {_MODE_FIX[mode]}"
+                                 if mode in _MODE_FIX else f"unknown mode {mode!r}: paper, testnet or live", cause="mode")
+        if settings.mode == "live":
+            pre = [b for b in settings.live_blockers()]
+            if pre:
+                raise StartupRefused("live trading refused: " + "; ".join(pre), cause="live_gate")
         return _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw,
                              audit, max_model_age_days, dict(stop_event=stop_event, settle_s=settle_s, poll_s=poll_s,
                                                              min_poll_s=min_poll_s, crash=CrashPoints(crash_at),
                                                              after_candle=after_candle, retry=retry))
+    except StartupRefused as e:
+        _refusal(settings, notifier, e)                # alerted by its cause, journaled if a journal exists; bounded
+        raise
     except BaseException:
-        notifier.close(5)                              # bounded: what was queued (a refusal) goes out first
+        notifier.close(5)                              # bounded: what was queued goes out first
         raise
 
 
 # %% ../nbs/14_live.ipynb #1a3c5bf6
-def _refused(notifier: Notifier, settings: Settings, e: StartupRefused) -> StartupRefused:
-    "Tell a person the runner will not trade this model/strategy (fingerprint, stale, wrong market)."
-    notifier.notify(Event.START_REFUSED, symbol=settings.symbol, reason=str(e))   # names a fingerprint refusal
-    return e
+def _refusal(settings: Settings, notifier: Notifier, e: StartupRefused) -> None:
+    """A refused start: tell a person (titled by `e.cause`) and journal it, with the alert's failure, in the state
+    dir's journal when one exists and opens; a refusal never creates a state dir or a journal. Bounded (`close(5)`)."""
+    symbol = e.symbol if e.symbol is not None else settings.symbol if len(settings.symbols) < 2 else None
+    notifier.notify(Event.START_REFUSED, symbol=symbol, reason=str(e), cause=e.cause)
+    path, journal = Path(settings.state_dir) / JOURNAL_FILE, None
+    if path.is_file():
+        try:
+            journal = Journal(path)
+            journal.log_event("start_refused", str(e), {"cause": e.cause, "symbol": symbol, "code": e.exit_code})
+        except Exception as err:  # noqa: BLE001 - a journal that cannot take it: the refusal is still logged and alerted
+            _event("start_refused_not_journaled", logging.WARNING, journal=str(path),
+                   error=" ".join(f"{type(err).__name__}: {err}".split())[:200])
+            if journal is not None:
+                journal.close()
+            journal = None
+    notifier.on_failure = journal.log_event if journal is not None else None
+    try:
+        notifier.close(5)                              # the alert's failure is journaled before the journal closes
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw, audit,
@@ -1066,11 +1102,11 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
         try:
             strategy = select_strategy(settings, strategy)
         except StrategyError as e:
-            raise StartupRefused(f"strategy refused: {e}") from None
+            raise StartupRefused(f"strategy refused: {e}", cause="strategy") from None
         art = load_strategy(settings, strategy, model) if is_rule(strategy) else \
             load_model(settings, model, now=now, max_age_days=max_model_age_days)
     except StartupRefused as e:
-        raise _refused(notifier, settings, e) from None
+        raise e from None                              # alerted and journaled by `start_runner`
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
@@ -1084,7 +1120,7 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
             free = float((bal.get(settings.symbol.split("/")[1]) or {}).get("free") or 0.0)
             blockers = live_gate_blockers(settings, free, audit)
             if blockers:
-                raise StartupRefused("live trading refused: " + "; ".join(blockers))
+                raise StartupRefused("live trading refused: " + "; ".join(blockers), cause="live_gate")
             make_exec = lambda closed, nxt: probe
         elif fills == "paper":
             make_exec = lambda closed, nxt: limited(PaperExecutor(journal, guardian, closed, nxt, settings=settings,
@@ -1108,14 +1144,16 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
         journal.close()
         raise LiveError(str(e), EX_NOPERM) from None
     except ExecutorError as e:
-        notifier.close(5)
-        journal.close()
-        raise StartupRefused(str(e)) from None
+        journal.close()                                # `start_runner` alerts and journals the refusal
+        raise StartupRefused(str(e), cause="exchange") from None
     except NETWORK_ERRORS as e:
         notifier.close(5)
         journal.close()
         raise LiveError(f"the exchange is unreachable during start-up ({type(e).__name__}); restart later",
                         EX_UNAVAILABLE) from None
+    except StartupRefused:
+        journal.close()                                # `start_runner` alerts and journals the refusal
+        raise
     except BaseException:
         notifier.close(5)
         journal.close()
@@ -1556,11 +1594,8 @@ def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days,
             from cryptobot.model import latest_model  # lazy: scikit-learn/joblib stay off the live path, as in load_model
             given = latest_model(Path(ss.data_dir) / "models" / own)
         return load_model(ss, given, now=now, max_age_days=max_age_days)
-    except StartupRefused as e:
-        err = StartupRefused(f"{ss.symbol}: {e}")
-        if notifier is not None:                       # a person hears which symbol's artifact was refused
-            notifier.notify(Event.START_REFUSED, symbol=ss.symbol, reason=str(err))
-        raise err from None
+    except StartupRefused as e:                        # `start_portfolio` tells a person which symbol's, and why
+        raise StartupRefused(f"{ss.symbol}: {e}", e.exit_code, cause=e.cause, symbol=ss.symbol) from None
 
 # %% ../nbs/14_live.ipynb #fba7d0ac
 def _start_portfolio(settings: Settings | None = None, mode: str | None = None, models=None, *, strategy=None,
@@ -1572,9 +1607,10 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
     "Settings → mode gate → per-symbol artifacts → clock → journal/Guardian/queue → a Runner per symbol → reconcile."
     settings = settings if settings is not None else load_settings()
     if mode is not None and mode != settings.mode:
-        raise StartupRefused(f"cryptobot {mode} refused: the settings give mode {settings.mode}; {_MODE_FIX.get(mode, '')}")
+        raise StartupRefused(f"cryptobot {mode} refused: the settings give mode {settings.mode}; {_MODE_FIX.get(mode, '')}",
+                             cause="mode")
     if settings.mode == "live" and settings.live_blockers():
-        raise StartupRefused("live trading refused: " + "; ".join(settings.live_blockers()))
+        raise StartupRefused("live trading refused: " + "; ".join(settings.live_blockers()), cause="live_gate")
     if settings.mode == "paper" and not settings.exchange_url:
         raise StartupRefused("several symbols trade one account: paper mode needs the local emulator "
                              "(CRYPTOBOT_EXCHANGE_URL) or use the testnet; the in-process paper venue holds one symbol")
@@ -1589,10 +1625,8 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
                         f"CRYPTOBOT_EXCHANGE_URL and restart", EX_UNAVAILABLE) from None
     try:
         strategy = select_strategy(settings, strategy)
-    except StrategyError as e:
-        err = StartupRefused(f"strategy refused: {e}")
-        notifier.notify(Event.START_REFUSED, symbol=None, reason=str(err))      # the portfolio's strategy
-        raise err from None
+    except StrategyError as e:                         # the portfolio's strategy; `start_portfolio` alerts
+        raise StartupRefused(f"strategy refused: {e}", cause="strategy") from None
     views = {s: dataclasses.replace(settings, symbol=s) for s in settings.symbols}
     arts = {s: _portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
                                    max_model_age_days, notifier) for s, ss in views.items()}
@@ -1606,7 +1640,7 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
             bal = probe._call(probe.venue.fetch_balance, what="fetch_balance")
             blockers = live_gate_blockers(settings, float((bal.get(probe.quote) or {}).get("free") or 0.0), audit)
             if blockers:
-                raise StartupRefused("live trading refused: " + "; ".join(blockers))
+                raise StartupRefused("live trading refused: " + "; ".join(blockers), cause="live_gate")
 
         def make_exec(ss):
             def build(closed, nxt):
@@ -1631,7 +1665,7 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
         raise LiveError(str(e), EX_NOPERM) from None
     except ExecutorError as e:
         journal.close()
-        raise StartupRefused(str(e)) from None
+        raise StartupRefused(str(e), cause="exchange") from None
     except NETWORK_ERRORS as e:
         journal.close()
         raise LiveError(f"the exchange is unreachable during start-up ({type(e).__name__}); restart later",
@@ -1651,9 +1685,12 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
         if notifier.enabled:                           # no alert ever shows a key or the URLs' tokens
             notifier.mask(*secret_values(settings))
     except NotifyError as e:
-        raise StartupRefused(f"configuration refused: {e}") from None
+        raise StartupRefused(f"configuration refused: {e}", cause="settings") from None
     try:
         return _start_portfolio(settings, mode, models, notifier=notifier, **kw)
+    except StartupRefused as e:
+        _refusal(settings, notifier, e)                # alerted by its cause, journaled if a journal exists; bounded
+        raise
     except BaseException:
         notifier.close(5)                              # bounded: what was queued (a refusal) goes out first
         raise

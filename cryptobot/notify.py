@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 
 # %% auto #0
-__all__ = ['log', 'NOTIFY_URLS_ENV', 'FORMATTERS', 'NotifyError', 'mask_url', 'Event', 'Alert', 'kill_locked', 'kill_unlocked',
-           'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused', 'stale_data', 'audit_verdict',
-           'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'stop_mismatch', 'split_urls',
-           'Notifier', 'secret_values']
+__all__ = ['log', 'NOTIFY_URLS_ENV', 'REFUSAL_TITLES', 'FORMATTERS', 'NotifyError', 'mask_url', 'Event', 'Alert', 'kill_locked',
+           'kill_unlocked', 'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused', 'stale_data',
+           'audit_verdict', 'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'stop_mismatch',
+           'split_urls', 'Notifier', 'secret_values']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
 class NotifyError(CryptobotError, ValueError):
@@ -194,12 +194,31 @@ def audit_verdict(verdict: str, blockers: Iterable[str] = (), summary: str = "",
                  "success" if ok else "failure", urgent=not ok)
 
 # %% ../nbs/17_notify.ipynb #5f3953d5
-def start_refused(symbol, reason: str) -> Alert:
-    "The runner refused to start trading: the fingerprint (named in the title when that is the reason) or another."
-    fp = "fingerprint" in str(reason)
-    what = "Model refused: feature fingerprint" if fp else "Strategy refused at start"
-    return Alert(Event.FINGERPRINT_REFUSED if fp else Event.START_REFUSED, f"{what} ({_scope(symbol)})",
-                 f"{reason}\nThe runner did not start; nothing was traded.", "failure")
+# why a start was refused (the runner's `StartupRefused.cause`) -> the alert's title; the title names the real reason
+REFUSAL_TITLES: dict[str | None, str] = {
+    "feature_fingerprint": "Model refused: feature fingerprint",
+    "model_stale": "Model refused: stale",
+    "model": "Model refused: artifact unusable",
+    "strategy_parameters": "Strategy refused: parameters differ from the backtest",
+    "strategy_code": "Strategy refused: code differs from the backtest",
+    "strategy_other": "Strategy refused: not the strategy backtested",
+    "strategy_features": "Strategy refused: feature fingerprint",
+    "strategy": "Strategy refused",
+    "model_market": "Model refused: trained for another market",
+    "strategy_market": "Strategy refused: backtested on another market",
+    "settings": "Settings refused",
+    "mode": "Start refused: mode",
+    "live_gate": "Live trading refused",
+    "exchange": "Start refused by the exchange check",
+    None: "Start refused",
+}
+
+
+def start_refused(symbol, reason: str, cause: str | None = None) -> Alert:
+    "The runner refused to start trading; the title names `cause` (see `REFUSAL_TITLES`; unknown: 'Start refused')."
+    what = REFUSAL_TITLES.get(cause, REFUSAL_TITLES[None])
+    return Alert(Event.FINGERPRINT_REFUSED if cause == "feature_fingerprint" else Event.START_REFUSED,
+                 f"{what} ({_scope(symbol)})", f"{reason}\nThe runner did not start; nothing was traded.", "failure")
 
 
 def data_recovered(symbol, stale_s: float, last_candle=None) -> Alert:
@@ -279,6 +298,7 @@ class Notifier:
         self._stats = dict(queued=0, sent=0, failed=0, dropped=0, suppressed=0, errors=0)
         self._unreported_drops, self._busy, self._closing = 0, False, False
         self._abandon, self._thread = threading.Event(), None
+        self._rec_lock, self._detached, self._current = threading.Lock(), False, None   # see `close`
         if start:
             self.start()
 
@@ -425,7 +445,9 @@ def _record(self, kind: str, message: str, data: dict | None = None):
     "Log `message` and pass it to `on_failure` (the journal); a failing callback is logged, never raised."
     message = _REDACT.redact(message)
     log.warning("%s", message)
-    if self.on_failure is not None:
+    with self._rec_lock:                  # `close` detaches under this lock: never a call into a closed journal
+        if self.on_failure is None or self._detached:
+            return
         try:
             self.on_failure(kind, message, data)
         except Exception as e:
@@ -467,13 +489,14 @@ def _run(self):
             if not self._q or self._abandon.is_set():
                 return
             alert, self._busy = self._q.popleft(), True
+            self._current = alert
         try:
             self._deliver(alert)
         except Exception as e:                       # never let the thread die silently
             log.error("notify: sending thread error: %s: %s", type(e).__name__, _REDACT.redact(e))
         finally:
             with self._cond:
-                self._busy = False
+                self._busy, self._current = False, None
                 self._cond.notify_all()
 
 
@@ -492,8 +515,10 @@ def _flush(self, timeout: float = 10.0) -> bool:
         return not self._q and not self._busy
 
 
-def _close(self, timeout: float = 10.0) -> bool:
-    "Stop taking alerts, send what is queued for at most `timeout` s, then give up (recording what was not sent)."
+def _close(self, timeout: float = 10.0, grace: float | None = None) -> bool:
+    """Stop taking alerts, send what is queued for at most `timeout` s, then let the attempt in flight end (at most
+    `grace` s; default its own bound, connect + read timeouts) so its failure is recorded while `on_failure` (the
+    journal) still works. Nothing is recorded after `close` returns; what could not be is logged in one line."""
     with self._cond:
         self._closing = True
         self._cond.notify_all()
@@ -501,12 +526,19 @@ def _close(self, timeout: float = 10.0) -> bool:
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._abandon.set()                      # cut backoff waits short; the thread exits after its attempt
+            self._thread.join(2 * self.timeout_s + 1 if grace is None else grace)
     with self._cond:
         left, _ = len(self._q), self._q.clear()
+        late = self._current if self._thread is not None and self._thread.is_alive() else None
     if left:
         self._record("notify_unsent", f"notify: {left} alert(s) not sent before shutdown ({timeout:g} s bound)",
                      {"unsent": left})
-    return not left and (self._thread is None or not self._thread.is_alive())
+    with self._rec_lock:
+        first, self._detached = not self._detached, True
+    if late is not None and first:
+        log.warning("notify: 1 alert (%s) to %d target(s) still being sent at shutdown; its outcome is not journaled",
+                    late.kind, len(self._targets))
+    return not left and late is None
 
 
 Notifier.flush, Notifier.close = _flush, _close

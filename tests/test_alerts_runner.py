@@ -120,12 +120,15 @@ def test_setup_logging_redacts_the_url_token():
 
 
 def test_invalid_url_is_a_settings_error_masked(tmp_path, model):
-    s = Settings(state_dir=tmp_path / "st", notify_urls=Secret(f"nosuchscheme://user:{TOKEN}@example.com/x"))
-    with pytest.raises(StartupRefused) as e:
-        start_runner(s, "paper", model, max_model_age_days=None)
-    assert e.value.exit_code == EX_CONFIG == 78
-    assert "CRYPTOBOT_NOTIFY_URLS" in str(e.value) and "nosuchscheme://example.com:****" in str(e.value)
-    assert TOKEN not in str(e.value) and "\n" not in str(e.value)
+    "A URL apprise rejects is refused where the settings are read, as `Notifier` checks it: one line, masked."
+    from cryptobot.config import ConfigError, load_settings
+    bad = f"nosuchscheme://user:{TOKEN}@example.com/x"
+    for make in (lambda: Settings(state_dir=tmp_path / "st", notify_urls=Secret(bad)),
+                 lambda: load_settings({"CRYPTOBOT_NOTIFY_URLS": bad, "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")}, None)):
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert e.value.key == "CRYPTOBOT_NOTIFY_URLS" and "nosuchscheme://example.com:****" in str(e.value)
+        assert TOKEN not in str(e.value) and "\n" not in str(e.value) and "apprise" in str(e.value)
     assert not (tmp_path / "st").exists()                                   # refused before anything was written
 
 
@@ -147,13 +150,19 @@ def test_cryptobot_config_shows_the_url_masked(tmp_path):
     assert "CRYPTOBOT_NOTIFY_URLS=" in r.stdout.splitlines()                  # unset: alerts off
 
 
-def test_cryptobot_paper_refuses_an_invalid_url_exit_78(tmp_path):
-    r = _cli(["paper", "--max-candles", "1"], tmp_path, {"CRYPTOBOT_NOTIFY_URLS": f"nosuchscheme://{TOKEN}@example.com",
-                                                         "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")})
-    assert r.returncode == 78, (r.stdout, r.stderr)
-    out = r.stdout + r.stderr
-    line = [l for l in out.splitlines() if "startup_refused" in l]
-    assert len(line) == 1 and "nosuchscheme://example.com:****" in line[0] and "apprise" in line[0] and TOKEN not in out
+@pytest.mark.parametrize("bad", [f"nosuchscheme://{TOKEN}@example.com", f"json:/127.0.0.1/{TOKEN}",
+                                 f"json://127.0.0.1:8080/ok, tgram://{TOKEN}", f"127.0.0.1:8080/{TOKEN}"])
+def test_config_and_paper_refuse_an_invalid_url_alike_exit_78(tmp_path, bad):
+    "Issue 18 case 10: `cryptobot config` exited 0 where `run` exited 78; both now refuse with the same one line."
+    env = {"CRYPTOBOT_NOTIFY_URLS": bad, "CRYPTOBOT_STATE_DIR": str(tmp_path / "st")}
+    lines = {}
+    for cmd in (["config"], ["paper", "--max-candles", "1"]):
+        r = _cli(cmd, tmp_path, env)
+        assert r.returncode == 78, (cmd, r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and TOKEN not in r.stderr
+        lines[cmd[0]] = r.stderr.strip().removeprefix(f"cryptobot {cmd[0]}: ")
+    assert lines["config"] == lines["paper"]
+    assert lines["config"].startswith("CRYPTOBOT_NOTIFY_URLS entry ") and "apprise" in lines["config"]
 
 
 def test_unlock_sends_kill_unlocked(receiver, tmp_path):
@@ -372,3 +381,133 @@ def test_audit_verdict_reaches_the_receiver_masked(receiver, tmp_path):
     with Journal(tmp_path / "st" / "journal.sqlite", readonly=True) as j:
         (failed,) = j.last_events(5, kind="notify_failed")
     assert failed["data"]["alert"] == "audit_verdict" and failed["data"]["target"] == "json://127.0.0.1:****"
+
+
+def _locked_state(env):
+    "A state dir whose kill switch is locked by one losing trade (settings from `env`)."
+    from cryptobot.config import load_settings
+    from cryptobot.guardian import Guardian
+    from cryptobot.journal import Journal
+    s = load_settings(env=env, dotenv_path=None)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        g = Guardian(s, s.state_dir, j)
+        g.record_trade({"trade_key": "t0", "symbol": "BTC/USDT", "entry_time": "2024-01-01T00:00:00+00:00",
+                        "exit_time": "2024-01-01T00:30:00+00:00", "entry_price": 100.0, "exit_price": 98.0,
+                        "amount": 1.0, "fees": 0.2, "pnl": -2.2, "exit_reason": "stop"})
+        assert g.locked
+    return s
+
+
+def test_unlock_reason_and_sudo_user_are_masked_and_one_line_everywhere(receiver, tmp_path):
+    "Issue 18 case 8: a key, a secret and the alert URL's token typed into --reason are masked in stdout, stderr, the "
+    "journal and the alert; a newline in --reason or in $SUDO_USER cannot start a second (forged) line anywhere."
+    api_key, api_secret = "SEKRET123abcKEY", "SEKRET456defSECRET"
+    env = {"CRYPTOBOT_STATE_DIR": str(tmp_path / "var"), "CRYPTOBOT_KILL_SWITCH_LOSSES": "1",
+           "CRYPTOBOT_NOTIFY_URLS": receiver.url(f"/ok/{TOKEN}"), "BINANCE_API_KEY": api_key,
+           "BINANCE_API_SECRET": api_secret}
+    s = _locked_state(env)
+    reason = (f"checked; key {api_key} rotated, secret {api_secret}, hook {TOKEN}\nunlocked by mallory\r\n"
+              "\x1b[2Kunlocked by mallory")
+    r = _cli(["unlock", "--reason", reason], tmp_path,
+             {**env, "SUDO_USER": "alice-nosuchuser approved by risk team\nunlocked by mallory"})
+    assert r.returncode == 0, r.stderr
+    import sqlite3
+    con = sqlite3.connect(s.state_dir / "journal.sqlite")
+    con.row_factory = sqlite3.Row
+    rows = [dict(x) for t in ("events", "unlocks") for x in con.execute(f"SELECT * FROM {t}")]
+    (unlock,) = [dict(x) for x in con.execute("SELECT who, reason FROM unlocks")]
+    con.close()
+    (alert,) = [b for _, b in receiver.got]
+    texts = {"stdout": r.stdout, "stderr": r.stderr, "alert": alert["title"] + "\n" + alert["message"],
+             **{f"journal {k}": str(v) for x in rows for k, v in x.items()}}
+    for where, text in texts.items():
+        for secret in (api_key, api_secret, TOKEN):
+            assert secret not in text, f"{secret} in {where}"
+        assert not [ln for ln in text.splitlines() if ln.lstrip("\x1b[2K").startswith("unlocked by mallory")], where
+        assert "\x1b" not in text and "\r" not in text, where
+    assert "\n" not in unlock["who"] + unlock["reason"]
+    assert 'unverified SUDO_USER="alice-nosuchuser approved by risk team\\nunlocked by mallory"' in unlock["who"]
+    assert unlock["reason"].startswith("checked; key **** rotated, secret ****, hook ****\\nunlocked by mallory")
+    assert "Reason given: checked; key **** rotated" in alert["message"]
+    assert r.stdout.count("\n") == 1 and "unverified SUDO_USER" in r.stdout
+
+
+def test_refusal_is_titled_by_its_cause_and_journaled_with_its_alert_failure(receiver, tmp_path):
+    "Issue 18 case 9: a strategy-parameter mismatch is titled as such (not 'feature fingerprint'); with a journal in "
+    "the state dir the refusal and the refusing receiver's failure are journaled; without one nothing is created."
+    import dataclasses
+    from cryptobot.journal import Journal
+    from cryptobot.strategy import EmaCross, artifact_dir, save_strategy_artifact
+    from runner_rig import read_rows
+    emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET)
+    emu.start()
+    try:
+        data = tmp_path / "data"
+        save_strategy_artifact(EmaCross(fast=12, slow=26), artifact_dir(data, EmaCross()), symbol="BTC/USDT",
+                               timeframe="1h")
+        urls = f"{receiver.url(f'/ok/{TOKEN}')},json://127.0.0.1:{closed_port()}/{TOKEN}"      # one good, one refusing
+        s = Settings(state_dir=tmp_path / "st", data_dir=data, exchange_url=emu.base_url, api_key=KEY,
+                     api_secret=SECRET, strategy="ema_cross", strategy_params="fast=13,slow=26",
+                     notify_urls=Secret(urls))
+        Journal(s.state_dir / "journal.sqlite").close()                       # a state dir that has run before
+        with pytest.raises(StartupRefused, match="differs in its parameters"):
+            start_runner(s, "paper", notify_kw=FAST, rate_limit_ms=1.0)
+        (body,) = [b for _, b in receiver.got]
+        assert body["title"] == "cryptobot: Strategy refused: parameters differ from the backtest (BTC/USDT)"
+        rows = read_rows(s.state_dir, "SELECT kind, message, data FROM events ORDER BY id")
+        assert [r["kind"] for r in rows] == ["start_refused", "notify_failed"]
+        assert json.loads(rows[0]["data"])["cause"] == "strategy_parameters"
+        assert "differs in its parameters" in rows[0]["message"] and "\n" not in rows[0]["message"]
+        failed = json.loads(rows[1]["data"])
+        assert (failed["alert"], failed["target"]) == ("start_refused", "json://127.0.0.1:****")
+        assert TOKEN not in json.dumps([dict(r) for r in rows])
+        s2 = dataclasses.replace(s, state_dir=tmp_path / "new")                # no state dir: alerted, none created
+        with pytest.raises(StartupRefused, match="differs in its parameters"):
+            start_runner(s2, "paper", notify_kw=FAST, rate_limit_ms=1.0)
+        assert len(receiver.got) == 2 and not s2.state_dir.exists()
+        assert emu.orders_created == 0
+    finally:
+        emu.stop()
+
+
+def test_runner_stopping_while_a_hung_receiver_times_out_journals_the_failure(receiver, model, tmp_path, caplog):
+    "Issue 18 case 9: the kill-switch alert hangs in the receiver when the runner stops; the shutdown waits (bounded) "
+    "for that attempt, journals its failure while the journal is open, and nothing ever calls the closed journal."
+    caplog.set_level(logging.WARNING)
+    r = RunnerRig(tmp_path, model, notify_kw=dict(timeout_s=6, attempts=1),
+                  settings={"kill_switch_losses": 1, "notify_urls": Secret(receiver.url(f"/hang/{TOKEN}"))})
+    try:
+        r.lose_once()
+        r.wait_for(lambda: [b for _, b in receiver.got if "LOCKED" in b["title"]], "the lock alert in flight", 60)
+        assert not r.rows("SELECT * FROM events WHERE kind = 'notify_failed'")    # still hanging in the receiver
+    finally:
+        r.close()                                      # SIGTERM's path: the run loop ends, the runner closes
+    r.runner.journal.close()                           # as `live.run` does once the runner returns
+    r.runner.notifier._thread.join(30)
+    assert not r.runner.notifier._thread.is_alive()
+    (failed,) = r.rows("SELECT data FROM events WHERE kind = 'notify_failed'")
+    assert json.loads(failed["data"])["alert"] == "kill_locked"
+    assert "could not record" not in caplog.text and "Cannot operate on a closed database" not in caplog.text
+
+
+def test_portfolio_refusal_is_titled_and_journaled_like_one_symbols(receiver, tmp_path):
+    "One symbol is a portfolio of one: a portfolio whose ETH artifact was backtested on another market is refused "
+    "with that title, naming ETH, and the refusal and the refusing receiver's failure land in its existing journal."
+    from cryptobot.journal import Journal
+    from cryptobot.strategy import make_strategy, save_strategy_artifact
+    from runner_rig import read_rows
+    from test_portfolio import SYMS, _alerting_portfolio
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    arts = {sym: save_strategy_artifact(strat, tmp_path / "art" / sym.replace("/", ""), timeframe="1h",
+                                        symbol="BTC/USDT" if sym == "ETH/USDT" else sym).parent for sym in SYMS}
+    Journal(tmp_path / "state" / "journal.sqlite").close()                 # a state dir that has run before
+    urls = f"{receiver.url(f'/ok/{TOKEN}')},json://127.0.0.1:{closed_port()}/{TOKEN}"
+    with pytest.raises(StartupRefused, match="ETH/USDT: strategy .* was backtested on BTC/USDT 1h"):
+        _alerting_portfolio(tmp_path, urls, arts=arts, hand_order=False)
+    (body,) = [b for _, b in receiver.got]
+    assert body["title"] == "cryptobot: Strategy refused: backtested on another market (ETH/USDT)"
+    rows = read_rows(tmp_path / "state", "SELECT kind, data FROM events ORDER BY id")
+    assert [r["kind"] for r in rows] == ["start_refused", "notify_failed"]
+    assert {k: json.loads(rows[0]["data"])[k] for k in ("cause", "symbol")} == \
+        {"cause": "strategy_market", "symbol": "ETH/USDT"}
+    assert json.loads(rows[1]["data"])["alert"] == "start_refused" and TOKEN not in json.dumps(rows)

@@ -217,12 +217,13 @@ def test_status_says_locked_for_a_hand_lowered_streak_and_unlock_records_the_acc
     assert r.returncode == 0 and head.startswith("LOCKED") and "entries allowed" not in r.stdout, r.stdout
     assert f"loss streak 0 in state.json, {s.kill_switch_losses - 1} in the journal" in head, head
     assert json.loads(run(["status", "--json"], tmp_path, env=env).stdout)["entries_allowed"] is False
+    sudo = pwd.getpwuid(0).pw_name                      # $SUDO_USER is believed only for an account that exists
     r = run(["unlock", "--reason", "reviewed the edit"], tmp_path, env={**env, "USER": "mallory", "LOGNAME": "mallory",
-                                                                        "SUDO_USER": "alice"})
+                                                                        "SUDO_USER": sudo})
     me = pwd.getpwuid(os.getuid()).pw_name
-    assert r.returncode == 0 and f"unlocked by {me} (uid {os.getuid()}, SUDO_USER=alice)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"unlocked by {me} (uid {os.getuid()}, SUDO_USER={sudo})" in r.stdout, r.stdout + r.stderr
     with Journal(s.state_dir / "journal.sqlite", readonly=True) as j:
-        assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER=alice)"
+        assert j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()}, SUDO_USER={sudo})"
     assert run(["status"], tmp_path, env=env).stdout.splitlines()[1] == "lock       unlocked: entries allowed"
 
 
@@ -285,3 +286,25 @@ def test_dotenv_permission_warning_is_one_line(tmp_path):
     assert len(lines) == 1, r.stderr                                   # no source-code line after it
     assert "chmod 600" in lines[0] and "mode 644" in lines[0] and lines[0].startswith("warning: "), lines
     assert "load_settings" not in r.stderr and ".py:" not in r.stderr
+
+
+def test_refused_import_prints_one_line_and_keeps_the_report_behind_a_flag(tmp_path):
+    "Issue 18 case 10: a file that is read and refused gives one line (what is wrong, what to do) on stderr and "
+    "nothing on stdout; `--report FILE` writes the full validation report, `--verbose` prints it before the line."
+    f = tmp_path / "in.csv"
+    f.write_text("timestamp,open,high,low,close,volume\n" + _ROWS + "2020-01-01 05:00:00,100,99,101,100,5\n")
+    args = ["import", str(f), "--symbol", "BTC/USDT", "--timeframe", "1h"]
+    r = run(args, tmp_path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    line = one_error_line(r, "import")
+    assert "in.csv" in line and "high < low" in line and "nothing written" in line and "--report FILE" in line
+    rep = tmp_path / "report.txt"
+    r = run(args + ["--report", str(rep)], tmp_path)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and f"full report in {rep}" in r.stderr
+    report = rep.read_text()
+    assert "status    REFUSED" in report and re.search(r"high < low\s+1\s+first 2020-01-01 05:00", report)
+    r = run(args + ["--verbose"], tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[:-1] == report.rstrip("\n").splitlines()
+    assert one_error_line(r, "import") == line.split("; for the full report")[0]
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.parquet"))

@@ -221,8 +221,8 @@ def test_several_problems_still_one_line():
                                  {"CRYPTOBOT_KILL_SWITCH_LOSSES": "10"}, {"CRYPTOBOT_MAX_DATA_AGE_S": "3600"},
                                  {"CRYPTOBOT_MIN_BALANCE_USD": "100"}, {"CRYPTOBOT_MIN_BALANCE_USD": "5000"},
                                  {"CRYPTOBOT_FEE_PCT": "0"}, {"CRYPTOBOT_SLIPPAGE_PCT": "2"},
-                                 {"GO_LIVE": "off", "BINANCE_TESTNET": "Yes"}, {"CRYPTOBOT_LEVERAGE": "+0.5"},
-                                 {"CRYPTOBOT_EXCHANGE_URL": "http://localhost:8765/"}, {"CRYPTOBOT_RISK_PCT": " 1.5 "}])
+                                 {"GO_LIVE": "off", "BINANCE_TESTNET": "Yes"}, {"CRYPTOBOT_LEVERAGE": "0.5"},
+                                 {"CRYPTOBOT_EXCHANGE_URL": "http://localhost:8765/"}, {"CRYPTOBOT_RISK_PCT": "1.5"}])
 def test_values_on_the_ceilings_are_accepted(env):
     s = load_settings(env, None)
     assert isinstance(s, Settings)
@@ -488,3 +488,34 @@ def test_replace_symbol_on_single_symbol_settings_keeps_working():
     assert dataclasses.replace(m, symbol="ETH/USDT").symbols == ("BTC/USDT", "ETH/USDT")
     with pytest.raises(ConfigError, match="is not in CRYPTOBOT_SYMBOLS"):
         dataclasses.replace(m, symbol="SOL/USDT")
+
+
+# ---------------------------------------------------------------------------------------------------- plain numerals
+_NUMERALS = [  # (key, value, accepted): only plain decimal numerals are numbers (issue 18 case 10)
+    ("CRYPTOBOT_RISK_PCT", "1", True), ("CRYPTOBOT_RISK_PCT", "0.5", True), ("CRYPTOBOT_RISK_PCT", "1.50", True),
+    ("CRYPTOBOT_MAX_DATA_AGE_S", "120", True), ("CRYPTOBOT_MIN_BALANCE_USD", "100", True),
+    ("CRYPTOBOT_RISK_PCT", "1e0", False), ("CRYPTOBOT_RISK_PCT", "+1", False), ("CRYPTOBOT_RISK_PCT", " 1", False),
+    ("CRYPTOBOT_RISK_PCT", "1 ", False), ("CRYPTOBOT_RISK_PCT", "1_000", False), ("CRYPTOBOT_RISK_PCT", "0x1", False),
+    ("CRYPTOBOT_RISK_PCT", ".5", False), ("CRYPTOBOT_RISK_PCT", "1.", False), ("CRYPTOBOT_RISK_PCT", "01", False),
+    ("CRYPTOBOT_RISK_PCT", "1E0", False), ("CRYPTOBOT_RISK_PCT", "１", False), ("CRYPTOBOT_LEVERAGE", "+1.0", False),
+    ("CRYPTOBOT_MAX_DATA_AGE_S", "3e2", False), ("CRYPTOBOT_MAX_DATA_AGE_S", "+300", False),
+    ("CRYPTOBOT_MAX_DATA_AGE_S", " 300", False), ("CRYPTOBOT_MAX_DATA_AGE_S", "0300", False),
+    ("CRYPTOBOT_KILL_SWITCH_LOSSES", "0x3", False), ("CRYPTOBOT_MAX_OPEN_POSITIONS", "3.0", False),
+]
+
+
+@pytest.mark.parametrize("key,value,accepted", _NUMERALS)
+def test_only_plain_decimal_numerals_pass_cryptobot_config(tmp_path, key, value, accepted):
+    cb = str(Path(sys.executable).parent / "cryptobot")
+    r = subprocess.run([cb, "config"], cwd=tmp_path, env=_clean_env(**{key: value}), capture_output=True, text=True,
+                       timeout=60)
+    if accepted:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 78 and r.stdout == "" and r.stderr.count("\n") == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith(f"cryptobot config: {key}=") and ("is not a plain decimal number" in r.stderr or
+                                                                 "is not a whole number" in r.stderr), r.stderr
+    (tmp_path / ".env").write_text(f'{key}="{value}"\n')               # the same text quoted in .env: refused alike
+    os.chmod(tmp_path / ".env", 0o600)
+    r = subprocess.run([cb, "config"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78 and r.stderr.startswith(f"cryptobot config: {key}="), r.stderr

@@ -624,11 +624,17 @@ def test_unlock_records_the_uid_account_not_USER(env, monkeypatch):
     me = pwd.getpwuid(os.getuid()).pw_name
     monkeypatch.setenv("USER", "mallory")
     monkeypatch.setenv("LOGNAME", "mallory")
-    monkeypatch.setenv("SUDO_USER", "alice")
+    root = pwd.getpwuid(0).pw_name                     # an account in the password database
+    monkeypatch.setenv("SUDO_USER", root)
     msg = unlock_cli(env.s, "reviewed the losses")
     who = env.j.last_events(1, kind="unlock")[0]["data"]["who"]
-    assert who == f"{me} (uid {os.getuid()}, SUDO_USER=alice)" and "mallory" not in who and f"unlocked by {who}" in msg
+    assert who == f"{me} (uid {os.getuid()}, SUDO_USER={root})" and "mallory" not in who and f"unlocked by {who}" in msg
     _lock(env, 6)
+    monkeypatch.setenv("SUDO_USER", "alice-nosuchuser")   # anyone can set it: not an account, so not believed
+    unlock_cli(env.s, "reviewed")
+    assert env.j.last_events(1, kind="unlock")[0]["data"]["who"] == \
+        f'{me} (uid {os.getuid()}, unverified SUDO_USER="alice-nosuchuser": not in the password database)'
+    _lock(env, 9)
     monkeypatch.delenv("SUDO_USER")
     unlock_cli(env.s, "again")
     assert env.j.last_events(1, kind="unlock")[0]["data"]["who"] == f"{me} (uid {os.getuid()})"

@@ -259,3 +259,38 @@ def test_import_is_cheap_and_apprise_is_lazy():
             "print(a, b, 'apprise' in sys.modules, [x for x in ('vectorbt', 'sklearn', 'dask', 'IPython') if x in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[] False True []"
+
+
+def _in_flight(receiver, path, wall_s=30.0):
+    "Wait (bounded) until the receiver holds a post to `path`: the sender thread is inside its attempt."
+    t0 = time.monotonic()
+    while not any(p == path for p, _ in receiver.got):
+        assert time.monotonic() - t0 < wall_s, f"no post to {path}"
+        time.sleep(0.01)
+
+
+def test_close_waits_for_the_attempt_in_flight_and_never_calls_a_closed_journal(receiver, tmp_path, caplog):
+    "Issue 18 case 9: `close` lets the attempt in flight end (bounded) so its failure is journaled before the journal "
+    "closes; one that outlives even that bound is logged in one line (count, kind) and never reaches the closed journal."
+    caplog.set_level(logging.WARNING)
+    j = Journal(tmp_path / "a.sqlite")
+    n = Notifier.from_urls([receiver.url("/hang/a")], on_failure=j.log_event, timeout_s=2, attempts=1)
+    n.notify("kill_locked", symbol="BTC/USDT", reason="3 losses")
+    _in_flight(receiver, "/hang/a")
+    assert n.close(0.05) is True                       # returned only once the failure was recorded
+    (failed,) = events(j, "notify_failed")
+    assert failed["data"]["alert"] == "kill_locked"
+    j.close()
+    j2 = Journal(tmp_path / "b.sqlite")
+    n2 = Notifier.from_urls([receiver.url("/hang/b")], on_failure=j2.log_event, timeout_s=3, attempts=1)
+    n2.notify("stop_failed", symbol="ETH/USDT", client_order_id="cbs-1", reason="rejected")
+    _in_flight(receiver, "/hang/b")
+    assert n2.close(0.05, grace=0.05) is False         # the attempt outlives the bound
+    j2.close()
+    n2._thread.join(20)                                # ...and ends after the journal closed
+    assert not n2._thread.is_alive()
+    assert "could not record" not in caplog.text and "ProgrammingError" not in caplog.text
+    assert "Traceback" not in caplog.text
+    late = [r.getMessage() for r in caplog.records if "at shutdown" in r.getMessage()]
+    assert late == ["notify: 1 alert (stop_failed) to 1 target(s) still being sent at shutdown; its outcome is not "
+                    "journaled"]

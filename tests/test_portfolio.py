@@ -498,7 +498,7 @@ def test_start_refusal_names_the_refused_symbol(receiver, tmp_path):
     with pytest.raises(StartupRefused, match="ETH/USDT: strategy .* was backtested on BTC/USDT 1h"):
         _alerting_portfolio(tmp_path, receiver.url(f"/ok/{TOKEN}"), arts=arts, hand_order=False)
     (body,) = [b for _, b in receiver.got]          # close(5) ran before the refusal was raised: delivered
-    assert body["title"] == "cryptobot: Strategy refused at start (ETH/USDT)" and body["type"] == "failure"
+    assert body["title"] == "cryptobot: Strategy refused: backtested on another market (ETH/USDT)" and body["type"] == "failure"
     assert body["message"].startswith("ETH/USDT: strategy ") and "nothing was traded" in body["message"]
 
 
