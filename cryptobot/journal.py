@@ -506,23 +506,29 @@ def integrity(path, *, write: bool = False) -> str | None:
                 return (f"journal file {f} has mode {fst.st_mode & 0o7777:04o}: its owner (uid {fst.st_uid}) cannot "
                         f"read and write it; fix the mode (chmod u+rw {f}) or the owner. {NOT_DAMAGED}")
             os.close(os.open(f, os.O_RDWR if write else os.O_RDONLY))
+        except FileNotFoundError:                  # a -wal/-shm the last writer removed as it closed: nothing to check
+            continue
         except OSError as e:
             return _os_line("journal file", f, e)
-    if p not in files:
-        return None
-    with open(p, "rb") as fh:
-        head = fh.read(100)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(100)
+        look = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (os.stat(f) for f in files if os.path.exists(f)))
+    except FileNotFoundError:
+        return None                                # no journal (any more): the gate judges a missing one
     if not head:
         return _damaged(p, "0 bytes: cut short or emptied")
     if not head.startswith(b"SQLite format 3\x00") or len(head) < 100:
         return _damaged(p, f"no SQLite header: starts with {head[:16]!r}")
-    look = tuple((os.stat(f).st_ino, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
     key = str(p.resolve())
-    if _QUICK.get(key, (None,))[0] != look:
+    if _QUICK.get(key, (None,))[0] == look:
+        return _QUICK[key][1]
+    why = _quick_check(p)
+    if why is None or DAMAGED_FIX in why:          # kept: a verdict on these bytes (not a busy or transient error)
         if len(_QUICK) > 32:
             _QUICK.clear()
-        _QUICK[key] = (look, _quick_check(p))
-    return _QUICK[key][1]
+        _QUICK[key] = (look, why)
+    return why
 
 # %% ../nbs/10_journal.ipynb #794b4a21
 def _event(self, con, kind: str, message: str = "", data=None, ts=None) -> int:
