@@ -497,7 +497,8 @@ def integrity(path, *, write: bool = False) -> str | None:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            return _os_line("state dir", sd, e)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):   # a full disk is not the dir's fault: the runner says so
+                return _os_line("state dir", sd, e)
     files = [f for f in (p, *(p.with_name(p.name + x) for x in _OURS)) if os.path.lexists(f)]
     for f in files:
         try:

@@ -986,14 +986,15 @@ def open_state_dir(settings: Settings, clock=time.time, *, lock: bool = False) -
         else:
             sd.mkdir(parents=True, exist_ok=True)
         journal = Journal(sd / JOURNAL_FILE, clock=clock)
-    except RunnerLocked:
+    except (RunnerLocked, JournalError):           # run(): a journal that fails to open is judged like one that fails later
         held.close()
         raise
-    except (GuardianError, JournalError) as e:
+    except (GuardianError, OSError) as e:
         held.close()
-        raise StartupRefused(str(e)) from None
-    except OSError as e:
-        held.close()
+        if disk_full(e):                           # a full disk is not a setting: run() exits 74 and systemd retries
+            raise
+        if not isinstance(e, OSError):
+            raise StartupRefused(str(e)) from None
         raise StartupRefused(f"cannot create the state dir {sd}: [Errno {e.errno}] {e.strerror}; create it, writable "
                              f"by the runner's user") from None
     except BaseException:
