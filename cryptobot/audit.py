@@ -628,6 +628,10 @@ def check_state_valid(ev: Evidence) -> Check:
 
 # %% ../nbs/18_audit.ipynb #0c5b7105
 def check_state_matches_journal(ev: Evidence) -> Check:
+    bad = entry_gate(ev.state_dir, now=ev.now).integrity      # the runner's own integrity answer, before any comparison
+    if bad:
+        return Check("guardian", "state_matches_journal", FAIL, bad, "the journal or its state dir cannot be trusted "
+                     "or used: the runner refuses to start (exit 78) until this is fixed")
     st, err = ev.state()
     j, jerr = ev.journal()
     if st is None or j is None:
@@ -1529,7 +1533,7 @@ def check_state_matches_journal(ev: Evidence) -> Check:
     from cryptobot.guardian import symbol_locks  # lazy: kept in this cell (the module is imported already)
     c, syms = _state_matches_one(ev), _symbols(ev)
     j, _err = ev.journal()
-    if len(syms) < 2 or j is None:
+    if len(syms) < 2 or j is None or c.status == FAIL:
         return c
     locks = symbol_locks(j, ev.settings.kill_switch_losses)
     parts = []

@@ -335,11 +335,15 @@ def _demo_policy_lines(bt: dict) -> list[str]:
 def cmd_status(a) -> int:
     from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas
     s = _settings()
-    report = status_report(s)
-    report["stop"] = stop_report(Path(report["journal_path"]), now=time.time(),
-                                 interval_s=s.stop_check_s)
+    report = status_report(s)        # an unusable journal or state dir is its LOCKED line, never a crash (exit 0)
+    try:
+        report["stop"] = None if report["integrity"] else stop_report(Path(report["journal_path"]), now=time.time(),
+                                                                      interval_s=s.stop_check_s)
+    except JournalError as e:
+        report["stop"], report["journal_error"] = None, report["journal_error"] or str(e)
     say(json.dumps(report, indent=2, default=str) if a.json else
-        format_status(report) + "\nstop       " + format_stop(report["stop"]))
+        format_status(report) + "\nstop       " + ("unknown (no readable journal)" if report["stop"] is None else
+                                                    format_stop(report["stop"])))
     return 0
 
 
@@ -350,11 +354,11 @@ def cmd_config(a) -> int:
 
 
 def cmd_run(a, mode=None) -> int:
-    "The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID)."
+    """The runner, holding the state dir's runner lock for its whole life (a second runner exits naming the first's PID),
+    taken once the settings passed: a start refused for its settings creates nothing."""
     from cryptobot.live import run  # lazy: per command: ccxt/pandas
     s = _settings()
-    with runner_lock(s.state_dir):
-        return run(s, mode=mode, model=a.model, max_candles=a.max_candles)
+    return run(s, mode=mode, model=a.model, max_candles=a.max_candles, lock=True)
 
 
 def cmd_paper(a) -> int:

@@ -25,7 +25,8 @@ from pathlib import Path
 from .files import CryptobotError, atomic_write, free_text, fsync_dir
 from typing import Any, Callable, Mapping
 
-from .journal import ARCHIVE_DIR, FINAL_STATUSES, ClosedTrade, Journal, JournalError, iso, to_epoch, utc_day
+from .journal import (ARCHIVE_DIR, FINAL_STATUSES, ClosedTrade, Journal, JournalError, integrity, iso, to_epoch,
+                               utc_day)
 from .config import LIMITS
 from .risk import Market, Plan, RiskEngine
 from .notify import secret_values
@@ -34,9 +35,9 @@ from .notify import secret_values
 __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'RUNNER_LOCK_FILE', 'GuardianError',
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
-           'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'entry_gate', 'Guardian',
-           'symbol_locks', 'Room', 'portfolio_status', 'status_report', 'format_status', 'unlock_cli', 'RunnerLocked',
-           'runner_lock']
+           'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'used_state_dir',
+           'entry_gate', 'Guardian', 'symbol_locks', 'Room', 'portfolio_status', 'status_report', 'format_status',
+           'unlock_cli', 'RunnerLocked', 'runner_lock']
 
 # %% ../nbs/11_guardian.ipynb #ad2ec671
 def _one_line(s) -> str:
@@ -442,6 +443,7 @@ class Gate:
     journal_error: str | None = None
     discrepancy: str | None = None       # state.json claims less than the journal proves
     never_run: bool = False
+    integrity: str | None = None         # damaged/unreadable/read-only, or a used state dir that lost its memory
 
     def __bool__(self):
         return self.allowed
@@ -471,12 +473,38 @@ def _discrepancy(st: GuardianState, rb: dict) -> str | None:
     return ("state.json disagrees with the journal although it was saved after the journal's last trade/lock/unlock ("
             + "; ".join(lower) + "): edited by hand or damaged; investigate, then cryptobot unlock --reason TEXT")
 
+# %% ../nbs/11_guardian.ipynb #e9d9da52
+_RUNNER_FILES = ("runner.lock", LOCK_FILE, ARCHIVE_DIR, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm",
+                 JOURNAL_FILE + "-journal")
+
+
+def used_state_dir(state_dir) -> str | None:
+    """With neither journal nor state.json, "never run" is believed only for a new, empty state dir: the LOCKED line
+    if `state_dir` holds what a runner leaves behind (its lock files, the archive, the journal's -wal/-shm, temp files)."""
+    sd = Path(state_dir)
+    if (sd / JOURNAL_FILE).exists() or (sd / STATE_FILE).exists() or not sd.is_dir():
+        return None
+    left = sorted(n for n in os.listdir(sd) if n in _RUNNER_FILES or n.startswith((".state.", ".cryptobot-probe-")))
+    if not left:
+        return None
+    return (f"journal and state missing from a used state dir {sd} (it holds {', '.join(left)}): the bot has run here, "
+            f"so 'never run' cannot be believed; restore {JOURNAL_FILE} and {STATE_FILE} from a backup, or start with a "
+            f"new empty state dir")
+
 # %% ../nbs/11_guardian.ipynb #1924b216
-def entry_gate(state_dir, *, journal: Journal | None = None, now=None) -> Gate:
-    "Read-only: may the bot open a position, and why not. `journal`: the runner's own; None opens it read-only."
+def entry_gate(state_dir, *, journal: Journal | None = None, now=None, check: bool | None = None,
+               write: bool = False) -> Gate:
+    """Read-only: may the bot open a position, and why not. `journal`: the runner's own; None opens it read-only.
+    `check` (default: when no journal is given, i.e. once per status, dashboard refresh and audit; the runner once at
+    start): first the journal's and the state dir's integrity (`journal.integrity`, `write`: as the runner) and
+    whether "never run" can be believed (`used_state_dir`); a problem there is the one reason (LOCKED, `integrity`)."""
     sd = Path(state_dir)
     sp, jp = sd / STATE_FILE, sd / JOURNAL_FILE
     now = time.time() if now is None else to_epoch(now, "now")
+    if check if check is not None else journal is None:
+        bad = integrity(jp, write=write) or used_state_dir(sd)
+        if bad:
+            return Gate(False, (bad,), journal_error=bad, integrity=bad)
     rb, history, jerr, st, problem, reasons = None, False, None, None, None, []
     if journal is not None:
         rb, history = _journal_facts(journal, now)
@@ -1179,7 +1207,7 @@ def status_report(settings, now: float | None = None) -> dict:
     d = {"mode": settings.mode, "symbol": settings.symbol, "state_path": str(sp), "journal_path": str(jp),
          "state_error": g.state_problem, "journal_error": g.journal_error, "open_positions": [],
          "kill_switch_losses": settings.kill_switch_losses, "entries_allowed": g.allowed,
-         "lock_reasons": list(g.reasons), "never_run": g.never_run}
+         "lock_reasons": list(g.reasons), "never_run": g.never_run, "integrity": g.integrity}
     if g.rebuild is not None and jp.exists():
         try:
             with Journal(jp, readonly=True) as j:
@@ -1194,6 +1222,8 @@ def status_report(settings, now: float | None = None) -> dict:
                     d["portfolio"], d["per_symbol"] = portfolio_status(j, settings)
         except JournalError as e:
             d["journal_error"] = str(e)
+    if g.rebuild is None and not g.never_run:      # no readable journal: what is open is unknown, not "flat"
+        d["open_positions"] = None
     st, rb = g.state, g.rebuild
     since = st.locked_since if st is not None and st.locked else (rb or {}).get("lock", {}).get("since")
     both = st is not None or rb is not None
@@ -1253,8 +1283,9 @@ def format_status(d: dict) -> str:
     hw = d.get("equity_high_water")
     lines.append(f"pnl        today ({d['pnl_day_date']}) {money(d['pnl_day'])}   total {money(d['pnl_total'])}"
                  + (f"   equity high-water {hw:,.2f}" if hw is not None else ""))
-    pos = d.get("open_positions") or []
-    lines.append("position   " + ("flat" if not pos else "; ".join(
+    pos = d.get("open_positions")
+    lines.append("position   " + ("unknown (no readable journal: see above)" if pos is None else "flat" if not pos
+                                  else "; ".join(
         f"{p['symbol']} {p['amount']:g} @ {p['entry_price'] or 0:,.2f} since {iso(p['since'])}" for p in pos)))
     if d.get("portfolio"):
         lines += _format_portfolio(d)
@@ -1264,7 +1295,7 @@ def format_status(d: dict) -> str:
     lines.append("candle     " + ("none processed yet" if d.get("last_candle") is None else
                                   f"last processed closed {d['last_candle']} ({age:,.0f} s ago)"))
     for k in ("state_error", "journal_error"):
-        if d.get(k):
+        if d.get(k) and d[k] != d.get("integrity"):      # the integrity line is the LOCKED line already
             lines.append(f"PROBLEM    {k.replace('_', ' ')}: {d[k]}")
     lines += [f"journal    {d['journal_path']}", f"state      {d['state_path']}"]
     return "\n".join(lines)
@@ -1287,36 +1318,64 @@ class RunnerLocked(GuardianError):
     "Another runner holds the state dir."
 
 
-def _holder(fd: int, tries: int = 20) -> str:
-    "The PID written in the lock file by its holder (it writes it right after taking the lock)."
-    for _ in range(tries):
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+def _lock_owner(fd: int, locks: str = "/proc/locks") -> str | None:
+    "The PID the kernel names as holding a flock on the file open as `fd` (Linux `/proc/locks`), or None."
+    st = os.fstat(fd)
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        text = Path(locks).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        f = line.split()                 # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF" ("1: -> FLOCK": a waiter)
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].count(":") == 2:
+            maj, mnr, ino = f[5].split(":")
+            try:
+                if (int(maj, 16), int(mnr, 16), int(ino)) == want:
+                    return f[4]
+            except ValueError:
+                continue
+    return None
+
+
+def _holder(fd: int, info: Path, tries: int = 20) -> str:
+    "The holder's PID: the kernel's record of the lock on `fd`, else what the holder wrote into `info` (right after locking)."
+    pid = _lock_owner(fd)
+    for _ in range(tries if pid is None else 0):
+        try:
+            pid = info.read_text(errors="replace").strip()[:32] or None
+        except OSError:
+            pid = None
         if pid:
-            return pid
+            break
         time.sleep(0.05)
-    return "unknown"
+    return pid or "unknown"
 
 # %% ../nbs/11_guardian.ipynb #a4c33a2d
 @contextmanager
 def runner_lock(state_dir):
-    "Hold `state_dir/runner.lock` (exclusive flock, our PID inside) for the block; `RunnerLocked` if another runner has it."
+    """Hold the state dir itself (exclusive flock on the directory) for the block, our PID in `runner.lock` (information
+    only); `RunnerLocked`, naming the holder's PID, if another runner has it."""
     sd = Path(state_dir)
     p = sd / RUNNER_LOCK_FILE
     try:
         sd.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(sd, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise GuardianError(f"cannot take the runner lock {e.filename or p}: [Errno {e.errno} "
+        raise GuardianError(f"cannot take the runner lock on {e.filename or sd}: [Errno {e.errno} "
                             f"{errno.errorcode.get(e.errno, '?')}] {e.strerror}; the state dir must be writable by "
                             f"the runner's user") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunnerLocked(f"another runner (pid {_holder(fd)}) holds state dir {sd} ({p}); one runner per "
-                               f"state dir: stop that one first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise RunnerLocked(f"another runner (pid {_holder(fd, p)}) holds state dir {sd} (a lock on the directory "
+                               f"itself); one runner per state dir: stop that one first") from None
+        try:
+            atomic_write(p, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise GuardianError(f"cannot write {p}: [Errno {e.errno} {errno.errorcode.get(e.errno, '?')}] "
+                                f"{e.strerror}; the state dir must be writable by the runner's user") from None
         yield p
     finally:
         os.close(fd)                  # closing the only descriptor releases the flock

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .files import CryptobotError
 import signal
@@ -28,9 +28,10 @@ from .files import atomic_write
 
 
 # %% auto #0
-__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'DEFERRABLE', 'CHECKPOINT_KIND',
-           'ARCHIVE_DIR', 'JournalError', 'to_epoch', 'iso', 'utc_day', 'OrderStatusError', 'OrderStatus',
-           'order_transition', 'ClosedTrade', 'open_error', 'Journal', 'archive_before', 'archive_runs']
+__all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'DAMAGED_FIX', 'NOT_DAMAGED',
+           'DEFERRABLE', 'CHECKPOINT_KIND', 'ARCHIVE_DIR', 'JournalError', 'to_epoch', 'iso', 'utc_day',
+           'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal', 'integrity',
+           'archive_before', 'archive_runs']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
 class JournalError(CryptobotError, RuntimeError):
@@ -259,6 +260,9 @@ class ClosedTrade:
 
 # %% ../nbs/10_journal.ipynb #3bb4fcbe
 _CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+DAMAGED_FIX = ("move it aside (keep it as evidence) and investigate; restore it from a backup or start with a new "
+               "empty state dir")
+NOT_DAMAGED = "The journal is not damaged: do not move it aside"
 
 
 def _os_problem(path: Path, readonly: bool) -> OSError | None:
@@ -283,7 +287,7 @@ def open_error(path, readonly: bool, e: sqlite3.DatabaseError) -> JournalError:
     path, name = Path(path), getattr(e, "sqlite_errorname", None) or type(e).__name__
     if name.startswith(_CORRUPT):
         return JournalError(f"journal {path} is not a usable SQLite database ({e}; {name}): the file is damaged; "
-                            f"move it aside (keep it as evidence) and investigate")
+                            f"{DAMAGED_FIX}")
     how = "for reading" if readonly else "for writing"
     oe = _os_problem(path, readonly)
     if oe is not None:
@@ -291,7 +295,7 @@ def open_error(path, readonly: bool, e: sqlite3.DatabaseError) -> JournalError:
         fix = ("the file system is mounted read-only: remount it read-write" if oe.errno == errno.EROFS else
                "give the user who runs this command access (owner or mode)")
         return JournalError(f"journal {path} cannot be opened {how}: [Errno {oe.errno} {code}] {oe.strerror} on {on}; "
-                            f"{fix}. The journal is not damaged: do not move it aside")
+                            f"{fix}. {NOT_DAMAGED}")
     return JournalError(f"journal {path} cannot be opened {how} ({e}; {name}); not a sign of corruption: check "
                         f"disk space, permissions and the mount, and do not move it aside")
 
@@ -405,11 +409,127 @@ class Journal:
 def _close(self):
     with self._lock:
         self._con.close()
+    for release in reversed(self.__dict__.pop("_held", [])):   # the runner lock: released after the journal
+        release()
 
 
+def _hold(self, release: Callable[[], None]) -> None:
+    "Call `release` when this journal closes (the runner's lock on its state dir lives exactly as long as its journal)."
+    self.__dict__.setdefault("_held", []).append(release)
+
+
+Journal.hold = _hold
 Journal.close, Journal.__enter__, Journal.__exit__ = _close, lambda self: self, lambda self, *exc: self.close()
 Journal.__repr__ = lambda self: f"Journal({str(self.path)!r}, schema={SCHEMA_VERSION})"
-del _close
+del _close, _hold
+
+# %% ../nbs/10_journal.ipynb #03e1859d
+_QUICK: dict[str, tuple] = {}      # journal path -> (what it looked like, the quick check's answer)
+_OURS = ("-wal", "-shm")
+
+
+def _tables(version: int) -> set[str]:
+    "The tables the first `version` migrations create."
+    return {m.group(1) for stmts in MIGRATIONS[:version] for s in stmts
+            for m in [re.match(r"\s*CREATE TABLE (\w+)", s)] if m}
+
+
+def _os_line(what: str, on, e: OSError) -> str:
+    code = errno.errorcode.get(e.errno, "?")
+    fix = ("the file system is mounted read-only: remount it read-write" if e.errno == errno.EROFS else
+           "give the user who runs cryptobot access (fix owner or mode)")
+    return f"{what} {on} cannot be used: [Errno {e.errno} {code}] {e.strerror} (as uid {os.getuid()}); {fix}. {NOT_DAMAGED}"
+
+
+def _damaged(path: Path, what: str) -> str:
+    return f"journal {path} is damaged ({what}): {DAMAGED_FIX}"
+
+
+def _quick_check(path: Path) -> str | None:
+    "SQLite's `quick_check` and the schema's tables, read-only (creates nothing beside the file)."
+    try:
+        con = _connect(path, True, 10.0)
+    except sqlite3.DatabaseError as e:
+        return str(open_error(path, True, e))
+    try:
+        bad = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+        if bad != ["ok"]:
+            return _damaged(path, "SQLite quick_check: " + " ".join("; ".join(bad).split())[:300])
+        v = con.execute("PRAGMA user_version").fetchone()[0]
+        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        return str(open_error(path, True, e))
+    finally:
+        con.close()
+    if v > SCHEMA_VERSION:
+        return (f"journal {path} has schema version {v}, newer than this cryptobot knows ({SCHEMA_VERSION}); upgrade "
+                f"cryptobot (never downgrade a journal)")
+    if v == 0:
+        return _damaged(path, f"no journal schema: user_version 0, tables {', '.join(sorted(have)) or 'none'}")
+    missing = sorted(_tables(v) - have)
+    return _damaged(path, f"schema version {v} without its table(s) {', '.join(missing)}") if missing else None
+
+
+def integrity(path, *, write: bool = False) -> str | None:
+    """Why the journal at `path` and its state dir cannot be trusted or used, in one line naming the path and what to
+    do; None if they can (or if the state dir does not exist yet). `write`: the runner's check (it must also be able to
+    create files there itself). Reads only; with `write` it creates and removes one probe file."""
+    p = Path(path)
+    sd = p.parent
+    try:
+        st = os.stat(sd)
+        if not os.path.isdir(sd):
+            return f"state dir {sd} is not a directory; point CRYPTOBOT_STATE_DIR at a directory"
+        os.listdir(sd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return _os_line("state dir", sd, e)
+    if st.st_mode & 0o700 != 0o700:
+        return (f"state dir {sd} has mode {st.st_mode & 0o7777:04o}: its owner (uid {st.st_uid}) cannot read and write "
+                f"it, and the runner creates state.json's temp file and the journal's -wal/-shm there; fix the mode "
+                f"(chmod u+rwx {sd}) or the owner. {NOT_DAMAGED}")
+    if os.statvfs(sd).f_flag & os.ST_RDONLY:
+        return _os_line("state dir", sd, OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    if write:
+        try:
+            fd, probe = tempfile.mkstemp(dir=sd, prefix=".cryptobot-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):   # a full disk is not the dir's fault: the runner says so
+                return _os_line("state dir", sd, e)
+    files = [f for f in (p, *(p.with_name(p.name + x) for x in _OURS)) if os.path.lexists(f)]
+    for f in files:
+        try:
+            fst = os.stat(f)
+            if fst.st_mode & 0o600 != 0o600:
+                return (f"journal file {f} has mode {fst.st_mode & 0o7777:04o}: its owner (uid {fst.st_uid}) cannot "
+                        f"read and write it; fix the mode (chmod u+rw {f}) or the owner. {NOT_DAMAGED}")
+            os.close(os.open(f, os.O_RDWR if write else os.O_RDONLY))
+        except FileNotFoundError:                  # a -wal/-shm the last writer removed as it closed: nothing to check
+            continue
+        except OSError as e:
+            return _os_line("journal file", f, e)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(100)
+        look = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (os.stat(f) for f in files if os.path.exists(f)))
+    except FileNotFoundError:
+        return None                                # no journal (any more): the gate judges a missing one
+    if not head:
+        return _damaged(p, "0 bytes: cut short or emptied")
+    if not head.startswith(b"SQLite format 3\x00") or len(head) < 100:
+        return _damaged(p, f"no SQLite header: starts with {head[:16]!r}")
+    key = str(p.resolve())
+    if _QUICK.get(key, (None,))[0] == look:
+        return _QUICK[key][1]
+    why = _quick_check(p)
+    if why is None or DAMAGED_FIX in why:          # kept: a verdict on these bytes (not a busy or transient error)
+        if len(_QUICK) > 32:
+            _QUICK.clear()
+        _QUICK[key] = (look, why)
+    return why
 
 # %% ../nbs/10_journal.ipynb #794b4a21
 def _event(self, con, kind: str, message: str = "", data=None, ts=None) -> int:

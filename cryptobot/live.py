@@ -48,8 +48,8 @@ __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CON
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR', 'LiveError',
            'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
            'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy',
-           'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'start_runner', 'disk_full',
-           'run', 'PortfolioRunner', 'start_portfolio']
+           'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'open_state_dir',
+           'start_runner', 'disk_full', 'journal_failed', 'run', 'PortfolioRunner', 'start_portfolio']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -1000,6 +1000,46 @@ def format_stop(d: dict) -> str:
         check = f"STOP MISMATCH, not protected until a stop check confirms ours: {d['mismatch']}"
     return f"{kind}; {check}; {unp}"
 
+# %% ../nbs/14_live.ipynb #89763334
+from contextlib import ExitStack
+
+from .guardian import GuardianError, RunnerLocked, entry_gate, runner_lock
+from .journal import JournalError, integrity
+
+
+def open_state_dir(settings: Settings, clock=time.time, *, lock: bool = False) -> Journal:
+    """The start's one gate on the state dir, before the journal is written or any order is sent: the entry gate's
+    integrity check as the runner (a damaged, unreadable or read-only journal or state dir, or a used state dir that
+    lost its journal and state.json: `StartupRefused`, exit 78, its one line), then (`lock`) the runner lock on the
+    directory, held until the journal closes, then the journal. Nothing before this creates the state dir."""
+    sd = Path(settings.state_dir)
+    g = entry_gate(sd, check=True, write=True)
+    if g.integrity:
+        raise StartupRefused(g.integrity, cause="state_dir")
+    held = ExitStack()
+    try:
+        if lock:
+            held.enter_context(runner_lock(sd))
+        else:
+            sd.mkdir(parents=True, exist_ok=True)
+        journal = Journal(sd / JOURNAL_FILE, clock=clock)
+    except (RunnerLocked, JournalError):           # run(): a journal that fails to open is judged like one that fails later
+        held.close()
+        raise
+    except (GuardianError, OSError) as e:
+        held.close()
+        if disk_full(e):                           # a full disk is not a setting: run() exits 74 and systemd retries
+            raise
+        if not isinstance(e, OSError):
+            raise StartupRefused(str(e)) from None
+        raise StartupRefused(f"cannot create the state dir {sd}: [Errno {e.errno}] {e.strerror}; create it, writable "
+                             f"by the runner's user") from None
+    except BaseException:
+        held.close()
+        raise
+    journal.hold(held.close)
+    return journal
+
 # %% ../nbs/14_live.ipynb #d18b8656
 _MODE_FIX = {"paper": "unset GO_LIVE and BINANCE_TESTNET (paper is the default)",
              "testnet": "set BINANCE_TESTNET=true (and not GO_LIVE)", "live": "set GO_LIVE=true"}
@@ -1011,7 +1051,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
                  crash_at: str | dict | None = None, max_model_age_days: float | None = 30.0,
                  executor_kw: dict | None = None, after_candle: Callable | None = None,
                  data_client=None, retry: dict | None = None, rate_limit_ms: float | None = None,
-                 notify_kw: dict | None = None) -> Runner:
+                 notify_kw: dict | None = None, lock: bool = False) -> Runner:
     "Settings → mode gate → model → exchange clock → journal/Guardian → executor → reconcile. A started Runner."
     if settings is None:
         try:
@@ -1036,7 +1076,7 @@ def start_runner(settings: Settings | None = None, mode: str | None = None, mode
         return _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw,
                              audit, max_model_age_days, dict(stop_event=stop_event, settle_s=settle_s, poll_s=poll_s,
                                                              min_poll_s=min_poll_s, crash=CrashPoints(crash_at),
-                                                             after_candle=after_candle, retry=retry))
+                                                             after_candle=after_candle, retry=retry), lock)
     except StartupRefused as e:
         _refusal(settings, notifier, e)                # alerted by its cause, journaled if a journal exists; bounded
         raise
@@ -1052,7 +1092,7 @@ def _refusal(settings: Settings, notifier: Notifier, e: StartupRefused) -> None:
     symbol = e.symbol if e.symbol is not None else settings.symbol if len(settings.symbols) < 2 else None
     notifier.notify(Event.START_REFUSED, symbol=symbol, reason=str(e), cause=e.cause)
     path, journal = Path(settings.state_dir) / JOURNAL_FILE, None
-    if path.is_file():
+    if path.is_file() and e.cause != "state_dir":    # a damaged/unreadable state dir is evidence: never written to
         try:
             journal = Journal(path)
             journal.log_event("start_refused", str(e), {"cause": e.cause, "symbol": symbol, "code": e.exit_code})
@@ -1071,7 +1111,7 @@ def _refusal(settings: Settings, notifier: Notifier, e: StartupRefused) -> None:
 
 
 def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_limit_ms, retry, executor_kw, audit,
-                  max_model_age_days, runner_kw) -> Runner:
+                  max_model_age_days, runner_kw, lock: bool = False) -> Runner:
     "The rest of `start_runner` once the notifier exists."
     fills = fills or ("paper" if settings.mode == "paper" and not settings.exchange_url else "exchange")
     if fills not in ("paper", "exchange"):
@@ -1108,8 +1148,11 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
     except StartupRefused as e:
         raise e from None                              # alerted and journaled by `start_runner`
     state_dir = Path(settings.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
+    try:
+        journal = open_state_dir(settings, clock, lock=lock)
+    except StartupRefused as e:
+        e.cause = e.cause or "state_dir"
+        raise                                          # `start_runner` alerts (titled by its cause) and journals it
     notifier.on_failure = journal.log_event            # notify_failed / notify_unsent are journaled
     guardian = Guardian(settings, state_dir, journal, clock=clock)
     kw = dict(executor_kw or {})
@@ -1188,6 +1231,28 @@ def _disk_full_exit(settings: Settings, e: BaseException) -> int:
            f"stops stay on it)")
     return EX_IOERR
 
+# %% ../nbs/14_live.ipynb #ffd4d97c
+def journal_failed(e: BaseException | None) -> bool:
+    "True if `e`, or an exception it was raised from or during, is SQLite's (the journal failed: damaged, I/O, locked)."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, sqlite3.DatabaseError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _journal_exit(settings: Settings, e: BaseException) -> int:
+    "The runner stops on a journal that failed: exit 78 with the integrity line if it is damaged or unusable, else 74."
+    jp = Path(settings.state_dir) / JOURNAL_FILE
+    why = integrity(jp, write=True)
+    code = EX_CONFIG if why else EX_IOERR
+    _event("fatal", logging.ERROR, code=code, reason=why or (
+        f"the journal {jp} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}) although it checks out now; "
+        f"restart: the start checks it again and reconciles with the exchange (the stops stay on it)"))
+    return code
+
 # %% ../nbs/14_live.ipynb #48491502
 def run(settings: Settings | None = None, mode: str | None = None, model=None, max_candles: int | None = None,
         stop_event: threading.Event | None = None, *, logs: bool = True, **kw) -> int:
@@ -1215,6 +1280,8 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
             _event("startup_refused", logging.ERROR, code=e.exit_code, reason=str(e))
             return e.exit_code
         except Exception as e:
+            if journal_failed(e) and not disk_full(e):
+                return _journal_exit(settings, e)
             if not disk_full(e):
                 raise
             return _disk_full_exit(settings, e)
@@ -1224,6 +1291,8 @@ def run(settings: Settings | None = None, mode: str | None = None, model=None, m
             _event("fatal", logging.ERROR, code=EX_NOPERM, reason=str(e))
             return EX_NOPERM
         except Exception as e:
+            if journal_failed(e) and not disk_full(e):
+                return _journal_exit(settings, e)
             if not disk_full(e):
                 raise
             return _disk_full_exit(settings, e)
@@ -1603,7 +1672,8 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
                     min_poll_s: float = 1.0, max_model_age_days: float | None = 30.0, executor_kw: dict | None = None,
                     after_candle: Callable | None = None, data_client=None, retry: dict | None = None,
                     rate_limit_ms: float | None = None, crash_at: str | dict | None = None,
-                    audit: Callable | None = None, notifier: Notifier = PortfolioRunner.notifier) -> PortfolioRunner:
+                    audit: Callable | None = None, notifier: Notifier = PortfolioRunner.notifier,
+                    lock: bool = False) -> PortfolioRunner:
     "Settings → mode gate → per-symbol artifacts → clock → journal/Guardian/queue → a Runner per symbol → reconcile."
     settings = settings if settings is not None else load_settings()
     if mode is not None and mode != settings.mode:
@@ -1631,8 +1701,11 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
     arts = {s: _portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
                                    max_model_age_days, notifier) for s, ss in views.items()}
     state_dir = Path(settings.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(state_dir / JOURNAL_FILE, clock=clock)
+    try:
+        journal = open_state_dir(settings, clock, lock=lock)
+    except StartupRefused as e:
+        e.cause = e.cause or "state_dir"
+        raise                                          # `start_portfolio` alerts (titled by its cause) and journals it
     try:
         guardian, queue, kw = Guardian(settings, state_dir, journal, clock=clock), OrderQueue(journal), dict(executor_kw or {})
         if settings.mode == "live":

@@ -207,6 +207,7 @@ REFUSAL_TITLES: dict[str | None, str] = {
     "model_market": "Model refused: trained for another market",
     "strategy_market": "Strategy refused: backtested on another market",
     "settings": "Settings refused",
+    "state_dir": "Runner refused: state dir (journal damaged, unreadable or read-only)",
     "mode": "Start refused: mode",
     "live_gate": "Live trading refused",
     "exchange": "Start refused by the exchange check",
