@@ -214,7 +214,7 @@ def _kill_switch(v: str, s) -> int | None:
 # %% ../nbs/22_cli.ipynb #6dc66ac3
 def cmd_backtest_strategy(a) -> int:
     from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas
-    from cryptobot.strategy import check_strategy, make_strategy  # lazy: per command: numba/pandas
+    from cryptobot.strategy import QUICK, check_strategy, make_strategy  # lazy: per command: numba/pandas
     s = _settings()
     strategy = make_strategy(a.strategy, _params(a.param))
     ks = _kill_switch(a.kill_switch, s)
@@ -228,7 +228,7 @@ def cmd_backtest_strategy(a) -> int:
                    risk_engine=RiskEngine.from_settings(s), kill_switch=ks, after_lock=a.after_lock,
                    min_balance=s.min_balance_usd, end=a.end)
     out = result_json(res, would_lock_after=s.kill_switch_losses)
-    out["check"] = check_strategy(strategy, candles).record()      # the strategy check: warn here, gate at promote
+    out["check"] = check_strategy(strategy, candles, **QUICK).record()   # a quick check warns; promote and the runner gate
     warn = check_warning("backtest", out["check"], a.strategy)
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
@@ -672,7 +672,11 @@ def cmd_promote(a) -> int:
     from cryptobot.sweep import promote, runner_env  # lazy: per command: dask/scipy
     from cryptobot.strategy import StrategyCheckFailed  # lazy: per command: pandas
     s = _settings()
-    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, 8_760)    # the strategy check's candles
+    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt
+    stored = raw_path(s.data_dir, s.symbol, s.timeframe)
+    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir) if a.data or stored.exists() else None
+    if candles is None:                                # promote sizes the synthetic market to the strategy's window
+        say(f"no stored candles at {stored}: the strategy check runs on the synthetic market")
     try:
         m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir, candles=candles)
     except StrategyCheckFailed as e:

@@ -23,11 +23,12 @@ from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
-           'STRATEGY_FILE', 'PBO_FAIL', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'StrategyError', 'Decision',
-           'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema', 'rsi', 'crossed_above',
-           'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy', 'parse_params', 'spec_of',
-           'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact', 'load_strategy_artifact', 'evidence_failures',
-           'StrategyCheckFailed', 'CheckReport', 'finding_lines', 'check_strategy', 'trusted_check']
+           'STRATEGY_FILE', 'PBO_FAIL', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK', 'StrategyError',
+           'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema', 'rsi',
+           'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy', 'parse_params',
+           'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact', 'load_strategy_artifact',
+           'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines', 'check_strategy',
+           'trusted_check']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
@@ -559,6 +560,7 @@ class CheckReport:
     findings: list
     seconds: float
     suggested_warmup: int | None = None
+    coverage: dict | None = None                  # spread, max_cuts, max_windows the check ran with
 
     @property
     def passed(self) -> bool:
@@ -569,7 +571,8 @@ class CheckReport:
         return {"passed": self.passed, "strategy": self.strategy, "params": json.loads(json.dumps(self.params, default=str)),
                 "strategy_fingerprint": self.fingerprint, "candles": self.candles, "warmup": self.warmup,
                 "window": self.window, "cut_points": self.cut_points, "windows": self.windows,
-                "suggested_warmup": self.suggested_warmup, "findings": self.findings, "seconds": round(self.seconds, 3)}
+                "suggested_warmup": self.suggested_warmup, "findings": self.findings, "seconds": round(self.seconds, 3),
+                "coverage": self.coverage}
 
     def lines(self) -> list[str]:
         "One line per finding: the check, its first bar, enter or exit, what to do."
@@ -585,7 +588,8 @@ class CheckReport:
 
 def finding_lines(findings: list) -> list[str]:
     "`findings` (a report's or a recorded one) as one line each."
-    return [f"{f['check']}: first bar {f['bar']} ({f['output']}): {f['detail']}" for f in findings]
+    return [f"{f['check']}: " + (f"first bar {f['bar']} ({f['output']}): " if f.get("bar") else "") + f["detail"]
+            for f in findings]
 
 
 def _cuts(enter: np.ndarray, exit_: np.ndarray, spread: int, max_cuts: int) -> np.ndarray:
@@ -595,6 +599,11 @@ def _cuts(enter: np.ndarray, exit_: np.ndarray, spread: int, max_cuts: int) -> n
         sig = sig[np.unique(np.linspace(0, len(sig) - 1, max_cuts).round().astype(int))]
     n = len(enter)
     return np.unique(np.r_[sig, np.linspace(0, n - 1, min(spread, n)).round().astype(int)])
+
+
+def _spaced(bars: np.ndarray, k: int) -> np.ndarray:
+    "At most `k` of `bars`, evenly spaced."
+    return bars if len(bars) <= k else bars[np.unique(np.linspace(0, len(bars) - 1, k).round().astype(int))]
 
 
 def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataFrame | None = None, *,
@@ -629,7 +638,8 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
         return CheckReport(spec_of(strategy), strategy.to_dict(), strategy.fingerprint(),
                            {"bars": n, "first": bar(0) if n else None, "last": bar(n - 1) if n else None,
                             "source": source}, int(strategy.warmup), W,
-                           info["cuts"], info["windows"], findings, time.perf_counter() - t0, info["suggested"])
+                           info["cuts"], info["windows"], findings, time.perf_counter() - t0, info["suggested"],
+                           {"spread": spread, "max_cuts": max_cuts, "max_windows": max_windows})
 
     def run(a, b, where):
         "Signals on rows a:b; an output finding (and None) if they break the contract."
@@ -660,9 +670,16 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
     info["cuts"] = len(cuts)
     ahead, warm = {}, []                          # look-ahead: bar -> output; warm-up failures: (bar, output)
 
-    def prefix(t, where):
-        "The run on candles 0..t (the exact history up to t) vs the full pass: the first row that differs, or None."
-        got = run(0, t + 1, where)
+    def prefix(t, where, short=False):
+        """The run on candles 0..t (the exact history up to t) vs the full pass: the first row that differs, or None
+        (`short`: fewer candles than the window, where the contract does not hold: a broken output is skipped)."""
+        if short:
+            try:
+                got = _outputs(strategy, *sub(0, t + 1))
+            except _Bad:
+                return None
+        else:
+            got = run(0, t + 1, where)
         if got is None:
             return False
         d = _first_diff(got, (E[:t + 1], X[:t + 1]))
@@ -680,8 +697,7 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
         return (got[0][-1] == E[t] and got[1][-1] == X[t]), ENTER if got[0][-1] != E[t] else EXIT
 
     for t in cuts[cuts < W - 1]:                  # before a full window: the history up to the cut, every row
-        if prefix(int(t), f"on the candles up to bar {t}") is False:
-            return report()
+        prefix(int(t), "", short=True)
     late = cuts[cuts >= W - 1]
     cap = max_windows if max_windows is not None else FEATURE_WINDOWS if feats is not None else None
     if cap is not None and len(late) > cap:
@@ -720,8 +736,8 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
             if not test:
                 break
             if all(not isinstance(r := window(t, w), _Bad) and r[0] for t in test):
-                more = [(int(t), None) for t in late if t >= w - 1 and not (
-                    not isinstance(r := window(int(t), w), _Bad) and r[0])]     # confirmed on every checked bar
+                more = [(int(t), None) for t in _spaced(late[late >= w - 1], spread) if not (
+                    not isinstance(r := window(int(t), w), _Bad) and r[0])]     # confirmed across the candles
                 if not more:
                     found = w
                     break
@@ -749,12 +765,20 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
     return report()
 
 
+QUICK = {"spread": 64, "max_cuts": 256}     # the quick check `backtest` warns with (a recorded quick pass is not trusted)
+
+
 def trusted_check(manifest: dict, strategy: Strategy) -> dict | None:
-    "The check recorded in an artifact's `manifest` if it was run on this very strategy (fingerprint and parameters)."
+    """The check recorded in an artifact's `manifest` if it was run on this very strategy (fingerprint and
+    parameters); a recorded pass only if it ran with at least the default coverage (findings always count)."""
     rec = (manifest or {}).get("check")
     if not isinstance(rec, dict) or rec.get("strategy_fingerprint") != strategy.fingerprint():
         return None
     if rec.get("params") != json.loads(json.dumps(strategy.to_dict(), default=str)) or "findings" not in rec:
+        return None
+    cov = rec.get("coverage") or {}                   # a quick check (backtest's warning) is not trusted as a pass
+    if rec["findings"] == [] and not (cov.get("spread", 0) >= SPREAD and cov.get("max_cuts", 0) >= MAX_CUTS
+                                      and cov.get("max_windows") is None):
         return None
     return rec
 

@@ -32,7 +32,7 @@ from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, m
 from .files import CryptobotError, atomic_write
 from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_params, spec_of
 from .features import fingerprint as feature_fingerprint
-from .strategy import StrategyCheckFailed, check_strategy
+from .strategy import StrategyCheckFailed, check_strategy, required_window
 from .data import synthetic_candles
 
 
@@ -653,7 +653,8 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
 def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data", candles=None) -> dict:
     """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
     strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it.
-    The configuration must pass the strategy check on `candles` (default: a year of the synthetic market), else
+    The configuration must pass the strategy check on `candles` (default: the synthetic market, a year or four
+    windows of the strategy), else
     `StrategyCheckFailed` and no artifact; its record goes into the artifact."""
     res = Path(sweep_dir) / "result.json"
     if not res.exists():
@@ -669,7 +670,9 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     spec = json.loads((Path(sweep_dir) / "sweep.json").read_text())
     params = {k: row[k] for k in spec["configs"][row["config"]]}
     strat = make_strategy(js["strategy"], params)
-    rep = check_strategy(strat, candles if candles is not None else synthetic_candles(n=8_760))
+    if candles is None:
+        candles = synthetic_candles(n=max(8_760, 4 * required_window(strat) + 2))
+    rep = check_strategy(strat, candles)
     if not rep.passed:
         raise StrategyCheckFailed(f"{spec_of(strat)} {strat.to_dict()} fails the strategy check on {rep.candles['bars']} "
                                   f"candles ({len(rep.findings)} finding(s)): {rep.lines()[0]}", rep.record())
