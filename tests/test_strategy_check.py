@@ -65,15 +65,25 @@ def test_each_usual_bug_is_flagged(candles, name):
     assert rec["passed"] is False and rec["findings"] == r.findings
 
 
-@pytest.mark.parametrize("strategy", [*SOUND, "ema_cross", "rsi_reversion", "rsi_reversion_10"])
+@pytest.mark.parametrize("strategy", [*SOUND, "ema_cross", "rsi_reversion"])
 def test_sound_strategies_pass(candles, strategy):
-    s = (EmaCross(fast=5, slow=20) if strategy == "ema_cross" else RsiReversion() if strategy == "rsi_reversion"
-         else RsiReversion(period=10, lower=25, upper=75) if strategy == "rsi_reversion_10"
+    s = (EmaCross(fast=5, slow=20) if strategy == "ema_cross" else RsiReversion(period=10, lower=25, upper=75)
+         if strategy == "rsi_reversion"
          else U.SoundEma(fast=5, slow=20) if strategy == "SoundEma" else getattr(U, strategy)())
     r = check_strategy(s, candles)
     print(r.summary())
     assert r.passed, r.lines()
     assert r.cut_points >= 256 and r.windows >= 100 and r.record()["strategy_fingerprint"] == s.fingerprint()
+
+
+@pytest.mark.parametrize("cls", [EmaCross, RsiReversion])
+def test_the_builtins_with_their_defaults_pass(cls):
+    "Defaults (windows of 899 and 935 candles) on the last 6,000 hours (the synthetic market when the file is absent)."
+    from cryptobot import data as D
+    c = D.load_candles(REAL_5Y).iloc[-6_000:] if REAL_5Y.exists() else D.synthetic_candles(n=6_000, seed=5)
+    r = check_strategy(cls(), c)
+    print(r.summary())
+    assert r.passed and r.windows >= 256, r.lines()
 
 
 def test_the_model_strategy_passes(candles, tmp_path):
