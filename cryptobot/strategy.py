@@ -610,14 +610,15 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
                    spread: int = SPREAD, max_cuts: int = MAX_CUTS, max_windows: int | None = None) -> CheckReport:
     """Check `strategy` by what it outputs on `candles`: look-ahead, warm-up, finite memory, determinism, outputs.
 
-    The full-history pass is the reference. **look-ahead**: at cut points (every bar where the full pass enters or
-    exits, plus `spread` others) the strategy's own `signals` runs on the candles up to the cut, from a start shared
-    with a full pass from that start; any row that differs read a later candle. **warm-up**: at the same bars, the
-    trailing `required_window` candles the runner gives `decide` (features built on them, as the runner does) must
-    give the full pass's last row; on failure the smallest warm-up that passes is found by doubling. **memory**:
-    a window of at least twice the warm-up changes nothing, and no window passes where none is long enough
-    (an anchor on the first candle). **determinism**: two passes agree. **output**: two boolean Series on the
-    candles' index, no NaN."""
+    The full-history pass is the reference. At cut points (every bar where it enters or exits, sampled beyond
+    `max_cuts`, plus `spread` others) the strategy's own `signals` runs on the trailing `required_window` candles the
+    runner gives `decide` (features built on them, as the runner does; at most `max_windows` windows, 300 by default
+    for a strategy that uses features). Where its last row differs from the full pass, a run on the exact history
+    up to the cut decides: still different is **look-ahead** (the full pass read a later candle), equal is
+    **warm-up** (the smallest warm-up that passes is found by doubling) or **memory** (no window up to half the
+    candles passes). Before the first full window the history up to each cut is compared row by row. With the
+    warm-up passing, a window of twice it must change nothing (**memory**). **determinism** (two passes agree) and
+    the **outputs** (two boolean Series on the candles' index, no NaN) come first."""
     t0 = time.perf_counter()
     n, W, source = len(candles), required_window(strategy), str(candles.attrs.get("source", "unknown"))
     candles = candles.copy(deep=False)
@@ -634,7 +635,6 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
         findings.append({"check": check, "bar": bar(pos), "position": pos, "output": output, "detail": detail})
 
     def report():
-        idx = candles.index
         return CheckReport(spec_of(strategy), strategy.to_dict(), strategy.fingerprint(),
                            {"bars": n, "first": bar(0) if n else None, "last": bar(n - 1) if n else None,
                             "source": source}, int(strategy.warmup), W,
