@@ -25,6 +25,7 @@ TARGETS = {                              # the one place for the limits; `failed
     "backtest_s": 0.03, "backtest_cold_s": 5.0,                   # the backtest (issue 11)
     "live_tick_ms": 20.0, "import_live_s": 1.5, "live_rss_mb": 250.0,   # the live runner
     "sweep_ms_per_backtest": 1.0,          # sweeps (issue 12): >= 1,000 backtests per second, reported as sweep_per_s
+    "check_s": 10.0,                       # the strategy check of EMA(12/26) on the candles (issue 19)
     "portfolio_tick_ms": 50.0, "portfolio_rss_mb": 300.0,        # 10 symbols in one runner (issue 13)
 }
 
@@ -322,6 +323,26 @@ def _bench_sweep(candles, progress=print) -> dict:
 def _bench_research(candles, progress=print) -> dict:
     "The backtest figures, then the sweep's."
     return {**_bench_research_backtest(candles, progress), **_bench_sweep(candles, progress)}
+
+# %% ../nbs/21_bench.ipynb #3ba8a4dc
+_bench_research_sweep = _bench_research
+
+
+def _bench_check(candles, progress=print) -> dict:
+    "The strategy check of EMA(12/26) on the candles: `check_s`, its cut points and runner windows."
+    from cryptobot.strategy import EmaCross, check_strategy  # lazy: a bench key loads only the stack it measures
+    cpu = time.process_time()
+    r = check_strategy(EmaCross(fast=12, slow=26), candles)
+    cpu = time.process_time() - cpu                  # beside the wall time: what the check costs on a busy machine
+    progress(f"check_s {r.seconds:.2f}, check_cpu_s {cpu:.2f} ({r.cut_points} cut points, {r.windows} runner windows, "
+             f"{'pass' if r.passed else 'FAIL: ' + '; '.join(r.lines())})")
+    return {"check_s": round(r.seconds, 2), "check_cpu_s": round(cpu, 2), "check_cut_points": r.cut_points, "check_windows": r.windows,
+            "check_passed": r.passed}
+
+
+def _bench_research(candles, progress=print) -> dict:
+    "The backtest and sweep figures, then the strategy check's."
+    return {**_bench_research_sweep(candles, progress), **_bench_check(candles, progress)}
 
 # %% ../nbs/21_bench.ipynb #d901c0a7
 def _follow_all(emu, journal: Path, n: int, k: int, running=lambda: True) -> int:

@@ -33,7 +33,8 @@ __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO
            'resolve_candles', 'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest',
            'backtest_args', 'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper',
            'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
-           'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
+           'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'sweep_check', 'cmd_promote', 'cmd_journal_archive',
+           'archive_lines', 'check_target', 'check_warning', 'cmd_check']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -220,7 +221,7 @@ def _kill_switch(v: str, s) -> int | None:
 # %% ../nbs/22_cli.ipynb #6dc66ac3
 def cmd_backtest_strategy(a) -> int:
     from cryptobot.backtest import backtest, report_html, result_json  # lazy: per command: numba/pandas
-    from cryptobot.strategy import make_strategy  # lazy: per command: numba/pandas
+    from cryptobot.strategy import QUICK, check_strategy, make_strategy  # lazy: per command: numba/pandas
     s = _settings()
     strategy = make_strategy(a.strategy, _params(a.param))
     ks = _kill_switch(a.kill_switch, s)
@@ -234,13 +235,17 @@ def cmd_backtest_strategy(a) -> int:
                    risk_engine=RiskEngine.from_settings(s), kill_switch=ks, after_lock=a.after_lock,
                    min_balance=s.min_balance_usd, end=a.end)
     out = result_json(res, would_lock_after=s.kill_switch_losses)
+    out["check"] = check_strategy(strategy, candles, **QUICK).record()   # a quick check warns; promote and the runner gate
+    warn = check_warning("backtest", out["check"], a.strategy)
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"backtest-{strategy.name}-{utc_stamp()}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
-    out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}"))
+    out["report"] = str(report_html(res, html, title=f"cryptobot backtest: {strategy!r}" + (
+        f" (STRATEGY CHECK FAILED: {', '.join(f['check'] for f in out['check']['findings'])})" if warn else "")))
     if getattr(a, "save_artifact", None) is not None:
         from cryptobot.strategy import artifact_dir, save_strategy_artifact  # lazy: per command: numba/pandas
         out["artifact"] = str(save_strategy_artifact(strategy, a.save_artifact or artifact_dir(s.data_dir, strategy),
-                                                     symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats)))
+                                                     symbol=s.symbol, timeframe=s.timeframe, stats=dict(res.stats),
+                                                     check=out["check"]))
     if a.json:
         atomic_write(a.json, json.dumps(out, indent=2) + "\n")
     st = res.stats
@@ -249,6 +254,8 @@ def cmd_backtest_strategy(a) -> int:
         f"{st['max_drawdown']:.2%}, exits {out['exits']}, kill-switch locks {len(out['kill_switch_locks'])}",
         f"report: {out['report']}" + (f"; JSON: {a.json}" if a.json else "")
         + (f"; strategy artifact: {out['artifact']}" if out.get("artifact") else ""))
+    if warn:
+        print(warn, file=sys.stderr)
     return 0
 
 # %% ../nbs/22_cli.ipynb #936d470a
@@ -665,7 +672,10 @@ def cmd_sweep(a) -> int:
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"sweep-{sweep_id}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out = sweep_summary(sw)
-    out["report"] = str(report_sweep_html(sw, html, title=f"cryptobot sweep {sweep_id}: {a.strategy}"))
+    out["check"] = sweep_check(a.strategy, configs, next(iter(data.values())))
+    warn = check_warning("sweep", out["check"], a.strategy)
+    out["report"] = str(report_sweep_html(sw, html, title=f"cryptobot sweep {sweep_id}: {a.strategy}" + (
+        f" (STRATEGY CHECK FAILED: {', '.join(f['check'] for f in out['check']['findings'])})" if warn else "")))
     if a.json:
         atomic_write(a.json, json.dumps(out, indent=2) + "\n")
     for sym, x in out["symbols"].items():
@@ -675,14 +685,34 @@ def cmd_sweep(a) -> int:
             + ", ".join(f"{k}={x['top'][0][k]}" for k in configs[0]) + f" (Sharpe {x['top'][0]['sharpe']:.2f})")
     say(f"sweep {sweep_id}: {out['computed']} tasks computed, {out['reused']} reused; report: {out['report']}"
         + (f"; JSON: {a.json}" if a.json else ""))
+    if warn:
+        print(warn, file=sys.stderr)
     return 0
+
+
+def sweep_check(strategy: str, configs: list[dict], candles) -> dict:
+    "The strategy check of a sweep's first and last configuration on (the first symbol's) candles: findings, records."
+    from cryptobot.strategy import check_strategy, make_strategy  # lazy: per command: pandas
+    recs = [check_strategy(make_strategy(strategy, c), candles).record()
+            for c in ([configs[0], configs[-1]] if len(configs) > 1 and configs[0] != configs[-1] else configs[:1])]
+    return {"configs": recs, "findings": [{**f, "params": r["params"]} for r in recs for f in r["findings"]]}
 
 
 def cmd_promote(a) -> int:
     "`cryptobot promote SWEEP_ID [--rank 1]`: the sweep's chosen configuration as a strategy artifact with its evidence."
     from cryptobot.sweep import promote, runner_env  # lazy: per command: dask/scipy
+    from cryptobot.strategy import StrategyCheckFailed  # lazy: per command: pandas
     s = _settings()
-    m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir)
+    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt
+    stored = raw_path(s.data_dir, s.symbol, s.timeframe)
+    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir) if a.data or stored.exists() else None
+    if candles is None:                                # promote sizes the synthetic market to the strategy's window
+        say(f"no stored candles at {stored}: the strategy check runs on the synthetic market")
+    try:
+        m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir, candles=candles)
+    except StrategyCheckFailed as e:
+        print(_redact_env(f"cryptobot promote: refused: {e}"), file=sys.stderr)
+        return EX_CONFIG
     ev = m["evidence"]
     say(f"promoted {m['strategy']} {m['params']} (rank {a.rank} of sweep {a.sweep_id}, {ev['configs_tried']} tried): "
         f"PBO {ev['pbo']}, walk-forward out of sample {ev['walk_forward_oos_return']:+.2%} after costs",
@@ -724,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("sweep_id")
     sp.add_argument("--rank", type=int, default=1, help="1 = the best by the sweep's objective (default)")
     sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
+    sp.add_argument("--data", help="candles for the strategy check (default: the stored candles, else synthetic)")
     return p
 
 
@@ -777,4 +808,57 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_journal_archive)
     sp.add_argument("--before", required=True, metavar="DATE", help="UTC day YYYY-MM-DD, at most today")
     sp.add_argument("--dry-run", action="store_true", help="print what would move; write nothing")
+    return p
+
+# %% ../nbs/22_cli.ipynb #a2fc2f38
+def check_target(a, s):
+    "The strategy `--strategy`/`--param` name (the model: `--model`, else the newest artifact under data/models)."
+    from cryptobot.strategy import ModelStrategy, make_strategy, resolve  # lazy: per command: pandas
+    kw = {}
+    if issubclass(resolve(a.strategy), ModelStrategy):
+        from cryptobot.model import latest_model  # lazy: scikit-learn only when the model is checked
+        kw["model"] = getattr(a, "model", None) or latest_model(Path(s.data_dir) / "models")
+    return make_strategy(a.strategy, _params(a.param), **kw)
+
+
+def check_warning(command: str, record: dict, spec: str) -> str | None:
+    "The one-line warning `backtest`/`sweep` print for a strategy with findings (None if it passed)."
+    from cryptobot.strategy import finding_lines  # lazy: per command: pandas
+    f = record.get("findings") or []
+    if not f:
+        return None
+    more = f" (+{len(f) - 1} more)" if len(f) > 1 else ""
+    return (f"cryptobot {command}: WARNING: strategy check failed: {finding_lines(f)[0]}{more}; promote and the "
+            f"runner will refuse it (details: cryptobot check --strategy {spec})")
+
+
+def cmd_check(a) -> int:
+    "`cryptobot check`: exit 0 when the strategy passes the check, 1 with one line per finding."
+    from cryptobot.strategy import check_strategy  # lazy: per command: pandas
+    s = _settings()
+    strategy = check_target(a, s)
+    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir, a.n_synthetic)
+    rep = check_strategy(strategy, candles)
+    if a.json:
+        atomic_write(a.json, json.dumps(rep.record(), indent=2, default=str) + "\n")
+    say(f"cryptobot check: {rep.summary()}", *(f"  FAIL {line}" for line in rep.lines()))
+    return 0 if rep.passed else 1
+
+
+_build_parser_before_check = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    "The parser, with `check`."
+    p = _build_parser_before_check()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+    h = "check a strategy for look-ahead, warm-up, finite memory, determinism and its outputs (exit 1: findings)"
+    sp = sub.add_parser("check", help=h, description=h)
+    sp.set_defaults(func=cmd_check)
+    sp.add_argument("--strategy", required=True, help="ema_cross, rsi_reversion, model, or module:Class")
+    sp.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeat)")
+    sp.add_argument("--data", help="'synthetic' or a CSV/parquet file (default: stored candles, else synthetic)")
+    sp.add_argument("--n-synthetic", type=int, default=26_280, help="synthetic candles if synthetic (default 3 years)")
+    sp.add_argument("--model", help="model artifact folder for --strategy model (default: the newest)")
+    sp.add_argument("--json", metavar="OUT", help="write the check's record (findings included) to OUT")
     return p

@@ -48,8 +48,9 @@ __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CON
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR', 'LiveError',
            'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
            'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy',
-           'load_strategy', 'CrashPoints', 'Tick', 'Runner', 'stop_report', 'format_stop', 'open_state_dir',
-           'start_runner', 'disk_full', 'journal_failed', 'run', 'PortfolioRunner', 'start_portfolio']
+           'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
+           'format_stop', 'open_state_dir', 'start_runner', 'disk_full', 'journal_failed', 'run', 'PortfolioRunner',
+           'start_portfolio']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -281,6 +282,7 @@ def load_strategy(settings: Settings, strategy, artifact=None):
         raise StartupRefused(f"strategy {art.model_id} was backtested on {m.get('symbol')} {m.get('timeframe')}, "
                              f"the runner trades {settings.symbol} {settings.timeframe}: backtest it on this market",
                              cause="strategy_market")
+    strategy_check_gate(settings, strategy, art)
     return art
 
 
@@ -291,6 +293,36 @@ def _mismatch(manifest: dict, strategy) -> str:
     if strategy.fingerprint() != manifest.get("strategy_fingerprint"):
         return "strategy_parameters" if strategy.to_dict() != manifest.get("params") else "strategy_code"
     return "strategy_features"
+
+# %% ../nbs/14_live.ipynb #7404e8c5
+from .strategy import check_strategy, finding_lines, trusted_check
+from .data import synthetic_candles
+
+_CHECKED: dict = {}     # fingerprint and candles -> the check's record, run once per process
+
+
+def check_candles(settings: Settings, strategy) -> pd.DataFrame:
+    "Candles to check a strategy on at start: the stored ones for the runner's market, else the synthetic market."
+    p = raw_path(settings.data_dir, settings.symbol, settings.timeframe)
+    if p.exists():
+        return load_candles(p)
+    return synthetic_candles(n=max(3_000, 4 * required_window(strategy) + 2), timeframe=settings.timeframe)
+
+
+def strategy_check_gate(settings: Settings, strategy, art) -> dict:
+    """The strategy check for what the runner would trade: the artifact's recorded result if it was run on this very
+    strategy (fingerprint and parameters), else the check run now; `StartupRefused` (one line) on any finding."""
+    rec = trusted_check(art.manifest, strategy)
+    if rec is None:
+        c = check_candles(settings, strategy)
+        key = (strategy.fingerprint(), len(c), str(c.index[-1]), str(c.attrs.get("source")))
+        rec = _CHECKED.get(key) or _CHECKED.setdefault(key, check_strategy(strategy, c).record())
+    if rec["findings"]:
+        f = rec["findings"]
+        raise StartupRefused(f"strategy refused: {spec_of(strategy)} {strategy.to_dict()} fails the strategy check "
+                             f"({len(f)} finding(s), {rec['candles']['bars']} candles): {finding_lines(f)[0]}; "
+                             f"fix it and run cryptobot check --strategy {spec_of(strategy)}", cause="strategy_check")
+    return rec
 
 # %% ../nbs/14_live.ipynb #aa412888
 CRASH_POINTS = ("tick", "features", "decision", "redeem", "intent", "send", "cancel", "fill", "trade", "done")

@@ -203,6 +203,7 @@ REFUSAL_TITLES: dict[str | None, str] = {
     "strategy_code": "Strategy refused: code differs from the backtest",
     "strategy_other": "Strategy refused: not the strategy backtested",
     "strategy_features": "Strategy refused: feature fingerprint",
+    "strategy_check": "Strategy refused: fails the strategy check (look-ahead, warm-up, memory, determinism)",
     "strategy": "Strategy refused",
     "model_market": "Model refused: trained for another market",
     "strategy_market": "Strategy refused: backtested on another market",

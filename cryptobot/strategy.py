@@ -23,10 +23,12 @@ from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
-           'STRATEGY_FILE', 'PBO_FAIL', 'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals',
-           'required_window', 'ewm_warmup', 'ema', 'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy',
-           'resolve', 'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact',
-           'save_strategy_artifact', 'load_strategy_artifact', 'evidence_failures']
+           'STRATEGY_FILE', 'PBO_FAIL', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK', 'StrategyError',
+           'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema', 'rsi',
+           'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy', 'parse_params',
+           'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact', 'load_strategy_artifact',
+           'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines', 'check_strategy',
+           'trusted_check']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
@@ -438,11 +440,11 @@ class StrategyArtifact:
 
 
 def save_strategy_artifact(strategy: Strategy, folder, *, symbol: str | None = None, timeframe: str | None = None,
-                           stats: dict | None = None) -> Path:
-    "Write `folder/strategy.json` for `strategy` (atomically); its path."
+                           stats: dict | None = None, check: dict | None = None) -> Path:
+    "Write `folder/strategy.json` for `strategy` (atomically; `check`: its `check_strategy(...).record()`); its path."
     m = {"kind": "strategy", "strategy": spec_of(strategy), "params": strategy.to_dict(),
          "strategy_fingerprint": strategy.fingerprint(), "feature_fingerprint": feature_fingerprint(),
-         "symbol": symbol, "timeframe": timeframe, "backtest": stats or {}}
+         "symbol": symbol, "timeframe": timeframe, "backtest": stats or {}, **({"check": check} if check else {})}
     path = Path(folder) / STRATEGY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(m, indent=1, sort_keys=True, default=str) + "\n")
@@ -479,4 +481,304 @@ def evidence_failures(evidence: dict) -> list[str]:
     if synthetic:
         out.append(f"its sweep ran on the synthetic market ({', '.join(synthetic)}), which says nothing about a real one")
     return out
+
+
+# %% ../nbs/05_strategy.ipynb #6f7005c6
+import time
+
+from .features import build_features
+
+
+CHECKS = ("output", "determinism", "lookahead", "warmup", "memory", "coverage")
+SPREAD = 256            # cut points spread evenly over the candles, beside every bar where the full pass signals
+MAX_CUTS = 4000         # signal bars beyond this are sampled evenly (a strategy that signals on most bars)
+FEATURE_WINDOWS = 300   # runner windows checked for a strategy that uses features (build_features per window)
+_DOUBLING_BARS = 64     # failing bars the warm-up doubling re-checks
+
+
+class StrategyCheckFailed(StrategyError):
+    "A strategy the check found look-ahead, warm-up, memory, determinism or output problems in (`.record`)."
+
+    def __init__(self, msg: str, record: dict | None = None):
+        super().__init__(msg)
+        self.record = record or {}
+
+
+class _Bad(Exception):
+    "An output that breaks the contract (not a pair of boolean Series on the candles' index)."
+
+    def __init__(self, output: str, detail: str, pos: int | None = None):
+        super().__init__(detail)
+        self.output, self.detail, self.pos = output, detail, pos
+
+
+def _outputs(strategy: Strategy, candles: pd.DataFrame, features) -> tuple[np.ndarray, np.ndarray]:
+    "`strategy.signals` as two bool arrays, or `_Bad` saying how the outputs break the contract."
+    try:
+        out = strategy.signals(candles, features)
+    except Exception as e:  # noqa: BLE001 - a user's strategy may raise anything; the check reports it
+        raise _Bad("signals", f"signals raised {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise _Bad("signals", f"signals returned {type(out).__name__}, not a tuple (enter, exit)")
+    res = []
+    for what, s in zip((ENTER, EXIT), out):
+        if not isinstance(s, (pd.Series, np.ndarray)) or np.ndim(s) != 1 or len(s) != len(candles):
+            raise _Bad(what, f"{what} is not a 1-d Series of one value per candle ({type(s).__name__}, "
+                       f"length {len(s) if hasattr(s, '__len__') else '?'} for {len(candles)} candles)")
+        if isinstance(s, pd.Series) and not s.index.equals(candles.index):
+            raise _Bad(what, f"{what} is not aligned with the candles' index: return Series on candles.index")
+        na = pd.isna(np.asarray(s, dtype=object)) if s.dtype == object else pd.isna(s)
+        if np.any(na):
+            raise _Bad(what, f"{what} has NaN: use False where it is undefined (e.g. .fillna(False))",
+                       int(np.flatnonzero(np.asarray(na))[0]))
+        if s.dtype != bool:
+            raise _Bad(what, f"{what} has dtype {s.dtype}, not bool: return comparisons such as (a > b)")
+        res.append(np.asarray(s, dtype=bool))
+    return res[0], res[1]
+
+
+def _first_diff(a: tuple, b: tuple) -> tuple[int, str] | None:
+    "(first row where the (enter, exit) pairs differ, which output), or None."
+    d = (a[0] != b[0]) | (a[1] != b[1])
+    if not d.any():
+        return None
+    i = int(np.argmax(d))
+    return i, ENTER if a[0][i] != b[0][i] else EXIT
+
+
+@dataclass
+class CheckReport:
+    "What `check_strategy` found: `findings` (`[{check, bar, position, output, detail}]`, empty = passed) and its coverage."
+    strategy: str
+    params: dict
+    fingerprint: str
+    candles: dict
+    warmup: int
+    window: int
+    cut_points: int
+    windows: int
+    findings: list
+    seconds: float
+    suggested_warmup: int | None = None
+    coverage: dict | None = None                  # spread, max_cuts, max_windows the check ran with
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+    def record(self) -> dict:
+        "JSON-ready: what the artifact, the runner and the audit keep (a pass is trusted for this fingerprint only)."
+        return {"passed": self.passed, "strategy": self.strategy, "params": json.loads(json.dumps(self.params, default=str)),
+                "strategy_fingerprint": self.fingerprint, "candles": self.candles, "warmup": self.warmup,
+                "window": self.window, "cut_points": self.cut_points, "windows": self.windows,
+                "suggested_warmup": self.suggested_warmup, "findings": self.findings, "seconds": round(self.seconds, 3),
+                "coverage": self.coverage}
+
+    def lines(self) -> list[str]:
+        "One line per finding: the check, its first bar, enter or exit, what to do."
+        return finding_lines(self.findings)
+
+    def summary(self) -> str:
+        c = self.candles
+        head = (f"{self.strategy} {self.params} on {c['bars']} candles ({c['source']}, {str(c['first'])[:10]} .. "
+                f"{str(c['last'])[:10]}), window {self.window}")
+        return (f"{head}: {'PASS' if self.passed else 'FAIL'} ({self.cut_points} cut points, {self.windows} runner "
+                f"windows, {self.seconds:.1f} s)")
+
+
+def finding_lines(findings: list) -> list[str]:
+    "`findings` (a report's or a recorded one) as one line each."
+    return [f"{f['check']}: " + (f"first bar {f['bar']} ({f['output']}): " if f.get("bar") else "") + f["detail"]
+            for f in findings]
+
+
+def _cuts(enter: np.ndarray, exit_: np.ndarray, spread: int, max_cuts: int) -> np.ndarray:
+    "Every bar where the full pass signals (sampled evenly beyond `max_cuts`), and `spread` bars spread evenly."
+    sig = np.flatnonzero(enter | exit_)
+    if len(sig) > max_cuts:
+        sig = sig[np.unique(np.linspace(0, len(sig) - 1, max_cuts).round().astype(int))]
+    n = len(enter)
+    return np.unique(np.r_[sig, np.linspace(0, n - 1, min(spread, n)).round().astype(int)])
+
+
+def _spaced(bars: np.ndarray, k: int) -> np.ndarray:
+    "At most `k` of `bars`, evenly spaced."
+    return bars if len(bars) <= k else bars[np.unique(np.linspace(0, len(bars) - 1, k).round().astype(int))]
+
+
+def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataFrame | None = None, *,
+                   spread: int = SPREAD, max_cuts: int = MAX_CUTS, max_windows: int | None = None) -> CheckReport:
+    """Check `strategy` by what it outputs on `candles`: look-ahead, warm-up, finite memory, determinism, outputs.
+
+    The full-history pass is the reference. At cut points (every bar where it enters or exits, sampled beyond
+    `max_cuts`, plus `spread` others) the strategy's own `signals` runs on the trailing `required_window` candles the
+    runner gives `decide` (features built on them, as the runner does; at most `max_windows` windows, 300 by default
+    for a strategy that uses features). Where its last row differs from the full pass, a run on the exact history
+    up to the cut decides: still different is **look-ahead** (the full pass read a later candle), equal is
+    **warm-up** (the smallest warm-up that passes is found by doubling) or **memory** (no window up to half the
+    candles passes). Before the first full window the history up to each cut is compared row by row. With the
+    warm-up passing, a window of twice it must change nothing (**memory**). **determinism** (two passes agree) and
+    the **outputs** (two boolean Series on the candles' index, no NaN) come first."""
+    t0 = time.perf_counter()
+    n, W, source = len(candles), required_window(strategy), str(candles.attrs.get("source", "unknown"))
+    candles = candles.copy(deep=False)
+    candles.attrs = {}                            # pandas deep-copies attrs on every operation: not per run
+    feats = None
+    if strategy.uses_features:
+        feats = features if features is not None else build_features(candles)
+    sub = lambda a, b: (candles.iloc[a:b], None if feats is None else feats.iloc[a:b])  # noqa: E731
+    bar = lambda i: None if i is None else candles.index[i].isoformat() if isinstance(candles.index, pd.DatetimeIndex) \
+        else str(candles.index[i])  # noqa: E731
+    findings, info = [], {"cuts": 0, "windows": 0, "suggested": None}
+
+    def add(check, pos, output, detail):
+        findings.append({"check": check, "bar": bar(pos), "position": pos, "output": output, "detail": detail})
+
+    def report():
+        return CheckReport(spec_of(strategy), strategy.to_dict(), strategy.fingerprint(),
+                           {"bars": n, "first": bar(0) if n else None, "last": bar(n - 1) if n else None,
+                            "source": source}, int(strategy.warmup), W,
+                           info["cuts"], info["windows"], findings, time.perf_counter() - t0, info["suggested"],
+                           {"spread": spread, "max_cuts": max_cuts, "max_windows": max_windows})
+
+    def run(a, b, where):
+        "Signals on rows a:b; an output finding (and None) if they break the contract."
+        try:
+            return _outputs(strategy, *sub(a, b))
+        except _Bad as e:
+            pos = b - 1 if e.pos is None else a + e.pos
+            add("output", pos, e.output, f"{e.detail} ({where}); the runner would stop on it")
+            return None
+
+    if n < 3 * W + 2:
+        add("coverage", None, "signals", f"{n} candles for a window of {W}: the check needs at least {3 * W + 2}; "
+            "check on more candles (cryptobot download) or lower the warm-up")
+        return report()
+    full = run(0, n, "on the full history")
+    if full is None:
+        return report()
+    again = run(0, n, "on the full history, second run")
+    if again is None:
+        return report()
+    d = _first_diff(full, again)
+    if d is not None:
+        add("determinism", d[0], d[1], "two runs on the same candles disagree: seed any randomness "
+            "(np.random.default_rng(seed)) or remove it; nothing else can be checked")
+        return report()
+    E, X = full
+    cuts = _cuts(E, X, spread, max_cuts)
+    info["cuts"] = len(cuts)
+    ahead, warm = {}, []                          # look-ahead: bar -> output; warm-up failures: (bar, output)
+
+    def prefix(t, where, short=False):
+        """The run on candles 0..t (the exact history up to t) vs the full pass: the first row that differs, or None
+        (`short`: fewer candles than the window, where the contract does not hold: a broken output is skipped)."""
+        if short:
+            try:
+                got = _outputs(strategy, *sub(0, t + 1))
+            except _Bad:
+                return None
+        else:
+            got = run(0, t + 1, where)
+        if got is None:
+            return False
+        d = _first_diff(got, (E[:t + 1], X[:t + 1]))
+        if d is not None:
+            ahead.setdefault(d[0], d[1])
+        return d
+
+    def window(t, w):
+        "The runner's view at bar t: the trailing `w` candles (features built on them); (agrees, output) or _Bad."
+        cw = candles.iloc[t + 1 - w:t + 1]
+        try:
+            got = _outputs(strategy, cw, None if feats is None else build_features(cw))
+        except _Bad as e:
+            return e
+        return (got[0][-1] == E[t] and got[1][-1] == X[t]), ENTER if got[0][-1] != E[t] else EXIT
+
+    for t in cuts[cuts < W - 1]:                  # before a full window: the history up to the cut, every row
+        prefix(int(t), "", short=True)
+    late = cuts[cuts >= W - 1]
+    cap = max_windows if max_windows is not None else FEATURE_WINDOWS if feats is not None else None
+    if cap is not None and len(late) > cap:
+        late = late[np.unique(np.linspace(0, len(late) - 1, cap).round().astype(int))]
+    info["windows"] = len(late)
+    bad = []
+    for t in late:                                # the runner's window vs the full pass, at every cut
+        r = window(int(t), W)
+        if isinstance(r, _Bad):
+            add("output", int(t), r.output, f"{r.detail} (on the runner's window of {W} candles ending here)")
+            return report()
+        if not r[0]:
+            bad.append((int(t), r[1]))
+    sample = bad[:_DOUBLING_BARS // 2] + [bad[k] for k in np.unique(np.linspace(
+        _DOUBLING_BARS // 2, len(bad) - 1, _DOUBLING_BARS // 2).round().astype(int)) if k >= _DOUBLING_BARS // 2] \
+        if len(bad) > _DOUBLING_BARS else bad
+    for t, out in sample:                         # look-ahead, or too short a window? the exact history decides
+        d = prefix(t, f"on the candles up to bar {t}")
+        if d is False:
+            return report()
+        if d is None:
+            warm.append((t, out))
+    if ahead:
+        first = min(ahead)
+        add("lookahead", first, ahead[first], "the signal at this bar changes when the candles after it are removed: "
+            "it reads the future (shift(-k), a centred window, a whole-sample statistic, bfill, a resample spread back "
+            f"over its period...); compute bar t from candles up to t only ({len(ahead)} bars found, {len(cuts)} cut "
+            "points)")
+    if ahead:                                     # warm-up and memory are judged once the look-ahead is fixed
+        return report()
+    if warm:
+        w, found, sample = W, None, warm
+        while 2 * w <= n // 2:
+            w *= 2
+            test = [t for t, _ in sample if t >= w - 1]
+            if not test:
+                break
+            if all(not isinstance(r := window(t, w), _Bad) and r[0] for t in test):
+                more = [(int(t), None) for t in _spaced(late[late >= w - 1], spread) if not (
+                    not isinstance(r := window(int(t), w), _Bad) and r[0])]     # confirmed across the candles
+                if not more:
+                    found = w
+                    break
+                sample = more[:_DOUBLING_BARS]
+        t, out = warm[0]
+        if found is not None:
+            info["suggested"] = found
+            add("warmup", t, out, f"warmup {strategy.warmup} (window {W}): on the trailing {W} candles the runner "
+                f"gives decide(), {out} differs from the full-history pass ({len(bad)} of {len(late)} bars checked); "
+                f"the smallest warm-up that passes, found by doubling, is {found}: return at least {found} from "
+                "`warmup`")
+        else:
+            add("memory", t, out, f"warmup {strategy.warmup} (window {W}): {out} differs from the full-history pass "
+                f"on the runner's window ({len(bad)} of {len(late)} bars) and no window up to {w} candles agrees: the "
+                "signal depends on candles without limit (anchored on the first candle, cumsum/expanding, a whole-"
+                "sample statistic); make bar t depend on a bounded trailing window and declare it as `warmup`")
+    else:                                         # finite memory: twice the window changes nothing
+        for t in np.unique(np.linspace(2 * W - 1, n - 1, min(spread, n)).round().astype(int)):
+            r = window(int(t), 2 * W)
+            if isinstance(r, _Bad) or not r[0]:
+                add("memory", int(t), getattr(r, "output", None) or r[1], f"the runner's window of {W} candles agrees "
+                    f"with the full history but a window of {2 * W} does not: the signal depends on how many candles "
+                    "it is given; make bar t depend on a bounded trailing window only")
+                break
+    return report()
+
+
+QUICK = {"spread": 64, "max_cuts": 256}     # the quick check `backtest` warns with (a recorded quick pass is not trusted)
+
+
+def trusted_check(manifest: dict, strategy: Strategy) -> dict | None:
+    """The check recorded in an artifact's `manifest` if it was run on this very strategy (fingerprint and
+    parameters); a recorded pass only if it ran with at least the default coverage (findings always count)."""
+    rec = (manifest or {}).get("check")
+    if not isinstance(rec, dict) or rec.get("strategy_fingerprint") != strategy.fingerprint():
+        return None
+    if rec.get("params") != json.loads(json.dumps(strategy.to_dict(), default=str)) or "findings" not in rec:
+        return None
+    cov = rec.get("coverage") or {}                   # a quick check (backtest's warning) is not trusted as a pass
+    if rec["findings"] == [] and not (cov.get("spread", 0) >= SPREAD and cov.get("max_cuts", 0) >= MAX_CUTS
+                                      and cov.get("max_windows") is None):
+        return None
+    return rec
 

@@ -32,6 +32,8 @@ from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, m
 from .files import CryptobotError, atomic_write
 from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_params, spec_of
 from .features import fingerprint as feature_fingerprint
+from .strategy import StrategyCheckFailed, check_strategy, required_window
+from .data import synthetic_candles
 
 
 # %% auto #0
@@ -648,9 +650,12 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
     return atomic_write(Path(path), page)
 
 # %% ../nbs/08_sweep.ipynb #8857b1cf
-def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data") -> dict:
+def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data", candles=None) -> dict:
     """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
-    strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it."""
+    strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it.
+    The configuration must pass the strategy check on `candles` (default: the synthetic market, a year or four
+    windows of the strategy), else
+    `StrategyCheckFailed` and no artifact; its record goes into the artifact."""
     res = Path(sweep_dir) / "result.json"
     if not res.exists():
         raise SweepError(f"{sweep_dir}: no finished sweep there (result.json missing): run or resume `cryptobot sweep` first")
@@ -665,6 +670,12 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     spec = json.loads((Path(sweep_dir) / "sweep.json").read_text())
     params = {k: row[k] for k in spec["configs"][row["config"]]}
     strat = make_strategy(js["strategy"], params)
+    if candles is None:
+        candles = synthetic_candles(n=max(8_760, 4 * required_window(strat) + 2))
+    rep = check_strategy(strat, candles)
+    if not rep.passed:
+        raise StrategyCheckFailed(f"{spec_of(strat)} {strat.to_dict()} fails the strategy check on {rep.candles['bars']} "
+                                  f"candles ({len(rep.findings)} finding(s)): {rep.lines()[0]}", rep.record())
     ev_syms = [symbol] if symbol else syms
     evidence = {"sweep_id": js["id"], "objective": js["objective"], "rank": rank, "configs_tried": js["configs"],
                 "symbols": ev_syms, "data": {s: spec["data"][s] for s in ev_syms},
@@ -681,7 +692,7 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     manifest = {"kind": "strategy", "strategy": spec_of(strat), "params": strat.to_dict(), "strategy_fingerprint": fp,
                 "feature_fingerprint": feature_fingerprint(), "symbol": None, "timeframe": None, "backtest": row,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "evidence": evidence,
-                "evidence_failures": evidence_failures(evidence)}   # symbol/timeframe None: sweep data are labels, not markets
+                "evidence_failures": evidence_failures(evidence), "check": rep.record()}   # symbol/timeframe None: sweep data are labels, not markets
     path = artifact_dir(data_dir, strat) / STRATEGY_FILE
     atomic_write(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {**manifest, "path": str(path)}
