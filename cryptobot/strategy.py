@@ -486,7 +486,7 @@ def evidence_failures(evidence: dict) -> list[str]:
     if not isinstance(ho, (int, float)):
         out.append("no holdout score (a sweep without --holdout, or an older one): sweep again with a holdout and promote")
     elif not ho > 0:
-        out.append(f"on the holdout no sweep decision saw it returns {_pct(ho)} after costs (not positive)")
+        out.append(f"on the holdout (candles no sweep decision saw) it returns {_pct(ho)} after costs: no gain where it counts")
     if isinstance(k, int) and k > 1:
         out.append(f"the holdout has scored {k} configurations of this sweep: it was used to choose, so it no longer tests "
                    "one; sweep again (new --id, newer candles) and promote once")
