@@ -498,7 +498,7 @@ def evidence_failures(evidence: dict) -> list[str]:
 
 def _fig(v) -> str:
     "A figure for a person: 3 decimals (None as 'unknown')."
-    return "unknown" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "unknown" if v is None else str(round(v, 3)) if isinstance(v, float) else str(v)
 
 
 def _pct(v) -> str:
