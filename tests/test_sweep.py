@@ -244,7 +244,8 @@ def test_cli_sweep_of_500_plus_configurations_on_the_real_file_writes_report_and
     assert js["configs"] == 786 and js["computed"] == 91
     x = js["symbols"][REAL.stem]
     assert len(x["folds"]) == 5 and len(x["top"]) == 10 and 0 <= x["pbo"] <= 1 and 0 <= x["dsr"]["dsr"] <= 1
-    assert x["buy_and_hold_return"] > 1 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)
+    assert x["buy_and_hold_return"] > 0 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)   # to the holdout
+    assert x["next"][0]["config"] == js["symbols"][REAL.stem]["next"][0]["config"] and len(x["next"]) == 10
     page = (tmp_path / "reports" / "sweep-real.html").read_text()
     assert page.count("Plotly.newPlot") == 2 and '"type": "heatmap"' in page and "<script src=" not in page
     assert "probability of backtest overfitting" in page and "deflated Sharpe ratio" in page
