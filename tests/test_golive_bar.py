@@ -87,3 +87,7 @@ def test_the_cli_sweep_and_promote_judge_noise_and_edge_alike(tmp_path, kind, se
     m = json.loads((tmp_path / "data" / "strategies" / "ema_cross" / "strategy.json").read_text())
     assert ("WARNING" in q.stderr) == bool(m["evidence_failures"])
     assert bool(m["evidence_failures"]) == (kind == "noise"), (m["evidence_failures"], m["evidence"])
+    ev = m["evidence"]
+    assert ev["holdout"]["edge" if kind == "edge" else "noise"]["bars"] == 800 and "holdout (last 20%" in q.stdout
+    if kind == "noise":                   # the gate the measurement shows separates noise from edge
+        assert any(f.startswith("deflated Sharpe ratio") for f in m["evidence_failures"]), m["evidence_failures"]
