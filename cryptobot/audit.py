@@ -42,16 +42,16 @@ from .journal import ARCHIVE_DIR
 __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', 'POLL_ERRORS_WARN', 'POLL_ERRORS_FAIL',
            'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN', 'PSI_FAIL',
            'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS', 'AUC_FAIL',
-           'AUC_WARN', 'MIN_BACKTEST_TRADES', 'PBO_FAIL', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'MODEL_CHECKS', 'CHECKS',
-           'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like', 'secret_hits',
-           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
-           'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate', 'check_approval_gate',
-           'check_state_valid', 'check_state_matches_journal', 'check_risk_limits', 'check_plans_in_bounds',
-           'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip', 'check_logging',
-           'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint',
-           'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always',
-           'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation', 'repo_files',
-           'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git', 'check_secrets_in_outputs',
+           'AUC_WARN', 'MIN_BACKTEST_TRADES', 'PBO_FAIL', 'DSR_PASS', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'MODEL_CHECKS',
+           'CHECKS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like',
+           'secret_hits', 'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit',
+           'check_candle_age', 'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate',
+           'check_approval_gate', 'check_state_valid', 'check_state_matches_journal', 'check_risk_limits',
+           'check_plans_in_bounds', 'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip',
+           'check_logging', 'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest',
+           'check_model_fingerprint', 'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives',
+           'check_restart_always', 'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation',
+           'repo_files', 'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git', 'check_secrets_in_outputs',
            'check_systemd_exposure', 'check_training_data', 'check_model_freshness', 'check_oos_metrics',
            'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence', 'run_check', 'run_checks',
            'summary_rows', 'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json',
@@ -106,6 +106,7 @@ MODEL_MAX_AGE_DAYS = 30                           # the live runner refuses an o
 AUC_FAIL, AUC_WARN = 0.50, 0.52                   # walk-forward OOS AUC: <= FAIL, < WARN
 MIN_BACKTEST_TRADES = 30                          # fewer OOS backtest trades: too few to judge (WARN)
 PBO_FAIL = 0.5                                    # a promoted rule strategy's probability of backtest overfitting: > FAIL
+DSR_PASS = 0.95                                   # its deflated Sharpe ratio: < FAIL (strategy.DSR_PASS, the one bar)
 
 THRESHOLDS = {
     "poll errors / 24 h": f">= {POLL_ERRORS_WARN} WARN, >= {POLL_ERRORS_FAIL} FAIL",
@@ -118,8 +119,10 @@ THRESHOLDS = {
     "model age": f"training data end <= {MODEL_MAX_AGE_DAYS} days ago",
     "OOS AUC": f"<= {AUC_FAIL} FAIL, < {AUC_WARN} WARN",
     "OOS backtest": f"total return after costs <= 0 FAIL; < {MIN_BACKTEST_TRADES} trades WARN",
-    "rule strategy evidence": f"sweep PBO > {PBO_FAIL} FAIL; walk-forward OOS return after costs <= 0 FAIL; no promoted "
-                              "artifact, no sweep evidence, or not the configured strategy/params FAIL",
+    "rule strategy evidence": f"sweep DSR < {DSR_PASS} FAIL; PBO > {PBO_FAIL} FAIL; walk-forward OOS return after costs "
+                              "<= 0 FAIL; the promoted configuration on the sweep's holdout after costs <= 0, missing, or "
+                              "the holdout spent on several configurations FAIL; no promoted artifact, no sweep evidence, "
+                              "or not the configured strategy/params FAIL",
     "capital": "stop/risk/leverage looser than 1.5 % / 1 % / 1.0x FAIL, tighter WARN",
 }
 
@@ -1466,10 +1469,13 @@ def _judge_sweep(art, st) -> Check:
                  "one backtest says nothing about overfitting: sweep the strategy and promote the chosen configuration")
     pbo, ret = x.get("pbo"), x.get("walk_forward_oos_return")
     dsr = ", ".join(f"{k} {v:.3f}" for k, v in (x.get("deflated_sharpe") or {}).items())
+    own = ", ".join(f"{k} {_pct(v)}" for k, v in (x.get("own_oos_return") or {}).items())
     txt = (f"{art.path}: {st!r} promoted from sweep {x.get('sweep_id')} (rank {x.get('rank')}, {x.get('configs_tried')} "
            f"configurations tried, objective {x.get('objective')}, {x.get('n_folds')} folds, data "
            f"{', '.join(x.get('symbols') or [])}): PBO {pbo if pbo is None else round(pbo, 3)}, walk-forward OOS return "
-           f"after costs {_pct(ret)}" + (f", deflated Sharpe {dsr}" if dsr else ""))
+           f"after costs {_pct(ret)}" + (f", deflated Sharpe {dsr}" if dsr else "")
+           + (f", its own OOS return {own}" if own else "")
+           + f", holdout {_pct(x.get('holdout_return'))} (scored {x.get('holdout_configs_scored') or 0}x)")
     bad = evidence_failures(x)                         # the bar promote warns with, written once
     if bad:
         return C(FAIL, txt, "; ".join(bad) + ": it must not trade real money")

@@ -657,6 +657,8 @@ def cmd_sweep(a) -> int:
     for name, v in (("--fee", fee), ("--slippage", slip)):
         if not (0 <= v <= 5):
             raise ValueError(f"{name} {v}: a percent per side between 0 and 5 (0.1 means 0.1 %)")
+    if not 0 <= a.holdout <= 50:
+        raise ValueError(f"--holdout {a.holdout}: a percent of the candles between 0 and 50 (default 20)")
     if a.data:
         names = [Path(d).stem for d in a.data]
         if len(set(names)) != len(names):
@@ -668,7 +670,7 @@ def cmd_sweep(a) -> int:
     sweep_id = a.id or f"{a.strategy.replace(':', '_')}-{utc_stamp()}"
     sw = run_sweep(data, a.strategy, configs, sweep_id, Path(s.data_dir) / "sweeps", objective=a.objective,
                    n_folds=a.folds, anchored=a.anchored, sizing=a.sizing, fee=fee / 100, slippage=slip / 100,
-                   initial_cash=a.cash, scheduler=a.scheduler)
+                   initial_cash=a.cash, scheduler=a.scheduler, holdout=a.holdout / 100)
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"sweep-{sweep_id}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out = sweep_summary(sw)
@@ -679,10 +681,14 @@ def cmd_sweep(a) -> int:
     if a.json:
         atomic_write(a.json, json.dumps(out, indent=2) + "\n")
     for sym, x in out["symbols"].items():
+        nx, pbo = x["next"][0], "n/a" if x["pbo"] is None else f"{x['pbo']:.3f}"
         say(f"{sym}: {len(configs)} configurations, walk-forward out of sample {x['oos_return']:+.2%} after costs "
-            f"(buy-and-hold {x['buy_and_hold_return']:+.2%}), PBO {x['pbo'] if x['pbo'] is None else round(x['pbo'], 3)}, "
+            f"(buy-and-hold {x['buy_and_hold_return']:+.2%}), PBO {pbo}, "
             f"DSR {x['dsr']['dsr']:.3f}; best on the whole span: "
-            + ", ".join(f"{k}={x['top'][0][k]}" for k in configs[0]) + f" (Sharpe {x['top'][0]['sharpe']:.2f})")
+            + ", ".join(f"{k}={x['top'][0][k]}" for k in configs[0]) + f" (Sharpe {x['top'][0]['sharpe']:.2f}); "
+            "the procedure's next pick (latest training window, what promote takes): "
+            + ", ".join(f"{k}={nx[k]}" for k in configs[0]) + f" (its own out of sample {nx['own_oos_return']:+.2%}); "
+            f"the last {a.holdout:g} % of the candles held out for promote")
     say(f"sweep {sweep_id}: {out['computed']} tasks computed, {out['reused']} reused; report: {out['report']}"
         + (f"; JSON: {a.json}" if a.json else ""))
     if warn:
@@ -703,19 +709,19 @@ def cmd_promote(a) -> int:
     from cryptobot.sweep import promote, runner_env  # lazy: per command: dask/scipy
     from cryptobot.strategy import StrategyCheckFailed  # lazy: per command: pandas
     s = _settings()
-    from cryptobot.data import raw_path  # lazy: per command: pandas/ccxt
-    stored = raw_path(s.data_dir, s.symbol, s.timeframe)
-    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir) if a.data or stored.exists() else None
-    if candles is None:                                # promote sizes the synthetic market to the strategy's window
-        say(f"no stored candles at {stored}: the strategy check runs on the synthetic market")
+    candles = resolve_candles(a.data, s.symbol, s.timeframe, s.data_dir) if a.data else None  # default: the sweep's own
     try:
         m = promote(Path(s.data_dir) / "sweeps" / a.sweep_id, a.rank, a.symbol, s.data_dir, candles=candles)
     except StrategyCheckFailed as e:
         print(_redact_env(f"cryptobot promote: refused: {e}"), file=sys.stderr)
         return EX_CONFIG
     ev = m["evidence"]
-    say(f"promoted {m['strategy']} {m['params']} (rank {a.rank} of sweep {a.sweep_id}, {ev['configs_tried']} tried): "
-        f"PBO {ev['pbo']}, walk-forward out of sample {ev['walk_forward_oos_return']:+.2%} after costs",
+    pct = lambda v: "n/a" if v is None else f"{v:+.2%}"  # noqa: E731
+    say(f"promoted {m['strategy']} {m['params']} ({ev['selection']}; sweep {a.sweep_id}, {ev['configs_tried']} tried): "
+        f"its own out of sample {', '.join(pct(v) for v in ev['own_oos_return'].values())} beside the procedure's "
+        f"walk-forward {ev['walk_forward_oos_return']:+.2%} after costs; holdout (last {ev['holdout_share']:.0%}, scored "
+        f"once) {pct(ev['holdout_return'])}; PBO {'n/a' if ev['pbo'] is None else format(ev['pbo'], '.3f')}, DSR "
+        + ", ".join(f"{v:.3f}" for v in ev["deflated_sharpe"].values()),
         f"artifact: {m['path']}", "the runner trades it with these settings (environment or .env):",
         *(f"  {k}={v}" for k, v in runner_env(m).items()))
     for why in m["evidence_failures"]:
@@ -746,15 +752,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fee", type=float, help="percent per side (default: CRYPTOBOT_FEE_PCT)")
     sp.add_argument("--slippage", type=float, help="percent per market fill (default: CRYPTOBOT_SLIPPAGE_PCT)")
     sp.add_argument("--cash", type=float, default=10_000.0)
+    sp.add_argument("--holdout", type=float, default=20.0, metavar="PCT",
+                    help="percent of the candles at the end kept out of every sweep decision; promote scores its pick "
+                         "there once (default 20)")
     sp.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
     sp.add_argument("--html", metavar="OUT", help="report path (default reports/sweep-<id>.html)")
     h = "write a sweep's chosen configuration as a strategy artifact (data/strategies/), its evidence in the manifest"
     sp = sub.add_parser("promote", help=h, description=h)
     sp.set_defaults(func=cmd_promote)
     sp.add_argument("sweep_id")
-    sp.add_argument("--rank", type=int, default=1, help="1 = the best by the sweep's objective (default)")
+    sp.add_argument("--rank", type=int, default=1, help="1 = the walk-forward procedure's pick on its latest training "
+                    "window (default); k = the k-th there")
     sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
-    sp.add_argument("--data", help="candles for the strategy check (default: the stored candles, else synthetic)")
+    sp.add_argument("--data", help="candles for the strategy check (default: the candles the sweep ran on)")
     return p
 
 

@@ -23,12 +23,12 @@ from .features import fingerprint as feature_fingerprint
 
 # %% auto #0
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
-           'STRATEGY_FILE', 'PBO_FAIL', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK', 'StrategyError',
-           'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema', 'rsi',
-           'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy', 'parse_params',
-           'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact', 'load_strategy_artifact',
-           'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines', 'check_strategy',
-           'trusted_check']
+           'STRATEGY_FILE', 'PBO_FAIL', 'DSR_PASS', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK',
+           'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema',
+           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy',
+           'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
+           'load_strategy_artifact', 'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines',
+           'check_strategy', 'trusted_check']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
@@ -467,20 +467,45 @@ def load_strategy_artifact(path) -> StrategyArtifact:
 
 # %% ../nbs/05_strategy.ipynb #343fad2e
 PBO_FAIL = 0.5          # probability of backtest overfitting above this: the sweep's best is likely luck
+DSR_PASS = 0.95         # deflated Sharpe ratio below this: the best of the trials is not told apart from luck
 
 
 def evidence_failures(evidence: dict) -> list[str]:
-    "Why a promoted configuration's sweep evidence fails the go-live bar (empty list: it passes)."
+    """Why a promoted configuration's sweep evidence fails the go-live bar (empty list: it passes). All four must
+    hold: DSR >= DSR_PASS, PBO <= PBO_FAIL, the walk-forward out-of-sample return after costs > 0, and the promoted
+    configuration's one score on the sweep's holdout after costs > 0 (the holdout looked at by no other configuration)."""
     out = []
     pbo, ret = evidence.get("pbo"), evidence.get("walk_forward_oos_return")
+    dsr = [v for v in (evidence.get("deflated_sharpe") or {}).values()]
+    if not (dsr and all(isinstance(v, (int, float)) and v >= DSR_PASS for v in dsr)):
+        out.append(f"deflated Sharpe ratio {_fig(min(dsr, default=None, key=lambda v: v if isinstance(v, (int, float)) else -1))} "
+                   f"below {DSR_PASS} or unknown (the best of {evidence.get('configs_tried')} trials is not told apart from luck)")
     if not (isinstance(pbo, (int, float)) and pbo <= PBO_FAIL):
-        out.append(f"probability of backtest overfitting {pbo} above {PBO_FAIL} or unknown (the sweep's best is likely luck)")
+        out.append(f"probability of backtest overfitting {_fig(pbo)} above {PBO_FAIL} or unknown (the sweep's best is likely luck)")
     if not (isinstance(ret, (int, float)) and ret > 0):
-        out.append(f"walk-forward out-of-sample return after costs {ret} is not positive (it loses money)")
+        out.append(f"walk-forward out-of-sample return after costs {_pct(ret)} is not positive (it loses money)")
+    ho, k = evidence.get("holdout_return"), evidence.get("holdout_configs_scored")
+    if not isinstance(ho, (int, float)):
+        out.append("no holdout score (a sweep without --holdout, or an older one): sweep again with a holdout and promote")
+    elif not ho > 0:
+        out.append(f"on the holdout (candles no sweep decision saw) it returns {_pct(ho)} after costs: no gain where it counts")
+    if isinstance(k, int) and k > 1:
+        out.append(f"the holdout has scored {k} configurations of this sweep: it was used to choose, so it no longer tests "
+                   "one; sweep again (new --id, newer candles) and promote once")
     synthetic = sorted(s for s, src in (evidence.get("sources") or {}).items() if str(src).startswith("synthetic"))
     if synthetic:
         out.append(f"its sweep ran on the synthetic market ({', '.join(synthetic)}), which says nothing about a real one")
     return out
+
+
+def _fig(v) -> str:
+    "A figure for a person: 3 decimals (None as 'unknown')."
+    return "unknown" if v is None else str(round(v, 3)) if isinstance(v, float) else str(v)
+
+
+def _pct(v) -> str:
+    "A return for a person: a signed percent with 2 decimals (None as 'unknown')."
+    return "unknown" if not isinstance(v, (int, float)) else f"{v:+.2%}"
 
 
 # %% ../nbs/05_strategy.ipynb #6f7005c6

@@ -34,14 +34,15 @@ from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_para
 from .features import fingerprint as feature_fingerprint
 from .strategy import StrategyCheckFailed, check_strategy, required_window
 from .data import synthetic_candles
+from .features import build_features
 
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'SweepError', 'parse_grid', 'grid_signals', 'run_grid',
-           'grid_trades', 'make_folds', 'block_stats', 'pbo_cscv', 'expected_max_sharpe', 'deflated_sharpe',
-           'walk_forward', 'finish_walk_forward', 'sweep_summary', 'pooled_configs', 'top_configs', 'sweep_task',
-           'task_list', 'task_path', 'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'promote',
-           'runner_env']
+__all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'HOLDOUT', 'MAX_HOLDOUT', 'CANDLES_DIR', 'SweepError',
+           'parse_grid', 'grid_signals', 'run_grid', 'grid_trades', 'make_folds', 'next_train', 'block_stats',
+           'pbo_cscv', 'expected_max_sharpe', 'deflated_sharpe', 'walk_forward', 'finish_walk_forward', 'next_table',
+           'sweep_summary', 'pooled_next', 'pooled_configs', 'top_configs', 'sweep_task', 'task_list', 'task_path',
+           'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'promote', 'runner_env']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
 class SweepError(CryptobotError, ValueError):
@@ -126,8 +127,11 @@ def _cross_cols(E, fi, si, EN, EX):
 
 def grid_signals(strategy, candles: pd.DataFrame, configs: list[dict], features=None):
     """`enter`, `exit` as (configs x bars) bool matrices. EmaCross: each distinct span's EMA once (the strategy's
-    own `ema`), crossings per column in numba; any other strategy: its `signals` per configuration."""
+    own `ema`), crossings per column in numba; any other strategy: its `signals` per configuration (a strategy that
+    `uses_features` gets `build_features(candles)` built here once, unless given)."""
     cls = resolve(strategy) if isinstance(strategy, str) else strategy
+    if cls.uses_features and features is None:
+        features = build_features(candles)                      # causal: each row from candles up to its bar
     m, n = len(configs), len(candles)
     EN, EX = np.zeros((m, n), np.bool_), np.zeros((m, n), np.bool_)
     if cls is EmaCross:
@@ -263,6 +267,13 @@ def make_folds(n: int, n_folds: int = 5, anchored: bool = False, train_segments:
         out.append({"fold": i, "train": (0 if anchored else i * seg, a), "test": (a, n if i == n_folds - 1 else a + seg)})
     return out
 
+
+def next_train(n: int, n_folds: int = 5, anchored: bool = False, train_segments: int = 1) -> tuple[int, int]:
+    """The training window of the fold after the last one: where the walk-forward procedure would choose the
+    configuration it trades next (the last `train_segments` segments up to bar `n`, or all of it when anchored)."""
+    seg = n // (n_folds + train_segments)
+    return (0 if anchored else n_folds * seg, n)
+
 # %% ../nbs/08_sweep.ipynb #0198c361
 def block_stats(returns, S: int) -> np.ndarray:
     "A (T x N) matrix of per-period returns as per-config, per-block (count, sum, sum of squares): shape (N, S, 3)."
@@ -337,7 +348,9 @@ def walk_forward(candles: pd.DataFrame, strategy, configs: list[dict], objective
                  slippage: float = SLIPPAGE, initial_cash: float = 10_000.0, blocks: int = 16, signals=None) -> dict:
     """Choose on each training window by `objective`, trade the choice on the next window (sold at its last close),
     stitch the out-of-sample equity beside buy-and-hold; the degradation in -> out of sample; PBO (CSCV, on the whole
-    span) and the deflated Sharpe ratio of the config best on the whole span against all `len(configs)` trials."""
+    span) and the deflated Sharpe ratio of the config best on the whole span against all `len(configs)` trials; and
+    `next`: every configuration ranked on the latest training window (`next_train`), where the procedure picks what
+    it trades next, with its own out-of-sample figures over the folds."""
     if objective not in OBJECTIVES:
         raise SweepError(f"--objective {objective}: use one of {sorted(OBJECTIVES)}")
     cls = resolve(strategy) if isinstance(strategy, str) else strategy
@@ -348,12 +361,16 @@ def walk_forward(candles: pd.DataFrame, strategy, configs: list[dict], objective
     grid.insert(2, "fold", grid["window"] // 2)
     grid.insert(3, "sample", np.where(grid["window"] % 2, "oos", "is"))
     whole, B = run_grid(candles, cls, configs, blocks=blocks, **kw)
-    return finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage, initial_cash)
+    nw = next_train(len(candles), n_folds, anchored, train_segments)
+    nxt = run_grid(candles, cls, configs, windows=[nw], end="exit", **kw)
+    return finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage, initial_cash,
+                               nxt=nxt, next_window=nw)
 
 # %% ../nbs/08_sweep.ipynb #8b945f08
 def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds, sizing, fee, slippage,
-                        initial_cash) -> dict:
-    "From the summaries (`grid`: per fold in/out of sample; `whole` and block sums `B`): choices, stitched equity, PBO, DSR."
+                        initial_cash, nxt=None, next_window=None) -> dict:
+    """From the summaries (`grid`: per fold in/out of sample; `whole` and block sums `B`; `nxt`: every configuration on
+    the latest training window `next_window`): choices, stitched equity, PBO, DSR, the next pick."""
     rows, eqs, cash = [], [], float(initial_cash)
     for f in folds:
         ins = grid[(grid.fold == f["fold"]) & (grid["sample"] == "is")].sort_values("config")
@@ -383,7 +400,27 @@ def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds,
            "degradation": float(fr["oos_" + objective].mean() - fr["is_" + objective].mean()),
            "pbo": pbo_cscv(B) if len(configs) >= 2 else None}
     out["dsr"] = _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage, initial_cash)
+    if nxt is not None:
+        out["next"] = next_table(configs, grid, nxt, objective)
+        out["next_train_start"] = candles.index[next_window[0]]
     return out
+
+
+def next_table(configs, grid, nxt, objective) -> pd.DataFrame:
+    """Every configuration ranked (best first, as `_pick`: NaN last, ties to the first) by `objective` on the latest
+    training window (`nxt`), the row first being what the walk-forward procedure trades next; beside it the
+    configuration's OWN out-of-sample figures over the folds' test windows: `own_oos_return` (its fold returns after
+    costs, compounded), the mean of its out-of-sample objective, its trades there."""
+    obj = OBJECTIVES[objective]
+    oos = grid[grid["sample"] == "oos"]
+    ret = oos.pivot(index="config", columns="fold", values="total_return")
+    t = pd.DataFrame(configs).assign(config=np.arange(len(configs)))
+    t["next_" + objective] = nxt.sort_values("config")[obj].to_numpy(float)
+    t["own_oos_return"] = (1 + ret).prod(axis=1).reindex(t["config"]).to_numpy() - 1
+    t["own_oos_" + objective] = oos.groupby("config")[obj].mean().reindex(t["config"]).to_numpy()
+    t["own_oos_trades"] = oos.groupby("config")["trades"].sum().reindex(t["config"]).to_numpy()
+    v = t["next_" + objective].replace(np.nan, -np.inf)
+    return t.assign(_v=v).sort_values(["_v", "config"], ascending=[False, True], kind="stable").drop(columns="_v").reset_index(drop=True)
 
 
 def _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage, initial_cash) -> dict:
@@ -415,9 +452,22 @@ def sweep_summary(sw: dict, top: int = 10) -> dict:
             "pbo": _json_safe(w["pbo"]["pbo"]) if w["pbo"] else None,
             "dsr": {k: _json_safe(v) for k, v in w["dsr"].items()},
             "folds": rec(w["folds"]), "top": rec(top_configs(sw, s, top))}
+        if "next" in w:                                   # what promote takes: the procedure's next pick first
+            out["symbols"][s].update(next=rec(w["next"].head(top)), next_train_start=_json_safe(w["next_train_start"]))
     if len(sw["symbols"]) > 1:
         out["pooled"] = rec(pooled_configs(sw, top))
+        if all("next" in w for w in sw["symbols"].values()):
+            out["pooled_next"] = rec(pooled_next(sw, top))
     return out
+
+
+def pooled_next(sw: dict, n: int = 10) -> pd.DataFrame:
+    "Across symbols: each configuration's objective on the latest training windows averaged (and its worst), best first."
+    o = sw["objective"]
+    v = pd.DataFrame({s: w["next"].sort_values("config")["next_" + o].to_numpy() for s, w in sw["symbols"].items()})
+    t = pd.DataFrame(sw["configs"]).assign(config=np.arange(len(sw["configs"])),
+                                           **{f"next_{o}": v.mean(axis=1), f"worst_next_{o}": v.min(axis=1)})
+    return t.sort_values([f"next_{o}", "config"], ascending=[False, True], na_position="last").head(n)
 
 
 def pooled_configs(sw: dict, n: int = 10) -> pd.DataFrame:
@@ -444,8 +494,9 @@ def top_configs(sw: dict, symbol: str, n: int = 10) -> pd.DataFrame:
 # %% ../nbs/08_sweep.ipynb #676367d0
 def sweep_task(candles: pd.DataFrame, strategy: str, configs: list[dict], first: int, fold: int, windows, blocks: int,
                settings: dict) -> pd.DataFrame:
-    """One unit of work (a block of configurations x one fold, or fold -1: the whole span with CSCV block sums), as a
-    summary frame: what a worker returns and what is stored; never an equity curve."""
+    """One unit of work (a block of configurations x one fold, or fold -1: the whole span with CSCV block sums; a fold
+    with one window is the latest training window, `sample` 'next'), as a summary frame: what a worker returns and
+    what is stored; never an equity curve."""
     if fold < 0:
         f, B = run_grid(candles, strategy, configs, blocks=blocks, **settings)
         for i, k in enumerate(("n", "s", "q")):
@@ -453,19 +504,21 @@ def sweep_task(candles: pd.DataFrame, strategy: str, configs: list[dict], first:
         f["sample"] = "whole"
     else:
         f = run_grid(candles, strategy, configs, windows=windows, end="exit", **settings)
-        f["sample"] = np.where(f["window"] == 1, "oos", "is")
+        f["sample"] = np.where(f["window"] == 1, "oos", "is") if len(windows) > 1 else "next"
     f["config"] += first
     f["fold"] = fold
     return f
 
 
 def task_list(n_configs: int, n_folds: int, block_size: int) -> list[tuple[int, int]]:
-    "(first config of the block, fold) for every task; fold -1 is the whole span (for PBO and DSR)."
-    return [(b, f) for b in range(0, n_configs, block_size) for f in [-1, *range(n_folds)]]
+    """(first config of the block, fold) for every task; fold -1 is the whole span (for PBO and DSR), fold `n_folds`
+    the latest training window (`next_train`: the pick `promote` takes)."""
+    return [(b, f) for b in range(0, n_configs, block_size) for f in [-1, *range(n_folds + 1)]]
 
 
-def task_path(root, symbol: str, first: int, fold: int):
-    return Path(root) / re.sub(r"[^A-Za-z0-9_.-]", "_", symbol) / f"c{first:07d}_{'whole' if fold < 0 else f'f{fold:02d}'}.parquet"
+def task_path(root, symbol: str, first: int, fold: int, n_folds: int | None = None):
+    name = "whole" if fold < 0 else "next" if fold == n_folds else f"f{fold:02d}"
+    return Path(root) / re.sub(r"[^A-Za-z0-9_.-]", "_", symbol) / f"c{first:07d}_{name}.parquet"
 
 
 def save_task(path, frame: pd.DataFrame) -> None:
@@ -480,6 +533,35 @@ def _fingerprint_candles(c: pd.DataFrame) -> str:
     for k in ("open", "high", "low", "close"):
         h.update(np.ascontiguousarray(c[k].to_numpy("float64")).tobytes())
     return h.hexdigest()[:16]
+
+
+HOLDOUT = 0.2          # the final share of the candles no sweep decision sees; promote scores its pick there, once
+MAX_HOLDOUT = 0.5
+CANDLES_DIR = "candles"
+
+
+def _safe(symbol: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", symbol)
+
+
+def _save_candles(path, c: pd.DataFrame) -> None:
+    "The sweep's candles (holdout included), atomically, beside its tasks: what `promote` scores the holdout on."
+    buf = io.BytesIO()
+    c[["open", "high", "low", "close", "volume"]].to_parquet(buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _same_spec(sweep_id: str, old: dict, new: dict) -> None:
+    "Refuse (one line naming what differs) to resume a sweep with settings, grid or data other than its start's."
+    old = {k: v for k, v in old.items() if k != "sources"}
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "(not set)") != new.get(k, "(not set)")]
+    if diff:
+        show = lambda v: (f"{len(v)} configurations" if isinstance(v, list) else "other candles" if isinstance(v, dict)  # noqa: E731
+                          else repr(v))
+        what = ", ".join(f"{k} {show(old.get(k, '(not set)'))} -> {show(new.get(k, '(not set)'))}" if k not in ("data", "holdout_start")
+                         else f"{k} differs" for k in diff)
+        raise SweepError(f"sweep {sweep_id} was started with other settings ({what}): resume it with the same ones, "
+                         "or start a new --id; results are never mixed")
 
 
 def _client(scheduler, n_tasks: int):
@@ -502,9 +584,13 @@ def _stderr(msg: str) -> None:
 def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, root="data/sweeps",
               objective: str = "sharpe", n_folds: int = 5, anchored: bool = False, train_segments: int = 1,
               blocks: int = 16, block_size: int = 64, sizing: str = "risk", fee: float = FEE, slippage: float = SLIPPAGE,
-              initial_cash: float = 10_000.0, scheduler: str | None = None, progress=_stderr) -> dict:
+              initial_cash: float = 10_000.0, scheduler: str | None = None, progress=_stderr,
+              holdout: float = HOLDOUT) -> dict:
     """The sweep over `data` (symbol -> candles): tasks symbol x block of configurations x fold, each stored under
-    `root/<sweep_id>/` as parquet as it finishes; a restart with the same id computes only the missing tasks.
+    `root/<sweep_id>/` as parquet as it finishes; a restart with the same id computes only the missing tasks, and is
+    refused (one line naming what differs) when any setting, the grid or the data differ from the start's.
+    The final `holdout` share of each symbol's candles is left out of every decision (folds, PBO, DSR, the next
+    pick): the candles are stored beside the tasks so that `promote` scores its one configuration there, once.
     `scheduler`: None (in-process for small sweeps, else a LocalCluster sized to the machine), 'inprocess',
     'local', or a dask scheduler address. Returns the walk-forward result per symbol."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", sweep_id or ""):
@@ -513,38 +599,44 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
         raise SweepError(f"--objective {objective}: use one of {sorted(OBJECTIVES)}")
     if scheduler not in (None, "inprocess", "local") and not re.fullmatch(r"(tcp|tls|inproc|ws|wss)://\S+", str(scheduler)):
         raise SweepError(f"--scheduler {scheduler}: use inprocess, local, or a dask address like tcp://HOST:8786")
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout <= MAX_HOLDOUT):
+        raise SweepError(f"--holdout {holdout}: a share of the candles between 0 and {MAX_HOLDOUT} (default {HOLDOUT})")
+    full, cut = data, {s: len(c) - int(round(len(c) * holdout)) for s, c in data.items()}
+    data = {s: c.iloc[:cut[s]] for s, c in full.items()}                    # the holdout never enters a decision
     folds = {s: make_folds(len(c), n_folds, anchored, train_segments) for s, c in data.items()}
     settings = dict(sizing=sizing, fee=float(fee), slippage=float(slippage), initial_cash=float(initial_cash))
-    spec = {"strategy": strategy, "configs": configs, "n_folds": n_folds, "anchored": anchored, "blocks": blocks,
-            "train_segments": train_segments, "block_size": block_size, **settings,
-            "data": {s: _fingerprint_candles(c) for s, c in data.items()}}
+    spec = {"strategy": strategy, "configs": configs, "objective": objective, "n_folds": n_folds, "anchored": anchored,
+            "blocks": blocks, "train_segments": train_segments, "block_size": block_size, **settings,
+            "holdout": float(holdout), "holdout_start": cut, "data": {s: _fingerprint_candles(c) for s, c in full.items()}}
     d = Path(root) / sweep_id
     man = d / "sweep.json"
     if man.exists():
-        old = json.loads(man.read_text())
-        if {k: v for k, v in old.items() if k not in ("objective", "sources")} != json.loads(json.dumps(spec)):
-            raise SweepError(f"sweep {sweep_id} exists in {d} with other settings, grid or data: use a new --id")
+        _same_spec(sweep_id, json.loads(man.read_text()), json.loads(json.dumps(spec)))
     else:
+        for s, c in full.items():                       # what promote scores the holdout on (the sweep never reads it)
+            _save_candles(d / CANDLES_DIR / f"{_safe(s)}.parquet", c)
         sources = {s: str(c.attrs.get("source", "unknown")) for s, c in data.items()}   # the audit refuses synthetic
-        atomic_write(man, json.dumps({**spec, "objective": objective, "sources": sources}, indent=1, default=str))
+        atomic_write(man, json.dumps({**spec, "sources": sources}, indent=1, default=str))
     for tmp in d.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)                                    # a killed write; its task is simply redone
     todo = [(s, b, f) for s in data for b, f in task_list(len(configs), n_folds, block_size)]
-    missing = [t for t in todo if not task_path(d, *t).exists()]
-    progress(f"sweep {sweep_id}: {len(todo)} tasks ({len(configs)} configurations x {n_folds} folds + whole span x "
-             f"{len(data)} symbol(s)); {len(todo) - len(missing)} already stored, {len(missing)} to compute")
+    missing = [t for t in todo if not task_path(d, *t, n_folds).exists()]
+    progress(f"sweep {sweep_id}: {len(todo)} tasks ({len(configs)} configurations x {n_folds} folds + whole span + "
+             f"latest training window x {len(data)} symbol(s); the last {holdout:.0%} of the candles held out); "
+             f"{len(todo) - len(missing)} already stored, {len(missing)} to compute")
     if scheduler is None:
         scheduler = "inprocess" if len(missing) * min(block_size, len(configs)) <= 2_000 else "local"
 
     def args(s, b, f):
-        win = [folds[s][f]["train"], folds[s][f]["test"]] if f >= 0 else None
+        win = (None if f < 0 else [next_train(len(data[s]), n_folds, anchored, train_segments)] if f == n_folds
+               else [folds[s][f]["train"], folds[s][f]["test"]])
         return strategy, configs[b:b + block_size], b, f, win, blocks, settings
 
     done = 0
 
     def store(t, frame):
         nonlocal done
-        save_task(task_path(d, *t), frame)
+        save_task(task_path(d, *t, n_folds), frame)
         done += 1
         if done == len(missing) or done % max(1, len(missing) // 20) == 0:
             progress(f"sweep {sweep_id}: {done}/{len(missing)} tasks computed")
@@ -567,19 +659,22 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
                 cluster.close()
     out = {"id": sweep_id, "path": str(d), "tasks": len(todo), "computed": len(missing), "reused": len(todo) - len(missing),
            "configs": configs, "strategy": strategy, "objective": objective,
-           "symbols": {s: load_sweep(d, s, data[s], strategy, configs, objective, folds[s], settings) for s in data}}
+           "holdout": float(holdout),
+           "symbols": {s: load_sweep(d, s, data[s], strategy, configs, objective, folds[s], settings,
+                                     next_train(len(data[s]), n_folds, anchored, train_segments)) for s in data}}
     atomic_write(d / "result.json", json.dumps(sweep_summary(out), indent=1) + "\n")     # what `promote` reads
     return out
 
 # %% ../nbs/08_sweep.ipynb #ef073330
-def load_sweep(d, symbol, candles, strategy, configs, objective, folds, settings) -> dict:
-    "A symbol's stored task files, assembled into the walk-forward result (choices, stitched equity, PBO, DSR)."
-    files = sorted((Path(d) / re.sub(r"[^A-Za-z0-9_.-]", "_", symbol)).glob("c*.parquet"))
+def load_sweep(d, symbol, candles, strategy, configs, objective, folds, settings, next_window=None) -> dict:
+    "A symbol's stored task files, assembled into the walk-forward result (choices, stitched equity, PBO, DSR, next pick)."
+    files = sorted((Path(d) / _safe(symbol)).glob("c*.parquet"))
     f = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
     whole = f[f["sample"] == "whole"].sort_values("config").reset_index(drop=True)
-    grid = f[f["sample"] != "whole"].sort_values(["fold", "window", "config"]).reset_index(drop=True)
+    nxt = f[f["sample"] == "next"].drop(columns=[c for c in f if c.startswith("blk")]).sort_values("config")
+    grid = f[f["sample"].isin(["is", "oos"])].sort_values(["fold", "window", "config"]).reset_index(drop=True)
     grid = grid.drop(columns=[c for c in grid if c.startswith("blk")])
-    if len(whole) != len(configs) or len(grid) != 2 * len(folds) * len(configs):
+    if len(whole) != len(configs) or len(grid) != 2 * len(folds) * len(configs) or len(nxt) != len(configs):
         raise SweepError(f"sweep {Path(d).name}/{symbol}: stored tasks incomplete ({len(whole)} of {len(configs)} "
                          "configurations): run the sweep again with the same --id to finish it")
     S = len([c for c in whole if c.endswith("_n") and c.startswith("blk")])
@@ -587,7 +682,8 @@ def load_sweep(d, symbol, candles, strategy, configs, objective, folds, settings
     whole = whole.drop(columns=[c for c in whole if c.startswith("blk")])
     grid["window"] = 2 * grid["fold"] + grid["window"]
     return finish_walk_forward(candles, resolve(strategy), configs, grid, whole, B, objective, folds,
-                               settings["sizing"], settings["fee"], settings["slippage"], settings["initial_cash"])
+                               settings["sizing"], settings["fee"], settings["slippage"], settings["initial_cash"],
+                               nxt=nxt.reset_index(drop=True), next_window=next_window)
 
 # %% ../nbs/08_sweep.ipynb #3f11790b
 def _heatmaps(sw: dict, symbol: str) -> list[dict]:
@@ -651,41 +747,60 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
 
 # %% ../nbs/08_sweep.ipynb #8857b1cf
 def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data", candles=None) -> dict:
-    """Write the sweep's rank-`rank` configuration (whole-span objective; pooled over symbols unless `symbol`) as a
-    strategy artifact the runner loads (`artifact_dir(data_dir, strategy)/strategy.json`), the sweep's evidence in it.
-    The configuration must pass the strategy check on `candles` (default: the synthetic market, a year or four
-    windows of the strategy), else
-    `StrategyCheckFailed` and no artifact; its record goes into the artifact."""
-    res = Path(sweep_dir) / "result.json"
+    """Write the configuration the sweep's walk-forward procedure trades next (rank 1: its pick on the latest training
+    window; rank k: the k-th there; pooled over symbols unless `symbol`) as a strategy artifact the runner loads
+    (`artifact_dir(data_dir, strategy)/strategy.json`), with its evidence: the procedure's stitched walk-forward
+    result, the configuration's own out-of-sample figures, PBO, DSR, and its one score on the sweep's holdout.
+    The configuration must pass the strategy check on `candles` (default: the candles the sweep stored for its
+    first symbol, or the synthetic market when they are too short for the strategy's window), else `StrategyCheckFailed` and no artifact; the check's record goes into the artifact."""
+    sweep_dir = Path(sweep_dir)
+    res = sweep_dir / "result.json"
     if not res.exists():
         raise SweepError(f"{sweep_dir}: no finished sweep there (result.json missing): run or resume `cryptobot sweep` first")
     js = json.loads(res.read_text())
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
     syms = list(js["symbols"])
     if symbol is not None and symbol not in syms:
         raise SweepError(f"--symbol {symbol}: not in sweep {js['id']}; it has {syms}")
-    table = js["symbols"][symbol or syms[0]]["top"] if (symbol or len(syms) == 1) else js["pooled"]
+    if any("next" not in js["symbols"][s] for s in syms) or "holdout" not in spec:
+        raise SweepError(f"sweep {js['id']} was made by an older cryptobot (no holdout, no latest-window pick): "
+                         "run it again under a new --id")
+    table = js["symbols"][symbol or syms[0]]["next"] if (symbol or len(syms) == 1) else js["pooled_next"]
     if not 1 <= rank <= len(table):
         raise SweepError(f"--rank {rank}: the sweep keeps its top {len(table)} configurations; use 1..{len(table)}")
     row = table[rank - 1]
-    spec = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    params = {k: row[k] for k in spec["configs"][row["config"]]}
+    j = int(row["config"])
+    params = dict(spec["configs"][j])
     strat = make_strategy(js["strategy"], params)
-    if candles is None:
-        candles = synthetic_candles(n=max(8_760, 4 * required_window(strat) + 2))
+    if candles is None:             # the sweep's own candles when they cover the check, else the synthetic market
+        candles = pd.read_parquet(sweep_dir / CANDLES_DIR / f"{_safe(symbol or syms[0])}.parquet")
+        if len(candles) < 3 * required_window(strat) + 2:
+            candles = synthetic_candles(n=max(8_760, 4 * required_window(strat) + 2))
     rep = check_strategy(strat, candles)
     if not rep.passed:
         raise StrategyCheckFailed(f"{spec_of(strat)} {strat.to_dict()} fails the strategy check on {rep.candles['bars']} "
                                   f"candles ({len(rep.findings)} finding(s)): {rep.lines()[0]}", rep.record())
     ev_syms = [symbol] if symbol else syms
+    W = {s: js["symbols"][s] for s in ev_syms}
+    own = {s: next(r for r in W[s]["next"] if r["config"] == j) if any(r["config"] == j for r in W[s]["next"]) else None
+           for s in ev_syms}
+    ho = {s: _holdout_score(sweep_dir, spec, js["strategy"], j, s) for s in ev_syms}
+    scored = _holdout_log(sweep_dir, j)
+    dsr = {s: W[s]["dsr"]["dsr"] for s in ev_syms}
     evidence = {"sweep_id": js["id"], "objective": js["objective"], "rank": rank, "configs_tried": js["configs"],
+                "selection": f"the walk-forward procedure's {'pick' if rank == 1 else f'rank-{rank} configuration'} "
+                             f"on its latest training window (by {js['objective']})",
                 "symbols": ev_syms, "data": {s: spec["data"][s] for s in ev_syms},
                 "sources": {s: spec.get("sources", {}).get(s, "unknown") for s in ev_syms},
                 "costs": {k: spec[k] for k in ("sizing", "fee", "slippage")}, "n_folds": spec["n_folds"],
-                "pbo": max(js["symbols"][s]["pbo"] if js["symbols"][s]["pbo"] is not None else float("inf") for s in ev_syms),
-                "walk_forward_oos_return": min(js["symbols"][s]["oos_return"] for s in ev_syms),
-                "buy_and_hold_return": {s: js["symbols"][s]["buy_and_hold_return"] for s in ev_syms},
-                "deflated_sharpe": {s: js["symbols"][s]["dsr"]["dsr"] for s in ev_syms},
-                "degradation": {s: js["symbols"][s]["degradation"] for s in ev_syms}, "configuration": row}
+                "pbo": max(W[s]["pbo"] if W[s]["pbo"] is not None else float("inf") for s in ev_syms),
+                "walk_forward_oos_return": min(W[s]["oos_return"] for s in ev_syms),
+                "own_oos_return": {s: (own[s] or {}).get("own_oos_return") for s in ev_syms},
+                "buy_and_hold_return": {s: W[s]["buy_and_hold_return"] for s in ev_syms},
+                "deflated_sharpe": dsr, "degradation": {s: W[s]["degradation"] for s in ev_syms},
+                "holdout_share": spec["holdout"], "holdout": ho,
+                "holdout_return": min((h["return"] for h in ho.values()), default=None) if all(ho.values()) else None,
+                "holdout_configs_scored": scored, "configuration": row}
     if evidence["pbo"] == float("inf"):
         evidence["pbo"] = None
     fp = strat.fingerprint()
@@ -696,6 +811,41 @@ def promote(sweep_dir, rank: int = 1, symbol: str | None = None, data_dir="data"
     path = artifact_dir(data_dir, strat) / STRATEGY_FILE
     atomic_write(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return {**manifest, "path": str(path)}
+
+
+def _holdout_score(sweep_dir: Path, spec: dict, strategy: str, j: int, symbol: str) -> dict | None:
+    """Configuration `j` on `symbol`'s holdout (the candles after `holdout_start`, signals from the full history,
+    sold at the last close), after the sweep's costs and sizing; None when the sweep kept no holdout."""
+    lo = spec["holdout_start"][symbol]
+    c = pd.read_parquet(sweep_dir / CANDLES_DIR / f"{_safe(symbol)}.parquet")
+    if _fingerprint_candles(c) != spec["data"][symbol]:
+        raise SweepError(f"sweep {sweep_dir.name}: the stored candles of {symbol} are not the ones swept: "
+                         "run the sweep again under a new --id")
+    if lo >= len(c) - 1:
+        return None
+    cls, p = resolve(strategy), spec["configs"][j]
+    s = cls(**p)
+    en, ex = grid_signals(cls, c, [p])
+    cash = float(spec["initial_cash"])
+    tr, eq, _ = _simulate(c.iloc[lo:], en[0, lo:], ex[0, lo:], None, None, spec["fee"], spec["slippage"], cash,
+                          spec["sizing"], s.max_hold, s.take_profit_pct, end="exit")
+    r = eq[1:] / eq[:-1] - 1
+    per_year, _ = _per_year(c)
+    sd = float(r.std(ddof=1)) if len(r) > 1 else 0.0
+    op = float(c["open"].iloc[lo]) * (1 + spec["slippage"]) * (1 + spec["fee"])
+    return {"start": str(c.index[lo]), "bars": len(c) - lo, "return": float(eq[-1] / cash - 1), "trades": len(tr),
+            "sharpe": float(r.mean() / sd * math.sqrt(per_year)) if sd > 0 else None,
+            "buy_and_hold_return": float(c["close"].iloc[-1] / op - 1)}
+
+
+def _holdout_log(sweep_dir: Path, j: int) -> int:
+    "Record that configuration `j` was scored on the sweep's holdout; how many distinct configurations have been."
+    p = sweep_dir / "holdout.json"
+    seen = json.loads(p.read_text())["configs_scored"] if p.exists() else []
+    if j not in seen:
+        seen.append(j)
+        atomic_write(p, json.dumps({"configs_scored": seen}) + "\n")
+    return len(seen)
 
 # %% ../nbs/08_sweep.ipynb #d5fc7dbd
 def runner_env(manifest: dict) -> dict[str, str]:

@@ -76,7 +76,8 @@ def _promoted(data_dir, strat, sym):
     p = save_strategy_artifact(strat, artifact_dir(data_dir, strat) / sym.replace("/", ""), symbol=sym, timeframe="1h")
     m = json.loads(p.read_text())
     m["evidence"] = {"sweep_id": "s1", "rank": 1, "configs_tried": 12, "objective": "sharpe", "n_folds": 4,
-                     "symbols": [sym], "pbo": 0.2, "walk_forward_oos_return": 0.05, "sources": {sym: "binance"}}
+                     "symbols": [sym], "pbo": 0.2, "walk_forward_oos_return": 0.05, "sources": {sym: "binance"},
+                     "deflated_sharpe": {sym: 0.99}, "holdout_return": 0.02, "holdout_configs_scored": 1}
     p.write_text(json.dumps(m))
     return p
 

@@ -166,7 +166,7 @@ def test_a_killed_sweep_resumes_and_computes_only_what_is_missing(real, tmp_path
     from cryptobot.sweep import run_sweep
     grid = ["fast=4:60:2", "slow=20:300:10"]
     cfg = parse_grid(grid)
-    total = len(range(0, len(cfg), 8)) * 4
+    total = len(range(0, len(cfg), 8)) * 5              # whole span + 3 folds + the latest training window
     p = _run_in_subprocess(tmp_path, "killed", REAL, grid)
     store = tmp_path / "killed" / "BTC"
     t0 = time.monotonic()
@@ -239,20 +239,22 @@ def test_cli_sweep_of_500_plus_configurations_on_the_real_file_writes_report_and
             "--scheduler", "inprocess", "--json", "out.json"]
     p = _cli(args, tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "sweep real: 78 tasks" in p.stderr and "78/78 tasks computed" in p.stderr     # progress on stderr
+    assert "sweep real: 91 tasks" in p.stderr and "91/91 tasks computed" in p.stderr     # progress on stderr
     js = json.loads((tmp_path / "out.json").read_text())
-    assert js["configs"] == 786 and js["computed"] == 78
+    assert js["configs"] == 786 and js["computed"] == 91
     x = js["symbols"][REAL.stem]
     assert len(x["folds"]) == 5 and len(x["top"]) == 10 and 0 <= x["pbo"] <= 1 and 0 <= x["dsr"]["dsr"] <= 1
-    assert x["buy_and_hold_return"] > 1 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)
+    assert x["buy_and_hold_return"] > 0 and {"oos_return", "oos_max_drawdown", "degradation"} <= set(x)   # to the holdout
+    assert x["next"][0]["config"] == js["symbols"][REAL.stem]["next"][0]["config"] and len(x["next"]) == 10
     page = (tmp_path / "reports" / "sweep-real.html").read_text()
     assert page.count("Plotly.newPlot") == 2 and '"type": "heatmap"' in page and "<script src=" not in page
     assert "probability of backtest overfitting" in page and "deflated Sharpe ratio" in page
-    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "result.json", "sweep.json"]
+    assert sorted(p.name for p in (tmp_path / "data" / "sweeps" / "real").iterdir()) == [REAL.stem, "candles", "result.json",
+                                                                                        "sweep.json"]
     again = _cli(args, tmp_path)
-    assert again.returncode == 0 and "78 already stored, 0 to compute" in again.stderr
+    assert again.returncode == 0 and "91 already stored, 0 to compute" in again.stderr
     js2 = json.loads((tmp_path / "out.json").read_text())
-    assert js2["reused"] == 78 and js2["symbols"] == js["symbols"]
+    assert js2["reused"] == 91 and js2["symbols"] == js["symbols"]
 
 
 @pytest.mark.parametrize("grid,says", [(["--grid", "fast=1:9:1"], "--grid fast"), (["--grid", "speed=3"], "--grid speed"),
@@ -268,7 +270,7 @@ def test_cli_promote_writes_the_chosen_configuration_with_its_evidence(tmp_path)
     p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "3000", "--grid", "fast=5:15:5", "--grid", "slow=30,60",
               "--folds", "2", "--id", "s1", "--scheduler", "inprocess", "--json", "s.json"], tmp_path)
     assert p.returncode == 0, p.stderr
-    top = next(iter(json.loads((tmp_path / "s.json").read_text())["symbols"].values()))["top"]
+    top = next(iter(json.loads((tmp_path / "s.json").read_text())["symbols"].values()))["next"]   # the latest window's ranking
     q = _cli(["promote", "s1", "--rank", "2"], tmp_path)
     assert q.returncode == 0, q.stderr
     [art] = list((tmp_path / "data" / "strategies").glob("*/strategy.json"))
@@ -298,3 +300,109 @@ def test_the_live_path_and_the_cli_import_no_dask_and_no_sweep():
             "'cryptobot.sweep') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing cryptobot.live / cryptobot.cli pulled in {out}"
+
+
+SETTINGS_KW = dict(objective="sharpe", n_folds=3, fee=0.001, sizing="full", holdout=0.2)
+
+
+@pytest.mark.parametrize("key,other", [("objective", "calmar"), ("n_folds", 2), ("fee", 0.002), ("sizing", "risk"),
+                                       ("holdout", 0.1), ("slippage", 0.001)])
+def test_a_sweep_resumed_with_other_settings_is_refused_in_one_line_naming_them(tmp_path, key, other):
+    from cryptobot.sweep import run_sweep
+    c = synthetic_candles(n=3000, seed=4)
+    cfg = parse_grid(["fast=5,10", "slow=30,60"])
+    kw = dict(SETTINGS_KW, slippage=0.0, block_size=8, blocks=4, scheduler="inprocess", progress=lambda m: None)
+    run_sweep({"S": c}, "ema_cross", cfg, "one", tmp_path, **kw)
+    stored = sorted(p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.parquet"))
+    with pytest.raises(SweepError) as e:
+        run_sweep({"S": c}, "ema_cross", cfg, "one", tmp_path, **{**kw, key: other})
+    msg = str(e.value)
+    assert "\n" not in msg and key in msg and "new --id" in msg, msg
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.parquet")) == stored   # nothing mixed in
+
+
+def test_the_holdout_is_out_of_every_sweep_decision(tmp_path):
+    "Two candle sets equal up to the holdout: the same sweep (folds, PBO, DSR, next pick); only promote's holdout differs."
+    from cryptobot.sweep import promote, run_sweep
+    a = synthetic_candles(n=4000, seed=8)
+    b = a.copy()
+    b.iloc[3200:, :4] = a.iloc[3200:, :4].to_numpy()[::-1] * 0.9 + 1.0      # another market after bar 3200
+    b["high"], b["low"] = b[["open", "high", "low", "close"]].max(axis=1), b[["open", "high", "low", "close"]].min(axis=1)
+    cfg = parse_grid(["fast=5:25:5", "slow=40:120:40"])
+    kw = dict(n_folds=3, block_size=64, blocks=8, sizing="full", fee=0.001, slippage=0.0, scheduler="inprocess",
+              progress=lambda m: None)
+    sa, sb = (run_sweep({"S": x}, "ema_cross", cfg, i, tmp_path / "sw", **kw) for x, i in ((a, "a"), (b, "b")))
+    assert _figures(sa) == _figures(sb)
+    pd.testing.assert_frame_equal(sa["symbols"]["S"]["next"], sb["symbols"]["S"]["next"])
+    assert sa["symbols"]["S"]["equity"].index[-1] == a.index[3199]             # the walk-forward stops before the holdout
+    ma, mb = (promote(tmp_path / "sw" / i, data_dir=tmp_path / i) for i in ("a", "b"))
+    assert ma["params"] == mb["params"]
+    ha, hb = ma["evidence"]["holdout"]["S"], mb["evidence"]["holdout"]["S"]
+    assert ha["start"] == hb["start"] == str(a.index[3200]) and ha["bars"] == 800 and ha["return"] != hb["return"]
+    assert ma["evidence"]["holdout_return"] == ha["return"] and ma["evidence"]["holdout_share"] == 0.2
+
+
+def test_promote_takes_the_procedures_next_pick_and_shows_its_own_out_of_sample_figures(tmp_path):
+    "Not the whole-span best: what the walk-forward procedure would choose on its latest training window."
+    from cryptobot.sweep import make_folds, next_train, promote, run_sweep
+    c = synthetic_candles(n=5000, seed=3)
+    cfg = parse_grid(["fast=5:30:5", "slow=40:200:40"])
+    sw = run_sweep({"S": c}, "ema_cross", cfg, "p", tmp_path / "sw", n_folds=4, sizing="full", fee=0.001, slippage=0.0,
+                   scheduler="inprocess", progress=lambda m: None)
+    w = sw["symbols"]["S"]
+    ins = c.iloc[:4000]
+    lo, hi = next_train(len(ins), 4)
+    assert (lo, hi) == (make_folds(len(ins), 4)[-1]["test"])                 # rolling, 1 segment: the last test window
+    m = promote(tmp_path / "sw" / "p", data_dir=tmp_path)
+    j = m["evidence"]["configuration"]["config"]
+    assert m["params"]["fast"] == cfg[j]["fast"] and m["params"]["slow"] == cfg[j]["slow"]
+    assert j == int(w["next"]["config"].iloc[0]) and j == int(w["grid"].query("fold == 3 and sample == 'oos'")
+                                                             .set_index("config").sharpe.idxmax())
+    whole_best = int(w["whole"].sharpe.idxmax())
+    assert j != whole_best, "choose a seed where the two differ, or the test shows nothing"
+    own = np.prod([1 + r for r in w["grid"].query("sample == 'oos' and config == @j").sort_values("fold").total_return]) - 1
+    assert m["evidence"]["own_oos_return"]["S"] == pytest.approx(own, rel=1e-12)
+    assert m["evidence"]["walk_forward_oos_return"] == w["oos_return"] != pytest.approx(own)
+    # a second configuration scored on the same holdout spends it: the bar fails whatever the figures
+    m2 = promote(tmp_path / "sw" / "p", rank=2, data_dir=tmp_path / "other")
+    assert m2["evidence"]["holdout_configs_scored"] == 2 and any("holdout has scored 2" in f for f in m2["evidence_failures"])
+    m3 = promote(tmp_path / "sw" / "p", rank=1, data_dir=tmp_path / "third")            # the first again: the same score
+    assert m3["evidence"]["holdout"] == m["evidence"]["holdout"] and m3["evidence"]["holdout_configs_scored"] == 2
+
+
+def test_a_strategy_that_uses_features_is_swept_with_its_features_built(tmp_path, monkeypatch):
+    from cryptobot.features import build_features
+    from cryptobot.sweep import promote, run_sweep, walk_forward
+    (tmp_path / "featstrat.py").write_text(
+        "from cryptobot.strategy import Param, Strategy\n"
+        "class RsiFeature(Strategy):\n"
+        "    uses_features = True\n"
+        "    params = {'lower': Param(float, 30.0, 1.0, 50.0), 'upper': Param(float, 70.0, 50.0, 99.0)}\n"
+        "    def signals(self, candles, features=None):\n"
+        "        r = features['rsi_14'].reindex(candles.index)\n"
+        "        return (r < self.lower).fillna(False), (r > self.upper).fillna(False)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    c = synthetic_candles(n=3000, seed=6)
+    cfg = parse_grid(["lower=25,30", "upper=70,75"], "featstrat:RsiFeature")
+    res = run_grid(c, "featstrat:RsiFeature", cfg, sizing="full", fee=0.001, slippage=0.0)
+    f = build_features(c)
+    for j, p in enumerate(cfg):
+        from featstrat import RsiFeature
+        _same(res.iloc[j], backtest(c, RsiFeature(**p), features=f, sizing="full", fee=0.001, slippage=0.0).stats)
+    assert res.trades.sum() > 0
+    wf = walk_forward(c, "featstrat:RsiFeature", cfg, n_folds=2, sizing="full", fee=0.001, slippage=0.0, blocks=4)
+    assert len(wf["folds"]) == 2 and "next" in wf
+    run_sweep({"S": c}, "featstrat:RsiFeature", cfg, "f", tmp_path / "sw", n_folds=2, blocks=4, scheduler="inprocess",
+              progress=lambda m: None)
+    assert promote(tmp_path / "sw" / "f", data_dir=tmp_path)["evidence"]["holdout"]["S"]["bars"] == 600
+
+
+def test_sweep_and_promote_print_figures_rounded_for_a_person(tmp_path):
+    import re
+    p = _cli(["sweep", "--data", "synthetic", "--n-synthetic", "3000", "--grid", "fast=5:15:5", "--grid", "slow=30,60",
+              "--folds", "2", "--id", "r", "--scheduler", "inprocess"], tmp_path)
+    q = _cli(["promote", "r"], tmp_path)
+    assert p.returncode == 0 and q.returncode == 0, p.stderr + q.stderr
+    out = p.stdout + q.stdout + q.stderr
+    assert "PBO" in q.stdout and "DSR" in q.stdout and "holdout" in q.stdout
+    assert not re.search(r"\d\.\d{4,}", out), out                           # no 0.27513597513597515
