@@ -931,7 +931,7 @@ class Room:
     "What the portfolio limits leave for one new entry (`Guardian.room`)."
     positions: tuple[str, ...]     # client order ids open or committed: filled, sent, or approved on this candle
     open_risk: float               # sum of amount × (entry − stop) over them
-    reserved_quote: float          # cash (notional + fee) of this candle's approvals for other symbols
+    reserved_quote: float          # cash of this candle's entries for other symbols: spent, or notional × cash_factor
     max_positions: int
     risk_budget: float             # max_total_risk_pct of equity
 
@@ -944,9 +944,20 @@ class Room:
         return max(0.0, self.risk_budget - self.open_risk)
 
 
+def _cash_factor(self) -> float:
+    "Quote committed per unit of planned notional: (1 + fee)(1 + slippage allowance), the settings' or the engine's."
+    s = self.settings
+    return max(self.risk_engine.cash_factor, (1 + s.fee_pct / 100) * (1 + s.slippage_pct / 100))
+
+
+def _spent_quote(fills: list, quote: str) -> float:
+    "Quote an entry's fills took: price × amount (a buy's fee is in the base on Binance), plus any fee paid in quote."
+    return sum(f["price"] * f["amount"] + ((f["fee"] or 0.0) if f["fee_currency"] == quote else 0.0) for f in fills)
+
+
 def _book_risk(self, candle_time) -> tuple[dict, float]:
     "({client id: risk} of every position open or committed, cash reserved by this candle's approvals) per symbol."
-    s, j, fee = self.settings, self.journal, self.settings.fee_pct / 100
+    s, j, factor = self.settings, self.journal, self.cash_factor
     book, reserved = {}, {}
     for p in j.open_positions():
         it = j.intent(p["client_order_id"]) or {}
@@ -964,7 +975,10 @@ def _book_risk(self, candle_time) -> tuple[dict, float]:
             continue                                  # ended unfilled: neither a position nor spent cash
         if not j._query("SELECT 1 FROM trades WHERE trade_key = ?", (d["client_order_id"],)):
             book.setdefault(d["client_order_id"], plan.get("risk_amount", 0.0))
-        reserved[d["symbol"]] = reserved.get(d["symbol"], 0.0) + plan.get("notional", 0.0) * (1 + fee)
+        spent = _spent_quote(j.fills(d["client_order_id"]), str(d["symbol"]).partition("/")[2])
+        held = plan.get("notional", 0.0) * factor      # the worst case the entry may take: fee and slippage allowance
+        final = last is not None and last["status"] in FINAL_STATUSES and spent > 0
+        reserved[d["symbol"]] = reserved.get(d["symbol"], 0.0) + (spent if final else max(held, spent))
     return book, reserved
 
 
@@ -975,8 +989,9 @@ def _room(self, symbol: str, candle_time, equity: float) -> Room:
                 self.settings.max_open_positions, float(equity) * self.settings.max_total_risk_pct / 100)
 
 
+Guardian.cash_factor = property(_cash_factor)
 Guardian._book_risk, Guardian.room = _book_risk, _room
-del _book_risk, _room
+del _cash_factor, _book_risk, _room
 
 # %% ../nbs/11_guardian.ipynb #47a04295
 def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
@@ -999,10 +1014,11 @@ def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
         if room.open_risk + risk > room.risk_budget * (1 + 1e-9):
             out.append(F(Reason.TOTAL_RISK, f"open risk {room.open_risk:.8g} + this entry's {risk:.8g} > "
                                             f"{s.max_total_risk_pct:g}% of equity {E:.8g} ({room.risk_budget:.8g})"))
-        need, cash = plan.notional * (1 + s.fee_pct / 100), ctx.free_quote - room.reserved_quote
+        need, cash = plan.notional * self.cash_factor, ctx.free_quote - room.reserved_quote
         if room.reserved_quote > 0 and need > cash * (1 + 1e-9):
-            out.append(F(Reason.CASH_COMMITTED, f"notional + fee {need:.8g} > free quote {ctx.free_quote:.8g} less "
-                                                f"{room.reserved_quote:.8g} committed to this candle's other entries"))
+            out.append(F(Reason.CASH_COMMITTED, f"notional + fee + slippage allowance {need:.8g} > free quote "
+                                                f"{ctx.free_quote:.8g} less {room.reserved_quote:.8g} committed to "
+                                                f"this candle's other entries"))
         return out
 
     def symbol_lock():
@@ -1121,7 +1137,8 @@ def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Marke
     if room.slots < 1 or cash <= 0 or pct < LIMITS["risk_pct"].lo:
         return full                                   # no room: approve() denies it, with the reason
     eng = RiskEngine(stop_loss_pct=r.stop_loss_pct, risk_pct=pct, leverage=r.leverage,
-                     stop_limit_buffer_pct=r.stop_limit_buffer_pct, fee_pct=r.fee_pct)
+                     stop_limit_buffer_pct=r.stop_limit_buffer_pct, fee_pct=r.fee_pct,
+                     slippage_pct=max(r.slippage_pct, self.settings.slippage_pct))
     down = eng.plan(price, ctx.equity, cash, mk, symbol)
     if type(down) is not Plan:
         return full

@@ -213,25 +213,34 @@ class RiskEngine:
     "Stop, size and precision for long spot entries, within the safety ceilings."
 
     def __init__(self, stop_loss_pct: float = 1.5, risk_pct: float = 1.0, leverage: float = 1.0,
-                 stop_limit_buffer_pct: float = 0.5, fee_pct: float = 0.1):
+                 stop_limit_buffer_pct: float = 0.5, fee_pct: float = 0.1, slippage_pct: float = 0.0):
         fix = "pass a value inside the ceiling (see cryptobot.config.LIMITS)"
         for name, v in (("stop_loss_pct", stop_loss_pct), ("risk_pct", risk_pct), ("leverage", leverage),
-                        ("stop_limit_buffer_pct", stop_limit_buffer_pct), ("fee_pct", fee_pct)):
+                        ("stop_limit_buffer_pct", stop_limit_buffer_pct), ("fee_pct", fee_pct),
+                        ("slippage_pct", slippage_pct)):
             check_limit(name, v, key=f"RiskEngine {name}", fix=fix)
         self.stop_loss_pct, self.risk_pct, self.leverage = float(stop_loss_pct), float(risk_pct), float(leverage)
         self.stop_limit_buffer_pct, self.fee_pct = float(stop_limit_buffer_pct), float(fee_pct)
+        self.slippage_pct = float(slippage_pct)
         self._s, self._r = _frac(stop_loss_pct) / 100, _frac(risk_pct) / 100
         self._lev, self._b, self._fee = _frac(leverage), _frac(stop_limit_buffer_pct) / 100, _frac(fee_pct) / 100
+        self._cost = (1 + self._fee) * (1 + _frac(slippage_pct) / 100)   # quote per unit of notional, worst case
+
+    @property
+    def cash_factor(self) -> float:
+        "Quote committed per unit of notional: (1 + fee)(1 + slippage allowance), the most a market buy may take."
+        return (1 + self.fee_pct / 100) * (1 + self.slippage_pct / 100)
 
     @classmethod
     def from_settings(cls, s: "Settings") -> "RiskEngine":
         "The engine the validated settings describe."
         return cls(stop_loss_pct=s.stop_loss_pct, risk_pct=s.risk_pct, leverage=s.leverage,
-                   stop_limit_buffer_pct=s.stop_limit_buffer_pct, fee_pct=s.fee_pct)
+                   stop_limit_buffer_pct=s.stop_limit_buffer_pct, fee_pct=s.fee_pct, slippage_pct=s.slippage_pct)
 
     def __repr__(self):
         return (f"RiskEngine(stop_loss_pct={self.stop_loss_pct:g}, risk_pct={self.risk_pct:g}, leverage={self.leverage:g}, "
-                f"stop_limit_buffer_pct={self.stop_limit_buffer_pct:g}, fee_pct={self.fee_pct:g})")
+                f"stop_limit_buffer_pct={self.stop_limit_buffer_pct:g}, fee_pct={self.fee_pct:g}, "
+                f"slippage_pct={self.slippage_pct:g})")
 
 # %% ../nbs/09_risk.ipynb #6260564f
 def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fraction] | Rejection:
@@ -262,7 +271,7 @@ def _float_ok(self, amount: Fraction, entry: Fraction, stop: Fraction, equity: f
               market: Market) -> bool:
     "The Plan's float fields against the caps, as a caller comparing them would compute them."
     notional, risk = float(amount * entry), float(amount * (entry - stop))
-    return (notional <= equity * self.leverage and notional * (1 + self.fee_pct / 100) <= free_quote
+    return (notional <= equity * self.leverage and notional * self.cash_factor <= free_quote
             and risk <= equity * self.risk_pct / 100 and notional <= market.max_notional
             and float(amount) <= market.max_amount)
 
@@ -272,7 +281,7 @@ def _size(self, entry: Fraction, stop: Fraction, equity, free_quote, market: Mar
     E, Q = _frac(equity), _frac(free_quote)
     caps = {"risk": E * self._r / (entry - stop),
             "leverage": E * self._lev / entry,
-            "cash": Q / (entry * (1 + self._fee)),
+            "cash": Q / (entry * self._cost),
             "max_amount": _frac(market.max_amount) if math.isfinite(market.max_amount) else None,
             "max_notional": _frac(market.max_notional) / entry if math.isfinite(market.max_notional) else None}
     limited_by = min((k for k in caps if caps[k] is not None), key=lambda k: caps[k])
@@ -365,8 +374,9 @@ def _check(self, plan, market: Market = Market(), free_quote=None) -> Rejection 
     if free_quote is not None:
         if not (isinstance(free_quote, Real) and math.isfinite(free_quote)):
             return bad(f"free_quote={free_quote!r} is not a finite number")
-        if plan.notional * (1 + self.fee_pct / 100) > free_quote * (1 + rel):
-            return bad(f"notional {plan.notional:.8g} plus {self.fee_pct:g}% fee exceeds free quote {free_quote:.8g}")
+        if plan.notional * self.cash_factor > free_quote * (1 + rel):
+            return bad(f"notional {plan.notional:.8g} plus {self.fee_pct:g}% fee and {self.slippage_pct:g}% slippage "
+                       f"allowance exceeds free quote {free_quote:.8g}")
     return None
 
 

@@ -474,3 +474,143 @@ def test_divergences_after_a_kill_switch_lock_are_explained_as_kill_switch():
     assert [d["explained"] for d in out] == [None, "kill_switch", "kill_switch", None]
     assert A.explain_lock_divergences(divs, []) == divs                      # no lock: nothing explained
     assert [d["explained"] for d in A.explain_lock_divergences(divs, [(lock_ts, "daily loss limit")])] == [None] * 4
+
+
+# ------------------------------------------------------------------------------------------------ the account behind the stops
+# The audit asks the exchange (the emulator on 127.0.0.1 through the real ccxt client) for every configured symbol's
+# balance and open orders before it says a stop is in place or that no position can be open.
+AKEY, ASECRET = "audit-key-7f31", "audit-secret-Qm22x"
+SYMS3 = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+
+
+def _emulator(symbols, balances):
+    from cryptobot.data import synthetic_candles
+    from cryptobot.emulator import Emulator
+    candles = {sym: synthetic_candles(n=900, seed=5 + k, start_price=10_000.0 / (1, 20, 100)[k])
+               for k, sym in enumerate(symbols)}
+    emu = Emulator(candles, timeframe="1h", balances=balances, api_key=AKEY, api_secret=ASECRET, clock="stepped",
+                   start=640)
+    emu.start()
+    return emu
+
+
+def _stops_check(s, **kw):
+    with A.Evidence(s, backtest=False, env_files=[], **kw) as ev:
+        return A.run_check("stops_on_exchange", ev)
+
+
+@pytest.mark.parametrize("symbols,coin", [(("BTC/USDT",), "BTC"), (SYMS3, "ETH")])
+@pytest.mark.parametrize("journal", ["deleted", "flat"])
+def test_coin_on_the_exchange_without_a_journaled_position_fails_naming_the_symbol(tmp_path, symbols, coin, journal):
+    """The journal is gone (or replaced by an empty one) while the account holds coin: an unknown position, FAIL naming
+    its symbol (CRYPTOBOT_SYMBOLS or one symbol alike) — never "no position can be open"."""
+    from cryptobot.journal import Journal
+    emu = _emulator(symbols, {"USDT": 1_000, coin: 0.17922})
+    try:
+        s = settings_for(tmp_path, exchange_url=emu.base_url, api_key=AKEY, api_secret=ASECRET, symbols=symbols)
+        if journal == "flat":
+            s.state_dir.mkdir(parents=True)
+            Journal(s.state_dir / "journal.sqlite").close()
+        c = _stops_check(s)
+        sym = f"{coin}/USDT"
+        assert c.status == A.FAIL, c
+        assert c.detail.startswith(f"{sym}: the exchange holds 0.17922 {coin} and the journal no open position"), c
+        assert all(f"{o}:" not in c.detail for o in symbols if o != sym), c
+        assert "asked the exchange" in c.evidence, c
+    finally:
+        emu.stop()
+
+
+def test_without_access_the_stop_check_warns_never_passes(tmp_path):
+    "No keys, no emulator URL, no paper book: no journal, a flat journal, a journaled position with its stop: WARN."
+    from cryptobot.journal import Journal
+    s = settings_for(tmp_path)
+    c = _stops_check(s)
+    assert c.status == A.WARN and "no journal" in c.evidence and "the exchange was not asked" in c.detail, c
+    s.state_dir.mkdir(parents=True)
+    with Journal(s.state_dir / "journal.sqlite") as j:
+        c = _stops_check(s)
+        assert c.status == A.WARN and "0 open position(s)" in c.evidence, c
+        j.record_intent("cbe-1", s.symbol, "buy", "market", 0.01, purpose="entry", candle_time=time.time() - 3600)
+        j.record_order_status("cbe-1", "closed", exchange_id="1", filled=0.01, average=50_000.0)
+        j.record_intent("cbs-1", s.symbol, "sell", "stop_loss_limit", 0.01, price=49_000.0, stop_price=49_250.0,
+                        purpose="stop", candle_time=time.time() - 3600)
+        j.record_order_status("cbs-1", "open", exchange_id="2")
+    c = _stops_check(s)
+    assert c.status == A.WARN and "cbs-1" in c.evidence and "journal evidence only" in c.evidence, c
+    c = _stops_check(dataclasses.replace(s, exchange_url="http://127.0.0.1:9", api_key=None, api_secret=None))
+    assert c.status == A.WARN and "asking the exchange (http://127.0.0.1:9) failed" in c.evidence, c   # unreachable
+
+
+@pytest.fixture
+def protected(tmp_path):
+    "A runner (the real one, paper mode against the emulator) that entered BTC and placed its stop; then stopped."
+    from cryptobot.live import start_runner
+    from cryptobot.strategy import make_strategy, save_strategy_artifact
+    emu = _emulator(("BTC/USDT",), {"USDT": 10_000})
+    strat = make_strategy("ema_cross", {"fast": 3, "slow": 8})
+    s = settings_for(tmp_path, exchange_url=emu.base_url, api_key=AKEY, api_secret=ASECRET)
+    art = save_strategy_artifact(strat, tmp_path / "art", symbol="BTC/USDT", timeframe="1h").parent
+    try:
+        r = start_runner(s, "paper", art, strategy=strat, settle_s=0.0, poll_s=0.02, min_poll_s=0.01,
+                         executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
+                         retry={"retries": 2, "base_delay": 0.05, "max_delay": 0.2}, rate_limit_ms=1.0)
+        try:
+            for k in range(200):
+                if k:
+                    emu.advance(1)
+                r.step()
+                r.queue.drain(60)
+                pos = r.executor.position()
+                if pos is not None and pos.stop_cid:
+                    break
+            assert pos is not None and pos.stop_cid, "no protected position in 200 candles"
+        finally:
+            r.close()
+            r.journal.close()
+        yield emu, s, pos
+    finally:
+        emu.stop()
+
+
+def _client(emu):
+    from cryptobot.client import make_client
+    c = make_client(api_key=AKEY, api_secret=ASECRET, base_url=emu.base_url)
+    c.load_markets()
+    return c
+
+
+def test_a_protected_position_passes_with_the_accounts_balance_and_stop(protected):
+    emu, s, pos = protected
+    c = _stops_check(s)
+    assert c.status == A.PASS, c
+    held = float(_client(emu).fetch_balance()["BTC"]["total"])
+    assert f"the exchange holds {held:g} BTC" in c.evidence and f"stop {pos.stop_cid}" in c.evidence, c
+    assert "on the exchange: sell" in c.evidence and "asked the exchange" in c.evidence, c
+
+
+@pytest.mark.parametrize("what", ["smaller_stop", "buy_order", "journal_deleted"])
+def test_the_account_against_the_stop_fails_naming_the_symbol(protected, what):
+    """The stop's quantity is half the position (same client id), the client id now names a buy, or the journal is
+    deleted while the position and its stop stand: each a FAIL naming BTC/USDT."""
+    emu, s, pos = protected
+    cl = _client(emu)
+    (st,) = [o for o in cl.fetch_open_orders("BTC/USDT") if o["clientOrderId"] == pos.stop_cid]
+    if what == "journal_deleted":
+        for f in s.state_dir.iterdir():
+            if f.name.startswith(("journal.sqlite", "state.json")):
+                f.unlink()
+    else:
+        cl.cancel_order(st["id"], "BTC/USDT")
+        if what == "smaller_stop":
+            half = float(cl.amount_to_precision("BTC/USDT", st["amount"] / 2))
+            cl.create_order("BTC/USDT", "limit", "sell", half, st["price"],
+                            {"stopLossPrice": st["triggerPrice"], "clientOrderId": pos.stop_cid})
+        else:
+            cl.create_order("BTC/USDT", "limit", "buy", st["amount"], round(st["price"] * 0.5, 2),
+                            {"clientOrderId": pos.stop_cid})
+    c = _stops_check(s)
+    assert c.status == A.FAIL and c.detail.startswith("BTC/USDT: "), c
+    expect = {"smaller_stop": "BTC unprotected", "buy_order": f"order {pos.stop_cid} on the exchange is not a sell stop",
+              "journal_deleted": "and the journal no open position"}[what]
+    assert expect in c.detail, c

@@ -126,7 +126,7 @@ CASES = {
                               lambda e: (e.sig, RiskEngine(risk_pct=0.5).plan(42_000.0, 10_000.0, 10_000.0), e.ctx),
                               {Reason.PLAN_OUT_OF_BOUNDS}),
     "plan_cash": (lambda e: (e.sig, e.plan, R(e.ctx, free_quote=e.plan.notional)),
-                  lambda e: (e.sig, e.plan, R(e.ctx, free_quote=e.plan.notional * 1.001 + 0.01)),
+                  lambda e: (e.sig, e.plan, R(e.ctx, free_quote=e.plan.notional * e.g.cash_factor + 0.01)),  # fee, slippage
                   {Reason.PLAN_OUT_OF_BOUNDS}),
     "plan_not_a_plan": (lambda e: (e.sig, RiskEngine().plan(42_000.0, 1.0, 1.0), e.ctx),
                         lambda e: (e.sig, e.plan, e.ctx), {Reason.PLAN_OUT_OF_BOUNDS}),

@@ -52,6 +52,7 @@ QUIET_BARS = 3                  # the last bars run without faults or kills: the
 BAR_TIMEOUT = 40.0              # seconds a candle may take (faults, restarts); longer is a hung runner
 TIMEOUT_MS = 400                # the client's timeout: a `slow` reply (0.8 s) is a timeout
 FEE = 0.1
+SLIPPAGE = 0.05                 # the settings' default allowance (the emulator's default slippage)
 
 
 # ----------------------------------------------------------------------------------------------- the full disk
@@ -187,12 +188,17 @@ def portfolio_problems(journal: Path, free_at: dict, samples: list[dict]) -> tup
                              "AND raw_status != 'NOT_SENT'"):       # NOT_SENT: looked up, never reached the exchange
             problems.append(f"order {r['client_order_id']} refused by the exchange ({r['raw_status']})")
         spent = Counter()
-        for r in con.execute(f"SELECT d.candle_time, d.plan, o.status, o.filled FROM decisions d LEFT JOIN orders o "
-                             f"ON o.id = (SELECT MAX(id) FROM orders WHERE client_order_id = d.client_order_id) "
-                             f"WHERE {used}"):
-            if r["status"] in ("closed", "canceled", "expired", "rejected") and not (r["filled"] or 0) > 0:
+        for r in con.execute(f"SELECT d.candle_time, d.plan, d.client_order_id, o.status, o.filled FROM decisions d "
+                             f"LEFT JOIN orders o ON o.id = (SELECT MAX(id) FROM orders WHERE client_order_id = "
+                             f"d.client_order_id) WHERE {used}"):
+            final = r["status"] in ("closed", "canceled", "expired", "rejected")
+            if final and not (r["filled"] or 0) > 0:
                 continue                                  # ended unfilled (e.g. never sent): it spent nothing
-            spent[round(r["candle_time"])] += json.loads(r["plan"])["notional"] * (1 + FEE / 100)
+            took = con.execute("SELECT SUM(price * amount) FROM fills WHERE client_order_id = ?",
+                               (r["client_order_id"],)).fetchone()[0]   # a buy's fee is taken in the base
+            # filled: what the exchange took; not back: its notional with the fee and the slippage allowance
+            spent[round(r["candle_time"])] += took if final and took else \
+                json.loads(r["plan"])["notional"] * (1 + FEE / 100) * (1 + SLIPPAGE / 100)
         for t, cash in spent.items():
             checked += t in free_at
             if t in free_at and cash > free_at[t] * (1 + 1e-9):
