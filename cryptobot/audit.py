@@ -731,7 +731,7 @@ def _open_positions_with_stops(ev: Evidence) -> list[dict]:
         return out
     for p in j.open_positions():
         ent = ev.q("SELECT id FROM intents WHERE client_order_id = ?", (p["client_order_id"],))
-        stops = ev.q("SELECT i.client_order_id, i.stop_price, o.status FROM intents i LEFT JOIN orders o ON o.id = "
+        stops = ev.q("SELECT i.*, o.status FROM intents i LEFT JOIN orders o ON o.id = "
                      "(SELECT MAX(id) FROM orders WHERE client_order_id = i.client_order_id) WHERE i.purpose = 'stop' "
                      "AND i.symbol = ? AND i.id > ? ORDER BY i.id DESC", (p["symbol"], ent[0]["id"] if ent else 0))
         live = [x for x in stops if x["status"] is not None and x["status"] not in FINAL_STATUSES]
@@ -745,7 +745,7 @@ def _order_row(o: dict) -> dict:
     return dict(cid=o.get("clientOrderId"), side=str(o.get("side") or "").lower(),
                 type=str((o.get("info") or {}).get("type") or o.get("type") or ""),
                 amount=float(rem if rem is not None else o.get("amount") or 0.0),
-                stop=float(o.get("triggerPrice") or o.get("stopPrice") or 0.0) or None)
+                stop=float(o.get("triggerPrice") or o.get("stopPrice") or 0.0) or None, raw=o)
 
 
 def _ask_exchange(ev: Evidence, where: str) -> dict:
@@ -844,9 +844,13 @@ def _account_problems(ev: Evidence, view: dict, pos: list[dict]) -> tuple[list[s
                 continue
             if o["side"] != "sell" or not o["stop"]:
                 bad.append(f"{sym}: order {o['cid']} on the exchange is not a sell stop ({o['side']} {o['type']})")
-            # MERGE(stopid): once `exchange.stop_differences(order, planned)` is merged, call it here with the ccxt
-            # order and the journal's planned stop (intent `st`) and add each difference to `bad`; this block only
-            # checks existence, side and quantity.
+            if o.get("raw") is not None:               # asked of the exchange: the stop watch's own comparison
+                from cryptobot.exchange import planned_stop, stop_differences  # lazy: ccxt, only when the exchange is asked
+                diffs = stop_differences(o["raw"], planned_stop(st, price_tick=m.price_tick, amount_step=m.amount_step,
+                                                                open_amount=p["amount"]))
+                if diffs:
+                    bad.append(f"{sym}: stop {o['cid']} on the exchange is not the stop the journal planned: "
+                               + "; ".join(diffs))
             if not _dust(held - o["amount"], m, px):
                 bad.append(f"{sym}: the exchange holds {held:g} {base}, its stop {o['cid']} covers {o['amount']:g}: "
                            f"{held - o['amount']:g} {base} unprotected")

@@ -614,3 +614,30 @@ def test_the_account_against_the_stop_fails_naming_the_symbol(protected, what):
     expect = {"smaller_stop": "BTC unprotected", "buy_order": f"order {pos.stop_cid} on the exchange is not a sell stop",
               "journal_deleted": "and the journal no open position"}[what]
     assert expect in c.detail, c
+
+
+@pytest.mark.parametrize("what", ["stop_price", "limit_price", "type"])
+def test_a_stop_that_is_not_the_planned_one_fails_the_audit(protected, what):
+    """A stop under the bot's client id at the full quantity but another stop price (101), a limit far below the
+    plan, or a plain limit sell where a stop-limit was planned: the audit compares it with the
+    journal's plan as the stop watch does (`exchange.stop_differences`) and FAILs naming the field."""
+    emu, s, pos = protected
+    cl = _client(emu)
+    (st,) = [o for o in cl.fetch_open_orders("BTC/USDT") if o["clientOrderId"] == pos.stop_cid]
+    raw_type = str(st["info"].get("type"))
+    cl.cancel_order(st["id"], "BTC/USDT")
+    trig = float(st["triggerPrice"])
+    assert raw_type == "STOP_LOSS_LIMIT", raw_type     # the emulator's market lists stop-limits only
+    if what == "stop_price":
+        cl.create_order("BTC/USDT", "limit", "sell", st["amount"], 100.0, {"stopLossPrice": 101.0,
+                                                                         "clientOrderId": pos.stop_cid})
+    elif what == "limit_price":
+        cl.create_order("BTC/USDT", "limit", "sell", st["amount"], round(trig * 0.5, 2),
+                        {"stopLossPrice": trig, "clientOrderId": pos.stop_cid})
+    else:                                              # a plain limit sell where a stop was planned
+        cl.create_order("BTC/USDT", "limit", "sell", st["amount"], round(trig * 1.5, 2), {"clientOrderId": pos.stop_cid})
+    c = _stops_check(s)
+    assert c.status == A.FAIL and "is not the stop the journal planned" in c.detail, c
+    assert c.detail.startswith("BTC/USDT: "), c
+    field = {"stop_price": "stopPrice 101", "limit_price": "price", "type": "type"}[what]
+    assert field in c.detail, c
