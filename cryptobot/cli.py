@@ -387,7 +387,8 @@ def cmd_replay(a) -> int:
 def cmd_emulator(a) -> int:
     from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
-                 balances=a.balance or None, start=a.start, stop_market=a.stop_market)
+                 balances=a.balance or None, start=a.start, stop_market=a.stop_market,
+                 uid=a.uid)
     return 0
 
 
@@ -556,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start", help="bar index or UTC time to start the replay at")
     sp.add_argument("--stop-market", action="store_true",
                     help="list STOP_LOSS (stop-market) in orderTypes, as Binance does (default: stop-limit only)")
+    sp.add_argument("--uid", type=int, help="the account's uid that GET /api/v3/account reports (default: a new random "
+                    "one, as a fresh account or a testnet reset has)")
 
     sp = add("bench", cmd_bench, "measure speed on 43,776 hourly candles")
     sp.add_argument("--json", metavar="FILE", help="write the figures to FILE")

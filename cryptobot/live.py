@@ -461,6 +461,7 @@ def _start(self) -> "Runner":
                                                                      # the shared one, not this symbol's view)
     self.net.install(self.executor.venue)
     self.executor.market                               # markets + the stop's order type: refused here if impossible
+    self.executor.check_account()                      # the journal's exchange account, before any order (else 78)
     rep = self.executor.reconcile()
     _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
            actions=len(rep.actions), problems="; ".join(rep.problems) or None,
