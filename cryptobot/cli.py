@@ -32,8 +32,8 @@ from .journal import ARCHIVE_DIR, JournalError
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'say', 'resolve_candles', 'cmd_import',
            'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest', 'backtest_args',
            'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper', 'cmd_live',
-           'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock', 'cmd_audit',
-           'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
+           'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_reconcile', 'cmd_unlock',
+           'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'cmd_promote', 'cmd_journal_archive', 'archive_lines']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -404,6 +404,23 @@ def cmd_bench(a) -> int:
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
 
+# %% ../nbs/22_cli.ipynb #reconcl1
+def cmd_reconcile(a) -> int:
+    "`cryptobot reconcile --adopt-account`: record the exchange's account as the state dir's (see `live.adopt_account`)."
+    from cryptobot.live import LiveError, adopt_account  # lazy: per command: ccxt/pandas
+    if not a.adopt_account:
+        print("cryptobot reconcile: the runner reconciles with the exchange at every start; to make this state dir "
+              "belong to the exchange's current account, pass --adopt-account", file=sys.stderr)
+        return EX_CONFIG
+    s = _settings()
+    try:
+        with runner_lock(s.state_dir):
+            say(adopt_account(s))
+    except LiveError as e:
+        print(f"cryptobot reconcile: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
 # %% ../nbs/22_cli.ipynb #684bf475
 def cmd_unlock(a) -> int:
     "Lift the lock; with CRYPTOBOT_NOTIFY_URLS set, tell a person (KILL_UNLOCKED, at most 5 s, failures journaled)."
@@ -566,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("status", cmd_status, "mode, kill-switch lock, loss streak, PnL, open position, candle age")
     sp.add_argument("--json", action="store_true")
+
+    sp = add("reconcile", cmd_reconcile, "record the exchange's current account as this state dir's (journaled, who)")
+    sp.add_argument("--adopt-account", action="store_true",
+                    help="the journal belongs to another account (a reset testnet, new keys): adopt the current one")
 
     sp = add("unlock", cmd_unlock, "lift the kill-switch lock (journaled with who, when and why)")
     sp.add_argument("--reason", required=True)

@@ -1033,7 +1033,7 @@ def _ex_reconcile(self) -> ReconcileReport:
             pos = self.position()
             if short is not None:
                 problems.append(short)
-            if pos is not None and pos.stop_cid is None and pos.open_amount > 0:
+            elif pos is not None and pos.stop_cid is None and pos.open_amount > 0:
                 problems.append(f"position {pos.entry_cid} has no live stop")
         except ExchangeAuthError:
             self.reconciled = False
@@ -1080,10 +1080,12 @@ def _ex_shortfall(self) -> str | None:
     if pos is None or held + 1e-12 >= pos.open_amount:
         self.mismatch = None
         return None
-    self.mismatch = (f"exchange holds {held:g} {self.base} but the journal's position {pos.entry_cid} needs "
-                     f"{pos.open_amount:g}; nothing was sent (no stop, no exit): check the account (coins sold or moved "
-                     f"by hand, other keys, a reset exchange), then start a new state dir or restore the coins")
-    self._log("position_mismatch", logging.ERROR, entry=pos.entry_cid, held=held, needs=pos.open_amount)
+    why = (f"exchange holds {held:g} {self.base} but the journal's position {pos.entry_cid} needs {pos.open_amount:g}; "
+           f"nothing was sent (no stop, no exit): check the account (coins sold or moved by hand, other keys, a reset "
+           f"exchange), then start a new state dir or restore the coins")
+    if why != self.mismatch:                     # said once; reconcile() rechecks every candle without a word more
+        self._log("position_mismatch", logging.ERROR, entry=pos.entry_cid, held=held, needs=pos.open_amount)
+    self.mismatch = why
     self._lock_entries(f"reconciliation mismatch on {self.symbol}: {self.mismatch}; then cryptobot unlock --reason TEXT")
     return self.mismatch
 
