@@ -409,6 +409,7 @@ class Executor:
     def venue(self, v):
         "Swap the venue (e.g. a client rebuilt with rotated keys); its secrets are registered for scrubbing."
         self._venue = v
+        self._identity = None                     # asked again (check_account / fill keys) on the new client
         protect_logs(*self._secrets())
 
     def _secrets(self):
@@ -1077,6 +1078,15 @@ def _ex_shortfall(self) -> str | None:
     pos = self.position()
     bal = self._call(self.venue.fetch_balance, what="fetch_balance")
     held = float((bal.get(self.base) or {}).get("total") or 0.0)
+    now, was = account_identity(bal), self._identity
+    if now and was and now != was:                # the account changed under a running executor (a reset, new keys)
+        why = (f"the exchange now reports account {now['uid']}, this executor started on {was['uid']}; nothing was "
+               f"sent: restart the runner (it checks the account against the journal before any order)")
+        if why != self.mismatch:
+            self._log("account_changed", logging.ERROR, was=was["uid"], now=now["uid"])
+        self.mismatch = why
+        self._lock_entries(f"exchange account mismatch on {self.symbol}: {why}")
+        return why
     if pos is None or held + 1e-12 >= pos.open_amount:
         self.mismatch = None
         return None

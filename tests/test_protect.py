@@ -125,3 +125,19 @@ def test_check_account_records_the_first_account_and_refuses_another(tmp_path, d
             e.ex.check_account()
         assert emu.requests["POST /api/v3/order"] == 0
         assert "exchange account mismatch" in lock_reason(e)
+
+
+def test_an_account_that_changes_under_a_running_executor_is_a_mismatch(tmp_path, df):
+    "The exchange reports another uid mid-run (a testnet reset while the bot runs): reconciliation says so, entries"
+    "lock, and a position is left alone (no stop, no exit) until a restart checks the account against the journal."
+    with Emulator(df, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000}, uid=5) as emu:
+        e = env_for(tmp_path, emu, reconcile=False)
+        e.ex.check_account()
+        assert e.ex.reconcile().ok
+        e.ex.enter(approve(e))
+        n0 = posts(emu)
+        emu.uid = 6
+        rep = e.ex.reconcile()
+        assert not rep.ok and any("now reports account 6" in p for p in rep.problems), rep
+        assert e.ex.sync() == "mismatch" and e.ex.exit(emu.now.timestamp()) is None and posts(emu) == n0
+        assert "exchange account mismatch on BTC/USDT" in lock_reason(e)
