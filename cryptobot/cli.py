@@ -32,9 +32,9 @@ from .journal import ARCHIVE_DIR, JournalError
 __all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'FREE_TEXT_ARGS', 'say',
            'resolve_candles', 'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest',
            'backtest_args', 'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper',
-           'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_unlock',
-           'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'sweep_check', 'cmd_promote', 'cmd_journal_archive',
-           'archive_lines', 'check_target', 'check_warning', 'cmd_check']
+           'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_reconcile',
+           'cmd_unlock', 'cmd_audit', 'build_parser', 'main', 'cmd_sweep', 'sweep_check', 'cmd_promote',
+           'cmd_journal_archive', 'archive_lines', 'check_target', 'check_warning', 'cmd_check']
 
 # %% ../nbs/22_cli.ipynb #ede73c53
 SECRET_ENV_KEYS = ("BINANCE_API_KEY", "BINANCE_API_SECRET")
@@ -405,7 +405,8 @@ def cmd_replay(a) -> int:
 def cmd_emulator(a) -> int:
     from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
-                 balances=a.balance or None, start=a.start, stop_market=a.stop_market)
+                 balances=a.balance or None, start=a.start, stop_market=a.stop_market,
+                 uid=a.uid)
     return 0
 
 
@@ -420,6 +421,23 @@ def cmd_bench(a) -> int:
     result = run_bench(data=a.data, out=a.json)
     say(json.dumps(result, indent=2))
     return 0 if not result.get("failed_targets") else 1
+
+# %% ../nbs/22_cli.ipynb #reconcl1
+def cmd_reconcile(a) -> int:
+    "`cryptobot reconcile --adopt-account`: record the exchange's account as the state dir's (see `live.adopt_account`)."
+    from cryptobot.live import LiveError, adopt_account  # lazy: per command: ccxt/pandas
+    if not a.adopt_account:
+        print("cryptobot reconcile: the runner reconciles with the exchange at every start; to make this state dir "
+              "belong to the exchange's current account, pass --adopt-account", file=sys.stderr)
+        return EX_CONFIG
+    s = _settings()
+    try:
+        with runner_lock(s.state_dir):
+            say(adopt_account(s))
+    except LiveError as e:
+        print(f"cryptobot reconcile: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 # %% ../nbs/22_cli.ipynb #684bf475
 def cmd_unlock(a) -> int:
@@ -593,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start", help="bar index or UTC time to start the replay at")
     sp.add_argument("--stop-market", action="store_true",
                     help="list STOP_LOSS (stop-market) in orderTypes, as Binance does (default: stop-limit only)")
+    sp.add_argument("--uid", type=int, help="the account's uid that GET /api/v3/account reports (default: a new random "
+                    "one, as a fresh account or a testnet reset has)")
 
     sp = add("bench", cmd_bench, "measure speed on 43,776 hourly candles")
     sp.add_argument("--json", metavar="FILE", help="write the figures to FILE")
@@ -600,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("status", cmd_status, "mode, kill-switch lock, loss streak, PnL, open position, candle age")
     sp.add_argument("--json", action="store_true")
+
+    sp = add("reconcile", cmd_reconcile, "record the exchange's current account as this state dir's (journaled, who)")
+    sp.add_argument("--adopt-account", action="store_true",
+                    help="the journal belongs to another account (a reset testnet, new keys): adopt the current one")
 
     sp = add("unlock", cmd_unlock, "lift the kill-switch lock (journaled with who, when and why)")
     sp.add_argument("--reason", required=True)

@@ -834,7 +834,7 @@ class Emulator:
                  api_secret: str = DEFAULT_API_SECRET, clock: str = "stepped", speed: float = 1.0,
                  start=None, fee_pct: float = 0.1, slippage_pct: float = 0.05, filters: dict | None = None,
                  unique_client_ids: bool = False, host: str = "127.0.0.1", port: int = 0, order_types=None,
-                 path_candles=None):
+                 path_candles=None, uid: int | None = None):
         frames = candles if isinstance(candles, dict) else {symbol: candles}
         for name, df in frames.items():
             if "/" not in name:
@@ -861,6 +861,11 @@ class Emulator:
         if not api_key or not api_secret:
             raise EmulatorError("the emulator needs a non-empty api_key and api_secret")
         self.clock, self.speed, self.host, self._port = clock, float(speed), host, int(port)
+        if uid is not None and (isinstance(uid, bool) or not isinstance(uid, (int, np.integer)) or uid <= 0):
+            raise EmulatorError(f"uid must be a positive whole number (the account id), got {uid!r}")
+        # the account's id, as GET /api/v3/account reports it: a fresh emulator is a fresh account (as a testnet
+        # reset is), so a state dir that traded on another one is told apart; pass `uid` to keep one account
+        self.uid = int(uid) if uid is not None else 10**8 + secrets.randbelow(9 * 10**8)
         self._key, self._secret = api_key, api_secret.encode()
         self.faults = Faults()
         self.order_types = list(ORDER_TYPES if order_types is None else order_types)
@@ -1337,7 +1342,7 @@ def _emu_account(self, p: dict, now: int) -> dict:
             "commissionRates": {"maker": fee, "taker": fee, "buyer": "0.00000000", "seller": "0.00000000"},
             "canTrade": True, "canWithdraw": False, "canDeposit": False, "brokered": False,
             "requireSelfTradePrevention": False, "preventSor": False, "updateTime": now,
-            "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": 1}
+            "accountType": "SPOT", "balances": bal, "permissions": ["SPOT"], "uid": self.uid}
 
 
 def _emu_new_order(self, p: dict, now: int) -> dict:
@@ -1633,17 +1638,17 @@ def _parse_balances(balances) -> dict:
 
 def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, balances=None, start=None, symbol: str = DEFAULT_SYMBOL,
-                 host: str = "127.0.0.1", stop_market: bool = False) -> None:
+                 host: str = "127.0.0.1", stop_market: bool = False, uid: int | None = None) -> None:
     "Serve the emulator on 127.0.0.1:`port` (accelerated clock) until SIGINT/SIGTERM; `stop_market` lists STOP_LOSS."
     candles = load_market(data)
     emu = Emulator(candles, symbol=symbol, balances=_parse_balances(balances if balances is not None else DEFAULT_BALANCES),
                    api_key=api_key, api_secret=api_secret, clock="accelerated", speed=speed, start=start,
-                   host=host, port=port, order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES)
+                   host=host, port=port, order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES, uid=uid)
     source = candles.attrs.get("source", "unlabelled")
     creds = "default fake credentials emulator-key/emulator-secret" if (
         api_key == DEFAULT_API_KEY and api_secret == DEFAULT_API_SECRET) else "custom credentials"
     msg = (f"emulator ready: {{url}} ({symbol} {emu.timeframe}, {source} candles x{len(candles)}, "
-           f"speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds}, "
+           f"account uid {emu.uid}, speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds}, "
            f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
     emu.serve(ready_message=msg)
 

@@ -25,13 +25,14 @@ from requests.structures import CaseInsensitiveDict
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
-from .journal import ClosedTrade, OrderStatus, to_epoch
+from .journal import ClosedTrade, OrderStatus, fill_key, to_epoch
 from .risk import Market
 
 # %% auto #0
-__all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'protect_logs', 'floor_step',
-           'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport', 'Executor', 'planned_stop',
-           'stop_differences', 'BinanceExecutor', 'PaperExecutor', 'make_executor']
+__all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'AccountMismatch',
+           'protect_logs', 'floor_step', 'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport',
+           'Executor', 'account_identity', 'planned_stop', 'stop_differences', 'BinanceExecutor', 'PaperExecutor',
+           'make_executor']
 
 # %% ../nbs/13_exchange.ipynb #65b23e9a
 log = logging.getLogger("cryptobot.exchange")
@@ -47,6 +48,10 @@ class EntryRefused(ExecutorError):
 
 class ExchangeAuthError(ExecutorError):
     "The exchange refused our credentials or timestamp; nothing was executed. Never contains a secret."
+
+
+class AccountMismatch(ExecutorError):
+    "The exchange account is not the one the journal belongs to; refused before any order. One line."
 
 # %% ../nbs/13_exchange.ipynb #7daa1ac3
 # ccxt at DEBUG prints the `X-MBX-APIKEY` header, urllib3 prints signed GET URLs: `files.redact` on those loggers.
@@ -194,6 +199,7 @@ class _EngineAdapter:
 # %% ../nbs/13_exchange.ipynb #0ac12643
 class PaperVenue:
     "Paper trading venue: the real ccxt.binance client over the emulator's in-process MatchingEngine."
+    has_account = False       # in process, its book in the state dir: no exchange account to tell apart
 
     def __init__(self, candles, price: float | None = None, *, symbol: str = "BTC/USDT", timeframe: str = "1h",
                  balance_usd: float = 10_000.0, fee_pct: float = 0.1, slippage_pct: float = 0.05,
@@ -404,6 +410,7 @@ class Executor:
     def venue(self, v):
         "Swap the venue (e.g. a client rebuilt with rotated keys); its secrets are registered for scrubbing."
         self._venue = v
+        self._identity = None                     # asked again (check_account / fill keys) on the new client
         protect_logs(*self._secrets())
 
     def _secrets(self):
@@ -497,6 +504,75 @@ def _ex_next_cid(self, purpose: str, candle_time: float, side: str = "sell") -> 
 Executor._ensure_markets = _ex_ensure_markets
 Executor._candle_now = _ex_candle_now
 Executor._next_cid = _ex_next_cid
+
+# %% ../nbs/13_exchange.ipynb #acc0code
+def account_identity(balance: dict | None) -> dict | None:
+    "{uid, account_type} of the account a ccxt `fetch_balance()` came from (Binance's `info`), or None if not reported."
+    info = (balance or {}).get("info") or {}
+    uid = info.get("uid") if isinstance(info, dict) else None
+    if uid is None or not str(uid).strip():
+        return None
+    return {"uid": str(uid).strip(), "account_type": info.get("accountType")}
+
+
+Executor._identity = None          # {uid, account_type} once asked ({} = the venue reports none)
+Executor.mismatch = None           # why the journal's position is not on the account (reconcile); no order meanwhile
+Executor._protect_failed = None    # the candle whose stop and exit were both refused: no new try until the next
+
+
+def _ex_account(self, refresh: bool = False) -> dict | None:
+    "This venue's account ({uid, account_type}), asked once (one fetch_balance); None where the venue has none."
+    if not getattr(self.venue, "has_account", True):
+        return None
+    if self._identity is None or refresh:
+        self._identity = account_identity(self._call(self.venue.fetch_balance, what="fetch_balance")) or {}
+    return self._identity or None
+
+
+def _ex_venue_name(self) -> str:
+    s = self.settings
+    return getattr(s, "exchange_url", None) or ("testnet" if self.mode == "testnet" else "binance")
+
+
+def _ex_lock_entries(self, reason: str) -> None:
+    "Lock new entries with the Guardian's journaled lock (lifted by `cryptobot unlock`), once per reason."
+    lock = self.journal.rebuild_guardian_state(now=self.clock())["lock"]
+    if lock["locked"] and lock["reason"] == reason:
+        return
+    self.journal.record_lock(reason)
+    self.guardian.current_state            # state.json follows the journal (the Guardian's cross-check)
+    self._log("entries_locked", logging.ERROR, reason=reason)
+
+
+def _ex_check_account(self) -> dict | None:
+    "Before any order: the exchange's account must be the journal's. Records it on a first run (or an older journal)."
+    acct = self.account(refresh=True)
+    if acct is None:
+        self._log("account_check", why="the venue has no exchange account (in-process paper venue): skipped")
+        return None
+    have = self.journal.account()
+    if have is None:
+        reason = ("adopted: the journal has history but no account recorded (written before accounts were)"
+                  if self.journal.intent_count() else "first run on this account")
+        self.journal.record_account(acct["uid"], acct["account_type"], self._venue_name(), "runner", reason)
+        self._log("account_recorded", uid=acct["uid"], account_type=acct["account_type"], reason=reason)
+        return acct
+    if (str(have.get("uid")), have.get("account_type")) == (acct["uid"], acct["account_type"]):
+        return acct
+    what = (f"the journal in {getattr(self.journal, 'path', '?')} belongs to exchange account {have.get('uid')} "
+            f"({have.get('account_type') or '?'}) but {self._venue_name()} reports account {acct['uid']} "
+            f"({acct['account_type'] or '?'}): a new account or a reset exchange")
+    self._lock_entries(f"exchange account mismatch: {what}; start a new state dir, or cryptobot reconcile "
+                       f"--adopt-account, then cryptobot unlock --reason TEXT")
+    self._log("account_mismatch", logging.ERROR, journal_uid=have.get("uid"), exchange_uid=acct["uid"])
+    raise AccountMismatch(f"{what}; nothing was sent. Start with a new state dir (CRYPTOBOT_STATE_DIR), or, if this "
+                          f"is the account to trade from now on, run cryptobot reconcile --adopt-account")
+
+
+Executor.account = _ex_account
+Executor._venue_name = _ex_venue_name
+Executor._lock_entries = _ex_lock_entries
+Executor.check_account = _ex_check_account
 
 # %% ../nbs/13_exchange.ipynb #7eb41863
 # ------------------------------------------------------------------ exchange primitives
@@ -597,9 +673,10 @@ def _ex_journal_fills(self, cid: str, o: dict, filled: float) -> None:
     if inline and abs(sum(float(t["amount"]) for t in inline) - filled) < 1e-12 and o.get("timestamp"):
         # a new order's FULL response carries its fills with exact prices and commissions: no extra request
         for t in inline:
-            self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
+            self.journal.record_fill(self._fill_key(t["id"], o.get("id")), cid, float(t["price"]), float(t["amount"]),
                                      fee=float(t["fee"].get("cost") or 0.0), fee_currency=t["fee"].get("currency"),
-                                     ts=o["timestamp"] / 1000.0, symbol=self.symbol, side=o.get("side"))
+                                     ts=o["timestamp"] / 1000.0, symbol=self.symbol, side=o.get("side"),
+                                     legacy_id=f"{self._mid}-{t['id']}")
         return
     for attempt in range(3):
         trades = self._call(self.venue.fetch_my_trades, self.symbol, None, None, {"orderId": o["id"]},
@@ -607,9 +684,10 @@ def _ex_journal_fills(self, cid: str, o: dict, filled: float) -> None:
         mine = [t for t in trades if str(t.get("order")) == str(o["id"])]
         for t in mine:
             fee = t.get("fee") or {}
-            self.journal.record_fill(f"{self._mid}-{t['id']}", cid, float(t["price"]), float(t["amount"]),
-                                     fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
-                                     ts=t["timestamp"] / 1000.0, symbol=self.symbol, side=t.get("side"))
+            self.journal.record_fill(self._fill_key(t["id"], t.get("order")), cid, float(t["price"]),
+                                     float(t["amount"]), fee=float(fee.get("cost") or 0.0),
+                                     fee_currency=fee.get("currency"), ts=t["timestamp"] / 1000.0, symbol=self.symbol,
+                                     side=t.get("side"), legacy_id=f"{self._mid}-{t['id']}")
         if sum(float(t["amount"]) for t in mine) >= filled - 1e-12:
             return
         self.sleep(self.settle_s)
@@ -618,6 +696,15 @@ def _ex_journal_fills(self, cid: str, o: dict, filled: float) -> None:
 
 Executor._settle = _ex_settle
 Executor._journal_fills = _ex_journal_fills
+
+
+def _ex_fill_key(self, trade_id, order_id) -> str:
+    "A fill's journal key: the account (when the venue has one), market, trade and order id (`journal.fill_key`)."
+    a = self.account()
+    return fill_key(self._mid, trade_id, order_id, a["uid"] if a else None)
+
+
+Executor._fill_key = _ex_fill_key
 
 # %% ../nbs/13_exchange.ipynb #ebccb2eb
 # ------------------------------------------------------------------ position
@@ -711,8 +798,9 @@ Executor._close_trade = _ex_close_trade
 
 # %% ../nbs/13_exchange.ipynb #64c238fd
 # ------------------------------------------------------------------ protective actions (not gated)
-def _ex_protect(self, pos: Position, candle_time: float) -> str | None:
-    "Place the stop for what is held; if the exchange refuses it, sell at market at once."
+def _ex_protect(self, pos: Position, candle_time: float, exit_on_refusal: bool = True) -> str | None:
+    """Place the stop for what is held; if the exchange refuses it, sell at market at once (`exit_on_refusal`; False
+    when called by an exit that failed: then both were refused, entries are locked and nothing more is sent now)."""
     amt, S, L = pos.open_amount, pos.stop_price, pos.stop_limit_price
     if amt <= 0:
         return None
@@ -725,7 +813,10 @@ def _ex_protect(self, pos: Position, candle_time: float) -> str | None:
         self.journal.log_event("stop_rejected", f"{pos.entry_cid}: {why}; emergency exit",
                                {"entry": pos.entry_cid, "reason": why})
         self._log("stop_rejected", logging.ERROR, entry=pos.entry_cid, reason=why)
-        self._sell_out("emergency_exit", candle_time, "stop_rejected")
+        if exit_on_refusal:
+            self._sell_out("emergency_exit", candle_time, "stop_rejected", protect_after=False)
+        else:
+            self._protect_refused(candle_time, why)
         return None
     cid = self._next_cid("stop", candle_time)
     self.journal.record_intent(cid, self.symbol, "sell", STOP_TYPES[self.stop_type].lower(), amt,
@@ -742,7 +833,10 @@ def _ex_protect(self, pos: Position, candle_time: float) -> str | None:
     self.journal.log_event("stop_rejected", f"stop {cid} for {pos.entry_cid} refused: {why}; emergency exit",
                            {"entry": pos.entry_cid, "stop": cid, "reason": why})
     self._log("stop_rejected", logging.ERROR, cid=cid, entry=pos.entry_cid, reason=why)
-    self._sell_out("emergency_exit", candle_time, "stop_rejected")
+    if exit_on_refusal:
+        self._sell_out("emergency_exit", candle_time, "stop_rejected", protect_after=False)
+    else:
+        self._protect_refused(candle_time, why)
     return None
 
 
@@ -764,8 +858,9 @@ def _ex_retire_stop(self, pos: Position) -> None:
         self._log("stop_final", cid=cid, status=o.get("status"), filled=o.get("filled"))
 
 
-def _ex_sell_out(self, purpose: str, candle_time: float, reason: str) -> ClosedTrade | None:
-    "Market-sell what the position holds (a few attempts for partial fills), then close the trade."
+def _ex_sell_out(self, purpose: str, candle_time: float, reason: str, protect_after: bool = True) -> ClosedTrade | None:
+    """Market-sell what the position holds (at most `max_sell_attempts` orders), then close the trade. If it cannot get
+    out: place the stop (`protect_after`; False when the stop was just refused: both refused, entries locked)."""
     pos = self.position()
     if pos is not None:
         self.journal.log_event("exit_reason", f"{purpose} ({reason})",
@@ -793,13 +888,29 @@ def _ex_sell_out(self, purpose: str, candle_time: float, reason: str) -> ClosedT
     if pos.open_amount <= 0 or not self._sellable(pos.open_amount, (self.last_price or pos.entry_price) * 0.9):
         return self._close_trade(pos, reason)
     self._log("position_still_open", logging.ERROR, entry=pos.entry_cid, amount=pos.open_amount)
-    self._protect(pos, candle_time)                      # could not get out: at least keep it protected
+    if protect_after and pos.stop_cid is None:
+        self._protect(pos, candle_time, exit_on_refusal=False)   # could not get out: at least keep it protected
+    elif not protect_after:
+        self._protect_refused(candle_time, "the emergency exit after a refused stop did not sell")
     return None
+
+
+def _ex_protect_refused(self, candle_time: float, why: str) -> None:
+    "The stop and the exit were both refused: lock entries, journal it (an alert), and send nothing more this candle."
+    pos = self.position()
+    self._protect_failed = self._candle_now()
+    if pos is None:
+        return
+    self._log("protect_failed", logging.ERROR, entry=pos.entry_cid, reason=why, retry="next candle")
+    self._lock_entries(f"position {pos.entry_cid} ({self.symbol}) could not be protected: the exchange refused the stop "
+                       f"and the exit; check the account's balance and the symbol's rules, then cryptobot unlock "
+                       f"--reason TEXT")
 
 
 Executor._protect = _ex_protect
 Executor._retire_stop = _ex_retire_stop
 Executor._sell_out = _ex_sell_out
+Executor._protect_refused = _ex_protect_refused
 
 # %% ../nbs/13_exchange.ipynb #bdd995da
 def _order_type(o: dict) -> str:
@@ -967,8 +1078,11 @@ Executor._free_for_stop = _ex_free_for_stop
 Executor._verify_stop = _ex_verify_stop
 
 # %% ../nbs/13_exchange.ipynb #21fcda40
-def _ex_check_position(self, candle_time: float) -> str:
+def _ex_check_position(self, candle_time: float, _depth: int = 0) -> str:
     "The stop check of one closed candle (see the rules); returns what happened."
+    if _depth > 2:          # a stop that went away is looked at again at most twice; never a loop of orders
+        self._log("stop_check_loop", logging.ERROR, depth=_depth, action="gave up until the next check")
+        return "unknown"
     pos = self.position()
     if pos is None:
         return "flat"
@@ -977,6 +1091,8 @@ def _ex_check_position(self, candle_time: float) -> str:
         self._close_trade(pos)
         return "closed"
     if pos.stop_cid is None:
+        if self._protect_failed is not None and self._protect_failed >= self._candle_now():
+            return "unprotected"                 # stop and exit refused on this candle: no new order before the next
         first = pos.stop_intents == 0
         self._log("stop_missing" if first else "stop_replace", logging.INFO if first else logging.WARNING,
                   entry=pos.entry_cid, amount=pos.open_amount)
@@ -987,13 +1103,15 @@ def _ex_check_position(self, candle_time: float) -> str:
         self._gone_since = None
         self._free_for_stop(pos)                     # foreign sells holding the coins: cancelled first
         placed = self._protect(pos, pos.candle_time if first else candle_time)
+        if placed is not None:
+            self._protect_failed = None
         if since is not None:
             self._unprotected(pos, since, "stop_missing" if first else "stop_cancelled", placed)
         return "stop_placed"
     o = self._lookup(pos.stop_cid)
     if o is None:
         self._mark_not_sent(pos.stop_cid, "stop not on the exchange")
-        return self._check_position(candle_time)
+        return self._check_position(candle_time, _depth + 1)
     self._settle(pos.stop_cid, o)
     status, working = OrderStatus.parse(o.get("status"), o.get("filled")), (o.get("info") or {}).get("isWorking") is True
     if status is OrderStatus.FILLED:
@@ -1016,7 +1134,7 @@ def _ex_check_position(self, candle_time: float) -> str:
         return "protected"
     self._log("stop_gone", logging.WARNING, cid=pos.stop_cid, status=o.get("status"))   # cancelled/expired without us
     self._gone_since = _order_ms(o, "updateTime")
-    return self._check_position(candle_time)
+    return self._check_position(candle_time, _depth + 1)
 
 
 def _ex_unprotected(self, pos: Position, since: float | None, cause: str, stop_cid: str | None) -> None:
@@ -1040,6 +1158,8 @@ def _ex_sync(self, candle_time=None) -> str:
         self._ensure_markets()
         ct = self._candle_now() if candle_time is None else to_epoch(candle_time, "candle_time")
         pos = self.position()
+        if pos is not None and self.mismatch is not None:
+            return "mismatch"                    # no order while the account does not hold it; reconcile() rechecks
         if pos is not None and pos.pending:
             self.reconcile()
             return "reconciled"
@@ -1076,19 +1196,19 @@ def _ex_reconcile(self) -> ReconcileReport:
                 if o.get("clientOrderId") not in known:
                     unknown.append({k: o.get(k) for k in ("id", "clientOrderId", "side", "type", "amount",
                                                           "price", "triggerPrice", "status")})
-            n_before = self.journal.intent_count()
-            what = self._check_position(self._candle_now())
-            if self.journal.intent_count() != n_before or what == "closed":
-                actions.append(f"position: {what}")
+            short = self._shortfall()            # before any order: does the account hold the journal's position?
+            if short is None:
+                n_before = self.journal.intent_count()
+                what = self._check_position(self._candle_now())
+                if self.journal.intent_count() != n_before or what == "closed":
+                    actions.append(f"position: {what}")
+                short = self._shortfall()
             problems += list(self._stop_mismatches)       # a stop that was not ours: replaced, but not ok
             unknown = [u for u in unknown if str(u.get("id")) not in self._stop_cancelled]
             pos = self.position()
-            bal = self._call(self.venue.fetch_balance, what="fetch_balance")
-            held = float((bal.get(self.base) or {}).get("total") or 0.0)
-            if pos is not None and held + 1e-12 < pos.open_amount:
-                problems.append(f"exchange holds {held:g} {self.base} but the journal's position needs "
-                                f"{pos.open_amount:g}; investigate before trading")
-            if pos is not None and pos.stop_cid is None and pos.open_amount > 0:
+            if short is not None:
+                problems.append(short)
+            elif pos is not None and pos.stop_cid is None and pos.open_amount > 0:
                 problems.append(f"position {pos.entry_cid} has no live stop")
         except ExchangeAuthError:
             self.reconciled = False
@@ -1126,6 +1246,35 @@ def _ex_context(self, *, now, last_candle_close, feature_fingerprint: str, price
                        unknown_orders=len(self.unknown_orders), reconciled=self.reconciled, market=self.market)
 
 
+def _ex_shortfall(self) -> str | None:
+    """None if the account holds what the journal's position needs; else the MISMATCH (one line): entries are locked,
+    and no order is sent for this position (no stop, no exit: the coins are not there) until the account holds it."""
+    pos = self.position()
+    bal = self._call(self.venue.fetch_balance, what="fetch_balance")
+    held = float((bal.get(self.base) or {}).get("total") or 0.0)
+    now, was = account_identity(bal), self._identity
+    if now and was and now != was:                # the account changed under a running executor (a reset, new keys)
+        why = (f"the exchange now reports account {now['uid']}, this executor started on {was['uid']}; nothing was "
+               f"sent: restart the runner (it checks the account against the journal before any order)")
+        if why != self.mismatch:
+            self._log("account_changed", logging.ERROR, was=was["uid"], now=now["uid"])
+        self.mismatch = why
+        self._lock_entries(f"exchange account mismatch on {self.symbol}: {why}")
+        return why
+    if pos is None or held + 1e-12 >= pos.open_amount:
+        self.mismatch = None
+        return None
+    why = (f"exchange holds {held:g} {self.base} but the journal's position {pos.entry_cid} needs {pos.open_amount:g}; "
+           f"nothing was sent (no stop, no exit): check the account (coins sold or moved by hand, other keys, a reset "
+           f"exchange), then start a new state dir or restore the coins")
+    if why != self.mismatch:                     # said once; reconcile() rechecks every candle without a word more
+        self._log("position_mismatch", logging.ERROR, entry=pos.entry_cid, held=held, needs=pos.open_amount)
+    self.mismatch = why
+    self._lock_entries(f"reconciliation mismatch on {self.symbol}: {self.mismatch}; then cryptobot unlock --reason TEXT")
+    return self.mismatch
+
+
+Executor._shortfall = _ex_shortfall
 Executor.sync = _ex_sync
 Executor.reconcile = _ex_reconcile
 Executor.context = _ex_context
@@ -1159,7 +1308,11 @@ def _ex_enter(self, approval: Approval) -> EntryResult:
             if sent.unknown:
                 self.reconcile()
             return EntryResult(cid, "rejected" if sent.rejected else "not_sent", reason=sent.rejected or "")
-        o = self._settle(cid, sent.order)
+        try:
+            o = self._settle(cid, sent.order)
+        except Exception as e:                   # protect first: the stop goes out before the error does
+            self._protect_first(cid, sent.order, approval.candle_time, e)
+            raise
         pos = self.position()
         stop_cid, held = None, 0.0
         if pos is not None and pos.entry_cid == cid:
@@ -1184,11 +1337,14 @@ def _ex_exit(self, candle_time, reason: str = "model") -> ClosedTrade | None:
         if pos is None:
             self._log("exit_noop", why="flat")
             return None
-        if pos.pending:
+        if pos.pending or self.mismatch is not None:
             self.reconcile()
             pos = self.position()
             if pos is None:
                 return None
+        if self.mismatch is not None:             # the account does not hold it: no order (see reconcile)
+            self._log("exit_refused", logging.ERROR, entry=pos.entry_cid, why=self.mismatch)
+            return None
         self._retire_stop(pos)
         pos = self.position()
         if pos is None:
@@ -1214,6 +1370,28 @@ def _ex_on_candle(self, candle, price: float | None = None) -> str:
         return self.sync(self.last_candle_time)
 
 
+def _ex_protect_first(self, cid: str, o: dict, candle_time: float, error: BaseException) -> None:
+    """An entry filled but journaling it failed (`error`): make the journal know the position (a partial status keeps
+    the intent open, so reconciliation reads the fills again), place its stop, then let the caller fail loud."""
+    self._log("entry_settle_failed", logging.ERROR, cid=cid, error=self._safe(error), action="stop first, then fail")
+    filled = float(o.get("filled") or 0.0)
+    if filled <= 0:
+        return
+    try:
+        last = self.journal.last_order(cid)
+        if last is None or not float(last["filled"] or 0.0):
+            self.journal.record_order_status(cid, "open", exchange_id=o.get("id"), filled=filled,
+                                             average=o.get("average"), raw_status="FILLED; fills not journaled yet")
+        pos = self.position()
+        if pos is None or pos.entry_cid != cid:
+            self._log("entry_unprotected", logging.CRITICAL, cid=cid, why="the journal has no position for it")
+        elif pos.stop_cid is None:
+            self._protect(pos, candle_time)
+    except Exception as e2:  # noqa: BLE001 - the first error is the one raised; this one is logged
+        self._log("entry_unprotected", logging.CRITICAL, cid=cid, error=self._safe(e2))
+
+
+Executor._protect_first = _ex_protect_first
 Executor.enter = _ex_enter
 Executor.exit = _ex_exit
 Executor.on_candle = _ex_on_candle

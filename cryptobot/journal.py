@@ -29,9 +29,9 @@ from .files import atomic_write
 
 # %% auto #0
 __all__ = ['ORDER_TRANSITIONS', 'FINAL_STATUSES', 'PURPOSES', 'MIGRATIONS', 'SCHEMA_VERSION', 'DAMAGED_FIX', 'NOT_DAMAGED',
-           'DEFERRABLE', 'CHECKPOINT_KIND', 'ARCHIVE_DIR', 'JournalError', 'to_epoch', 'iso', 'utc_day',
-           'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal', 'integrity',
-           'archive_before', 'archive_runs']
+           'DEFERRABLE', 'ACCOUNT_EVENT', 'CHECKPOINT_KIND', 'ARCHIVE_DIR', 'JournalError', 'to_epoch', 'iso',
+           'utc_day', 'OrderStatusError', 'OrderStatus', 'order_transition', 'ClosedTrade', 'open_error', 'Journal',
+           'integrity', 'fill_key', 'archive_before', 'archive_runs']
 
 # %% ../nbs/10_journal.ipynb #a574eb41
 class JournalError(CryptobotError, RuntimeError):
@@ -642,9 +642,20 @@ def _record_order_status(self, client_order_id: str, status: str, exchange_id: s
 Journal.record_order_status = _record_order_status
 
 # %% ../nbs/10_journal.ipynb #7d4f3c9f
+def fill_key(market_id: str, trade_id, order_id=None, account: str | None = None) -> str:
+    """The journal's key of one exchange fill: account, market, order and trade id. A reset exchange (a testnet reset,
+    a fresh emulator) restarts its trade and order ids at 1; its account differs, so its fills never collide with the
+    journaled ones. Without an account (the in-process paper venue): the market and trade id, as journals always had."""
+    if account is None:
+        return f"{market_id}-{trade_id}"
+    return f"{account}:{market_id}-{trade_id}" + ("" if order_id is None else f"@{order_id}")
+
+
 def _record_fill(self, trade_id, client_order_id: str | None, price: float, amount: float, fee: float = 0.0,
-                 fee_currency: str | None = None, ts=None, symbol: str | None = None, side: str | None = None) -> bool:
-    "Journal one exchange fill. Idempotent on the exchange's `trade_id`."
+                 fee_currency: str | None = None, ts=None, symbol: str | None = None, side: str | None = None,
+                 legacy_id: str | None = None) -> bool:
+    """Journal one exchange fill. Idempotent on `trade_id` (see `fill_key`). `legacy_id`: the key an older cryptobot
+    gave the same fill (market-trade id): a row under it with the same order, price, amount and fee is this fill."""
     row = dict(trade_id=str(trade_id), client_order_id=client_order_id, symbol=symbol, side=side,
                price=_num(price, "price", positive=True), amount=_num(amount, "amount", positive=True),
                fee=_num(fee, "fee"), fee_currency=fee_currency)
@@ -655,6 +666,10 @@ def _record_fill(self, trade_id, client_order_id: str | None, price: float, amou
             if diff:
                 raise JournalError(f"fill {row['trade_id']} is already journaled with different {', '.join(diff)}")
             return False
+        if legacy_id is not None and legacy_id != row["trade_id"]:
+            old = con.execute("SELECT * FROM fills WHERE trade_id = ?", (str(legacy_id),)).fetchone()
+            if old is not None and not _same(old, row, ["client_order_id", "price", "amount", "fee"]):
+                return False             # journaled before fills were keyed by account (an older journal)
         eid = self._event(con, "fill", f"{row['trade_id']} {amount:g} @ {price:g} ({client_order_id})", row, ts)
         con.execute("INSERT INTO fills (event_id, trade_id, client_order_id, symbol, side, price, amount, fee, "
                     "fee_currency, ts) SELECT ?,?,?,?,?,?,?,?,?, ts FROM events WHERE id = ?",
@@ -880,6 +895,30 @@ def _open_intents(self, symbol: str | None = None) -> list[dict]:
 
 
 Journal.has_history, Journal.open_intents = _has_history, _open_intents
+
+# %% ../nbs/10_journal.ipynb #ac0c0a11
+ACCOUNT_EVENT = "account"      # the journal's exchange account: the newest event of this kind (the archive keeps it)
+
+
+def _account(self) -> dict | None:
+    "The exchange account this journal belongs to ({uid, account_type, venue, by, reason}), or None if none recorded."
+    rows = self._query("SELECT data FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (ACCOUNT_EVENT,))
+    return json.loads(rows[0]["data"]) if rows and rows[0]["data"] else None
+
+
+def _record_account(self, uid: str, account_type: str | None, venue: str, by: str, reason: str, ts=None) -> int:
+    "Journal that this journal belongs to exchange account `uid` (who recorded it and why: first run, adopted...)."
+    uid = " ".join(str(uid).split())
+    if not uid:
+        raise JournalError("record_account needs the exchange's account uid")
+    data = {"uid": uid, "account_type": account_type, "venue": venue, "by": " ".join(str(by).split()),
+            "reason": " ".join(str(reason).split())}
+    with self._tx() as con:
+        return self._event(con, ACCOUNT_EVENT, f"account {uid} ({account_type or '?'}) on {venue}: {data['reason']} "
+                                               f"(by {data['by']})", data, ts)
+
+
+Journal.account, Journal.record_account = _account, _record_account
 
 # %% ../nbs/10_journal.ipynb #17001d22
 def _trades(self, symbol: str | None = None, limit: int | None = None) -> list[dict]:

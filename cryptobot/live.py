@@ -50,7 +50,7 @@ __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CON
            'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy',
            'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
            'format_stop', 'open_state_dir', 'start_runner', 'disk_full', 'journal_failed', 'run', 'PortfolioRunner',
-           'start_portfolio']
+           'start_portfolio', 'adopt_account']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -508,6 +508,7 @@ def _start(self) -> "Runner":
                                                                      # the shared one, not this symbol's view)
     self.net.install(self.executor.venue)
     self.executor.market                               # markets + the stop's order type: refused here if impossible
+    self.executor.check_account()                      # the journal's exchange account, before any order (else 78)
     rep = self.executor.reconcile()
     _event("startup_reconciled", logging.INFO if rep.ok else logging.ERROR, ok=rep.ok,
            actions=len(rep.actions), problems="; ".join(rep.problems) or None,
@@ -1800,3 +1801,46 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
         notifier.close(5)                              # bounded: what was queued (a refusal) goes out first
         raise
 
+
+# %% ../nbs/14_live.ipynb #adopt0cd
+from .guardian import _whoami      # who runs this command (the OS account of its uid), as `cryptobot unlock` records
+
+
+def adopt_account(settings: Settings | None = None, who: str | None = None) -> str:
+    "`cryptobot reconcile --adopt-account`: make the state dir's journal belong to the exchange's account now; the message."
+    settings = settings if settings is not None else load_settings()
+    if settings.mode == "paper" and not settings.exchange_url:
+        return ("the in-process paper venue has no exchange account: nothing to adopt (the runner skips the account "
+                "check for it)")
+    sd = Path(settings.state_dir)
+    if not (sd / JOURNAL_FILE).exists():
+        raise StartupRefused(f"no journal in {sd}: nothing to adopt (a first run records its account by itself)")
+    with Journal(sd / JOURNAL_FILE) as j:
+        open_ = [f"position {p['symbol']} {p['client_order_id']}" for p in j.open_positions()]
+        open_ += [f"order {i['client_order_id']} ({i['purpose']})" for i in j.open_intents()]
+        if open_:
+            raise StartupRefused(f"the journal in {sd} still holds {', '.join(open_[:5])}"
+                                 f"{' and more' if len(open_) > 5 else ''}, on the account it belongs to; resolve them "
+                                 f"there first, or start a new state dir (nothing was changed)")
+        try:
+            ex = make_executor(settings, j, Guardian(settings, sd, j))
+            new = ex.account(refresh=True)
+        except ExchangeAuthError as e:
+            raise LiveError(str(e), EX_NOPERM) from None
+        except NETWORK_ERRORS as e:
+            raise LiveError(f"the exchange is unreachable ({type(e).__name__}); nothing was changed; retry later",
+                            EX_UNAVAILABLE) from None
+        if new is None:
+            return f"{ex._venue_name()} reports no account id: nothing to adopt"
+        old = j.account()
+        if old is not None and (str(old.get("uid")), old.get("account_type")) == (new["uid"], new["account_type"]):
+            return f"the journal already belongs to account {new['uid']} ({new['account_type'] or '?'}): nothing to do"
+        who = who or _whoami()
+        was = f"account {old.get('uid')}" if old else "no account recorded"
+        j.record_account(new["uid"], new["account_type"], ex._venue_name(), who,
+                         f"adopted by cryptobot reconcile --adopt-account (was {was})")
+        lock = j.rebuild_guardian_state()["lock"]
+    msg = f"the journal in {sd} now belongs to account {new['uid']} ({new['account_type'] or '?'}), was {was}; by {who}"
+    if lock["locked"]:
+        msg += f"; entries stay locked ({lock['reason']}) until cryptobot unlock --reason TEXT"
+    return msg

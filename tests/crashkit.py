@@ -14,6 +14,8 @@ import time
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
+from cryptobot.journal import fill_key
+
 SERVER = textwrap.dedent(r'''
     import os, sys, json, select, traceback, resource
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -163,10 +165,11 @@ def book_problems(emu, j) -> list[str]:
         elif status.get(cid) != _WANT[o["status"]]:
             problems.append(f"{cid}: emulator {o['status']}, journal {status.get(cid)}")
     fills = {r["trade_id"] for r in j.select("SELECT trade_id FROM fills")}
-    lost = [t["id"] for t in emu.trades if f"{t['symbol'].replace('/', '')}-{t['id']}" not in fills]
+    keys = {fill_key(t["symbol"].replace("/", ""), t["id"], t["orderId"], str(emu.uid)): t for t in emu.trades}
+    lost = [t["id"] for k, t in keys.items() if k not in fills]
     if lost:
         problems.append(f"{len(lost)} emulator fills missing from the journal (trade ids {lost[:5]})")
-    extra = fills - {f"{t['symbol'].replace('/', '')}-{t['id']}" for t in emu.trades}
+    extra = fills - set(keys)
     if extra:
         problems.append(f"{len(extra)} journal fills the emulator never made ({sorted(extra)[:5]})")
     return problems

@@ -19,7 +19,7 @@ from market import N, frame
 from cryptobot.exchange import (BinanceExecutor, EntryRefused, ExchangeAuthError, Executor, OrderQueue,
                                 PaperExecutor, Position, floor_step)
 from cryptobot.guardian import Approval, Denial, Guardian, Reason, Signal
-from cryptobot.journal import Journal
+from cryptobot.journal import Journal, fill_key
 from cryptobot.risk import RiskEngine
 
 SYM = "BTC/USDT"
@@ -114,7 +114,7 @@ def assert_consistent(e, start_usdt=10_000.0):
     fills = {r["trade_id"]: r for r in j.select("SELECT * FROM fills")}
     assert len(fills) == len(emu.trades)
     for t in emu.trades:
-        f = fills[f"BTCUSDT-{t['id']}"]
+        f = fills[fill_key("BTCUSDT", t["id"], t["orderId"], str(emu.uid))]   # account:market-trade@order
         assert abs(f["price"] - t["price"]) < 1e-9 and abs(f["amount"] - t["qty"]) < 1e-12
         assert abs(f["fee"] - t["commission"]) < 1e-12 and f["fee_currency"] == t["commissionAsset"]
     # balances implied by the journal's fills
