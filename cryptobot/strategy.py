@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import math
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -25,8 +26,8 @@ from .features import fingerprint as feature_fingerprint
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
            'STRATEGY_FILE', 'PBO_FAIL', 'DSR_PASS', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK',
            'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema',
-           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'resolve', 'make_strategy',
-           'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
+           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'import_user_module', 'resolve',
+           'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
            'load_strategy_artifact', 'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines',
            'check_strategy', 'trusted_check']
 
@@ -360,6 +361,18 @@ class ModelStrategy(Strategy):
 BUILTINS = {"ema_cross": EmaCross, "rsi_reversion": RsiReversion, "model": ModelStrategy}
 
 
+def import_user_module(mod: str):
+    """Import a user's strategy module as `python -m` would: the current directory first on the path. A console
+    script (`cryptobot ...`) starts with its own bin/ there instead, so `--strategy mymod:MyClass` beside the user's
+    file would not be found; the directory stays on the path so that Dask's local workers (which inherit it) and
+    the module's own imports of its neighbours find them too."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    return importlib.import_module(mod)
+
+
 def resolve(name: str) -> type:
     "The Strategy class for a built-in name or `module:Class`."
     if name in BUILTINS:
@@ -368,10 +381,10 @@ def resolve(name: str) -> type:
         raise StrategyError(f"unknown strategy {name!r}: use one of {sorted(BUILTINS)} or module:Class")
     mod, _, cls = name.partition(":")
     try:
-        obj = getattr(importlib.import_module(mod), cls)
+        obj = getattr(import_user_module(mod), cls)
     except (ImportError, AttributeError) as e:
         raise StrategyError(f"cannot load strategy {name!r} ({type(e).__name__}: {e}): check the module is "
-                            "importable (on PYTHONPATH) and defines the class") from None
+                            "importable (in the current directory or on PYTHONPATH) and defines the class") from None
     if not (isinstance(obj, type) and issubclass(obj, Strategy)):
         raise StrategyError(f"{name!r} is not a subclass of cryptobot.strategy.Strategy")
     return obj

@@ -1,6 +1,9 @@
 """cryptobot.strategy: the live runner's per-bar decision equals the vectorised pass, on every bar of the real file."""
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,3 +130,30 @@ def test_strategy_module_stays_light():
             "print([m for m in ('sklearn', 'vectorbt', 'numba', 'plotly') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_cli_finds_a_strategy_module_in_the_current_directory_as_python_m_would(tmp_path):
+    "`cryptobot backtest --strategy mymod:MyClass` run beside mymod.py (the console script's path starts at its bin/)."
+    (tmp_path / "mysignals.py").write_text(
+        "from cryptobot.strategy import crossed_above, ema\n"
+        "def cross(close, fast, slow):\n"
+        "    f, s = ema(close, fast), ema(close, slow)\n"
+        "    return crossed_above(f, s), crossed_above(s, f)\n")
+    (tmp_path / "mymod.py").write_text(          # imports its neighbour, as a user's package of two files would
+        "from cryptobot.strategy import Strategy, Param, ewm_warmup\n"
+        "from mysignals import cross\n"
+        "class MyClass(Strategy):\n"
+        "    params = {'fast': Param(int, 12, 2, 200), 'slow': Param(int, 26, 3, 400)}\n"
+        "    @property\n"
+        "    def warmup(self): return ewm_warmup(2 / (self.slow + 1)) + 1\n"
+        "    def signals(self, candles, features=None):\n"
+        "        return cross(candles['close'], self.fast, self.slow)\n")
+    exe = Path(sys.executable).with_name("cryptobot")
+    if not exe.exists():
+        pytest.skip(f"console script absent: {exe}")
+    p = subprocess.run([str(exe), "backtest", "--strategy", "mymod:MyClass", "--param", "fast=5", "--data", "synthetic",
+                        "--n-synthetic", "2000", "--json", "out.json", "--html", "r.html"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "CRYPTOBOT_STATE_DIR": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    js = json.loads((tmp_path / "out.json").read_text())
+    assert js["trades"] > 0 and "MyClass" in p.stdout
