@@ -22,7 +22,7 @@ import pandas as pd
 import numba
 from numba import njit
 
-from .model import FEE, SLIPPAGE, Strategy
+from .model import FEE, SLIPPAGE, Strategy, check_costs
 from .risk import Market, RiskEngine, floor_units, step_units
 from .strategy import Strategy as BaseStrategy, checked_signals
 from .files import CryptobotError, atomic_write
@@ -299,6 +299,7 @@ def _simulate(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, sli
         raise BacktestError(f"{len(en)}/{len(ex)} enter/exit signals for {len(o)} candles: align them to the candles")
     if not (initial_cash > 0 and fee >= 0 and slippage >= 0):
         raise BacktestError(f"initial_cash={initial_cash}, fee={fee}, slippage={slippage}: need cash > 0, costs >= 0")
+    check_costs(fee=fee, slippage=slippage)
     if end not in ("open", "exit"):
         raise BacktestError(f"end={end!r}: use 'open' (mark the last trade to the last close) or 'exit' (sell it there)")
     ks_after = _after_lock_bars(after_lock)
@@ -410,6 +411,7 @@ def portfolio(candles: pd.DataFrame, trades: pd.DataFrame, fee: float | None = N
     "A `vectorbt.Portfolio` executing exactly the simulated fills (trades from `simulate`)."
     import vectorbt as vbt  # lazy: vectorbt only when a portfolio is asked for
     fee = trades.attrs.get("fee", FEE) if fee is None else fee
+    check_costs(fee=fee)
     initial_cash = trades.attrs.get("initial_cash", 10_000.0) if initial_cash is None else initial_cash
     if freq is None:
         freq = candles.index[1] - candles.index[0] if len(candles) >= 2 else pd.Timedelta(hours=1)

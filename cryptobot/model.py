@@ -29,14 +29,15 @@ from . import data as D
 
 
 # %% auto #0
-__all__ = ['FEE', 'SLIPPAGE', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'ENTER', 'EXIT',
-           'HOLD', 'FLAT', 'POLICY_QUANTILES', 'EXIT_QUANTILES', 'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL',
-           'TREES_FILE', 'REQUIRED_KEYS', 'ModelError', 'Strategy', 'round_trip_cost', 'make_labels', 'Fold',
-           'walk_forward_folds', 'oos_metrics', 'policy_grid', 'after_cost_return', 'choose_policy', 'fit_calibrator',
-           'cost_aware_policy', 'policy_signals', 'policy_backtest', 'trained_policy', 'policy_strategy',
-           'ConstantModel', 'fit_classifier', 'current_feature_spec', 'data_fingerprint', 'TrainResult',
-           'train_walk_forward', 'data_spec', 'candles_from_spec', 'check_same_candles', 'TreeEnsemble',
-           'save_artifact', 'Artifact', 'load_artifact', 'latest_model']
+__all__ = ['FEE', 'SLIPPAGE', 'MAX_COST', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE',
+           'ENTER', 'EXIT', 'HOLD', 'FLAT', 'POLICY_QUANTILES', 'EXIT_QUANTILES', 'DEFAULT_PARAMS', 'CHECK_ROWS',
+           'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS', 'ModelError', 'CostError', 'check_costs', 'Strategy',
+           'round_trip_cost', 'make_labels', 'Fold', 'walk_forward_folds', 'oos_metrics', 'policy_grid',
+           'after_cost_return', 'choose_policy', 'fit_calibrator', 'cost_aware_policy', 'policy_signals',
+           'policy_backtest', 'trained_policy', 'policy_strategy', 'ConstantModel', 'fit_classifier',
+           'current_feature_spec', 'data_fingerprint', 'TrainResult', 'train_walk_forward', 'data_spec',
+           'candles_from_spec', 'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact', 'load_artifact',
+           'latest_model']
 
 # %% ../nbs/06_model.ipynb #71dc3f6b
 class ModelError(CryptobotError, ValueError):
@@ -45,6 +46,20 @@ class ModelError(CryptobotError, ValueError):
 
 FEE = 0.001          # 0.1 % a side (contract default)
 SLIPPAGE = 0.0005    # 0.05 % on market fills (contract default)
+MAX_COST = 0.05      # a fee or slippage fraction above 5 % a side was surely meant as a percent
+
+
+class CostError(CryptobotError, ValueError):
+    "A fee or slippage the Python API cannot take (one line: what is wrong, what to do)."
+
+
+def check_costs(**costs) -> None:
+    """The Python API (`backtest`, `run_grid`, `run_sweep`, `train_walk_forward`, ...) takes fees and slippage as
+    fractions a side, the CLI as percent: refuse a fraction above `MAX_COST`, naming the form that was likely meant."""
+    for k, v in costs.items():
+        if v is not None and float(v) > MAX_COST:
+            raise CostError(f"{k}={v!r} is a fraction ({float(v) * 100:g} %): did you mean {k}={float(v) / 100:g}? "
+                            f"the Python API takes fractions (at most {MAX_COST:g}), the CLI's --{k} takes percent")
 DEFAULT_HORIZON = 12 # bars (hours on 1h candles)
 MANIFEST_VERSION = 1
 MODEL_FILE, MANIFEST_FILE, OOS_FILE = "model.joblib", "manifest.json", "oos.parquet"
@@ -405,6 +420,7 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
     if missing:
         raise ModelError(f"features lack {len(missing)} columns of the feature spec (e.g. {missing[0]!r}): "
                          "rebuild them with cryptobot.features.build_features")
+    check_costs(fee=fee, slippage=slippage)
     cost = round_trip_cost(fee, slippage) if cost is None else float(cost)
     X = features[names].to_numpy("float64")
     y = make_labels(candles, horizon, cost=cost, margin=margin).to_numpy()

@@ -26,7 +26,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from .backtest import (BacktestError, EXIT_REASONS, _after_lock_bars, _drawdown, _json_safe, _kernel, _ohlc,
                                 _settings_vector, _simulate, _thin, _xs)
-from .model import FEE, SLIPPAGE
+from .model import FEE, SLIPPAGE, check_costs
 from .risk import Market, RiskEngine
 from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, make_strategy, resolve
 from .files import CryptobotError, atomic_write
@@ -205,6 +205,7 @@ def run_grid(candles: pd.DataFrame, strategy, configs: list[dict], sizing: str =
     if sizing not in ("risk", "full") or not (initial_cash > 0 and fee >= 0 and slippage >= 0):
         raise BacktestError(f"sizing={sizing!r}, initial_cash={initial_cash}, fee={fee}, slippage={slippage}: "
                             "need sizing risk|full, cash > 0, costs >= 0")
+    check_costs(fee=fee, slippage=slippage)
     o, h, l, c = _ohlc(candles)
     EN, EX = signals if signals is not None else grid_signals(cls, candles, configs, features)
     full = [cls(**p) for p in configs]
@@ -604,6 +605,7 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
     full, cut = data, {s: len(c) - int(round(len(c) * holdout)) for s, c in data.items()}
     data = {s: c.iloc[:cut[s]] for s, c in full.items()}                    # the holdout never enters a decision
     folds = {s: make_folds(len(c), n_folds, anchored, train_segments) for s, c in data.items()}
+    check_costs(fee=fee, slippage=slippage)
     settings = dict(sizing=sizing, fee=float(fee), slippage=float(slippage), initial_cash=float(initial_cash))
     spec = {"strategy": strategy, "configs": configs, "objective": objective, "n_folds": n_folds, "anchored": anchored,
             "blocks": blocks, "train_segments": train_segments, "block_size": block_size, **settings,

@@ -438,3 +438,28 @@ def test_cli_refuses_bad_strategy_arguments_in_one_line(tmp_path):
                             "backtest", *extra, "--data", "synthetic", "--n-synthetic", "2000"],
                            capture_output=True, text=True, cwd=tmp_path)
         assert p.returncode == 1 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("entry,kw,hint", [
+    (e, kw, hint) for kw, hint in (({"fee": 0.1}, "fee=0.1 is a fraction (10 %): did you mean fee=0.001? "),
+                                   ({"slippage": 0.5}, "slippage=0.5 is a fraction (50 %): did you mean slippage=0.005? "))
+    for e in ("backtest", "simulate_signals", "run_backtest", "portfolio", "train_walk_forward")
+    if not (e == "portfolio" and "slippage" in kw)])                 # portfolio() takes no slippage: the fills carry it
+def test_a_fee_or_slippage_given_in_percent_is_refused_naming_the_fraction(entry, kw, hint):
+    "The Python API takes fractions, the CLI percent: above 0.05 a side is refused in one line naming both forms."
+    from cryptobot import backtest as B, model as M
+    from cryptobot.data import synthetic_candles
+    from cryptobot.strategy import EmaCross as Ema
+    c = synthetic_candles(n=600, seed=3)
+    flat = pd.Series(False, c.index)
+    calls = {"backtest": lambda **k: B.backtest(c, Ema(), **k),
+             "simulate_signals": lambda **k: B.simulate_signals(c, flat, flat, **k),
+             "run_backtest": lambda **k: B.run_backtest(c, pd.Series(0.5, c.index), Strategy(), **k),
+             "portfolio": lambda **k: B.portfolio(c, B.simulate_signals(c, flat, flat), **k),
+             "train_walk_forward": lambda **k: M.train_walk_forward(c, **k)}
+    with pytest.raises(M.CostError) as e:
+        calls[entry](**kw)
+    msg = str(e.value)
+    assert msg.startswith(hint) and f"the CLI's --{next(iter(kw))} takes percent" in msg and "\n" not in msg
+    if entry in ("backtest", "simulate_signals"):        # the bound itself is a valid (if costly) fraction
+        calls[entry](**{k: 0.05 for k in kw})

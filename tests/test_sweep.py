@@ -406,3 +406,22 @@ def test_sweep_and_promote_print_figures_rounded_for_a_person(tmp_path):
     out = p.stdout + q.stdout + q.stderr
     assert "PBO" in q.stdout and "DSR" in q.stdout and "holdout" in q.stdout
     assert not re.search(r"\d\.\d{4,}", out), out                           # no 0.27513597513597515
+
+
+@pytest.mark.parametrize("entry", ["run_grid", "grid_trades", "walk_forward", "run_sweep"])
+@pytest.mark.parametrize("kw", [{"fee": 0.1}, {"slippage": 0.075}])
+def test_grid_refuses_a_fee_or_slippage_given_in_percent(entry, kw, tmp_path):
+    "run_grid and everything built on it take fractions; a percent (above 0.05) is refused before any work or file."
+    from cryptobot.model import CostError
+    from cryptobot.sweep import run_sweep, walk_forward
+    c = synthetic_candles(n=1500, seed=2)
+    grid = parse_grid(["fast=5", "slow=20"])
+    calls = {"run_grid": lambda **k: run_grid(c, "ema_cross", grid, **k),
+             "grid_trades": lambda **k: grid_trades(c, "ema_cross", grid, [0], **k),
+             "walk_forward": lambda **k: walk_forward(c, "ema_cross", grid, **k),
+             "run_sweep": lambda **k: run_sweep({"SYN": c}, "ema_cross", grid, "s1", tmp_path, scheduler="inprocess", **k)}
+    (k, v), = kw.items()
+    with pytest.raises(CostError, match=rf"^{k}={v} is a fraction \({v * 100:g} %\): did you mean {k}={v / 100:g}\? .*"
+                                        rf"the CLI's --{k} takes percent$"):
+        calls[entry](**kw)
+    assert not any(tmp_path.iterdir())
