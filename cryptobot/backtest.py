@@ -32,7 +32,7 @@ from .features import build_features
 # %% auto #0
 __all__ = ['NUMBA_MODULES', 'TRADE_COLUMNS', 'EXIT_REASONS', 'numba_cache_dir', 'BacktestError', 'simulate_signals', 'simulate',
            'orders_from_trades', 'portfolio', 'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt',
-           'plot_equity', 'plot_trades', 'backtest', 'result_json', 'report_html']
+           'plot_equity', 'plot_trades', 'backtest', 'result_json', 'trade_records', 'report_html']
 
 # %% ../nbs/07_backtest.ipynb #02421357
 NUMBA_MODULES = ("risk.py", "backtest.py", "sweep.py")     # every module whose code numba compiles or inlines
@@ -641,7 +641,16 @@ def result_json(res: BacktestResult, would_lock_after: int | None = None) -> dic
     if would_lock_after:
         out["kill_switch_would_lock"] = _would_lock(tr, would_lock_after)
     out["strategy_fingerprint"] = tr.attrs.get("strategy_fingerprint")
+    out["trade_list"] = trade_records(tr)
     return out
+
+
+def trade_records(trades: pd.DataFrame) -> list[dict]:
+    """Every trade as a JSON-ready dict of the `TRADE_COLUMNS`: entry and exit time (ISO 8601, UTC), prices, amount,
+    stop, fees, `exit_reason`, `pnl` (quote, after fees) and `return`. Floats keep full precision (they read back
+    equal); an 'open' trade is marked to the last close, not sold."""
+    cols = [c for c in TRADE_COLUMNS if c in trades]
+    return [{k: _json_safe(v) for k, v in zip(cols, row)} for row in trades[cols].itertuples(index=False, name=None)]
 
 
 def _would_lock(trades: pd.DataFrame, n: int):
@@ -694,7 +703,7 @@ def report_html(res: BacktestResult, path, title: str = "cryptobot backtest") ->
                    f"{json.dumps(f['layout'])}, {{responsive: true}});</script>"
                    for i, f in enumerate(_report_figures(res)))
     rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in js.items()
-                   if k not in ("kill_switch_locks", "exits"))
+                   if k not in ("kill_switch_locks", "exits", "trade_list"))
     locks = "".join(f"<li>{escape(str(x))}</li>" for x in js["kill_switch_locks"]) or "<li>none</li>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
             f"<script>{plotly_js}</script></head><body><h1>{escape(title)}</h1><h2>Stats</h2><table>{rows}</table>"

@@ -463,3 +463,35 @@ def test_a_fee_or_slippage_given_in_percent_is_refused_naming_the_fraction(entry
     assert msg.startswith(hint) and f"the CLI's --{next(iter(kw))} takes percent" in msg and "\n" not in msg
     if entry in ("backtest", "simulate_signals"):        # the bound itself is a valid (if costly) fraction
         calls[entry](**{k: 0.05 for k in kw})
+
+
+def test_cli_json_carries_the_full_trade_list_equal_to_the_python_backtest(tmp_path, monkeypatch):
+    "`cryptobot backtest --json`: every trade (times, prices, amount, stop, fees, reason, PnL) as the Python API has it."
+    from cryptobot.backtest import TRADE_COLUMNS, backtest
+    from cryptobot.config import load_settings
+    from cryptobot.data import synthetic_candles
+    from cryptobot.strategy import make_strategy
+    out = tmp_path / "out.json"
+    env = {**__import__("os").environ, "CRYPTOBOT_STATE_DIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", "import sys; from cryptobot.cli import main; sys.exit(main(sys.argv[1:]))",
+                        "backtest", "--strategy", "rsi_reversion", "--param", "period=7", "--data", "synthetic",
+                        "--n-synthetic", "3000", "--json", str(out), "--html", str(tmp_path / "r.html")],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    js = json.loads(out.read_text())
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(env=env, dotenv_path=None)
+    res = backtest(synthetic_candles(n=3000, timeframe=s.timeframe), make_strategy("rsi_reversion", {"period": 7}),
+                   fee=s.fee_pct / 100, slippage=s.slippage_pct / 100, risk_engine=RiskEngine.from_settings(s),
+                   min_balance=s.min_balance_usd)
+    tr = res.trades
+    assert len(tr) > 20 and len(js["trade_list"]) == len(tr) == js["trades"]
+    for row, got in zip(tr.itertuples(index=False), js["trade_list"]):
+        assert set(got) == set(TRADE_COLUMNS)
+        for k in ("entry_time", "exit_time"):
+            assert pd.Timestamp(got[k]) == getattr(row, k)
+        assert got["exit_reason"] == row.exit_reason
+        for k in ("entry_price", "exit_price", "amount", "stop_price", "fees", "pnl", "entry_bar", "exit_bar", "bars_held"):
+            assert got[k] == getattr(row, k), k                       # exact: JSON floats read back equal
+        assert got["return"] == tr.loc[tr.entry_bar == row.entry_bar, "return"].item()
+    assert math.isclose(sum(t["pnl"] for t in js["trade_list"]), tr["pnl"].sum())
