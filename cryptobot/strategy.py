@@ -262,10 +262,13 @@ class EmaCross(Strategy):
 
 # %% ../nbs/05_strategy.ipynb #03ae5851
 class RsiReversion(Strategy):
-    "Long when Wilder's RSI closes below `lower`; out when it closes above `upper`."
+    """Long when Wilder's RSI closes below `lower` (the level rule, `cross=0`), or with `cross=1` only on the bar it
+    crosses back above `lower` (from <= lower to > lower: freqtrade's usual RSI reversion); out when it closes above
+    `upper` (the first such close, which is where it crosses above `upper` for any position held)."""
     name = "rsi_reversion"
     params = {"period": Param(int, 14, 2, 200, "RSI period (Wilder)"), "lower": Param(float, 30.0, 1.0, 50.0),
-              "upper": Param(float, 70.0, 50.0, 99.0)}
+              "upper": Param(float, 70.0, 50.0, 99.0),
+              "cross": Param(int, 0, 0, 1, "0: enter on every close below lower; 1: on the close crossing back above it")}
 
     def check(self):
         if self.lower >= self.upper:
@@ -273,11 +276,12 @@ class RsiReversion(Strategy):
 
     @property
     def warmup(self) -> int:
-        return ewm_warmup(1 / self.period) + 1
+        return ewm_warmup(1 / self.period) + 1 + self.cross        # the cross reads the previous bar's RSI too
 
     def signals(self, candles, features=None):
         r = rsi(candles["close"], self.period)
-        return (r < self.lower).fillna(False), (r > self.upper).fillna(False)
+        enter = crossed_above(r, pd.Series(self.lower, r.index)) if self.cross else r < self.lower
+        return enter.fillna(False), (r > self.upper).fillna(False)
 
 # %% ../nbs/05_strategy.ipynb #47c30883
 NO_EDGE = "no_edge_after_costs"     # why a model whose cost-aware policy is flat does not enter

@@ -47,8 +47,9 @@ def _check_every_bar(strategy, candles, features=None, step=1):
     return diffs, int(enter.sum()), int(exit_.sum()), int(inpos.sum())
 
 
-@pytest.mark.parametrize("strategy", [EmaCross(fast=12, slow=26), RsiReversion(period=14, lower=30, upper=70)],
-                         ids=["ema_cross", "rsi_reversion"])
+@pytest.mark.parametrize("strategy", [EmaCross(fast=12, slow=26), RsiReversion(period=14, lower=30, upper=70),
+                                      RsiReversion(period=14, lower=30, upper=70, cross=1)],
+                         ids=["ema_cross", "rsi_reversion", "rsi_reversion_cross"])
 def test_decide_on_the_trailing_window_equals_the_vectorised_pass_on_every_real_bar(real, strategy):
     diffs, n_enter, n_exit, n_in = _check_every_bar(strategy, real)
     assert n_enter > 100 and n_exit > 100 and 1000 < n_in < len(real) - 1000   # both states and both signals occur
@@ -157,3 +158,31 @@ def test_cli_finds_a_strategy_module_in_the_current_directory_as_python_m_would(
     assert p.returncode == 0, p.stderr
     js = json.loads((tmp_path / "out.json").read_text())
     assert js["trades"] > 0 and "MyClass" in p.stdout
+
+
+@pytest.mark.parametrize("period,lower,upper", [(14, 30, 70), (7, 25, 80), (21, 45, 55)])
+def test_rsi_cross_rule_enters_only_where_rsi_crosses_back_above_lower_and_the_level_rule_is_unchanged(period, lower,
+                                                                                                        upper):
+    "cross=1: freqtrade's crossed_above(rsi, lower), prev <= lower < now; cross=0 (default): every close below lower."
+    from cryptobot.data import synthetic_candles
+    from cryptobot.strategy import check_strategy, rsi
+    c = synthetic_candles(n=6000, seed=period)
+    r = rsi(c["close"], period).to_numpy()
+    prev = np.r_[np.nan, r[:-1]]
+    with np.errstate(invalid="ignore"):
+        want_cross, want_level, want_exit = (prev <= lower) & (r > lower), r < lower, r > upper
+    level, cross = RsiReversion(period=period, lower=lower, upper=upper), RsiReversion(period=period, lower=lower,
+                                                                                       upper=upper, cross=1)
+    (le, lx), (ce, cx) = checked_signals(level, c), checked_signals(cross, c)
+    assert (le == want_level).all() and (lx == want_exit).all() and (cx == lx).all()          # level rule unchanged
+    assert (ce == want_cross).all() and 10 < ce.sum() < le.sum()
+    assert not (ce & (r < lower)).any() and not (ce[1:] & ce[:-1]).any()                      # never below, never twice
+    assert RsiReversion(period=period, lower=lower, upper=upper, cross="0").fingerprint() == level.fingerprint() \
+        != cross.fingerprint()
+    assert make_strategy("rsi_reversion", {"cross": "1", "period": str(period), "lower": str(lower),
+                                           "upper": str(upper)}).fingerprint() == cross.fingerprint()
+    for s in (level, cross):
+        rep = check_strategy(s, c)
+        assert rep.passed, rep.lines()
+    with pytest.raises(StrategyError, match="cross=2 out of range"):
+        RsiReversion(cross=2)
