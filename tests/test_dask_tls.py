@@ -3,6 +3,8 @@
 import http.client
 import ipaddress
 import os
+import re
+import shlex
 import signal
 import socket
 import ssl
@@ -12,6 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from pathlib import Path
 
 from cryptobot.data import synthetic_candles
 from cryptobot.sweep import DASK_TLS, SchedulerRefused, parse_grid, run_sweep, scheduler_security
@@ -84,7 +88,15 @@ def test_cli_sweep_refuses_an_unsafe_scheduler_in_one_line_with_exit_78(tmp_path
     assert not (tmp_path / "data" / "sweeps").exists() and not (tmp_path / "reports").exists()
 
 
-QUIET = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]   # as the README: Dask's HTTP server stays on loopback
+def _readme_dask(kind: str, subst: dict) -> list[str]:
+    "The README's `dask scheduler` / `dask worker` command, its $TLS expanded, with `subst` applied token by token."
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tls = re.search(r'^TLS="([^"]+)"$', text, re.M)[1]
+    [line] = [x for x in text.splitlines() if x.startswith(f"dask {kind} ")]
+    toks = [subst.get(t, t) for t in shlex.split(line.replace("$TLS", tls))[2:]]
+    if "--nworkers" in toks:
+        toks[toks.index("--nworkers") + 1] = "1"                            # one worker process on the shared CI box
+    return toks
 
 
 def _free_port():
@@ -137,7 +149,6 @@ def test_a_sweep_through_a_tls_scheduler_equals_the_in_process_one_and_clients_w
     for _, var in DASK_TLS.values():
         monkeypatch.delenv(var, raising=False)
     good, foreign = _pem_files(tmp_path, Security.temporary(), "good"), _pem_files(tmp_path, Security.temporary(), "other")
-    tls_args = ["--tls-ca-file", good["ca"], "--tls-cert", good["cert"], "--tls-key", good["key"]]
     c = {"SYN-A (synthetic)": synthetic_candles(n=3000, seed=31), "SYN-B (synthetic)": synthetic_candles(n=3000, seed=32)}
     cfg = parse_grid(["fast=4:16:4", "slow=25:45:10"])
     run = lambda i, sch, **kw: run_sweep(c, "ema_cross", cfg, i, tmp_path / "sw", scheduler=sch,  # noqa: E731
@@ -148,12 +159,14 @@ def test_a_sweep_through_a_tls_scheduler_equals_the_in_process_one_and_clients_w
     with pytest.raises(SchedulerRefused, match="missing --tls-ca-file"):
         run("nocert", addr)                                                  # no certificates: refused before a connect
     dask = [os.path.join(os.path.dirname(sys.executable), "dask")]
-    procs = [subprocess.Popen(dask + ["scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
-                                      *tls_args, *QUIET],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    subst = {"SCHEDULER": "127.0.0.1", "8786": str(port), "tls://SCHEDULER:8786": addr, "ca.pem": good["ca"],
+             "node.pem": good["cert"], "node-key.pem": good["key"], "127.0.0.1:8787": "127.0.0.1:0"}
+    sched, worker = _readme_dask("scheduler", subst), _readme_dask("worker", subst)    # the README's commands, run
+    assert all(x in sched and x in worker for x in ("--no-dashboard", "--dashboard-address", good["key"]))
+    procs = [subprocess.Popen(dask + ["scheduler", *sched], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)]
     try:
-        procs.append(subprocess.Popen(dask + ["worker", addr, "--nworkers", "1", "--nthreads", "2", *tls_args,
-                                              *QUIET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        procs.append(subprocess.Popen(dask + ["worker", *worker], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True))
         sec = Security(tls_ca_file=good["ca"], tls_client_cert=good["cert"], tls_client_key=good["key"],
                        require_encryption=True)
