@@ -614,8 +614,8 @@ def is_loopback_host(host: str | None) -> bool:
 def scheduler_security(scheduler: str, tls: dict | None = None, insecure: bool = False, env=None, warn=_stderr):
     """The `distributed.Security` a client of the dask address `scheduler` uses (None for plain TCP or inproc), or
     `SchedulerRefused` in one line: plain `tcp://`/`ws://` beyond loopback unless `insecure` (then one warning line
-    through `warn`); `tls://`/`wss://` without readable CA, certificate and key (`tls` keys ca/cert/key, each else
-    from `env`, default os.environ: `DASK_TLS`'s variables); TLS options with a plain address."""
+    through `warn`); `tls://`/`wss://` without readable CA, certificate and key (`tls` keys ca/cert/key, each one
+    else `DASK_TLS`'s variable in `env`, default os.environ); TLS options with a plain address."""
     m = re.fullmatch(r"(tcp|tls|inproc|ws|wss)://(\S+)", str(scheduler))
     if not m:
         raise SweepError(f"--scheduler {scheduler}: use inprocess, local, or a dask address like tls://HOST:8786 "
