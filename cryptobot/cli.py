@@ -694,7 +694,8 @@ def cmd_sweep(a) -> int:
     sweep_id = a.id or f"{a.strategy.replace(':', '_')}-{utc_stamp()}"
     sw = run_sweep(data, a.strategy, configs, sweep_id, Path(s.data_dir) / "sweeps", objective=a.objective,
                    n_folds=a.folds, anchored=a.anchored, sizing=a.sizing, fee=fee / 100, slippage=slip / 100,
-                   initial_cash=a.cash, scheduler=a.scheduler, holdout=a.holdout / 100)
+                   initial_cash=a.cash, scheduler=a.scheduler, holdout=a.holdout / 100,
+                   tls={"ca": a.tls_ca_file, "cert": a.tls_cert, "key": a.tls_key}, insecure_scheduler=a.insecure_scheduler)
     html = Path(a.html) if a.html else Path(s.reports_dir) / f"sweep-{sweep_id}.html"
     html.parent.mkdir(parents=True, exist_ok=True)
     out = sweep_summary(sw)
@@ -770,7 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--objective", choices=["sharpe", "return", "calmar"], default="sharpe")
     sp.add_argument("--folds", type=int, default=5, help="walk-forward folds (default 5)")
     sp.add_argument("--anchored", action="store_true", help="training windows start at the first candle")
-    sp.add_argument("--scheduler", help="'inprocess', 'local', or a dask scheduler address tcp://HOST:PORT")
+    sp.add_argument("--scheduler", help="'inprocess', 'local', or a dask scheduler address: tls://HOST:PORT "
+                    "(with the --tls-* files), tcp://127.0.0.1:PORT on this machine")
+    for flag, (k, var) in {"--tls-ca-file": ("CA certificate", "CA"), "--tls-cert": ("client certificate", "CERT"),
+                           "--tls-key": ("client key", "KEY")}.items():
+        sp.add_argument(flag, metavar="PEM", help=f"{k} for a tls:// --scheduler (default: $CRYPTOBOT_DASK_TLS_{var})")
+    sp.add_argument("--insecure-scheduler", action="store_true",
+                    help="allow a plain tcp:// scheduler beyond loopback: anyone who reaches it runs code on every worker")
     sp.add_argument("--id", help="sweep id: results under data/sweeps/<id>/; the same id resumes")
     sp.add_argument("--sizing", choices=["risk", "full"], default="risk")
     sp.add_argument("--fee", type=float, help="percent per side (default: CRYPTOBOT_FEE_PCT)")

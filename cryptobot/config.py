@@ -315,6 +315,9 @@ PROCESS_ENV_KEYS: dict[str, str] = {
     "CRYPTOBOT_DEBUG": "cli: print tracebacks",
     "CRYPTOBOT_WORKFLOWS": "reports: folder of the papermill workflow notebooks",
     "CRYPTOBOT_SHARED_DATA": "bench: folder of the shared real-data files",
+    "CRYPTOBOT_DASK_TLS_CA": "sweep: CA certificate (PEM file) of a tls:// --scheduler",
+    "CRYPTOBOT_DASK_TLS_CERT": "sweep: client certificate (PEM file) for a tls:// --scheduler",
+    "CRYPTOBOT_DASK_TLS_KEY": "sweep: client key (PEM file) for a tls:// --scheduler",
 }
 
 # %% ../nbs/01_config.ipynb #e4558504

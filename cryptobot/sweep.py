@@ -38,11 +38,12 @@ from .features import build_features
 
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'HOLDOUT', 'MAX_HOLDOUT', 'CANDLES_DIR', 'SweepError',
+__all__ = ['MAX_GRID', 'SUMMARY', 'OBJECTIVES', 'EULER_GAMMA', 'HOLDOUT', 'MAX_HOLDOUT', 'CANDLES_DIR', 'DASK_TLS', 'SweepError',
            'parse_grid', 'grid_signals', 'run_grid', 'grid_trades', 'make_folds', 'next_train', 'block_stats',
            'pbo_cscv', 'expected_max_sharpe', 'deflated_sharpe', 'walk_forward', 'finish_walk_forward', 'next_table',
            'sweep_summary', 'pooled_next', 'pooled_configs', 'top_configs', 'sweep_task', 'task_list', 'task_path',
-           'save_task', 'run_sweep', 'load_sweep', 'report_sweep_html', 'promote', 'runner_env']
+           'save_task', 'SchedulerRefused', 'is_loopback_host', 'scheduler_security', 'run_sweep', 'load_sweep',
+           'report_sweep_html', 'promote', 'runner_env']
 
 # %% ../nbs/08_sweep.ipynb #659896e6
 class SweepError(CryptobotError, ValueError):
@@ -565,14 +566,15 @@ def _same_spec(sweep_id: str, old: dict, new: dict) -> None:
                          "or start a new --id; results are never mixed")
 
 
-def _client(scheduler, n_tasks: int):
-    "(client, cluster) for `scheduler`: None/'inprocess' -> (None, None); 'local' -> a LocalCluster sized to the machine."
+def _client(scheduler, n_tasks: int, security=None):
+    """(client, cluster) for `scheduler`: 'local' -> a LocalCluster sized to the machine; an address -> a client of it,
+    with `security` (`scheduler_security`'s: TLS certificates for a `tls://` address)."""
     if scheduler == "local":
         cluster = LocalCluster(n_workers=min(os.cpu_count() or 1, max(n_tasks, 1)), threads_per_worker=1,
                                processes=True, dashboard_address=None)
         return Client(cluster), cluster
     try:
-        return Client(scheduler, timeout=10), None
+        return Client(scheduler, timeout=10, security=security), None
     except (OSError, TimeoutError) as e:
         raise SweepError(f"--scheduler {scheduler}: cannot connect ({type(e).__name__}): start `dask scheduler` "
                          "there or omit --scheduler") from None
@@ -581,25 +583,98 @@ def _client(scheduler, n_tasks: int):
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
+# %% ../nbs/08_sweep.ipynb #7c2ec3a2
+import ipaddress
+from urllib.parse import urlsplit
+
+from distributed.security import Security
+
+from .config import ConfigError
+
+# %% ../nbs/08_sweep.ipynb #d517968b
+DASK_TLS = {"ca": ("--tls-ca-file", "CRYPTOBOT_DASK_TLS_CA"), "cert": ("--tls-cert", "CRYPTOBOT_DASK_TLS_CERT"),
+            "key": ("--tls-key", "CRYPTOBOT_DASK_TLS_KEY")}       # option -> (CLI flag, environment variable)
+
+
+class SchedulerRefused(SweepError, ConfigError):
+    "A --scheduler address refused at start (exit 78): plain TCP beyond loopback, or TLS without its certificates."
+
+
+def is_loopback_host(host: str | None) -> bool:
+    "`localhost` or a loopback IP literal (127.0.0.0/8, ::1); any other name is not trusted to stay on this machine."
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def scheduler_security(scheduler: str, tls: dict | None = None, insecure: bool = False, env=None, warn=_stderr):
+    """The `distributed.Security` a client of the dask address `scheduler` uses (None for plain TCP or inproc), or
+    `SchedulerRefused` in one line: plain `tcp://`/`ws://` beyond loopback unless `insecure` (then one warning line
+    through `warn`); `tls://`/`wss://` without readable CA, certificate and key (`tls` keys ca/cert/key, each one
+    else `DASK_TLS`'s variable in `env`, default os.environ); TLS options with a plain address."""
+    m = re.fullmatch(r"(tcp|tls|inproc|ws|wss)://(\S+)", str(scheduler))
+    if not m:
+        raise SweepError(f"--scheduler {scheduler}: use inprocess, local, or a dask address like tls://HOST:8786 "
+                         "(tcp://127.0.0.1:8786 on this machine)")
+    proto, given, env = m[1], {k: v for k, v in (tls or {}).items() if v}, os.environ if env is None else env
+    if unknown := set(given) - set(DASK_TLS):
+        raise SweepError(f"tls options {sorted(unknown)}: use {sorted(DASK_TLS)}")
+    if proto == "inproc":
+        return None
+    if proto in ("tcp", "ws"):
+        if given:
+            raise SchedulerRefused(f"--scheduler {scheduler}: {', '.join(DASK_TLS[k][0] for k in given)} given for a "
+                                   f"plain {proto}:// address; use tls://{m[2]}")
+        try:
+            host = urlsplit(str(scheduler)).hostname
+        except ValueError:
+            host = None
+        if is_loopback_host(host):
+            return None
+        if not insecure:
+            raise SchedulerRefused(f"--scheduler {scheduler}: plain {proto}:// beyond loopback lets anyone who reaches the "
+                                   "port run code on every worker; use tls://HOST:PORT with --tls-ca-file/--tls-cert/"
+                                   "--tls-key (or CRYPTOBOT_DASK_TLS_CA/CERT/KEY), or pass --insecure-scheduler on a "
+                                   "network you trust")
+        warn(f"WARNING: --insecure-scheduler: {scheduler} is plain {proto}:// beyond loopback: anyone who reaches it "
+             "can run code on every worker; use tls:// (README: Sweeps on a Dask cluster)")
+        return None
+    files = {k: given.get(k) or env.get(var) for k, (flag, var) in DASK_TLS.items()}
+    if missing := [f"{DASK_TLS[k][0]} (or {DASK_TLS[k][1]})" for k, v in files.items() if not v]:
+        raise SchedulerRefused(f"--scheduler {scheduler}: a {proto}:// scheduler needs the CA certificate, the client "
+                               f"certificate and its key; missing {', '.join(missing)}")
+    for k, v in files.items():
+        if not (os.path.isfile(v) and os.access(v, os.R_OK)):
+            raise SchedulerRefused(f"{DASK_TLS[k][0]} {v}: not a readable file ({DASK_TLS[k][1]} is the environment's "
+                                   "form); pass the PEM file's path")
+    return Security(tls_ca_file=files["ca"], tls_client_cert=files["cert"], tls_client_key=files["key"],
+                    require_encryption=True)
+
 # %% ../nbs/08_sweep.ipynb #917d1f51
 def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, root="data/sweeps",
               objective: str = "sharpe", n_folds: int = 5, anchored: bool = False, train_segments: int = 1,
               blocks: int = 16, block_size: int = 64, sizing: str = "risk", fee: float = FEE, slippage: float = SLIPPAGE,
               initial_cash: float = 10_000.0, scheduler: str | None = None, progress=_stderr,
-              holdout: float = HOLDOUT) -> dict:
+              holdout: float = HOLDOUT, tls: dict | None = None, insecure_scheduler: bool = False) -> dict:
     """The sweep over `data` (symbol -> candles): tasks symbol x block of configurations x fold, each stored under
     `root/<sweep_id>/` as parquet as it finishes; a restart with the same id computes only the missing tasks, and is
     refused (one line naming what differs) when any setting, the grid or the data differ from the start's.
     The final `holdout` share of each symbol's candles is left out of every decision (folds, PBO, DSR, the next
     pick): the candles are stored beside the tasks so that `promote` scores its one configuration there, once.
     `scheduler`: None (in-process for small sweeps, else a LocalCluster sized to the machine), 'inprocess',
-    'local', or a dask scheduler address. Returns the walk-forward result per symbol."""
+    'local', or a dask scheduler address, checked by `scheduler_security` (`tls`, `insecure_scheduler`: its options).
+    Returns the walk-forward result per symbol."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", sweep_id or ""):
         raise SweepError(f"--id {sweep_id!r}: use letters, digits, '_', '-', '.' (up to 100)")
     if objective not in OBJECTIVES:
         raise SweepError(f"--objective {objective}: use one of {sorted(OBJECTIVES)}")
-    if scheduler not in (None, "inprocess", "local") and not re.fullmatch(r"(tcp|tls|inproc|ws|wss)://\S+", str(scheduler)):
-        raise SweepError(f"--scheduler {scheduler}: use inprocess, local, or a dask address like tcp://HOST:8786")
+    security = (None if scheduler in (None, "inprocess", "local")
+                else scheduler_security(scheduler, tls, insecure_scheduler))     # refused before anything is written
     if not (isinstance(holdout, (int, float)) and 0 <= holdout <= MAX_HOLDOUT):
         raise SweepError(f"--holdout {holdout}: a share of the candles between 0 and {MAX_HOLDOUT} (default {HOLDOUT})")
     full, cut = data, {s: len(c) - int(round(len(c) * holdout)) for s, c in data.items()}
@@ -647,7 +722,7 @@ def run_sweep(data: dict, strategy: str, configs: list[dict], sweep_id: str, roo
         for t in missing:
             store(t, sweep_task(data[t[0]], *args(*t)))
     elif missing:
-        client, cluster = _client(scheduler, len(missing))
+        client, cluster = _client(scheduler, len(missing), security)
         try:
             progress(f"sweep {sweep_id}: on {scheduler} ({len(client.scheduler_info().get('workers', {}))} workers)")
             cand = {s: client.scatter(c, broadcast=True) for s, c in data.items()}
