@@ -117,7 +117,7 @@ def _escape(m) -> str:
 
 def free_text(text, secrets: Iterable[str] = (), limit: int = 300) -> str:
     "Text a person typed, safe to journal, log, print or alert: secrets masked, control characters escaped, one bounded line."
-    s = _UNSAFE.sub(_escape, redact(text, secrets)).strip()
+    s = _UNSAFE.sub(_escape, redact(str(text).strip(), secrets)).strip()   # blank stays blank: "needs a reason"
     return s if len(s) <= limit else s[:limit - 1] + "…"
 
 # %% ../nbs/00_files.ipynb #93cf5ab8

@@ -583,7 +583,7 @@ def _client(emu):
 def test_a_protected_position_passes_with_the_accounts_balance_and_stop(protected):
     emu, s, pos = protected
     c = _stops_check(s)
-    assert c.status == A.PASS, c
+    assert c.status == A.PASS, (c.detail, c.evidence)
     held = float(_client(emu).fetch_balance()["BTC"]["total"])
     assert f"the exchange holds {held:g} BTC" in c.evidence and f"stop {pos.stop_cid}" in c.evidence, c
     assert "on the exchange: sell" in c.evidence and "asked the exchange" in c.evidence, c
