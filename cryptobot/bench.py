@@ -35,9 +35,10 @@ def failed_targets(r: dict) -> list[str]:
     return [k for k, limit in TARGETS.items() if k in r and r[k] > limit]
 
 # %% auto #0
-__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'PORTFOLIO_SYMBOLS', 'PORTFOLIO_KEYS', 'LIVE_KEYS', 'failed_targets',
-           'best_of', 'fresh_import_s', 'imported_heavy', 'shared_data_dir', 'default_data', 'bench_candles',
-           'live_worker', 'portfolio_worker', 'worker_main', 'bench_live', 'run_bench', 'bench_portfolio']
+__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'PORTFOLIO_SYMBOLS', 'PORTFOLIO_KEYS', 'LIVE_KEYS', 'RESEARCH_BENCHES',
+           'failed_targets', 'best_of', 'fresh_import_s', 'imported_heavy', 'shared_data_dir', 'default_data',
+           'bench_candles', 'live_worker', 'portfolio_worker', 'worker_main', 'bench_live', 'run_bench',
+           'bench_portfolio']
 
 # %% ../nbs/21_bench.ipynb #74a4567d
 def best_of(fn, n: int) -> float:
@@ -243,7 +244,7 @@ def _bench_live(progress=print) -> dict:
     return r
 
 # %% ../nbs/21_bench.ipynb #c04b10ae
-def _bench_research(candles, progress=print) -> dict:
+def _bench_backtest(candles, progress=print) -> dict:
     "Train walk-forward on the candles; backtest EMA(12/26) warm (backtest_s), the model's OOS signals, a CLI process."
     from cryptobot.features import build_features  # lazy: a bench key loads only the stack it measures
     from cryptobot.model import Strategy, train_walk_forward  # lazy: a bench key loads only the stack it measures
@@ -273,6 +274,9 @@ def _bench_research(candles, progress=print) -> dict:
             "backtest_cold_s": round(cold_s, 2), "import_backtest_s": round(import_bt_s, 2),
             "oos_auc": round(float(trained.overall.get("auc", float("nan"))), 4)}
 
+
+RESEARCH_BENCHES = [_bench_backtest]   # the research figures, in order; the sweep and the check add theirs below
+
 # %% ../nbs/21_bench.ipynb #d13eaa9c
 def _backtest_cold_s(candles) -> float:
     "A whole `cryptobot backtest --strategy ema_cross` process with its HTML report, best of 2 after a warming run."
@@ -296,7 +300,8 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
     r: dict = {"candles": len(candles), "data": source, "data_file": data_file, "python": platform.python_version(),
                "machine": f"{os.cpu_count()} cpu, {platform.machine()}"}
     r.update(_bench_features(candles, progress))
-    r.update(_bench_research(candles, progress))
+    for part in RESEARCH_BENCHES:                      # training and backtest, the sweep, the strategy check
+        r.update(part(candles, progress))
     r.update(_bench_live(progress))
     r["failed_targets"] = failed_targets(r)
     r["targets"] = TARGETS
@@ -305,9 +310,6 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
     return r
 
 # %% ../nbs/21_bench.ipynb #c632a2dc
-_bench_research_backtest = _bench_research
-
-
 def _bench_sweep(candles, progress=print) -> dict:
     "An EMA grid (fast=5:50:5 x slow=20:200:10) through the many-column kernel, signals included, best of 3."
     from cryptobot.sweep import parse_grid, run_grid  # lazy: a bench key loads only the stack it measures
@@ -320,14 +322,9 @@ def _bench_sweep(candles, progress=print) -> dict:
             "sweep_configs": len(cfg)}
 
 
-def _bench_research(candles, progress=print) -> dict:
-    "The backtest figures, then the sweep's."
-    return {**_bench_research_backtest(candles, progress), **_bench_sweep(candles, progress)}
+RESEARCH_BENCHES.append(_bench_sweep)
 
 # %% ../nbs/21_bench.ipynb #3ba8a4dc
-_bench_research_sweep = _bench_research
-
-
 def _bench_check(candles, progress=print) -> dict:
     "The strategy check of EMA(12/26) on the candles: `check_s`, its cut points and runner windows."
     from cryptobot.strategy import EmaCross, check_strategy  # lazy: a bench key loads only the stack it measures
@@ -340,9 +337,7 @@ def _bench_check(candles, progress=print) -> dict:
             "check_passed": r.passed}
 
 
-def _bench_research(candles, progress=print) -> dict:
-    "The backtest and sweep figures, then the strategy check's."
-    return {**_bench_research_sweep(candles, progress), **_bench_check(candles, progress)}
+RESEARCH_BENCHES.append(_bench_check)
 
 # %% ../nbs/21_bench.ipynb #d901c0a7
 def _follow_all(emu, journal: Path, n: int, k: int, running=lambda: True) -> int:
