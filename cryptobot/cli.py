@@ -29,7 +29,7 @@ from .journal import ARCHIVE_DIR, JournalError
 
 
 # %% auto #0
-__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'FREE_TEXT_ARGS', 'say',
+__all__ = ['SECRET_ENV_KEYS', 'EX_CONFIG', 'ENV_FILE', 'SYNTHETIC_BANNER', 'DEMO_REPLAY', 'FREE_TEXT_ARGS', 'SUBCOMMANDS', 'say',
            'resolve_candles', 'cmd_import', 'cmd_download', 'cmd_features', 'run_job', 'cmd_train', 'cmd_backtest',
            'backtest_args', 'cmd_backtest_strategy', 'cmd_demo', 'cmd_status', 'cmd_config', 'cmd_run', 'cmd_paper',
            'cmd_live', 'cmd_parity', 'cmd_replay', 'cmd_emulator', 'cmd_dashboard', 'cmd_bench', 'cmd_reconcile',
@@ -522,6 +522,9 @@ def _journal_event(path, kind: str, message: str, data=None) -> None:
 
 
 # %% ../nbs/22_cli.ipynb #ecea65b2
+SUBCOMMANDS: list = []   # functions adding the subcommands defined after this cell: f(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cryptobot", description="Research-to-production crypto trading system.")
     p.add_argument("--env-file", metavar="PATH",
@@ -638,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("config", cmd_config, "print the validated settings (secrets masked)")
     sp.add_argument("--json", action="store_true")
+    for more in SUBCOMMANDS:                           # the commands defined further down (sweep, journal, check)
+        more(sub)
     return p
 
 
@@ -754,13 +759,8 @@ def cmd_promote(a) -> int:
     return 0
 
 
-_build_parser_before_sweep = build_parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    "The parser, with the `sweep` and `promote` subcommands."
-    p = _build_parser_before_sweep()
-    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+def _research_commands(sub) -> None:
+    "Add the `sweep` and `promote` subcommands to the parser."
     h = "parameter sweep + walk-forward optimisation with overfitting statistics (Dask, resumable, HTML report)"
     sp = sub.add_parser("sweep", help=h, description=h)
     sp.set_defaults(func=cmd_sweep)
@@ -796,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "window (default); k = the k-th there")
     sp.add_argument("--symbol", help="rank on this symbol (default: the only one, or pooled over all)")
     sp.add_argument("--data", help="candles for the strategy check (default: the candles the sweep ran on)")
-    return p
+
+
+SUBCOMMANDS.append(_research_commands)
 
 
 # %% ../nbs/22_cli.ipynb #deeb0775
@@ -834,13 +836,8 @@ def archive_lines(out: dict) -> list[str]:
     return lines
 
 # %% ../nbs/22_cli.ipynb #60e6490e
-_build_parser_before_journal = build_parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    "The parser, with `journal archive`."
-    p = _build_parser_before_journal()
-    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+def _journal_commands(sub) -> None:
+    "Add `journal archive` to the parser."
     h = "journal maintenance: archive closed history to parquet"
     jp = sub.add_parser("journal", help=h, description=h)
     jsub = jp.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
@@ -849,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_journal_archive)
     sp.add_argument("--before", required=True, metavar="DATE", help="UTC day YYYY-MM-DD, at most today")
     sp.add_argument("--dry-run", action="store_true", help="print what would move; write nothing")
-    return p
+
+
+SUBCOMMANDS.append(_journal_commands)
 
 # %% ../nbs/22_cli.ipynb #a2fc2f38
 def check_target(a, s):
@@ -886,13 +885,8 @@ def cmd_check(a) -> int:
     return 0 if rep.passed else 1
 
 
-_build_parser_before_check = build_parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    "The parser, with `check`."
-    p = _build_parser_before_check()
-    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+def _check_command(sub) -> None:
+    "Add `check` to the parser."
     h = "check a strategy for look-ahead, warm-up, finite memory, determinism and its outputs (exit 1: findings)"
     sp = sub.add_parser("check", help=h, description=h)
     sp.set_defaults(func=cmd_check)
@@ -902,4 +896,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-synthetic", type=int, default=26_280, help="synthetic candles if synthetic (default 3 years)")
     sp.add_argument("--model", help="model artifact folder for --strategy model (default: the newest)")
     sp.add_argument("--json", metavar="OUT", help="write the check's record (findings included) to OUT")
-    return p
+
+
+SUBCOMMANDS.append(_check_command)
