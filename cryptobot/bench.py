@@ -35,9 +35,9 @@ def failed_targets(r: dict) -> list[str]:
     return [k for k, limit in TARGETS.items() if k in r and r[k] > limit]
 
 # %% auto #0
-__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'PORTFOLIO_SYMBOLS', 'PORTFOLIO_KEYS', 'LIVE_KEYS', 'RESEARCH_BENCHES',
-           'failed_targets', 'best_of', 'fresh_import_s', 'imported_heavy', 'shared_data_dir', 'default_data',
-           'bench_candles', 'live_worker', 'portfolio_worker', 'worker_main', 'bench_live', 'run_bench',
+__all__ = ['N_CANDLES', 'FIVE_YEAR_FILE', 'TARGETS', 'PORTFOLIO_SYMBOLS', 'PORTFOLIO_KEYS', 'LIVE_KEYS', 'LIVE_BENCHES',
+           'RESEARCH_BENCHES', 'failed_targets', 'best_of', 'fresh_import_s', 'imported_heavy', 'shared_data_dir',
+           'default_data', 'bench_candles', 'live_worker', 'portfolio_worker', 'worker_main', 'bench_live', 'run_bench',
            'bench_portfolio']
 
 # %% ../nbs/21_bench.ipynb #74a4567d
@@ -232,7 +232,7 @@ def bench_live(n_candles: int = 500) -> dict:
     return out
 
 
-def _bench_live(progress=print) -> dict:
+def _bench_runner(progress=print) -> dict:
     "The live figures for `run_bench`: `LIVE_KEYS` rounded, the rest under `live_details`, the import's pulls."
     progress("live runner: 500 candles against the emulator ...")
     live = bench_live()
@@ -242,6 +242,9 @@ def _bench_live(progress=print) -> dict:
     progress(f"live_tick_ms {r['live_tick_ms']}, import_live_s {r['import_live_s']}, live_rss_mb {r['live_rss_mb']}")
     progress(f"stop_check_ms {r['stop_check_ms']}, stop checks {r['stop_check_weight_per_hour']:g} request weight/hour")
     return r
+
+
+LIVE_BENCHES = [_bench_runner]   # the live figures, in order; the portfolio adds its own below
 
 # %% ../nbs/21_bench.ipynb #c04b10ae
 def _bench_backtest(candles, progress=print) -> dict:
@@ -302,7 +305,8 @@ def run_bench(data: str | None = None, out: str | None = None, progress=print) -
     r.update(_bench_features(candles, progress))
     for part in RESEARCH_BENCHES:                      # training and backtest, the sweep, the strategy check
         r.update(part(candles, progress))
-    r.update(_bench_live(progress))
+    for part in LIVE_BENCHES:                          # the single-symbol runner, then the portfolio
+        r.update(part(progress))
     r["failed_targets"] = failed_targets(r)
     r["targets"] = TARGETS
     if out:
@@ -417,9 +421,4 @@ def _bench_portfolio(progress=print) -> dict:
     return r
 
 
-_bench_live_runner = _bench_live
-
-
-def _bench_live(progress=print) -> dict:
-    "The single-symbol runner's figures, then the portfolio's."
-    return {**_bench_live_runner(progress), **_bench_portfolio(progress)}
+LIVE_BENCHES.append(_bench_portfolio)
