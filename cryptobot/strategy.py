@@ -587,7 +587,7 @@ def _first_diff(a: tuple, b: tuple) -> tuple[int, str] | None:
     i = int(np.argmax(d))
     return i, ENTER if a[0][i] != b[0][i] else EXIT
 
-
+# %% ../nbs/05_strategy.ipynb #ee841bc0
 @dataclass
 class CheckReport:
     "What `check_strategy` found: `findings` (`[{check, bar, position, output, detail}]`, empty = passed) and its coverage."
@@ -633,19 +633,15 @@ def finding_lines(findings: list) -> list[str]:
     return [f"{f['check']}: " + (f"first bar {f['bar']} ({f['output']}): " if f.get("bar") else "") + f["detail"]
             for f in findings]
 
-
-def _cuts(enter: np.ndarray, exit_: np.ndarray, spread: int, max_cuts: int) -> np.ndarray:
-    "Every bar where the full pass signals (sampled evenly beyond `max_cuts`), and `spread` bars spread evenly."
-    sig = np.flatnonzero(enter | exit_)
-    if len(sig) > max_cuts:
-        sig = sig[np.unique(np.linspace(0, len(sig) - 1, max_cuts).round().astype(int))]
-    n = len(enter)
-    return np.unique(np.r_[sig, np.linspace(0, n - 1, min(spread, n)).round().astype(int)])
-
-
+# %% ../nbs/05_strategy.ipynb #7c9aa95c
 def _spaced(bars: np.ndarray, k: int) -> np.ndarray:
     "At most `k` of `bars`, evenly spaced."
     return bars if len(bars) <= k else bars[np.unique(np.linspace(0, len(bars) - 1, k).round().astype(int))]
+
+
+def _cuts(enter: np.ndarray, exit_: np.ndarray, spread: int, max_cuts: int) -> np.ndarray:
+    "Every bar where the full pass signals (sampled evenly beyond `max_cuts`), and `spread` bars spread evenly."
+    return np.unique(np.r_[_spaced(np.flatnonzero(enter | exit_), max_cuts), _spaced(np.arange(len(enter)), spread)])
 
 
 def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataFrame | None = None, *,
@@ -806,7 +802,7 @@ def check_strategy(strategy: Strategy, candles: pd.DataFrame, features: pd.DataF
                 break
     return report()
 
-
+# %% ../nbs/05_strategy.ipynb #b5340dd5
 QUICK = {"spread": 64, "max_cuts": 256}     # the quick check `backtest` warns with (a recorded quick pass is not trusted)
 
 
@@ -823,4 +819,3 @@ def trusted_check(manifest: dict, strategy: Strategy) -> dict | None:
                                       and cov.get("max_windows") is None):
         return None
     return rec
-
