@@ -9,20 +9,8 @@ import pytest
 
 from cryptobot.exchange import AccountMismatch
 from cryptobot.journal import Journal, JournalError
-from test_exchange import KEY, SECRET, SYM, approve, env_for, step  # noqa: F401  (fixtures below reuse them)
 from cryptobot.emulator import Emulator
-from market import frame
-
-
-@pytest.fixture
-def df():
-    return frame()
-
-
-@pytest.fixture
-def emu(df):
-    with Emulator(df, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000}) as em:
-        yield em
+from test_exchange import KEY, SECRET, SYM, approve, df, emu, env_for, step  # noqa: F401  (df, emu: test_exchange's fixtures)
 
 
 def posts(emu) -> int:
