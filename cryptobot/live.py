@@ -703,31 +703,6 @@ Runner._decide_rule, Runner._enter, Runner._exit = _decide_rule, _enter, _exit
 
 
 # %% ../nbs/14_live.ipynb #44a7b70d
-def _wait(self) -> str:
-    "Sleep, in exchange time, until the next candle close + settle ('candle') or the next stop check ('check')."
-    first = True
-    while not self.stop_event.is_set():
-        try:
-            now = self.clock.sync()
-        except NETWORK_ERRORS as e:
-            self._poll_error("fetch_time", e)
-            self.stop_event.wait(self.min_poll_s)
-            return "candle"
-        base = self.last_done if self.last_done is not None else (now // self.tf_s) * self.tf_s
-        target = base + self.tf_s + self.settle_s
-        if target <= now:                              # the candle is due: on the first pass it is late at the
-            if first:                                  # exchange (step found none): poll again soon
-                self.stop_event.wait(self.clock.wall(max(self.settle_s, 1.0), cap=self.min_poll_s,
-                                                     unknown=self.min_poll_s))
-            return "candle"
-        if self.next_check is not None:
-            if self.next_check <= now:
-                return "check"
-            target = min(target, self.next_check)
-        self.stop_event.wait(self.clock.wall(target - now, cap=self.poll_s, unknown=self.min_poll_s))
-        first = False
-    return "candle"
-
 def _poll_error(self, what: str, e: BaseException) -> None:
     msg = f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
     msg = redact(msg)
@@ -737,41 +712,8 @@ def _poll_error(self, what: str, e: BaseException) -> None:
         pass
     _event("poll_error", logging.WARNING, what=what, error=type(e).__name__)
 
-def _run_loop(self, max_candles: int | None = None) -> int:
-    "Loop until `stop_event` (SIGTERM/SIGINT) or `max_candles` ticks; drain the queue; keep the stop. Exit code."
-    if not self.started:
-        self.start()
-    n, why = 0, "candle"
-    try:
-        while not self.stop_event.is_set():
-            if why == "check":
-                try:
-                    self.check_stop()                  # between candle closes (see the stop watch below)
-                finally:
-                    self._alert_poll()                 # a lock, stop failure or emergency exit: tell a person
-            else:
-                try:
-                    tick = self.step()
-                except NETWORK_ERRORS as e:
-                    self._poll_error("tick", e)
-                    self.stop_event.wait(self.min_poll_s)
-                    continue
-                finally:
-                    self._alert_poll()
-                if tick is not None:
-                    n += 1
-                    if max_candles is not None and n >= max_candles:
-                        break
-                    continue
-            why = self._wait()
-    finally:
-        self.close()
-    return EX_OK
-
-def _close_runner(self) -> None:
-    "Drain the order queue and stop it; the exchange stop stays in place."
-    drained = self.queue.drain(self.order_timeout_s)
-    self.queue.close(wait=True)
+def _shutdown(self, drained: bool) -> None:
+    "Journal and log this symbol's shutdown (after its portfolio drained the queue); the exchange stop stays in place."
     pos = self.executor.position() if self.executor is not None else None
     try:
         self.journal.log_event("shutdown", "runner stopped; the exchange stop stays in place",
@@ -779,15 +721,30 @@ def _close_runner(self) -> None:
                                 "last_done": self.last_done})
     except Exception:  # noqa: BLE001
         pass
-    self._alert_poll()
-    if self.portfolio is None:                         # a portfolio closes its one notifier after every symbol
-        self.notifier.close(5)                         # bounded: a dead receiver never holds the shutdown
     _event("shutdown", drained=drained, position=pos.entry_cid if pos else "flat",
            stop=pos.stop_cid if pos else None, last_candle=iso(self.last_done))
 
 
-Runner._wait, Runner._poll_error, Runner.run, Runner.close = _wait, _poll_error, _run_loop, _close_runner
+def _own_portfolio(self) -> "PortfolioRunner":
+    "The portfolio whose loop runs this symbol: `start_portfolio`'s, else a portfolio of one (built here once)."
+    if self.portfolio is None:
+        PortfolioRunner([self], self.journal, self.guardian, self.clock, self.queue, data_client=self.data_client,
+                        stop_event=self.stop_event, retry=self.retry)._wire_alerts(self.notifier)
+    return self.portfolio
 
+
+def _run_symbol(self, max_candles: int | None = None) -> int:
+    "`run()` of one symbol: its portfolio's loop (`PortfolioRunner.run`, below): one loop for one symbol or several."
+    return self._own_portfolio().run(max_candles)
+
+
+def _close_symbol(self) -> None:
+    "`close()` of one symbol: its portfolio's (drain the queue, journal each symbol's shutdown, alert, stop the notifier)."
+    self._own_portfolio().close()
+
+
+Runner._poll_error, Runner._shutdown, Runner._own_portfolio = _poll_error, _shutdown, _own_portfolio
+Runner.run, Runner.close = _run_symbol, _close_symbol
 
 # %% ../nbs/14_live.ipynb #1e68aba5
 def _checked(self, what: str, ms: float | None = None) -> None:
@@ -854,68 +811,16 @@ Runner._checked, Runner.check_stop, Runner._check_unknown = _checked, _check_sto
 
 # %% ../nbs/14_live.ipynb #b09f13de
 Runner.notifier = Notifier()            # off (no thread, no apprise) unless `start_runner` gives the runner one
-Runner.portfolio = None                 # a `PortfolioRunner` when this is one of its symbols (it sends the alerts)
-
-
-def _alert_init(self) -> None:
-    "Remember where the journal and the lock stand: only what happens later is alerted."
-    self._alert_mark = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
-    self._alert_locked = self.guardian.locked
+Runner.portfolio = None                 # its `PortfolioRunner` (of one, or of several): the loop and the alerts
 
 
 def _alert_poll(self) -> None:
-    "Queue alerts for a lock change and for the stop failures, emergency exits and mismatches journaled since. Never raises."
-    if self.portfolio is not None:                     # one of several symbols: the portfolio alerts for all
-        return self.portfolio._alert_poll(self)
-    n = self.notifier
-    if not n.enabled:
-        return
-    try:
-        if getattr(self, "_alert_mark", None) is None:
-            self._alert_init()
-        st = self.guardian.current_state
-        if st.locked != self._alert_locked:
-            if st.locked:
-                n.notify(Event.KILL_LOCKED, symbol=self.symbol, reason=st.lock_reason or "",
-                         losses=st.consecutive_losses)
-            else:
-                u = self.journal.last_events(1, kind="unlock")          # `cryptobot unlock` journals who and why
-                n.notify(Event.KILL_UNLOCKED, symbol=self.symbol, reason=u[0]["message"] if u else "state lifted")
-            self._alert_locked = st.locked
-        mark = self._alert_mark
-        top = int(self.journal.select("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"])
-        rows = self.journal.select("SELECT id, kind, message, data FROM events WHERE id > ? AND id <= ? AND kind IN "
-                                   "('stop_rejected', 'stop_unknown', 'stop_mismatch', 'reconcile') ORDER BY id", (mark, top))
-        exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
-                                    "purpose = 'emergency_exit' ORDER BY id", (mark, top))
-        pos = self.executor.position() if self.executor is not None else None
-        for r in rows:
-            d = json.loads(r["data"]) if r["data"] else {}
-            if r["kind"] == "stop_rejected":
-                n.notify(Event.STOP_FAILED, symbol=self.symbol, client_order_id=d.get("stop") or d.get("entry"),
-                         reason=d.get("reason") or r["message"])
-            elif r["kind"] == "stop_unknown":
-                n.notify(Event.STOP_FAILED, symbol=self.symbol, client_order_id=pos.stop_cid if pos else "?",
-                         reason=r["message"], rejected=False)
-            elif r["kind"] == "stop_mismatch":
-                n.notify(Event.STOP_MISMATCH, symbol=d.get("symbol") or self.symbol, summary=r["message"],
-                         action=d.get("action") or "replaced")
-            elif str(r["message"]).startswith("MISMATCH"):
-                n.notify(Event.RECONCILE_MISMATCH, symbol=self.symbol, summary=r["message"].removeprefix("MISMATCH: "))
-        why = "the stop was rejected" if any(r["kind"] == "stop_rejected" for r in rows) else \
-            "the stop did not protect the position (see the journal)"
-        for x in exits:
-            n.notify(Event.EMERGENCY_EXIT, symbol=x["symbol"], amount=x["amount"], reason=why)
-        self._alert_mark = top
-        now = float(self.clock())
-        self._alert_stale(now)                         # data late past the limit / back (once each)
-        self._alert_daily(now)                         # the day's summary at the UTC day roll (once a day)
-    except Exception as e:  # noqa: BLE001 - alerts never take trading down
-        _event("alert_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
+    "This symbol's alerts: its portfolio's poll (one notifier per process; see the portfolio's alerts). Never raises."
+    if self.portfolio is not None:
+        self.portfolio._alert_poll(self)
 
 
-Runner._alert_init, Runner._alert_poll = _alert_init, _alert_poll
-
+Runner._alert_poll = _alert_poll
 
 # %% ../nbs/14_live.ipynb #35d51497
 def _alert_stale(self, now: float) -> None:
@@ -943,32 +848,7 @@ def _alert_stale(self, now: float) -> None:
         self._stale = None
 
 
-def _alert_daily(self, now: float) -> None:
-    "At the UTC day roll (exchange time) the summary of the day that ended, once: journaled first (`daily_summary`)."
-    today = int(now // 86400)
-    if not hasattr(self, "_summary_next"):
-        last = self.journal.last_events(1, kind="daily_summary")
-        d = last[0]["data"] if last else None
-        self._summary_next = int(float(d["day_start"]) // 86400) + 1 if d else today
-    if today <= self._summary_next:
-        return
-    day0 = (today - 1) * 86400.0
-    t = self.journal.select("SELECT COUNT(*) AS n, COALESCE(SUM(pnl), 0) AS pnl FROM trades "
-                            "WHERE exit_time >= ? AND exit_time < ?", (day0, day0 + 86400.0))[0]
-    pos = self.executor.position() if self.executor is not None else None
-    st = self.guardian.current_state
-    facts = {"day": iso(day0)[:10], "pnl": round(float(t["pnl"]), 8), "trades": int(t["n"]),
-             "open_positions": {self.symbol: pos.open_amount} if pos is not None else {},
-             "kill_switch": f"LOCKED ({st.lock_reason})" if st.locked else
-             f"off ({st.consecutive_losses} consecutive loss(es))", "currency": self.symbol.split("/")[-1]}
-    self.journal.log_event("daily_summary", f"{facts['day']}: PnL {facts['pnl']:+.2f} over {facts['trades']} trade(s)",
-                           {**facts, "day_start": day0})
-    self._summary_next = today
-    self.notifier.notify(Event.DAILY_SUMMARY, **facts)
-
-
-Runner._alert_stale, Runner._alert_daily = _alert_stale, _alert_daily
-
+Runner._alert_stale = _alert_stale
 
 # %% ../nbs/14_live.ipynb #a7ee3687
 def _open_mismatch(j: Journal) -> str | None:
@@ -1205,15 +1085,13 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
             make_exec = lambda closed, nxt: limited(make_executor(settings, journal, guardian, **kw))
         runner = Runner(settings, art, data_client=data_client, journal=journal, guardian=guardian, clock=clock,
                         make_exec=make_exec, fills=fills, strategy=strategy, **runner_kw)
-        runner.notifier = notifier
-        if notifier.enabled:
-            runner._alert_init()                       # alert only on what happens from here on
+        pr = PortfolioRunner([runner], journal, guardian, clock, runner.queue, data_client=data_client,
+                             stop_event=runner.stop_event, retry=retry)._wire_alerts(notifier)   # a portfolio of one
         _event("startup", mode=settings.mode, fills=fills, symbol=settings.symbol, timeframe=settings.timeframe,
                model=art.model_id, fingerprint=runner.fp[:12], state_dir=str(state_dir),
                exchange=settings.exchange_url or ("testnet" if settings.mode == "testnet" else "binance"),
                strategy=json.dumps(runner.strategy.to_dict(), separators=(",", ":")))
-        runner.start()
-        runner._alert_poll()                           # a mismatch found by the start-up reconciliation
+        pr.start()                                     # reconcile; alert a mismatch it found
         return runner
     except ExchangeAuthError as e:
         notifier.close(5)
@@ -1234,7 +1112,6 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
         notifier.close(5)
         journal.close()
         raise
-
 
 # %% ../nbs/14_live.ipynb #71316a01
 import errno
@@ -1366,7 +1243,7 @@ class _SymbolJournal:
 
 # %% ../nbs/14_live.ipynb #daa366be
 class PortfolioRunner:
-    "One process, several symbols: a `Runner` per symbol over one journal, Guardian, order queue and clock."
+    "The one runner loop, for one symbol or several: a `Runner` per symbol over one journal, Guardian, order queue and clock."
 
     def __init__(self, runners: list, journal: Journal, guardian: Guardian, clock, queue: OrderQueue, *,
                  data_client=None, stop_event: threading.Event | None = None, after_candle: Callable | None = None,
@@ -1392,11 +1269,12 @@ class PortfolioRunner:
         return None if any(d is None for d in done) else min(done)
 
     def start(self) -> "PortfolioRunner":
-        "Start (build the executor and reconcile) each symbol in turn; their context is the portfolio's."
+        "Start (build the executor and reconcile) each symbol in turn; several share the portfolio's context."
         for r in self.runners:
             r.start()
             self._alert_poll(r)                # a mismatch found by this symbol's start-up reconciliation
-            r.executor.context = lambda ex=r.executor, **kw: self._context(ex, **kw)
+            if len(self.runners) > 1:          # one symbol: its executor's own balance read is the account's
+                r.executor.context = lambda ex=r.executor, **kw: self._context(ex, **kw)
         self.started = True
         return self
 
@@ -1455,8 +1333,9 @@ def _pf_step(self, decide: bool = True) -> dict | None:
         return None
     ms = sum(t.tick_ms for t in ticks.values())
     self.tick_ms = (self.tick_ms + [ms])[-1000:]
-    _event("portfolio_candle", symbols=len(ticks), entered=sum(t.outcome == "entered" for t in ticks.values()),
-           denied=sum(t.outcome == "denied" for t in ticks.values()), tick_ms=round(ms, 2))
+    if len(self.runners) > 1:                # one symbol: its `candle` line says it all
+        _event("portfolio_candle", symbols=len(ticks), entered=sum(t.outcome == "entered" for t in ticks.values()),
+               denied=sum(t.outcome == "denied" for t in ticks.values()), tick_ms=round(ms, 2))
     if self.after_candle is not None:
         self.after_candle(self, ticks)
     return ticks
@@ -1529,10 +1408,11 @@ def _pf_run(self, max_candles: int | None = None) -> int:
 
 
 def _pf_close(self) -> None:
-    "Drain the shared order queue, then close each symbol's runner (each journals its shutdown; the stops stay)."
-    self.queue.drain(max(r.order_timeout_s for r in self.runners))
+    "Drain the shared order queue and stop it; each symbol journals its shutdown (the exchange stops stay in place)."
+    drained = self.queue.drain(max(r.order_timeout_s for r in self.runners))
+    self.queue.close(wait=True)
     for r in self.runners:
-        r.close()
+        r._shutdown(drained)
     self._alert_poll()
     self.notifier.close(5)                   # one notifier for the process; bounded: a dead receiver never holds it
 
@@ -1558,7 +1438,9 @@ def _pf_wire_alerts(self, notifier: Notifier) -> "PortfolioRunner":
 
 
 def _pf_locks(self) -> dict[str, dict]:
-    "{symbol: its own kill switch} for each symbol whose kill switch is locked (from the journal)."
+    "{symbol: its own kill switch} for each symbol whose kill switch is locked (several symbols only, as the Guardian)."
+    if len(self.runners) < 2:                # one symbol: its own kill switch is the portfolio's
+        return {}
     return {k: v for k, v in symbol_locks(self.journal, self.runners[0].settings.kill_switch_losses).items()
             if v["locked"]}
 
@@ -1572,17 +1454,16 @@ def _pf_alert_init(self) -> None:
 PortfolioRunner._wire_alerts, PortfolioRunner._locks, PortfolioRunner._alert_init = \
     _pf_wire_alerts, _pf_locks, _pf_alert_init
 
-
 # %% ../nbs/14_live.ipynb #e6538741
 def _pf_alert_locks(self, n: Notifier) -> None:
     "A LOCKED / unlocked alert when the portfolio kill switch or a symbol's own one changes."
-    st = self.guardian.current_state
-    if st.locked != self._alert_locked:
+    st, one = self.guardian.current_state, self.symbols[0] if len(self.symbols) == 1 else None
+    if st.locked != self._alert_locked:          # titled by the symbol when there is one, else `(portfolio)`
         if st.locked:
-            n.notify(Event.KILL_LOCKED, symbol=None, reason=st.lock_reason or "", losses=st.consecutive_losses)
+            n.notify(Event.KILL_LOCKED, symbol=one, reason=st.lock_reason or "", losses=st.consecutive_losses)
         else:
             u = self.journal.last_events(1, kind="unlock")
-            n.notify(Event.KILL_UNLOCKED, symbol=None, reason=u[0]["message"] if u else "state lifted")
+            n.notify(Event.KILL_UNLOCKED, symbol=one, reason=u[0]["message"] if u else "state lifted")
         self._alert_locked = st.locked
     locks = self._locks()
     for s in sorted(set(locks) - self._alert_locks):
@@ -1602,6 +1483,7 @@ def _pf_alert_events(self, n: Notifier, runner=None) -> None:
     exits = self.journal.select("SELECT symbol, amount FROM intents WHERE event_id > ? AND event_id <= ? AND "
                                 "purpose = 'emergency_exit' ORDER BY id", (self._alert_mark, top))
     by, rejected = {r.symbol: r for r in self.runners}, set()
+    runner = runner if runner is not None or len(self.runners) > 1 else self.runners[0]
     for r in rows:
         d = json.loads(r["data"]) if r["data"] else {}
         it = self.journal.intent(d["entry"]) if d.get("entry") else None
@@ -1647,7 +1529,6 @@ def _pf_alert_poll(self, runner=None) -> None:
 PortfolioRunner._alert_lock_changes, PortfolioRunner._alert_events, PortfolioRunner._alert_poll = \
     _pf_alert_locks, _pf_alert_events, _pf_alert_poll
 
-
 # %% ../nbs/14_live.ipynb #b0936c67
 def _pf_alert_daily(self, now: float) -> None:
     "At the UTC day roll (exchange time) the portfolio's summary of the day that ended, once: journaled first."
@@ -1673,16 +1554,17 @@ def _pf_alert_daily(self, now: float) -> None:
              "trades": sum(int(x["n"]) for x in t.values()),
              "open_positions": {s: v["open"] for s, v in per.items() if v["open"] is not None},
              "kill_switch": f"LOCKED ({st.lock_reason})" if st.locked else
-             f"off ({st.consecutive_losses} consecutive loss(es))", "currency": self.symbols[0].split("/")[-1],
-             "symbols": per}
-    self.journal.log_event("daily_summary", f"{facts['day']}: PnL {facts['pnl']:+.2f} over {facts['trades']} trade(s) "
-                           f"on {len(per)} symbols", {**facts, "day_start": day0})
+             f"off ({st.consecutive_losses} consecutive loss(es))", "currency": self.symbols[0].split("/")[-1]}
+    several = f" on {len(per)} symbols" if len(per) > 1 else ""          # one symbol: no per-symbol breakdown
+    if several:
+        facts["symbols"] = per
+    self.journal.log_event("daily_summary", f"{facts['day']}: PnL {facts['pnl']:+.2f} over {facts['trades']} trade(s)"
+                           f"{several}", {**facts, "day_start": day0})
     self._summary_next = today
     self.notifier.notify(Event.DAILY_SUMMARY, **facts)
 
 
 PortfolioRunner._alert_daily = _pf_alert_daily
-
 
 # %% ../nbs/14_live.ipynb #1607092f
 def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days, notifier: Notifier | None = None):
