@@ -50,13 +50,13 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'state_matches_journal_of', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
            'check_paper_trades', 'paper_trades_of', 'check_testnet_round_trip', 'check_logging',
            'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint',
-           'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives', 'check_restart_always',
-           'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation', 'last_reconciliation_of',
-           'repo_files', 'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git', 'check_secrets_in_outputs',
-           'check_systemd_exposure', 'check_training_data', 'check_model_freshness', 'check_oos_metrics',
-           'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence', 'strategy_evidence_of',
-           'over_symbols', 'run_check', 'run_checks', 'summary_rows', 'render_markdown', 'report_paths', 'utc_date',
-           'write_report_md', 'report_json', 'audit_main']
+           'feature_parity_of', 'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives',
+           'check_restart_always', 'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation',
+           'last_reconciliation_of', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git',
+           'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data', 'check_model_freshness',
+           'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence',
+           'strategy_evidence_of', 'over_symbols', 'run_check', 'run_checks', 'summary_rows', 'render_markdown',
+           'report_paths', 'utc_date', 'write_report_md', 'report_json', 'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
 class AuditError(CryptobotError, RuntimeError):
@@ -1111,59 +1111,50 @@ def check_model_fingerprint(ev: Evidence) -> Check:
     return Check("drift", "model_fingerprint", PASS, txt)
 
 # %% ../nbs/18_audit.ipynb #c7b2905d
-def check_feature_parity(ev: Evidence) -> Check:
-    if len(getattr(ev.settings, "symbols", ())) > 1:    # several symbols: each its own rows (`_feature_parity_symbols`)
-        return _feature_parity_symbols(ev)
-    j, err = ev.journal()
-    if j is None:
-        return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
+def feature_parity_of(ev: Evidence, sym: str) -> Part:
+    "One symbol's journaled live feature rows recomputed by the offline code: the first symbol's (`live`) against the "
+    "first candle source that covers them, another symbol's (`live:SYMBOL`) against its own stored candles."
     try:
         from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
-        return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
-                     "parity not checked")
-    rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
-    if not rng["n"]:
-        return Check("drift", "feature_parity", WARN, "the journal holds no live feature rows", "nothing to compare")
-    from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
-    label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
-    if candles is None:
-        return Check("drift", "feature_parity", WARN, f"{rng['n']} live feature rows {_iso(rng['a'])} .. "
-                     f"{_iso(rng['b'])}; no stored candles cover them", "download the candles (cryptobot download)")
-    rep = parity(ev.settings, candles=candles, journal_path=ev.journal_path)
-    txt = f"{str(rep).splitlines()[0]} [{label}]"
-    if rep.mismatched:
-        return Check("drift", "feature_parity", FAIL, txt, "the runner fed the model other features than the offline "
-                     "code computes from stored candles (data-source drift): run cryptobot parity and investigate")
-    if not rep.ok:
-        return Check("drift", "feature_parity", WARN, txt, "no row could be compared")
-    return Check("drift", "feature_parity", PASS, txt)
-
-# %% ../nbs/18_audit.ipynb #7d3c82bb
-def _feature_parity_symbols(ev: Evidence) -> Check:
-    "Several symbols: the first symbol's check as for one symbol, each other symbol's rows (`live:SYMBOL`) against "
-    "its own stored candles; the worst status, every symbol named."
-    from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
-    s = ev.settings
-    one = Evidence.__new__(Evidence)                     # the same evidence (journal, candles) as one symbol
-    one.__dict__.update(ev.__dict__)
-    one.settings = dataclasses.replace(s, symbols=(s.symbol,))
-    first = check_feature_parity(one)
-    out = [(first.status, f"{s.symbol}: {first.evidence}", first.detail)]
-    for sym in s.symbols[1:]:
+        return WARN, f"cryptobot.parity unavailable ({type(e).__name__})", "parity not checked"
+    if sym == ev.settings.symbol:
+        j, err = ev.journal()
+        if j is None:
+            return WARN, f"no journal: {err}", "no recorded feature rows to check"
+        rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows "
+                   "WHERE source = 'live'")[0]
+        if not rng["n"]:
+            return WARN, "the journal holds no live feature rows", "nothing to compare"
+        from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
+        label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
+        if candles is None:
+            return WARN, (f"{rng['n']} live feature rows {_iso(rng['a'])} .. {_iso(rng['b'])}; no stored candles "
+                          "cover them"), "download the candles (cryptobot download)"
+        rep = parity(ev.settings, candles=candles, journal_path=ev.journal_path)
+        txt = f"{str(rep).splitlines()[0]} [{label}]"
+        fed = "fed the model other features than the offline code computes from stored candles"
+    else:
         try:
-            rep = parity(s, journal_path=ev.journal_path, symbol=sym)
-        except Exception as e:  # noqa: BLE001 - no stored candles for it: say which
-            out.append((WARN, f"{sym}: {_line(str(e))[:200]}", "parity not checked for this symbol"))
-            continue
-        txt = f"{sym}: {str(rep).splitlines()[0]}"
-        out.append((FAIL, txt, f"{sym}: the runner computed other features than the offline code (data-source "
-                    "drift): run cryptobot parity and investigate") if rep.mismatched else
-                   (WARN, txt, f"{sym}: no row could be compared") if not rep.ok else (PASS, txt, ""))
-    worst = FAIL if any(x[0] == FAIL for x in out) else WARN if any(x[0] == WARN for x in out) else PASS
-    return Check("drift", "feature_parity", worst, "; ".join(x[1] for x in out),
-                 "; ".join(x[2] for x in out if x[2] and x[0] == worst))
+            rep = parity(ev.settings, journal_path=ev.journal_path, symbol=sym)
+        except Exception as e:  # noqa: BLE001 - no journal or no stored candles for it: say which
+            return WARN, _line(str(e))[:200], "parity not checked for this symbol"
+        txt, fed = str(rep).splitlines()[0], "computed other features than the offline code"
+    if rep.mismatched:
+        return FAIL, txt, f"the runner {fed} (data-source drift): run cryptobot parity and investigate"
+    if not rep.ok:
+        return WARN, txt, "no row could be compared"
+    return PASS, txt, ""
 
+
+def check_feature_parity(ev: Evidence) -> Check:
+    "Every configured symbol's feature rows (`feature_parity_of`); with several, each named, the worst status wins."
+    parts = [(sym, *feature_parity_of(ev, sym)) for sym in _symbols(ev)]
+    if len(parts) == 1:
+        return Check("drift", "feature_parity", *parts[0][1:])
+    worst = _worst(st for _sym, st, _e, _d in parts)
+    return Check("drift", "feature_parity", worst, "; ".join(f"{sym}: {e}" for sym, _st, e, _d in parts),
+                 "; ".join(f"{sym}: {d}" for sym, st, _e, d in parts if d and st == worst))
 
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
