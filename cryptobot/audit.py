@@ -43,20 +43,20 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN', 'PSI_FAIL',
            'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS', 'AUC_FAIL',
            'AUC_WARN', 'MIN_BACKTEST_TRADES', 'PBO_FAIL', 'DSR_PASS', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'MODEL_CHECKS',
-           'Part', 'CHECKS', 'SYMBOL_PARTS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'psi',
-           'psi_status', 'key_like', 'secret_hits', 'default_env_files', 'default_repo', 'default_unit', 'Evidence',
-           'check_rate_limit', 'check_candle_age', 'candle_age_of', 'check_poll_errors', 'check_orders_approved',
-           'exercise_approval_gate', 'check_approval_gate', 'check_state_valid', 'check_state_matches_journal',
-           'state_matches_journal_of', 'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange',
-           'check_paper_trades', 'paper_trades_of', 'check_testnet_round_trip', 'check_logging',
-           'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint',
-           'feature_parity_of', 'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives',
+           'Part', 'CHECKS', 'SYMBOL_PARTS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict',
+           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
+           'candle_age_of', 'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate',
+           'check_approval_gate', 'check_state_valid', 'check_state_matches_journal', 'state_matches_journal_of',
+           'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange', 'check_paper_trades',
+           'paper_trades_of', 'check_testnet_round_trip', 'check_logging', 'explain_lock_divergences',
+           'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'feature_parity_of',
+           'check_feature_parity', 'psi', 'psi_status', 'feature_psi', 'check_feature_psi', 'unit_directives',
            'check_restart_always', 'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation',
-           'last_reconciliation_of', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git',
-           'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data', 'check_model_freshness',
-           'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence',
-           'strategy_evidence_of', 'over_symbols', 'run_check', 'run_checks', 'summary_rows', 'render_markdown',
-           'report_paths', 'utc_date', 'write_report_md', 'report_json', 'audit_main']
+           'last_reconciliation_of', 'key_like', 'secret_hits', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
+           'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
+           'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'model_check_na',
+           'check_strategy_evidence', 'strategy_evidence_of', 'over_symbols', 'run_check', 'run_checks', 'summary_rows',
+           'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json', 'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
 class AuditError(CryptobotError, RuntimeError):
@@ -185,58 +185,6 @@ def verdict(checks: list[Check], require_all: bool = True) -> tuple[str, list[st
         ran = {c.name for c in checks}
         blockers += [f"{d}/{n}: the check did not run (no evidence)" for n, d in CHECK_NAMES.items() if n not in ran]
     return (FAIL if blockers else PASS), blockers
-
-# %% ../nbs/18_audit.ipynb #275a0fad
-def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
-    "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
-    e = np.asarray(expected, dtype="float64")
-    a = np.asarray(actual, dtype="float64")
-    e, a = e[np.isfinite(e)], a[np.isfinite(a)]
-    if len(e) == 0 or len(a) == 0:
-        return math.nan
-    edges = np.unique(np.quantile(e, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
-    k = len(edges) + 1
-    pe = np.bincount(np.searchsorted(edges, e, side="right"), minlength=k) / len(e)
-    pa = np.bincount(np.searchsorted(edges, a, side="right"), minlength=k) / len(a)
-    pe, pa = np.maximum(pe, eps), np.maximum(pa, eps)
-    return float(np.sum((pa - pe) * np.log(pa / pe)))
-
-
-def psi_status(v: float) -> str:
-    return WARN if not math.isfinite(v) else PASS if v < PSI_WARN else WARN if v <= PSI_FAIL else FAIL
-
-# %% ../nbs/18_audit.ipynb #072fd609
-# Base64 runs (plotly stores arrays as base64, and nbconvert writes its "/" as "\u002f") are not keys: a token
-# touching "+", "/", "=" or a backslash escape belongs to one.
-_KEY_RE = re.compile(rb"(?<![A-Za-z0-9+/_\-\\])[A-Za-z0-9]{64}(?![A-Za-z0-9+/=_\-\\])")
-_ASSIGN_RE = re.compile(rb"(?i)\b(BINANCE_API_(?:KEY|SECRET)|API_?KEY|API_?SECRET|SECRET_?KEY)[\"']?\s*[:=]\s*[\"']?"
-                        rb"([A-Za-z0-9]{24,})")
-_NOT_SECRETS = {b"emulator-key", b"emulator-secret"}
-
-
-def _is_key(tok: bytes) -> bool:
-    return (len(tok) == 64 and any(65 <= c <= 90 for c in tok) and any(97 <= c <= 122 for c in tok)
-            and any(48 <= c <= 57 for c in tok))
-
-
-def key_like(data: bytes) -> list[int]:
-    "Byte offsets of Binance-key-like tokens (64 mixed-case letters and digits standing alone) in `data`."
-    return [m.start() for m in _KEY_RE.finditer(data) if _is_key(m.group(0))]
-
-
-def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[str]:
-    "What secret-looking content `data` holds: 'configured BINANCE_API_KEY', 'key-like token', 'KEY= assignment'."
-    out = []
-    for name, value in secrets:
-        if value and len(value) >= 8 and value not in _NOT_SECRETS and value in data:
-            out.append(f"the configured {name} value")
-    n = len(key_like(data))
-    if n:
-        out.append(f"{n} key-like 64-character token{'s' if n > 1 else ''}")
-    n = sum(1 for m in _ASSIGN_RE.finditer(data) if m.group(2) not in _NOT_SECRETS)
-    if n:
-        out.append(f"{n} API key/secret assignment{'s' if n > 1 else ''} with a literal value")
-    return out
 
 # %% ../nbs/18_audit.ipynb #ee5b29a6
 def _age(seconds: float | None) -> str:
@@ -1156,6 +1104,25 @@ def check_feature_parity(ev: Evidence) -> Check:
     return Check("drift", "feature_parity", worst, "; ".join(f"{sym}: {e}" for sym, _st, e, _d in parts),
                  "; ".join(f"{sym}: {d}" for sym, st, _e, d in parts if d and st == worst))
 
+# %% ../nbs/18_audit.ipynb #275a0fad
+def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
+    "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
+    e = np.asarray(expected, dtype="float64")
+    a = np.asarray(actual, dtype="float64")
+    e, a = e[np.isfinite(e)], a[np.isfinite(a)]
+    if len(e) == 0 or len(a) == 0:
+        return math.nan
+    edges = np.unique(np.quantile(e, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+    k = len(edges) + 1
+    pe = np.bincount(np.searchsorted(edges, e, side="right"), minlength=k) / len(e)
+    pa = np.bincount(np.searchsorted(edges, a, side="right"), minlength=k) / len(a)
+    pe, pa = np.maximum(pe, eps), np.maximum(pa, eps)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def psi_status(v: float) -> str:
+    return WARN if not math.isfinite(v) else PASS if v < PSI_WARN else WARN if v <= PSI_FAIL else FAIL
+
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
     "({feature: PSI} | None, where the recent rows came from / why not, the recent rows all lie after the training span)."
@@ -1298,6 +1265,39 @@ def last_reconciliation_of(ev: Evidence, sym: str, c: Check) -> Part | None:
     r = r[0]
     return (PASS if r["ok"] else FAIL, f"{_iso(r['ts'])} {'ok' if r['ok'] else 'FAILED'}: {r['summary'][:120]}",
             "" if r["ok"] else f"journal and exchange disagree on {sym}: resolve before trading")
+
+# %% ../nbs/18_audit.ipynb #072fd609
+# Base64 runs (plotly stores arrays as base64, and nbconvert writes its "/" as "\u002f") are not keys: a token
+# touching "+", "/", "=" or a backslash escape belongs to one.
+_KEY_RE = re.compile(rb"(?<![A-Za-z0-9+/_\-\\])[A-Za-z0-9]{64}(?![A-Za-z0-9+/=_\-\\])")
+_ASSIGN_RE = re.compile(rb"(?i)\b(BINANCE_API_(?:KEY|SECRET)|API_?KEY|API_?SECRET|SECRET_?KEY)[\"']?\s*[:=]\s*[\"']?"
+                        rb"([A-Za-z0-9]{24,})")
+_NOT_SECRETS = {b"emulator-key", b"emulator-secret"}
+
+
+def _is_key(tok: bytes) -> bool:
+    return (len(tok) == 64 and any(65 <= c <= 90 for c in tok) and any(97 <= c <= 122 for c in tok)
+            and any(48 <= c <= 57 for c in tok))
+
+
+def key_like(data: bytes) -> list[int]:
+    "Byte offsets of Binance-key-like tokens (64 mixed-case letters and digits standing alone) in `data`."
+    return [m.start() for m in _KEY_RE.finditer(data) if _is_key(m.group(0))]
+
+
+def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[str]:
+    "What secret-looking content `data` holds: 'configured BINANCE_API_KEY', 'key-like token', 'KEY= assignment'."
+    out = []
+    for name, value in secrets:
+        if value and len(value) >= 8 and value not in _NOT_SECRETS and value in data:
+            out.append(f"the configured {name} value")
+    n = len(key_like(data))
+    if n:
+        out.append(f"{n} key-like 64-character token{'s' if n > 1 else ''}")
+    n = sum(1 for m in _ASSIGN_RE.finditer(data) if m.group(2) not in _NOT_SECRETS)
+    if n:
+        out.append(f"{n} API key/secret assignment{'s' if n > 1 else ''} with a literal value")
+    return out
 
 # %% ../nbs/18_audit.ipynb #0cbd8b21
 _SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".ipynb_checkpoints", "data", "reports", "var",
