@@ -1587,9 +1587,9 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     if err:
         return C(FAIL, f"the configured strategy cannot be built: {err}", "fix CRYPTOBOT_STRATEGY / _PARAMS")
     syms = _symbols(ev)
-    if len(syms) > 1:                                  # no one artifact: each symbol's is judged (`strategy_evidence_of`)
+    if len(syms) > 1:          # no one artifact: each symbol's own is judged beside (`strategy_evidence_of`); a shared
         return C(PASS, f"{len(syms)} symbols, {'the model' if st is None else repr(st)}: the artifact each symbol "
-                 "trades, resolved as the portfolio runner does")  # a shared artifact is one fallback of that resolution
+                 "trades, resolved as the portfolio runner does")       # artifact is one fallback of that resolution
     if st is None:
         return C(PASS, f"the runner trades the model (CRYPTOBOT_STRATEGY={ev.settings.strategy}): its evidence is judged "
                  "by the model checks (training_data, model_freshness, oos_metrics, oos_backtest)")
@@ -1637,8 +1637,9 @@ def strategy_evidence_of(ev: Evidence, sym: str, c: Check) -> Part | None:
     try:
         art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
     except StartupRefused as e:
-        return FAIL, f"no artifact the runner would trade: {_line(e)}", (f"no promoted artifact for {sym}: sweep it and "
-                     f"promote its configuration into {ss.data_dir} (strategies/<name>/{sym.replace('/', '')} for its own)")
+        return FAIL, f"no artifact the runner would trade: {_line(e)}", (
+            f"no promoted artifact for {sym}: sweep it and promote its configuration into {ss.data_dir} "
+            f"(strategies/<name>/{sym.replace('/', '')} for its own)")
     if st is None:
         fp = str(art.manifest.get("feature_fingerprint", "?"))[:12]
         return PASS, f"model {art.model_id} (feature fingerprint {fp} checked)", ""
