@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import LIMITS, Settings
 from .guardian import (Approval, ApprovalError, Context, Guardian, GuardianState, STATE_SCHEMA_VERSION,
-                                Signal, entry_gate, load_state)
+                                Signal, entry_gate, load_state, symbol_locks)
 # the verdict's words, line and reader live in cryptobot.verdict (the runner's gate and the monitor import it
 # without importing the audit); re-exported here so `cryptobot.audit.latest_verdict` etc. keep working
 from .verdict import (AUDIT_MAX_AGE_DAYS, FAIL, PASS, UNREADABLE, AuditInfo, gate_blockers,
@@ -43,19 +43,20 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'MIN_PAPER_TRADES', 'MIN_PAPER_DAYS', 'MAX_PAPER_IDLE_DAYS', 'PSI_BINS', 'PSI_WARN', 'PSI_FAIL',
            'PSI_MIN_ROWS', 'RECENT_BARS', 'EXPOSURE_PASS', 'EXPOSURE_WARN', 'MODEL_MAX_AGE_DAYS', 'AUC_FAIL',
            'AUC_WARN', 'MIN_BACKTEST_TRADES', 'PBO_FAIL', 'DSR_PASS', 'THRESHOLDS', 'STOP_REVIEW_DAYS', 'MODEL_CHECKS',
-           'CHECKS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict', 'psi', 'psi_status', 'key_like',
-           'secret_hits', 'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit',
-           'check_candle_age', 'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate',
-           'check_approval_gate', 'check_state_valid', 'check_state_matches_journal', 'check_risk_limits',
-           'check_plans_in_bounds', 'check_stops_on_exchange', 'check_paper_trades', 'check_testnet_round_trip',
-           'check_logging', 'explain_lock_divergences', 'compare_paper_backtest', 'check_paper_vs_backtest',
-           'check_model_fingerprint', 'check_feature_parity', 'feature_psi', 'check_feature_psi', 'unit_directives',
+           'Part', 'CHECKS', 'SYMBOL_PARTS', 'GO_LIVE_STEPS', 'AuditError', 'Check', 'score', 'verdict',
+           'default_env_files', 'default_repo', 'default_unit', 'Evidence', 'check_rate_limit', 'check_candle_age',
+           'candle_age_of', 'check_poll_errors', 'check_orders_approved', 'exercise_approval_gate',
+           'check_approval_gate', 'check_state_valid', 'check_state_matches_journal', 'state_matches_journal_of',
+           'check_risk_limits', 'check_plans_in_bounds', 'check_stops_on_exchange', 'check_paper_trades',
+           'paper_trades_of', 'check_testnet_round_trip', 'check_logging', 'explain_lock_divergences',
+           'compare_paper_backtest', 'check_paper_vs_backtest', 'check_model_fingerprint', 'feature_parity_of',
+           'check_feature_parity', 'psi', 'psi_status', 'feature_psi', 'check_feature_psi', 'unit_directives',
            'check_restart_always', 'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation',
-           'repo_files', 'check_keys_in_repo', 'check_dotenv_mode', 'check_dotenv_git', 'check_secrets_in_outputs',
-           'check_systemd_exposure', 'check_training_data', 'check_model_freshness', 'check_oos_metrics',
-           'oos_backtest', 'check_oos_backtest', 'model_check_na', 'check_strategy_evidence', 'run_check', 'run_checks',
-           'summary_rows', 'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json',
-           'audit_main']
+           'last_reconciliation_of', 'key_like', 'secret_hits', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
+           'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
+           'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'model_check_na',
+           'check_strategy_evidence', 'strategy_evidence_of', 'over_symbols', 'run_check', 'run_checks', 'summary_rows',
+           'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json', 'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
 class AuditError(CryptobotError, RuntimeError):
@@ -184,58 +185,6 @@ def verdict(checks: list[Check], require_all: bool = True) -> tuple[str, list[st
         ran = {c.name for c in checks}
         blockers += [f"{d}/{n}: the check did not run (no evidence)" for n, d in CHECK_NAMES.items() if n not in ran]
     return (FAIL if blockers else PASS), blockers
-
-# %% ../nbs/18_audit.ipynb #275a0fad
-def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
-    "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
-    e = np.asarray(expected, dtype="float64")
-    a = np.asarray(actual, dtype="float64")
-    e, a = e[np.isfinite(e)], a[np.isfinite(a)]
-    if len(e) == 0 or len(a) == 0:
-        return math.nan
-    edges = np.unique(np.quantile(e, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
-    k = len(edges) + 1
-    pe = np.bincount(np.searchsorted(edges, e, side="right"), minlength=k) / len(e)
-    pa = np.bincount(np.searchsorted(edges, a, side="right"), minlength=k) / len(a)
-    pe, pa = np.maximum(pe, eps), np.maximum(pa, eps)
-    return float(np.sum((pa - pe) * np.log(pa / pe)))
-
-
-def psi_status(v: float) -> str:
-    return WARN if not math.isfinite(v) else PASS if v < PSI_WARN else WARN if v <= PSI_FAIL else FAIL
-
-# %% ../nbs/18_audit.ipynb #072fd609
-# Base64 runs (plotly stores arrays as base64, and nbconvert writes its "/" as "\u002f") are not keys: a token
-# touching "+", "/", "=" or a backslash escape belongs to one.
-_KEY_RE = re.compile(rb"(?<![A-Za-z0-9+/_\-\\])[A-Za-z0-9]{64}(?![A-Za-z0-9+/=_\-\\])")
-_ASSIGN_RE = re.compile(rb"(?i)\b(BINANCE_API_(?:KEY|SECRET)|API_?KEY|API_?SECRET|SECRET_?KEY)[\"']?\s*[:=]\s*[\"']?"
-                        rb"([A-Za-z0-9]{24,})")
-_NOT_SECRETS = {b"emulator-key", b"emulator-secret"}
-
-
-def _is_key(tok: bytes) -> bool:
-    return (len(tok) == 64 and any(65 <= c <= 90 for c in tok) and any(97 <= c <= 122 for c in tok)
-            and any(48 <= c <= 57 for c in tok))
-
-
-def key_like(data: bytes) -> list[int]:
-    "Byte offsets of Binance-key-like tokens (64 mixed-case letters and digits standing alone) in `data`."
-    return [m.start() for m in _KEY_RE.finditer(data) if _is_key(m.group(0))]
-
-
-def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[str]:
-    "What secret-looking content `data` holds: 'configured BINANCE_API_KEY', 'key-like token', 'KEY= assignment'."
-    out = []
-    for name, value in secrets:
-        if value and len(value) >= 8 and value not in _NOT_SECRETS and value in data:
-            out.append(f"the configured {name} value")
-    n = len(key_like(data))
-    if n:
-        out.append(f"{n} key-like 64-character token{'s' if n > 1 else ''}")
-    n = sum(1 for m in _ASSIGN_RE.finditer(data) if m.group(2) not in _NOT_SECRETS)
-    if n:
-        out.append(f"{n} API key/secret assignment{'s' if n > 1 else ''} with a literal value")
-    return out
 
 # %% ../nbs/18_audit.ipynb #ee5b29a6
 def _age(seconds: float | None) -> str:
@@ -475,22 +424,40 @@ def _last_candle(ev: Evidence) -> tuple[float | None, str]:
     return (max(cands) if cands else None), ("state.json/journal marks" if cands else "")
 
 
+def _age_status(ev: Evidence, age: float) -> str:
+    "A candle closed `age` s ago: PASS within timeframe + `max_data_age_s` (or a minute ahead), WARN a candle later."
+    ok_s, late_s = ev.tf_s + ev.settings.max_data_age_s, 2 * ev.tf_s + ev.settings.max_data_age_s
+    return PASS if -60 < age <= ok_s else WARN if 0 < age <= late_s else FAIL
+
+
 def check_candle_age(ev: Evidence) -> Check:
     "Age of the newest processed candle's close against the timeframe + `max_data_age_s`."
-    s = ev.settings
     last, src = _last_candle(ev)
-    ok_s, late_s = ev.tf_s + s.max_data_age_s, 2 * ev.tf_s + s.max_data_age_s
     if last is None:
         return Check("ingestion", "candle_age", FAIL, f"no processed candle in {ev.state_dir}",
                      "the runner has not ingested live candles with this state dir: run it (paper/testnet) first")
     age = ev.now - last
-    txt = f"last processed candle closed {_iso(last)}, {_age(age)} ago ({src}); limit {_age(ok_s)}"
-    if age <= ok_s and age > -60:
+    txt = (f"last processed candle closed {_iso(last)}, {_age(age)} ago ({src}); "
+           f"limit {_age(ev.tf_s + ev.settings.max_data_age_s)}")
+    status = _age_status(ev, age)
+    if status == PASS:
         return Check("ingestion", "candle_age", PASS, txt)
-    if 0 < age <= late_s:
+    if status == WARN:
         return Check("ingestion", "candle_age", WARN, txt, "one candle late: check the runner is polling")
     return Check("ingestion", "candle_age", FAIL, txt, "the data feed is stale: the runner is not processing live "
                  "candles (stopped, or an old replay)")
+
+
+def candle_age_of(ev: Evidence, sym: str, c: Check) -> Part:
+    "One symbol's newest processed candle (its runner's `candle_done` events, journal + archive), by the same limits."
+    rows = ev.q("SELECT MAX(CAST(json_extract(data, '$.candle_time') AS REAL)) AS t FROM events "
+                "WHERE kind = 'candle_done' AND json_extract(data, '$.symbol') = ?", (sym,))
+    t = rows[0]["t"] if rows else None
+    if t is None:
+        return FAIL, "no processed candle", f"the runner never processed a {sym} candle"
+    status = _age_status(ev, ev.now - t)
+    return status, f"last candle closed {_iso(t)}, {_age(ev.now - t)} ago", "" if status == PASS else \
+        f"{sym}'s feed is {'a candle late' if status == WARN else 'stale'}: check its data and the runner"
 
 # %% ../nbs/18_audit.ipynb #f7324264
 def check_poll_errors(ev: Evidence) -> Check:
@@ -657,6 +624,17 @@ def check_state_matches_journal(ev: Evidence) -> Check:
         return Check("guardian", "state_matches_journal", FAIL, txt, "state.json disagrees with the journal: "
                      + "; ".join(diffs) + " (restart the runner: it repairs to the stricter side; investigate why)")
     return Check("guardian", "state_matches_journal", PASS, txt)
+
+
+def state_matches_journal_of(ev: Evidence, sym: str, c: Check) -> Part | None:
+    "One symbol's kill switch, from the journal's rows (`guardian.symbol_locks`); nothing without a journal or when "
+    "the account's check failed."
+    j, _err = ev.journal()
+    if j is None or c.status == FAIL:
+        return None
+    st = symbol_locks(j, ev.settings.kill_switch_losses).get(sym) or {"losses": 0, "locked": False}
+    return WARN if st["locked"] else PASS, f"loss streak {st['losses']}, " + (
+        f"LOCKED since {_iso(st['since'])}" if st["locked"] else "entries allowed"), st.get("reason") or ""
 
 # %% ../nbs/18_audit.ipynb #643ee431
 def _plan_figures(plan: Mapping) -> tuple[float, float, float]:
@@ -935,6 +913,14 @@ def check_paper_trades(ev: Evidence) -> Check:
         return Check("test_phase", "paper_trades", WARN, txt, "the paper run is not current (an old run or a replay)")
     return Check("test_phase", "paper_trades", PASS, txt)
 
+
+def paper_trades_of(ev: Evidence, sym: str, c: Check) -> Part:
+    "One symbol's closed trades: none is a FAIL naming it."
+    rows = ev.q("SELECT COUNT(*) AS n, SUM(pnl) AS pnl FROM trades WHERE symbol = ?", (sym,))
+    if not rows or not rows[0]["n"]:
+        return FAIL, "no closed trade", f"no paper evidence for {sym}: keep paper trading it"
+    return PASS, f"{rows[0]['n']} closed trades, pnl {rows[0]['pnl']:+.2f}", ""
+
 # %% ../nbs/18_audit.ipynb #ebcfda97
 def check_testnet_round_trip(ev: Evidence) -> Check:
     j, err = ev.journal()
@@ -1073,59 +1059,69 @@ def check_model_fingerprint(ev: Evidence) -> Check:
     return Check("drift", "model_fingerprint", PASS, txt)
 
 # %% ../nbs/18_audit.ipynb #c7b2905d
-def check_feature_parity(ev: Evidence) -> Check:
-    if len(getattr(ev.settings, "symbols", ())) > 1:    # several symbols: each its own rows (`_feature_parity_symbols`)
-        return _feature_parity_symbols(ev)
-    j, err = ev.journal()
-    if j is None:
-        return Check("drift", "feature_parity", WARN, f"no journal: {err}", "no recorded feature rows to check")
+def feature_parity_of(ev: Evidence, sym: str) -> Part:
+    "One symbol's journaled live feature rows recomputed by the offline code: the first symbol's (`live`) against the "
+    "first candle source that covers them, another symbol's (`live:SYMBOL`) against its own stored candles."
     try:
         from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
     except Exception as e:  # noqa: BLE001 - the runner module is missing: say so
-        return Check("drift", "feature_parity", WARN, f"cryptobot.parity unavailable ({type(e).__name__})",
-                     "parity not checked")
-    rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows WHERE source = 'live'")[0]
-    if not rng["n"]:
-        return Check("drift", "feature_parity", WARN, "the journal holds no live feature rows", "nothing to compare")
-    from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
-    label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
-    if candles is None:
-        return Check("drift", "feature_parity", WARN, f"{rng['n']} live feature rows {_iso(rng['a'])} .. "
-                     f"{_iso(rng['b'])}; no stored candles cover them", "download the candles (cryptobot download)")
-    rep = parity(ev.settings, candles=candles, journal_path=ev.journal_path)
-    txt = f"{str(rep).splitlines()[0]} [{label}]"
-    if rep.mismatched:
-        return Check("drift", "feature_parity", FAIL, txt, "the runner fed the model other features than the offline "
-                     "code computes from stored candles (data-source drift): run cryptobot parity and investigate")
-    if not rep.ok:
-        return Check("drift", "feature_parity", WARN, txt, "no row could be compared")
-    return Check("drift", "feature_parity", PASS, txt)
-
-# %% ../nbs/18_audit.ipynb #7d3c82bb
-def _feature_parity_symbols(ev: Evidence) -> Check:
-    "Several symbols: the first symbol's check as for one symbol, each other symbol's rows (`live:SYMBOL`) against "
-    "its own stored candles; the worst status, every symbol named."
-    from cryptobot.parity import parity  # lazy: lean audit import (pandas, ccxt)
-    s = ev.settings
-    one = Evidence.__new__(Evidence)                     # the same evidence (journal, candles) as one symbol
-    one.__dict__.update(ev.__dict__)
-    one.settings = dataclasses.replace(s, symbols=(s.symbol,))
-    first = check_feature_parity(one)
-    out = [(first.status, f"{s.symbol}: {first.evidence}", first.detail)]
-    for sym in s.symbols[1:]:
+        return WARN, f"cryptobot.parity unavailable ({type(e).__name__})", "parity not checked"
+    if sym == ev.settings.symbol:
+        j, err = ev.journal()
+        if j is None:
+            return WARN, f"no journal: {err}", "no recorded feature rows to check"
+        rng = ev.q("SELECT MIN(candle_time) AS a, MAX(candle_time) AS b, COUNT(*) AS n FROM feature_rows "
+                   "WHERE source = 'live'")[0]
+        if not rng["n"]:
+            return WARN, "the journal holds no live feature rows", "nothing to compare"
+        from cryptobot.features import LOOKBACK  # lazy: lean audit import (pandas)
+        label, candles = ev.covering(rng["a"] - ev.tf_s, rng["b"] - ev.tf_s, warmup=LOOKBACK - 1)
+        if candles is None:
+            return WARN, (f"{rng['n']} live feature rows {_iso(rng['a'])} .. {_iso(rng['b'])}; no stored candles "
+                          "cover them"), "download the candles (cryptobot download)"
+        rep = parity(ev.settings, candles=candles, journal_path=ev.journal_path)
+        txt = f"{str(rep).splitlines()[0]} [{label}]"
+        fed = "fed the model other features than the offline code computes from stored candles"
+    else:
         try:
-            rep = parity(s, journal_path=ev.journal_path, symbol=sym)
-        except Exception as e:  # noqa: BLE001 - no stored candles for it: say which
-            out.append((WARN, f"{sym}: {_line(str(e))[:200]}", "parity not checked for this symbol"))
-            continue
-        txt = f"{sym}: {str(rep).splitlines()[0]}"
-        out.append((FAIL, txt, f"{sym}: the runner computed other features than the offline code (data-source "
-                    "drift): run cryptobot parity and investigate") if rep.mismatched else
-                   (WARN, txt, f"{sym}: no row could be compared") if not rep.ok else (PASS, txt, ""))
-    worst = FAIL if any(x[0] == FAIL for x in out) else WARN if any(x[0] == WARN for x in out) else PASS
-    return Check("drift", "feature_parity", worst, "; ".join(x[1] for x in out),
-                 "; ".join(x[2] for x in out if x[2] and x[0] == worst))
+            rep = parity(ev.settings, journal_path=ev.journal_path, symbol=sym)
+        except Exception as e:  # noqa: BLE001 - no journal or no stored candles for it: say which
+            return WARN, _line(str(e))[:200], "parity not checked for this symbol"
+        txt, fed = str(rep).splitlines()[0], "computed other features than the offline code"
+    if rep.mismatched:
+        return FAIL, txt, f"the runner {fed} (data-source drift): run cryptobot parity and investigate"
+    if not rep.ok:
+        return WARN, txt, "no row could be compared"
+    return PASS, txt, ""
 
+
+def check_feature_parity(ev: Evidence) -> Check:
+    "Every configured symbol's feature rows (`feature_parity_of`); with several, each named, the worst status wins."
+    parts = [(sym, *feature_parity_of(ev, sym)) for sym in _symbols(ev)]
+    if len(parts) == 1:
+        return Check("drift", "feature_parity", *parts[0][1:])
+    worst = _worst(st for _sym, st, _e, _d in parts)
+    return Check("drift", "feature_parity", worst, "; ".join(f"{sym}: {e}" for sym, _st, e, _d in parts),
+                 "; ".join(f"{sym}: {d}" for sym, st, _e, d in parts if d and st == worst))
+
+# %% ../nbs/18_audit.ipynb #275a0fad
+def psi(expected, actual, bins: int = PSI_BINS, eps: float = 1e-4) -> float:
+    "Population stability index of `actual` against `expected` (training) over the training's quantile bins."
+    e = np.asarray(expected, dtype="float64")
+    a = np.asarray(actual, dtype="float64")
+    e, a = e[np.isfinite(e)], a[np.isfinite(a)]
+    if len(e) == 0 or len(a) == 0:
+        return math.nan
+    edges = np.unique(np.quantile(e, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+    k = len(edges) + 1
+    pe = np.bincount(np.searchsorted(edges, e, side="right"), minlength=k) / len(e)
+    pa = np.bincount(np.searchsorted(edges, a, side="right"), minlength=k) / len(a)
+    pe, pa = np.maximum(pe, eps), np.maximum(pa, eps)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def psi_status(v: float) -> str:
+    return WARN if not math.isfinite(v) else PASS if v < PSI_WARN else WARN if v <= PSI_FAIL else FAIL
 
 # %% ../nbs/18_audit.ipynb #fdb079c0
 def feature_psi(ev: Evidence) -> tuple[dict[str, float] | None, str, bool]:
@@ -1256,6 +1252,52 @@ def check_last_reconciliation(ev: Evidence) -> Check:
     if not r["ok"]:
         return Check("recovery", "last_reconciliation", FAIL, txt, "journal and exchange disagree: resolve before trading")
     return Check("recovery", "last_reconciliation", PASS, txt)
+
+
+def last_reconciliation_of(ev: Evidence, sym: str, c: Check) -> Part | None:
+    "`sym`'s newest reconciliation (each executor reconciles its own symbol); nothing without a journal."
+    if ev.journal()[0] is None:
+        return None
+    r = ev.q("SELECT ts, ok, summary FROM reconciliations WHERE json_extract(result, '$.symbol') = ? "
+             "ORDER BY id DESC LIMIT 1", (sym,))
+    if not r:
+        return FAIL, "no reconciliation journaled", f"{sym} was never reconciled with the exchange: restart the runner"
+    r = r[0]
+    return (PASS if r["ok"] else FAIL, f"{_iso(r['ts'])} {'ok' if r['ok'] else 'FAILED'}: {r['summary'][:120]}",
+            "" if r["ok"] else f"journal and exchange disagree on {sym}: resolve before trading")
+
+# %% ../nbs/18_audit.ipynb #072fd609
+# Base64 runs (plotly stores arrays as base64, and nbconvert writes its "/" as "\u002f") are not keys: a token
+# touching "+", "/", "=" or a backslash escape belongs to one.
+_KEY_RE = re.compile(rb"(?<![A-Za-z0-9+/_\-\\])[A-Za-z0-9]{64}(?![A-Za-z0-9+/=_\-\\])")
+_ASSIGN_RE = re.compile(rb"(?i)\b(BINANCE_API_(?:KEY|SECRET)|API_?KEY|API_?SECRET|SECRET_?KEY)[\"']?\s*[:=]\s*[\"']?"
+                        rb"([A-Za-z0-9]{24,})")
+_NOT_SECRETS = {b"emulator-key", b"emulator-secret"}
+
+
+def _is_key(tok: bytes) -> bool:
+    return (len(tok) == 64 and any(65 <= c <= 90 for c in tok) and any(97 <= c <= 122 for c in tok)
+            and any(48 <= c <= 57 for c in tok))
+
+
+def key_like(data: bytes) -> list[int]:
+    "Byte offsets of Binance-key-like tokens (64 mixed-case letters and digits standing alone) in `data`."
+    return [m.start() for m in _KEY_RE.finditer(data) if _is_key(m.group(0))]
+
+
+def secret_hits(data: bytes, secrets: Iterable[tuple[str, bytes]] = ()) -> list[str]:
+    "What secret-looking content `data` holds: 'configured BINANCE_API_KEY', 'key-like token', 'KEY= assignment'."
+    out = []
+    for name, value in secrets:
+        if value and len(value) >= 8 and value not in _NOT_SECRETS and value in data:
+            out.append(f"the configured {name} value")
+    n = len(key_like(data))
+    if n:
+        out.append(f"{n} key-like 64-character token{'s' if n > 1 else ''}")
+    n = sum(1 for m in _ASSIGN_RE.finditer(data) if m.group(2) not in _NOT_SECRETS)
+    if n:
+        out.append(f"{n} API key/secret assignment{'s' if n > 1 else ''} with a literal value")
+    return out
 
 # %% ../nbs/18_audit.ipynb #0cbd8b21
 _SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".ipynb_checkpoints", "data", "reports", "var",
@@ -1544,6 +1586,10 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     st, err = ev.strategy()
     if err:
         return C(FAIL, f"the configured strategy cannot be built: {err}", "fix CRYPTOBOT_STRATEGY / _PARAMS")
+    syms = _symbols(ev)
+    if len(syms) > 1:          # no one artifact: each symbol's own is judged beside (`strategy_evidence_of`); a shared
+        return C(PASS, f"{len(syms)} symbols, {'the model' if st is None else repr(st)}: the artifact each symbol "
+                 "trades, resolved as the portfolio runner does")       # artifact is one fallback of that resolution
     if st is None:
         return C(PASS, f"the runner trades the model (CRYPTOBOT_STRATEGY={ev.settings.strategy}): its evidence is judged "
                  "by the model checks (training_data, model_freshness, oos_metrics, oos_backtest)")
@@ -1579,7 +1625,32 @@ def _judge_sweep(art, st) -> Check:
     return C(PASS, txt)
 
 
+
+def strategy_evidence_of(ev: Evidence, sym: str, c: Check) -> Part | None:
+    "The artifact `sym` would trade, resolved by the runner's own `_portfolio_artifact` (fingerprint checked), and "
+    "judged; nothing when the strategy cannot be built."
+    from cryptobot.live import StartupRefused, _portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+    st, err = ev.strategy()
+    if err:
+        return None
+    ss = dataclasses.replace(ev.settings, symbol=sym)
+    try:
+        art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
+    except StartupRefused as e:
+        return FAIL, f"no artifact the runner would trade: {_line(e)}", (
+            f"no promoted artifact for {sym}: sweep it and promote its configuration into {ss.data_dir} "
+            f"(strategies/<name>/{sym.replace('/', '')} for its own)")
+    if st is None:
+        fp = str(art.manifest.get("feature_fingerprint", "?"))[:12]
+        return PASS, f"model {art.model_id} (feature fingerprint {fp} checked)", ""
+    j = _judge_sweep(art, st)
+    return j.status, (f"{art.path} ({art.manifest.get('strategy_fingerprint', '?')[:12]}): "
+                      + j.evidence.split(": ", 1)[-1]), j.detail
+
 # %% ../nbs/18_audit.ipynb #36621803
+Part = tuple[str, str, str]      # one symbol's (status, evidence, detail) beside a check's figures for the account
+
+
 def _per_symbol(c: Check, parts: list[tuple[str, str, str, str]]) -> Check:
     "`c` with each symbol's (symbol, status, evidence, detail) added: the worst status; a failing symbol is named."
     txt = c.evidence + " | per symbol: " + "; ".join(f"{sym} {st}: {e}" for sym, st, e, _d in parts)
@@ -1587,108 +1658,19 @@ def _per_symbol(c: Check, parts: list[tuple[str, str, str, str]]) -> Check:
     return Check(c.domain, c.name, _worst([c.status] + [p[1] for p in parts]), txt, "; ".join([c.detail] * bool(c.detail) + bad))
 
 
-def _symbol_candles(ev: Evidence) -> dict[str, float]:
-    "{symbol: close time of its newest processed candle} from the runners' `candle_done` events (journal + archive)."
-    rows = ev.q("SELECT json_extract(data, '$.symbol') AS s, MAX(CAST(json_extract(data, '$.candle_time') AS REAL)) "
-                "AS t FROM events WHERE kind = 'candle_done' GROUP BY s")
-    return {r["s"]: r["t"] for r in rows if r["s"] and r["t"] is not None}
-
-
-_candle_age_one, _paper_trades_one = check_candle_age, check_paper_trades
-_state_matches_one, _strategy_evidence_one = check_state_matches_journal, check_strategy_evidence
-_reconciliation_one = check_last_reconciliation
-
-
-# %% ../nbs/18_audit.ipynb #900373b5
-def check_candle_age(ev: Evidence) -> Check:
-    "The newest processed candle's age (`_candle_age_one`), and with several symbols each symbol's own."
-    c, syms = _candle_age_one(ev), _symbols(ev)
-    if len(syms) < 2:
-        return c
-    last, ok_s, late_s, parts = _symbol_candles(ev), ev.tf_s + ev.settings.max_data_age_s, \
-        2 * ev.tf_s + ev.settings.max_data_age_s, []
-    for sym in syms:
-        t = last.get(sym)
-        if t is None:
-            parts.append((sym, FAIL, "no processed candle", f"the runner never processed a {sym} candle"))
-            continue
-        age = ev.now - t
-        st = PASS if -60 < age <= ok_s else WARN if 0 < age <= late_s else FAIL
-        parts.append((sym, st, f"last candle closed {_iso(t)}, {_age(age)} ago", "" if st == PASS else
-                      f"{sym}'s feed is {'a candle late' if st == WARN else 'stale'}: check its data and the runner"))
-    return _per_symbol(c, parts)
-
-
-def check_paper_trades(ev: Evidence) -> Check:
-    "The paper test phase (`_paper_trades_one`), and with several symbols each symbol's closed trades."
-    c, syms = _paper_trades_one(ev), _symbols(ev)
-    if len(syms) < 2:
-        return c
-    got = {r["symbol"]: r for r in ev.q("SELECT symbol, COUNT(*) AS n, SUM(pnl) AS pnl FROM trades GROUP BY symbol")}
-    return _per_symbol(c, [(sym, PASS if sym in got else FAIL, f"{got[sym]['n']} closed trades, pnl "
-                            f"{got[sym]['pnl']:+.2f}" if sym in got else "no closed trade",
-                            "" if sym in got else f"no paper evidence for {sym}: keep paper trading it") for sym in syms])
-
-
-# %% ../nbs/18_audit.ipynb #71f6fe2f
-def check_state_matches_journal(ev: Evidence) -> Check:
-    "state.json vs the journal (`_state_matches_one`), and with several symbols each symbol's kill switch (journal only)."
-    from cryptobot.guardian import symbol_locks  # lazy: kept in this cell (the module is imported already)
-    c, syms = _state_matches_one(ev), _symbols(ev)
-    j, _err = ev.journal()
-    if len(syms) < 2 or j is None or c.status == FAIL:
-        return c
-    locks = symbol_locks(j, ev.settings.kill_switch_losses)
-    parts = []
-    for sym in syms:
-        st = locks.get(sym) or {"losses": 0, "locked": False}
-        parts.append((sym, WARN if st["locked"] else PASS, f"loss streak {st['losses']}, " + (
-            f"LOCKED since {_iso(st['since'])}" if st["locked"] else "entries allowed"), st.get("reason") or ""))
-    return _per_symbol(c, parts)
-
-
-def check_strategy_evidence(ev: Evidence) -> Check:
-    "The strategy evidence (`_strategy_evidence_one`), and with several symbols the artifact each symbol would trade."
-    from cryptobot.live import StartupRefused, _portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+def over_symbols(ev: Evidence, c: Check, part: Callable[[Evidence, str, Check], Part | None] | None) -> Check:
+    "`c`, a check's figures for the account, with `part(ev, symbol, c)` beside it for every configured symbol (worst "
+    "status wins). One symbol: its figures are the account's, `c` as it is; a part that says None adds nothing."
     syms = _symbols(ev)
-    st, err = ev.strategy()
-    if len(syms) < 2 or err:
-        return _strategy_evidence_one(ev)
+    if part is None or len(syms) < 2:
+        return c
     parts = []
     for sym in syms:
-        ss = dataclasses.replace(ev.settings, symbol=sym)
-        try:
-            art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
-        except StartupRefused as e:
-            parts.append((sym, FAIL, f"no artifact the runner would trade: {_line(e)}", "no promoted artifact for "
-                          f"{sym}: sweep it and promote its configuration into {ss.data_dir}"
-                          f" (strategies/<name>/{sym.replace('/', '')} for its own)"))
-            continue
-        if st is None:
-            fp = art.manifest.get("feature_fingerprint", "?")
-            parts.append((sym, PASS, f"model {art.model_id} (feature fingerprint {str(fp)[:12]} checked)", ""))
-        else:
-            j = _judge_sweep(art, st)
-            parts.append((sym, j.status, f"{art.path} ({art.manifest.get('strategy_fingerprint', '?')[:12]}): "
-                          + j.evidence.split(": ", 1)[-1], j.detail))
-    head = (f"{len(syms)} symbols, {'the model' if st is None else repr(st)}: the artifact each symbol trades, resolved "
-            "as the portfolio runner does")          # a shared artifact is one fallback of that resolution
-    return _per_symbol(Check("strategy", "strategy_evidence", PASS, head), parts)
-
-
-def check_last_reconciliation(ev: Evidence) -> Check:
-    "The newest reconciliation (`_reconciliation_one`), and with several symbols each symbol's newest: each executor reconciles its own."
-    c, syms = _reconciliation_one(ev), _symbols(ev)
-    if len(syms) < 2 or ev.journal()[0] is None:
-        return c
-    last = {r["s"]: r for r in ev.q("SELECT json_extract(result, '$.symbol') AS s, ts, ok, summary FROM reconciliations "
-                                    "WHERE id IN (SELECT MAX(id) FROM reconciliations GROUP BY json_extract(result, '$.symbol'))")}
-    parts = [(sym, FAIL, "no reconciliation journaled", f"{sym} was never reconciled with the exchange: restart the runner")
-             if sym not in last else (sym, PASS if last[sym]["ok"] else FAIL, f"{_iso(last[sym]['ts'])} "
-             f"{'ok' if last[sym]['ok'] else 'FAILED'}: {last[sym]['summary'][:120]}", "" if last[sym]["ok"] else
-             f"journal and exchange disagree on {sym}: resolve before trading") for sym in syms]
+        p = part(ev, sym, c)
+        if p is None:
+            return c
+        parts.append((sym, *p))
     return _per_symbol(c, parts)
-
 
 # %% ../nbs/18_audit.ipynb #3600bc74
 CHECKS: dict[str, Callable[[Evidence], Check]] = {
@@ -1711,12 +1693,19 @@ CHECKS: dict[str, Callable[[Evidence], Check]] = {
 }
 assert list(CHECKS) == list(CHECK_NAMES)
 
+# check name -> its part for one symbol, which `run_check` runs over the configured symbols (`over_symbols`)
+SYMBOL_PARTS: dict[str, Callable[[Evidence, str, Check], Part | None]] = {
+    "candle_age": candle_age_of, "state_matches_journal": state_matches_journal_of, "paper_trades": paper_trades_of,
+    "last_reconciliation": last_reconciliation_of, "strategy_evidence": strategy_evidence_of,
+}
+assert set(SYMBOL_PARTS) <= set(CHECKS)
+
 
 def run_check(name: str, ev: Evidence) -> Check:
-    "Run one check; a crash is a FAIL naming the exception (fail closed), never a pass."
+    "Run one check, over every configured symbol; a crash is a FAIL naming the exception (fail closed), never a pass."
     try:
         na = model_check_na(name, ev)                # a rule strategy is not judged by the model's checks
-        c = na if na is not None else CHECKS[name](ev)
+        c = na if na is not None else over_symbols(ev, CHECKS[name](ev), SYMBOL_PARTS.get(name))
         if c.name != name or c.domain != CHECK_NAMES[name]:
             raise AuditError(f"check {name} returned {c.domain}/{c.name}")
         return c

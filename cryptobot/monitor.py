@@ -27,7 +27,7 @@ from .config import ConfigError, Settings, load_settings
 from .files import CryptobotError, age_text
 from .journal import ClosedTrade, Journal, JournalError, iso
 from .guardian import Context, Guardian, JOURNAL_FILE, Signal, status_report
-from .risk import RiskEngine
+from .risk import Market, RiskEngine
 from .live import stop_report
 from .reports import project_root
 
@@ -91,7 +91,7 @@ def example_state(state_dir, now: float | None = None, *, losses: int = 3, setti
         def enter(t, px):
             ctx = Context(now=t + 5, last_candle_close=t, feature_fingerprint=fp, mode=s.mode, free_quote=equity,
                           equity=equity, positions={s.symbol: 0.0}, reconciled=True)
-            plan = eng.plan(px, equity, equity)
+            plan = eng.plan(px, equity, equity, Market(symbol=s.symbol), s.symbol)
             res = g.approve(Signal(s.symbol, "buy", t, fp), plan, ctx)
             if not res:
                 out["denials"].append(str(res))
@@ -181,21 +181,27 @@ def _denials(q, n_rows: int) -> list[dict]:
     return den
 
 
-def _last_mark(q, settings) -> dict | None:
+def _last_mark(q, settings, symbol: str | None = None) -> dict | None:
+    "The close of `symbol`'s newest processed candle (default: the first symbol, which also owns marks without one)."
+    symbol = symbol or settings.symbol
     marks_sql = ", ".join("?" * len(MARK_EVENTS))
-    for ev in q(f"SELECT ts, kind, data FROM events WHERE kind IN ({marks_sql}) ORDER BY id DESC LIMIT 20", MARK_EVENTS):
+    sym = "CASE WHEN json_valid(data) THEN json_extract(data, '$.symbol') END"      # a damaged row: skipped below
+    own = f"{sym} = ?" + (f" OR {sym} IS NULL" if symbol == settings.symbol else "")
+    for ev in q(f"SELECT ts, kind, data FROM events WHERE kind IN ({marks_sql}) AND ({own}) ORDER BY id DESC LIMIT 20",
+                (*MARK_EVENTS, symbol)):
         try:
             d = json.loads(ev["data"]) if ev["data"] else {}
         except ValueError:
             continue
         px = _num(d.get("close")) if isinstance(d, dict) else None
-        if px and px > 0 and d.get("symbol") in (None, settings.symbol):
+        if px and px > 0 and d.get("symbol") in (None, settings.symbol) + (symbol,):
             return {"price": px, "candle_time": _num(d.get("candle_time")), "ts": ev["ts"],
                     "source": f"close of the last processed candle (journal event '{ev['kind']}')"}
     return None
 
 # %% ../nbs/19_monitor.ipynb #24a1c4b6
-def _position_view(q, p: dict, mark: dict | None, settings) -> dict:
+def _position_view(q, p: dict, mark: dict | None) -> dict:
+    "An open position with its stop, and its unrealised PnL at `mark`, the newest close of its own symbol."
     ent = q("SELECT id, stop_price, candle_time FROM intents WHERE client_order_id = ?", (p["client_order_id"],))
     ent = ent[0] if ent else {"id": 0, "stop_price": None, "candle_time": None}
     st = q("SELECT i.client_order_id, i.stop_price, i.price, o.status FROM intents i LEFT JOIN orders o ON o.id = "
@@ -206,7 +212,7 @@ def _position_view(q, p: dict, mark: dict | None, settings) -> dict:
     amount, entry = _num(p["amount"]), _num(p["entry_price"])
     if st and _num(st[0]["stop_price"]):
         pos["stop_price"] = _num(st[0]["stop_price"])
-    if mark and p["symbol"] == settings.symbol and amount and entry:
+    if mark and amount and entry:
         pos.update(mark_price=mark["price"], mark_source=mark["source"], mark_time=mark["candle_time"] or mark["ts"],
                    unrealised_pnl=(mark["price"] - entry) * amount, unrealised_pct=(mark["price"] / entry - 1) * 100)
     return pos
@@ -230,7 +236,10 @@ def _journal_view(jp: Path, settings, now: float, n_rows: int) -> dict:
         out["reconciliation"] = dict(r[0], ok=bool(r[0]["ok"])) if r else None
         out["poll_errors_24h"] = q("SELECT COUNT(*) AS n FROM poll_errors WHERE ts >= ?", (now - 86400,))[0]["n"]
         out["mark"] = _last_mark(q, settings)
-        out["positions"] = [_position_view(q, p, out["mark"], settings) for p in j.open_positions()]
+        marks = {settings.symbol: out["mark"]}                # each position at its own symbol's newest close
+        out["positions"] = [_position_view(q, p, marks[p["symbol"]] if p["symbol"] in marks else
+                                           marks.setdefault(p["symbol"], _last_mark(q, settings, p["symbol"])))
+                            for p in j.open_positions()]
     return out
 
 # %% ../nbs/19_monitor.ipynb #2c3157da
