@@ -1001,7 +1001,7 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     from cryptobot import parity as L  # lazy: lean audit import (pandas, ccxt)
     from cryptobot.backtest import simulate  # lazy: lean audit import (numba, pandas)
     from cryptobot.features import LOOKBACK, build_features  # lazy: lean audit import (pandas)
-    from cryptobot.model import Strategy  # lazy: lean audit import (pandas, scikit-learn)
+    from cryptobot.model import ThresholdPolicy  # lazy: lean audit import (pandas, scikit-learn)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})"
@@ -1023,7 +1023,7 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     s = ev.settings
     eq = ev.q("SELECT equity FROM decisions WHERE equity IS NOT NULL ORDER BY id LIMIT 1")
     cash = float(eq[0]["equity"]) if eq else s.paper_balance_usd
-    bt = simulate(span, proba.reindex(span.index), Strategy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
+    bt = simulate(span, proba.reindex(span.index), ThresholdPolicy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
                   Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash,
                   kill_switch=s.kill_switch_losses)           # the paper run's kill switch: it stops entering too
     bt = bt[bt["exit_reason"] != "open"].reset_index(drop=True)
@@ -1649,7 +1649,7 @@ def check_state_matches_journal(ev: Evidence) -> Check:
 
 def check_strategy_evidence(ev: Evidence) -> Check:
     "The strategy evidence (`_strategy_evidence_one`), and with several symbols the artifact each symbol would trade."
-    from cryptobot.live import StartupRefused, _portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+    from cryptobot.live import StartupRefused, portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
     syms = _symbols(ev)
     st, err = ev.strategy()
     if len(syms) < 2 or err:
@@ -1658,7 +1658,7 @@ def check_strategy_evidence(ev: Evidence) -> Check:
     for sym in syms:
         ss = dataclasses.replace(ev.settings, symbol=sym)
         try:
-            art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
+            art = portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
         except StartupRefused as e:
             parts.append((sym, FAIL, f"no artifact the runner would trade: {_line(e)}", "no promoted artifact for "
                           f"{sym}: sweep it and promote its configuration into {ss.data_dir}"
