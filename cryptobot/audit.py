@@ -987,7 +987,7 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     from cryptobot import parity as L  # lazy: lean audit import (pandas, ccxt)
     from cryptobot.backtest import simulate  # lazy: lean audit import (numba, pandas)
     from cryptobot.features import LOOKBACK, build_features  # lazy: lean audit import (pandas)
-    from cryptobot.model import Strategy  # lazy: lean audit import (pandas, scikit-learn)
+    from cryptobot.model import ThresholdPolicy  # lazy: lean audit import (pandas, scikit-learn)
     art, err = ev.artifact()
     if art is None:
         return None, f"no model ({err})"
@@ -1009,7 +1009,7 @@ def compare_paper_backtest(ev: Evidence) -> tuple[dict | None, str]:
     s = ev.settings
     eq = ev.q("SELECT equity FROM decisions WHERE equity IS NOT NULL ORDER BY id LIMIT 1")
     cash = float(eq[0]["equity"]) if eq else s.paper_balance_usd
-    bt = simulate(span, proba.reindex(span.index), Strategy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
+    bt = simulate(span, proba.reindex(span.index), ThresholdPolicy(**art.manifest["strategy"]), RiskEngine.from_settings(s),
                   Market(symbol=s.symbol), s.fee_pct / 100, s.slippage_pct / 100, cash,
                   kill_switch=s.kill_switch_losses)           # the paper run's kill switch: it stops entering too
     bt = bt[bt["exit_reason"] != "open"].reset_index(drop=True)
@@ -1627,15 +1627,15 @@ def _judge_sweep(art, st) -> Check:
 
 
 def strategy_evidence_of(ev: Evidence, sym: str, c: Check) -> Part | None:
-    "The artifact `sym` would trade, resolved by the runner's own `_portfolio_artifact` (fingerprint checked), and "
+    "The artifact `sym` would trade, resolved by the runner's own `portfolio_artifact` (fingerprint checked), and "
     "judged; nothing when the strategy cannot be built."
-    from cryptobot.live import StartupRefused, _portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
+    from cryptobot.live import StartupRefused, portfolio_artifact  # lazy: the live runner (ccxt/pandas) stays off the lean audit import
     st, err = ev.strategy()
     if err:
         return None
     ss = dataclasses.replace(ev.settings, symbol=sym)
     try:
-        art = _portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
+        art = portfolio_artifact(ss, st, None, ev.now, MODEL_MAX_AGE_DAYS)
     except StartupRefused as e:
         return FAIL, f"no artifact the runner would trade: {_line(e)}", (
             f"no promoted artifact for {sym}: sweep it and promote its configuration into {ss.data_dir} "

@@ -22,17 +22,18 @@ import pandas as pd
 import numba
 from numba import njit
 
-from .model import FEE, SLIPPAGE, Strategy, check_costs
-from .risk import Market, RiskEngine, floor_units, step_units
-from .strategy import Strategy as BaseStrategy, checked_signals
+from .risk import FEE, SLIPPAGE, Market, RiskEngine, check_costs, floor_units, step_units
+from .strategy import Strategy, checked_signals
 from .files import CryptobotError, atomic_write
 from .features import build_features
 
 
 # %% auto #0
-__all__ = ['NUMBA_MODULES', 'TRADE_COLUMNS', 'EXIT_REASONS', 'numba_cache_dir', 'BacktestError', 'simulate_signals', 'simulate',
-           'orders_from_trades', 'portfolio', 'BacktestResult', 'summarize', 'run_backtest', 'check_against_vectorbt',
-           'plot_equity', 'plot_trades', 'backtest', 'result_json', 'trade_records', 'report_html']
+__all__ = ['NUMBA_MODULES', 'TRADE_COLUMNS', 'EXIT_REASONS', 'numba_cache_dir', 'BacktestError', 'fill_kernel', 'kernel_settings',
+           'ohlc_arrays', 'simulate_signals', 'simulate_full', 'after_lock_bars', 'simulate', 'orders_from_trades',
+           'portfolio', 'BacktestResult', 'drawdown', 'summarize', 'run_backtest', 'make_result',
+           'check_against_vectorbt', 'thin_series', 'plot_equity', 'plot_trades', 'backtest', 'json_safe',
+           'result_json', 'trade_records', 'epoch_ms', 'report_html']
 
 # %% ../nbs/07_backtest.ipynb #02421357
 NUMBA_MODULES = ("risk.py", "backtest.py", "sweep.py")     # every module whose code numba compiles or inlines
@@ -159,11 +160,11 @@ def _plan_nb(price, equity, cash, g):
 
 # %% ../nbs/07_backtest.ipynb #51d0410c
 @njit(cache=True)
-def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
+def fill_kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
     """THE FILL RULES over all bars. Returns trade rows (float matrix), equity per bar, locks, counters."""
     n, sm, sk, min_amt, min_not = len(o), int(g[11]), int(g[12]), g[7], g[8]
     T = np.empty((n + 1, 13))            # entry_bar, entry_px, amount, stop, exit_bar, exit_px, reason, e_fee, x_fee,
-    locks = np.full((n + 1, 3), -1.0)    # stop_limit, signal_px, pnl, equity_after | lock_bar, unlock_bar, losses
+    locks = np.empty((n + 1, 3))         # stop_limit, signal_px, pnl, equity_after | lock_bar, unlock_bar, losses
     eq = np.empty(n)
     k = nl = rej = resized = skipped = denied_lock = denied_floor = losses = 0
     amount = e_bar = e_px = e_fee = stop = stop_lim = sig_px = p_amt = 0.0
@@ -187,13 +188,13 @@ def _kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_
                                      stop_lim, sig_px, fee, cash, losses)
             amount, p_sell = 0.0, -1
             if ks_n > 0 and losses >= ks_n and not locked:
-                locked, lock_bar = True, t; locks[nl, 0], locks[nl, 2] = t, losses; nl += 1
+                locked, lock_bar = True, t; locks[nl, 0], locks[nl, 1], locks[nl, 2] = t, -1.0, losses; nl += 1
         if amount > 0.0 and l[t] <= stop:                             # (b) the stop, from the entry bar on
             k, cash, losses = _close(T, k, t, min(stop, o[t]), 0, amount, e_bar, e_px, e_fee, stop, stop_lim,
                                      sig_px, fee, cash, losses)
             amount = 0.0
             if ks_n > 0 and losses >= ks_n and not locked:
-                locked, lock_bar = True, t; locks[nl, 0], locks[nl, 2] = t, losses; nl += 1
+                locked, lock_bar = True, t; locks[nl, 0], locks[nl, 1], locks[nl, 2] = t, -1.0, losses; nl += 1
         if locked and ks_after > 0 and t - lock_bar >= ks_after:        # research policy: unlock after K bars
             locked, losses = False, 0; locks[nl - 1, 1] = t
         if amount > 0.0:                                             # (c) the decision at the close
@@ -241,7 +242,8 @@ def _close(T, k, t, px, why, amount, e_bar, e_px, e_fee, stop, stop_lim, sig_px,
 _REASON_CODE = {"stop": 0, "signal": 1, "max_hold": 2, "take_profit": 3, "end": 4, "open": 5}
 
 
-def _settings_vector(risk_engine: RiskEngine, market: Market, sizing: str) -> np.ndarray:
+def kernel_settings(risk_engine: RiskEngine, market: Market, sizing: str) -> np.ndarray:
+    "The float vector `g` the kernel reads: the RiskEngine's settings and the market's grid, exact decimals as integers."
     if sizing not in ("risk", "full"):
         raise BacktestError(f"sizing={sizing!r}: use 'risk' (the RiskEngine's plan) or 'full' (all the cash)")
     r = risk_engine
@@ -272,7 +274,8 @@ def _one_minus_pct(pct: float) -> tuple[int, int]:
     return (a, b) if a < 10 ** 15 else (-1, 0)
 
 
-def _ohlc(candles: pd.DataFrame):
+def ohlc_arrays(candles: pd.DataFrame):
+    "(open, high, low, close) as contiguous float64 arrays, the kernel's price inputs."
     if not {"open", "high", "low", "close"} <= set(candles.columns):
         raise BacktestError("candles need open, high, low, close columns (a canonical cryptobot.data frame)")
     return tuple(np.ascontiguousarray(candles[k].to_numpy("float64")) for k in ("open", "high", "low", "close"))
@@ -284,16 +287,17 @@ def simulate_signals(candles: pd.DataFrame, enter, exit_, risk_engine: RiskEngin
                      take_profit_pct: float | None = None, kill_switch: int | None = None, after_lock="stay",
                      min_balance: float = 0.0, end: str = "open") -> pd.DataFrame:
     "THE FILL RULES on per-bar `enter`/`exit` booleans (the numba kernel); one row per trade (`TRADE_COLUMNS`)."
-    return _simulate(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing, max_hold,
+    return simulate_full(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing, max_hold,
                      take_profit_pct, kill_switch, after_lock, min_balance, end)[0]
 
 
-def _simulate(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, slippage=SLIPPAGE, initial_cash=10_000.0,
+def simulate_full(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, slippage=SLIPPAGE, initial_cash=10_000.0,
               sizing="risk", max_hold=None, take_profit_pct=None, kill_switch=None, after_lock="stay",
               min_balance=0.0, end="open"):
-    "(trades, equity array, locks frame): the kernel's three outputs."
+    """THE FILL RULES on per-bar signals: (trades frame, equity array, locks frame), what `simulate_signals` returns
+    the first of; `make_result` turns them into a `BacktestResult`."""
     risk_engine, market = risk_engine or RiskEngine(), market or Market()
-    o, h, l, c = _ohlc(candles)
+    o, h, l, c = ohlc_arrays(candles)
     en, ex = np.asarray(enter, dtype=np.bool_), np.asarray(exit_, dtype=np.bool_)
     if len(en) != len(o) or len(ex) != len(o):
         raise BacktestError(f"{len(en)}/{len(ex)} enter/exit signals for {len(o)} candles: align them to the candles")
@@ -302,8 +306,8 @@ def _simulate(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, sli
     check_costs(fee=fee, slippage=slippage)
     if end not in ("open", "exit"):
         raise BacktestError(f"end={end!r}: use 'open' (mark the last trade to the last close) or 'exit' (sell it there)")
-    ks_after = _after_lock_bars(after_lock)
-    T, eq, locks, cnt = _kernel(o, h, l, c, en, ex, _settings_vector(risk_engine, market, sizing), float(fee),
+    ks_after = after_lock_bars(after_lock)
+    T, eq, locks, cnt = fill_kernel(o, h, l, c, en, ex, kernel_settings(risk_engine, market, sizing), float(fee),
                                 float(slippage), float(initial_cash), int(max_hold or 0),
                                 float(take_profit_pct or 0.0) / 100, int(kill_switch or 0), ks_after,
                                 float(min_balance), end == "exit")
@@ -311,7 +315,7 @@ def _simulate(candles, enter, exit_, risk_engine=None, market=None, fee=FEE, sli
                         sizing=sizing, kill_switch=kill_switch, after_lock=after_lock)
 
 
-def _after_lock_bars(after_lock) -> int:
+def after_lock_bars(after_lock) -> int:
     "'stay' -> 0 (locked for good, like the real bot until a human unlocks); an int K >= 1 -> unlock after K bars."
     if after_lock == "stay":
         return 0
@@ -351,10 +355,11 @@ def _trade_frame(candles, T, eq, locks, cnt, **attrs):
     return tr, eq, lk
 
 # %% ../nbs/07_backtest.ipynb #94219b7c
-def simulate(candles: pd.DataFrame, proba, strategy: Strategy, risk_engine: RiskEngine | None = None,
+def simulate(candles: pd.DataFrame, proba, policy, risk_engine: RiskEngine | None = None,
              market: Market | None = None, fee: float = FEE, slippage: float = SLIPPAGE,
              initial_cash: float = 10_000.0, **guardian) -> pd.DataFrame:
-    "THE FILL RULES for the model's probabilities and threshold `Strategy`; one row per trade (`TRADE_COLUMNS`)."
+    """THE FILL RULES for the model's probabilities and thresholds; one row per trade (`TRADE_COLUMNS`). `policy`: any
+    object with `entry_threshold`, `exit_threshold` and `max_hold` (`cryptobot.model.ThresholdPolicy`)."""
     n = len(candles)
     if isinstance(proba, pd.Series):
         if not proba.index.is_unique:
@@ -364,9 +369,9 @@ def simulate(candles: pd.DataFrame, proba, strategy: Strategy, risk_engine: Risk
     if len(p) != n:
         raise BacktestError(f"{len(p)} probabilities for {n} candles: align them to the candle index")
     with np.errstate(invalid="ignore"):
-        enter, exit_ = p >= strategy.entry_threshold, p < strategy.exit_threshold
+        enter, exit_ = p >= policy.entry_threshold, p < policy.exit_threshold
     return simulate_signals(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash,
-                            max_hold=int(strategy.max_hold), **guardian)
+                            max_hold=int(policy.max_hold), **guardian)
 
 # %% ../nbs/07_backtest.ipynb #0006bc8e
 _FLEX = None
@@ -448,7 +453,8 @@ class BacktestResult:
         return self.portfolio
 
 
-def _drawdown(v: pd.Series) -> pd.Series:
+def drawdown(v: pd.Series) -> pd.Series:
+    "Drawdown from the running peak (0 at a new high, -0.2 twenty percent below it)."
     return v / v.cummax() - 1.0
 
 # %% ../nbs/07_backtest.ipynb #78d011db
@@ -499,11 +505,12 @@ def summarize(equity: pd.Series, trades: pd.DataFrame, candles: pd.DataFrame, in
     return stats, pd.Series(bh, index=candles.index, name="buy_and_hold")
 
 # %% ../nbs/07_backtest.ipynb #d63247b9
-def run_backtest(candles: pd.DataFrame, proba: pd.Series, strategy: Strategy,
+def run_backtest(candles: pd.DataFrame, proba: pd.Series, policy,
                  risk_engine: RiskEngine | None = None, market: Market | None = None, fee: float = FEE,
                  slippage: float = SLIPPAGE, initial_cash: float = 10_000.0, vectorbt: bool = True,
                  **guardian) -> BacktestResult:
-    "The model's out-of-sample backtest: simulate on the span `proba` covers, summarise (and the vectorbt portfolio)."
+    """The model's out-of-sample backtest: simulate on the span `proba` covers, summarise (and the vectorbt portfolio).
+    `policy`: the thresholds (`entry_threshold`, `exit_threshold`, `max_hold`: `cryptobot.model.ThresholdPolicy`)."""
     if not isinstance(proba, pd.Series) or not isinstance(proba.index, pd.DatetimeIndex):
         raise BacktestError("proba must be a Series indexed by candle timestamps (the artifact's oos['proba'])")
     p = proba.dropna()
@@ -520,13 +527,14 @@ def run_backtest(candles: pd.DataFrame, proba: pd.Series, strategy: Strategy,
     t0 = time.perf_counter()
     with np.errstate(invalid="ignore"):
         p = proba.reindex(span.index).to_numpy("float64")
-        enter, exit_ = p >= strategy.entry_threshold, p < strategy.exit_threshold
-    out = _simulate(span, enter, exit_, risk_engine, market, fee, slippage, initial_cash,
-                    max_hold=int(strategy.max_hold), **guardian)
-    return _result(span, *out, fee, slippage, initial_cash, t0, vectorbt)
+        enter, exit_ = p >= policy.entry_threshold, p < policy.exit_threshold
+    out = simulate_full(span, enter, exit_, risk_engine, market, fee, slippage, initial_cash,
+                    max_hold=int(policy.max_hold), **guardian)
+    return make_result(span, *out, fee, slippage, initial_cash, t0, vectorbt)
 
 
-def _result(span, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt=False) -> BacktestResult:
+def make_result(span, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt=False) -> BacktestResult:
+    "A `BacktestResult` of `simulate_full`'s outputs on `span`: summary stats, timings since `t0` (and vectorbt if asked)."
     t1 = time.perf_counter()
     equity = pd.Series(eq, index=span.index, name="equity")
     stats, bench = summarize(equity, trades, span, initial_cash, fee, slippage)
@@ -554,7 +562,8 @@ def check_against_vectorbt(result: BacktestResult, rtol: float = 1e-9) -> None:
             raise BacktestError(f"vectorbt and the simulation disagree on {name} of trade {i}: {a[i]} vs {b[i]}")
 
 # %% ../nbs/07_backtest.ipynb #e1c5a011
-def _thin(s: pd.Series, max_points: int = 8000) -> pd.Series:
+def thin_series(s: pd.Series, max_points: int = 8000) -> pd.Series:
+    "Every k-th point, at most `max_points` (a plot of years of hourly bars stays light)."
     k = max(1, math.ceil(len(s) / max_points))
     return s.iloc[::k] if k > 1 else s
 
@@ -566,9 +575,9 @@ def plot_equity(result: BacktestResult, title: str = "Equity vs buy-and-hold"):
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.04)
     eq, bh = result.equity, result.benchmark
     for s, name in ((eq, "strategy"), (bh, "buy & hold")):
-        t = _thin(s)
+        t = thin_series(s)
         fig.add_trace(go.Scatter(x=t.index, y=t.values, name=name, mode="lines"), row=1, col=1)
-        d = _thin(_drawdown(s) * 100)
+        d = thin_series(drawdown(s) * 100)
         fig.add_trace(go.Scatter(x=d.index, y=d.values, name=f"{name} drawdown %", mode="lines",
                                  showlegend=True), row=2, col=1)
     fig.update_yaxes(title_text="equity (quote)", row=1, col=1)
@@ -582,7 +591,7 @@ def plot_trades(candles: pd.DataFrame, trades: pd.DataFrame, title: str = "Trade
     import plotly.graph_objects as go  # lazy: plotly only for the HTML report
     tr = trades.tail(max_trades)
     span = candles.loc[tr["entry_time"].min():tr["exit_time"].max()] if len(tr) else candles
-    c = _thin(span["close"], 20_000)
+    c = thin_series(span["close"], 20_000)
     fig = go.Figure(go.Scatter(x=c.index, y=c.values, name="close", mode="lines", line=dict(width=1, color="#888")))
     fig.add_trace(go.Scatter(x=tr["entry_time"], y=tr["entry_price"], mode="markers", name="entry",
                              marker=dict(symbol="triangle-up", size=8, color="#1f77b4")))
@@ -594,7 +603,7 @@ def plot_trades(candles: pd.DataFrame, trades: pd.DataFrame, title: str = "Trade
     return fig
 
 # %% ../nbs/07_backtest.ipynb #83cb4743
-def backtest(candles: pd.DataFrame, strategy: BaseStrategy, sizing: str = "risk", fee: float = FEE,
+def backtest(candles: pd.DataFrame, strategy: Strategy, sizing: str = "risk", fee: float = FEE,
              slippage: float = SLIPPAGE, initial_cash: float = 10_000.0, features: pd.DataFrame | None = None,
              risk_engine: RiskEngine | None = None, market: Market | None = None, kill_switch: int | None = None,
              after_lock="stay", min_balance: float = 0.0, end: str = "open", vectorbt: bool = False) -> BacktestResult:
@@ -604,23 +613,24 @@ def backtest(candles: pd.DataFrame, strategy: BaseStrategy, sizing: str = "risk"
     `fee`, `slippage`: fractions per side. `kill_switch`: N consecutive losing trades lock new entries (None: off);
     `after_lock`: 'stay' (locked to the end, like the real bot) or K bars; `min_balance`: the Guardian's floor on
     free cash for an entry. `end`: 'open' (last trade marked to the last close) or 'exit' (sold there, with fee)."""
-    if not isinstance(strategy, BaseStrategy):
+    if not isinstance(strategy, Strategy):
         raise BacktestError(f"strategy must be a cryptobot.strategy.Strategy, got {type(strategy).__name__}: "
                             "build one with cryptobot.strategy.make_strategy")
     t0 = time.perf_counter()
     if strategy.uses_features and features is None:
         features = build_features(candles)
     enter, exit_ = checked_signals(strategy, candles, features)
-    trades, eq, locks = _simulate(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing,
+    trades, eq, locks = simulate_full(candles, enter, exit_, risk_engine, market, fee, slippage, initial_cash, sizing,
                                   strategy.max_hold, strategy.take_profit_pct, kill_switch, after_lock, min_balance, end)
     trades.attrs.update(strategy=repr(strategy), strategy_fingerprint=strategy.fingerprint())
-    res = _result(candles, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt)
+    res = make_result(candles, trades, eq, locks, fee, slippage, initial_cash, t0, vectorbt)
     res.stats.update(strategy=repr(strategy), sizing=sizing, kill_switch=kill_switch or "off",
                      after_lock=after_lock if kill_switch else None)
     return res
 
 # %% ../nbs/07_backtest.ipynb #52162e83
-def _json_safe(v):
+def json_safe(v):
+    "A JSON-ready scalar: NaN/inf -> None, numpy numbers -> Python, timestamps -> ISO 8601."
     if isinstance(v, (float, np.floating)):
         return None if not math.isfinite(float(v)) else float(v)
     if isinstance(v, (np.integer,)):
@@ -633,10 +643,10 @@ def _json_safe(v):
 def result_json(res: BacktestResult, would_lock_after: int | None = None) -> dict:
     "The JSON summary: stats, `exits` by reason, every kill-switch lock, and where `would_lock_after` losses would lock."
     tr = res.trades
-    out = {k: _json_safe(v) for k, v in res.stats.items()}
+    out = {k: json_safe(v) for k, v in res.stats.items()}
     out["exits"] = {k: int(v) for k, v in tr["exit_reason"].value_counts().items()}
-    out["kill_switch_locks"] = [{"locked_at": _json_safe(r.locked_at), "losses": int(r.losses),
-                                 "unlocked_at": _json_safe(r.unlocked_at) if r.unlocked_at is not None else None}
+    out["kill_switch_locks"] = [{"locked_at": json_safe(r.locked_at), "losses": int(r.losses),
+                                 "unlocked_at": json_safe(r.unlocked_at) if r.unlocked_at is not None else None}
                                 for r in (res.locks if res.locks is not None else pd.DataFrame()).itertuples()]
     if would_lock_after:
         out["kill_switch_would_lock"] = _would_lock(tr, would_lock_after)
@@ -650,7 +660,7 @@ def trade_records(trades: pd.DataFrame) -> list[dict]:
     stop, fees, `exit_reason`, `pnl` (quote, after fees) and `return`. Floats keep full precision (they read back
     equal); an 'open' trade is marked to the last close, not sold."""
     cols = [c for c in TRADE_COLUMNS if c in trades]
-    return [{k: _json_safe(v) for k, v in zip(cols, row)} for row in trades[cols].itertuples(index=False, name=None)]
+    return [{k: json_safe(v) for k, v in zip(cols, row)} for row in trades[cols].itertuples(index=False, name=None)]
 
 
 def _would_lock(trades: pd.DataFrame, n: int):
@@ -664,28 +674,28 @@ def _would_lock(trades: pd.DataFrame, n: int):
     return None
 
 # %% ../nbs/07_backtest.ipynb #f267e0a7
-def _xs(idx) -> list:
+def epoch_ms(idx) -> list:
     "Timestamps as epoch milliseconds (plotly reads them on a 'date' axis; far faster than formatting strings)."
     return (pd.DatetimeIndex(idx).asi8 // 10**6).tolist()
 
 
 def _report_figures(res: BacktestResult, max_points: int = 4000, max_trades: int = 2000) -> list[dict]:
     "The report's two figures as plain plotly JSON (no graph_objects: building and validating those takes seconds)."
-    eq, bh = _thin(res.equity, max_points), _thin(res.benchmark, max_points)
-    line = lambda s, name, axis="y": {"type": "scatter", "mode": "lines", "name": name, "x": _xs(s.index),  # noqa: E731
+    eq, bh = thin_series(res.equity, max_points), thin_series(res.benchmark, max_points)
+    line = lambda s, name, axis="y": {"type": "scatter", "mode": "lines", "name": name, "x": epoch_ms(s.index),  # noqa: E731
                                       "y": s.to_numpy().round(6).tolist(), "yaxis": axis}
-    f1 = {"data": [line(eq, "strategy"), line(bh, "buy & hold"), line(_drawdown(eq) * 100, "strategy drawdown %", "y2"),
-                   line(_drawdown(bh) * 100, "buy & hold drawdown %", "y2")],
+    f1 = {"data": [line(eq, "strategy"), line(bh, "buy & hold"), line(drawdown(eq) * 100, "strategy drawdown %", "y2"),
+                   line(drawdown(bh) * 100, "buy & hold drawdown %", "y2")],
           "layout": {"title": {"text": "Equity vs buy-and-hold"}, "height": 600, "hovermode": "x unified",
                      "xaxis": {"type": "date", "anchor": "y2"}, "yaxis": {"domain": [0.34, 1], "title": {"text": "equity"}},
                      "yaxis2": {"domain": [0, 0.3], "title": {"text": "drawdown %"}}}}
     tr = res.trades.tail(max_trades)
     span = res.candles.loc[tr["entry_time"].min():tr["exit_time"].max()] if len(tr) else res.candles
-    c = _thin(span["close"], 5 * max_points)
-    pts = lambda x, y, name, sym, col: {"type": "scatter", "mode": "markers", "name": name, "x": _xs(x),  # noqa: E731
+    c = thin_series(span["close"], 5 * max_points)
+    pts = lambda x, y, name, sym, col: {"type": "scatter", "mode": "markers", "name": name, "x": epoch_ms(x),  # noqa: E731
                                         "y": np.asarray(y).round(6).tolist(), "marker": {"symbol": sym, "size": 7, "color": col}}
     colors = {"stop": "#d62728", "signal": "#2ca02c", "max_hold": "#ff7f0e", "take_profit": "#17becf"}
-    data = [{"type": "scatter", "mode": "lines", "name": "close", "x": _xs(c.index), "y": c.to_numpy().tolist(),
+    data = [{"type": "scatter", "mode": "lines", "name": "close", "x": epoch_ms(c.index), "y": c.to_numpy().tolist(),
              "line": {"width": 1, "color": "#888"}},
             pts(tr["entry_time"], tr["entry_price"], "entry", "triangle-up", "#1f77b4")]
     for why, g in tr.groupby("exit_reason"):

@@ -853,9 +853,9 @@ SUBCOMMANDS.append(_journal_commands)
 # %% ../nbs/22_cli.ipynb #a2fc2f38
 def check_target(a, s):
     "The strategy `--strategy`/`--param` name (the model: `--model`, else the newest artifact under data/models)."
-    from cryptobot.strategy import ModelStrategy, make_strategy, resolve  # lazy: per command: pandas
+    from cryptobot.strategy import make_strategy, resolve  # lazy: per command: pandas
     kw = {}
-    if issubclass(resolve(a.strategy), ModelStrategy):
+    if resolve(a.strategy).uses_model:
         from cryptobot.model import latest_model  # lazy: scikit-learn only when the model is checked
         kw["model"] = getattr(a, "model", None) or latest_model(Path(s.data_dir) / "models")
     return make_strategy(a.strategy, _params(a.param), **kw)

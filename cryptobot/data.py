@@ -18,12 +18,9 @@ from pathlib import Path
 import fcntl
 
 from .files import CryptobotError, atomic_file
-from .client import call_with_retry, make_client
 
 import numpy as np
 import pandas as pd
-import ccxt
-from tqdm import tqdm
 
 log = logging.getLogger("cryptobot.data")
 
@@ -813,6 +810,7 @@ def _fetch_pages(call, client, symbol: str, timeframe: str, cursor: int, end_ms:
 
     The cursor moves strictly forward, so a server that repeats a page cannot loop it; a ccxt error is raised as
     `failed(error, cursor)`, naming where the download stopped."""
+    import ccxt  # lazy: ccxt only to download (reading candles, e.g. for a backtest, stays light)
     rows, pages = [], 0
     try:
         while cursor < end_ms and (max_pages is None or pages < max_pages):
@@ -850,6 +848,9 @@ def download_candles(symbol: str, timeframe: str, since, data_dir, exchange: str
                      until=None, progress: bool = True, *, now=None, limit: int = 1000,
                      max_pages: int | None = None, retries: int = 5, sleep=time.sleep) -> tuple[Path, int]:
     "Download closed candles with ccxt, resuming after the store's last candle; merge atomically. -> (path, n_new)."
+    import ccxt  # lazy: ccxt only to download (reading candles, e.g. for a backtest, stays light)
+    from tqdm import tqdm  # lazy: the progress bar only to download
+    from cryptobot.client import call_with_retry, make_client  # lazy: ccxt only to download
 
 
     tf = timeframe_delta(timeframe)

@@ -18,8 +18,8 @@ import cryptobot.files   # absolute, not `from .files`: this module must also lo
 
 # %% auto #0
 __all__ = ['FEATURE_VERSION', 'RTOL', 'ATOL', 'EWM_TOL', 'OHLCV', 'FEATURES_FILENAME', 'PARAMS', 'WARMUP', 'FEATURE_NAMES',
-           'LOOKBACK', 'FeatureError', 'build_features', 'fingerprint', 'check_fingerprint', 'features_path',
-           'write_features', 'read_feature_meta']
+           'LOOKBACK', 'FeatureError', 'ewm_min_periods', 'build_features', 'fingerprint', 'check_fingerprint',
+           'features_path', 'write_features', 'read_feature_meta']
 
 # %% ../nbs/04_features.ipynb #35a8b9b3
 FEATURE_VERSION = "1H_advanced/1"   # bump on any change of meaning; part of the fingerprint
@@ -127,6 +127,11 @@ def _safe_div(num, den, fill: float) -> np.ndarray:
 def _prices_equal(a, b) -> np.ndarray:
     "np.isclose(a, b, rtol=RTOL, atol=ATOL) for prices (False where either is NaN)."
     return np.abs(a - b) <= ATOL + RTOL * np.abs(b)
+
+# %% ../nbs/04_features.ipynb #16714d29
+def ewm_min_periods(alpha: float) -> int:
+    "Observations a forward EWM of smoothing `alpha` needs before it is released (the strategies' warm-up uses it)."
+    return _ewm_min_periods(alpha)
 
 # %% ../nbs/04_features.ipynb #9226f369
 def _returns(c: np.ndarray) -> dict:

@@ -35,7 +35,7 @@ from .notify import secret_values
 __all__ = ['STATE_SCHEMA_VERSION', 'STATE_FILE', 'LOCK_FILE', 'JOURNAL_FILE', 'RUNNER_LOCK_FILE', 'GuardianError',
            'ApprovalError', 'StateError', 'Reason', 'Failure', 'Signal', 'Context', 'client_order_id', 'Approval',
            'Denial', 'validate_state', 'TradingState', 'GuardianState', 'load_state', 'read_state', 'fresh_state',
-           'write_state_atomic', 'state_lock', 'update_state', 'Gate', 'unreadable_reason', 'used_state_dir',
+           'write_state_atomic', 'state_lock', 'update_state', 'whoami', 'Gate', 'unreadable_reason', 'used_state_dir',
            'entry_gate', 'Guardian', 'symbol_locks', 'Room', 'portfolio_status', 'status_report', 'format_status',
            'unlock_cli', 'RunnerLocked', 'runner_lock']
 
@@ -412,7 +412,7 @@ def update_state(state_dir, mutate: Callable[[dict], None], clock=time.time) -> 
         return st
 
 # %% ../nbs/11_guardian.ipynb #cd03baf0
-def _whoami() -> str:
+def whoami() -> str:
     "Who runs this process: the OS account of its real uid (not $USER, which anyone can set), and $SUDO_USER beside it."
     uid = os.getuid()
     try:
@@ -769,7 +769,7 @@ del _typed
 # %% ../nbs/11_guardian.ipynb #af438030
 def _unlock(self, reason: str, who: str | None = None) -> str:
     "Lift the lock (journaled: who, when, why) and reset the loss streak to 0. Refuses a blank reason."
-    reason, who = self._typed(reason), self._typed(who or _whoami())
+    reason, who = self._typed(reason), self._typed(who or whoami())
     if not reason:
         raise GuardianError("unlock needs a reason: say what you checked, e.g. cryptobot unlock --reason 'reviewed losses'")
     with self._transaction() as st:
@@ -1153,7 +1153,7 @@ del _size_entry
 # %% ../nbs/11_guardian.ipynb #84f7f11b
 def _unlock_symbol(self, symbol: str, reason: str, who: str | None = None) -> str:
     "Lift `symbol`'s own kill switch (journaled: who, when, why) and reset its streak. Refuses a blank reason."
-    reason, who = self._typed(reason), self._typed(who or _whoami())
+    reason, who = self._typed(reason), self._typed(who or whoami())
     if not reason:
         raise GuardianError(f"unlock needs a reason: say what you checked, e.g. cryptobot unlock --symbol {symbol} "
                             f"--reason 'reviewed losses'")
@@ -1325,7 +1325,7 @@ def unlock_cli(settings, reason: str, who: str | None = None, symbol: str | None
     sd = Path(settings.state_dir)
     with Journal(sd / JOURNAL_FILE) as j:
         g = Guardian(settings, sd, j)
-        return g.unlock_symbol(symbol, reason, who) if symbol else g.unlock(reason, who or _whoami())
+        return g.unlock_symbol(symbol, reason, who) if symbol else g.unlock(reason, who or whoami())
 
 # %% ../nbs/11_guardian.ipynb #fe4442d3
 RUNNER_LOCK_FILE = "runner.lock"

@@ -35,10 +35,10 @@ from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE, Approval, Context, Guardian, Signal
 from .journal import Journal, iso, to_epoch
-from .notify import Alert, Event, Notifier, NotifyError, _secret_parts, split_urls
+from .notify import Alert, Event, Notifier, NotifyError, secret_parts, split_urls
 from .risk import Plan, RiskEngine
 from .verdict import gate_blockers as verdict_gate_blockers   # the newest audit's verdict (light: no audit import)
-from .strategy import ModelStrategy, Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
+from .strategy import Strategy as RuleStrategy, StrategyError, artifact_dir, load_strategy_artifact
 from .strategy import NO_EDGE, make_strategy, parse_params, required_window, spec_of
 from .notify import secret_values
 
@@ -47,10 +47,10 @@ from .notify import secret_values
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
            'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR', 'LiveError',
            'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
-           'candles_from_ohlcv', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy', 'model_strategy',
-           'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints', 'Tick', 'Runner', 'stop_report',
-           'format_stop', 'open_state_dir', 'start_runner', 'disk_full', 'journal_failed', 'run', 'PortfolioRunner',
-           'start_portfolio', 'adopt_account']
+           'candles_from_ohlcv', 'epoch_s', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy',
+           'model_strategy', 'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints', 'Tick', 'Runner',
+           'stop_report', 'format_stop', 'open_state_dir', 'start_runner', 'disk_full', 'journal_failed', 'run',
+           'PortfolioRunner', 'portfolio_artifact', 'start_portfolio', 'adopt_account']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -87,7 +87,7 @@ class RedactingFilter(RedactFilter):
 def notify_secrets(settings: Settings) -> list[str]:
     "The fragments of the alert URLs (`CRYPTOBOT_NOTIFY_URLS`) a log line must not show; a bare port is not one."
     urls = split_urls(settings.notify_urls.reveal()) if getattr(settings, "notify_urls", None) is not None else []
-    return sorted({p for u in urls for p in _secret_parts(u) if not (p.isdigit() and len(p) <= 5)}, key=len,
+    return sorted({p for u in urls for p in secret_parts(u) if not (p.isdigit() and len(p) <= 5)}, key=len,
                   reverse=True)
 
 
@@ -178,7 +178,7 @@ def candles_from_ohlcv(rows, source: str = "exchange") -> pd.DataFrame:
     return df
 
 
-def _epoch_s(idx: pd.DatetimeIndex) -> np.ndarray:
+def epoch_s(idx: pd.DatetimeIndex) -> np.ndarray:
     return idx.as_unit("ms").asi8 // 1000
 
 # %% ../nbs/14_live.ipynb #fce451fc
@@ -237,7 +237,7 @@ MAX_KLINES = 1000          # Binance (and the emulator) return at most this many
 
 def is_rule(strategy) -> bool:
     "A `cryptobot.strategy` rule backtested as such (a strategy artifact); the model's artifact is its model."
-    return isinstance(strategy, RuleStrategy) and not isinstance(strategy, ModelStrategy)
+    return isinstance(strategy, RuleStrategy) and not strategy.uses_model
 
 
 def select_strategy(settings: Settings, strategy=None):
@@ -249,11 +249,12 @@ def select_strategy(settings: Settings, strategy=None):
 
 def model_strategy(strategy, artifact):
     """What the runner decides with: a rule as it is; the model as a `ModelStrategy` on `artifact`, trading the
-    artifact's cost-aware policy unless thresholds were given (`_PARAMS`, or a `cryptobot.model.Strategy`)."""
+    artifact's cost-aware policy unless thresholds were given (`_PARAMS`, or a `cryptobot.model.ThresholdPolicy`)."""
+    from cryptobot.model import ModelStrategy  # lazy: joblib and the model only when the model trades (`import cryptobot.live` stays lean)
     if is_rule(strategy):
         return strategy
-    given = strategy.given if isinstance(strategy, ModelStrategy) else {}
-    if strategy is not None and not isinstance(strategy, ModelStrategy):            # cryptobot.model.Strategy
+    given = strategy.given if isinstance(strategy, RuleStrategy) else {}         # a ModelStrategy (not a rule)
+    if strategy is not None and not isinstance(strategy, RuleStrategy):         # cryptobot.model.ThresholdPolicy
         d = strategy.to_dict()
         given = {**d, "max_hold": d["max_hold"] if d["max_hold"] <= 100_000 else None}
     try:
@@ -555,7 +556,7 @@ def _step(self, decide: bool = True) -> Tick | None:
     closed, next_open = self._split(frame, now)
     if len(closed) == 0:
         return None
-    close_t = float(_epoch_s(closed.index[-1:])[0] + self.tf_s)
+    close_t = float(epoch_s(closed.index[-1:])[0] + self.tf_s)
     if self.last_done is not None and close_t <= self.last_done + 0.5:
         return None
     net0, t_in = self.net.total, time.perf_counter()
@@ -570,7 +571,7 @@ def _step(self, decide: bool = True) -> Tick | None:
     proba, usable = None, len(closed) >= self.need and bad is None
     if usable:
         window = closed.iloc[-self.need:]
-        if np.any(np.diff(_epoch_s(window.index)) != self.tf_s):
+        if np.any(np.diff(epoch_s(window.index)) != self.tf_s):
             _event("candle_gap", logging.WARNING, candle=iso(close_t))
         feats = None if self.rule else build_features(window.iloc[-LOOKBACK:])   # a rule decides on candles
         if feats is not None and (usable := not (row := feats.iloc[-1]).isna().any()):
@@ -1567,7 +1568,7 @@ def _pf_alert_daily(self, now: float) -> None:
 PortfolioRunner._alert_daily = _pf_alert_daily
 
 # %% ../nbs/14_live.ipynb #1607092f
-def _portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days, notifier: Notifier | None = None):
+def portfolio_artifact(ss: Settings, strategy, given, now: float, max_age_days, notifier: Notifier | None = None):
     "One symbol's artifact: `given`, else its own folder (`strategies/<name>/<BASEQUOTE>`, `models/<BASEQUOTE>`)."
     own = ss.symbol.replace("/", "")
     try:
@@ -1613,7 +1614,7 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
     except StrategyError as e:                         # the portfolio's strategy; `start_portfolio` alerts
         raise StartupRefused(f"strategy refused: {e}", cause="strategy") from None
     views = {s: dataclasses.replace(settings, symbol=s) for s in settings.symbols}
-    arts = {s: _portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
+    arts = {s: portfolio_artifact(ss, strategy, (models or {}).get(s) if isinstance(models, dict) else models, now,
                                    max_model_age_days, notifier) for s, ss in views.items()}
     state_dir = Path(settings.state_dir)
     try:
@@ -1685,7 +1686,7 @@ def start_portfolio(settings: Settings | None = None, mode: str | None = None, m
 
 
 # %% ../nbs/14_live.ipynb #adopt0cd
-from .guardian import _whoami      # who runs this command (the OS account of its uid), as `cryptobot unlock` records
+from .guardian import whoami      # who runs this command (the OS account of its uid), as `cryptobot unlock` records
 
 
 def adopt_account(settings: Settings | None = None, who: str | None = None) -> str:
@@ -1717,7 +1718,7 @@ def adopt_account(settings: Settings | None = None, who: str | None = None) -> s
         old = j.account()
         if old is not None and (str(old.get("uid")), old.get("account_type")) == (new["uid"], new["account_type"]):
             return f"the journal already belongs to account {new['uid']} ({new['account_type'] or '?'}): nothing to do"
-        who = who or _whoami()
+        who = who or whoami()
         was = f"account {old.get('uid')}" if old else "no account recorded"
         j.record_account(new["uid"], new["account_type"], ex._venue_name(), who,
                          f"adopted by cryptobot reconcile --adopt-account (was {was})")

@@ -22,6 +22,9 @@ import numpy as np
 import pandas as pd
 import time
 from .files import CryptobotError
+from .risk import FEE, SLIPPAGE, check_costs
+from . import strategy as S
+from .strategy import ENTER, EXIT, FLAT, HOLD, NO_EDGE, Decision, Param, StrategyError
 from . import features as F
 from .features import build_features
 import cryptobot
@@ -29,47 +32,28 @@ from . import data as D
 
 
 # %% auto #0
-__all__ = ['FEE', 'SLIPPAGE', 'MAX_COST', 'DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE',
-           'ENTER', 'EXIT', 'HOLD', 'FLAT', 'POLICY_QUANTILES', 'EXIT_QUANTILES', 'DEFAULT_PARAMS', 'CHECK_ROWS',
-           'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS', 'ModelError', 'CostError', 'check_costs', 'Strategy',
+__all__ = ['DEFAULT_HORIZON', 'MANIFEST_VERSION', 'MODEL_FILE', 'MANIFEST_FILE', 'OOS_FILE', 'POLICY_QUANTILES', 'EXIT_QUANTILES',
+           'DEFAULT_PARAMS', 'CHECK_ROWS', 'LEAN_TOL', 'TREES_FILE', 'REQUIRED_KEYS', 'ModelError', 'ThresholdPolicy',
            'round_trip_cost', 'make_labels', 'Fold', 'walk_forward_folds', 'oos_metrics', 'policy_grid',
            'after_cost_return', 'choose_policy', 'fit_calibrator', 'cost_aware_policy', 'policy_signals',
-           'policy_backtest', 'trained_policy', 'policy_strategy', 'ConstantModel', 'fit_classifier',
+           'policy_backtest', 'trained_policy', 'policy_thresholds', 'ConstantModel', 'fit_classifier',
            'current_feature_spec', 'data_fingerprint', 'TrainResult', 'train_walk_forward', 'data_spec',
            'candles_from_spec', 'check_same_candles', 'TreeEnsemble', 'save_artifact', 'Artifact', 'load_artifact',
-           'latest_model']
+           'latest_model', 'ModelStrategy']
 
 # %% ../nbs/06_model.ipynb #71dc3f6b
 class ModelError(CryptobotError, ValueError):
     "A model, label, fold or artifact problem (one line: what is wrong, what to do)."
 
 
-FEE = 0.001          # 0.1 % a side (contract default)
-SLIPPAGE = 0.0005    # 0.05 % on market fills (contract default)
-MAX_COST = 0.05      # a fee or slippage fraction above 5 % a side was surely meant as a percent
 
-
-class CostError(CryptobotError, ValueError):
-    "A fee or slippage the Python API cannot take (one line: what is wrong, what to do)."
-
-
-def check_costs(**costs) -> None:
-    """The Python API (`backtest`, `run_grid`, `run_sweep`, `train_walk_forward`, ...) takes fees and slippage as
-    fractions a side, the CLI as percent: refuse a fraction above `MAX_COST`, naming the form that was likely meant."""
-    for k, v in costs.items():
-        if v is not None and float(v) > MAX_COST:
-            raise CostError(f"{k}={v!r} is a fraction ({float(v) * 100:g} %): did you mean {k}={float(v) / 100:g}? "
-                            f"the Python API takes fractions (at most {MAX_COST:g}), the CLI's --{k} takes percent")
 DEFAULT_HORIZON = 12 # bars (hours on 1h candles)
 MANIFEST_VERSION = 1
 MODEL_FILE, MANIFEST_FILE, OOS_FILE = "model.joblib", "manifest.json", "oos.parquet"
 
 # %% ../nbs/06_model.ipynb #e692c81c
-ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
-
-
 @dataclass(frozen=True)
-class Strategy:
+class ThresholdPolicy:
     "Entry/exit thresholds on the model probability and a maximum holding time in bars."
     entry_threshold: float = 0.55
     exit_threshold: float = 0.45
@@ -98,6 +82,14 @@ class Strategy:
     def to_dict(self) -> dict:
         return {"entry_threshold": float(self.entry_threshold), "exit_threshold": float(self.exit_threshold),
                 "max_hold": int(self.max_hold), "trade": bool(self.trade)}
+
+
+def __getattr__(name: str):
+    "The thresholds' old name says where they went (an old import, or an old pickle naming it, fails in one line)."
+    if name == "Strategy":
+        raise AttributeError("cryptobot.model.Strategy is now cryptobot.model.ThresholdPolicy (the strategy contract is "
+                             "cryptobot.strategy.Strategy): update the import, or retrain an artifact that pickled it")
+    raise AttributeError(f"module 'cryptobot.model' has no attribute {name!r}")
 
 # %% ../nbs/06_model.ipynb #46ffd226
 def round_trip_cost(fee: float = FEE, slippage: float = SLIPPAGE, margin: float = 0.0) -> float:
@@ -217,7 +209,7 @@ def policy_grid(p) -> list[tuple[float, float]]:
 def after_cost_return(candles, proba: pd.Series, entry: float, exit_: float, max_hold: int, fee: float,
                       slippage: float, risk_engine=None) -> tuple[float, int]:
     "Total return after costs (and trades) of thresholds `entry`/`exit_` on the span `proba` covers."
-    from cryptobot.backtest import simulate_signals       # lazy: the backtest imports this module
+    from cryptobot.backtest import simulate_signals  # lazy: numba only to simulate: importing the model stays light
     span = candles.loc[proba.index[0]:proba.index[-1]]
     p = proba.reindex(span.index).to_numpy("float64")
     with np.errstate(invalid="ignore"):
@@ -292,12 +284,12 @@ def policy_signals(oos: pd.DataFrame, candles: pd.DataFrame):
 def policy_backtest(candles, oos: pd.DataFrame, max_hold: int = DEFAULT_HORIZON, fee: float = FEE,
                     slippage: float = SLIPPAGE, risk_engine=None, **kw):
     "Out-of-sample backtest (cryptobot.backtest result) of the per-fold policy, on the span the OOS rows cover."
-    from cryptobot.backtest import _result, _simulate  # lazy: cycle: backtest imports model and strategy
+    from cryptobot.backtest import make_result, simulate_full  # lazy: numba only to simulate: importing the model stays light
     span = candles.loc[oos.index[0]:oos.index[-1]]
     enter, exit_ = policy_signals(oos, span)
     t0 = time.perf_counter()
-    out = _simulate(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
-    return _result(span, *out, fee, slippage, 10_000.0, t0)
+    out = simulate_full(span, enter, exit_, risk_engine, None, fee, slippage, 10_000.0, max_hold=max_hold, **kw)
+    return make_result(span, *out, fee, slippage, 10_000.0, t0)
 
 # %% ../nbs/06_model.ipynb #0ea8c3a3
 def trained_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, max_hold: int = DEFAULT_HORIZON,
@@ -315,11 +307,11 @@ def trained_policy(candles, oos: pd.DataFrame, horizon: int = DEFAULT_HORIZON, m
     return policy, tab, pol_oos
 
 
-def policy_strategy(policy: dict) -> Strategy:
-    "The `Strategy` a manifest `policy` trades: its thresholds, or never entering (`trade=False`) when flat."
+def policy_thresholds(policy: dict) -> ThresholdPolicy:
+    "The `ThresholdPolicy` a manifest `policy` trades: its thresholds, or never entering (`trade=False`) when flat."
     if policy["trade"]:
-        return Strategy(float(policy["entry_threshold"]), float(policy["exit_threshold"]), int(policy["max_hold"]))
-    return Strategy(1.0, 1.0, int(policy["max_hold"]), trade=False)
+        return ThresholdPolicy(float(policy["entry_threshold"]), float(policy["exit_threshold"]), int(policy["max_hold"]))
+    return ThresholdPolicy(1.0, 1.0, int(policy["max_hold"]), trade=False)
 
 
 # %% ../nbs/06_model.ipynb #0870e389
@@ -406,7 +398,7 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
                        horizon: int = DEFAULT_HORIZON, cost: float | None = None, margin: float = 0.0,
                        fee: float = FEE, slippage: float = SLIPPAGE, n_folds: int = 5, embargo: int | None = None,
                        window: str = "expanding", train_size: int | None = None, min_train: int | None = None,
-                       params: dict | None = None, strategy: Strategy = Strategy(), symbol: str = "BTC/USDT",
+                       params: dict | None = None, thresholds: ThresholdPolicy = ThresholdPolicy(), symbol: str = "BTC/USDT",
                        timeframe: str = "1h", data_spec: dict | None = None,
                        feature_spec: dict | None = None) -> TrainResult:
     "Walk-forward train/evaluate with purge+embargo, then fit the final model on all labelled rows."
@@ -437,7 +429,7 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
         model = fit_classifier(X[f.train], y[f.train], params)
         proba[f.test] = _proba(model, X[f.test])
         fold_of[f.test] = f.k
-        m = oos_metrics(y[f.test], proba[f.test], strategy.entry_threshold)
+        m = oos_metrics(y[f.test], proba[f.test], thresholds.entry_threshold)
         if isinstance(model, ConstantModel):
             m["note"] = "; ".join(x for x in [m["note"], "training fold held one class: constant model"] if x)
         rows.append({"fold": f.k, "train_start": _ts(idx[f.train[0]]), "train_end": _ts(idx[f.train[-1]]),
@@ -447,9 +439,9 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
     sel = fold_of >= 0
     oos = pd.DataFrame({"proba": proba[sel], "fold": fold_of[sel], "label": y[sel]}, index=idx[sel])
     oos.index.name = "timestamp"
-    overall = oos_metrics(oos["label"], oos["proba"], strategy.entry_threshold)
+    overall = oos_metrics(oos["label"], oos["proba"], thresholds.entry_threshold)
     fold_df = pd.DataFrame(rows).set_index("fold")
-    policy, pol_tab, pol_oos = trained_policy(candles, oos, horizon, int(strategy.max_hold), fee, slippage)
+    policy, pol_tab, pol_oos = trained_policy(candles, oos, horizon, int(thresholds.max_hold), fee, slippage)
 
     final = fit_classifier(X[trainable], y[trainable], params)
     tr = np.flatnonzero(trainable)
@@ -466,13 +458,13 @@ def train_walk_forward(candles: pd.DataFrame, features: pd.DataFrame | None = No
         "label": {"horizon": int(horizon), "cost": cost, "margin": float(margin), "fee": fee, "slippage": slippage},
         "walk_forward": {"n_folds": n_folds, "embargo": embargo, "window": window, "train_size": train_size,
                          "min_train": min_train},
-        "strategy": policy_strategy(policy).to_dict(),     # what the runner and a backtest of the artifact trade
+        "strategy": policy_thresholds(policy).to_dict(),     # what the runner and a backtest of the artifact trade
         "policy": policy, "policy_folds": json.loads(pol_tab.reset_index().to_json(orient="records", date_format="iso")),
         "params": {**DEFAULT_PARAMS, **(params or {})},
         "model_class": type(final).__name__,
         "metrics": {"folds": json.loads(fold_df.reset_index().to_json(orient="records")),
                     "overall": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                for k, v in overall.items()}, "entry_threshold": float(strategy.entry_threshold)},
+                                for k, v in overall.items()}, "entry_threshold": float(thresholds.entry_threshold)},
         "versions": {"python": platform.python_version(), "sklearn": _sklearn_version(),
                      "pandas": pd.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
                      "cryptobot": cryptobot.__version__},
@@ -671,8 +663,8 @@ class Artifact:
         return list(self.manifest["feature_names"])
 
     @property
-    def strategy(self) -> Strategy:
-        return Strategy(**self.manifest["strategy"])
+    def strategy(self) -> ThresholdPolicy:
+        return ThresholdPolicy(**self.manifest["strategy"])
 
     @property
     def policy(self) -> dict | None:
@@ -737,7 +729,7 @@ def load_artifact(path, check_fingerprint: bool = True, verify_files: bool = Tru
                          f"manifest lists {len(manifest['feature_names'])}; retrain it")
     if "proba" not in oos or not isinstance(oos.index, pd.DatetimeIndex):
         raise ModelError(f"model artifact {path}: oos.parquet lacks a timestamp index or a proba column; retrain it")
-    Strategy(**manifest["strategy"])  # validates
+    ThresholdPolicy(**manifest["strategy"])  # validates
     if check_fingerprint:
         current = current_feature_spec()["fingerprint"]
         if current != manifest["feature_fingerprint"]:
@@ -763,3 +755,78 @@ def latest_model(models_dir) -> Path:
     if best is None:
         raise ModelError(f"no model artifact in {models_dir}: train one first (cryptobot train)")
     return best[1]
+
+# %% ../nbs/06_model.ipynb #6ee70f80
+def _manifest_of(model) -> dict:
+    "The manifest of `model` (a loaded artifact or its folder), without loading the model."
+    m = getattr(model, "manifest", None)
+    if m is None:
+        try:
+            m = json.loads((Path(model) / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StrategyError(f"model artifact {model}: manifest.json unreadable ({type(e).__name__}); "
+                                "train one (cryptobot train)") from None
+    return m
+
+
+def _flag(v) -> bool:
+    "A boolean parameter from Python or a command line (true/false, 1/0, yes/no)."
+    s = str(v).strip().lower()
+    if isinstance(v, (bool, np.bool_)) or s in ("true", "false", "1", "0", "yes", "no"):
+        return bool(v) if isinstance(v, (bool, np.bool_)) else s in ("true", "1", "yes")
+    raise StrategyError(f"ModelStrategy: trade={v!r} is not true or false")
+
+
+class ModelStrategy(S.Strategy):
+    "The trained model: enter when P(up) >= entry_threshold, exit when P(up) < exit_threshold."
+    name = "model"
+    uses_features = True
+    uses_model = True
+    max_hold_default = 12
+    params = {"entry_threshold": Param(float, 0.55, 0.0, 1.0), "exit_threshold": Param(float, 0.45, 0.0, 1.0)}
+
+    def __init__(self, model=None, proba: pd.Series | None = None, trade=None, **kw):
+        self.model, self.proba = model, proba
+        self.given = {**kw, **({} if trade is None else {"trade": trade})}     # what the user set explicitly
+        if model is not None and not {"entry_threshold", "exit_threshold"} & set(kw):
+            m = _manifest_of(model)                    # the artifact's cost-aware policy, not fixed thresholds
+            if "policy" not in m:
+                raise StrategyError(f"model {m.get('model_id', model)} has no cost-aware policy (trained by an older "
+                                    "version): retrain it (cryptobot train) or pass entry_threshold/exit_threshold")
+            st = m["strategy"]
+            mh = st.get("max_hold")
+            kw = {"max_hold": mh if mh is None or mh <= 100_000 else None, **kw,
+                  "entry_threshold": st["entry_threshold"], "exit_threshold": st["exit_threshold"]}
+            trade = st.get("trade", True) if trade is None else trade
+        self.trade = True if trade is None else _flag(trade)
+        super().__init__(**kw)
+
+    def check(self):
+        if not self.exit_threshold <= self.entry_threshold:
+            raise StrategyError(f"ModelStrategy: exit_threshold={self.exit_threshold:g} must not exceed "
+                                f"entry_threshold={self.entry_threshold:g}")
+
+    def probabilities(self, features: pd.DataFrame) -> pd.Series:
+        if self.proba is not None:
+            return self.proba.reindex(features.index)
+        if self.model is None:
+            raise StrategyError("ModelStrategy needs model= (an artifact folder) or proba= (out-of-sample)")
+        if not hasattr(self.model, "predict_proba"):
+            self.model = load_artifact(self.model, lean=True)
+        return self.model.predict_proba(features)
+
+    def signals(self, candles, features=None):
+        p = self.probabilities(features)
+        return ((p >= self.entry_threshold) & self.trade).fillna(False), (p < self.exit_threshold).fillna(False)
+
+    def decide(self, *a, **kw) -> Decision:
+        "`Strategy.decide`; a flat policy's `'flat'` says why (`no_edge_after_costs`)."
+        d = S.Strategy.decide(self, *a, **kw)
+        return Decision(FLAT, NO_EDGE) if d == FLAT and not self.trade else d
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "trade": self.trade}
+
+    def fingerprint_extra(self):
+        m = self.model
+        return getattr(m, "model_id", None) or (str(m) if m is not None else None)

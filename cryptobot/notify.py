@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 NOTIFY_URLS_ENV = "CRYPTOBOT_NOTIFY_URLS"
 
 # %% auto #0
-__all__ = ['log', 'NOTIFY_URLS_ENV', 'REFUSAL_TITLES', 'FORMATTERS', 'NotifyError', 'mask_url', 'Event', 'Alert', 'kill_locked',
-           'kill_unlocked', 'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused', 'stale_data',
-           'audit_verdict', 'start_refused', 'data_recovered', 'daily_summary', 'format_alert', 'stop_mismatch',
-           'split_urls', 'Notifier', 'secret_values']
+__all__ = ['log', 'NOTIFY_URLS_ENV', 'REFUSAL_TITLES', 'FORMATTERS', 'NotifyError', 'mask_url', 'secret_parts', 'Event', 'Alert',
+           'kill_locked', 'kill_unlocked', 'emergency_exit', 'stop_failed', 'reconcile_mismatch', 'fingerprint_refused',
+           'stale_data', 'audit_verdict', 'start_refused', 'data_recovered', 'daily_summary', 'format_alert',
+           'stop_mismatch', 'split_urls', 'Notifier', 'secret_values']
 
 # %% ../nbs/17_notify.ipynb #f42da9bc
 class NotifyError(CryptobotError, ValueError):
@@ -56,7 +56,7 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{host}:****" if _HOSTLIKE.fullmatch(host) else f"{scheme}://****"
 
 # %% ../nbs/17_notify.ipynb #b237a39c
-def _secret_parts(url: str) -> set[str]:
+def secret_parts(url: str) -> set[str]:
     "The fragments of `url` that must not appear in a log line: all but the scheme, the shown host and query keys."
     parts = _split(url)
     if parts is None:
@@ -308,7 +308,7 @@ class Notifier:
         if not urls:
             return []
         for u in urls:
-            _REDACT.add(_secret_parts(u) | _secret_parts(_with_timeouts(u, self.timeout_s)))
+            _REDACT.add(secret_parts(u) | secret_parts(_with_timeouts(u, self.timeout_s)))
         import apprise  # lazy: apprise (~190 plugins) only when alerts are configured
         out = []
         for u in urls:
@@ -389,7 +389,7 @@ def secret_values(settings) -> list[str]:
     "What an alert must never show: the API key and secret, and the alert URLs' secret parts (not a bare port)."
     vals = [s.reveal() for s in (getattr(settings, "api_key", None), getattr(settings, "api_secret", None)) if s is not None]
     nu = getattr(settings, "notify_urls", None)
-    vals += [p for u in split_urls(nu.reveal() if nu is not None else "") for p in _secret_parts(u)
+    vals += [p for u in split_urls(nu.reveal() if nu is not None else "") for p in secret_parts(u)
              if not (p.isdigit() and len(p) <= 5)]
     return sorted({v for v in vals if len(v) >= 4}, key=len, reverse=True)
 

@@ -31,11 +31,11 @@ from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE
 from .journal import Journal, iso, to_epoch
-from .live import EX_CONFIG, LiveError, Tick, _epoch_s, setup_logging, start_runner
+from .live import EX_CONFIG, LiveError, Tick, epoch_s, setup_logging, start_runner
 
 # %% auto #0
 __all__ = ['TRADE_COLUMNS', 'EXPLAINED', 'BINANCE_WEIGHTS', 'feature_source', 'ParityReport', 'parity', 'ReplayResult',
-           'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'bench_stop_check']
+           'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'rss_mb', 'bench_stop_check']
 
 # %% ../nbs/15_parity.ipynb #ac0e36f4
 def feature_source(settings: Settings, symbol: str | None = None, source: str = "live") -> str:
@@ -115,8 +115,8 @@ def parity(settings: Settings, candles=None, *, journal_path=None, since=None, u
     span = candles.loc[lo:hi]
     span = span[span.index + timeframe_delta(settings.timeframe) <= hi]      # closed by the last row's time
     offline = build_features(span) if len(span) else None
-    pos = {int(t): k for k, t in enumerate(_epoch_s(span.index))}
-    t_arr = _epoch_s(span.index)
+    pos = {int(t): k for k, t in enumerate(epoch_s(span.index))}
+    t_arr = epoch_s(span.index)
     for r in ours:
         k = pos.get(int(round(r["candle_time"])) - tf_s)
         if k is None or k < LOOKBACK - 1 or np.any(np.diff(t_arr[k - LOOKBACK + 1:k + 1]) != tf_s):
@@ -373,7 +373,7 @@ def format_comparison(c: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/15_parity.ipynb #4683e8d9
-def _rss_mb() -> float:
+def rss_mb() -> float:
     "Resident memory of this process in MB (`cryptobot.bench` measures the runner with it)."
     try:
         with open("/proc/self/status") as f:
@@ -394,7 +394,7 @@ BINANCE_WEIGHTS = {"GET /api/v3/order": 4, "GET /api/v3/time": 1, "GET /api/v3/m
 def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_check_s: int = 60) -> dict:
     "`stop_check_ms` (median of `n_checks` checks of a live stop-market) and the checks' request weight per hour."
     from cryptobot.emulator import ORDER_TYPES_STOP_MARKET, Emulator  # lazy: aiohttp server only for replays, not on the live path
-    from cryptobot.model import Strategy  # lazy: scikit-learn only to train or score, off the live path
+    from cryptobot.model import ThresholdPolicy  # lazy: scikit-learn only to train or score, off the live path
     key, secret = "bench-stop-key-01", "bench-stop-secret-01"
     emu = Emulator(candles, clock="stepped", start=len(candles) - 10, api_key=key, api_secret=secret,
                    order_types=ORDER_TYPES_STOP_MARKET).start()
@@ -404,7 +404,7 @@ def bench_stop_check(model, candles: pd.DataFrame, n_checks: int = 200, stop_che
     try:
         s = Settings(state_dir=tmp, exchange_url=emu.base_url, api_key=key, api_secret=secret,
                      stop_check_s=stop_check_s)
-        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 10_000), max_model_age_days=None,
+        r = start_runner(s, "paper", model, strategy=ThresholdPolicy(0.0, 0.0, 10_000), max_model_age_days=None,
                          settle_s=0.0, rate_limit_ms=1.0, executor_kw={"settle_s": 0.0})
         if r.step().outcome != "entered":
             raise LiveError("bench_stop_check: the runner did not enter; nothing to check")

@@ -14,8 +14,26 @@ from .config import MAX_STOP_LIMIT_BUFFER_PCT, MAX_STOP_LOSS_PCT, Settings, chec
 from .files import CryptobotError
 
 # %% auto #0
-__all__ = ['REJECTION_REASONS', 'MarketError', 'Market', 'Plan', 'Rejection', 'step_units', 'floor_units', 'ceil_units',
-           'RiskEngine']
+__all__ = ['FEE', 'SLIPPAGE', 'MAX_COST', 'REJECTION_REASONS', 'CostError', 'check_costs', 'MarketError', 'Market', 'Plan',
+           'Rejection', 'step_units', 'floor_units', 'ceil_units', 'RiskEngine']
+
+# %% ../nbs/09_risk.ipynb #12acf328
+FEE = 0.001          # 0.1 % a side (contract default)
+SLIPPAGE = 0.0005    # 0.05 % on market fills (contract default)
+MAX_COST = 0.05      # a fee or slippage fraction above 5 % a side was surely meant as a percent
+
+
+class CostError(CryptobotError, ValueError):
+    "A fee or slippage the Python API cannot take (one line: what is wrong, what to do)."
+
+
+def check_costs(**costs) -> None:
+    """The Python API (`backtest`, `run_grid`, `run_sweep`, `train_walk_forward`, ...) takes fees and slippage as
+    fractions a side, the CLI as percent: refuse a fraction above `MAX_COST`, naming the form that was likely meant."""
+    for k, v in costs.items():
+        if v is not None and float(v) > MAX_COST:
+            raise CostError(f"{k}={v!r} is a fraction ({float(v) * 100:g} %): did you mean {k}={float(v) / 100:g}? "
+                            f"the Python API takes fractions (at most {MAX_COST:g}), the CLI's --{k} takes percent")
 
 # %% ../nbs/09_risk.ipynb #039623a5
 class MarketError(CryptobotError, ValueError):

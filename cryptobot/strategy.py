@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .features import LOOKBACK, _ewm_min_periods
+from .features import LOOKBACK, ewm_min_periods
 from .files import CryptobotError, atomic_write
 from .features import fingerprint as feature_fingerprint
 
@@ -26,14 +26,15 @@ from .features import fingerprint as feature_fingerprint
 __all__ = ['ENTER', 'EXIT', 'HOLD', 'FLAT', 'EXIT_SIGNAL', 'EXIT_MAX_HOLD', 'EXIT_TAKE_PROFIT', 'NO_EDGE', 'BUILTINS',
            'STRATEGY_FILE', 'PBO_FAIL', 'DSR_PASS', 'CHECKS', 'SPREAD', 'MAX_CUTS', 'FEATURE_WINDOWS', 'QUICK',
            'StrategyError', 'Decision', 'Param', 'Strategy', 'checked_signals', 'required_window', 'ewm_warmup', 'ema',
-           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'ModelStrategy', 'import_user_module', 'resolve',
-           'make_strategy', 'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
+           'rsi', 'crossed_above', 'EmaCross', 'RsiReversion', 'import_user_module', 'resolve', 'make_strategy',
+           'parse_params', 'spec_of', 'artifact_dir', 'StrategyArtifact', 'save_strategy_artifact',
            'load_strategy_artifact', 'evidence_failures', 'StrategyCheckFailed', 'CheckReport', 'finding_lines',
            'check_strategy', 'trusted_check']
 
 # %% ../nbs/05_strategy.ipynb #2d134364
 ENTER, EXIT, HOLD, FLAT = "enter", "exit", "hold", "flat"
 EXIT_SIGNAL, EXIT_MAX_HOLD, EXIT_TAKE_PROFIT = "signal", "max_hold", "take_profit"
+NO_EDGE = "no_edge_after_costs"     # why a model whose cost-aware policy is flat does not enter
 
 
 class StrategyError(CryptobotError, ValueError):
@@ -85,6 +86,7 @@ class Strategy:
     name: str = "strategy"
     params: dict = {}
     uses_features: bool = False
+    uses_model: bool = False        # True: trades a trained model's artifact (`cryptobot.model.ModelStrategy`)
     max_hold_default: int | None = None
     _EXTRA = {"max_hold": Param(int, 0, 1, 100_000, "exit after this many bars held (off if None)"),
               "take_profit_pct": Param(float, 0, 0.01, 1000.0, "exit once the close is this % above the entry")}
@@ -218,7 +220,7 @@ Strategy.fingerprint_extra = lambda self: None
 # %% ../nbs/05_strategy.ipynb #8bbc340c
 def ewm_warmup(alpha: float) -> int:
     "Bars after which a recursive EWM started anywhere agrees with the full-history one (2 x ewm_min_periods)."
-    return 2 * _ewm_min_periods(alpha)
+    return 2 * ewm_min_periods(alpha)
 
 
 def ema(x: pd.Series, span: int) -> pd.Series:
@@ -283,86 +285,9 @@ class RsiReversion(Strategy):
         enter = crossed_above(r, pd.Series(self.lower, r.index)) if self.cross else r < self.lower
         return enter.fillna(False), (r > self.upper).fillna(False)
 
-# %% ../nbs/05_strategy.ipynb #47c30883
-NO_EDGE = "no_edge_after_costs"     # why a model whose cost-aware policy is flat does not enter
-
-
-def _manifest_of(model) -> dict:
-    "The manifest of `model` (a loaded artifact or its folder), without loading the model."
-    m = getattr(model, "manifest", None)
-    if m is None:
-        try:
-            m = json.loads((Path(model) / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
-            raise StrategyError(f"model artifact {model}: manifest.json unreadable ({type(e).__name__}); "
-                                "train one (cryptobot train)") from None
-    return m
-
-
-def _flag(v) -> bool:
-    "A boolean parameter from Python or a command line (true/false, 1/0, yes/no)."
-    s = str(v).strip().lower()
-    if isinstance(v, (bool, np.bool_)) or s in ("true", "false", "1", "0", "yes", "no"):
-        return bool(v) if isinstance(v, (bool, np.bool_)) else s in ("true", "1", "yes")
-    raise StrategyError(f"ModelStrategy: trade={v!r} is not true or false")
-
-
-class ModelStrategy(Strategy):
-    "The trained model: enter when P(up) >= entry_threshold, exit when P(up) < exit_threshold."
-    name = "model"
-    uses_features = True
-    max_hold_default = 12
-    params = {"entry_threshold": Param(float, 0.55, 0.0, 1.0), "exit_threshold": Param(float, 0.45, 0.0, 1.0)}
-
-    def __init__(self, model=None, proba: pd.Series | None = None, trade=None, **kw):
-        self.model, self.proba = model, proba
-        self.given = {**kw, **({} if trade is None else {"trade": trade})}     # what the user set explicitly
-        if model is not None and not {"entry_threshold", "exit_threshold"} & set(kw):
-            m = _manifest_of(model)                    # the artifact's cost-aware policy, not fixed thresholds
-            if "policy" not in m:
-                raise StrategyError(f"model {m.get('model_id', model)} has no cost-aware policy (trained by an older "
-                                    "version): retrain it (cryptobot train) or pass entry_threshold/exit_threshold")
-            st = m["strategy"]
-            mh = st.get("max_hold")
-            kw = {"max_hold": mh if mh is None or mh <= 100_000 else None, **kw,
-                  "entry_threshold": st["entry_threshold"], "exit_threshold": st["exit_threshold"]}
-            trade = st.get("trade", True) if trade is None else trade
-        self.trade = True if trade is None else _flag(trade)
-        super().__init__(**kw)
-
-    def check(self):
-        if not self.exit_threshold <= self.entry_threshold:
-            raise StrategyError(f"ModelStrategy: exit_threshold={self.exit_threshold:g} must not exceed "
-                                f"entry_threshold={self.entry_threshold:g}")
-
-    def probabilities(self, features: pd.DataFrame) -> pd.Series:
-        if self.proba is not None:
-            return self.proba.reindex(features.index)
-        if self.model is None:
-            raise StrategyError("ModelStrategy needs model= (an artifact folder) or proba= (out-of-sample)")
-        if not hasattr(self.model, "predict_proba"):
-            from cryptobot.model import load_artifact  # lazy: cycle: backtest imports model and strategy
-            self.model = load_artifact(self.model, lean=True)
-        return self.model.predict_proba(features)
-
-    def signals(self, candles, features=None):
-        p = self.probabilities(features)
-        return ((p >= self.entry_threshold) & self.trade).fillna(False), (p < self.exit_threshold).fillna(False)
-
-    def decide(self, *a, **kw) -> Decision:
-        "`Strategy.decide`; a flat policy's `'flat'` says why (`no_edge_after_costs`)."
-        d = Strategy.decide(self, *a, **kw)
-        return Decision(FLAT, NO_EDGE) if d == FLAT and not self.trade else d
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "trade": self.trade}
-
-    def fingerprint_extra(self):
-        m = self.model
-        return getattr(m, "model_id", None) or (str(m) if m is not None else None)
-
 # %% ../nbs/05_strategy.ipynb #06117cac
-BUILTINS = {"ema_cross": EmaCross, "rsi_reversion": RsiReversion, "model": ModelStrategy}
+BUILTINS = {"ema_cross": EmaCross, "rsi_reversion": RsiReversion,
+            "model": "cryptobot.model:ModelStrategy"}     # defined with what it trades, found by name
 
 
 def import_user_module(mod: str):
@@ -379,8 +304,10 @@ def import_user_module(mod: str):
 
 def resolve(name: str) -> type:
     "The Strategy class for a built-in name or `module:Class`."
-    if name in BUILTINS:
-        return BUILTINS[name]
+    b = BUILTINS.get(name)
+    if isinstance(b, type):
+        return b
+    name = b or name
     if ":" not in name:
         raise StrategyError(f"unknown strategy {name!r}: use one of {sorted(BUILTINS)} or module:Class")
     mod, _, cls = name.partition(":")
@@ -420,7 +347,8 @@ def parse_params(text: str | None) -> dict:
 def spec_of(strategy: Strategy) -> str:
     "The name `resolve` rebuilds this strategy's class from: a built-in's name, else `module:Class`."
     k = type(strategy)
-    return k.name if BUILTINS.get(k.name) is k else f"{k.__module__}:{k.__qualname__}"
+    spec = f"{k.__module__}:{k.__qualname__}"
+    return k.name if BUILTINS.get(k.name) in (k, spec) else spec
 
 
 def artifact_dir(data_dir, strategy: Strategy) -> Path:

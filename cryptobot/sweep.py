@@ -20,14 +20,13 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
-from numba import njit
+from numba import njit, prange
 from scipy.stats import kurtosis, norm, skew
 from distributed import Client, LocalCluster, as_completed
 
-from .backtest import (BacktestError, EXIT_REASONS, _after_lock_bars, _drawdown, _json_safe, _kernel, _ohlc,
-                                _settings_vector, _simulate, _thin, _xs)
-from .model import FEE, SLIPPAGE, check_costs
-from .risk import Market, RiskEngine
+from .backtest import (BacktestError, EXIT_REASONS, after_lock_bars, drawdown, epoch_ms, fill_kernel, json_safe,
+                                kernel_settings, ohlc_arrays, simulate_full, thin_series)
+from .risk import FEE, SLIPPAGE, Market, RiskEngine, check_costs
 from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, make_strategy, resolve
 from .files import CryptobotError, atomic_write
 from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_params, spec_of
@@ -113,22 +112,40 @@ def parse_grid(specs, strategy="ema_cross") -> list[dict]:
     return out
 
 # %% ../nbs/08_sweep.ipynb #921b85fc
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _cross_cols(E, fi, si, EN, EX):
-    "Per column j: enter = EMA[fi[j]] crosses above EMA[si[j]], exit = crosses below (as `crossed_above`)."
+    "Per column j: enter = EMA[fi[j]] crosses above EMA[si[j]], exit = crosses below (as `crossed_above`); columns on all cores."
     n = E.shape[1]
-    for j in range(len(fi)):
+    for j in prange(len(fi)):
         f, s = E[fi[j]], E[si[j]]
         EN[j, 0] = False
         EX[j, 0] = False
-        for t in range(1, n):
-            EN[j, t] = f[t] > s[t] and f[t - 1] <= s[t - 1]
-            EX[j, t] = s[t] > f[t] and s[t - 1] <= f[t - 1]
+        for t in range(1, n):                           # `&`, not `and`: no branch, so the loop vectorises
+            EN[j, t] = (f[t] > s[t]) & (f[t - 1] <= s[t - 1])
+            EX[j, t] = (s[t] > f[t]) & (s[t - 1] <= f[t - 1])
+
+
+
+@njit(cache=True, parallel=True)
+def _ema_rows(x, spans, E):
+    """Row k of E: `cryptobot.strategy.ema(x, spans[k])` (pandas' `ewm(span, adjust=False).mean()`) of finite `x`, to
+    the bit: the same operations in the same order as pandas' own loop (alpha from the centre of mass, the weights
+    renormalised each step); the spans on all cores."""
+    for k in prange(len(spans)):
+        alpha = 1.0 / (1.0 + (spans[k] - 1) / 2.0)
+        old_wt, new_wt = 1.0 * (1.0 - alpha), alpha
+        w = x[0]
+        E[k, 0] = w
+        for t in range(1, len(x)):
+            if w != x[t]:
+                w = old_wt * w + new_wt * x[t]
+                w /= old_wt + new_wt
+            E[k, t] = w
 
 
 def grid_signals(strategy, candles: pd.DataFrame, configs: list[dict], features=None):
     """`enter`, `exit` as (configs x bars) bool matrices. EmaCross: each distinct span's EMA once (the strategy's
-    own `ema`), crossings per column in numba; any other strategy: its `signals` per configuration (a strategy that
+    own `ema`, computed by `_ema_rows` to the bit), crossings per column in numba; any other strategy: its `signals` per configuration (a strategy that
     `uses_features` gets `build_features(candles)` built here once, unless given)."""
     cls = resolve(strategy) if isinstance(strategy, str) else strategy
     if cls.uses_features and features is None:
@@ -139,7 +156,12 @@ def grid_signals(strategy, candles: pd.DataFrame, configs: list[dict], features=
         full = [cls(**p) for p in configs]
         spans = sorted({x.fast for x in full} | {x.slow for x in full})
         at = {s: i for i, s in enumerate(spans)}
-        E = np.ascontiguousarray(np.vstack([ema(candles["close"], s).to_numpy("float64") for s in spans]))
+        close = np.ascontiguousarray(candles["close"].to_numpy("float64"))
+        if np.isfinite(close).all():                            # (checked candles are; else pandas' own NaN rules)
+            E = np.empty((len(spans), n))
+            _ema_rows(close, np.array(spans, np.int64), E)
+        else:
+            E = np.ascontiguousarray(np.vstack([ema(candles["close"], s).to_numpy("float64") for s in spans]))
         _cross_cols(E, np.array([at[x.fast] for x in full], np.int64), np.array([at[x.slow] for x in full], np.int64),
                     EN, EX)
         return EN, EX
@@ -156,15 +178,16 @@ def _summary(T, eq, per_year, nb, out, blk, r):
     "One column's figures from THE kernel's outputs (`SUMMARY` order) and per-block return sums for CSCV; `r` scratch."
     n = len(eq)
     out[0], out[1] = len(T), eq[n - 1]
-    peak, dd = eq[0], 0.0
-    for t in range(n):
-        peak = max(peak, eq[t])
-        dd = min(dd, eq[t] / peak - 1.0)
+    peak, dd, mean = eq[0], 0.0, 0.0
+    for t in range(n):                 # one pass: drawdown and returns; a bar whose equity did not move (flat, or a
+        x = eq[t]                      # new peak) divides nothing: x/x - 1 and x/peak - 1 are then exactly 0 or as before
+        peak = max(peak, x)
+        if x != peak and (t == 0 or x != eq[t - 1]):
+            dd = min(dd, x / peak - 1.0)
+        if t > 0:
+            r[t] = 0.0 if x == eq[t - 1] and 0.0 < x < math.inf else x / eq[t - 1] - 1.0
+            mean += r[t]
     out[2] = dd
-    mean = 0.0
-    for t in range(1, n):
-        r[t] = eq[t] / eq[t - 1] - 1.0
-        mean += r[t]
     mean /= max(n - 1, 1)
     ss = 0.0
     for t in range(1, n):
@@ -179,13 +202,14 @@ def _summary(T, eq, per_year, nb, out, blk, r):
         out[4 + int(T[k, 6])] += 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _sweep_cols(o, h, l, c, EN, EX, g, fee, slip, cash, max_hold, tp, ks_n, ks_after, floor, end_exit,
                 lo, hi, per_year, nb, S, B):
-    "THE fill rules (`backtest._kernel`, unchanged) on every column j of EN/EX over bars lo..hi-1; summaries into S, B."
-    r = np.empty(hi - lo)
-    for j in range(EN.shape[0]):
-        T, eq, locks, cnt = _kernel(o[lo:hi], h[lo:hi], l[lo:hi], c[lo:hi], EN[j, lo:hi], EX[j, lo:hi], g, fee, slip,
+    """THE fill rules (`backtest.fill_kernel`, unchanged) on every column j of EN/EX over bars lo..hi-1; summaries into
+    S, B. The columns are independent: they run on all cores (each its own scratch), each as alone, so to the bit."""
+    for j in prange(EN.shape[0]):
+        r = np.empty(hi - lo)
+        T, eq, locks, cnt = fill_kernel(o[lo:hi], h[lo:hi], l[lo:hi], c[lo:hi], EN[j, lo:hi], EX[j, lo:hi], g, fee, slip,
                                     cash, max_hold[j], tp[j], ks_n, ks_after, floor, end_exit)
         _summary(T, eq, per_year, nb, S[j], B[j], r)
 
@@ -207,12 +231,12 @@ def run_grid(candles: pd.DataFrame, strategy, configs: list[dict], sizing: str =
         raise BacktestError(f"sizing={sizing!r}, initial_cash={initial_cash}, fee={fee}, slippage={slippage}: "
                             "need sizing risk|full, cash > 0, costs >= 0")
     check_costs(fee=fee, slippage=slippage)
-    o, h, l, c = _ohlc(candles)
+    o, h, l, c = ohlc_arrays(candles)
     EN, EX = signals if signals is not None else grid_signals(cls, candles, configs, features)
     full = [cls(**p) for p in configs]
     mh = np.array([x.max_hold or 0 for x in full], np.int64)
     tp = np.array([(x.take_profit_pct or 0.0) / 100 for x in full], np.float64)
-    g = _settings_vector(risk_engine or RiskEngine(), market or Market(), sizing)
+    g = kernel_settings(risk_engine or RiskEngine(), market or Market(), sizing)
     per_year, step = _per_year(candles)
     frames, blks = [], []
     for w, (lo, hi) in enumerate(windows or [(0, len(candles))]):
@@ -220,7 +244,7 @@ def run_grid(candles: pd.DataFrame, strategy, configs: list[dict], sizing: str =
             raise SweepError(f"window {w} = bars {lo}..{hi}: need at least 2 bars inside 0..{len(candles)}")
         S, B = np.zeros((len(configs), len(SUMMARY))), np.zeros((len(configs), max(blocks, 1), 3))
         _sweep_cols(o, h, l, c, EN, EX, g, float(fee), float(slippage), float(initial_cash), mh, tp,
-                    int(kill_switch or 0), _after_lock_bars(after_lock), float(min_balance), end == "exit",
+                    int(kill_switch or 0), after_lock_bars(after_lock), float(min_balance), end == "exit",
                     lo, hi, per_year, int(blocks), S, B)
         f = pd.DataFrame(S, columns=SUMMARY)
         f.insert(0, "config", np.arange(len(configs)))
@@ -246,7 +270,7 @@ def grid_trades(candles: pd.DataFrame, strategy, configs: list[dict], which, siz
     out = []
     for j, i in zip(which, rows):
         s = cls(**configs[j])
-        out.append(_simulate(candles, EN[i], EX[i], kw.get("risk_engine"), kw.get("market"), fee, slippage,
+        out.append(simulate_full(candles, EN[i], EX[i], kw.get("risk_engine"), kw.get("market"), fee, slippage,
                              initial_cash, sizing, s.max_hold, s.take_profit_pct)[0])
     return out
 
@@ -381,7 +405,7 @@ def finish_walk_forward(candles, cls, configs, grid, whole, B, objective, folds,
         lo, hi = f["test"]
         s = cls(**configs[j])
         en, ex = grid_signals(cls, candles, [configs[j]])
-        _, eq, _ = _simulate(candles.iloc[lo:hi], en[0, lo:hi], ex[0, lo:hi], None, None, fee, slippage, cash,
+        _, eq, _ = simulate_full(candles.iloc[lo:hi], en[0, lo:hi], ex[0, lo:hi], None, None, fee, slippage, cash,
                              sizing, s.max_hold, s.take_profit_pct, end="exit")
         eqs.append(pd.Series(eq, index=candles.index[lo:hi]))
         o = oos[OBJECTIVES[objective]].to_numpy(float)
@@ -430,7 +454,7 @@ def _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage,
     j = _pick(whole.sort_values("config"), objective)
     s = cls(**configs[j])
     en, ex = grid_signals(cls, candles, [configs[j]])
-    _, eq, _ = _simulate(candles, en[0], ex[0], None, None, fee, slippage, initial_cash, sizing, s.max_hold,
+    _, eq, _ = simulate_full(candles, en[0], ex[0], None, None, fee, slippage, initial_cash, sizing, s.max_hold,
                          s.take_profit_pct)
     r = eq[1:] / eq[:-1] - 1
     srs = _pooled_sharpe(np.ones((1, B.shape[1])), B)[0]
@@ -444,18 +468,18 @@ def _dsr_best(candles, cls, configs, whole, B, objective, sizing, fee, slippage,
 # %% ../nbs/08_sweep.ipynb #dc5d5682
 def sweep_summary(sw: dict, top: int = 10) -> dict:
     "The JSON summary of a `run_sweep` result: per symbol the walk-forward figures, PBO, DSR, folds and top configs."
-    rec = lambda f: [{k: _json_safe(v) for k, v in r.items()} for r in f.to_dict("records")]  # noqa: E731
+    rec = lambda f: [{k: json_safe(v) for k, v in r.items()} for r in f.to_dict("records")]  # noqa: E731
     out = {"id": sw["id"], "path": sw["path"], "strategy": sw["strategy"], "objective": sw["objective"],
            "configs": len(sw["configs"]), "tasks": sw["tasks"], "computed": sw["computed"], "reused": sw["reused"],
            "symbols": {}}
     for s, w in sw["symbols"].items():
         out["symbols"][s] = {
-            **{k: _json_safe(w[k]) for k in ("oos_return", "buy_and_hold_return", "oos_max_drawdown", "degradation")},
-            "pbo": _json_safe(w["pbo"]["pbo"]) if w["pbo"] else None,
-            "dsr": {k: _json_safe(v) for k, v in w["dsr"].items()},
+            **{k: json_safe(w[k]) for k in ("oos_return", "buy_and_hold_return", "oos_max_drawdown", "degradation")},
+            "pbo": json_safe(w["pbo"]["pbo"]) if w["pbo"] else None,
+            "dsr": {k: json_safe(v) for k, v in w["dsr"].items()},
             "folds": rec(w["folds"]), "top": rec(top_configs(sw, s, top))}
         if "next" in w:                                   # what promote takes: the procedure's next pick first
-            out["symbols"][s].update(next=rec(w["next"].head(top)), next_train_start=_json_safe(w["next_train_start"]))
+            out["symbols"][s].update(next=rec(w["next"].head(top)), next_train_start=json_safe(w["next_train_start"]))
     if len(sw["symbols"]) > 1:
         out["pooled"] = rec(pooled_configs(sw, top))
         if all("next" in w for w in sw["symbols"].values()):
@@ -802,11 +826,11 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
                     f"<tr><td>probability of backtest overfitting (CSCV)</td><td>{pbo}</td></tr>"
                     f"<tr><td>deflated Sharpe ratio of the whole-span best ({w['dsr']['trials']} trials)</td>"
                     f"<td>{x['dsr']['dsr']:.3f}</td></tr></table>")
-        eq, bh = _thin(w["equity"], 4000), _thin(w["benchmark"], 4000)
-        line = lambda v, name, ax="y": {"type": "scatter", "mode": "lines", "name": name, "x": _xs(v.index),  # noqa: E731
+        eq, bh = thin_series(w["equity"], 4000), thin_series(w["benchmark"], 4000)
+        line = lambda v, name, ax="y": {"type": "scatter", "mode": "lines", "name": name, "x": epoch_ms(v.index),  # noqa: E731
                                         "y": v.to_numpy().round(6).tolist(), "yaxis": ax}
         body.append(fig({"data": [line(eq, "walk-forward (out of sample)"), line(bh, "buy & hold"),
-                                  line(_drawdown(eq) * 100, "walk-forward drawdown %", "y2")],
+                                  line(drawdown(eq) * 100, "walk-forward drawdown %", "y2")],
                          "layout": {"title": {"text": f"{s}: stitched out-of-sample equity vs buy-and-hold"}, "height": 560,
                                     "xaxis": {"type": "date", "anchor": "y2"}, "yaxis": {"domain": [0.34, 1]},
                                     "yaxis2": {"domain": [0, 0.3], "title": {"text": "drawdown %"}}}}))
@@ -904,7 +928,7 @@ def _holdout_score(sweep_dir: Path, spec: dict, strategy: str, j: int, symbol: s
     s = cls(**p)
     en, ex = grid_signals(cls, c, [p])
     cash = float(spec["initial_cash"])
-    tr, eq, _ = _simulate(c.iloc[lo:], en[0, lo:], ex[0, lo:], None, None, spec["fee"], spec["slippage"], cash,
+    tr, eq, _ = simulate_full(c.iloc[lo:], en[0, lo:], ex[0, lo:], None, None, spec["fee"], spec["slippage"], cash,
                           spec["sizing"], s.max_hold, s.take_profit_pct, end="exit")
     r = eq[1:] / eq[:-1] - 1
     per_year, _ = _per_year(c)

@@ -61,8 +61,8 @@ class Rig:
         self.thread.start()
 
     def start_runner(self, model, **runner_kw):
-        from cryptobot.model import Strategy
-        return start_runner(self.s, "paper", model, **{"strategy": Strategy(0.0, 0.0, 1000),
+        from cryptobot.model import ThresholdPolicy
+        return start_runner(self.s, "paper", model, **{"strategy": ThresholdPolicy(0.0, 0.0, 1000),
                                                        "stop_event": self.stop_event, "max_model_age_days": None,
                                                        "rate_limit_ms": 1.0, **runner_kw})
 

@@ -298,7 +298,7 @@ def demo(tmp_path_factory):
     # the checks below need trades; a synthetic market's cost-aware policy may well be flat (trade: false), so the
     # artifact is told to trade thresholds that do (the runner and the audit's backtest both read manifest strategy)
     res.manifest["policy"] = {**res.manifest["policy"], "trade": True, "entry_threshold": 0.55, "exit_threshold": 0.45}
-    res.manifest["strategy"] = M.policy_strategy(res.manifest["policy"]).to_dict()
+    res.manifest["strategy"] = M.policy_thresholds(res.manifest["policy"]).to_dict()
     art = res.save(root / "data" / "models")
     r = replay(c, M.load_artifact(art), n_candles=200, fills="exchange", state_dir=root / "var")
     return dict(root=root, artifact=art, replay=r)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from cryptobot.backtest import (BacktestError, check_against_vectorbt, portfolio, run_backtest, simulate)
-from cryptobot.model import SLIPPAGE, FEE, Strategy
+from cryptobot.model import ThresholdPolicy
+from cryptobot.risk import FEE, SLIPPAGE, CostError
 from cryptobot.risk import Market, Plan, RiskEngine
 
 RE, MK = RiskEngine(), Market()
@@ -32,7 +33,7 @@ def random_walk(n, seed, vol=0.006, wick=0.004, gap=0.0):
     return bars(list(zip(open_, hi, lo, close)))
 
 
-S = Strategy(entry_threshold=0.6, exit_threshold=0.4, max_hold=3)
+S = ThresholdPolicy(entry_threshold=0.6, exit_threshold=0.4, max_hold=3)
 
 
 # --- hand-built candles ---------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_random_markets_obey_the_rules_and_vectorbt_agrees(seed):
     rng = np.random.default_rng(100 + seed)
     p = np.clip(0.5 + 0.15 * rng.standard_normal(len(cd)), 0, 1)
     p[:50] = np.nan
-    strat = Strategy(0.62, 0.45, 6 + seed)
+    strat = ThresholdPolicy(0.62, 0.45, 6 + seed)
     proba = pd.Series(p, index=cd.index)
     res = run_backtest(cd, proba.iloc[50:], strat)
     span = cd.iloc[50:]
@@ -194,7 +195,7 @@ def test_random_markets_obey_the_rules_and_vectorbt_agrees(seed):
 def test_same_bar_entry_and_stop_reach_vectorbt_as_two_orders():
     cd = random_walk(2000, 11, vol=0.012, gap=0.006)
     p = pd.Series(0.7, index=cd.index)                           # always wants in: re-enters after every exit
-    res = run_backtest(cd, p, Strategy(0.6, 0.4, 4))
+    res = run_backtest(cd, p, ThresholdPolicy(0.6, 0.4, 4))
     tr = res.trades
     same = tr[(tr.entry_bar == tr.exit_bar)]
     assert len(same) > 5 and (same.exit_reason == "stop").all()
@@ -206,7 +207,7 @@ def test_same_bar_entry_and_stop_reach_vectorbt_as_two_orders():
 def test_check_against_vectorbt_can_fail():
     cd = random_walk(1500, 4)
     p = pd.Series(np.random.default_rng(4).uniform(0.3, 0.8, len(cd)), index=cd.index)
-    res = run_backtest(cd, p, Strategy(0.6, 0.45, 8))
+    res = run_backtest(cd, p, ThresholdPolicy(0.6, 0.45, 8))
     res.trades.loc[3, "pnl"] += 0.01
     with pytest.raises(BacktestError, match="pnl"):
         check_against_vectorbt(res)
@@ -215,18 +216,18 @@ def test_check_against_vectorbt_can_fail():
 def test_backtest_uses_only_the_probability_span():
     cd = random_walk(1000, 5)
     p = pd.Series(0.7, index=cd.index[400:700])
-    res = run_backtest(cd, p, Strategy(0.6, 0.4, 5))
+    res = run_backtest(cd, p, ThresholdPolicy(0.6, 0.4, 5))
     assert res.equity.index[0] == cd.index[400] and res.equity.index[-1] == cd.index[699]
     assert res.trades.entry_time.min() > cd.index[400]
     wrong = pd.Series(0.7, index=cd.index[400:700] + pd.Timedelta(minutes=30))
     with pytest.raises(BacktestError):
-        run_backtest(cd, wrong, Strategy(0.6, 0.4, 5))
+        run_backtest(cd, wrong, ThresholdPolicy(0.6, 0.4, 5))
 
 
 def test_stats_are_consistent():
     cd = random_walk(3000, 8)
     p = pd.Series(np.random.default_rng(8).uniform(0.3, 0.8, len(cd)), index=cd.index)
-    res = run_backtest(cd, p, Strategy(0.6, 0.45, 8))
+    res = run_backtest(cd, p, ThresholdPolicy(0.6, 0.45, 8))
     s = res.stats
     assert s["total_return"] == pytest.approx(res.equity.iloc[-1] / 10_000 - 1)
     assert s["max_drawdown"] == pytest.approx((res.equity / res.equity.cummax() - 1).min())
@@ -242,7 +243,7 @@ def test_runs_on_43776_bars():
     "Five years of hourly bars in one go (speed is measured by `cryptobot bench`, never asserted here)."
     cd = random_walk(43_776, 1)
     p = pd.Series(np.clip(0.5 + 0.12 * np.random.default_rng(1).standard_normal(len(cd)), 0, 1), index=cd.index)
-    res = run_backtest(cd, p, Strategy(0.68, 0.45, 12), vectorbt=False)   # ~1,000 trades, like the real model
+    res = run_backtest(cd, p, ThresholdPolicy(0.68, 0.45, 12), vectorbt=False)   # ~1,000 trades, like the real model
     assert len(res.trades) > 500 and res.portfolio is None
 
 
@@ -454,10 +455,10 @@ def test_a_fee_or_slippage_given_in_percent_is_refused_naming_the_fraction(entry
     flat = pd.Series(False, c.index)
     calls = {"backtest": lambda **k: B.backtest(c, Ema(), **k),
              "simulate_signals": lambda **k: B.simulate_signals(c, flat, flat, **k),
-             "run_backtest": lambda **k: B.run_backtest(c, pd.Series(0.5, c.index), Strategy(), **k),
+             "run_backtest": lambda **k: B.run_backtest(c, pd.Series(0.5, c.index), ThresholdPolicy(), **k),
              "portfolio": lambda **k: B.portfolio(c, B.simulate_signals(c, flat, flat), **k),
              "train_walk_forward": lambda **k: M.train_walk_forward(c, **k)}
-    with pytest.raises(M.CostError) as e:
+    with pytest.raises(CostError) as e:
         calls[entry](**kw)
     msg = str(e.value)
     assert msg.startswith(hint) and f"the CLI's --{next(iter(kw))} takes percent" in msg and "\n" not in msg

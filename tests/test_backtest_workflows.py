@@ -72,9 +72,9 @@ def test_backtest_workflow_on_the_trained_model(trained):
     # the model trades the manifest's cost-aware policy; beside it the walk-forward policy, the old fixed thresholds,
     # the Guardian (kill switch) and a rule strategy
     from cryptobot.backtest import run_backtest
-    from cryptobot.model import candles_from_spec, load_artifact, policy_strategy
+    from cryptobot.model import candles_from_spec, load_artifact, policy_thresholds
     art = load_artifact(t["artifact"])
-    assert art.strategy == policy_strategy(art.manifest["policy"])
+    assert art.strategy == policy_thresholds(art.manifest["policy"])
     assert b["cost_aware_policy"]["manifest_policy"] == art.manifest["policy"]
     c = candles_from_spec(art.manifest["data"]["spec"])
     assert s["trades"] == run_backtest(c, art.oos["proba"], art.strategy, vectorbt=False).stats["trades"]

@@ -65,14 +65,14 @@ def model(tmp_path_factory):
 def test_runner_skips_a_polled_inf_candle_without_trading_or_crashing(model, tmp_path, fills, forming):
     "An inf candle (or, with `forming`, an inf open of the forming candle first): no decision, no order, no crash."
     from cryptobot.live import start_runner
-    from cryptobot.model import Strategy
+    from cryptobot.model import ThresholdPolicy
     candles, path = model
     emu = Emulator(candles, clock="stepped", start=2_000, api_key=KEY, api_secret=SECRET, balances={"USDT": 10_000.0})
     emu.start()
     s = dataclasses.replace(Settings(), state_dir=tmp_path / "var", exchange_url=emu.base_url,
                             api_key=KEY if fills == "exchange" else None,
                             api_secret=SECRET if fills == "exchange" else None)
-    always = Strategy(entry_threshold=0.0, exit_threshold=0.0, max_hold=10_000)      # enters on every usable bar
+    always = ThresholdPolicy(entry_threshold=0.0, exit_threshold=0.0, max_hold=10_000)      # enters on every usable bar
     runner = start_runner(s, "paper", path, fills=fills, strategy=always, settle_s=0, poll_s=0.01, min_poll_s=0.01,
                           max_model_age_days=None, executor_kw={"settle_s": 0.0, "sleep": lambda _s: None},
                           rate_limit_ms=1.0)

@@ -136,9 +136,9 @@ def test_sigterm_in_a_subprocess_exits_0_and_keeps_the_stop(market, tmp_path):
 import sys
 from cryptobot.config import Settings
 from cryptobot.live import run
-from cryptobot.model import Strategy
+from cryptobot.model import ThresholdPolicy
 s = Settings(state_dir={str(tmp_path / 'st')!r}, exchange_url={e.base_url!r}, api_key={KEY!r}, api_secret={SECRET!r})
-sys.exit(run(s, model={str(path)!r}, strategy=Strategy(0.0, 0.0, 1000), max_model_age_days=None, settle_s=0,
+sys.exit(run(s, model={str(path)!r}, strategy=ThresholdPolicy(0.0, 0.0, 1000), max_model_age_days=None, settle_s=0,
              poll_s=0.02, min_poll_s=0.01, rate_limit_ms=1.0, executor_kw={{"settle_s": 0.0}}))
 """
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

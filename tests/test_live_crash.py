@@ -51,7 +51,7 @@ def make_market(folder: Path, n_bars: int):
     c = D.synthetic_candles(n=START + n_bars, seed=5)
     res = M.train_walk_forward(c.iloc[:TRAIN], n_folds=2, params={"max_iter": 40})
     p = res.oos["proba"]
-    res.manifest["strategy"] = M.Strategy(entry_threshold=float(p.quantile(0.45)),
+    res.manifest["strategy"] = M.ThresholdPolicy(entry_threshold=float(p.quantile(0.45)),
                                           exit_threshold=float(p.quantile(0.35)), max_hold=3).to_dict()
     return c, str(res.save(folder))
 

@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     # thresholds from the TRAINING out-of-sample probabilities (no look at the window): the highest entry quantile
     # that gives the backtest at least MIN_TRADES + 2 trades in the window
     for q in (0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
-        strat = M.Strategy(entry_threshold=float(oos.quantile(q)), exit_threshold=float(oos.quantile(q - 0.2)),
+        strat = M.ThresholdPolicy(entry_threshold=float(oos.quantile(q)), exit_threshold=float(oos.quantile(q - 0.2)),
                            max_hold=12)
         bt = simulate(span, proba, strat, RiskEngine.from_settings(s), Market(), 0.001, 0.0005, 10_000.0)
         if len(bt) >= MIN_TRADES + 2:

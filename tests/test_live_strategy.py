@@ -270,7 +270,7 @@ def test_a_model_whose_policy_found_no_edge_never_enters(policy_model, tmp_path)
     shutil.copytree(art_dir, flat_dir)
     man = json.loads((flat_dir / "manifest.json").read_text())
     man["policy"] = {**man["policy"], "trade": False, "entry_threshold": None, "exit_threshold": None}
-    man["strategy"] = M.policy_strategy(man["policy"]).to_dict()
+    man["strategy"] = M.policy_thresholds(man["policy"]).to_dict()
     (flat_dir / "manifest.json").write_text(json.dumps(man))
     r = replay(c, flat_dir, n_candles=N_MODEL, start=TRAIN.stop, fills="paper", state_dir=tmp_path / "state",
                settings=Settings(kill_switch_losses=10))

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryptobot import model as M
-from cryptobot.model import (ModelError, Strategy, latest_model, load_artifact, make_labels, train_walk_forward,
+from cryptobot import model as M, risk as R
+from cryptobot.model import (ModelError, ThresholdPolicy, latest_model, load_artifact, make_labels, train_walk_forward,
                              walk_forward_folds)
 
 SPEC = {"feature_names": ["a", "b", "c"], "lookback": 20, "fingerprint": "test-spec"}
@@ -49,7 +49,7 @@ def test_labels_match_a_brute_force_loop(horizon):
 
 
 def test_label_defaults_are_the_contract_costs():
-    assert M.FEE == 0.001 and M.SLIPPAGE == 0.0005
+    assert R.FEE == 0.001 and R.SLIPPAGE == 0.0005
     assert M.round_trip_cost() == pytest.approx(2 * (0.001 + 0.0005))
     c, _ = random_market(200)
     assert make_labels(c, 3).equals(make_labels(c, 3, cost=0.003))
@@ -151,7 +151,7 @@ def trained(tmp_path_factory):
     c, _ = random_market(2500, seed=3)
     f = build_features(c)
     res = train_walk_forward(c, f, horizon=6, n_folds=3, params={"max_iter": 20}, symbol="BTC/USDT",
-                             timeframe="1h", strategy=Strategy(0.5, 0.4, 6), data_spec={"data": "synthetic"})
+                             timeframe="1h", thresholds=ThresholdPolicy(0.5, 0.4, 6), data_spec={"data": "synthetic"})
     d = tmp_path_factory.mktemp("models")
     return c, f, res, res.save(d), d
 
@@ -167,13 +167,13 @@ def test_artifact_roundtrip_and_manifest(trained):
     assert man["lookback"] == F.LOOKBACK and man["data"]["source"] == "synthetic"
     assert man["symbol"] == "BTC/USDT" and man["timeframe"] == "1h"
     assert man["label"]["horizon"] == 6 and man["label"]["cost"] == pytest.approx(0.003)
-    assert man["strategy"] == M.policy_strategy(man["policy"]).to_dict()     # the cost-aware policy, not 0.5/0.4
+    assert man["strategy"] == M.policy_thresholds(man["policy"]).to_dict()     # the cost-aware policy, not 0.5/0.4
     assert man["policy"]["max_hold"] == 6 and man["metrics"]["entry_threshold"] == 0.5
     assert set(man["versions"]) >= {"python", "sklearn", "pandas", "numpy", "cryptobot"}
     assert len(man["metrics"]["folds"]) == 3 and "auc" in man["metrics"]["overall"]
     span = man["training_span"]
     assert pd.Timestamp(span["last"]) == c.index[-1 - 6]       # last labelled row
-    assert a.strategy == M.policy_strategy(man["policy"]) and a.policy == man["policy"]
+    assert a.strategy == M.policy_thresholds(man["policy"]) and a.policy == man["policy"]
     pd.testing.assert_frame_equal(a.oos, res.oos, check_freq=False)
     p = a.predict_proba(f)
     ok = ~f.isna().any(axis=1)
@@ -258,7 +258,7 @@ def test_model_import_stays_light():
 # --- the strategy rule ---------------------------------------------------------------------------------------------
 
 def test_strategy_decisions_exhaustive():
-    s = Strategy(0.6, 0.4, 5)
+    s = ThresholdPolicy(0.6, 0.4, 5)
     for p in np.linspace(0, 1, 21):
         assert s.decide(p, False) == ("enter" if p >= 0.6 else "flat")
         for held in range(1, 8):
@@ -310,7 +310,7 @@ def test_policy_never_trades_a_fold_without_an_after_cost_edge_on_earlier_folds(
             assert not in_k.any() and row["train_return"] == 0.0
         else:
             assert row["train_return"] > 0
-    fixed = M.Strategy()
+    fixed = M.ThresholdPolicy()
     from cryptobot.backtest import run_backtest
     assert res.stats["trades"] < run_backtest(c, _oos(c, p)["proba"], fixed, vectorbt=False).stats["trades"]
 
@@ -363,9 +363,34 @@ def test_a_policy_without_edge_after_costs_is_stored_as_no_trade():
     "A falling market with uninformative features: nothing beats costs, the manifest says trade: false."
     c, f = random_market(4000, seed=5, drift=-0.001)
     res = train_walk_forward(c, f, n_folds=3, params={"max_iter": 20}, feature_spec=SPEC)
-    pol, st = res.manifest["policy"], Strategy(**res.manifest["strategy"])
+    pol, st = res.manifest["policy"], ThresholdPolicy(**res.manifest["strategy"])
     assert pol["trade"] is False and pol["entry_threshold"] is None and pol["flat_folds"] == 3
     assert st.trade is False and all(st.decide(p, False) == "flat" for p in np.linspace(0, 1, 11))
     assert st.decide(0.5, True, 1) == "exit"                  # an open position is still closed
     from cryptobot.backtest import run_backtest
     assert run_backtest(c, res.oos["proba"], st, vectorbt=False).stats["trades"] == 0
+
+
+def test_artifact_pickles_no_class_of_ours_and_one_naming_a_gone_class_is_refused_in_one_line(trained, tmp_path,
+                                                                                              monkeypatch):
+    """The thresholds class was renamed (`Strategy` -> `ThresholdPolicy`): it lives in the manifest as JSON, never in
+    model.joblib, so artifacts saved before the rename still load. One whose pickle names a class this code no longer
+    has is refused in one line."""
+    import hashlib
+    from joblib import numpy_pickle
+    *_, path, _ = trained
+    seen, find = [], numpy_pickle.NumpyUnpickler.find_class
+    monkeypatch.setattr(numpy_pickle.NumpyUnpickler, "find_class", lambda self, mod, name: seen.append((mod, name)) or find(self, mod, name))
+    load_artifact(path)
+    monkeypatch.undo()
+    assert seen and not [g for g in seen if g[0].startswith("cryptobot")], seen
+    p = _copy(path, tmp_path)
+    (p / "model.joblib").write_bytes(b"\x80\x04ccryptobot.model\nStrategy\n)\x81.")    # an object of the old class
+    man = json.loads((p / "manifest.json").read_text())
+    man["files"]["model.joblib"] = hashlib.sha256((p / "model.joblib").read_bytes()).hexdigest()
+    (p / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ModelError, match=r"cannot read model/oos \(AttributeError\); retrain it") as e:
+        load_artifact(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(AttributeError, match=r"^cryptobot.model.Strategy is now cryptobot.model.ThresholdPolicy"):
+        M.Strategy                                                   # an old import says where the class went

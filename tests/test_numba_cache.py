@@ -1,7 +1,7 @@
 """Numba's on-disk cache must never run yesterday's fill rules.
 
-Numba checks only a cached function's own file: `backtest._kernel` inlines `risk.floor_units`, and
-`sweep._sweep_cols` inlines `_kernel`. Without `backtest.numba_cache_dir`, editing `risk.py` alone leaves the kernel
+Numba checks only a cached function's own file: `backtest.fill_kernel` inlines `risk.floor_units`, and
+`sweep._sweep_cols` inlines `fill_kernel`. Without `backtest.numba_cache_dir`, editing `risk.py` alone leaves the kernel
 (and the sweep) running the old floor from the cache. Here a copy of the package is run twice in fresh processes,
 the second time after `floor_units` in `risk.py` has been changed to floor every amount to zero: the backtest and
 the sweep must both see the change (no trades), which they do not when the cache is keyed on each file alone."""

@@ -21,9 +21,6 @@ def test_all_names_exist(name):
 import ast
 
 PKG = Path(__file__).resolve().parents[1] / "cryptobot"
-# Cycles that other branches of issue 10 own (function-local imports among research modules). The test fails on any
-# cycle that is not wholly inside one of these groups, so a new cycle anywhere, or one touching them, is caught.
-KNOWN_CYCLES = [{"backtest", "model", "strategy"}]
 
 
 def _imported(node, importer: str) -> set[str]:
@@ -94,10 +91,53 @@ def test_no_import_cycle_at_module_level():
     assert cycles(import_graph(module_level_only=True)) == []
 
 
-def test_no_import_cycle_beyond_the_known_ones():
+def test_no_import_cycle_even_through_function_local_imports():
     "Function-local imports count too: a cycle dodged by a local import is still a cycle."
-    bad = [sorted(c) for c in cycles(import_graph()) if not any(c <= k for k in KNOWN_CYCLES)]
+    bad = [sorted(c) for c in cycles(import_graph())]
     assert not bad, f"import cycles among cryptobot modules: {bad}"
+
+
+RESEARCH_ORDER = ["features", "strategy", "backtest", "model", "sweep"]
+
+
+def test_research_modules_import_one_way():
+    "features -> strategy -> backtest -> model -> sweep: each imports (anywhere in it) only research modules before it."
+    g = import_graph()
+    bad = {m: sorted(g[m] & set(RESEARCH_ORDER[i + 1:])) for i, m in enumerate(RESEARCH_ORDER)}
+    assert not any(bad.values()), f"research modules importing a later one: {bad}"
+
+
+def _underscored_imports(tree) -> list[tuple[int, str]]:
+    """(line, name) for every use of another cryptobot module's underscored name: `from .x import _y` (anywhere), and
+    `m._y` where `m` is bound by `import cryptobot.x as m` / `from cryptobot import x as m`."""
+    out, aliases = [], set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and (n.level == 1 or (n.module or "").split(".")[0] == "cryptobot"):
+            pkg_itself = n.module in (None, "cryptobot")
+            for a in n.names:
+                if pkg_itself and (PKG / f"{a.name}.py").exists():
+                    aliases.add(a.asname or a.name)
+                elif a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append((n.lineno, a.name))
+        elif isinstance(n, ast.Import):
+            aliases |= {a.asname for a in n.names if a.name.startswith("cryptobot.") and a.asname}
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+                and n.attr.startswith("_") and not n.attr.startswith("__")):
+            out.append((n.lineno, f"{n.value.id}.{n.attr}"))
+    return out
+
+
+def test_the_underscored_name_finder_sees_both_forms():
+    src = "from .backtest import _kernel, ok\ndef f():\n    from cryptobot import model as M\n    return M._result, M.fine\n"
+    assert _underscored_imports(ast.parse(src)) == [(1, "_kernel"), (4, "M._result")]
+
+
+def test_no_module_uses_another_modules_underscored_names():
+    "A module's underscored names are its own: what others use has a public name (e.g. the backtest kernel's face)."
+    bad = [f"{p.name}:{k}: {name}" for p in sorted(PKG.glob("*.py")) if not p.stem.startswith("_")
+           for k, name in _underscored_imports(ast.parse(p.read_text(encoding="utf-8")))]
+    assert not bad, "\n".join(bad)
 
 
 def test_verdict_is_imported_by_the_gate_monitor_and_audit_and_imports_none_of_them():

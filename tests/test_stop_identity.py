@@ -101,8 +101,8 @@ class Stepped:
         self.hand = _hand(self.emu)
 
     def start(self):
-        from cryptobot.model import Strategy
-        return start_runner(self.s, "paper", self.model, strategy=Strategy(0.0, 0.0, 1000), max_model_age_days=None,
+        from cryptobot.model import ThresholdPolicy
+        return start_runner(self.s, "paper", self.model, strategy=ThresholdPolicy(0.0, 0.0, 1000), max_model_age_days=None,
                             rate_limit_ms=1.0, notify_kw=FAST,
                             executor_kw={"settle_s": 0.0, "sleep": lambda _s: None, "retry": {"retries": 1}})
 

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     c = D.load_candles(FILE)
     res = M.train_walk_forward(c.iloc[:N_TRAIN], n_folds=2, params={"max_iter": 40})
     oos = res.oos["proba"]
-    strat = M.Strategy(entry_threshold=float(oos.quantile(0.6)), exit_threshold=float(oos.quantile(0.4)), max_hold=12)
+    strat = M.ThresholdPolicy(entry_threshold=float(oos.quantile(0.6)), exit_threshold=float(oos.quantile(0.4)), max_hold=12)
     s = Settings(kill_switch_losses=10)
     sim = lambda cc, start, pr: simulate(cc.iloc[start - 1:start + N_WIN], pr.reindex(cc.index[start - 1:start + N_WIN]),
                                          strat, RiskEngine.from_settings(s), Market(), 0.001, 0.0005, 10_000.0)

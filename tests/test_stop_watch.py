@@ -126,13 +126,13 @@ def test_stop_cancelled_by_hand_is_replaced_within_one_interval(rig_factory):
 def test_unknown_stop_state_is_retried_then_locks_entries(tmp_path, model):
     """Stop checks that fail (5xx on GET order): retried; after two intervals new entries are locked, and why; a check
     that succeeds again reconciles and lifts it."""
-    from cryptobot.model import Strategy
+    from cryptobot.model import ThresholdPolicy
     emu = Emulator(frame(1_300), clock="stepped", start=1_100, api_key=KEY, api_secret=SECRET,
                    order_types=ORDER_TYPES_STOP_MARKET).start()
     try:
         s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET,
                      stop_check_s=CHECK_S)
-        r = start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 1000), max_model_age_days=None,
+        r = start_runner(s, "paper", model, strategy=ThresholdPolicy(0.0, 0.0, 1000), max_model_age_days=None,
                          rate_limit_ms=1.0, executor_kw={"settle_s": 0.0, "sleep": lambda _s: None,
                                                          "retry": {"retries": 1}})
         assert r.step().outcome == "entered" and r.next_check is not None

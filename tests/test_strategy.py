@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryptobot.strategy import (ENTER, EXIT, FLAT, HOLD, EmaCross, ModelStrategy, RsiReversion,
+from cryptobot.strategy import (ENTER, EXIT, FLAT, HOLD, EmaCross, RsiReversion,
                                 StrategyError, checked_signals, make_strategy, required_window, resolve)
 
+from cryptobot.model import ModelStrategy
 from market import real_candles
 
 

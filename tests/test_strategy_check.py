@@ -18,8 +18,9 @@ import pytest
 
 import check_strategies as U
 from cryptobot.config import Settings
-from cryptobot.strategy import (EmaCross, ModelStrategy, RsiReversion, StrategyCheckFailed, check_strategy,
+from cryptobot.strategy import (EmaCross, RsiReversion, StrategyCheckFailed, check_strategy,
                                 finding_lines, make_strategy, save_strategy_artifact, trusted_check)
+from cryptobot.model import ModelStrategy
 from market import REAL_5Y
 
 HERE = Path(__file__).resolve().parent

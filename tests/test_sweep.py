@@ -412,7 +412,7 @@ def test_sweep_and_promote_print_figures_rounded_for_a_person(tmp_path):
 @pytest.mark.parametrize("kw", [{"fee": 0.1}, {"slippage": 0.075}])
 def test_grid_refuses_a_fee_or_slippage_given_in_percent(entry, kw, tmp_path):
     "run_grid and everything built on it take fractions; a percent (above 0.05) is refused before any work or file."
-    from cryptobot.model import CostError
+    from cryptobot.risk import CostError
     from cryptobot.sweep import run_sweep, walk_forward
     c = synthetic_candles(n=1500, seed=2)
     grid = parse_grid(["fast=5", "slow=20"])
@@ -425,3 +425,56 @@ def test_grid_refuses_a_fee_or_slippage_given_in_percent(entry, kw, tmp_path):
                                         rf"the CLI's --{k} takes percent$"):
         calls[entry](**kw)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_grids_emas_equal_the_strategys_ema_to_the_bit(real):
+    "The sweep's numba EMAs (all spans on all cores) are `strategy.ema`'s, bit for bit, on the real file and a random one."
+    from cryptobot.strategy import ema
+    from cryptobot.sweep import _ema_rows
+    for c in (real, synthetic_candles(n=5_000, seed=7)):
+        spans = np.arange(2, 401)
+        E = np.empty((len(spans), len(c)))
+        _ema_rows(np.ascontiguousarray(c["close"].to_numpy("float64")), spans, E)
+        bad = [int(s) for k, s in enumerate(spans) if not np.array_equal(E[k], ema(c["close"], int(s)).to_numpy())]
+        assert bad == [], bad
+
+
+def _summary_by_the_book(eq: np.ndarray, per_year: float) -> tuple[float, float]:
+    "(max drawdown, Sharpe) as the sweep computed them before it ran on all cores: plain sequential loops."
+    import math
+    peak, dd = eq[0], 0.0
+    for x in eq:
+        peak = max(peak, x)
+        dd = min(dd, x / peak - 1.0)
+    r = eq[1:] / eq[:-1] - 1.0
+    mean = 0.0
+    for v in r:
+        mean += v
+    mean /= max(len(eq) - 1, 1)
+    ss = 0.0
+    for v in r:
+        ss += (v - mean) * (v - mean)
+    sd = math.sqrt(ss / (len(eq) - 2))
+    return dd, (mean / sd * math.sqrt(per_year) if sd > 0 else float("nan"))
+
+
+def test_the_grid_on_all_cores_is_the_grid_on_one_and_its_figures_are_the_kernels_to_the_bit(real):
+    "Columns run in parallel and skip the divisions of bars whose equity did not move: the figures are still exact."
+    import numba
+    from cryptobot.backtest import simulate_full
+    cfg = parse_grid(["fast=3:60:9", "slow=20:200:30"])
+    kw = dict(sizing="risk", fee=0.001, slippage=0.0005)
+    res = run_grid(real, "ema_cross", cfg, **kw)
+    n0 = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run_grid(real, "ema_cross", cfg, **kw)
+    finally:
+        numba.set_num_threads(n0)
+    pd.testing.assert_frame_equal(res, one, check_exact=True)
+    per_year = pd.Timedelta(days=365) / (real.index[1] - real.index[0])
+    EN, EX = grid_signals("ema_cross", real, cfg)
+    for j in (0, len(cfg) // 2, len(cfg) - 1):
+        _, eq, _ = simulate_full(real, EN[j], EX[j], None, None, 0.001, 0.0005, 10_000.0, "risk")
+        dd, sharpe = _summary_by_the_book(eq, per_year)
+        assert (res.max_drawdown[j], res.sharpe[j], res.final_equity[j]) == (dd, sharpe, eq[-1]), cfg[j]
