@@ -158,6 +158,23 @@ def _plan_nb(price, equity, cash, g):
         return amount, stop, stop_limit, entry, 1
     return amount, stop, stop_limit, entry, 0
 
+# %% ../nbs/07_backtest.ipynb #a866e6ad
+@njit(cache=True)
+def _fill_stop(px, stop, stop_lim, g):
+    """`RiskEngine.stop_for_fill` in floats: (stop, stop-limit) 1.5 % below the entry's fill `px`, floored to the tick;
+    exact tick arithmetic when `px` is on the grid (a fill at the open), the float product for a slipped fill (it errs
+    only where the exact product sits within an ulp of a tick). The plan's (`stop`, `stop_lim`) if it is not below."""
+    tm, tk = int(g[0]), int(g[1])
+    s = px * (1.0 - g[2])
+    if round(px * 10 ** tk / tm) * tm / 10 ** tk == px:
+        s = _ticks_times(px, g[13], int(g[14]), s, tm, tk)
+    else:
+        s = _floor(s, tm, tk)
+    sl = _ticks_times(s, g[15], int(g[16]), s * (1.0 - g[3]), tm, tk)
+    if s <= 0.0 or s >= px or sl <= 0.0:
+        return stop, stop_lim
+    return s, sl
+
 # %% ../nbs/07_backtest.ipynb #51d0410c
 @njit(cache=True)
 def fill_kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac, ks_n, ks_after, floor, end_exit):
@@ -179,6 +196,7 @@ def fill_kernel(o, h, l, c, enter, exit_, g, fee, slip, cash, max_hold, tp_frac,
                 amt = _floor(cash / (px * (1.0 + fee)), sm, sk)
             if amt > 0.0 and amt >= min_amt and amt * px >= min_not:
                 amount, e_bar, e_px, e_fee = amt, t, px, amt * px * fee
+                stop, stop_lim = _fill_stop(px, stop, stop_lim, g)     # the stop from the FILL, sized at the close
                 cash -= amt * px + e_fee
             else:
                 skipped += 1

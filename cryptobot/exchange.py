@@ -733,6 +733,9 @@ def _ex_position(self) -> Position | None:
     if L is None:
         tick = _frac(self.market.price_tick)
         L = float((_frac(S) * (1 - _frac(self.settings.stop_limit_buffer_pct) / 100)) // tick * tick)
+    at_fill = self.guardian.risk_engine.stop_for_fill(C / G, self.market) if G > 0 and C > 0 else None
+    if isinstance(at_fill, tuple):         # the stop from the average FILL price (the plan's, sized at the close,
+        S, L = at_fill                     # only if there is no fill price or its stop is refused)
     step = _frac(self.market.amount_step)
     net = (G - fb) // step * step
     sold = proceeds = xfee = Fraction(0)

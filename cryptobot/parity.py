@@ -300,8 +300,8 @@ def replay(candles, model, *, n_candles: int = 300, start=None, state_dir=None, 
 EXPLAINED = {
     "stop_gap_below_limit": "the bar opened below the stop-limit price: the exchange's stop-limit order cannot "
                             "fill there; the executor sold at market after the candle (backtest: stop at the open)",
-    "stop_rejected_at_entry": "the entry bar opened at or below the stop: the exchange refused the stop; the "
-                              "executor sold at market at once (backtest: stop at the open, no slippage)",
+    "stop_rejected_at_entry": "the price fell through the stop between the entry's fill and the stop's arrival: the "
+                              "exchange refused the stop; the executor sold at market at once (backtest: at the stop)",
 }
 
 

@@ -261,28 +261,43 @@ class RiskEngine:
                 f"slippage_pct={self.slippage_pct:g})")
 
 # %% ../nbs/09_risk.ipynb #6260564f
-def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fraction] | Rejection:
-    "(entry, stop, stop-limit price) on the tick grid for a long entry at `price`, or the `Rejection` saying why not."
+def _stop_prices(self, ref: Fraction, market: Market) -> tuple[Fraction, Fraction] | Rejection:
+    "(stop, stop-limit price) on the tick grid, `stop_loss_pct` below the reference price `ref`, or the `Rejection`."
     tick = step_units(market.price_tick)
-    entry = _ceil_exact(_frac(price), *tick)
-    stop = _floor_exact(entry * (1 - self._s), *tick)
+    stop = _floor_exact(ref * (1 - self._s), *tick)
     if stop <= 0:
-        return Rejection("stop_rounds_to_zero", f"stop for {price!r} rounds to 0 on tick {market.price_tick!r}")
-    if stop >= entry:
-        return Rejection("stop_not_below_entry", f"stop {float(stop)!r} is not below entry {float(entry)!r}")
-    if (entry - stop) / entry > Fraction(MAX_STOP_LOSS_PCT) / 100:
-        return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop {float((entry - stop) / entry * 100):.3g}% "
-                                            f"below {float(entry)!r}, beyond the {MAX_STOP_LOSS_PCT:g}% ceiling")
+        return Rejection("stop_rounds_to_zero", f"stop for {float(ref)!r} rounds to 0 on tick {market.price_tick!r}")
+    if stop >= ref:
+        return Rejection("stop_not_below_entry", f"stop {float(stop)!r} is not below entry {float(ref)!r}")
+    if (ref - stop) / ref > Fraction(MAX_STOP_LOSS_PCT) / 100:
+        return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop {float((ref - stop) / ref * 100):.3g}% "
+                                            f"below {float(ref)!r}, beyond the {MAX_STOP_LOSS_PCT:g}% ceiling")
     stop_limit = _floor_exact(stop * (1 - self._b), *tick)
     if stop_limit <= 0:
         return Rejection("stop_rounds_to_zero", f"stop-limit price for stop {float(stop)!r} rounds to 0 on tick {market.price_tick!r}")
-    if (entry - stop_limit) / entry > Fraction(MAX_STOP_LOSS_PCT + MAX_STOP_LIMIT_BUFFER_PCT) / 100:
+    if (ref - stop_limit) / ref > Fraction(MAX_STOP_LOSS_PCT + MAX_STOP_LIMIT_BUFFER_PCT) / 100:
         return Rejection("tick_too_coarse", f"tick {market.price_tick!r} puts the stop-limit price too far below the entry")
-    return entry, stop, stop_limit
+    return stop, stop_limit
 
 
-RiskEngine._plan_prices = _plan_prices
-del _plan_prices
+def _plan_prices(self, price, market: Market) -> tuple[Fraction, Fraction, Fraction] | Rejection:
+    "(entry, stop, stop-limit price) on the tick grid for a long entry at `price`, or the `Rejection` saying why not."
+    entry = _ceil_exact(_frac(price), *step_units(market.price_tick))
+    stops = self._stop_prices(entry, market)
+    return stops if isinstance(stops, Rejection) else (entry, *stops)
+
+
+def _stop_for_fill(self, fill_price, market: Market = Market()) -> tuple[float, float] | Rejection:
+    """(stop, stop-limit price) of a filled entry: `stop_loss_pct` below the entry's FILL price (the exchange's average,
+    or the backtest's open × (1 + slippage)), floored to the tick, so strictly below the fill; or the `Rejection`."""
+    if not (_positive_finite(fill_price) or (isinstance(fill_price, Fraction) and fill_price > 0)):
+        return Rejection("invalid_input", f"fill price {fill_price!r} is not a positive finite number")
+    stops = self._stop_prices(_frac(fill_price), market)
+    return stops if isinstance(stops, Rejection) else (float(stops[0]), float(stops[1]))
+
+
+RiskEngine._stop_prices, RiskEngine._plan_prices, RiskEngine.stop_for_fill = _stop_prices, _plan_prices, _stop_for_fill
+del _stop_prices, _plan_prices, _stop_for_fill
 
 # %% ../nbs/09_risk.ipynb #f23e2a3a
 def _float_ok(self, amount: Fraction, entry: Fraction, stop: Fraction, equity: float, free_quote: float,

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cryptobot.config import Secret, Settings
@@ -227,13 +228,29 @@ def _titles(receiver, word):
     return [b for _, b in receiver.got if word in b["title"]]
 
 
+class _FastMarketRig(RunnerRig):
+    "The rig whose exchange clock runs 55 minutes on between the entry's fill and the first stop request."
+
+    def start_runner(self, model, **runner_kw):
+        runner = super().start_runner(model, **runner_kw)
+        send, moved = runner.executor.venue.create_order, []
+
+        def fast_market(symbol, type_, side, amount, price=None, params=None):
+            if (params or {}).get("stopLossPrice") and not moved:
+                moved.append(self.emu.set_time(self.df.index[1_101] + pd.Timedelta(minutes=55)))
+            return send(symbol, type_, side, amount, price, params)
+        runner.executor.venue.create_order = fast_market
+        return runner
+
+
 def test_stop_rejected_reaches_the_receiver_with_the_emergency_exit(receiver, model, tmp_path):
-    "The bar after the first decision opens below where the stop goes: the exchange refuses the stop (it would "
-    "trigger immediately), the runner sells at market, and a person hears both."
+    "The entry bar falls 5 % from its open before the stop reaches the exchange (a fast market): the exchange refuses "
+    "the stop (it would trigger immediately), the runner sells at market, and a person hears both."
     df = frame(1_300)
-    o = float(df["close"].iloc[1_100]) * 0.95                        # 5 % under the decision close: under a 1.5 % stop
-    df.iloc[1_101, :4] = [o, o * 1.001, o * 0.999, o * 1.0005]
-    r = Rig(tmp_path, model, receiver.url(f"/ok/{TOKEN}"), df=df)
+    o = float(df["close"].iloc[1_100])
+    df.iloc[1_101, :4] = [o, o, o * 0.95, o * 0.951]                 # the entry bar: open, then 5 % down
+    r = _FastMarketRig(tmp_path, model, stop_market=True, notify_kw=FAST, df=df,
+                       settings={"kill_switch_losses": 1, "notify_urls": Secret(receiver.url(f"/ok/{TOKEN}"))})
     try:
         got = r.wait_for(lambda: _titles(receiver, "Stop not in place"), "the STOP_FAILED alert", 60)
         ex = r.wait_for(lambda: _titles(receiver, "EMERGENCY"), "the EMERGENCY_EXIT alert", 30)

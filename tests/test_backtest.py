@@ -42,13 +42,15 @@ def test_no_same_bar_fill_for_entries():
     cd = bars([(100, 101, 99.5, 100), (103, 104, 102.5, 103.5), (103.5, 104, 103, 103.8)])
     tr = simulate(cd, [0.7, 0.5, 0.5], S, RE, MK)
     assert tr.entry_bar[0] == 1 and tr.entry_price[0] == 103 * (1 + SLIPPAGE)   # next open, not close[0]=100
-    assert tr.stop_price[0] == 98.5                                             # stop from the decision close
+    assert tr.stop_price[0] == 101.5              # 1.5 % below the fill 103.0515 (101.5057 down), not 98.5 from close[0]
+    assert tr.amount[0] == RE.plan(price=100.0, equity=10_000.0, free_quote=10_000.0, market=MK).amount   # sized at the close
 
 
 def test_stop_fires_on_the_entry_bar():
     cd = bars([(100, 100, 100, 100), (100.2, 100.5, 98.0, 99.0), (99, 99, 99, 99)])
     tr = simulate(cd, [0.7, 0.5, 0.5], S, RE, MK)
-    assert (tr.entry_bar[0], tr.exit_bar[0], tr.exit_reason[0], tr.exit_price[0]) == (1, 1, "stop", 98.5)
+    # fill 100.2 × 1.0005 = 100.2501; × 0.985 = 98.7463... -> 98.74 on the 0.01 tick
+    assert (tr.entry_bar[0], tr.exit_bar[0], tr.exit_reason[0], tr.exit_price[0]) == (1, 1, "stop", 98.74)
 
 
 def test_bar_opening_below_the_stop_fills_at_the_open():
@@ -57,10 +59,12 @@ def test_bar_opening_below_the_stop_fills_at_the_open():
     assert (tr.exit_bar[0], tr.exit_reason[0], tr.exit_price[0]) == (2, "stop", 97.0)
 
 
-def test_entry_bar_opening_below_the_stop_buys_then_stops_at_the_open():
+def test_entry_bar_gapping_below_the_planned_stop_keeps_a_stop_below_its_fill():
+    "The entry bar opens 2 % under the decision close (below the plan's 98.5): the stop follows the fill down."
     cd = bars([(100, 100, 100, 100), (98, 98.2, 97.5, 98), (98, 98, 98, 98)])
     tr = simulate(cd, [0.7, 0.5, 0.5], S, RE, MK)
-    assert tr.entry_price[0] == 98 * (1 + SLIPPAGE) and tr.exit_price[0] == 98.0 and tr.exit_reason[0] == "stop"
+    assert tr.entry_price[0] == 98 * (1 + SLIPPAGE) and tr.exit_reason[0] == "open"   # 97.5 is above the stop
+    assert tr.stop_price[0] == 96.57 < tr.entry_price[0]                              # 98.049 × 0.985 = 96.578... down
 
 
 def test_signal_exit_at_next_open_before_the_stop():
@@ -111,8 +115,9 @@ def test_size_is_the_risk_engine_plan():
     for cash in (10_000.0, 1_234.5, 50.0):
         tr = simulate(cd, [0.7, 0.5, 0.5], S, RE, MK, initial_cash=cash)
         plan = RE.plan(price=100.0, equity=cash, free_quote=cash, market=MK)
-        assert isinstance(plan, Plan) and tr.amount[0] == plan.amount and tr.stop_price[0] == plan.stop_price
-        assert tr.amount[0] * (100.0 - tr.stop_price[0]) <= 0.01 * cash + 1e-9   # money at risk <= 1 %
+        assert isinstance(plan, Plan) and tr.amount[0] == plan.amount                  # sized at the decision close
+        assert tr.stop_price[0] == RE.stop_for_fill(tr.entry_price[0], MK)[0] < tr.entry_price[0]   # stop at the fill
+        assert tr.amount[0] * (100.0 - plan.stop_price) <= 0.01 * cash + 1e-9    # money at risk <= 1 %, as planned
         assert tr.amount[0] * 100.0 <= cash                                       # notional <= equity (1x)
 
 
@@ -143,8 +148,9 @@ def replay_invariants(cd, p, strat, tr, fee=FEE, slip=SLIPPAGE, cash0=10_000.0):
         assert eb >= 1 and p[eb - 1] >= strat.entry_threshold                    # decided at the previous close
         assert r.entry_price == o[eb] * (1 + slip)                               # filled at the next open
         plan = RE.plan(price=c[eb - 1], equity=equity, free_quote=equity, market=MK)
-        assert r.amount == plan.amount and r.stop_price == plan.stop_price       # same sizing as live
-        assert r.amount * (c[eb - 1] - r.stop_price) <= 0.01 * equity + 1e-9
+        assert r.amount == plan.amount                                           # same sizing as live
+        assert r.stop_price == RE.stop_for_fill(r.entry_price, MK)[0]            # the stop from the fill, as live
+        assert r.amount * (c[eb - 1] - plan.stop_price) <= 0.01 * equity + 1e-9
         for t in range(eb, xb):                                                   # while held, before the exit bar
             assert l[t] > r.stop_price                                            # the stop would have fired
         if r.exit_reason == "stop":
@@ -277,7 +283,8 @@ def reference_loop(cd, enter, exit_, engine, market, fee, slip, cash, sizing="ri
             if amt > 0 and amt >= market.min_amount and amt * px >= market.min_notional:
                 amount, e_bar, e_px, e_fee = amt, t, px, amt * px * fee
                 cash -= amt * px + e_fee
-                stop = pend_buy.stop_price
+                at_fill = engine.stop_for_fill(px, market)                     # the stop from the fill
+                stop = at_fill[0] if isinstance(at_fill, tuple) else pend_buy.stop_price
             pend_buy = None
         elif pend_sell is not None:
             close(t, o[t] * (1 - slip), pend_sell)

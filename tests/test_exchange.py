@@ -73,6 +73,11 @@ def approve(e, price=None, equity=None):
     return a
 
 
+def fill_stop(e, res) -> tuple[float, float]:
+    "(stop, stop-limit) 1.5 % below the entry's average FILL price as the exchange reported it, on the tick."
+    return RiskEngine.from_settings(e.s).stop_for_fill(res.average, e.ex.market)
+
+
 def last_close(e) -> float:
     return float(e.client.fetch_ohlcv(SYM, "1h", limit=2)[-2][4])
 
@@ -162,7 +167,8 @@ def test_full_life_cycle_stop_loss(e, df):
     assert res.status == "closed" and res.filled == a.amount and res.stop_client_order_id
     stop = e.emu.order(client_order_id=res.stop_client_order_id)
     assert stop["type"] == "STOP_LOSS_LIMIT" and stop["status"] == "NEW"
-    assert stop["stop_price"] == a.stop_price and stop["price"] == a.stop_limit_price
+    S, L = fill_stop(e, res)                                 # from the fill (open × 1.0005), not the plan's close
+    assert (stop["stop_price"], stop["price"]) == (S, L) and S != a.stop_price and S < res.average
     held = floor_step(a.amount - a.amount * 0.001, 1e-5)
     assert stop["qty"] == held == res.held                   # the stop covers what is held, net of the BTC fee
     assert_consistent(e)
@@ -171,10 +177,10 @@ def test_full_life_cycle_stop_loss(e, df):
     assert e.ex.position() is None
     [t] = e.j.trades()
     assert t["trade_key"] == a.client_order_id and t["exit_reason"] == "stop"
-    assert abs(t["exit_price"] - a.stop_price) < 1e-9 and t["amount"] == held
+    assert abs(t["exit_price"] - S) < 1e-9 and t["amount"] == held
     entry = df["open"].iloc[1000] * 1.0005
     assert abs(t["entry_price"] - entry) < 1e-6
-    exp_fees = entry * held * 0.001 / 0.999 + a.stop_price * held * 0.001
+    exp_fees = entry * held * 0.001 / 0.999 + S * held * 0.001
     assert abs(t["fees"] - exp_fees) < 1e-6
     assert abs(t["pnl"] - ((t["exit_price"] - t["entry_price"]) * held - t["fees"])) < 1e-8 and t["pnl"] < 0
     assert e.g.current_state.consecutive_losses == 1
@@ -215,8 +221,17 @@ def test_exit_after_the_stop_already_filled_sells_nothing(e, df):
 
 
 def test_stop_rejected_by_the_exchange_triggers_an_emergency_exit(e, df):
+    "A fast market: between the entry's fill and the stop's request the price falls through where the stop goes."
     a = approve(e)
-    shape(df, 1000, e.emu, open=a.stop_price - 50.0, low=a.stop_price - 60.0)   # the entry bar gaps below the stop
+    o = float(df["open"].iloc[1000])
+    shape(df, 1000, e.emu, high=o, low=o * 0.95, close=o * 0.951)          # the entry bar falls 5 % from its open
+    send = e.client.create_order
+
+    def fast_market(symbol, type_, side, amount, price=None, params=None):
+        if (params or {}).get("stopLossPrice"):                           # the exchange's clock runs on meanwhile
+            e.emu.set_time(df.index[1000] + pd.Timedelta(minutes=55))
+        return send(symbol, type_, side, amount, price, params)
+    e.client.create_order = fast_market
     res = e.ex.enter(a)
     assert res.filled > 0 and res.stop_client_order_id is None and res.emergency_exit
     rejected = e.j.last_events(5, kind="stop_rejected")
@@ -518,9 +533,10 @@ def test_paper_executor_restart_restores_the_book(tmp_path, df):
                                                                                ctx.free_quote, ex.market), ctx)
     res = ex.enter(a)
     assert res.stop_client_order_id and (tmp_path / "paper_book.json").exists()
+    S = ex.position().stop_price                              # 1.5 % below the fill
     # the process stops; bar 1000 and a dip at bar 1001 close while it is down
     j.close()
-    shape(df, 1001, low=a.stop_price - 100)
+    shape(df, 1001, low=S - 100)
     now["t"] = df.index[1002].timestamp()
     j2 = Journal(tmp_path / "journal.sqlite", clock=clock)
     g2 = Guardian(s, tmp_path, j2, clock=clock)
@@ -529,7 +545,7 @@ def test_paper_executor_restart_restores_the_book(tmp_path, df):
     rep = ex2.reconcile()
     assert rep.ok and ex2.position() is None
     [t] = j2.trades()
-    assert t["exit_reason"] == "stop" and abs(t["exit_price"] - a.stop_price) < 1e-9
+    assert t["exit_reason"] == "stop" and abs(t["exit_price"] - S) < 1e-9
     assert ex2.venue.engine.orders_created == 2
 
 
