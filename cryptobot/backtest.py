@@ -25,6 +25,7 @@ from numba import njit
 from .risk import FEE, SLIPPAGE, Market, RiskEngine, check_costs, floor_units, step_units
 from .strategy import Strategy, checked_signals
 from .files import CryptobotError, atomic_write
+from .reports import PLOTLY_TAG, plotly_js_beside
 from .features import build_features
 
 
@@ -724,9 +725,9 @@ def _report_figures(res: BacktestResult, max_points: int = 4000, max_trades: int
 
 # %% ../nbs/07_backtest.ipynb #63d0828f
 def report_html(res: BacktestResult, path, title: str = "cryptobot backtest") -> Path:
-    "A self-contained HTML report (plotly.js inlined, no CDN, no papermill): stats, exits, locks, equity, trades."
+    """An offline HTML report (no CDN, no papermill): stats, exits, locks, equity, trades; plotly.js is loaded from the
+    one `plotly.min.js` beside it in the reports folder (`cryptobot.reports.plotly_js_beside`), not inlined."""
     js = result_json(res)
-    plotly_js = (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
     figs = "".join(f"<div id='fig{i}'></div><script>Plotly.newPlot('fig{i}', {json.dumps(f['data'])}, "
                    f"{json.dumps(f['layout'])}, {{responsive: true}});</script>"
                    for i, f in enumerate(_report_figures(res)))
@@ -734,7 +735,8 @@ def report_html(res: BacktestResult, path, title: str = "cryptobot backtest") ->
                    if k not in ("kill_switch_locks", "exits", "trade_list"))
     locks = "".join(f"<li>{escape(str(x))}</li>" for x in js["kill_switch_locks"]) or "<li>none</li>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-            f"<script>{plotly_js}</script></head><body><h1>{escape(title)}</h1><h2>Stats</h2><table>{rows}</table>"
+            f"{PLOTLY_TAG}</head><body><h1>{escape(title)}</h1><h2>Stats</h2><table>{rows}</table>"
             f"<h2>Exits</h2><p>{escape(str(js['exits']))}</p><h2>Kill-switch locks</h2><ul>{locks}</ul>{figs}"
             f"<h2>Last trades</h2>{res.trades.tail(50).to_html(index=False)}</body></html>")
+    plotly_js_beside(Path(path).parent)
     return atomic_write(Path(path), page)

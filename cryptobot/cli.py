@@ -377,15 +377,28 @@ def cmd_live(a) -> int:
 
 
 def cmd_parity(a) -> int:
-    from cryptobot.live import LiveError  # lazy: per command: ccxt/pandas
-    from cryptobot.parity import parity  # lazy: per command: ccxt/pandas
+    """A rule strategy's journaled decisions against its vectorised pass, for each symbol; the model's journaled feature
+    rows against their offline recomputation. Exit 1 on a difference, 2 when a symbol has nothing to compare."""
+    from cryptobot.live import LiveError, is_rule, select_strategy  # lazy: per command: ccxt/pandas
+    from cryptobot.parity import decision_parity, parity  # lazy: per command: ccxt/pandas
+    s = _settings()
     try:
-        rep = parity(_settings(), candles=a.data, since=a.since, until=a.until)
+        strategy = select_strategy(s)
+        if not is_rule(strategy):
+            reps = [parity(s, candles=a.data, since=a.since, until=a.until)]
+        elif a.data and len(s.symbols) > 1:
+            raise LiveError(f"--data is one symbol's candles and the runner trades {len(s.symbols)}: leave it out to "
+                            f"use each symbol's stored candles", EX_CONFIG)
+        else:
+            reps = [decision_parity(s, strategy, candles=a.data, since=a.since, until=a.until, symbol=sym)
+                    for sym in s.symbols]
     except LiveError as e:
         print(f"cryptobot parity: {e}", file=sys.stderr)
         return e.exit_code
-    say(str(rep))
-    return rep.exit_code
+    for rep in reps:
+        say(str(rep))
+    codes = {rep.exit_code for rep in reps}
+    return 1 if 1 in codes else 2 if 2 in codes else 0
 
 
 def cmd_replay(a) -> int:
@@ -584,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="model artifact folder (default: the newest under data/models)")
         sp.add_argument("--max-candles", type=int, help="stop after this many candles (default: run until SIGTERM)")
 
-    sp = add("parity", cmd_parity, "recompute the runner's recorded feature rows offline and report differences")
+    sp = add("parity", cmd_parity, "compare what the runner journaled with an offline recomputation: a rule strategy's "
+             "decisions with its vectorised pass, the model's feature rows; exit 1 on a difference")
     sp.add_argument("--data", help="candle file (default: the stored candles)")
     sp.add_argument("--since")
     sp.add_argument("--until")

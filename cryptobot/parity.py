@@ -34,8 +34,9 @@ from .journal import Journal, iso, to_epoch
 from .live import EX_CONFIG, LiveError, Tick, epoch_s, setup_logging, start_runner
 
 # %% auto #0
-__all__ = ['TRADE_COLUMNS', 'EXPLAINED', 'BINANCE_WEIGHTS', 'feature_source', 'ParityReport', 'parity', 'ReplayResult',
-           'journal_trades', 'replay', 'compare_trades', 'format_comparison', 'rss_mb', 'bench_stop_check']
+__all__ = ['TRADE_COLUMNS', 'EXPLAINED', 'BINANCE_WEIGHTS', 'feature_source', 'ParityReport', 'parity', 'DecisionReport',
+           'decision_parity', 'ReplayResult', 'journal_trades', 'replay', 'compare_trades', 'format_comparison',
+           'rss_mb', 'bench_stop_check']
 
 # %% ../nbs/15_parity.ipynb #ac0e36f4
 def feature_source(settings: Settings, symbol: str | None = None, source: str = "live") -> str:
@@ -141,6 +142,116 @@ def parity(settings: Settings, candles=None, *, journal_path=None, since=None, u
             elif not math.isnan(lv):
                 rep.max_abs_diff = max(rep.max_abs_diff, abs(lv - ov))
         rep.mismatched += bad
+    return rep
+
+# %% ../nbs/15_parity.ipynb #06a736f2
+from .live import ENTER, EXIT, FLAT, HOLD, is_rule, select_strategy
+from .strategy import (EXIT_MAX_HOLD, EXIT_SIGNAL, EXIT_TAKE_PROFIT, checked_signals, required_window,
+                                spec_of)
+
+
+@dataclass
+class DecisionReport:
+    "A rule strategy's journaled decisions against its vectorised pass over the stored candles."
+    strategy: str = ""
+    symbol: str = ""
+    decisions: int = 0            # journaled decisions (`signal` events) of the symbol in the span
+    compared: int = 0
+    mismatched: int = 0
+    missing: int = 0              # decisions whose candle (or the strategy's warm-up before it) is not stored
+    mismatches: list = field(default_factory=list)    # first 50: candle, live, backtest, position, bars_held
+    first: str | None = None
+    last: str | None = None
+    candles_source: str = ""
+
+    ok = ParityReport.ok
+    exit_code = ParityReport.exit_code
+
+    def __str__(self):
+        head = (f"decision parity {'OK' if self.ok else 'FAILED' if self.mismatched else 'NOTHING TO COMPARE'}: "
+                f"{self.symbol} {self.strategy}: {self.compared}/{self.decisions} journaled decisions compared with "
+                f"the vectorised pass ({self.first} .. {self.last}), {self.mismatched} differ, {self.missing} without "
+                f"stored candles; candles {self.candles_source}")
+        return "\n".join([head] + [f"  {'first mismatch' if k == 0 else 'mismatch'} at the close of {m['candle']} "
+                                   f"({'in a position, ' + str(m['bars_held']) + ' bars held' if m['position'] else 'flat'}): "
+                                   f"live {m['live']}, backtest {m['backtest']}" for k, m in enumerate(self.mismatches[:10])])
+
+
+def _decision_text(action: str, reason) -> str:
+    return f"{action} ({reason})" if action == EXIT and reason else action
+
+
+def _entry_fill(journal: Journal, symbol: str, close_t: float) -> float | None:
+    "The average fill price of the last entry decided before `close_t` (for the take-profit rule), None if unknown."
+    rows = journal.select("SELECT client_order_id FROM intents WHERE symbol = ? AND purpose = 'entry' AND "
+                          "candle_time < ? ORDER BY id DESC LIMIT 1", (symbol, close_t))
+    fills = journal.fills(rows[0]["client_order_id"]) if rows else []
+    qty = sum(f["amount"] for f in fills)
+    return sum(f["amount"] * f["price"] for f in fills) / qty if qty > 0 else None
+
+
+def decision_parity(settings: Settings, strategy=None, candles=None, *, journal_path=None, since=None, until=None,
+                    symbol: str | None = None) -> DecisionReport:
+    """Compare every decision the runner journaled for `symbol` (default: the settings' first) with the decision the
+    vectorised pass of the same rule `strategy` (default: `CRYPTOBOT_STRATEGY`) makes at that close, in that position."""
+    strategy = select_strategy(settings, strategy)
+    if not is_rule(strategy):
+        raise LiveError("decision parity compares a rule strategy's decisions (CRYPTOBOT_STRATEGY=ema_cross, ...); "
+                        "the model's are checked through its feature rows (parity)", EX_CONFIG)
+    symbol = symbol or settings.symbol
+    jp = Path(journal_path) if journal_path else Path(settings.state_dir) / JOURNAL_FILE
+    if not jp.exists():
+        raise LiveError(f"no journal at {jp}: the runner has not run with this CRYPTOBOT_STATE_DIR", EX_CONFIG)
+    if candles is None:
+        candles = raw_path(settings.data_dir, symbol, settings.timeframe)
+        if not Path(candles).exists():
+            raise LiveError(f"no stored candles at {candles}: run cryptobot download (or pass --data FILE)", EX_CONFIG)
+    if not isinstance(candles, pd.DataFrame):
+        candles = load_candles(candles)
+    sql = ("SELECT data FROM events WHERE kind = 'signal' AND (json_extract(data, '$.symbol') = ? OR "
+           "(json_extract(data, '$.symbol') IS NULL AND ?))")
+    args: list = [symbol, symbol == settings.symbol]
+    if since is not None:
+        sql += " AND json_extract(data, '$.candle_time') >= ?"; args.append(to_epoch(since, "since"))
+    if until is not None:
+        sql += " AND json_extract(data, '$.candle_time') <= ?"; args.append(to_epoch(until, "until"))
+    with Journal(jp, readonly=True) as j:
+        rows = [json.loads(r["data"]) for r in j.select(sql + " ORDER BY id", tuple(args))]
+        entries = {float(d["candle_time"]): _entry_fill(j, symbol, float(d["candle_time"])) for d in rows
+                   if d.get("position") and strategy.take_profit_pct is not None}
+    rep = DecisionReport(strategy=f"{spec_of(strategy)} {strategy.to_dict()}", symbol=symbol, decisions=len(rows),
+                         candles_source=str(candles.attrs.get("source", "?")))
+    if not rows:
+        return rep
+    times = [float(d["candle_time"]) for d in rows]
+    rep.first, rep.last = iso(min(times)), iso(max(times))
+    tf = timeframe_delta(settings.timeframe)
+    span = candles[candles.index + tf <= pd.Timestamp(max(times), unit="s", tz="UTC")]    # closed by the last decision
+    enter, exit_ = checked_signals(strategy, span, build_features(span) if strategy.uses_features else None)
+    pos = {int(t): k for k, t in enumerate(_epoch_s(span.index))}
+    close, warm = span["close"].to_numpy(), required_window(strategy) - 1
+    for d, t in zip(rows, times):
+        k = pos.get(int(round(t - tf.total_seconds())))
+        if k is None or k < warm:
+            rep.missing += 1
+            continue
+        held, in_pos = int(d.get("bars_held") or 0), bool(d.get("position"))
+        ep = entries.get(t)
+        if not in_pos:
+            want = (ENTER, None) if enter[k] and not exit_[k] else (FLAT, None)
+        elif strategy.max_hold is not None and held >= strategy.max_hold:
+            want = (EXIT, EXIT_MAX_HOLD)
+        elif strategy.take_profit_pct is not None and ep is not None and close[k] >= ep * (1 + strategy.take_profit_pct / 100):
+            want = (EXIT, EXIT_TAKE_PROFIT)
+        else:
+            want = (EXIT, EXIT_SIGNAL) if exit_[k] else (HOLD, None)
+        live = (d.get("action"), d.get("reason") if d.get("action") == EXIT else None)
+        rep.compared += 1
+        if live != want:
+            rep.mismatched += 1
+            if len(rep.mismatches) < 50:
+                rep.mismatches.append({"candle": iso(t), "live": _decision_text(*live),
+                                       "backtest": _decision_text(*want), "position": in_pos, "bars_held": held})
     return rep
 
 # %% ../nbs/15_parity.ipynb #014135cd

@@ -24,7 +24,8 @@ def project_root() -> Path:
     return Path(cryptobot.__file__).resolve().parent.parent
 
 # %% auto #0
-__all__ = ['WorkflowError', 'project_root', 'workflows_dir', 'utc_stamp', 'render_html', 'Report', 'run_workflow']
+__all__ = ['PLOTLY_JS', 'PLOTLY_TAG', 'WorkflowError', 'project_root', 'workflows_dir', 'utc_stamp', 'plotly_js_beside',
+           'render_html', 'Report', 'run_workflow']
 
 # %% ../nbs/20_reports.ipynb #499f51aa
 def workflows_dir() -> Path:
@@ -42,9 +43,35 @@ def utc_stamp(now: datetime | None = None) -> str:
 # %% ../nbs/20_reports.ipynb #60a99fd7
 _EXTERNAL_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', re.I)
 
+# %% ../nbs/20_reports.ipynb #cfea6c29
+PLOTLY_JS = "plotly.min.js"                  # the one copy of plotly.js in a reports folder
+PLOTLY_TAG = '<script charset="utf-8" src="plotly.min.js"></script>'   # plotly's include_plotlyjs="directory" tag
+
+
+def plotly_js_beside(folder) -> Path:
+    """plotly.js written into the reports `folder` for the pages that load it with plotly's include_plotlyjs="directory"
+    tag: once (atomically; again only when the installed plotly's bundle differs, after an upgrade). Returns its path."""
+    from plotly.offline import get_plotlyjs  # lazy: plotly only to write a report
+    js, p = get_plotlyjs(), Path(folder) / PLOTLY_JS
+    try:
+        same = p.stat().st_size == len(js.encode("utf-8")) and p.read_text(encoding="utf-8") == js
+    except OSError:
+        same = False
+    return p if same else atomic_write(p, js)
+
+
+def _plotly_by_directory(body: str, html: Path) -> str:
+    "An nbconvert page with plotly.js inlined (the 'notebook' renderer's first figure): the bundle loaded from beside."
+    from plotly.offline import get_plotlyjs  # lazy: plotly only to write a report
+    inline = f"<script>{get_plotlyjs()}</script>"
+    if inline not in body:
+        return body
+    plotly_js_beside(html.parent)
+    return body.replace(inline, PLOTLY_TAG)
+
 # %% ../nbs/20_reports.ipynb #9e982e67
 def render_html(ipynb: Path, html: Path | None = None, title: str | None = None) -> Path:
-    "Render an executed notebook as self-contained HTML without code cells; returns the HTML path."
+    "Render an executed notebook as offline HTML (plotly.js beside it) without code cells; returns the HTML path."
     import nbformat  # lazy: Jupyter/papermill only to run a workflow notebook
     from nbconvert import HTMLExporter  # lazy: Jupyter/papermill only to run a workflow notebook
 
@@ -56,7 +83,7 @@ def render_html(ipynb: Path, html: Path | None = None, title: str | None = None)
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
     body, _ = exporter.from_notebook_node(nb)
-    body = _EXTERNAL_SCRIPT.sub("", body)
+    body = _plotly_by_directory(_EXTERNAL_SCRIPT.sub("", body), html)
     return atomic_write(html, body)
 
 # %% ../nbs/20_reports.ipynb #e94e3c2c

@@ -14,7 +14,6 @@ import hashlib
 import os
 import sys
 import json
-import importlib.resources
 from html import escape
 from datetime import datetime, timezone
 
@@ -29,6 +28,7 @@ from .backtest import (BacktestError, EXIT_REASONS, after_lock_bars, drawdown, e
 from .risk import FEE, SLIPPAGE, Market, RiskEngine, check_costs
 from .strategy import EmaCross, Strategy, StrategyError, checked_signals, ema, make_strategy, resolve
 from .files import CryptobotError, atomic_write
+from .reports import PLOTLY_TAG, plotly_js_beside
 from .strategy import STRATEGY_FILE, artifact_dir, evidence_failures, parse_params, spec_of
 from .features import fingerprint as feature_fingerprint
 from .strategy import StrategyCheckFailed, check_strategy, required_window
@@ -805,9 +805,9 @@ def _heatmaps(sw: dict, symbol: str) -> list[dict]:
 
 # %% ../nbs/08_sweep.ipynb #eab64202
 def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
-    "A self-contained HTML report (plotly.js inlined): per symbol the heatmaps, top configurations, walk-forward, PBO, DSR."
+    """An offline HTML report (plotly.js from the one `plotly.min.js` beside it): per symbol the heatmaps, top
+    configurations, walk-forward, PBO, DSR."""
     js = sweep_summary(sw)
-    plotly_js = (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
     k = itertools.count()
     fig = lambda f: (lambda i: f"<div id='fig{i}'></div><script>Plotly.newPlot('fig{i}', {json.dumps(f['data'])}, "  # noqa: E731
                      f"{json.dumps(f['layout'])}, {{responsive: true}});</script>")(next(k))
@@ -843,7 +843,8 @@ def report_sweep_html(sw: dict, path, title: str = "cryptobot sweep") -> "Path":
         body.append(f"<h2>Pooled over {len(sw['symbols'])} symbols</h2>"
                     + pooled_configs(sw).to_html(index=False, float_format=lambda v: f"{v:.4g}"))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-            f"<script>{plotly_js}</script></head><body>{''.join(body)}</body></html>")
+            f"{PLOTLY_TAG}</head><body>{''.join(body)}</body></html>")
+    plotly_js_beside(Path(path).parent)
     return atomic_write(Path(path), page)
 
 # %% ../nbs/08_sweep.ipynb #8857b1cf
