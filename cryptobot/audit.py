@@ -53,10 +53,11 @@ __all__ = ['WARN', 'STATUSES', 'POINTS', 'DOMAINS', 'CHECK_NAMES', 'PROMISED', '
            'check_feature_parity', 'psi', 'psi_status', 'feature_psi', 'check_feature_psi', 'unit_directives',
            'check_restart_always', 'exercise_lock_persistence', 'check_lock_persists', 'check_last_reconciliation',
            'last_reconciliation_of', 'key_like', 'secret_hits', 'repo_files', 'check_keys_in_repo', 'check_dotenv_mode',
-           'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_training_data',
-           'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest', 'model_check_na',
-           'check_strategy_evidence', 'strategy_evidence_of', 'over_symbols', 'run_check', 'run_checks', 'summary_rows',
-           'render_markdown', 'report_paths', 'utc_date', 'write_report_md', 'report_json', 'audit_main']
+           'check_dotenv_git', 'check_secrets_in_outputs', 'check_systemd_exposure', 'check_key_powers',
+           'check_training_data', 'check_model_freshness', 'check_oos_metrics', 'oos_backtest', 'check_oos_backtest',
+           'model_check_na', 'check_strategy_evidence', 'strategy_evidence_of', 'over_symbols', 'run_check',
+           'run_checks', 'summary_rows', 'render_markdown', 'report_paths', 'utc_date', 'write_report_md',
+           'report_json', 'audit_main']
 
 # %% ../nbs/18_audit.ipynb #f0baaaec
 class AuditError(CryptobotError, RuntimeError):
@@ -92,7 +93,7 @@ CHECK_NAMES: dict[str, str] = {
     "model_fingerprint": "drift", "feature_parity": "drift", "feature_psi": "drift",
     "restart_always": "recovery", "lock_persists": "recovery", "last_reconciliation": "recovery",
     "keys_in_repo": "security", "dotenv_mode": "security", "dotenv_git": "security",
-    "secrets_in_outputs": "security", "systemd_exposure": "security",
+    "secrets_in_outputs": "security", "systemd_exposure": "security", "key_powers": "security",
     "training_data": "strategy", "model_freshness": "strategy", "oos_metrics": "strategy", "oos_backtest": "strategy",
     "strategy_evidence": "strategy",
 }
@@ -1447,6 +1448,44 @@ def check_systemd_exposure(ev: Evidence) -> Check:
         return Check("security", "systemd_exposure", WARN, txt, f"exposure above {EXPOSURE_PASS}: harden the unit")
     return Check("security", "systemd_exposure", FAIL, txt, "the unit is barely sandboxed: harden it")
 
+# %% ../nbs/18_audit.ipynb #6b819714
+def _key_powers(ev: Evidence):
+    "(KeyRestrictions | None, where/why): the key's powers asked of the exchange once per audit, or why not."
+    from cryptobot.exchange import KeyRestrictionsUnreadable, key_restrictions  # lazy: ccxt, only when the key is asked
+    from cryptobot.client import make_client  # lazy: lean audit import (ccxt)
+    s = ev.settings
+    where = s.exchange_url or ("Binance testnet" if s.mode == "testnet" else "Binance")
+    if not ev.ask_exchange:
+        return None, "the exchange was not asked (ask_exchange=False)"
+    if s.api_key is None or s.api_secret is None:
+        return None, "no API key set (BINANCE_API_KEY, BINANCE_API_SECRET)"
+    if s.mode == "testnet":
+        return None, "the Binance spot testnet does not serve GET /sapi/v1/account/apiRestrictions"
+    if not s.exchange_url and s.mode == "paper":
+        return None, "paper mode on Binance: the exchange was not asked (GO_LIVE, or CRYPTOBOT_EXCHANGE_URL for the emulator)"
+    try:
+        c = make_client(api_key=s.api_key.reveal(), api_secret=s.api_secret.reveal(), base_url=s.exchange_url,
+                        timeout_ms=10_000)
+        return key_restrictions(c, retry={"retries": 1, "base_delay": 0.5}), f"asked {where}: GET /sapi/v1/account/apiRestrictions"
+    except KeyRestrictionsUnreadable as e:
+        return None, str(e)
+
+
+def check_key_powers(ev: Evidence) -> Check:
+    """The API key may trade spot and nothing more: FAIL for a key that can withdraw, is not restricted to trusted IPs,
+    or cannot trade spot; WARN when the exchange cannot be asked (no key, the testnet, unreachable, refused)."""
+    got, err = ev._once("key_powers", lambda: _key_powers(ev))
+    key, where = got if got is not None else (None, f"the key check failed ({err})")
+    if key is None:
+        return Check("security", "key_powers", WARN, f"the API key's powers are not verified: {where}",
+                     "the key's withdrawal and IP restrictions are unknown — give the audit the live keys and run it "
+                     "again (the runner refuses live trading with a key it cannot read)")
+    txt = f"API key: {key.summary()} [{where}]"
+    bad = key.audit_problems(ev.now)
+    if bad:
+        return Check("security", "key_powers", FAIL, txt, "; ".join(bad))
+    return Check("security", "key_powers", PASS, txt)
+
 # %% ../nbs/18_audit.ipynb #445b6809
 def check_training_data(ev: Evidence) -> Check:
     art, err = ev.artifact()
@@ -1687,6 +1726,7 @@ CHECKS: dict[str, Callable[[Evidence], Check]] = {
     "last_reconciliation": check_last_reconciliation,
     "keys_in_repo": check_keys_in_repo, "dotenv_mode": check_dotenv_mode, "dotenv_git": check_dotenv_git,
     "secrets_in_outputs": check_secrets_in_outputs, "systemd_exposure": check_systemd_exposure,
+    "key_powers": check_key_powers,
     "training_data": check_training_data, "model_freshness": check_model_freshness,
     "oos_metrics": check_oos_metrics, "oos_backtest": check_oos_backtest,
     "strategy_evidence": check_strategy_evidence,

@@ -341,16 +341,19 @@ def _demo_policy_lines(bt: dict) -> list[str]:
 # %% ../nbs/22_cli.ipynb #eda807a8
 def cmd_status(a) -> int:
     from cryptobot.live import format_stop, stop_report  # lazy: per command: ccxt/pandas
+    from cryptobot.monitor import exchange_now  # lazy: per command: the monitor's clock (jinja2)
     s = _settings()
-    report = status_report(s)        # an unusable journal or state dir is its LOCKED line, never a crash (exit 0)
+    now, clock = exchange_now(s)     # the runner's clock: a replay on the emulator runs on its own
+    report = status_report(s, now=now)   # an unusable journal or state dir is its LOCKED line, never a crash (exit 0)
+    report["clock"] = clock
     try:
-        report["stop"] = None if report["integrity"] else stop_report(Path(report["journal_path"]), now=time.time(),
+        report["stop"] = None if report["integrity"] else stop_report(Path(report["journal_path"]), now=now,
                                                                       interval_s=s.stop_check_s)
     except JournalError as e:
         report["stop"], report["journal_error"] = None, report["journal_error"] or str(e)
     say(json.dumps(report, indent=2, default=str) if a.json else
         format_status(report) + "\nstop       " + ("unknown (no readable journal)" if report["stop"] is None else
-                                                    format_stop(report["stop"])))
+                                                    format_stop(report["stop"])) + (f"\nclock      {clock}" if clock != "wall" else ""))
     return 0
 
 
@@ -416,10 +419,10 @@ def cmd_replay(a) -> int:
 
 
 def cmd_emulator(a) -> int:
-    from cryptobot.emulator import run_emulator  # lazy: per command: aiohttp
+    from cryptobot.emulator import parse_key_restrictions, run_emulator  # lazy: per command: aiohttp
     run_emulator(data=a.data, port=a.port, speed=a.speed, api_key=a.api_key, api_secret=a.api_secret,
                  balances=a.balance or None, start=a.start, stop_market=a.stop_market,
-                 uid=a.uid)
+                 uid=a.uid, key_restrictions=parse_key_restrictions(a.key_restrictions))
     return 0
 
 
@@ -630,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list STOP_LOSS (stop-market) in orderTypes, as Binance does (default: stop-limit only)")
     sp.add_argument("--uid", type=int, help="the account's uid that GET /api/v3/account reports (default: a new random "
                     "one, as a fresh account or a testnet reset has)")
+    sp.add_argument("--key-restrictions", metavar="FIELD=BOOL,...", help="what the API key may do, as GET "
+                    "/sapi/v1/account/apiRestrictions reports it (Binance's names, e.g. enableWithdrawals=true,"
+                    "ipRestrict=false), or 'unreadable' (-2015); default: the safe key (spot trading, no withdrawals, "
+                    "IP-restricted)")
 
     sp = add("bench", cmd_bench, "measure speed on 43,776 hourly candles")
     sp.add_argument("--json", metavar="FILE", help="write the figures to FILE")

@@ -32,9 +32,9 @@ from . import data as D
 
 # %% auto #0
 __all__ = ['log', 'DEFAULT_API_KEY', 'DEFAULT_API_SECRET', 'DEFAULT_BALANCES', 'DEFAULT_SYMBOL', 'DEFAULT_PORT',
-           'DEFAULT_FILTERS', 'ORDER_TYPES', 'ORDER_TYPES_STOP_MARKET', 'LOOPBACK', 'Q8', 'FAULT_KINDS',
-           'EmulatorError', 'BinanceError', 'Fault', 'Faults', 'Emulator', 'load_market', 'run_emulator',
-           'MatchingEngine']
+           'DEFAULT_FILTERS', 'ORDER_TYPES', 'ORDER_TYPES_STOP_MARKET', 'LOOPBACK', 'KEY_RESTRICTIONS', 'Q8',
+           'FAULT_KINDS', 'EmulatorError', 'BinanceError', 'Fault', 'Faults', 'Emulator', 'parse_key_restrictions',
+           'load_market', 'run_emulator', 'MatchingEngine']
 
 # %% ../nbs/12_emulator.ipynb #5b61f818
 log = logging.getLogger("cryptobot.emulator")
@@ -51,6 +51,12 @@ DEFAULT_FILTERS = {"tick_size": "0.01", "min_price": "0.01", "max_price": "10000
 ORDER_TYPES = ["LIMIT", "MARKET", "STOP_LOSS_LIMIT"]                    # the default listing: stop-limit only
 ORDER_TYPES_STOP_MARKET = ["LIMIT", "MARKET", "STOP_LOSS", "STOP_LOSS_LIMIT"]   # like recent Binance BTCUSDT
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# what the API key may do (GET /sapi/v1/account/apiRestrictions): by default the safe key the README asks for:
+# spot trading and reading only, no withdrawals or transfers, restricted to trusted IPs
+KEY_RESTRICTIONS = {"ipRestrict": True, "enableReading": True, "enableSpotAndMarginTrading": True,
+                    "enableWithdrawals": False, "enableInternalTransfer": False, "permitsUniversalTransfer": False,
+                    "enableMargin": False, "enableFutures": False, "enableVanillaOptions": False,
+                    "enableFixApiTrade": False, "enableFixReadOnly": False, "enablePortfolioMarginTrading": False}
 Q8 = Decimal("0.00000001")
 _CLIENT_ID_RE = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
 _NUM_RE = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
@@ -825,6 +831,25 @@ def _check_candles(df, name: str) -> None:
     if not np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy(dtype="float64")).all():
         raise EmulatorError(f"candles for {name} contain NaN or infinite prices or volumes; clean them first")
 
+
+_KEY_TIMES = ("createTime", "tradingAuthorityExpirationTime")      # ms; the rest are booleans
+
+
+def _key_restrictions(given: dict | bool | None) -> dict | bool:
+    "The key's restrictions: `KEY_RESTRICTIONS` with `given` over them (Binance's field names), or False (unreadable)."
+    if given is False:
+        return False
+    out = dict(KEY_RESTRICTIONS)
+    for k, v in (given or {}).items():
+        if k not in KEY_RESTRICTIONS and k not in _KEY_TIMES:
+            raise EmulatorError(f"unknown key restriction {k!r}; known: {', '.join([*KEY_RESTRICTIONS, *_KEY_TIMES])}")
+        if k in _KEY_TIMES and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+            raise EmulatorError(f"key restriction {k} is a time in ms since 1970, got {v!r}")
+        if k not in _KEY_TIMES and not isinstance(v, bool):
+            raise EmulatorError(f"key restriction {k} is true or false, got {v!r}")
+        out[k] = int(v) if k in _KEY_TIMES else v
+    return out
+
 # %% ../nbs/12_emulator.ipynb #eef7e2d9
 class Emulator:
     "A Binance-spot-compatible REST server on 127.0.0.1 replaying candles on a controllable clock."
@@ -834,7 +859,8 @@ class Emulator:
                  api_secret: str = DEFAULT_API_SECRET, clock: str = "stepped", speed: float = 1.0,
                  start=None, fee_pct: float = 0.1, slippage_pct: float = 0.05, filters: dict | None = None,
                  unique_client_ids: bool = False, host: str = "127.0.0.1", port: int = 0, order_types=None,
-                 path_candles=None, uid: int | None = None):
+                 path_candles=None, uid: int | None = None,
+                 key_restrictions: dict | bool | None = None):
         frames = candles if isinstance(candles, dict) else {symbol: candles}
         for name, df in frames.items():
             if "/" not in name:
@@ -867,6 +893,9 @@ class Emulator:
         # reset is), so a state dir that traded on another one is told apart; pass `uid` to keep one account
         self.uid = int(uid) if uid is not None else 10**8 + secrets.randbelow(9 * 10**8)
         self._key, self._secret = api_key, api_secret.encode()
+        # the key's powers as GET /sapi/v1/account/apiRestrictions reports them (KEY_RESTRICTIONS over which the
+        # given ones), or False: the key may not read them (-2015, as Binance answers a key without its IP listed)
+        self.key_restrictions = _key_restrictions(key_restrictions)
         self.faults = Faults()
         self.order_types = list(ORDER_TYPES if order_types is None else order_types)
         bad = [t for t in self.order_types if t not in ORDER_TYPES_STOP_MARKET]
@@ -928,6 +957,7 @@ class Emulator:
             ("DELETE", "/api/v3/openOrders"): (_SIGNED, "_cancel_all"),
             ("GET", "/api/v3/allOrders"): (_SIGNED, "_all_orders"),
             ("GET", "/api/v3/myTrades"): (_SIGNED, "_my_trades"),
+            ("GET", "/sapi/v1/account/apiRestrictions"): (_SIGNED, "_api_restrictions"),
         }
 
 # %% ../nbs/12_emulator.ipynb #ccddabdd
@@ -1390,6 +1420,37 @@ Emulator._test_order = _emu_test_order
 Emulator._get_order = _emu_get_order
 Emulator._cancel_order = _emu_cancel_order
 
+# %% ../nbs/12_emulator.ipynb #dc58728e
+# -- handlers: the API key's powers --------------------------------------------------
+def parse_key_restrictions(text: str | None) -> dict | bool | None:
+    "`cryptobot emulator --key-restrictions`: 'enableWithdrawals=true,ipRestrict=false', or 'unreadable'."
+    if text is None or not str(text).strip():
+        return None
+    if str(text).strip().lower() == "unreadable":
+        return False
+    out = {}
+    for item in str(text).split(","):
+        k, _, v = item.strip().partition("=")
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            out[k.strip()] = low == "true"
+        elif low.isdigit() and k.strip() in _KEY_TIMES:
+            out[k.strip()] = int(low)
+        else:
+            raise EmulatorError(f"key restriction {item.strip()!r} is not like enableWithdrawals=true (or a time in ms "
+                                f"for {' and '.join(_KEY_TIMES)}), or 'unreadable'")
+    return _key_restrictions(out)
+
+
+def _emu_api_restrictions(self, p: dict, now: int) -> dict:
+    "GET /sapi/v1/account/apiRestrictions: what this key may do; -2015 when the key may not read it."
+    if self.key_restrictions is False:
+        raise BinanceError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+    return {"createTime": self.start_ms - 30 * 86_400_000, **self.key_restrictions}
+
+
+Emulator._api_restrictions = _emu_api_restrictions
+
 # %% ../nbs/12_emulator.ipynb #04332cdc
 def _emu_open_orders(self, p: dict, now: int) -> list:
     tape = self._tape(p, required=False)
@@ -1636,20 +1697,31 @@ def _parse_balances(balances) -> dict:
     return out
 
 
+def _key_text(kr) -> str:
+    "The key's powers in one phrase for the ready line."
+    if kr is False:
+        return "restrictions unreadable (-2015)"
+    return (f"withdrawals {'ON' if kr['enableWithdrawals'] else 'off'}, spot trading {'on' if kr['enableSpotAndMarginTrading'] else 'OFF'}, "
+            f"IP restriction {'on' if kr['ipRestrict'] else 'OFF'}")
+
+
 def run_emulator(data=None, port: int = DEFAULT_PORT, speed: float = 3600.0, api_key: str = DEFAULT_API_KEY,
                  api_secret: str = DEFAULT_API_SECRET, balances=None, start=None, symbol: str = DEFAULT_SYMBOL,
-                 host: str = "127.0.0.1", stop_market: bool = False, uid: int | None = None) -> None:
+                 host: str = "127.0.0.1", stop_market: bool = False, uid: int | None = None,
+                 key_restrictions: dict | bool | None = None) -> None:
     "Serve the emulator on 127.0.0.1:`port` (accelerated clock) until SIGINT/SIGTERM; `stop_market` lists STOP_LOSS."
     candles = load_market(data)
     emu = Emulator(candles, symbol=symbol, balances=_parse_balances(balances if balances is not None else DEFAULT_BALANCES),
                    api_key=api_key, api_secret=api_secret, clock="accelerated", speed=speed, start=start,
-                   host=host, port=port, order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES, uid=uid)
+                   host=host, port=port, order_types=ORDER_TYPES_STOP_MARKET if stop_market else ORDER_TYPES, uid=uid,
+                   key_restrictions=key_restrictions)
     source = candles.attrs.get("source", "unlabelled")
     creds = "default fake credentials emulator-key/emulator-secret" if (
         api_key == DEFAULT_API_KEY and api_secret == DEFAULT_API_SECRET) else "custom credentials"
     msg = (f"emulator ready: {{url}} ({symbol} {emu.timeframe}, {source} candles x{len(candles)}, "
            f"account uid {emu.uid}, speed {speed:g}x, start {pd.Timestamp(emu.start_ms, unit='ms', tz='UTC').isoformat()}, {creds}, "
-           f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'})")
+           f"stops {'STOP_LOSS + STOP_LOSS_LIMIT' if stop_market else 'STOP_LOSS_LIMIT only'}, "
+           f"key {_key_text(emu.key_restrictions)})")
     emu.serve(ready_message=msg)
 
 # %% ../nbs/12_emulator.ipynb #f792ceb2

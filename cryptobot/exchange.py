@@ -25,14 +25,14 @@ from requests.structures import CaseInsensitiveDict
 
 from .client import UnknownOutcome, call_with_retry, make_client
 from .guardian import Approval, ApprovalError, Context, client_order_id
-from .journal import ClosedTrade, OrderStatus, fill_key, to_epoch
+from .journal import ClosedTrade, OrderStatus, fill_key, iso, to_epoch
 from .risk import Market
 
 # %% auto #0
-__all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'AccountMismatch',
+__all__ = ['log', 'PAPER_URL', 'STOP_TYPES', 'KEY_PAGE', 'ExecutorError', 'EntryRefused', 'ExchangeAuthError', 'AccountMismatch',
            'protect_logs', 'floor_step', 'OrderQueue', 'PaperVenue', 'Position', 'EntryResult', 'ReconcileReport',
-           'Executor', 'account_identity', 'planned_stop', 'stop_differences', 'BinanceExecutor', 'PaperExecutor',
-           'make_executor']
+           'Executor', 'account_identity', 'KeyRestrictionsUnreadable', 'KeyRestrictions', 'key_restrictions',
+           'planned_stop', 'stop_differences', 'BinanceExecutor', 'PaperExecutor', 'make_executor']
 
 # %% ../nbs/13_exchange.ipynb #65b23e9a
 log = logging.getLogger("cryptobot.exchange")
@@ -106,7 +106,7 @@ class OrderQueue:
             fut = w.submit(self._run, symbol, fn, args, kwargs)
             self._futures.add(fut)
         fut.add_done_callback(self._forget)     # outside the lock: a job already done runs the callback here
-        log.info("event=job_queued symbol=%s job=%s", symbol, getattr(fn, "__name__", "job"))
+        log.debug("event=job_queued symbol=%s job=%s", symbol, getattr(fn, "__name__", "job"))   # its outcome is logged
         return fut
 
     def _forget(self, fut: Future) -> None:
@@ -573,6 +573,105 @@ Executor.account = _ex_account
 Executor._venue_name = _ex_venue_name
 Executor._lock_entries = _ex_lock_entries
 Executor.check_account = _ex_check_account
+
+# %% ../nbs/13_exchange.ipynb #aaee2487
+KEY_PAGE = "on Binance's API Management page (Edit restrictions of this key)"
+
+
+class KeyRestrictionsUnreadable(ExecutorError):
+    "The exchange did not say what the API key may do (one line: why, what to change)."
+
+
+@dataclass(frozen=True)
+class KeyRestrictions:
+    "What the API key may do, as Binance's `GET /sapi/v1/account/apiRestrictions` reports it (times in unix s)."
+    ip_restrict: bool
+    withdrawals: bool
+    spot_trading: bool
+    reading: bool
+    internal_transfer: bool = False
+    universal_transfer: bool = False
+    margin: bool = False
+    futures: bool = False
+    options: bool = False
+    created: float | None = None
+    trading_expires: float | None = None          # None: the trading permission does not expire
+
+    _FIELDS = {"ip_restrict": "ipRestrict", "withdrawals": "enableWithdrawals", "spot_trading": "enableSpotAndMarginTrading",
+               "reading": "enableReading", "internal_transfer": "enableInternalTransfer",
+               "universal_transfer": "permitsUniversalTransfer", "margin": "enableMargin", "futures": "enableFutures",
+               "options": "enableVanillaOptions"}
+    _REQUIRED = ("ip_restrict", "withdrawals", "spot_trading", "reading")
+
+    @classmethod
+    def from_binance(cls, info) -> "KeyRestrictions":
+        "Parse Binance's answer; the four that decide (IP, withdrawals, spot, reading) must be booleans, else unreadable."
+        if not isinstance(info, dict):
+            raise KeyRestrictionsUnreadable(f"the key's restrictions are not a JSON object ({type(info).__name__})")
+        kw = {}
+        for name, field in cls._FIELDS.items():
+            v = info.get(field)
+            if v is None and name not in cls._REQUIRED:
+                continue
+            if not isinstance(v, bool):
+                raise KeyRestrictionsUnreadable(f"the exchange's key restrictions give {field}={v!r}, not true or false")
+            kw[name] = v
+        for name, field in (("created", "createTime"), ("trading_expires", "tradingAuthorityExpirationTime")):
+            v = info.get(field)
+            if v not in (None, 0, "0", ""):
+                try:
+                    kw[name] = float(v) / 1000.0
+                except (TypeError, ValueError):
+                    raise KeyRestrictionsUnreadable(f"the exchange's key restrictions give {field}={v!r}, not a time") from None
+        return cls(**kw)
+
+    def live_problems(self, now: float | None = None) -> list[str]:
+        "Why this key must not trade real money, one line each naming what to change (empty: it may)."
+        out = []
+        if self.withdrawals:
+            out.append(f"the API key can withdraw funds (enableWithdrawals): {KEY_PAGE} untick 'Enable Withdrawals', "
+                       "or create a key with 'Enable Spot & Margin Trading' only")
+        if not self.spot_trading:
+            out.append(f"the API key cannot trade spot (enableSpotAndMarginTrading is off): {KEY_PAGE} tick "
+                       "'Enable Spot & Margin Trading'")
+        elif self.trading_expires is not None and now is not None and self.trading_expires <= now:
+            out.append(f"the API key's trading permission expired at {iso(self.trading_expires)} "
+                       f"(tradingAuthorityExpirationTime): {KEY_PAGE} renew 'Enable Spot & Margin Trading'")
+        return out
+
+    def audit_problems(self, now: float | None = None) -> list[str]:
+        "What the audit fails: the live problems, and a key not restricted to trusted IPs."
+        out = self.live_problems(now)
+        if not self.ip_restrict:
+            out.append(f"the API key is not restricted to trusted IPs (ipRestrict is off): {KEY_PAGE} choose "
+                       "'Restrict access to trusted IPs only' and enter this server's IP")
+        return out
+
+    def summary(self) -> str:
+        "One line: the powers that matter, then any extra ones."
+        on = lambda b: "on" if b else "off"  # noqa: E731
+        extra = [n for n in ("internal_transfer", "universal_transfer", "margin", "futures", "options") if getattr(self, n)]
+        return (f"withdrawals {on(self.withdrawals)}, spot trading {on(self.spot_trading)}, IP restriction "
+                f"{on(self.ip_restrict)}, reading {on(self.reading)}"
+                + (f", trading until {iso(self.trading_expires)}" if self.trading_expires else "")
+                + (f", also {', '.join(extra)}" if extra else ""))
+
+
+def key_restrictions(client, *, retry: dict | None = None, sleep: Callable[[float], None] = time.sleep) -> KeyRestrictions:
+    """What `client`'s API key may do (Binance `GET /sapi/v1/account/apiRestrictions`, through `call_with_retry`), or
+    `KeyRestrictionsUnreadable` (one line, no secrets) when the exchange does not say: fail closed."""
+    secrets_ = (getattr(client, "apiKey", None), getattr(client, "secret", None))
+    if not secrets_[0] or not secrets_[1]:
+        raise KeyRestrictionsUnreadable("no API key to ask about: set BINANCE_API_KEY and BINANCE_API_SECRET")
+    kw = {"retries": 5, "base_delay": 0.5, "max_delay": 30.0, "ban_pause": 120.0, **(retry or {})}
+    try:
+        info = call_with_retry(client.sapi_get_account_apirestrictions, sleep=sleep, what="apiRestrictions", **kw)
+    except Exception as e:  # noqa: BLE001 - refused, unreachable or garbled: the key's powers are unknown, fail closed
+        why = redact(f"{type(e).__name__}: {e}", secrets_, one_line=True)[:200]
+        raise KeyRestrictionsUnreadable(
+            f"the API key's restrictions could not be read (GET /sapi/v1/account/apiRestrictions: {why}): {KEY_PAGE} "
+            "tick 'Enable Reading' and list this server's IP under trusted IPs, then start again") from None
+    return KeyRestrictions.from_binance(info)
 
 # %% ../nbs/13_exchange.ipynb #7eb41863
 # ------------------------------------------------------------------ exchange primitives

@@ -993,6 +993,53 @@ Guardian.cash_factor = property(_cash_factor)
 Guardian._book_risk, Guardian.room = _book_risk, _room
 del _cash_factor, _book_risk, _room
 
+# %% ../nbs/11_guardian.ipynb #ae41164f
+def _quote_moved(self, candle_time) -> float:
+    """Quote the bot's own orders of the candle closing at `candle_time` moved since it closed, from the journal: what its
+    sells (exits) brought in, less what its entries took. The balance free at the close is a balance read now less this
+    (`free_at_close`): a runner restarted inside the candle, after an exit sold, sizes from the cash the uninterrupted
+    runner had, never from the exit's proceeds as well."""
+    ct, j = to_epoch(candle_time, "candle_time"), self.journal
+    moved = 0.0
+    for it in j._query("SELECT client_order_id, symbol, side FROM intents WHERE candle_time = ?", (ct,)):
+        quote = str(it["symbol"]).partition("/")[2]
+        fills = j.fills(it["client_order_id"])
+        if it["side"] == "buy":
+            moved -= _spent_quote(fills, quote)
+        else:
+            moved += sum(f["price"] * f["amount"] - ((f["fee"] or 0.0) if f["fee_currency"] == quote else 0.0)
+                         for f in fills)
+    return moved
+
+
+def _free_at_close(self, free_now: float, candle_time) -> float:
+    "The quote free when the candle closing at `candle_time` closed: `free_now` less what this candle's orders moved."
+    return max(0.0, float(free_now) - self.quote_moved(candle_time))
+
+
+def _fill_ratio(self, candle_time) -> float:
+    "The worst average fill price / decision price among this candle's filled entries (1.0 when none has filled)."
+    ct, j, worst = to_epoch(candle_time, "candle_time"), self.journal, 1.0
+    for d in j._query("SELECT plan, client_order_id FROM decisions WHERE approved = 1 AND side = 'buy' "
+                      "AND candle_time = ?", (ct,)):
+        px, fills = json.loads(d["plan"] or "{}").get("entry_price"), j.fills(d["client_order_id"])
+        amount = sum(f["amount"] for f in fills)
+        if px and amount > 0:
+            worst = max(worst, sum(f["price"] * f["amount"] for f in fills) / amount / float(px))
+    return worst
+
+
+def _entry_cost_factor(self, candle_time) -> float:
+    """Quote per unit of planned notional a new entry on this candle must find free: `cash_factor`, or more when this
+    candle's entries already filled further above their close than the slippage allowance (the market moved: the
+    next buy is charged as much, so it cannot take more than the cash left)."""
+    return max(self.cash_factor, (1 + self.settings.fee_pct / 100) * self.fill_ratio(candle_time))
+
+
+Guardian.quote_moved, Guardian.free_at_close = _quote_moved, _free_at_close
+Guardian.fill_ratio, Guardian.entry_cost_factor = _fill_ratio, _entry_cost_factor
+del _quote_moved, _free_at_close, _fill_ratio, _entry_cost_factor
+
 # %% ../nbs/11_guardian.ipynb #47a04295
 def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
     "The portfolio limits (closures): the symbol's kill switch, positions, total open risk, cash committed on this candle."
@@ -1014,7 +1061,7 @@ def _portfolio_checks(self, signal, plan, ctx) -> list[Callable]:
         if room.open_risk + risk > room.risk_budget * (1 + 1e-9):
             out.append(F(Reason.TOTAL_RISK, f"open risk {room.open_risk:.8g} + this entry's {risk:.8g} > "
                                             f"{s.max_total_risk_pct:g}% of equity {E:.8g} ({room.risk_budget:.8g})"))
-        need, cash = plan.notional * self.cash_factor, ctx.free_quote - room.reserved_quote
+        need, cash = plan.notional * self.entry_cost_factor(signal.candle_time), ctx.free_quote - room.reserved_quote
         if room.reserved_quote > 0 and need > cash * (1 + 1e-9):
             out.append(F(Reason.CASH_COMMITTED, f"notional + fee + slippage allowance {need:.8g} > free quote "
                                                 f"{ctx.free_quote:.8g} less {room.reserved_quote:.8g} committed to "
@@ -1138,7 +1185,9 @@ def _size_entry(self, symbol: str, candle_time, price: float, ctx, market: Marke
         return full                                   # no room: approve() denies it, with the reason
     eng = RiskEngine(stop_loss_pct=r.stop_loss_pct, risk_pct=pct, leverage=r.leverage,
                      stop_limit_buffer_pct=r.stop_limit_buffer_pct, fee_pct=r.fee_pct,
-                     slippage_pct=max(r.slippage_pct, self.settings.slippage_pct))
+                     slippage_pct=max(r.slippage_pct, self.settings.slippage_pct,    # or what this candle's fills took
+                                      min(LIMITS["slippage_pct"].hi,   # beyond: approve() denies it
+                                          (self.entry_cost_factor(candle_time) / (1 + r.fee_pct / 100) - 1) * 100)))
     down = eng.plan(price, ctx.equity, cash, mk, symbol)
     if type(down) is not Plan:
         return full

@@ -31,6 +31,7 @@ from .config import ConfigError, Settings, load_settings
 from .data import CandleDataError, OHLCV, check_finite, closed_only, load_candles, raw_path, timeframe_delta
 from .files import CryptobotError, RedactFilter, log_value, redact
 from .exchange import ExchangeAuthError, ExecutorError, OrderQueue, PaperExecutor, make_executor
+from .exchange import KeyRestrictions, KeyRestrictionsUnreadable, key_restrictions
 from .features import LOOKBACK, build_features
 from .features import fingerprint as feature_fingerprint
 from .guardian import JOURNAL_FILE, Approval, Context, Guardian, Signal
@@ -45,12 +46,12 @@ from .notify import secret_values
 
 # %% auto #0
 __all__ = ['log', 'EX_OK', 'EX_SOFTWARE', 'EX_UNAVAILABLE', 'EX_NOPERM', 'EX_CONFIG', 'ENTER', 'EXIT', 'HOLD', 'FLAT',
-           'NETWORK_ERRORS', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR', 'LiveError',
-           'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
-           'candles_from_ohlcv', 'epoch_s', 'live_gate_blockers', 'load_model', 'is_rule', 'select_strategy',
-           'model_strategy', 'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints', 'Tick', 'Runner',
-           'stop_report', 'format_stop', 'open_state_dir', 'start_runner', 'disk_full', 'journal_failed', 'run',
-           'PortfolioRunner', 'portfolio_artifact', 'start_portfolio', 'adopt_account']
+           'NETWORK_ERRORS', 'KEY_REPORT_RETRY', 'MAX_KLINES', 'CRASH_POINTS', 'STOP_CRASH_POINTS', 'EX_IOERR',
+           'LiveError', 'StartupRefused', 'RedactingFilter', 'notify_secrets', 'setup_logging', 'ExchangeClock',
+           'candles_from_ohlcv', 'epoch_s', 'live_gate_blockers', 'key_gate', 'load_model', 'is_rule',
+           'select_strategy', 'model_strategy', 'load_strategy', 'check_candles', 'strategy_check_gate', 'CrashPoints',
+           'Tick', 'Runner', 'stop_report', 'format_stop', 'open_state_dir', 'start_runner', 'disk_full',
+           'journal_failed', 'run', 'PortfolioRunner', 'portfolio_artifact', 'start_portfolio', 'adopt_account']
 
 # %% ../nbs/14_live.ipynb #5f9c71d9
 log = logging.getLogger("cryptobot.live")
@@ -199,6 +200,49 @@ def live_gate_blockers(settings: Settings, free_quote: float | None = None,
     except Exception as e:  # noqa: BLE001 - an audit that cannot run is a blocker, never a pass
         out.append(f"readiness audit failed to run ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
     return out
+
+# %% ../nbs/14_live.ipynb #bd705525
+KEY_REPORT_RETRY = {"retries": 1, "base_delay": 0.5}      # paper/testnet only report the key: one retry, then say so
+
+
+def key_gate(settings: Settings, client=None, *, fills: str = "exchange", retry: dict | None = None,
+             sleep: Callable[[float], None] = time.sleep, now: float | None = None, journal=None) -> KeyRestrictions | None:
+    """The API key's powers (`exchange.key_restrictions`) before trading. Live: a key that can withdraw, cannot trade
+    spot (or whose trading permission expired), or whose restrictions cannot be read is refused: `StartupRefused`
+    (cause `api_key`, exit 78), one line naming what to change on the exchange's key page. Paper and testnet only
+    report it (an event, journaled when `journal` is given), never refuse. `client`: the keyed ccxt client (live: the
+    executor's); None builds one from `settings` where the mode uses the key."""
+    live = settings.mode == "live"
+    why_not = None
+    if client is None:
+        if settings.api_key is None or settings.api_secret is None:
+            why_not = "no API key set (BINANCE_API_KEY, BINANCE_API_SECRET)"
+        elif settings.mode == "testnet":
+            why_not = "the Binance spot testnet does not serve GET /sapi/v1/account/apiRestrictions"
+        elif fills == "paper":
+            why_not = "paper fills use no exchange account"
+        else:
+            client = make_client(api_key=settings.api_key.reveal(), api_secret=settings.api_secret.reveal(),
+                                 base_url=settings.exchange_url)
+    try:
+        if why_not is not None:
+            raise KeyRestrictionsUnreadable(f"the API key's restrictions were not asked: {why_not}")
+        key = key_restrictions(client, retry=retry if live else {**(retry or {}), **KEY_REPORT_RETRY}, sleep=sleep)
+        problems, unread = key.live_problems(now), None
+    except KeyRestrictionsUnreadable as e:
+        key, problems, unread = None, [str(e)], str(e)
+    if live and problems:
+        raise StartupRefused("live trading refused: " + "; ".join(problems), cause="api_key")
+    fields = dict(mode=settings.mode, powers=key.summary() if key else None,
+                  live_would_refuse="; ".join(problems) if problems and not unread else None, unread=unread)
+    if key is not None and not key.ip_restrict:
+        fields["warning"] = key.audit_problems(now)[-1]
+    _event("key_restrictions", logging.WARNING if (problems and why_not is None) or "warning" in fields
+           else logging.INFO, **fields)
+    if journal is not None and why_not is None:
+        journal.log_event("key_restrictions", key.summary() if key else unread,
+                          {k: v for k, v in fields.items() if v is not None})
+    return key
 
 # %% ../nbs/14_live.ipynb #b4f15851
 def load_model(settings: Settings, model=None, now: float | None = None, max_age_days: float | None = 30.0):
@@ -1073,6 +1117,7 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
     try:
         if settings.mode == "live":
             probe = make_executor(settings, journal, guardian, **kw)
+            key_gate(settings, probe.venue, retry=probe.retry, sleep=probe.sleep, now=clock(), journal=journal)
             bal = probe._call(probe.venue.fetch_balance, what="fetch_balance")
             free = float((bal.get(settings.symbol.split("/")[1]) or {}).get("free") or 0.0)
             blockers = live_gate_blockers(settings, free, audit)
@@ -1080,9 +1125,11 @@ def _start_runner(settings, notifier, fills, strategy, model, data_client, rate_
                 raise StartupRefused("live trading refused: " + "; ".join(blockers), cause="live_gate")
             make_exec = lambda closed, nxt: probe
         elif fills == "paper":
+            key_gate(settings, fills=fills, retry=retry, now=clock(), journal=journal)    # reports, never refuses
             make_exec = lambda closed, nxt: limited(PaperExecutor(journal, guardian, closed, nxt, settings=settings,
                                                                   **kw))
         else:
+            key_gate(settings, fills=fills, retry=retry, now=clock(), journal=journal)    # reports, never refuses
             make_exec = lambda closed, nxt: limited(make_executor(settings, journal, guardian, **kw))
         runner = Runner(settings, art, data_client=data_client, journal=journal, guardian=guardian, clock=clock,
                         make_exec=make_exec, fills=fills, strategy=strategy, **runner_kw)
@@ -1296,7 +1343,8 @@ def _pf_snapshot(self, ex, close_t: float, price: float) -> tuple[float, float]:
                     r.net.total += time.perf_counter() - t0
             last.update({s: float(tk[s]["last"]) for s in others})
         equity = float(q.get("total") or 0.0) + sum(a * last[s] for s, a in held.items() if a > 0)
-        self._snap = (close_t, float(q.get("free") or 0.0), equity)
+        free = self.guardian.free_at_close(float(q.get("free") or 0.0), close_t)   # a restart: not this candle's exits
+        self._snap = (close_t, free, equity)
     return self._snap[1], self._snap[2]
 
 
@@ -1626,10 +1674,13 @@ def _start_portfolio(settings: Settings | None = None, mode: str | None = None, 
         guardian, queue, kw = Guardian(settings, state_dir, journal, clock=clock), OrderQueue(journal), dict(executor_kw or {})
         if settings.mode == "live":
             probe = make_executor(views[settings.symbol], journal, guardian, **kw)
+            key_gate(settings, probe.venue, retry=probe.retry, sleep=probe.sleep, now=clock(), journal=journal)
             bal = probe._call(probe.venue.fetch_balance, what="fetch_balance")
             blockers = live_gate_blockers(settings, float((bal.get(probe.quote) or {}).get("free") or 0.0), audit)
             if blockers:
                 raise StartupRefused("live trading refused: " + "; ".join(blockers), cause="live_gate")
+        else:
+            key_gate(settings, retry=retry, now=clock(), journal=journal)         # reports, never refuses
 
         def make_exec(ss):
             def build(closed, nxt):

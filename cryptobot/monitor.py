@@ -33,10 +33,10 @@ from .reports import project_root
 
 # %% auto #0
 __all__ = ['SECRET_ENV_KEYS', 'MARK_EVENT', 'MARK_EVENTS', 'TIMEFRAME_S', 'BR', 'LOOPBACK_HOSTS', 'PASSED_SETTINGS',
-           'MonitorError', 'dashboard_settings', 'example_state', 'freshness', 'snapshot', 'Span', 'card', 'render',
-           'status_html', 'portfolio_html', 'position_html', 'tables_html', 'audit_html', 'equity_series',
-           'equity_figure', 'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook', 'voila_command',
-           'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
+           'MonitorError', 'dashboard_settings', 'example_state', 'freshness', 'exchange_now', 'snapshot', 'Span',
+           'card', 'render', 'status_html', 'portfolio_html', 'position_html', 'tables_html', 'audit_html',
+           'equity_series', 'equity_figure', 'figure_output', 'MonitorApp', 'launch', 'dashboard_notebook',
+           'voila_command', 'dashboard_env', 'DashboardServer', 'start_dashboard', 'serve_dashboard']
 
 # %% ../nbs/19_monitor.ipynb #5cc97ade
 class MonitorError(CryptobotError, RuntimeError):
@@ -271,10 +271,28 @@ def _stop_view(jp: Path, now: float, settings) -> dict | None:
     except Exception:  # noqa: BLE001 — the journal problem is already a banner
         return None
 
+# %% ../nbs/19_monitor.ipynb #3105aabb
+from .client import make_client
+from .live import ExchangeClock
+
+
+def exchange_now(settings, timeout_ms: int = 3_000) -> tuple[float, str]:
+    """Now by the clock the runner keeps (`live.ExchangeClock`), and which clock that is. On the local emulator
+    (CRYPTOBOT_EXCHANGE_URL) a replay runs on its own market clock, far from the wall's: asked once (no retry). On
+    Binance this machine's clock (the runner checks their skew). An emulator that does not answer: the wall clock,
+    and it says so."""
+    url = getattr(settings, "exchange_url", None)
+    if not url:
+        return time.time(), "wall"
+    try:
+        return ExchangeClock(make_client(base_url=url, timeout_ms=timeout_ms), {"retries": 0}).sync(), f"exchange {url}"
+    except Exception as e:  # noqa: BLE001 - status and the page keep working; the clock they used is named
+        return time.time(), f"wall (the exchange at {url} did not answer: {type(e).__name__})"
+
 # %% ../nbs/19_monitor.ipynb #1a535476
 def snapshot(settings, now: float | None = None, n_rows: int = 20) -> dict:
     "Everything the monitor shows, read-only, as one dict (see the table above for each field's source)."
-    now = time.time() if now is None else float(now)
+    now = exchange_now(settings)[0] if now is None else float(now)      # a replay: the emulator's clock
     sd = Path(settings.state_dir)
     st = status_report(settings, now=now)
     snap: dict[str, Any] = {
@@ -651,9 +669,10 @@ def figure_output(fig) -> dict:
 class MonitorApp:
     "The monitor's widgets; `refresh()` re-reads the state dir; `start()` displays it and starts the browser timer."
 
-    def __init__(self, settings, refresh_s: float = 5.0, clock=time.time, kick_s: float = 60.0):
+    def __init__(self, settings, refresh_s: float = 5.0, clock=None, kick_s: float = 60.0):
         import ipywidgets as w  # lazy: Jupyter only inside the Voila dashboard
-        self.settings, self.refresh_s, self.clock, self.kick_s = settings, float(refresh_s), clock, float(kick_s)
+        self.settings, self.refresh_s, self.kick_s = settings, float(refresh_s), float(kick_s)
+        self.clock = clock or (lambda: exchange_now(settings)[0])       # the runner's clock (a replay's, on the emulator)
         self.status, self.position, self.tables, self.audit = w.HTML(), w.HTML(), w.HTML(), w.HTML()
         self.error = w.HTML()
         self.chart = w.Output()

@@ -211,6 +211,7 @@ REFUSAL_TITLES: dict[str | None, str] = {
     "state_dir": "Runner refused: state dir (journal damaged, unreadable or read-only)",
     "mode": "Start refused: mode",
     "live_gate": "Live trading refused",
+    "api_key": "Live trading refused: the API key's powers (withdrawals, spot trading, unreadable restrictions)",
     "exchange": "Start refused by the exchange check",
     None: "Start refused",
 }
