@@ -1,4 +1,9 @@
-"""Session plumbing for running the suite on both cores (`make test` runs `pytest -n 2`, pytest-xdist).
+"""Session plumbing for running the suite on both cores (`make test` runs `pytest -n 2 --dist loadfile`, pytest-xdist).
+
+Scheduling: every test file is one unit (its module fixtures -- a trained model, an emulator, a fork server -- are
+built once, on one worker), except the files of one GROUPS entry, which share a unit and so run on one worker, one
+after the other: the SIGKILL soaks must never run beside each other (each forks runners against a live emulator under
+a wall-clock budget).
 
 A test marked `exclusive` asserts a wall-clock bound (a latency, a per-call cost, "returned at once"): under xdist it
 runs while no other test of this session runs, so what it times is the code, not the other worker. Every other test
@@ -12,6 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:                      # without pytest-xdist the suite runs serially; nothing to schedule
+    LoadScopeScheduling = None
+
+
+GROUPS = {"sigkill": ("test_live_crash.py", "test_portfolio_soak.py", "test_stop_crash.py", "test_guardian_crash.py")}
 
 
 def pytest_configure(config):
@@ -61,3 +74,19 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     with lock.hold(item.get_closest_marker("exclusive") is not None):
         return (yield)
+
+
+class FileGroupScheduling(LoadScopeScheduling if LoadScopeScheduling else object):
+    """xdist's `--dist loadfile`, with the files of one GROUPS entry in one scope. (`--dist loadgroup` cannot do it
+    here: xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2 no longer reads.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        name = path.rsplit("/", 1)[-1]
+        return next((g for g, files in GROUPS.items() if name in files), path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadfile":
+        return FileGroupScheduling(config, log)
