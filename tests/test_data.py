@@ -403,6 +403,7 @@ def test_import_stores_gaps_as_gaps(tmp_path):
 
 
 # ------------------------------------------------------------------ synthetic market
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_synthetic_fast_deterministic_consistent():
     D.synthetic_candles(100)
     t0 = time.perf_counter()
@@ -513,6 +514,7 @@ def test_real_4h_file_refused_as_1h(tmp_path):
     assert files_under(tmp_path / "data") == []
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_load_speed_on_five_years():
     path = need(FUT1H)
     D.load_candles(path)

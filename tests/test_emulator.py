@@ -490,6 +490,7 @@ def test_order_test_endpoint_validates_without_trading(emu, ex):
         ex.create_order(SYM, "market", "buy", 1.0, params={"test": True})
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_loopback_latency_within_the_tick_budget(emu, ex):
     "Round trips through the real client with its rate limiter paced out (printed with -s)."
     def median_ms(fn, n=15):

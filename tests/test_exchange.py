@@ -475,6 +475,7 @@ def test_credential_errors_are_one_clear_line_without_secrets(tmp_path, emu, cap
 
 
 # ------------------------------------------------------------------------------------------------ order queue
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_order_queue_serialises_per_symbol_and_never_blocks(tmp_path):
     j = Journal(tmp_path / "j.sqlite")
     q = OrderQueue(journal=j)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,26 @@ def test_browser_recipe_without_root_or_sudo_fails_in_one_line(tmp_path):
     assert r.returncode != 0
     fail = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("FAIL")]
     assert len(fail) == 1 and "neither root nor has sudo" in fail[0], r.stdout + r.stderr
+
+
+def test_pytest_recipe_runs_on_every_core_with_xdist(tmp_path):
+    """`make pytest` runs the suite through pytest-xdist (`-n` workers, `--dist loadfile`): the suite takes
+    ~35 min on one core and must stay within `make test`'s 10 minutes. The recipe is run for real on a scratch copy
+    whose `python` records its arguments; pytest-xdist must be a dev dependency so a fresh clone has it."""
+    t = fake_tree(tmp_path)
+    r = run_make(["install"], cwd=t)                                        # the stamp: the next make skips pip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (t / "calls").unlink()
+    r = run_make(["pytest", f"CHROMIUM={shutil.which('sh')}"], cwd=t)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = (t / "calls").read_text().split()
+    assert args[:2] == ["-m", "pytest"], args
+    assert "-n" in args, f"make pytest runs without pytest-xdist: {args}"
+    n = args[args.index("-n") + 1]
+    assert n == str(min(len(os.sched_getaffinity(0)), 4)), f"-n {n}: one worker per core (at most 4) expected"
+    assert args[args.index("--dist") + 1] == "loadfile", args       # files and the soaks grouped: tests/conftest.py
+    r = run_make(["pytest", f"CHROMIUM={shutil.which('sh')}", "PYTEST_WORKERS=3"], cwd=t)
+    last = (t / "calls").read_text().splitlines()[-1].split()
+    assert last[last.index("-n") + 1] == "3", last                        # overridable: make test PYTEST_WORKERS=N
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert any(d.replace(" ", "").startswith("pytest-xdist") for d in dev), dev

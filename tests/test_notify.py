@@ -115,6 +115,7 @@ def test_every_event_kind_reaches_the_receiver(receiver):
     assert n.stats["sent"] == len(Event) and n.stats["failed"] == 0
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_hanging_receiver_does_not_block_notify_and_is_journaled(receiver, journal):
     n = Notifier.from_urls([receiver.url("/hang/hook")], on_failure=journal.log_event, timeout_s=0.5, attempts=2,
                            backoff_s=0.05)

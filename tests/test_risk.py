@@ -292,6 +292,7 @@ def test_numpy_and_int_inputs_plan_like_floats():
     assert eng.plan(np.float64("nan"), 10_000, 10_000).reason == "invalid_input"
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_plan_is_fast_enough_for_backtests():
     import time
     eng, m = RiskEngine(), Market()

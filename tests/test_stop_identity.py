@@ -50,6 +50,7 @@ def _g(x):
 
 
 # ---------------------------------------------------------------------------- the case on the running runner
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_wrong_price_under_our_client_id_is_replaced_by_the_watch_within_one_check(tmp_path, model, receiver):
     "The bot's STOP_LOSS cancelled, a STOP_LOSS_LIMIT at stopPrice 101 placed under its id: replaced at the next check."
     r = Rig(tmp_path, model, stop_market=True, notify_kw=FAST,

@@ -58,6 +58,7 @@ def test_forced_stop_type_refused_when_not_listed(tmp_path, model):
         emu.stop()
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_gap_through_stop_limit_mid_candle_ends_in_emergency_exit(rig_factory):
     "A stop-limit triggers mid-candle without filling: the watch sells at market within one check interval."
     r = rig_factory(stop_market=False)
@@ -103,6 +104,7 @@ def test_stop_market_fills_at_the_trigger_and_updates_the_kill_switch(rig_factor
     assert checks and bar_open < checks[0][3]["t"] < bar_open + 3600
 
 
+@pytest.mark.exclusive          # times the code: no other test runs meanwhile (conftest.py)
 def test_stop_cancelled_by_hand_is_replaced_within_one_interval(rig_factory):
     r = rig_factory(stop_market=True)
     st = r.wait_for(r.stop_order, "the stop after the entry")
