@@ -294,9 +294,9 @@ def select_strategy(settings: Settings, strategy=None):
 def model_strategy(strategy, artifact):
     """What the runner decides with: a rule as it is; the model as a `ModelStrategy` on `artifact`, trading the
     artifact's cost-aware policy unless thresholds were given (`_PARAMS`, or a `cryptobot.model.ThresholdPolicy`)."""
-    from cryptobot.model import ModelStrategy  # lazy: joblib and the model only when the model trades (`import cryptobot.live` stays lean)
     if is_rule(strategy):
         return strategy
+    from cryptobot.model import ModelStrategy  # lazy: joblib and the model only when the model trades (`import cryptobot.live` stays lean)
     given = strategy.given if isinstance(strategy, RuleStrategy) else {}         # a ModelStrategy (not a rule)
     if strategy is not None and not isinstance(strategy, RuleStrategy):         # cryptobot.model.ThresholdPolicy
         d = strategy.to_dict()

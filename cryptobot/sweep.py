@@ -184,9 +184,12 @@ def _summary(T, eq, per_year, nb, out, blk, r):
         peak = max(peak, x)
         if x != peak and (t == 0 or x != eq[t - 1]):
             dd = min(dd, x / peak - 1.0)
-        if t > 0:
-            r[t] = 0.0 if x == eq[t - 1] and 0.0 < x < math.inf else x / eq[t - 1] - 1.0
-            mean += r[t]
+        if t > 0:                      # (the sum skips those zeros: mean + 0.0 is mean, which is never -0.0)
+            if x == eq[t - 1] and 0.0 < x < math.inf:
+                r[t] = 0.0
+            else:
+                r[t] = x / eq[t - 1] - 1.0
+                mean += r[t]
     out[2] = dd
     mean /= max(n - 1, 1)
     ss = 0.0
