@@ -694,7 +694,9 @@ def portfolio_state_dir(tmp_path) -> tuple[Settings, dict]:
                               "signal": sig[0]["data"]["action"] if sig else None}
         assert not pr._locks() and locked, "the portfolio unlock lifts the symbol's lock too"
         eq = j.select("SELECT equity FROM marks WHERE equity IS NOT NULL ORDER BY id DESC LIMIT 1")[0]["equity"]
-        seen["_risk_pct"] = _open_risk(j) / eq * 100
+        # the open risk at the stops actually placed (1.5 % below each entry's fill, not the close's plan)
+        seen["_risk_pct"] = sum(seen[x]["amount"] * (seen[x]["entry"] - float(seen[x]["stop"]))
+                                for x in SYMS if seen[x]["amount"]) / eq * 100
     finally:
         pr.close()
         j.close()

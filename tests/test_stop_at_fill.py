@@ -83,7 +83,7 @@ def gapped(tmp_path, model):
     """A stepped emulator (stop-limit market) whose entry bar opens 2 % above the decision close, and the real runner
     (paper mode, always long) that entered there."""
     from cryptobot.live import start_runner
-    from cryptobot.model import Strategy
+    from cryptobot.model import ThresholdPolicy
     df = frame(1_300)
     o = round(float(df["close"].iloc[1_099]) * 1.02, 2)
     df.iloc[1_100, :4] = [o, round(o * 1.003, 2), round(o * 0.997, 2), round(o * 1.001, 2)]
@@ -91,7 +91,7 @@ def gapped(tmp_path, model):
     s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET, stop_check_s=60)
 
     def start():
-        return start_runner(s, "paper", model, strategy=Strategy(0.0, 0.0, 1000), max_model_age_days=None,
+        return start_runner(s, "paper", model, strategy=ThresholdPolicy(0.0, 0.0, 1000), max_model_age_days=None,
                             rate_limit_ms=1.0, executor_kw={"settle_s": 0.0, "sleep": lambda _s: None,
                                                             "retry": {"retries": 1}})
     box = {"r": start()}
