@@ -228,7 +228,7 @@ def decision_parity(settings: Settings, strategy=None, candles=None, *, journal_
     tf = timeframe_delta(settings.timeframe)
     span = candles[candles.index + tf <= pd.Timestamp(max(times), unit="s", tz="UTC")]    # closed by the last decision
     enter, exit_ = checked_signals(strategy, span, build_features(span) if strategy.uses_features else None)
-    pos = {int(t): k for k, t in enumerate(_epoch_s(span.index))}
+    pos = {int(t): k for k, t in enumerate(epoch_s(span.index))}
     close, warm = span["close"].to_numpy(), required_window(strategy) - 1
     for d, t in zip(rows, times):
         k = pos.get(int(round(t - tf.total_seconds())))
