@@ -54,7 +54,7 @@ browser: $(CHROMIUM)
 # pytest on every core (at most 4; pytest-xdist). `--dist loadfile`: each test file runs on one worker (its module
 # fixtures -- a trained model, an emulator, a fork server -- are built once), the SIGKILL soak files on one worker;
 # tests marked `exclusive` (a timed assertion) run while no other test runs. See tests/conftest.py.
-PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 4 ? 4 : n )))
+PYTEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2); echo $$(( n > 4 ? 4 : n )))
 pytest: install $(CHROMIUM)
 	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 

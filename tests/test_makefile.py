@@ -117,7 +117,8 @@ def test_pytest_recipe_runs_on_every_core_with_xdist(tmp_path):
     r = run_make(["install"], cwd=t)                                        # the stamp: the next make skips pip
     assert r.returncode == 0, r.stdout + r.stderr
     (t / "calls").unlink()
-    r = run_make(["pytest", f"CHROMIUM={shutil.which('sh')}"], cwd=t)
+    # OpenMP's thread limits (the crash tests set OMP_NUM_THREADS=1; users do too) lower `nproc`, not the cores
+    r = run_make(["pytest", f"CHROMIUM={shutil.which('sh')}"], cwd=t, env={"OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     args = (t / "calls").read_text().split()
     assert args[:2] == ["-m", "pytest"], args
