@@ -102,14 +102,19 @@ def test_live_with_the_safe_key_passes_the_key_gate(market, tmp_path):
     assert len(ev) == 1 and ev[0][0].startswith("withdrawals off, spot trading on, IP restriction on"), ev
 
 
-def test_paper_only_reports_a_withdrawal_key(market, tmp_path):
-    "Paper against the emulator with a key that can withdraw and has no IP restriction: it trades, and says so."
-    emu = _emu(market[0], {"enableWithdrawals": True, "ipRestrict": False})
+def _paper_candle(market, tmp_path, restrictions):
+    "One paper candle against an emulator serving `restrictions` (False: unreadable): (exit code, output)."
+    emu = _emu(market[0], restrictions)
     try:
         s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET)
-        rc, out = _run(s, market[1], mode="paper", max_candles=1)
+        return _run(s, market[1], mode="paper", max_candles=1)
     finally:
         emu.stop()
+
+
+def test_paper_only_reports_a_withdrawal_key(market, tmp_path):
+    "Paper against the emulator with a key that can withdraw and has no IP restriction: it trades, and says so."
+    rc, out = _paper_candle(market, tmp_path, {"enableWithdrawals": True, "ipRestrict": False})
     assert rc == 0, out[-2000:]
     line = [l for l in out.splitlines() if "event=key_restrictions" in l]
     assert len(line) == 1, line
@@ -120,12 +125,7 @@ def test_paper_only_reports_a_withdrawal_key(market, tmp_path):
 
 
 def test_paper_reports_unreadable_restrictions_and_trades(market, tmp_path):
-    emu = _emu(market[0], False)
-    try:
-        s = Settings(state_dir=tmp_path / "st", exchange_url=emu.base_url, api_key=KEY, api_secret=SECRET)
-        rc, out = _run(s, market[1], mode="paper", max_candles=1)
-    finally:
-        emu.stop()
+    rc, out = _paper_candle(market, tmp_path, False)
     assert rc == 0, out[-2000:]
     ev = _events(tmp_path / "st", "key_restrictions")
     assert len(ev) == 1 and "could not be read" in ev[0][0] and "-2015" in ev[0][0], ev
